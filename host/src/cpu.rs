@@ -1,0 +1,262 @@
+//! The CPU backend's ops table: what plugins call for memory, GEMMs and metrics on the CPU.
+//! f32 only; GEMMs through `matrixmultiply` (multithreaded), which takes strides, so a
+//! transpose is just a stride swap.
+
+use abi_stable::std_types::{RResult, RSlice, RStr, RString};
+use pith_plugin_api::abi::{Ops, OpsRef};
+use pith_plugin_api::{DType, Device, Tensor};
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+/// Host-owned memory for plugin allocations (freed by [`CpuOps::reset`] after each micro-batch)
+/// and the metrics plugins reported during the step.
+#[derive(Default)]
+pub struct CpuOps {
+    arena: Mutex<Vec<Vec<u32>>>,
+    metrics: Mutex<BTreeMap<String, (f64, u32)>>,
+}
+
+/// A CPU tensor view of a host slice (the slice must outlive every use of the view).
+pub fn view(data: &[f32], shape: &[usize]) -> Tensor {
+    assert_eq!(data.len(), shape.iter().product::<usize>(), "view shape {shape:?}");
+    Tensor::new(data.as_ptr() as u64, DType::F32, Device::Cpu, shape)
+}
+
+/// A CPU i32 tensor view of a host slice.
+pub fn view_i32(data: &[i32], shape: &[usize]) -> Tensor {
+    assert_eq!(data.len(), shape.iter().product::<usize>(), "view shape {shape:?}");
+    Tensor::new(data.as_ptr() as u64, DType::I32, Device::Cpu, shape)
+}
+
+/// C = alpha · op(A) · op(B) + beta · C on row-major slices; op(A) is m×k, op(B) is k×n.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: &[f32],
+    trans_a: bool,
+    b: &[f32],
+    trans_b: bool,
+    beta: f32,
+    c: &mut [f32],
+) {
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "sgemm sizes");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let (rsa, csa) = if trans_a { (1, m as isize) } else { (k as isize, 1) };
+    let (rsb, csb) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            alpha,
+            a.as_ptr(),
+            rsa,
+            csa,
+            b.as_ptr(),
+            rsb,
+            csb,
+            beta,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+    }
+}
+
+fn check(t: &Tensor, rank: usize, what: &str) -> Result<(), String> {
+    if t.device != Device::Cpu || t.dtype != DType::F32 || t.rank as usize != rank {
+        return Err(format!(
+            "{what}: expected a {rank}-D f32 CPU tensor, got {:?} {:?} {:?}",
+            t.dims(),
+            t.dtype,
+            t.device
+        ));
+    }
+    Ok(())
+}
+
+fn offsets_of(t: &Tensor, groups: usize, rows: usize) -> Result<Vec<usize>, String> {
+    let o = t.i32s();
+    if o.len() != groups + 1 || o[0] != 0 || o[groups] as usize != rows || o.windows(2).any(|w| w[0] > w[1]) {
+        return Err(format!("grouped gemm: offsets must be {} non-decreasing values from 0 to {rows}", groups + 1));
+    }
+    Ok(o.iter().map(|&v| v as usize).collect())
+}
+
+impl CpuOps {
+    pub fn ops(&self) -> OpsRef<'_> {
+        pith_plugin_api::abi::ops_ref(self)
+    }
+    /// Free every allocation plugins made (call after the micro-batch's backward).
+    pub fn reset(&self) {
+        self.arena.lock().unwrap().clear();
+    }
+    /// Take the metrics reported since the last call, averaged per name.
+    pub fn take_metrics(&self) -> BTreeMap<String, f64> {
+        let mut m = self.metrics.lock().unwrap();
+        let out = m.iter().map(|(k, (s, n))| (k.clone(), s / *n as f64)).collect();
+        m.clear();
+        out
+    }
+
+    fn gemm_impl(&self, a: Tensor, b: Tensor, c: Tensor, ta: bool, tb: bool, alpha: f32, beta: f32) -> Result<(), String> {
+        check(&a, 2, "gemm a")?;
+        check(&b, 2, "gemm b")?;
+        check(&c, 2, "gemm c")?;
+        let (m, k) = if ta { (a.dim(1), a.dim(0)) } else { (a.dim(0), a.dim(1)) };
+        let (k2, n) = if tb { (b.dim(1), b.dim(0)) } else { (b.dim(0), b.dim(1)) };
+        if k != k2 || c.dim(0) != m || c.dim(1) != n {
+            return Err(format!("gemm: shapes {:?} x {:?} -> {:?} do not match", a.dims(), b.dims(), c.dims()));
+        }
+        sgemm(m, k, n, alpha, a.f32s(), ta, b.f32s(), tb, beta, c.f32s());
+        Ok(())
+    }
+
+    fn grouped_impl(&self, x: Tensor, w: Tensor, y: Tensor, offsets: Tensor, trans_w: bool, acc: bool) -> Result<(), String> {
+        check(&x, 2, "grouped gemm x")?;
+        check(&w, 3, "grouped gemm w")?;
+        check(&y, 2, "grouped gemm y")?;
+        let (g, kk, nn) = if trans_w { (w.dim(0), w.dim(2), w.dim(1)) } else { (w.dim(0), w.dim(1), w.dim(2)) };
+        if x.dim(1) != kk || y.dim(1) != nn || x.dim(0) != y.dim(0) {
+            return Err(format!("grouped gemm: shapes {:?} x {:?} -> {:?} do not match", x.dims(), w.dims(), y.dims()));
+        }
+        let off = offsets_of(&offsets, g, x.dim(0))?;
+        let (xs, ws, ys) = (x.f32s(), w.f32s(), y.f32s());
+        for e in 0..g {
+            let (r0, r1) = (off[e], off[e + 1]);
+            sgemm(
+                r1 - r0,
+                kk,
+                nn,
+                1.0,
+                &xs[r0 * kk..r1 * kk],
+                false,
+                &ws[e * kk * nn..(e + 1) * kk * nn],
+                trans_w,
+                if acc { 1.0 } else { 0.0 },
+                &mut ys[r0 * nn..r1 * nn],
+            );
+        }
+        Ok(())
+    }
+
+    fn wgrad_impl(&self, x: Tensor, dy: Tensor, dw: Tensor, offsets: Tensor) -> Result<(), String> {
+        check(&x, 2, "grouped wgrad x")?;
+        check(&dy, 2, "grouped wgrad dy")?;
+        check(&dw, 3, "grouped wgrad dw")?;
+        let (g, kk, nn) = (dw.dim(0), dw.dim(1), dw.dim(2));
+        if x.dim(1) != kk || dy.dim(1) != nn || x.dim(0) != dy.dim(0) {
+            return Err(format!("grouped wgrad: shapes {:?}, {:?} -> {:?} do not match", x.dims(), dy.dims(), dw.dims()));
+        }
+        let off = offsets_of(&offsets, g, x.dim(0))?;
+        let (xs, dys, dws) = (x.f32s(), dy.f32s(), dw.f32s());
+        for e in 0..g {
+            let (r0, r1) = (off[e], off[e + 1]);
+            sgemm(
+                kk,
+                r1 - r0,
+                nn,
+                1.0,
+                &xs[r0 * kk..r1 * kk],
+                true,
+                &dys[r0 * nn..r1 * nn],
+                false,
+                1.0,
+                &mut dws[e * kk * nn..(e + 1) * kk * nn],
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Ops for CpuOps {
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+    fn alloc(&self, shape: RSlice<'_, u64>, dtype: DType) -> RResult<Tensor, RString> {
+        if dtype.size() != 4 || shape.len() > 4 {
+            return RResult::RErr(format!("cpu alloc: {dtype:?} with {} dims is not supported", shape.len()).into());
+        }
+        let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+        let buf = vec![0u32; dims.iter().product::<usize>().max(1)];
+        let t = Tensor::new(buf.as_ptr() as u64, dtype, Device::Cpu, &dims);
+        self.arena.lock().unwrap().push(buf);
+        RResult::ROk(t)
+    }
+    fn gemm(&self, a: Tensor, b: Tensor, c: Tensor, ta: bool, tb: bool, alpha: f32, beta: f32) -> RResult<(), RString> {
+        self.gemm_impl(a, b, c, ta, tb, alpha, beta).map_err(RString::from).into()
+    }
+    fn grouped_gemm(&self, x: Tensor, w: Tensor, y: Tensor, offsets: Tensor, trans_w: bool, acc: bool) -> RResult<(), RString> {
+        self.grouped_impl(x, w, y, offsets, trans_w, acc).map_err(RString::from).into()
+    }
+    fn grouped_gemm_wgrad(&self, x: Tensor, dy: Tensor, dw: Tensor, offsets: Tensor) -> RResult<(), RString> {
+        self.wgrad_impl(x, dy, dw, offsets).map_err(RString::from).into()
+    }
+    fn metric(&self, name: RStr<'_>, value: f64) {
+        let mut m = self.metrics.lock().unwrap();
+        let e = m.entry(name.to_string()).or_insert((0.0, 0));
+        e.0 += value;
+        e.1 += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(m: usize, k: usize, n: usize, a: &[f32], ta: bool, b: &[f32], tb: bool) -> Vec<f32> {
+        let mut c = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                for p in 0..k {
+                    let av = if ta { a[p * m + i] } else { a[i * k + p] };
+                    let bv = if tb { b[j * k + p] } else { b[p * n + j] };
+                    c[i * n + j] += av * bv;
+                }
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn sgemm_matches_naive_for_all_transposes() {
+        let (m, k, n) = (5, 7, 3);
+        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.71).cos()).collect();
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let mut c = vec![1.0; m * n];
+            sgemm(m, k, n, 2.0, &a, ta, &b, tb, 0.5, &mut c);
+            let r = naive(m, k, n, &a, ta, &b, tb);
+            for (x, y) in c.iter().zip(&r) {
+                assert!((x - (2.0 * y + 0.5)).abs() < 1e-5, "{ta} {tb}: {x} vs {y}");
+            }
+        }
+    }
+
+    #[test]
+    fn grouped_gemm_matches_per_group_gemm_and_rejects_bad_offsets() {
+        let ops = CpuOps::default();
+        let (g, kk, nn, rows) = (3, 4, 2, 6);
+        let x: Vec<f32> = (0..rows * kk).map(|i| (i as f32 * 0.3).sin()).collect();
+        let w: Vec<f32> = (0..g * kk * nn).map(|i| (i as f32 * 0.9).cos()).collect();
+        let off = [0, 2, 2, 6];
+        let mut y = vec![0.0; rows * nn];
+        let (tx, tw, ty, to) = (view(&x, &[rows, kk]), view(&w, &[g, kk, nn]), view(&y, &[rows, nn]), view_i32(&off, &[g + 1]));
+        ops.grouped_gemm(tx, tw, ty, to, false, false).unwrap();
+        for e in 0..g {
+            let r = naive(off[e + 1] as usize - off[e] as usize, kk, nn, &x[off[e] as usize * kk..off[e + 1] as usize * kk], false, &w[e * kk * nn..(e + 1) * kk * nn], false);
+            assert_eq!(r.len(), (off[e + 1] - off[e]) as usize * nn);
+            for (i, v) in r.iter().enumerate() {
+                assert!((y[off[e] as usize * nn + i] - v).abs() < 1e-5);
+            }
+        }
+        y.iter_mut().for_each(|v| *v = 0.0);
+        let bad = [0, 3, 2, 6];
+        assert!(ops.grouped_gemm(tx, tw, ty, view_i32(&bad, &[4]), false, false).is_err());
+    }
+}

@@ -1,0 +1,11 @@
+//! Pith, the host: the training loop, devices, the model and the plugin registry.
+//! Each module is one concept; AGENTS.md has the map.
+
+pub mod check;
+pub mod config;
+pub mod cpu;
+pub mod data;
+pub mod layers;
+pub mod model;
+pub mod params;
+pub mod rng;

@@ -1,0 +1,73 @@
+//! Every trainable tensor of a run, whoever declared it (the host's layers or a plugin): the
+//! weights, their gradients and the optimizer's state. One flat list, so checkpoints, the
+//! optimizer, clipping and `pith plan` all see the same thing.
+
+use crate::cpu::view;
+use crate::rng::Rng;
+use pith_plugin_api::{Init, ParamSpec, Tensor};
+use std::ops::Range;
+
+pub struct Param {
+    /// Full name, e.g. `layers.3.moe.router.weight`.
+    pub name: String,
+    pub spec: ParamSpec,
+    pub w: Vec<f32>,
+    pub g: Vec<f32>,
+    /// Optimizer state tensors, named by the optimizer, each shaped like `w`.
+    pub state: Vec<(String, Vec<f32>)>,
+}
+
+#[derive(Default)]
+pub struct Params {
+    pub list: Vec<Param>,
+}
+
+impl Params {
+    /// Add `specs` under `prefix` (e.g. `layers.0.attn`), initialised from `seed` and each
+    /// parameter's full name, so a parameter's initial value does not depend on what else
+    /// the model holds. Returns the index range of the new parameters.
+    pub fn add(&mut self, prefix: &str, specs: Vec<ParamSpec>, seed: u64) -> Range<usize> {
+        let start = self.list.len();
+        for spec in specs {
+            let name = format!("{prefix}.{}", spec.name);
+            let n = spec.numel();
+            let w = match spec.init {
+                Init::Zeros => vec![0.0; n],
+                Init::Ones => vec![1.0; n],
+                Init::Normal(std) => {
+                    let mut rng = Rng::for_name(seed, &name);
+                    (0..n).map(|_| rng.normal() * std).collect()
+                }
+            };
+            self.list.push(Param { name, spec, w, g: vec![0.0; n], state: Vec::new() });
+        }
+        start..self.list.len()
+    }
+    fn shape(p: &Param) -> Vec<usize> {
+        p.spec.shape.iter().map(|&d| d as usize).collect()
+    }
+    /// Views of the weights in `r`, in declaration order.
+    pub fn weights(&self, r: Range<usize>) -> Vec<Tensor> {
+        self.list[r].iter().map(|p| view(&p.w, &Self::shape(p))).collect()
+    }
+    /// Views of the gradients in `r`, in declaration order.
+    pub fn grads(&self, r: Range<usize>) -> Vec<Tensor> {
+        self.list[r].iter().map(|p| view(&p.g, &Self::shape(p))).collect()
+    }
+    pub fn zero_grads(&mut self) {
+        for p in &mut self.list {
+            p.g.iter_mut().for_each(|g| *g = 0.0);
+        }
+    }
+    pub fn count(&self) -> usize {
+        self.list.iter().map(|p| p.w.len()).sum()
+    }
+    /// Global L2 norm of all gradients.
+    pub fn grad_norm(&self) -> f32 {
+        self.list
+            .iter()
+            .map(|p| p.g.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>())
+            .sum::<f64>()
+            .sqrt() as f32
+    }
+}

@@ -1,0 +1,290 @@
+//! pith-plugin-api: the contract between the Pith host and its plugins.
+//!
+//! A plugin crate implements one of the five component traits below in plain Rust
+//! ([`Router`], [`Experts`], [`BalanceLoss`], [`Optimizer`], [`CommSchedule`]), registers it with
+//! [`register!`] and exports its library once with [`export_plugin!`]. This crate turns those
+//! into the `#[repr(C)]` objects of [`abi`], catching every panic at the boundary.
+//! See `plugin-api/templates/` for a complete plugin of each kind.
+
+pub mod abi;
+mod adapt;
+mod log;
+
+pub use abi::{
+    ComponentInfo, DType, Device, Dispatched, ExpertsOut, Init, Kind, ModelDims, ParamSpec,
+    RouterOut, Tensor,
+};
+pub use abi_stable;
+pub use adapt::{ffi_components, ffi_create, ffi_set_logger};
+pub use inventory;
+
+use abi_stable::std_types::{RSlice, RStr};
+
+/// The plugin-api version a plugin was built against; host and plugin must agree on it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+pub type Result<T> = std::result::Result<T, String>;
+
+impl Tensor {
+    pub fn new(addr: u64, dtype: DType, device: Device, shape: &[usize]) -> Tensor {
+        assert!(shape.len() <= 4, "tensors have at most 4 dimensions");
+        let mut s = [1u64; 4];
+        for (d, &n) in s.iter_mut().zip(shape) {
+            *d = n as u64;
+        }
+        Tensor { addr, dtype, device, rank: shape.len() as u8, shape: s }
+    }
+    pub fn dims(&self) -> Vec<usize> {
+        self.shape[..self.rank as usize].iter().map(|&d| d as usize).collect()
+    }
+    /// Size of dimension `i`; negative counts from the end.
+    pub fn dim(&self, i: isize) -> usize {
+        let i = if i < 0 { self.rank as isize + i } else { i };
+        self.shape[i as usize] as usize
+    }
+    pub fn numel(&self) -> usize {
+        self.dims().iter().product()
+    }
+    fn host_ptr(&self, dtype: DType) -> *mut u8 {
+        assert_eq!(self.device, Device::Cpu, "host access to a device tensor");
+        assert_eq!(self.dtype, dtype, "tensor dtype");
+        if self.numel() == 0 {
+            return std::ptr::NonNull::<u32>::dangling().as_ptr() as *mut u8;
+        }
+        self.addr as *mut u8
+    }
+    /// The elements of a CPU f32 tensor. Views alias host memory: the host guarantees the
+    /// memory is valid for the call, the component guarantees it does not hold two mutable
+    /// slices of one tensor at once.
+    #[allow(clippy::mut_from_ref)]
+    pub fn f32s(&self) -> &mut [f32] {
+        unsafe { std::slice::from_raw_parts_mut(self.host_ptr(DType::F32) as *mut f32, self.numel()) }
+    }
+    /// The elements of a CPU i32 tensor (same rules as [`Tensor::f32s`]).
+    #[allow(clippy::mut_from_ref)]
+    pub fn i32s(&self) -> &mut [i32] {
+        unsafe { std::slice::from_raw_parts_mut(self.host_ptr(DType::I32) as *mut i32, self.numel()) }
+    }
+}
+
+impl ParamSpec {
+    pub fn new(name: &str, shape: &[usize], init: Init, decay: bool) -> ParamSpec {
+        ParamSpec {
+            name: name.into(),
+            shape: shape.iter().map(|&d| d as u64).collect(),
+            init,
+            decay,
+        }
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product::<u64>() as usize
+    }
+}
+
+/// The host's services, as a plugin sees them during one call.
+#[derive(Clone, Copy)]
+pub struct Host<'a>(pub(crate) &'a (dyn abi::Ops + 'a));
+
+impl<'a> Host<'a> {
+    pub fn new(ops: &'a (dyn abi::Ops + 'a)) -> Self {
+        Host(ops)
+    }
+    pub fn device(&self) -> Device {
+        self.0.device()
+    }
+    /// A zero-filled tensor owned by the host, valid until the micro-batch ends; use it for
+    /// outputs and for anything saved for backward.
+    pub fn alloc(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let shape: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+        self.0.alloc(RSlice::from_slice(&shape), dtype).into_result().map_err(Into::into)
+    }
+    pub fn alloc_f32(&self, shape: &[usize]) -> Result<Tensor> {
+        self.alloc(shape, DType::F32)
+    }
+    /// c = alpha · op(a) · op(b) + beta · c.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm(
+        &self,
+        a: Tensor,
+        b: Tensor,
+        c: Tensor,
+        trans_a: bool,
+        trans_b: bool,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        self.0.gemm(a, b, c, trans_a, trans_b, alpha, beta).into_result().map_err(Into::into)
+    }
+    /// y_g (+)= x_g · w[g] (or w[g]ᵀ) for each group of rows given by `offsets`.
+    pub fn grouped_gemm(
+        &self,
+        x: Tensor,
+        w: Tensor,
+        y: Tensor,
+        offsets: Tensor,
+        trans_w: bool,
+        accumulate: bool,
+    ) -> Result<()> {
+        self.0
+            .grouped_gemm(x, w, y, offsets, trans_w, accumulate)
+            .into_result()
+            .map_err(Into::into)
+    }
+    /// dw[g] += x_gᵀ · dy_g.
+    pub fn grouped_gemm_wgrad(&self, x: Tensor, dy: Tensor, dw: Tensor, offsets: Tensor) -> Result<()> {
+        self.0.grouped_gemm_wgrad(x, dy, dw, offsets).into_result().map_err(Into::into)
+    }
+    pub fn metric(&self, name: &str, value: f64) {
+        self.0.metric(RStr::from_str(name), value)
+    }
+}
+
+/// Chooses which experts each token goes to, with what weight.
+pub trait Router: Send + Sync + 'static {
+    fn params(&self) -> Vec<ParamSpec>;
+    /// x [T,H] → logits [T,E], ids [T,k], weights [T,k].
+    fn forward(&self, h: Host, p: &[Tensor], x: Tensor) -> Result<RouterOut>;
+    /// Accumulate parameter grads into `g` and WRITE the input grad into `dx`. `d_logits`
+    /// holds gradient the balance losses already put on the logits.
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        h: Host,
+        p: &[Tensor],
+        g: &[Tensor],
+        x: Tensor,
+        out: &RouterOut,
+        d_weights: Tensor,
+        d_logits: Tensor,
+        dx: Tensor,
+    ) -> Result<()>;
+}
+
+/// All experts of one MoE layer, applied to expert-sorted rows.
+pub trait Experts: Send + Sync + 'static {
+    fn params(&self) -> Vec<ParamSpec>;
+    /// x [N,H] sorted by expert, offsets [E+1] → y [N,H].
+    fn forward(&self, h: Host, p: &[Tensor], x: Tensor, offsets: Tensor) -> Result<ExpertsOut>;
+    /// Accumulate parameter grads into `g`, WRITE the input grad into `dx`.
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        h: Host,
+        p: &[Tensor],
+        g: &[Tensor],
+        x: Tensor,
+        offsets: Tensor,
+        out: &ExpertsOut,
+        dy: Tensor,
+        dx: Tensor,
+    ) -> Result<()>;
+}
+
+/// An auxiliary loss on the router's logits and choices (load balancing, z-loss, ...).
+pub trait BalanceLoss: Send + Sync + 'static {
+    /// The loss value, coefficient included.
+    fn forward(&self, h: Host, logits: Tensor, ids: Tensor) -> Result<f32>;
+    /// ACCUMULATE scale · ∂loss/∂logits into `d_logits`.
+    fn backward(&self, h: Host, logits: Tensor, ids: Tensor, scale: f32, d_logits: Tensor) -> Result<()>;
+}
+
+/// Updates one parameter tensor from its gradient.
+pub trait Optimizer: Send + Sync + 'static {
+    /// Names of the state tensors this optimizer keeps per parameter (each shaped like it,
+    /// zero-initialised, checkpointed by the host).
+    fn state(&self, param: &ParamSpec) -> Vec<String>;
+    /// `step` counts from 1.
+    #[allow(clippy::too_many_arguments)]
+    fn step(
+        &self,
+        h: Host,
+        param: &ParamSpec,
+        w: Tensor,
+        g: Tensor,
+        state: &[Tensor],
+        lr: f32,
+        step: u64,
+    ) -> Result<()>;
+}
+
+/// Moves tokens to their experts and back (within a rank, or across ranks).
+pub trait CommSchedule: Send + Sync + 'static {
+    /// x [T,H], ids [T,k] → rows sorted by expert with offsets [E+1].
+    fn dispatch(&self, h: Host, x: Tensor, ids: Tensor, experts: u32) -> Result<Dispatched>;
+    /// y [N,H] expert outputs, weights [T,k] → out [T,H] = Σ_k weight · y.
+    fn combine(&self, h: Host, y: Tensor, weights: Tensor, d: &Dispatched) -> Result<Tensor>;
+    /// dout [T,H] → WRITE dy [N,H] and d_weights [T,k].
+    #[allow(clippy::too_many_arguments)]
+    fn combine_backward(
+        &self,
+        h: Host,
+        dout: Tensor,
+        y: Tensor,
+        weights: Tensor,
+        d: &Dispatched,
+        dy: Tensor,
+        d_weights: Tensor,
+    ) -> Result<()>;
+    /// dx_sorted [N,H] → WRITE dx [T,H].
+    fn dispatch_backward(&self, h: Host, dx_sorted: Tensor, d: &Dispatched, dx: Tensor) -> Result<()>;
+}
+
+/// One component a library provides; submitted with [`register!`].
+pub struct Registration {
+    pub kind: Kind,
+    pub name: &'static str,
+    pub description: &'static str,
+    pub example: &'static str,
+    pub source: &'static str,
+    pub create: fn(&str, ModelDims) -> Result<abi::Component>,
+}
+inventory::collect!(Registration);
+
+/// Parse a component's TOML table into its config struct (use `#[serde(deny_unknown_fields)]`).
+pub fn parse_config<T: serde::de::DeserializeOwned>(toml_text: &str) -> Result<T> {
+    toml::from_str(toml_text).map_err(|e| e.to_string())
+}
+
+/// Register a component: `register!(Router, "name", "one line", "example toml", ctor)` where
+/// `ctor: fn(&str, ModelDims) -> Result<T>` and `T` implements the kind's trait.
+#[macro_export]
+macro_rules! register {
+    ($kind:ident, $name:literal, $description:literal, $example:expr, $ctor:expr) => {
+        $crate::inventory::submit! {
+            $crate::Registration {
+                kind: $crate::Kind::$kind,
+                name: $name,
+                description: $description,
+                example: $example,
+                source: file!(),
+                create: |cfg: &str, dims: $crate::ModelDims| -> $crate::Result<$crate::abi::Component> {
+                    Ok($crate::wrap::$kind($ctor(cfg, dims)?))
+                },
+            }
+        }
+    };
+}
+
+/// Export this crate's root module; call once per plugin library: `export_plugin!("my-pack");`.
+#[macro_export]
+macro_rules! export_plugin {
+    ($pack:literal) => {
+        extern "C" fn __pith_pack() -> $crate::abi_stable::std_types::RStr<'static> {
+            $crate::abi_stable::std_types::RStr::from_str($pack)
+        }
+        /// The library's root module (also how the host links a built-in pack).
+        #[$crate::abi_stable::export_root_module]
+        pub fn pith_root_module() -> $crate::abi::PluginMod_Ref {
+            use $crate::abi_stable::prefix_type::PrefixTypeTrait;
+            $crate::abi::PluginMod {
+                pack: __pith_pack,
+                components: $crate::ffi_components,
+                create: $crate::ffi_create,
+                set_logger: $crate::ffi_set_logger,
+            }
+            .leak_into_prefix()
+        }
+    };
+}
+
+pub use adapt::wrap;

@@ -1,0 +1,1 @@
+pith_plugin_api::export_plugin!("pith-std");
