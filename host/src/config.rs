@@ -199,8 +199,8 @@ impl Config {
         let m = &self.model;
         let t = &self.train;
         let checks: [(&str, &str, bool, String); 8] = [
-            ("model", "heads", m.heads == 0 || m.heads % m.kv_heads.max(1) != 0, format!("heads ({}) must be a positive multiple of kv_heads ({})", m.heads, m.kv_heads)),
-            ("model", "head_dim", m.head_dim % 2 != 0 || m.head_dim == 0, format!("head_dim ({}) must be even and positive (RoPE rotates pairs)", m.head_dim)),
+            ("model", "heads", m.heads == 0 || !m.heads.is_multiple_of(m.kv_heads.max(1)), format!("heads ({}) must be a positive multiple of kv_heads ({})", m.heads, m.kv_heads)),
+            ("model", "head_dim", !m.head_dim.is_multiple_of(2) || m.head_dim == 0, format!("head_dim ({}) must be even and positive (RoPE rotates pairs)", m.head_dim)),
             ("model", "experts", m.experts == 0, "experts must be at least 1".into()),
             ("model", "seq_len", m.seq_len < 2, "seq_len must be at least 2".into()),
             ("train", "micro_batch", t.micro_batch == 0, "micro_batch must be at least 1".into()),

@@ -104,6 +104,7 @@ impl CpuOps {
         out
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn gemm_impl(&self, a: Tensor, b: Tensor, c: Tensor, ta: bool, tb: bool, alpha: f32, beta: f32) -> Result<(), String> {
         check(&a, 2, "gemm a")?;
         check(&b, 2, "gemm b")?;

@@ -1,1 +1,525 @@
-//! (in progress)
+//! The host's layers on the CPU, f32: forward and backward as plain functions over row-major
+//! slices (no autograd; the model calls them in order and keeps what backward needs). Rows or
+//! heads run in parallel with rayon; every reduction across rows runs in a fixed order, so
+//! results are bitwise reproducible whatever the thread count. Matrix products go through
+//! [`sgemm`]. Backward functions WRITE input grads and ACCUMULATE parameter grads.
+
+use crate::cpu::sgemm;
+use rayon::prelude::*;
+
+/// y [N,M] = x [N,K] · wᵀ, w [M,K] (the PyTorch `Linear` layout, no bias).
+pub fn linear_fwd(x: &[f32], w: &[f32], n: usize, k: usize, m: usize, y: &mut [f32]) {
+    sgemm(n, k, m, 1.0, x, false, w, true, 0.0, y);
+}
+
+/// dx [N,K] = dy [N,M] · w (`+=` when `acc`); dw [M,K] += dyᵀ · x.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_bwd(
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    (n, k, m): (usize, usize, usize),
+    dx: &mut [f32],
+    acc: bool,
+    dw: &mut [f32],
+) {
+    let beta = if acc { 1.0 } else { 0.0 };
+    sgemm(n, m, k, 1.0, dy, false, w, false, beta, dx);
+    sgemm(m, n, k, 1.0, dy, true, x, false, 1.0, dw);
+}
+
+/// out [N,H] = rows `tokens` [N] of table [V,H].
+pub fn embedding_fwd(table: &[f32], tokens: &[u32], h: usize, out: &mut [f32]) {
+    let rows = out.par_chunks_mut(h).zip(tokens);
+    rows.for_each(|(o, &t)| o.copy_from_slice(&table[t as usize * h..][..h]));
+}
+
+/// dtable [V,H] += dout [N,H] scattered to rows `tokens` (in token order: ids repeat).
+pub fn embedding_bwd(dtable: &mut [f32], tokens: &[u32], dout: &[f32], h: usize) {
+    for (&t, d) in tokens.iter().zip(dout.chunks(h)) {
+        let row = &mut dtable[t as usize * h..][..h];
+        row.iter_mut().zip(d).for_each(|(a, b)| *a += b);
+    }
+}
+
+/// out [C] += Σ_r f(r) over `rows` rows, summed in fixed chunks of rows (parallel over chunks,
+/// then in chunk order), so the result does not depend on the thread count.
+fn add_row_sums(out: &mut [f32], rows: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    const CHUNK: usize = 64;
+    let c = out.len();
+    let parts: Vec<Vec<f32>> = (0..rows.div_ceil(CHUNK))
+        .into_par_iter()
+        .map(|ch| {
+            let mut acc = vec![0.0; c];
+            (ch * CHUNK..rows.min((ch + 1) * CHUNK)).for_each(|r| f(r, &mut acc));
+            acc
+        })
+        .collect();
+    for p in parts {
+        out.iter_mut().zip(p).for_each(|(o, v)| *o += v);
+    }
+}
+
+/// RMSNorm over rows of C = w.len(): y [N,C] = x · rstd · w with rstd [N] = 1/√(mean(x²)+eps)
+/// (saved for backward).
+pub fn rmsnorm_fwd(x: &[f32], w: &[f32], eps: f32, y: &mut [f32], rstd: &mut [f32]) {
+    let c = w.len();
+    let rows = y
+        .par_chunks_mut(c)
+        .zip(x.par_chunks(c))
+        .zip(rstd.par_iter_mut());
+    rows.for_each(|((y, x), r)| {
+        *r = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / c as f32 + eps).sqrt();
+        y.iter_mut()
+            .zip(x)
+            .zip(w)
+            .for_each(|((y, x), w)| *y = x * *r * w);
+    });
+}
+
+/// RMSNorm backward: WRITE dx [N,C], ACCUMULATE dw [C] (x, rstd as in forward).
+pub fn rmsnorm_bwd(x: &[f32], w: &[f32], rstd: &[f32], dy: &[f32], dx: &mut [f32], dw: &mut [f32]) {
+    let c = w.len();
+    let rows = dx
+        .par_chunks_mut(c)
+        .zip(x.par_chunks(c))
+        .zip(dy.par_chunks(c))
+        .zip(rstd);
+    rows.for_each(|(((dx, x), dy), &r)| {
+        let dot: f32 = (0..c).map(|j| dy[j] * w[j] * x[j]).sum::<f32>() * r * r / c as f32;
+        (0..c).for_each(|j| dx[j] = r * (w[j] * dy[j] - x[j] * dot));
+    });
+    add_row_sums(dw, rstd.len(), |i, acc| {
+        let (x, dy) = (&x[i * c..][..c], &dy[i * c..][..c]);
+        (0..c).for_each(|j| acc[j] += dy[j] * x[j] * rstd[i]);
+    });
+}
+
+/// Rotary position embedding, rotate-half convention (Llama/Qwen3): for i < D/2, the pair
+/// (x[i], x[i+D/2]) at position t rotates by angle t·θ^(−2i/D).
+pub struct Rope {
+    /// cos and sin tables [seq_len, D/2].
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+    pub half: usize,
+}
+
+impl Rope {
+    pub fn new(seq_len: usize, head_dim: usize, theta: f32) -> Rope {
+        let half = head_dim / 2;
+        let angle =
+            |t: usize, i: usize| t as f64 * (theta as f64).powf(-2.0 * i as f64 / head_dim as f64);
+        let table = |f: fn(f64) -> f64| {
+            (0..seq_len)
+                .flat_map(|t| (0..half).map(move |i| f(angle(t, i)) as f32))
+                .collect()
+        };
+        Rope {
+            cos: table(f64::cos),
+            sin: table(f64::sin),
+            half,
+        }
+    }
+    /// x [B,T,H,D] in place (T ≤ the table's seq_len).
+    pub fn forward(&self, x: &mut [f32], t: usize, heads: usize) {
+        self.rotate(x, t, heads, 1.0)
+    }
+    /// dx [B,T,H,D] in place: the inverse rotation (the transpose of forward).
+    pub fn backward(&self, dx: &mut [f32], t: usize, heads: usize) {
+        self.rotate(dx, t, heads, -1.0)
+    }
+    fn rotate(&self, x: &mut [f32], t: usize, heads: usize, sign: f32) {
+        let (half, d) = (self.half, 2 * self.half);
+        x.par_chunks_mut(heads * d)
+            .enumerate()
+            .for_each(|(row, x)| {
+                let (cos, sin) = (
+                    &self.cos[(row % t) * half..][..half],
+                    &self.sin[(row % t) * half..][..half],
+                );
+                for head in x.chunks_mut(d) {
+                    let (a, b) = head.split_at_mut(half);
+                    for i in 0..half {
+                        let (x1, x2, s) = (a[i], b[i], sign * sin[i]);
+                        a[i] = x1 * cos[i] - x2 * s;
+                        b[i] = x2 * cos[i] + x1 * s;
+                    }
+                }
+            });
+    }
+}
+
+/// Attention sizes: batch, sequence, query heads, key/value heads (divides hq), head dim.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnDims {
+    pub b: usize,
+    pub t: usize,
+    pub hq: usize,
+    pub hkv: usize,
+    pub d: usize,
+}
+
+/// Head `h` of batch row `b` of x [B,T,H,D] as a contiguous [T,D].
+fn gather(x: &[f32], b: usize, h: usize, heads: usize, (t, d): (usize, usize)) -> Vec<f32> {
+    let mut out = Vec::with_capacity(t * d);
+    for i in 0..t {
+        out.extend_from_slice(&x[((b * t + i) * heads + h) * d..][..d]);
+    }
+    out
+}
+
+fn scatter(x: &mut [f32], src: &[f32], b: usize, h: usize, heads: usize, (t, d): (usize, usize)) {
+    for i in 0..t {
+        x[((b * t + i) * heads + h) * d..][..d].copy_from_slice(&src[i * d..][..d]);
+    }
+}
+
+/// Causal probabilities p [T,T] of one head: softmax over j ≤ i of scale·q_i·k_j, zero above the
+/// diagonal. With `lse` = None, computes each row's logsumexp into `lse_out`; otherwise reuses it.
+fn probs(
+    q: &[f32],
+    k: &[f32],
+    (t, d): (usize, usize),
+    lse: Option<&[f32]>,
+    lse_out: &mut [f32],
+) -> Vec<f32> {
+    let (mut p, scale) = (vec![0.0; t * t], 1.0 / (d as f32).sqrt());
+    sgemm(t, d, t, scale, q, false, k, true, 0.0, &mut p);
+    for (i, row) in p.chunks_mut(t).enumerate() {
+        let l = match lse {
+            Some(l) => l[i],
+            None => {
+                let m = row[..=i].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                m + row[..=i].iter().map(|v| (v - m).exp()).sum::<f32>().ln()
+            }
+        };
+        lse_out[i] = l;
+        row.iter_mut()
+            .enumerate()
+            .for_each(|(j, v)| *v = if j <= i { (*v - l).exp() } else { 0.0 });
+    }
+    p
+}
+
+/// Causal grouped-query attention, softmax(q·kᵀ/√D)·v: q [B,T,Hq,D], k, v [B,T,Hkv,D] (query
+/// head h reads kv head h/(Hq/Hkv)) → (out [B,T,Hq,D], lse [B,Hq,T]), lse being each row's
+/// logsumexp of the scaled scores, what backward needs to rebuild the probabilities.
+/// Parallel over (b, h).
+pub fn attention_fwd(q: &[f32], k: &[f32], v: &[f32], a: AttnDims) -> (Vec<f32>, Vec<f32>) {
+    let (t, d, g) = (a.t, a.d, a.hq / a.hkv);
+    let mut lse = vec![0.0; a.b * a.hq * t];
+    let heads: Vec<Vec<f32>> = lse
+        .par_chunks_mut(t)
+        .enumerate()
+        .map(|(bh, lse)| {
+            let (b, h) = (bh / a.hq, bh % a.hq);
+            let kh = gather(k, b, h / g, a.hkv, (t, d));
+            let p = probs(&gather(q, b, h, a.hq, (t, d)), &kh, (t, d), None, lse);
+            let mut o = vec![0.0; t * d];
+            let vh = gather(v, b, h / g, a.hkv, (t, d));
+            sgemm(t, t, d, 1.0, &p, false, &vh, false, 0.0, &mut o);
+            o
+        })
+        .collect();
+    let mut out = vec![0.0; q.len()];
+    for (bh, o) in heads.iter().enumerate() {
+        scatter(&mut out, o, bh / a.hq, bh % a.hq, a.hq, (t, d));
+    }
+    (out, lse)
+}
+
+/// Attention backward: (dq [B,T,Hq,D], dk [B,T,Hkv,D], dv [B,T,Hkv,D]) from dout [B,T,Hq,D]
+/// (q, k, v, out, lse as in forward). Parallel over (b, kv head); each task owns its group's
+/// query heads, so dk and dv need no reduction across tasks.
+pub fn attention_bwd(
+    (q, k, v): (&[f32], &[f32], &[f32]),
+    out: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    a: AttnDims,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (t, d, g) = (a.t, a.d, a.hq / a.hkv);
+    let scale = 1.0 / (d as f32).sqrt();
+    let groups: Vec<_> = (0..a.b * a.hkv)
+        .into_par_iter()
+        .map(|bk| {
+            let (b, kvh) = (bk / a.hkv, bk % a.hkv);
+            let (kh, vh) = (
+                gather(k, b, kvh, a.hkv, (t, d)),
+                gather(v, b, kvh, a.hkv, (t, d)),
+            );
+            let (mut dkh, mut dvh, mut dqs) = (vec![0.0; t * d], vec![0.0; t * d], Vec::new());
+            for h in kvh * g..(kvh + 1) * g {
+                let (qh, oh) = (
+                    gather(q, b, h, a.hq, (t, d)),
+                    gather(out, b, h, a.hq, (t, d)),
+                );
+                let doh = gather(dout, b, h, a.hq, (t, d));
+                let (lse, mut scratch) = (&lse[(b * a.hq + h) * t..][..t], vec![0.0; t]);
+                let p = probs(&qh, &kh, (t, d), Some(lse), &mut scratch);
+                sgemm(t, t, d, 1.0, &p, true, &doh, false, 1.0, &mut dvh);
+                let mut ds = vec![0.0; t * t];
+                sgemm(t, d, t, 1.0, &doh, false, &vh, true, 0.0, &mut ds);
+                for i in 0..t {
+                    let delta: f32 = (0..d).map(|c| doh[i * d + c] * oh[i * d + c]).sum();
+                    (0..t).for_each(|j| ds[i * t + j] = p[i * t + j] * (ds[i * t + j] - delta));
+                }
+                let mut dqh = vec![0.0; t * d];
+                sgemm(t, t, d, scale, &ds, false, &kh, false, 0.0, &mut dqh);
+                sgemm(t, t, d, scale, &ds, true, &qh, false, 1.0, &mut dkh);
+                dqs.push(dqh);
+            }
+            (dqs, dkh, dvh)
+        })
+        .collect();
+    let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+    for (bk, (dqs, dkh, dvh)) in groups.iter().enumerate() {
+        let (b, kvh) = (bk / a.hkv, bk % a.hkv);
+        scatter(&mut dk, dkh, b, kvh, a.hkv, (t, d));
+        scatter(&mut dv, dvh, b, kvh, a.hkv, (t, d));
+        for (i, dqh) in dqs.iter().enumerate() {
+            scatter(&mut dq, dqh, b, kvh * g + i, a.hq, (t, d));
+        }
+    }
+    (dq, dk, dv)
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// SwiGLU activation, elementwise: a = silu(g)·u = g·σ(g)·u (g, u, a [N,F]).
+pub fn swiglu_fwd(g: &[f32], u: &[f32], a: &mut [f32]) {
+    let it = a.par_iter_mut().zip(g).zip(u);
+    it.for_each(|((a, &g), &u)| *a = g * sigmoid(g) * u);
+}
+
+/// SwiGLU backward: WRITE dg = da·u·σ(g)(1 + g(1−σ(g))), du = da·silu(g).
+pub fn swiglu_bwd(g: &[f32], u: &[f32], da: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    let it = dg
+        .par_iter_mut()
+        .zip(du.par_iter_mut())
+        .zip(g)
+        .zip(u)
+        .zip(da);
+    it.for_each(|((((dg, du), &g), &u), &da)| {
+        let s = sigmoid(g);
+        *dg = da * u * s * (1.0 + g * (1.0 - s));
+        *du = da * g * s;
+    });
+}
+
+/// Mean cross-entropy of logits [N,V] against targets [N] (max-subtracted, row losses summed in
+/// f64 in row order). With `dlogits`, WRITES scale·∂loss/∂logits = scale·(softmax − onehot)/N.
+pub fn cross_entropy(
+    logits: &[f32],
+    targets: &[u32],
+    v: usize,
+    scale: f32,
+    dlogits: Option<&mut [f32]>,
+) -> f32 {
+    let n = targets.len();
+    let lse = |row: &[f32]| {
+        let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        m + row.iter().map(|x| (x - m).exp()).sum::<f32>().ln()
+    };
+    let rows = logits.par_chunks(v).zip(targets);
+    let losses: Vec<f64> = rows
+        .map(|(row, &y)| (lse(row) - row[y as usize]) as f64)
+        .collect();
+    if let Some(dl) = dlogits {
+        let s = scale / n as f32;
+        dl.par_chunks_mut(v)
+            .zip(logits.par_chunks(v))
+            .zip(targets)
+            .for_each(|((d, row), &y)| {
+                let l = lse(row);
+                d.iter_mut()
+                    .zip(row)
+                    .for_each(|(d, x)| *d = s * (x - l).exp());
+                d[y as usize] -= s;
+            });
+    }
+    (losses.iter().sum::<f64>() / n as f64) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = Rng::new(seed);
+        (0..n).map(|_| r.normal()).collect()
+    }
+    fn dot(a: &[f32], b: &[f32]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
+    }
+
+    /// Central differences of `f` (the scalar loss, from f32 kernels summed in f64) at every
+    /// coordinate of `x` (eps 1e-2) against `analytic`; tolerance |fd − an| ≤ 2e-3 + 1e-2·|an|.
+    fn fd_check(what: &str, x: &mut [f32], analytic: &[f32], f: &dyn Fn(&[f32]) -> f64) {
+        let eps = 1e-2;
+        for i in 0..x.len() {
+            let x0 = x[i];
+            x[i] = x0 + eps;
+            let up = f(x);
+            x[i] = x0 - eps;
+            let down = f(x);
+            x[i] = x0;
+            let fd = (up - down) / (2.0 * eps as f64);
+            let an = analytic[i] as f64;
+            assert!(
+                (fd - an).abs() <= 2e-3 + 1e-2 * an.abs(),
+                "{what}[{i}]: fd {fd} vs analytic {an}"
+            );
+        }
+    }
+
+    #[test]
+    fn linear_and_embedding_grads() {
+        let (n, k, m) = (5, 4, 3);
+        let (mut x, mut w, r) = (rand(n * k, 1), rand(m * k, 2), rand(n * m, 3));
+        let f = |x: &[f32], w: &[f32]| {
+            let mut y = vec![0.0; n * m];
+            linear_fwd(x, w, n, k, m, &mut y);
+            dot(&y, &r)
+        };
+        let (mut dx, mut dw) = (vec![0.0; n * k], vec![0.0; m * k]);
+        linear_bwd(&x, &w, &r, (n, k, m), &mut dx, false, &mut dw);
+        fd_check("linear dx", &mut x.clone(), &dx, &|x| f(x, &w));
+        fd_check("linear dw", &mut w, &dw, &|w| f(&x, w));
+        linear_bwd(&x.clone(), &w, &r, (n, k, m), &mut dx, true, &mut dw);
+        fd_check(
+            "linear dx accumulated",
+            &mut x,
+            &dx.iter().map(|v| v / 2.0).collect::<Vec<_>>(),
+            &|x| f(x, &w),
+        );
+
+        let (v, h, tokens) = (6, 3, [1u32, 4, 1, 0, 5]);
+        let (mut table, r) = (rand(v * h, 4), rand(tokens.len() * h, 5));
+        let mut dt = vec![0.0; v * h];
+        embedding_bwd(&mut dt, &tokens, &r, h);
+        fd_check("embedding", &mut table, &dt, &|t| {
+            let mut o = vec![0.0; tokens.len() * h];
+            embedding_fwd(t, &tokens, h, &mut o);
+            dot(&o, &r)
+        });
+    }
+
+    #[test]
+    fn rmsnorm_grads() {
+        let (n, c, eps) = (7, 6, 1e-6);
+        let (x, mut w, r) = (rand(n * c, 1), rand(c, 2), rand(n * c, 3));
+        let f = |x: &[f32], w: &[f32]| {
+            let (mut y, mut rs) = (vec![0.0; n * c], vec![0.0; n]);
+            rmsnorm_fwd(x, w, eps, &mut y, &mut rs);
+            dot(&y, &r)
+        };
+        let (mut y, mut rs, mut dx, mut dw) = (
+            vec![0.0; n * c],
+            vec![0.0; n],
+            vec![0.0; n * c],
+            vec![0.5; c],
+        );
+        rmsnorm_fwd(&x, &w, eps, &mut y, &mut rs);
+        rmsnorm_bwd(&x, &w, &rs, &r, &mut dx, &mut dw);
+        dw.iter_mut().for_each(|v| *v -= 0.5); // dw accumulates
+        fd_check("rmsnorm dx", &mut x.clone(), &dx, &|x| f(x, &w));
+        fd_check("rmsnorm dw", &mut w, &dw, &|w| f(&x, w));
+    }
+
+    #[test]
+    fn rope_matches_formula_and_grads() {
+        let (b, t, h, d) = (2, 5, 3, 4);
+        let rope = Rope::new(t, d, 100.0);
+        let (mut x, r) = (rand(b * t * h * d, 1), rand(b * t * h * d, 2));
+        let mut y = x.clone();
+        rope.forward(&mut y, t, h);
+        // position 3 of batch row 1, head 2, pair i = 1: angle 3·100^(−2/4) = 0.3
+        let (at, c, s) = (((t + 3) * h + 2) * d, 0.3f32.cos(), 0.3f32.sin());
+        assert!((y[at + 1] - (x[at + 1] * c - x[at + 3] * s)).abs() < 1e-6);
+        assert!((y[at + 3] - (x[at + 3] * c + x[at + 1] * s)).abs() < 1e-6);
+        let mut dx = r.clone();
+        rope.backward(&mut dx, t, h);
+        fd_check("rope", &mut x, &dx, &|x| {
+            let mut y = x.to_vec();
+            rope.forward(&mut y, t, h);
+            dot(&y, &r)
+        });
+    }
+
+    #[test]
+    fn attention_matches_naive_and_grads() {
+        let a = AttnDims {
+            b: 2,
+            t: 5,
+            hq: 4,
+            hkv: 2,
+            d: 4,
+        };
+        let (nq, nk) = (a.b * a.t * a.hq * a.d, a.b * a.t * a.hkv * a.d);
+        let (mut q, mut k, mut v, r) = (rand(nq, 1), rand(nk, 2), rand(nk, 3), rand(nq, 4));
+        let run = |q: &[f32], k: &[f32], v: &[f32]| attention_fwd(q, k, v, a);
+        let (o, lse) = run(&q, &k, &v);
+        // naive: out[b,i,h] = Σ_{j≤i} softmax_j(q_i·k_j/√D) v_j, kv head h/2
+        let at = |b: usize, i: usize, h: usize, heads: usize| ((b * a.t + i) * heads + h) * a.d;
+        for (b, i, h) in
+            (0..a.b).flat_map(|b| (0..a.t).flat_map(move |i| (0..a.hq).map(move |h| (b, i, h))))
+        {
+            let s: Vec<f32> = (0..=i)
+                .map(|j| dot(&q[at(b, i, h, 4)..][..4], &k[at(b, j, h / 2, 2)..][..4]) as f32 / 2.0)
+                .collect();
+            let z: f32 = s.iter().map(|s| s.exp()).sum();
+            for c in 0..a.d {
+                let want: f32 = (0..=i)
+                    .map(|j| s[j].exp() / z * v[at(b, j, h / 2, 2) + c])
+                    .sum();
+                assert!(
+                    (o[at(b, i, h, 4) + c] - want).abs() < 1e-5,
+                    "attention out ({b},{i},{h},{c})"
+                );
+            }
+        }
+        let (dq, dk, dv) = attention_bwd((&q, &k, &v), &o, &lse, &r, a);
+        let (q0, k0, v0) = (q.clone(), k.clone(), v.clone());
+        fd_check("attention dq", &mut q, &dq, &|q| {
+            dot(&run(q, &k0, &v0).0, &r)
+        });
+        fd_check("attention dk", &mut k, &dk, &|k| {
+            dot(&run(&q0, k, &v0).0, &r)
+        });
+        fd_check("attention dv", &mut v, &dv, &|v| {
+            dot(&run(&q0, &k0, v).0, &r)
+        });
+    }
+
+    #[test]
+    fn swiglu_and_cross_entropy_grads() {
+        let n = 12;
+        let (g, mut u, r) = (rand(n, 1), rand(n, 2), rand(n, 3));
+        let f = |g: &[f32], u: &[f32]| {
+            let mut a = vec![0.0; n];
+            swiglu_fwd(g, u, &mut a);
+            dot(&a, &r)
+        };
+        let (mut dg, mut du) = (vec![0.0; n], vec![0.0; n]);
+        swiglu_bwd(&g, &u, &r, &mut dg, &mut du);
+        fd_check("swiglu dg", &mut g.clone(), &dg, &|g| f(g, &u));
+        fd_check("swiglu du", &mut u, &du, &|u| f(&g, u));
+
+        let (v, targets) = (7, [3u32, 0, 6, 3]);
+        let uniform = cross_entropy(&vec![0.5; 4 * v], &targets, v, 1.0, None);
+        assert!((uniform - (v as f32).ln()).abs() < 1e-6);
+        let mut logits: Vec<f32> = rand(4 * v, 4).iter().map(|x| 3.0 * x).collect();
+        let mut dl = vec![f32::NAN; 4 * v];
+        let loss = cross_entropy(&logits, &targets, v, 2.0, Some(&mut dl));
+        let big: Vec<f32> = logits.iter().map(|x| x + 1000.0).collect(); // stable under shifts
+        assert!((cross_entropy(&big, &targets, v, 1.0, None) - loss).abs() < 1e-3);
+        let half: Vec<f32> = dl.iter().map(|d| d / 2.0).collect();
+        fd_check("cross-entropy", &mut logits, &half, &|l| {
+            cross_entropy(l, &targets, v, 1.0, None) as f64
+        });
+    }
+}

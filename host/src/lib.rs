@@ -9,3 +9,8 @@ pub mod layers;
 pub mod model;
 pub mod params;
 pub mod rng;
+pub mod checkpoint;
+// pub mod plan;
+pub mod registry;
+pub mod scaffold;
+// pub mod train;

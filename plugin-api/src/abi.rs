@@ -1,7 +1,7 @@
 //! The types that cross the host/plugin boundary. Everything here is `#[repr(C)]` and
 //! `StableAbi`; abi_stable checks their layout when a library is loaded. Changing any of them
 //! is a breaking change: bump the plugin-api version (see docs/plugins.md).
-#![allow(non_camel_case_types, non_local_definitions)]
+#![allow(non_camel_case_types, non_local_definitions, clippy::too_many_arguments)]
 
 use abi_stable::{
     declare_root_module_statics,

@@ -241,8 +241,20 @@ pub struct Registration {
 inventory::collect!(Registration);
 
 /// Parse a component's TOML table into its config struct (use `#[serde(deny_unknown_fields)]`).
+/// Errors are one line and name the key in backticks, so the host can point at file:line.
 pub fn parse_config<T: serde::de::DeserializeOwned>(toml_text: &str) -> Result<T> {
-    toml::from_str(toml_text).map_err(|e| e.to_string())
+    toml::from_str(toml_text).map_err(|e| {
+        let msg = e.message().trim().replace('\n', " ");
+        let key = e.span().and_then(|s| {
+            let line = toml_text[..s.start].rsplit('\n').next().unwrap_or("").to_string()
+                + toml_text[s.start..].split('\n').next().unwrap_or("");
+            line.split_once('=').map(|(k, _)| k.trim().trim_matches('"').to_string())
+        });
+        match key {
+            Some(k) if !k.is_empty() && !msg.contains(&format!("`{k}`")) => format!("`{k}`: {msg}"),
+            _ => msg,
+        }
+    })
 }
 
 /// Register a component: `register!(Router, "name", "one line", "example toml", ctor)` where

@@ -1,0 +1,162 @@
+//! Checkpoints: `<run>/checkpoints/step_NNNNNNNN/` holding `model.safetensors` (weights),
+//! `optimizer.safetensors` (state tensors named `<param>.<state>`), `trainer.json` (step, data
+//! position, plugin-api version) and `config.toml` (the resolved config). A checkpoint is
+//! written into a `.tmp` directory and renamed, so a crash never leaves half of one.
+
+use crate::config::Config;
+use crate::params::Params;
+use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct TrainerState {
+    pub step: u64,
+    /// Position of the training data stream (see data.rs).
+    pub data_position: u64,
+    pub plugin_api: String,
+}
+
+fn io<E: std::fmt::Display>(p: &Path) -> impl Fn(E) -> String + '_ {
+    move |e| format!("{}: {e}", p.display())
+}
+
+fn bytes_of(v: &[f32]) -> &[u8] {
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+/// (name, data, shape) of one tensor to write.
+type Named<'a> = (String, &'a [f32], Vec<usize>);
+
+fn write_tensors(path: &Path, tensors: Vec<Named>) -> Result<(), String> {
+    let views: Vec<(String, TensorView)> = tensors
+        .into_iter()
+        .map(|(n, d, s)| Ok((n, TensorView::new(Dtype::F32, s, bytes_of(d)).map_err(|e| e.to_string())?)))
+        .collect::<Result<_, String>>()?;
+    safetensors::serialize_to_file(views, &None, path).map_err(io(path))
+}
+
+/// Tensors by name: (shape, f32 values).
+pub type TensorMap = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// Tensors of a safetensors file as f32 vectors with their shapes.
+pub fn read_tensors(path: &Path) -> Result<TensorMap, String> {
+    let bytes = std::fs::read(path).map_err(io(path))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(io(path))?;
+    let mut out = BTreeMap::new();
+    for (name, t) in st.tensors() {
+        if t.dtype() != Dtype::F32 {
+            return Err(format!("{}: tensor `{name}` is {:?}, expected F32", path.display(), t.dtype()));
+        }
+        let v = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        out.insert(name, (t.shape().to_vec(), v));
+    }
+    Ok(out)
+}
+
+pub fn step_dir(run: &Path, step: u64) -> PathBuf {
+    run.join("checkpoints").join(format!("step_{step:08}"))
+}
+
+/// Write the checkpoint for `state.step`. An existing checkpoint of the same step is replaced
+/// only after the new one is complete on disk.
+pub fn save(run: &Path, cfg: &Config, params: &Params, state: &TrainerState) -> Result<PathBuf, String> {
+    let dir = step_dir(run, state.step);
+    let tmp = dir.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let shape = |p: &crate::params::Param| p.spec.shape.iter().map(|&d| d as usize).collect::<Vec<_>>();
+    write_tensors(&tmp.join("model.safetensors"), params.list.iter().map(|p| (p.name.clone(), &p.w[..], shape(p))).collect())?;
+    let states = params
+        .list
+        .iter()
+        .flat_map(|p| p.state.iter().map(move |(s, v)| (format!("{}.{s}", p.name), &v[..], shape(p))))
+        .collect();
+    write_tensors(&tmp.join("optimizer.safetensors"), states)?;
+    let json = serde_json::to_string_pretty(state).unwrap();
+    std::fs::write(tmp.join("trainer.json"), json).map_err(io(&tmp))?;
+    std::fs::write(tmp.join("config.toml"), cfg.to_toml()).map_err(io(&tmp))?;
+    if dir.exists() {
+        let old = dir.with_extension("old");
+        let _ = std::fs::remove_dir_all(&old);
+        std::fs::rename(&dir, &old).map_err(io(&dir))?;
+        std::fs::rename(&tmp, &dir).map_err(io(&dir))?;
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        std::fs::rename(&tmp, &dir).map_err(io(&dir))?;
+    }
+    Ok(dir)
+}
+
+/// The newest complete checkpoint under a run directory (or the path itself if it is one).
+pub fn resolve(path: &Path) -> Result<PathBuf, String> {
+    if path.join("trainer.json").is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let ck = path.join("checkpoints");
+    let mut steps: Vec<PathBuf> = std::fs::read_dir(&ck)
+        .map_err(|_| format!("{}: no checkpoint here (expected a step_* directory or a run directory with checkpoints/)", path.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_none() && p.join("trainer.json").is_file())
+        .collect();
+    steps.sort();
+    steps.pop().ok_or_else(|| format!("{}: no complete checkpoint in {}", path.display(), ck.display()))
+}
+
+/// The differences that make a checkpoint unusable with `cfg` (model shape or components).
+fn incompatibilities(saved: &Config, cfg: &Config) -> Vec<String> {
+    let a = toml::Value::try_from(saved).unwrap();
+    let b = toml::Value::try_from(cfg).unwrap();
+    let mut diffs = Vec::new();
+    for section in ["model", "router", "experts", "balance_loss", "optimizer", "comm"] {
+        let (x, y) = (a.get(section), b.get(section));
+        if x != y {
+            let show = |v: Option<&toml::Value>| v.map(|v| v.to_string().replace('\n', " ")).unwrap_or_else(|| "absent".into());
+            match (x.and_then(|v| v.as_table()), y.and_then(|v| v.as_table())) {
+                (Some(tx), Some(ty)) => {
+                    for k in tx.keys().chain(ty.keys().filter(|k| !tx.contains_key(*k))) {
+                        if tx.get(k) != ty.get(k) {
+                            diffs.push(format!("{section}.{k}: checkpoint has {}, config has {}", show(tx.get(k)), show(ty.get(k))));
+                        }
+                    }
+                }
+                _ => diffs.push(format!("{section}: checkpoint has {}, config has {}", show(x), show(y))),
+            }
+        }
+    }
+    diffs
+}
+
+/// Load a checkpoint into `params` (weights and optimizer state) after checking it was made
+/// with the same model and components. Returns the trainer state.
+pub fn load(path: &Path, cfg: &Config, params: &mut Params) -> Result<TrainerState, String> {
+    let dir = resolve(path)?;
+    let text = std::fs::read_to_string(dir.join("config.toml")).map_err(io(&dir))?;
+    let saved = Config::parse(&dir.join("config.toml").display().to_string(), &text, &[])?;
+    let diffs = incompatibilities(&saved, cfg);
+    if !diffs.is_empty() {
+        return Err(format!("{}: made with a different config: {}", dir.display(), diffs.join("; ")));
+    }
+    let state: TrainerState = serde_json::from_str(&std::fs::read_to_string(dir.join("trainer.json")).map_err(io(&dir))?)
+        .map_err(io(&dir.join("trainer.json")))?;
+    let weights = read_tensors(&dir.join("model.safetensors"))?;
+    let opt = read_tensors(&dir.join("optimizer.safetensors"))?;
+    for p in &mut params.list {
+        let shape: Vec<usize> = p.spec.shape.iter().map(|&d| d as usize).collect();
+        let (s, w) = weights.get(&p.name).ok_or_else(|| format!("{}: tensor `{}` is missing", dir.display(), p.name))?;
+        if *s != shape {
+            return Err(format!("{}: tensor `{}` has shape {s:?}, the model needs {shape:?}", dir.display(), p.name));
+        }
+        p.w.copy_from_slice(w);
+        for (sname, v) in &mut p.state {
+            let key = format!("{}.{sname}", p.name);
+            let (_, sv) = opt.get(&key).ok_or_else(|| format!("{}: optimizer state `{key}` is missing", dir.display()))?;
+            if sv.len() != v.len() {
+                return Err(format!("{}: optimizer state `{key}` has the wrong size", dir.display()));
+            }
+            v.copy_from_slice(sv);
+        }
+    }
+    Ok(state)
+}

@@ -1,0 +1,132 @@
+//! Training end to end through the `pith` binary: the quickstart learns, a resumed run
+//! reproduces the uninterrupted one exactly, bad runs fail clearly without touching existing
+//! checkpoints, and real text trains after `pith data prepare`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const PITH: &str = env!("CARGO_BIN_EXE_pith");
+const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("pith-train-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn pith(args: &[&str]) -> (i32, String) {
+    let o = Command::new(PITH).args(args).env("PITH_PLUGIN_PATH", "").output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    (o.status.code().unwrap_or(-1), text)
+}
+
+fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn out(dir: &Path) -> String {
+    format!("train.out=\"{}\"", dir.display())
+}
+
+/// Every file under `dir` with its bytes, to prove nothing was changed.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut v = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.path().is_dir() {
+                stack.push(e.path());
+            } else {
+                v.push((e.path(), std::fs::read(e.path()).unwrap()));
+            }
+        }
+    }
+    v.sort();
+    v
+}
+
+#[test]
+fn quickstart_learns_well_below_the_unigram_entropy() {
+    let run = tmp("quickstart");
+    let (code, text) = pith(&["train", "--set", &out(&run)]);
+    assert_eq!(code, 0, "{text}");
+    let m = metrics(&run);
+    let s = pith::data::Synthetic::new(256, 1);
+    let first = m[0]["loss"].as_f64().unwrap();
+    let val = m.last().unwrap()["val_loss"].as_f64().unwrap();
+    assert!((first - (256f64).ln()).abs() < 0.3, "initial loss {first} should be about ln(256)");
+    let (uni, floor) = (s.unigram_entropy(), s.entropy_floor());
+    // "Well below": at least 60% of the way from the unigram entropy down to the floor.
+    assert!(val < uni - 0.6 * (uni - floor), "val loss {val}, unigram {uni}, floor {floor}");
+    assert!(text.contains("known floor"), "{text}");
+    for key in ["lr", "grad_norm", "tokens_per_s", "load_max_over_mean", "load_entropy", "aux.switch-aux", "aux.z-loss"] {
+        assert!(m[0].get(key).is_some(), "metrics line lacks {key}: {}", m[0]);
+    }
+}
+
+#[test]
+fn resumed_run_reproduces_the_uninterrupted_losses_exactly() {
+    let (a, b) = (tmp("resume-a"), tmp("resume-b"));
+    let common = ["--set", "train.steps=12", "--set", "train.checkpoint_every=6", "--set", "train.eval_every=0", "--set", "train.grad_accum=2"];
+    let (code, text) = pith(&[&["train", "--set", &out(&a)][..], &common].concat());
+    assert_eq!(code, 0, "{text}");
+    let ck = a.join("checkpoints/step_00000006");
+    assert!(ck.join("model.safetensors").is_file() && ck.join("optimizer.safetensors").is_file());
+    let (code, text) = pith(&[&["train", "--set", &out(&b), "--resume", ck.to_str().unwrap()][..], &common].concat());
+    assert_eq!(code, 0, "{text}");
+    let (ma, mb) = (metrics(&a), metrics(&b));
+    assert_eq!(mb.len(), 6);
+    for (x, y) in ma[6..].iter().zip(&mb) {
+        assert_eq!(x["step"], y["step"]);
+        assert_eq!(x["loss"].as_f64(), y["loss"].as_f64(), "step {}", x["step"]);
+        assert_eq!(x["grad_norm"].as_f64(), y["grad_norm"].as_f64(), "step {}", x["step"]);
+    }
+    let wa = std::fs::read(a.join("checkpoints/step_00000012/model.safetensors")).unwrap();
+    let wb = std::fs::read(b.join("checkpoints/step_00000012/model.safetensors")).unwrap();
+    assert!(wa == wb, "final weights differ");
+}
+
+#[test]
+fn bad_runs_fail_clearly_and_keep_existing_checkpoints() {
+    let run = tmp("bad");
+    let (code, text) = pith(&["train", "--set", &out(&run), "--set", "train.steps=4", "--set", "train.eval_every=0"]);
+    assert_eq!(code, 0, "{text}");
+    let before = snapshot(&run.join("checkpoints"));
+    // A fresh run into a directory with checkpoints is refused.
+    let (code, text) = pith(&["train", "--set", &out(&run), "--set", "train.steps=4"]);
+    assert_eq!(code, 1);
+    assert!(text.contains("already holds checkpoints") && text.contains("--resume"), "{text}");
+    // A run that diverges says at which step and where, and writes no checkpoint.
+    let (code, text) = pith(&["train", "--set", &out(&run), "--resume", run.to_str().unwrap(), "--set", "train.steps=8", "--set", "train.lr=1e30", "--set", "train.warmup=0", "--set", "train.clip=0"]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("step ") && text.contains("non-finite"), "{text}");
+    // A checkpoint from another model is refused, naming the difference.
+    let (code, text) = pith(&["train", "--set", &out(&run), "--resume", run.to_str().unwrap(), "--set", "model.hidden=64", "--set", "train.steps=8"]);
+    assert_eq!(code, 1);
+    assert!(text.contains("model.hidden") && text.contains("different config"), "{text}");
+    assert!(before == snapshot(&run.join("checkpoints")), "existing checkpoints changed");
+}
+
+#[test]
+fn prepared_tinyshakespeare_trains() {
+    let src = Path::new(WORKSPACE).join("../shared/data/tinyshakespeare.txt");
+    if !src.is_file() {
+        eprintln!("skipped: {} is absent", src.display());
+        return;
+    }
+    let dir = tmp("shakespeare");
+    let data = dir.join("data");
+    let (code, text) = pith(&["data", "prepare", src.to_str().unwrap(), "--out", data.to_str().unwrap(), "--val-fraction", "0.1"]);
+    assert_eq!(code, 0, "{text}");
+    let source = format!("data.source=\"{}\"", data.display());
+    let (code, text) = pith(&["train", "--set", &out(&dir.join("run")), "--set", &source, "--set", "train.steps=30", "--set", "train.eval_every=0"]);
+    assert_eq!(code, 0, "{text}");
+    let m = metrics(&dir.join("run"));
+    let (first, last) = (m[0]["loss"].as_f64().unwrap(), m.last().unwrap()["loss"].as_f64().unwrap());
+    assert!(last < first - 1.0, "loss {first} → {last}");
+}

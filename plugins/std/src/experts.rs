@@ -1,0 +1,144 @@
+//! `swiglu`: E SwiGLU feed-forward experts over expert-sorted rows (dropless: every row is
+//! processed by the expert whose group it is in).
+//!
+//! Forward, for the rows x_e of expert e (x [N,H], groups from offsets [E+1]):
+//!   a = x_e·Wg[e], b = x_e·Wu[e]  [n_e,F];  u = silu(a) ⊙ b;  y_e = u·Wd[e]  [n_e,H].
+//! Backward, with σ = sigmoid(a), silu(a) = a·σ, silu'(a) = σ·(1 + a·(1 − σ)):
+//!   du = dy·Wd[e]ᵀ;  dWd[e] += uᵀ·dy;  da = du ⊙ b ⊙ silu'(a);  db = du ⊙ silu(a);
+//!   dWg[e] += x_eᵀ·da;  dWu[e] += x_eᵀ·db;  dx_e = da·Wg[e]ᵀ + db·Wu[e]ᵀ.
+
+use crate::{expect, need_cpu};
+use pith_plugin_api::{
+    parse_config, register, DType, Experts, ExpertsOut, Host, Init, ModelDims, ParamSpec, Result,
+    Tensor,
+};
+use serde::Deserialize;
+
+/// No settings yet (an empty table is fine).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {}
+
+struct SwiGlu {
+    hidden: usize,
+    experts: usize,
+    ffn: usize,
+}
+
+fn create(config: &str, dims: ModelDims) -> Result<SwiGlu> {
+    let _: Config = parse_config(config)?;
+    let (hidden, experts, ffn) = (
+        dims.hidden as usize,
+        dims.experts as usize,
+        dims.expert_ffn as usize,
+    );
+    if hidden == 0 || experts == 0 || ffn == 0 {
+        return Err(format!(
+            "model.hidden ({hidden}), model.experts ({experts}) and model.expert_ffn ({ffn}) must all be at least 1"
+        ));
+    }
+    Ok(SwiGlu {
+        hidden,
+        experts,
+        ffn,
+    })
+}
+
+register!(
+    Experts,
+    "swiglu",
+    "SwiGLU experts (silu(x·Wg) ⊙ x·Wu)·Wd via grouped GEMM, dropless",
+    "[experts]\nplugin = \"swiglu\"",
+    create
+);
+
+const WHO: &str = "swiglu";
+
+fn sigmoid(a: f32) -> f32 {
+    1.0 / (1.0 + (-a).exp())
+}
+
+impl SwiGlu {
+    fn check(&self, p: &[Tensor], x: &Tensor, offsets: &Tensor) -> Result<()> {
+        if p.len() != 3 {
+            return Err(format!(
+                "{WHO}: expected 3 parameters (w_gate, w_up, w_down), got {}",
+                p.len()
+            ));
+        }
+        expect(x, DType::F32, &[0, self.hidden], "swiglu: x")?;
+        expect(offsets, DType::I32, &[self.experts + 1], "swiglu: offsets")
+    }
+}
+
+impl Experts for SwiGlu {
+    fn params(&self) -> Vec<ParamSpec> {
+        let (e, h, f) = (self.experts, self.hidden, self.ffn);
+        vec![
+            ParamSpec::new("w_gate", &[e, h, f], Init::Normal(0.02), true),
+            ParamSpec::new("w_up", &[e, h, f], Init::Normal(0.02), true),
+            ParamSpec::new("w_down", &[e, f, h], Init::Normal(0.02), true),
+        ]
+    }
+
+    fn forward(&self, h: Host, p: &[Tensor], x: Tensor, offsets: Tensor) -> Result<ExpertsOut> {
+        need_cpu(&h, WHO)?;
+        self.check(p, &x, &offsets)?;
+        let n = x.dim(0);
+        let (a, b, u) = (
+            h.alloc_f32(&[n, self.ffn])?,
+            h.alloc_f32(&[n, self.ffn])?,
+            h.alloc_f32(&[n, self.ffn])?,
+        );
+        h.grouped_gemm(x, p[0], a, offsets, false, false)?;
+        h.grouped_gemm(x, p[1], b, offsets, false, false)?;
+        let (av, bv) = (a.f32s(), b.f32s());
+        for ((ui, &ai), &bi) in u.f32s().iter_mut().zip(av.iter()).zip(bv.iter()) {
+            *ui = ai * sigmoid(ai) * bi;
+        }
+        let y = h.alloc_f32(&[n, self.hidden])?;
+        h.grouped_gemm(u, p[2], y, offsets, false, false)?;
+        Ok(ExpertsOut {
+            y,
+            saved: vec![a, b, u].into(),
+        })
+    }
+
+    fn backward(
+        &self,
+        h: Host,
+        p: &[Tensor],
+        g: &[Tensor],
+        x: Tensor,
+        offsets: Tensor,
+        out: &ExpertsOut,
+        dy: Tensor,
+        dx: Tensor,
+    ) -> Result<()> {
+        need_cpu(&h, WHO)?;
+        self.check(p, &x, &offsets)?;
+        let ([ga, gb, gd], [a, b, u]) = (g, &out.saved[..]) else {
+            return Err(format!(
+                "{WHO}: expected 3 grads and the 3 tensors forward saved"
+            ));
+        };
+        let n = x.dim(0);
+        let (du, da, db) = (
+            h.alloc_f32(&[n, self.ffn])?,
+            h.alloc_f32(&[n, self.ffn])?,
+            h.alloc_f32(&[n, self.ffn])?,
+        );
+        h.grouped_gemm(dy, p[2], du, offsets, true, false)?;
+        h.grouped_gemm_wgrad(*u, dy, *gd, offsets)?;
+        let (av, bv, duv, dav, dbv) = (a.f32s(), b.f32s(), du.f32s(), da.f32s(), db.f32s());
+        for i in 0..duv.len() {
+            let (ai, s) = (av[i], sigmoid(av[i]));
+            dav[i] = duv[i] * bv[i] * s * (1.0 + ai * (1.0 - s));
+            dbv[i] = duv[i] * ai * s;
+        }
+        h.grouped_gemm_wgrad(x, da, *ga, offsets)?;
+        h.grouped_gemm_wgrad(x, db, *gb, offsets)?;
+        h.grouped_gemm(da, p[0], dx, offsets, true, false)?;
+        h.grouped_gemm(db, p[1], dx, offsets, true, true)
+    }
+}

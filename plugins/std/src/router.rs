@@ -1,0 +1,171 @@
+//! `topk-softmax`: each token goes to the `top_k` experts with the largest softmax probability.
+//!
+//! Forward, for x [T,H] and W [E,H]:
+//!   logits = x·Wᵀ [T,E];  p = softmax(logits);  S_t = the top_k ids by p (ties: lower id first);
+//!   weights_tj = p_tj / Σ_{i∈S_t} p_ti when `normalize`, else p_tj   (j ∈ S_t).
+//! Backward, per token with s = Σ_{i∈S} p_i and gates w_j:
+//!   dp_j = (dw_j − Σ_{i∈S} dw_i·w_i) / s for j ∈ S when `normalize` (else dp_j = dw_j), 0 off S;
+//!   dlogits = d_logits + p ⊙ (dp − ⟨dp, p⟩);   dW += dlogitsᵀ·x;   dx = dlogits·W.
+//! Reports the mean entropy of p as the metric `router_entropy`.
+
+use crate::{expect, need_cpu, softmax};
+use pith_plugin_api::{
+    parse_config, register, DType, Host, Init, ModelDims, ParamSpec, Result, Router, RouterOut,
+    Tensor,
+};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    #[serde(default = "default_top_k")]
+    top_k: usize,
+    #[serde(default = "default_normalize")]
+    normalize: bool,
+}
+fn default_top_k() -> usize {
+    2
+}
+fn default_normalize() -> bool {
+    true
+}
+
+struct TopKSoftmax {
+    hidden: usize,
+    experts: usize,
+    top_k: usize,
+    normalize: bool,
+}
+
+fn create(config: &str, dims: ModelDims) -> Result<TopKSoftmax> {
+    let c: Config = parse_config(config)?;
+    let experts = dims.experts as usize;
+    if c.top_k == 0 || c.top_k > experts {
+        return Err(format!(
+            "`top_k` = {} but the model has {experts} experts; top_k must be in 1..={experts}",
+            c.top_k
+        ));
+    }
+    Ok(TopKSoftmax {
+        hidden: dims.hidden as usize,
+        experts,
+        top_k: c.top_k,
+        normalize: c.normalize,
+    })
+}
+
+register!(
+    Router,
+    "topk-softmax",
+    "top-k experts of a softmax over router logits, gates optionally renormalised",
+    "[router]\nplugin = \"topk-softmax\"\ntop_k = 2\nnormalize = true",
+    create
+);
+
+const WHO: &str = "topk-softmax";
+
+impl Router for TopKSoftmax {
+    fn params(&self) -> Vec<ParamSpec> {
+        vec![ParamSpec::new(
+            "weight",
+            &[self.experts, self.hidden],
+            Init::Normal(0.02),
+            true,
+        )]
+    }
+
+    fn forward(&self, h: Host, p: &[Tensor], x: Tensor) -> Result<RouterOut> {
+        need_cpu(&h, WHO)?;
+        expect(&x, DType::F32, &[0, self.hidden], "topk-softmax: x")?;
+        let [wt] = p else {
+            return Err(format!("{WHO}: expected 1 parameter, got {}", p.len()));
+        };
+        let (t, e, k) = (x.dim(0), self.experts, self.top_k);
+        let logits = h.alloc_f32(&[t, e])?;
+        h.gemm(x, *wt, logits, false, true, 1.0, 0.0)?;
+        let probs = h.alloc_f32(&[t, e])?;
+        let ids = h.alloc(&[t, k], DType::I32)?;
+        let weights = h.alloc_f32(&[t, k])?;
+        let (l, pr, id, w) = (logits.f32s(), probs.f32s(), ids.i32s(), weights.f32s());
+        let mut entropy = 0.0f64;
+        for r in 0..t {
+            let pt = &mut pr[r * e..(r + 1) * e];
+            softmax(&l[r * e..(r + 1) * e], pt);
+            entropy -= pt
+                .iter()
+                .filter(|&&v| v > 0.0)
+                .map(|&v| v as f64 * (v as f64).ln())
+                .sum::<f64>();
+            // A stable sort by descending p keeps the lower id first among ties.
+            let mut order: Vec<usize> = (0..e).collect();
+            order.sort_by(|&a, &b| pt[b].total_cmp(&pt[a]));
+            let s: f32 = if self.normalize {
+                order[..k].iter().map(|&j| pt[j]).sum()
+            } else {
+                1.0
+            };
+            for (slot, &j) in order[..k].iter().enumerate() {
+                id[r * k + slot] = j as i32;
+                w[r * k + slot] = pt[j] / s;
+            }
+        }
+        h.metric("router_entropy", entropy / t.max(1) as f64);
+        Ok(RouterOut {
+            logits,
+            ids,
+            weights,
+            saved: vec![probs].into(),
+        })
+    }
+
+    fn backward(
+        &self,
+        h: Host,
+        p: &[Tensor],
+        g: &[Tensor],
+        x: Tensor,
+        out: &RouterOut,
+        d_weights: Tensor,
+        d_logits: Tensor,
+        dx: Tensor,
+    ) -> Result<()> {
+        need_cpu(&h, WHO)?;
+        let ([wt], [gw]) = (p, g) else {
+            return Err(format!("{WHO}: expected 1 parameter and 1 grad"));
+        };
+        let (t, e, k) = (x.dim(0), self.experts, self.top_k);
+        expect(&d_weights, DType::F32, &[t, k], "topk-softmax: d_weights")?;
+        expect(&d_logits, DType::F32, &[t, e], "topk-softmax: d_logits")?;
+        let probs = out
+            .saved
+            .first()
+            .ok_or("topk-softmax: backward needs the probabilities forward saved")?;
+        let dl = h.alloc_f32(&[t, e])?;
+        let (pr, id, w, dw, d) = (
+            probs.f32s(),
+            out.ids.i32s(),
+            out.weights.f32s(),
+            d_weights.f32s(),
+            dl.f32s(),
+        );
+        d.copy_from_slice(d_logits.f32s());
+        let mut dp = vec![0.0f32; e];
+        for r in 0..t {
+            let (pt, sel) = (&pr[r * e..(r + 1) * e], r * k..(r + 1) * k);
+            dp.iter_mut().for_each(|v| *v = 0.0);
+            if self.normalize {
+                let s: f32 = id[sel.clone()].iter().map(|&j| pt[j as usize]).sum();
+                let dot: f32 = sel.clone().map(|i| dw[i] * w[i]).sum();
+                sel.for_each(|i| dp[id[i] as usize] = (dw[i] - dot) / s);
+            } else {
+                sel.for_each(|i| dp[id[i] as usize] = dw[i]);
+            }
+            let dot: f32 = pt.iter().zip(&dp).map(|(a, b)| a * b).sum();
+            for j in 0..e {
+                d[r * e + j] += pt[j] * (dp[j] - dot);
+            }
+        }
+        h.gemm(dl, x, *gw, true, false, 1.0, 1.0)?;
+        h.gemm(dl, *wt, dx, false, false, 1.0, 0.0)
+    }
+}
