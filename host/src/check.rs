@@ -21,14 +21,12 @@
 //! and Ones inits get ±0.1 noise) — not at the training init, so activations and grads are O(1)
 //! and the finite differences are well conditioned in f32.
 
-use crate::cpu::{view, view_i32, CpuOps};
+use crate::cpu::{view, view_i32, view_mut, CpuOps};
 use crate::params::Params;
 use crate::rng::Rng;
 use abi_stable::std_types::{RResult, RSlice, RString};
-use pith_plugin_api::abi::{
-    BalanceLossBox, CommScheduleBox, Component, ExpertsBox, OptimizerBox, RouterBox,
-};
-use pith_plugin_api::{DType, Device, Init, ModelDims, ParamSpec, RouterOut, Tensor};
+use pith_plugin_api::abi::{BalanceLossBox, CommScheduleBox, Component, ExpertsBox, OptimizerBox, RouterBox};
+use pith_plugin_api::{DType, Init, ModelDims, ParamSpec, RouterOut, Tensor};
 
 /// Finite-difference step: 1e-2 where the component is smooth (truncation error ~eps² ≈ 1e-4
 /// relative, and 10× less f32 round-off than 1e-3), 1e-3 for routers, whose top-k choice a
@@ -93,12 +91,6 @@ fn randn(rng: &mut Rng, n: usize, std: f32) -> Vec<f32> {
     (0..n).map(|_| rng.normal() * std).collect()
 }
 
-/// A writable view of `v` (inputs the check perturbs, grads the component writes).
-fn mview(v: &mut [f32], shape: &[usize]) -> Tensor {
-    assert_eq!(v.len(), shape.iter().product::<usize>());
-    Tensor::new(v.as_mut_ptr() as u64, DType::F32, Device::Cpu, shape)
-}
-
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
@@ -116,14 +108,7 @@ fn make_params(specs: Vec<ParamSpec>, rng: &mut Rng) -> Params {
     let mut ps = Params::default();
     ps.add("check", specs, rng.next_u64());
     for p in &mut ps.list {
-        let fan = p
-            .spec
-            .shape
-            .iter()
-            .rev()
-            .take(2)
-            .max()
-            .map_or(1, |&d| d.max(1)) as f32;
+        let fan = p.spec.shape.iter().rev().take(2).max().map_or(1, |&d| d.max(1)) as f32;
         for w in &mut p.w {
             *w = match p.spec.init {
                 Init::Normal(_) => rng.normal() / fan.sqrt(),
@@ -136,19 +121,13 @@ fn make_params(specs: Vec<ParamSpec>, rng: &mut Rng) -> Params {
 
 /// Set the tensors `g` to `init` (a backward's starting grads).
 fn load(g: &[Tensor], init: &[Vec<f32>]) {
-    g.iter()
-        .zip(init)
-        .for_each(|(t, v)| t.f32s().copy_from_slice(v));
+    g.iter().zip(init).for_each(|(t, v)| t.f32s().copy_from_slice(v));
 }
 
 /// Named params for `Case::wrt` (their grads accumulate).
 fn param_wrt(ps: &Params, w: &[Tensor]) -> Vec<(String, Tensor, Grad)> {
     let name = |p: &crate::params::Param| format!("param {}", p.spec.name);
-    ps.list
-        .iter()
-        .zip(w)
-        .map(|(p, &t)| (name(p), t, Grad::Accumulate))
-        .collect()
+    ps.list.iter().zip(w).map(|(p, &t)| (name(p), t, Grad::Accumulate)).collect()
 }
 
 /// Determinism, the backward contract, then the finite-difference check of every `wrt` tensor.
@@ -161,10 +140,7 @@ fn run_case(case: Case, rng: &mut Rng, eps: f32) -> R<Vec<String>> {
     let zeros: Vec<Vec<f32>> = case.wrt.iter().map(|w| vec![0.0; w.1.numel()]).collect();
     let (o1, g1) = (case.bwd)(&r, &zeros)?;
     // Noise the size of each tensor's grads, so a lost accumulate or write can't hide.
-    let noise: Vec<_> = g1
-        .iter()
-        .map(|g| randn(rng, g.len(), max_abs(g).max(1e-30)))
-        .collect();
+    let noise: Vec<_> = g1.iter().map(|g| randn(rng, g.len(), max_abs(g).max(1e-30))).collect();
     let ((o2, g2), (o3, g3)) = ((case.bwd)(&r, &noise)?, (case.bwd)(&r, &noise)?);
     if [&o1, &o2, &o3].iter().any(|o| bits(o) != bits(&out0)) {
         return Err("determinism: forward runs on the same inputs gave different outputs".into());
@@ -172,35 +148,23 @@ fn run_case(case: Case, rng: &mut Rng, eps: f32) -> R<Vec<String>> {
     for (i, (name, _, how)) in case.wrt.iter().enumerate() {
         let (a, clean, z) = (&g2[i], &g1[i], &noise[i]);
         if bits(a) != bits(&g3[i]) {
-            return Err(format!(
-                "determinism: two backward runs gave different grads for {name}"
-            ));
+            return Err(format!("determinism: two backward runs gave different grads for {name}"));
         }
         if let Some(j) = clean.iter().position(|v| !v.is_finite()) {
             return Err(format!("grad of {name}[{j}] is {}", clean[j]));
         }
         let base = |j: usize| if *how == Grad::Accumulate { z[j] } else { 0.0 };
         let tol = CONTRACT * max_abs(z) as f64;
-        if let Some(j) =
-            (0..a.len()).find(|&j| ((a[j] - base(j)) as f64 - clean[j] as f64).abs() > tol)
-        {
+        if let Some(j) = (0..a.len()).find(|&j| ((a[j] - base(j)) as f64 - clean[j] as f64).abs() > tol) {
             let rule = match how {
                 Grad::Accumulate => "ADD to its buffer (it overwrote or ignored what was there)",
                 Grad::Write => "OVERWRITE its buffer (it added to or kept what was there)",
             };
             let (a, z, c) = (a[j], z[j], clean[j]);
-            return Err(format!(
-                "backward contract: grad of {name} must {rule}; [{j}] is {a} from {z}, {c} from 0"
-            ));
+            return Err(format!("backward contract: grad of {name} must {rule}; [{j}] is {a} from {z}, {c} from 0"));
         }
     }
-    let names = |g| {
-        case.wrt
-            .iter()
-            .filter(|w| w.2 == g)
-            .map(|w| &w.0)
-            .collect::<Vec<_>>()
-    };
+    let names = |g| case.wrt.iter().filter(|w| w.2 == g).map(|w| &w.0).collect::<Vec<_>>();
     let (n, (wr, ac)) = (o1.len(), (names(Grad::Write), names(Grad::Accumulate)));
     let mut lines = vec![
         format!("determinism: {n} outputs and all grads bitwise identical over repeated runs"),
@@ -264,13 +228,9 @@ fn grad_check(
     }
     if pairs.len() * 2 < idx.len() {
         let m = idx.len();
-        return Err(format!(
-            "{name}: {skipped} of {m} coordinates changed the top-k ids under ±{eps}"
-        ));
+        return Err(format!("{name}: {skipped} of {m} coordinates changed the top-k ids under ±{eps}"));
     }
-    let scale = pairs
-        .iter()
-        .fold(max_abs(ana) as f64, |m, p| m.max(p.2.abs()));
+    let scale = pairs.iter().fold(max_abs(ana) as f64, |m, p| m.max(p.2.abs()));
     let (mut worst, mut raw, mut at) = (0.0, 0.0f64, pairs[0]);
     for &(i, a, n, noise) in &pairs {
         let den = (a.abs() + n.abs()).max(FLOOR * scale).max(1e-30);
@@ -283,7 +243,9 @@ fn grad_check(
     if worst >= TOL || worst.is_nan() {
         let (i, a, n, noise) = at;
         let why = format!("relative error {worst:.2e} > {TOL:.0e}");
-        return Err(format!("grad of {name}[{i}]: analytic {a:.6e} vs numeric {n:.6e} (±{noise:.1e} round-off), {why}"));
+        return Err(format!(
+            "grad of {name}[{i}]: analytic {a:.6e} vs numeric {n:.6e} (±{noise:.1e} round-off), {why}"
+        ));
     }
     let m = pairs.len();
     let skip = match skipped {
@@ -291,25 +253,22 @@ fn grad_check(
         s => format!(", {s} skipped (top-k changed)"),
     };
     let beyond = format!("{worst:.1e} beyond f32 round-off");
-    Ok(format!(
-        "grad {name}: {m} coords, max rel err {raw:.1e} ({beyond}) < {TOL:.0e}{skip}"
-    ))
+    Ok(format!("grad {name}: {m} coords, max rel err {raw:.1e} ({beyond}) < {TOL:.0e}{skip}"))
 }
 
 fn check_router(cpu: &CpuOps, r: &RouterBox, dims: ModelDims, rng: &mut Rng) -> R<Vec<String>> {
     let (t, h, e) = (8, dims.hidden as usize, dims.experts as usize);
-    let ps = make_params(r.params().into_vec(), rng);
+    let mut ps = make_params(r.params().into_vec(), rng);
     let (w, g) = (ps.weights(0..ps.list.len()), ps.grads(0..ps.list.len()));
     let mut xv = randn(rng, t * h, 1.0);
-    let x = mview(&mut xv, &[t, h]);
+    let x = view_mut(&mut xv, &[t, h]);
     let fwd = || -> R<RouterOut> {
         let o = ok(r.forward(cpu.ops(), sl(&w), x))?;
-        let (k, dims) = (
-            o.ids.dim(-1),
-            [o.logits.dims(), o.ids.dims(), o.weights.dims()],
-        );
+        let (k, dims) = (o.ids.dim(-1), [o.logits.dims(), o.ids.dims(), o.weights.dims()]);
         if dims != [vec![t, e], vec![t, k], vec![t, k]] || o.ids.dtype != DType::I32 {
-            return Err(format!("forward: logits, ids, weights are {dims:?}; expected [[{t}, {e}], [{t}, k], [{t}, k]], ids i32"));
+            return Err(format!(
+                "forward: logits, ids, weights are {dims:?}; expected [[{t}, {e}], [{t}, k], [{t}, k]], ids i32"
+            ));
         }
         match o.ids.i32s().iter().find(|&&i| i < 0 || i as usize >= e) {
             Some(id) => Err(format!("forward: id {id} is not in 0..{e}")),
@@ -349,11 +308,7 @@ fn check_router(cpu: &CpuOps, r: &RouterBox, dims: ModelDims, rng: &mut Rng) -> 
             let k = o.ids.dim(1);
             let (mut dl, dw, mut dx) = (rv[..t * e].to_vec(), &rv[t * e..], init[0].clone());
             load(&g, &init[1..]);
-            let (dw, dl, dxt) = (
-                view(dw, &[t, k]),
-                mview(&mut dl, &[t, e]),
-                mview(&mut dx, &[t, h]),
-            );
+            let (dw, dl, dxt) = (view(dw, &[t, k]), view_mut(&mut dl, &[t, e]), view_mut(&mut dx, &[t, h]));
             ok(r.backward(cpu.ops(), sl(&w), sl(&g), x, &o, dw, dl, dxt))?;
             let mut grads = vec![dx];
             grads.extend(g.iter().map(|t| t.f32s().to_vec()));
@@ -377,18 +332,15 @@ fn check_experts(cpu: &CpuOps, ex: &ExpertsBox, dims: ModelDims, rng: &mut Rng) 
     }
     (0..e).for_each(|i| off[i + 1] += off[i]);
     let offsets = view_i32(&off, &[e + 1]);
-    let ps = make_params(ex.params().into_vec(), rng);
+    let mut ps = make_params(ex.params().into_vec(), rng);
     let (w, g) = (ps.weights(0..ps.list.len()), ps.grads(0..ps.list.len()));
     let mut xv = randn(rng, n * h, 1.0);
-    let x = mview(&mut xv, &[n, h]);
+    let x = view_mut(&mut xv, &[n, h]);
     let fwd = || -> R<pith_plugin_api::ExpertsOut> {
         let out = ok(ex.forward(cpu.ops(), sl(&w), x, offsets))?;
         match out.y.dims() == [n, h] {
             true => Ok(out),
-            false => Err(format!(
-                "forward: y is {:?}, expected [{n}, {h}]",
-                out.y.dims()
-            )),
+            false => Err(format!("forward: y is {:?}, expected [{n}, {h}]", out.y.dims())),
         }
     };
     let mut wrt = vec![("input x".to_string(), x, Grad::Write)];
@@ -404,7 +356,7 @@ fn check_experts(cpu: &CpuOps, ex: &ExpertsBox, dims: ModelDims, rng: &mut Rng) 
             let out = fwd()?;
             let mut dx = init[0].clone();
             load(&g, &init[1..]);
-            let (dy, dxt) = (view(rv, &[n, h]), mview(&mut dx, &[n, h]));
+            let (dy, dxt) = (view(rv, &[n, h]), view_mut(&mut dx, &[n, h]));
             ok(ex.backward(cpu.ops(), sl(&w), sl(&g), x, offsets, &out, dy, dxt))?;
             let mut grads = vec![dx];
             grads.extend(g.iter().map(|t| t.f32s().to_vec()));
@@ -439,7 +391,7 @@ fn check_comm(cpu: &CpuOps, s: &CommScheduleBox, dims: ModelDims, rng: &mut Rng)
     let ids = view_i32(&idv, &[t, k]);
     let mut xv = randn(rng, t * h, 1.0);
     let mut wv: Vec<f32> = (0..t * k).map(|_| 0.1 + rng.uniform()).collect();
-    let (x, wt) = (mview(&mut xv, &[t, h]), mview(&mut wv, &[t, k]));
+    let (x, wt) = (view_mut(&mut xv, &[t, h]), view_mut(&mut wv, &[t, k]));
     // Stand-in experts: y = gain_e · x_sorted, a different gain per expert, so routing a row to
     // the wrong expert changes the result.
     let gain = |ex: usize| 1.0 + 0.5 * ex as f32;
@@ -457,19 +409,14 @@ fn check_comm(cpu: &CpuOps, s: &CommScheduleBox, dims: ModelDims, rng: &mut Rng)
         let fits = off.len() == e + 1 && off[0] == 0 && off[e] as usize == n && d.x.dim(1) == h;
         if !fits || off.windows(2).any(|p| p[0] > p[1]) {
             let x = d.x.dims();
-            return Err(format!(
-                "dispatch: offsets {off:?} do not split x {x:?} into {e} groups"
-            ));
+            return Err(format!("dispatch: offsets {off:?} do not split x {x:?} into {e} groups"));
         }
         let y = scale_rows(d.x.f32s(), off);
         Ok((d, y))
     };
     let noise_seed = rng.next_u64();
     let case = Case {
-        wrt: vec![
-            ("input x".into(), x, Grad::Write),
-            ("input weights".into(), wt, Grad::Write),
-        ],
+        wrt: vec![("input x".into(), x, Grad::Write), ("input weights".into(), wt, Grad::Write)],
         fwd: Box::new(|| {
             let (d, y) = dispatch()?;
             let yt = view(&y, &[y.len() / h, h]);
@@ -485,10 +432,10 @@ fn check_comm(cpu: &CpuOps, s: &CommScheduleBox, dims: ModelDims, rng: &mut Rng)
             // dy is written by combine_backward: start it from noise too.
             let mut dy = randn(&mut Rng::new(noise_seed), n * h, 1.0);
             let (mut dx, mut dw) = (init[0].clone(), init[1].clone());
-            let (dyt, dwt) = (mview(&mut dy, &[n, h]), mview(&mut dw, &[t, k]));
+            let (dyt, dwt) = (view_mut(&mut dy, &[n, h]), view_mut(&mut dw, &[t, k]));
             ok(s.combine_backward(cpu.ops(), view(rv, &[t, h]), yt, wt, &d, dyt, dwt))?;
             let dxs = scale_rows(&dy, d.offsets.i32s());
-            ok(s.dispatch_backward(cpu.ops(), view(&dxs, &[n, h]), &d, mview(&mut dx, &[t, h])))?;
+            ok(s.dispatch_backward(cpu.ops(), view(&dxs, &[n, h]), &d, view_mut(&mut dx, &[t, h])))?;
             cpu.reset();
             Ok((out, vec![dx, dw]))
         }),
@@ -500,7 +447,7 @@ fn check_loss(cpu: &CpuOps, l: &BalanceLossBox, dims: ModelDims, rng: &mut Rng) 
     let (t, e) = (16, dims.experts as usize);
     let k = e.min(2);
     let mut lv = randn(rng, t * e, 2.0);
-    let logits = mview(&mut lv, &[t, e]);
+    let logits = view_mut(&mut lv, &[t, e]);
     // The ids a top-k router would pick for these logits (held fixed, like the counts they give).
     let mut idv = Vec::with_capacity(t * k);
     for row in lv.chunks(e) {
@@ -519,7 +466,7 @@ fn check_loss(cpu: &CpuOps, l: &BalanceLossBox, dims: ModelDims, rng: &mut Rng) 
         bwd: Box::new(|rv: &[f32], init: &[Vec<f32>]| {
             let v = ok(l.forward(cpu.ops(), logits, ids))?;
             let mut dl = init[0].clone();
-            ok(l.backward(cpu.ops(), logits, ids, rv[0], mview(&mut dl, &[t, e])))?;
+            ok(l.backward(cpu.ops(), logits, ids, rv[0], view_mut(&mut dl, &[t, e])))?;
             cpu.reset();
             Ok((vec![v], vec![dl]))
         }),
@@ -531,23 +478,14 @@ fn check_optimizer(cpu: &CpuOps, o: &OptimizerBox, rng: &mut Rng) -> R<Vec<Strin
     let n = 64;
     let (w0, target) = (randn(rng, n, 0.5), randn(rng, n, 0.5));
     let quad = |w: &[f32]| -> Vec<f32> { w.iter().zip(&target).map(|(a, b)| a - b).collect() };
-    let f = |w: &[f32]| {
-        quad(w)
-            .iter()
-            .map(|&d| 0.5 * d as f64 * d as f64)
-            .sum::<f64>()
-    };
+    let f = |w: &[f32]| quad(w).iter().map(|&d| 0.5 * d as f64 * d as f64).sum::<f64>();
     // `steps` steps from `w` with grads from `grad`; returns the final weights.
-    let run = |spec: &ParamSpec,
-               mut w: Vec<f32>,
-               steps: u64,
-               grad: &dyn Fn(&[f32]) -> Vec<f32>|
-     -> R<Vec<f32>> {
+    let run = |spec: &ParamSpec, mut w: Vec<f32>, steps: u64, grad: &dyn Fn(&[f32]) -> Vec<f32>| -> R<Vec<f32>> {
         let mut state: Vec<Vec<f32>> = o.state(spec).iter().map(|_| vec![0.0; n]).collect();
-        let st: Vec<Tensor> = state.iter_mut().map(|s| mview(s, &[n])).collect();
+        let st: Vec<Tensor> = state.iter_mut().map(|s| view_mut(s, &[n])).collect();
         for step in 1..=steps {
             let mut g = grad(&w);
-            let (wt, gt) = (mview(&mut w, &[n]), mview(&mut g, &[n]));
+            let (wt, gt) = (view_mut(&mut w, &[n]), view_mut(&mut g, &[n]));
             ok(o.step(cpu.ops(), spec, wt, gt, sl(&st), 1e-2, step))?;
             cpu.reset();
         }
@@ -559,7 +497,9 @@ fn check_optimizer(cpu: &CpuOps, o: &OptimizerBox, rng: &mut Rng) -> R<Vec<Strin
     let b = run(&plain, w0.clone(), 200, &quad)?;
     let (f0, f1) = (f(&w0), f(&a));
     if f1 >= 0.1 * f0 || f1.is_nan() {
-        return Err(format!("200 steps at lr 1e-2 on ½Σ(w−target)² took f from {f0:.4} to {f1:.4}; expected a >90% cut"));
+        return Err(format!(
+            "200 steps at lr 1e-2 on ½Σ(w−target)² took f from {f0:.4} to {f1:.4}; expected a >90% cut"
+        ));
     }
     if bits(&a) != bits(&b) {
         return Err("determinism: two runs of 200 steps gave different weights".into());
@@ -576,9 +516,7 @@ fn check_optimizer(cpu: &CpuOps, o: &OptimizerBox, rng: &mut Rng) -> R<Vec<Strin
     let norm = |w: &[f32]| w.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
     let (n0, n1) = (norm(&w0), norm(&run(&decayed, w0.clone(), 1, &zero)?));
     if n1 > n0 {
-        return Err(format!(
-            "a zero-grad step grew a decay = true param's norm from {n0:.6} to {n1:.6}"
-        ));
+        return Err(format!("a zero-grad step grew a decay = true param's norm from {n0:.6} to {n1:.6}"));
     }
     lines.push(match n1 < n0 {
         true => format!("decay = true: a zero-grad step shrinks the norm {n0:.6} -> {n1:.6}"),
@@ -594,13 +532,7 @@ mod tests {
     use pith_plugin_api::{Host, Router};
     use std::sync::atomic::{AtomicU32, Ordering};
 
-    const DIMS: ModelDims = ModelDims {
-        hidden: 16,
-        experts: 4,
-        expert_ffn: 12,
-        layer: 0,
-        layers: 1,
-    };
+    const DIMS: ModelDims = ModelDims { hidden: 16, experts: 4, expert_ffn: 12, layer: 0, layers: 1 };
     const E: usize = DIMS.experts as usize;
 
     #[test]
@@ -610,28 +542,13 @@ mod tests {
         let label = |i: &pith_plugin_api::ComponentInfo| format!("{} {}", i.kind.as_str(), i.name);
         let mut names: Vec<String> = infos.iter().map(label).collect();
         names.sort();
-        let want = [
-            "balance_loss switch-aux",
-            "balance_loss z-loss",
-            "comm local",
-        ];
-        let want = [
-            &want[..],
-            &["experts swiglu", "optimizer adamw", "router topk-softmax"],
-        ]
-        .concat();
+        let want = ["balance_loss switch-aux", "balance_loss z-loss", "comm local"];
+        let want = [&want[..], &["experts swiglu", "optimizer adamw", "router topk-softmax"]].concat();
         assert_eq!(names, want);
         for info in infos.iter() {
-            let c = ok((m.create())(
-                info.kind,
-                info.name.as_rstr(),
-                "".into(),
-                DIMS,
-            ))
-            .unwrap();
+            let c = ok((m.create())(info.kind, info.name.as_rstr(), "".into(), DIMS)).unwrap();
             for seed in [1, 2] {
-                let lines =
-                    check_component(&c, &label(info), DIMS, seed).unwrap_or_else(|e| panic!("{e}"));
+                let lines = check_component(&c, &label(info), DIMS, seed).unwrap_or_else(|e| panic!("{e}"));
                 lines.iter().for_each(|l| println!("{l}"));
             }
         }
@@ -646,12 +563,7 @@ mod tests {
 
     impl Router for Linear {
         fn params(&self) -> Vec<ParamSpec> {
-            vec![ParamSpec::new(
-                "weight",
-                &[E, DIMS.hidden as usize],
-                Init::Normal(0.02),
-                true,
-            )]
+            vec![ParamSpec::new("weight", &[E, DIMS.hidden as usize], Init::Normal(0.02), true)]
         }
         fn forward(&self, h: Host, p: &[Tensor], x: Tensor) -> Result<RouterOut, String> {
             let (t, e) = (x.dim(0), E);
@@ -662,12 +574,7 @@ mod tests {
                 logits.f32s()[0] += 1e-3 * self.calls.fetch_add(1, Ordering::Relaxed) as f32;
             }
             (0..t).for_each(|i| weights.f32s()[i] = logits.f32s()[i * e]);
-            Ok(RouterOut {
-                logits,
-                ids,
-                weights,
-                saved: RVec::new(),
-            })
+            Ok(RouterOut { logits, ids, weights, saved: RVec::new() })
         }
         fn backward(
             &self,
@@ -688,8 +595,7 @@ mod tests {
             // 4: dx adds instead of overwriting.
             let beta_g = if self.bug == 2 { 0.0 } else { 1.0 };
             h.gemm(d, x, g[0], true, false, 1.0, beta_g)?;
-            let (alpha, beta) =
-                [(1.0, 0.0), (0.5, 0.0), (1.0, 0.0), (1.0, 0.0), (1.0, 1.0)][self.bug as usize];
+            let (alpha, beta) = [(1.0, 0.0), (0.5, 0.0), (1.0, 0.0), (1.0, 0.0), (1.0, 1.0)][self.bug as usize];
             h.gemm(d, p[0], dx, false, false, alpha, beta)
         }
     }
@@ -697,10 +603,7 @@ mod tests {
     #[test]
     fn a_wrong_router_fails() {
         let check = |bug| {
-            let c = pith_plugin_api::wrap::Router(Linear {
-                bug,
-                calls: AtomicU32::new(0),
-            });
+            let c = pith_plugin_api::wrap::Router(Linear { bug, calls: AtomicU32::new(0) });
             check_component(&c, "router linear", DIMS, 7)
         };
         let good = check(0).unwrap();
@@ -714,10 +617,7 @@ mod tests {
         for (bug, what) in bugs {
             let e = check(bug).expect_err("a broken router must fail the check");
             println!("bug {bug}: {e}");
-            assert!(
-                e.starts_with("FAIL router linear: ") && e.contains(what),
-                "bug {bug}: {e}"
-            );
+            assert!(e.starts_with("FAIL router linear: ") && e.contains(what), "bug {bug}: {e}");
         }
     }
 
@@ -746,9 +646,7 @@ mod tests {
         let (t, h) = (4, DIMS.hidden as usize);
         let x: Vec<f32> = (0..t * h).map(|i| (i as f32 * 0.37).sin()).collect();
         // Zero router weights: uniform probs, so ties pick the lowest ids, gates renormalised.
-        let Component::Router(r) = create("router", "topk-softmax", "").unwrap() else {
-            panic!()
-        };
+        let Component::Router(r) = create("router", "topk-softmax", "").unwrap() else { panic!() };
         let w = vec![0.0f32; E * h];
         let o = ok(r.forward(cpu.ops(), sl(&[view(&w, &[E, h])]), view(&x, &[t, h]))).unwrap();
         assert_eq!(o.ids.i32s(), [0, 1, 0, 1, 0, 1, 0, 1]);
@@ -758,19 +656,13 @@ mod tests {
         let logits = vec![0.0f32; 4 * E];
         let ids = [0, 1, 2, 3, 1, 0, 3, 2];
         let (lt, it) = (view(&logits, &[4, E]), view_i32(&ids, &[4, 2]));
-        let Component::BalanceLoss(sa) = create("balance_loss", "switch-aux", "").unwrap() else {
-            panic!()
-        };
+        let Component::BalanceLoss(sa) = create("balance_loss", "switch-aux", "").unwrap() else { panic!() };
         assert!((ok(sa.forward(cpu.ops(), lt, it)).unwrap() - 0.01).abs() < 1e-7);
-        let Component::BalanceLoss(z) = create("balance_loss", "z-loss", "").unwrap() else {
-            panic!()
-        };
+        let Component::BalanceLoss(z) = create("balance_loss", "z-loss", "").unwrap() else { panic!() };
         let want = 0.001 * (E as f32).ln().powi(2);
         assert!((ok(z.forward(cpu.ops(), lt, it)).unwrap() - want).abs() < 1e-7);
         // local: a stable sort by expert, and a clear error for an id out of range.
-        let Component::CommSchedule(c) = create("comm", "local", "").unwrap() else {
-            panic!()
-        };
+        let Component::CommSchedule(c) = create("comm", "local", "").unwrap() else { panic!() };
         let xt = view(&x, &[4, h]);
         let d = ok(c.dispatch(cpu.ops(), xt, it, E as u32)).unwrap();
         assert_eq!(
@@ -778,35 +670,14 @@ mod tests {
             (&mut [0, 2, 4, 6, 8][..], &mut [0, 5, 1, 4, 2, 7, 3, 6][..])
         );
         let bad = [0, 1, 2, 7, 1, 0, 3, 2];
-        let e = ok(c.dispatch(cpu.ops(), xt, view_i32(&bad, &[4, 2]), E as u32))
-            .err()
-            .unwrap();
+        let e = ok(c.dispatch(cpu.ops(), xt, view_i32(&bad, &[4, 2]), E as u32)).err().unwrap();
         assert!(e.contains("ids[1, 1] = 7") && e.contains("0..4"), "{e}");
         // adamw, step 1: m̂ = g, v̂ = g², so w ← w·(1 − lr·wd) − lr·g/(|g| + eps).
-        let Component::Optimizer(a) = create("optimizer", "adamw", "").unwrap() else {
-            panic!()
-        };
+        let Component::Optimizer(a) = create("optimizer", "adamw", "").unwrap() else { panic!() };
         let spec = ParamSpec::new("w", &[2], Init::Zeros, true);
-        let (mut w, mut g, mut m, mut v) = (
-            vec![1.0f32, -2.0],
-            vec![0.5f32, -3.0],
-            vec![0.0; 2],
-            vec![0.0; 2],
-        );
-        let st = [mview(&mut m, &[2]), mview(&mut v, &[2])];
-        ok(a.step(
-            cpu.ops(),
-            &spec,
-            mview(&mut w, &[2]),
-            mview(&mut g, &[2]),
-            sl(&st),
-            0.1,
-            1,
-        ))
-        .unwrap();
-        assert!(
-            (w[0] - (1.0 * 0.99 - 0.1)).abs() < 1e-6 && (w[1] - (-2.0 * 0.99 + 0.1)).abs() < 1e-6,
-            "{w:?}"
-        );
+        let (mut w, mut g, mut m, mut v) = (vec![1.0f32, -2.0], vec![0.5f32, -3.0], vec![0.0; 2], vec![0.0; 2]);
+        let st = [view_mut(&mut m, &[2]), view_mut(&mut v, &[2])];
+        ok(a.step(cpu.ops(), &spec, view_mut(&mut w, &[2]), view_mut(&mut g, &[2]), sl(&st), 0.1, 1)).unwrap();
+        assert!((w[0] - (1.0 * 0.99 - 0.1)).abs() < 1e-6 && (w[1] - (-2.0 * 0.99 + 0.1)).abs() < 1e-6, "{w:?}");
     }
 }

@@ -67,7 +67,10 @@ pub fn save(run: &Path, cfg: &Config, params: &Params, state: &TrainerState) -> 
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
     let shape = |p: &crate::params::Param| p.spec.shape.iter().map(|&d| d as usize).collect::<Vec<_>>();
-    write_tensors(&tmp.join("model.safetensors"), params.list.iter().map(|p| (p.name.clone(), &p.w[..], shape(p))).collect())?;
+    write_tensors(
+        &tmp.join("model.safetensors"),
+        params.list.iter().map(|p| (p.name.clone(), &p.w[..], shape(p))).collect(),
+    )?;
     let states = params
         .list
         .iter()
@@ -96,7 +99,12 @@ pub fn resolve(path: &Path) -> Result<PathBuf, String> {
     }
     let ck = path.join("checkpoints");
     let mut steps: Vec<PathBuf> = std::fs::read_dir(&ck)
-        .map_err(|_| format!("{}: no checkpoint here (expected a step_* directory or a run directory with checkpoints/)", path.display()))?
+        .map_err(|_| {
+            format!(
+                "{}: no checkpoint here (expected a step_* directory or a run directory with checkpoints/)",
+                path.display()
+            )
+        })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_none() && p.join("trainer.json").is_file())
         .collect();
@@ -112,12 +120,18 @@ fn incompatibilities(saved: &Config, cfg: &Config) -> Vec<String> {
     for section in ["model", "router", "experts", "balance_loss", "optimizer", "comm"] {
         let (x, y) = (a.get(section), b.get(section));
         if x != y {
-            let show = |v: Option<&toml::Value>| v.map(|v| v.to_string().replace('\n', " ")).unwrap_or_else(|| "absent".into());
+            let show = |v: Option<&toml::Value>| {
+                v.map(|v| v.to_string().replace('\n', " ")).unwrap_or_else(|| "absent".into())
+            };
             match (x.and_then(|v| v.as_table()), y.and_then(|v| v.as_table())) {
                 (Some(tx), Some(ty)) => {
                     for k in tx.keys().chain(ty.keys().filter(|k| !tx.contains_key(*k))) {
                         if tx.get(k) != ty.get(k) {
-                            diffs.push(format!("{section}.{k}: checkpoint has {}, config has {}", show(tx.get(k)), show(ty.get(k))));
+                            diffs.push(format!(
+                                "{section}.{k}: checkpoint has {}, config has {}",
+                                show(tx.get(k)),
+                                show(ty.get(k))
+                            ));
                         }
                     }
                 }
@@ -138,20 +152,23 @@ pub fn load(path: &Path, cfg: &Config, params: &mut Params) -> Result<TrainerSta
     if !diffs.is_empty() {
         return Err(format!("{}: made with a different config: {}", dir.display(), diffs.join("; ")));
     }
-    let state: TrainerState = serde_json::from_str(&std::fs::read_to_string(dir.join("trainer.json")).map_err(io(&dir))?)
-        .map_err(io(&dir.join("trainer.json")))?;
+    let state: TrainerState =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("trainer.json")).map_err(io(&dir))?)
+            .map_err(io(&dir.join("trainer.json")))?;
     let weights = read_tensors(&dir.join("model.safetensors"))?;
     let opt = read_tensors(&dir.join("optimizer.safetensors"))?;
     for p in &mut params.list {
         let shape: Vec<usize> = p.spec.shape.iter().map(|&d| d as usize).collect();
-        let (s, w) = weights.get(&p.name).ok_or_else(|| format!("{}: tensor `{}` is missing", dir.display(), p.name))?;
+        let (s, w) =
+            weights.get(&p.name).ok_or_else(|| format!("{}: tensor `{}` is missing", dir.display(), p.name))?;
         if *s != shape {
             return Err(format!("{}: tensor `{}` has shape {s:?}, the model needs {shape:?}", dir.display(), p.name));
         }
         p.w.copy_from_slice(w);
         for (sname, v) in &mut p.state {
             let key = format!("{}.{sname}", p.name);
-            let (_, sv) = opt.get(&key).ok_or_else(|| format!("{}: optimizer state `{key}` is missing", dir.display()))?;
+            let (_, sv) =
+                opt.get(&key).ok_or_else(|| format!("{}: optimizer state `{key}` is missing", dir.display()))?;
             if sv.len() != v.len() {
                 return Err(format!("{}: optimizer state `{key}` has the wrong size", dir.display()));
             }

@@ -164,11 +164,6 @@ fn d_comm() -> ComponentTable {
     t
 }
 
-/// 1-based line of byte offset `at` in `text`.
-pub fn line_of(text: &str, at: usize) -> usize {
-    text[..at.min(text.len())].matches('\n').count() + 1
-}
-
 impl Config {
     /// Load a config file (or the built-in quickstart when `path` is None) and apply
     /// `--set key.path=value` overrides.
@@ -185,9 +180,9 @@ impl Config {
 
     pub fn parse(file: &str, text: &str, overrides: &[String]) -> Result<Config, String> {
         let text = apply_overrides(file, text, overrides)?;
-        let mut cfg: Config = toml::from_str(&text).map_err(|e| {
-            let at = e.span().map(|s| format!(":{}", line_of(&text, s.start))).unwrap_or_default();
-            format!("{file}{at}: {}", e.message().trim())
+        let mut cfg: Config = toml::from_str(&text).map_err(|e| match pith_plugin_api::toml_error(&text, &e) {
+            (Some(line), msg) => format!("{file}:{line}: {msg}"),
+            (None, msg) => format!("{file}: {msg}"),
         })?;
         cfg.source = Source { file: file.to_string(), text };
         cfg.validate()?;
@@ -199,14 +194,34 @@ impl Config {
         let m = &self.model;
         let t = &self.train;
         let checks: [(&str, &str, bool, String); 8] = [
-            ("model", "heads", m.heads == 0 || !m.heads.is_multiple_of(m.kv_heads.max(1)), format!("heads ({}) must be a positive multiple of kv_heads ({})", m.heads, m.kv_heads)),
-            ("model", "head_dim", !m.head_dim.is_multiple_of(2) || m.head_dim == 0, format!("head_dim ({}) must be even and positive (RoPE rotates pairs)", m.head_dim)),
+            (
+                "model",
+                "heads",
+                m.heads == 0 || !m.heads.is_multiple_of(m.kv_heads.max(1)),
+                format!("heads ({}) must be a positive multiple of kv_heads ({})", m.heads, m.kv_heads),
+            ),
+            (
+                "model",
+                "head_dim",
+                !m.head_dim.is_multiple_of(2) || m.head_dim == 0,
+                format!("head_dim ({}) must be even and positive (RoPE rotates pairs)", m.head_dim),
+            ),
             ("model", "experts", m.experts == 0, "experts must be at least 1".into()),
             ("model", "seq_len", m.seq_len < 2, "seq_len must be at least 2".into()),
             ("train", "micro_batch", t.micro_batch == 0, "micro_batch must be at least 1".into()),
             ("train", "grad_accum", t.grad_accum == 0, "grad_accum must be at least 1".into()),
-            ("train", "schedule", !["cosine", "wsd", "constant"].contains(&t.schedule.as_str()), format!("schedule `{}` is not one of: cosine, wsd, constant", t.schedule)),
-            ("train", "device", !["cpu", "cuda"].contains(&t.device.as_str()), format!("device `{}` is not one of: cpu, cuda", t.device)),
+            (
+                "train",
+                "schedule",
+                !["cosine", "wsd", "constant"].contains(&t.schedule.as_str()),
+                format!("schedule `{}` is not one of: cosine, wsd, constant", t.schedule),
+            ),
+            (
+                "train",
+                "device",
+                !["cpu", "cuda"].contains(&t.device.as_str()),
+                format!("device `{}` is not one of: cpu, cuda", t.device),
+            ),
         ];
         for (table, key, bad, msg) in checks {
             if bad {
@@ -290,10 +305,7 @@ fn apply_overrides(file: &str, text: &str, overrides: &[String]) -> Result<Strin
         let (path, value) = o
             .split_once('=')
             .ok_or_else(|| format!("--set {o}: expected key.path=value, e.g. --set train.steps=10"))?;
-        let value: toml_edit::Value = value
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| toml_edit::Value::from(value.trim()));
+        let value: toml_edit::Value = value.trim().parse().unwrap_or_else(|_| toml_edit::Value::from(value.trim()));
         let keys: Vec<&str> = path.trim().split('.').collect();
         let (last, parents) = keys.split_last().ok_or_else(|| format!("--set {o}: empty key"))?;
         let mut item = doc.as_item_mut();

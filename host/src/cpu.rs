@@ -16,10 +16,17 @@ pub struct CpuOps {
     metrics: Mutex<BTreeMap<String, (f64, u32)>>,
 }
 
-/// A CPU tensor view of a host slice (the slice must outlive every use of the view).
+/// A CPU tensor view of a host slice that components only read (the slice must outlive
+/// every use of the view).
 pub fn view(data: &[f32], shape: &[usize]) -> Tensor {
     assert_eq!(data.len(), shape.iter().product::<usize>(), "view shape {shape:?}");
     Tensor::new(data.as_ptr() as u64, DType::F32, Device::Cpu, shape)
+}
+
+/// A CPU tensor view that components may write (outputs, gradients, optimizer state).
+pub fn view_mut(data: &mut [f32], shape: &[usize]) -> Tensor {
+    assert_eq!(data.len(), shape.iter().product::<usize>(), "view shape {shape:?}");
+    Tensor::new(data.as_mut_ptr() as u64, DType::F32, Device::Cpu, shape)
 }
 
 /// A CPU i32 tensor view of a host slice.
@@ -105,7 +112,16 @@ impl CpuOps {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn gemm_impl(&self, a: Tensor, b: Tensor, c: Tensor, ta: bool, tb: bool, alpha: f32, beta: f32) -> Result<(), String> {
+    fn gemm_impl(
+        &self,
+        a: Tensor,
+        b: Tensor,
+        c: Tensor,
+        ta: bool,
+        tb: bool,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<(), String> {
         check(&a, 2, "gemm a")?;
         check(&b, 2, "gemm b")?;
         check(&c, 2, "gemm c")?;
@@ -118,7 +134,15 @@ impl CpuOps {
         Ok(())
     }
 
-    fn grouped_impl(&self, x: Tensor, w: Tensor, y: Tensor, offsets: Tensor, trans_w: bool, acc: bool) -> Result<(), String> {
+    fn grouped_impl(
+        &self,
+        x: Tensor,
+        w: Tensor,
+        y: Tensor,
+        offsets: Tensor,
+        trans_w: bool,
+        acc: bool,
+    ) -> Result<(), String> {
         check(&x, 2, "grouped gemm x")?;
         check(&w, 3, "grouped gemm w")?;
         check(&y, 2, "grouped gemm y")?;
@@ -152,7 +176,12 @@ impl CpuOps {
         check(&dw, 3, "grouped wgrad dw")?;
         let (g, kk, nn) = (dw.dim(0), dw.dim(1), dw.dim(2));
         if x.dim(1) != kk || dy.dim(1) != nn || x.dim(0) != dy.dim(0) {
-            return Err(format!("grouped wgrad: shapes {:?}, {:?} -> {:?} do not match", x.dims(), dy.dims(), dw.dims()));
+            return Err(format!(
+                "grouped wgrad: shapes {:?}, {:?} -> {:?} do not match",
+                x.dims(),
+                dy.dims(),
+                dw.dims()
+            ));
         }
         let off = offsets_of(&offsets, g, x.dim(0))?;
         let (xs, dys, dws) = (x.f32s(), dy.f32s(), dw.f32s());
@@ -192,7 +221,15 @@ impl Ops for CpuOps {
     fn gemm(&self, a: Tensor, b: Tensor, c: Tensor, ta: bool, tb: bool, alpha: f32, beta: f32) -> RResult<(), RString> {
         self.gemm_impl(a, b, c, ta, tb, alpha, beta).map_err(RString::from).into()
     }
-    fn grouped_gemm(&self, x: Tensor, w: Tensor, y: Tensor, offsets: Tensor, trans_w: bool, acc: bool) -> RResult<(), RString> {
+    fn grouped_gemm(
+        &self,
+        x: Tensor,
+        w: Tensor,
+        y: Tensor,
+        offsets: Tensor,
+        trans_w: bool,
+        acc: bool,
+    ) -> RResult<(), RString> {
         self.grouped_impl(x, w, y, offsets, trans_w, acc).map_err(RString::from).into()
     }
     fn grouped_gemm_wgrad(&self, x: Tensor, dy: Tensor, dw: Tensor, offsets: Tensor) -> RResult<(), RString> {
@@ -247,10 +284,19 @@ mod tests {
         let w: Vec<f32> = (0..g * kk * nn).map(|i| (i as f32 * 0.9).cos()).collect();
         let off = [0, 2, 2, 6];
         let mut y = vec![0.0; rows * nn];
-        let (tx, tw, ty, to) = (view(&x, &[rows, kk]), view(&w, &[g, kk, nn]), view(&y, &[rows, nn]), view_i32(&off, &[g + 1]));
+        let (tx, tw, ty, to) =
+            (view(&x, &[rows, kk]), view(&w, &[g, kk, nn]), view(&y, &[rows, nn]), view_i32(&off, &[g + 1]));
         ops.grouped_gemm(tx, tw, ty, to, false, false).unwrap();
         for e in 0..g {
-            let r = naive(off[e + 1] as usize - off[e] as usize, kk, nn, &x[off[e] as usize * kk..off[e + 1] as usize * kk], false, &w[e * kk * nn..(e + 1) * kk * nn], false);
+            let r = naive(
+                off[e + 1] as usize - off[e] as usize,
+                kk,
+                nn,
+                &x[off[e] as usize * kk..off[e + 1] as usize * kk],
+                false,
+                &w[e * kk * nn..(e + 1) * kk * nn],
+                false,
+            );
             assert_eq!(r.len(), (off[e + 1] - off[e]) as usize * nn);
             for (i, v) in r.iter().enumerate() {
                 assert!((y[off[e] as usize * nn + i] - v).abs() < 1e-5);

@@ -64,8 +64,7 @@ impl Chain {
                     k += 1;
                 }
             }
-            let w: [f64; SUCCESSORS] =
-                std::array::from_fn(|_| (SPREAD * rng.normal() as f64).exp());
+            let w: [f64; SUCCESSORS] = std::array::from_fn(|_| (SPREAD * rng.normal() as f64).exp());
             let total: f64 = w.iter().sum();
             next.push(succ);
             prob.push(w.map(|x| x / total));
@@ -95,22 +94,13 @@ impl Chain {
         for i in 1..n {
             pi_cum[i] += pi_cum[i - 1];
         }
-        Chain {
-            start,
-            next,
-            prob,
-            pi,
-            pi_cum,
-        }
+        Chain { start, next, prob, pi, pi_cum }
     }
 }
 
 /// Entropy in nats of a distribution.
 fn entropy(p: &[f64]) -> f64 {
-    -p.iter()
-        .filter(|&&x| x > 0.0)
-        .map(|x| x * x.ln())
-        .sum::<f64>()
+    -p.iter().filter(|&&x| x > 0.0).map(|x| x * x.ln()).sum::<f64>()
 }
 
 /// Uniform f64 in [0, 1) with 53 random bits.
@@ -139,9 +129,8 @@ impl Synthetic {
     pub fn new(vocab: usize, seed: u64) -> Synthetic {
         assert!(vocab >= 64, "the synthetic corpus needs vocab >= 64");
         let mut rng = Rng::for_name(seed, "data/synthetic/chains");
-        let chains: Vec<Chain> = (0..SOURCES)
-            .map(|s| Chain::new(&mut rng, s * vocab / SOURCES, 3 * vocab / 8))
-            .collect();
+        let chains: Vec<Chain> =
+            (0..SOURCES).map(|s| Chain::new(&mut rng, s * vocab / SOURCES, 3 * vocab / 8)).collect();
         let w = 1.0 / SOURCES as f64;
         let mut marginal = vec![0.0; vocab];
         let (mut floor, mut h_given_source) = (0.0, 0.0);
@@ -155,13 +144,7 @@ impl Synthetic {
         let unigram = entropy(&marginal);
         // H(S | X0) = H(S) + H(X0 | S) - H(X0).
         let source_cost = (SOURCES as f64).ln() + h_given_source - unigram;
-        Synthetic {
-            vocab,
-            chains,
-            unigram,
-            floor,
-            source_cost,
-        }
+        Synthetic { vocab, chains, unigram, floor, source_cost }
     }
 
     /// Entropy in nats of the marginal token distribution: the loss of the best model that
@@ -286,12 +269,7 @@ impl Shard {
             return Err(format!("{name}: {what}: {msg}"));
         }
         let (path, len) = (path.to_path_buf(), count as usize);
-        Ok(Shard {
-            path,
-            map,
-            width,
-            len,
-        })
+        Ok(Shard { path, map, width, len })
     }
 
     /// Number of tokens.
@@ -359,11 +337,7 @@ impl ShardSet {
             total += shard.len() as u64;
             shards.push(shard);
         }
-        Ok(ShardSet {
-            shards,
-            starts,
-            total,
-        })
+        Ok(ShardSet { shards, starts, total })
     }
 
     /// Append `n` tokens from stream offset `at` (modulo the total) to `out`, wrapping around.
@@ -406,12 +380,7 @@ impl Dataset {
     /// source is `synthetic`, a shard file, a directory (its `train_*.bin` / `val_*.bin` for
     /// that split when present, else every `*.bin`) or a glob in the file name
     /// (`dir/train_*.bin`). A token id ≥ `vocab` in a shard is an error naming the file.
-    pub fn open(
-        cfg: &DataConfig,
-        vocab: usize,
-        seed: u64,
-        split: Split,
-    ) -> Result<Dataset, String> {
+    pub fn open(cfg: &DataConfig, vocab: usize, seed: u64, split: Split) -> Result<Dataset, String> {
         let files = match (split, &cfg.val) {
             (Split::Val, Some(val)) => resolve(val, split)?,
             _ if cfg.source == "synthetic" => {
@@ -422,29 +391,19 @@ impl Dataset {
                 let stream = Rng::for_name(seed, name).next_u64();
                 let corpus = Synthetic::new(vocab, seed);
                 let source = Source::Synthetic { corpus, stream };
-                return Ok(Dataset {
-                    source,
-                    position: 0,
-                });
+                return Ok(Dataset { source, position: 0 });
             }
             (Split::Train, _) => resolve(&cfg.source, split)?,
             (Split::Val, None) => default_val(&cfg.source)?,
         };
         let source = Source::Shards(ShardSet::open(&files, vocab)?);
-        Ok(Dataset {
-            source,
-            position: 0,
-        })
+        Ok(Dataset { source, position: 0 })
     }
 
     /// The next `batch` windows of `seq_len + 1` tokens, as row-major `batch × seq_len` inputs
     /// and targets (the same window shifted by one). Shard windows start `seq_len` apart, so
     /// every token is a target once per pass; shards shorter than one window are an error.
-    pub fn next_batch(
-        &mut self,
-        batch: usize,
-        seq_len: usize,
-    ) -> Result<(Vec<u32>, Vec<u32>), String> {
+    pub fn next_batch(&mut self, batch: usize, seq_len: usize) -> Result<(Vec<u32>, Vec<u32>), String> {
         let mut tokens = Vec::with_capacity(batch * seq_len);
         let mut targets = Vec::with_capacity(batch * seq_len);
         let mut window = Vec::with_capacity(seq_len + 1);
@@ -685,15 +644,7 @@ pub fn prepare(
     }
     let tokens = [train.len() as u64, val.len() as u64];
     let out_dir = out_dir.to_path_buf();
-    Ok(PrepareSummary {
-        out_dir,
-        tokenizer,
-        vocab,
-        separator,
-        documents,
-        tokens,
-        shards,
-    })
+    Ok(PrepareSummary { out_dir, tokenizer, vocab, separator, documents, tokens, shards })
 }
 
 /// A tokenizer.json, its vocabulary size and its separator token, if any.
@@ -739,18 +690,12 @@ fn tokenize(
 
 /// The [train, val] document counts and token streams: whole documents, evenly spaced, go to
 /// val; a single document is split, its last `val_fraction` of tokens going to val.
-fn split_documents(
-    mut encoded: Vec<Vec<u32>>,
-    val_fraction: f64,
-) -> Result<([usize; 2], [Vec<u32>; 2]), String> {
+fn split_documents(mut encoded: Vec<Vec<u32>>, val_fraction: f64) -> Result<([usize; 2], [Vec<u32>; 2]), String> {
     let n = encoded.len();
     if n == 1 {
         let mut train = encoded.pop().unwrap_or_default();
         if train.len() < 4 {
-            return Err(format!(
-                "only {} tokens of text: too few to split",
-                train.len()
-            ));
+            return Err(format!("only {} tokens of text: too few to split", train.len()));
         }
         let k = (val_fraction * train.len() as f64).round() as usize;
         let val = train.split_off(train.len() - k.clamp(2, train.len() - 2));
@@ -774,10 +719,7 @@ fn collect_inputs(path: &Path, explicit: bool, out: &mut Vec<PathBuf>) -> Result
         return Ok(());
     }
     let name = path.display();
-    let text = matches!(
-        path.extension().and_then(|e| e.to_str()),
-        Some("txt" | "jsonl")
-    );
+    let text = matches!(path.extension().and_then(|e| e.to_str()), Some("txt" | "jsonl"));
     match (text, explicit) {
         (true, _) if path.is_file() => out.push(path.to_path_buf()),
         (_, true) if !path.exists() => return Err(format!("{name}: no such file or directory")),
@@ -788,11 +730,7 @@ fn collect_inputs(path: &Path, explicit: bool, out: &mut Vec<PathBuf>) -> Result
 }
 
 /// Append the non-empty documents of one input file to `docs`, each with where it came from.
-fn read_documents(
-    path: &Path,
-    field: &str,
-    docs: &mut Vec<(String, String)>,
-) -> Result<(), String> {
+fn read_documents(path: &Path, field: &str, docs: &mut Vec<(String, String)>) -> Result<(), String> {
     let name = path.display();
     let text = fs::read_to_string(path).map_err(|e| format!("{name}: cannot read: {e}"))?;
     if path.extension().is_some_and(|e| e == "txt") {
@@ -806,8 +744,7 @@ fn read_documents(
         if line.trim().is_empty() {
             continue;
         }
-        let value: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| format!("{at}: invalid JSON: {e}"))?;
+        let value: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("{at}: invalid JSON: {e}"))?;
         match value.get(field) {
             Some(serde_json::Value::String(s)) if s.is_empty() => {}
             Some(serde_json::Value::String(s)) => docs.push((at, s.clone())),
@@ -819,10 +756,7 @@ fn read_documents(
 
 /// The bytes of byte-level tokens (ids above 255 are not bytes and become `?`).
 pub fn decode_bytes(tokens: &[u32]) -> Vec<u8> {
-    tokens
-        .iter()
-        .map(|&t| u8::try_from(t).unwrap_or(b'?'))
-        .collect()
+    tokens.iter().map(|&t| u8::try_from(t).unwrap_or(b'?')).collect()
 }
 
 #[cfg(test)]
@@ -836,8 +770,7 @@ mod tests {
         fn new(tag: &str) -> TempDir {
             static N: AtomicUsize = AtomicUsize::new(0);
             let n = N.fetch_add(1, Ordering::Relaxed);
-            let dir =
-                std::env::temp_dir().join(format!("pith-data-{tag}-{}-{n}", std::process::id()));
+            let dir = std::env::temp_dir().join(format!("pith-data-{tag}-{}-{n}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();
             TempDir(dir)
         }
@@ -859,12 +792,7 @@ mod tests {
     }
 
     /// `prepare` with the byte tokenizer and a val fraction of 0.1.
-    fn prepare_bytes(
-        input: &Path,
-        out: &Path,
-        field: &str,
-        shard: usize,
-    ) -> Result<PrepareSummary, String> {
+    fn prepare_bytes(input: &Path, out: &Path, field: &str, shard: usize) -> Result<PrepareSummary, String> {
         prepare(&[input.to_path_buf()], out, None, field, 0.1, shard)
     }
 
@@ -874,11 +802,7 @@ mod tests {
         let open = |split| Dataset::open(&cfg, 256, 1, split).unwrap();
         let (mut a, mut b, mut val) = (open(Split::Train), open(Split::Train), open(Split::Val));
         assert_eq!(a.next_batch(4, 64).unwrap(), b.next_batch(4, 64).unwrap());
-        assert_ne!(
-            a.next_batch(4, 64).unwrap(),
-            val.next_batch(4, 64).unwrap(),
-            "val must be a different stream"
-        );
+        assert_ne!(a.next_batch(4, 64).unwrap(), val.next_batch(4, 64).unwrap(), "val must be a different stream");
         // Empirical unigram entropy over ~200k tokens.
         let mut counts = vec![0u64; 256];
         for _ in 0..50 {
@@ -904,33 +828,20 @@ mod tests {
         let (s, t) = (Synthetic::new(256, 1), 64);
         let mut rng = Rng::new(5);
         let (mut loss, mut count) = (0.0, 0);
-        let local = |c: &Chain, x: u32| {
-            Some((x as usize + 256 - c.start) % 256).filter(|&i| i < c.pi.len())
-        };
+        let local = |c: &Chain, x: u32| Some((x as usize + 256 - c.start) % 256).filter(|&i| i < c.pi.len());
         for _ in 0..2000 {
             let mut seq = Vec::new();
             s.sample(&mut rng, t + 1, &mut seq);
-            let mut post: Vec<f64> = s
-                .chains
-                .iter()
-                .map(|c| local(c, seq[0]).map_or(0.0, |i| c.pi[i]))
-                .collect();
+            let mut post: Vec<f64> = s.chains.iter().map(|c| local(c, seq[0]).map_or(0.0, |i| c.pi[i])).collect();
             for w in seq.windows(2) {
-                let step = s
-                    .chains
-                    .iter()
-                    .map(|c| match (local(c, w[0]), local(c, w[1])) {
-                        (Some(i), Some(j)) => (0..SUCCESSORS)
-                            .filter(|&k| c.next[i][k] as usize == j)
-                            .map(|k| c.prob[i][k])
-                            .sum(),
-                        _ => 0.0,
-                    });
+                let step = s.chains.iter().map(|c| match (local(c, w[0]), local(c, w[1])) {
+                    (Some(i), Some(j)) => {
+                        (0..SUCCESSORS).filter(|&k| c.next[i][k] as usize == j).map(|k| c.prob[i][k]).sum()
+                    }
+                    _ => 0.0,
+                });
                 let step: Vec<f64> = step.collect();
-                let (z, p): (f64, f64) = (
-                    post.iter().sum(),
-                    post.iter().zip(&step).map(|(a, b)| a * b).sum(),
-                );
+                let (z, p): (f64, f64) = (post.iter().sum(), post.iter().zip(&step).map(|(a, b)| a * b).sum());
                 loss -= (p / z).ln();
                 count += 1;
                 post.iter_mut().zip(&step).for_each(|(a, b)| *a *= b / p);
@@ -938,10 +849,7 @@ mod tests {
         }
         let (mean, floor) = (loss / count as f64, s.entropy_floor());
         let top = floor + s.source_id_cost() / t as f64;
-        assert!(
-            mean > floor - 0.01 && mean < top + 0.01,
-            "Bayes loss {mean}, floor {floor}, bound {top}"
-        );
+        assert!(mean > floor - 0.01 && mean < top + 0.01, "Bayes loss {mean}, floor {floor}, bound {top}");
     }
 
     #[test]
@@ -957,9 +865,7 @@ mod tests {
         assert_eq!(std::fs::metadata(&small).unwrap().len(), 1024 + 2000);
         let b = Shard::open(&big).unwrap();
         assert_eq!((0..b.len()).map(|i| b.get(i)).collect::<Vec<_>>(), wide);
-        assert!(write_shard(&small, &[256], 256)
-            .unwrap_err()
-            .contains("not below vocab"));
+        assert!(write_shard(&small, &[256], 256).unwrap_err().contains("not below vocab"));
 
         let bytes = std::fs::read(&small).unwrap();
         let corrupt = |edit: &dyn Fn(&mut Vec<u8>), want: &str| {
@@ -967,13 +873,8 @@ mod tests {
             let mut b = bytes.clone();
             edit(&mut b);
             std::fs::write(&path, &b).unwrap();
-            let err = Shard::open(&path)
-                .err()
-                .expect("corrupt shard must not open");
-            assert!(
-                err.contains("bad.bin") && err.contains(want) && !err.contains('\n'),
-                "{err}"
-            );
+            let err = Shard::open(&path).err().expect("corrupt shard must not open");
+            assert!(err.contains("bad.bin") && err.contains(want) && !err.contains('\n'), "{err}");
         };
         corrupt(&|b| b[0] ^= 1, "magic");
         corrupt(&|b| b[4] = 7, "unknown shard version 7");
@@ -1004,24 +905,14 @@ mod tests {
             assert_eq!(v.next_batch(1, 3).unwrap(), (vec![1, 2, 3], vec![2, 3, 4]));
         }
         let err = open_shards(&dir.0, 100, Split::Train).err().unwrap();
-        assert!(
-            err.contains("train_000001.bin") && err.contains("token id 100 at index 0"),
-            "{err}"
-        );
+        assert!(err.contains("train_000001.bin") && err.contains("token id 100 at index 0"), "{err}");
         let single = format!("{root}/val_000000.bin");
-        let err = open_shards(Path::new(&single), 256, Split::Val)
-            .err()
-            .unwrap();
+        let err = open_shards(Path::new(&single), 256, Split::Val).err().unwrap();
         assert!(err.contains("no held-out data"), "{err}");
         let mut v = Dataset::open(&data(&root, Some(&single)), 256, 1, Split::Val).unwrap();
         let err = v.next_batch(1, 4).unwrap_err();
-        assert!(
-            err.contains("val_000000.bin") && err.contains("4 tokens"),
-            "{err}"
-        );
-        let err = open_shards(&dir.0.join("nope_*.bin"), 256, Split::Train)
-            .err()
-            .unwrap();
+        assert!(err.contains("val_000000.bin") && err.contains("4 tokens"), "{err}");
+        let err = open_shards(&dir.0.join("nope_*.bin"), 256, Split::Train).err().unwrap();
         assert!(err.contains("no .bin token shards found"), "{err}");
     }
 
@@ -1034,10 +925,7 @@ mod tests {
         let want = [a.next_batch(3, 16).unwrap(), a.next_batch(3, 16).unwrap()];
         let mut b = Dataset::open(&cfg, 256, 9, Split::Train).unwrap();
         b.set_position(at);
-        assert_eq!(
-            [b.next_batch(3, 16).unwrap(), b.next_batch(3, 16).unwrap()],
-            want
-        );
+        assert_eq!([b.next_batch(3, 16).unwrap(), b.next_batch(3, 16).unwrap()], want);
     }
 
     fn read_split(dir: &Path, split: &str) -> Vec<u32> {
@@ -1058,35 +946,23 @@ mod tests {
         std::fs::write(dir.0.join("a.txt"), &text).unwrap();
         let out = dir.0.join("out");
         let s = prepare_bytes(&dir.0.join("a.txt"), &out, "text", 1000).unwrap();
-        assert_eq!(
-            (s.vocab, s.tokens, s.shards, s.separator),
-            (256, [1935, 215], [2, 1], None)
-        );
+        assert_eq!((s.vocab, s.tokens, s.shards, s.separator), (256, [1935, 215], [2, 1], None));
         let mut all = decode_bytes(&read_split(&out, "train_"));
         all.extend(decode_bytes(&read_split(&out, "val_")));
         assert_eq!(all, text.as_bytes());
         let meta: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("meta.json")).unwrap()).unwrap();
-        assert_eq!(
-            (meta["tokenizer"].as_str(), meta["vocab"].as_u64()),
-            (Some("bytes"), Some(256))
-        );
+        assert_eq!((meta["tokenizer"].as_str(), meta["vocab"].as_u64()), (Some("bytes"), Some(256)));
         let err = prepare_bytes(&dir.0.join("a.txt"), &out, "text", 1000).unwrap_err();
         assert!(err.contains("not empty"), "{err}");
-        let names: Vec<String> = list(&dir.0, false)
-            .unwrap()
-            .iter()
-            .map(|f| file_name(f))
-            .collect();
+        let names: Vec<String> = list(&dir.0, false).unwrap().iter().map(|f| file_name(f)).collect();
         assert_eq!(names, ["a.txt", "out"], "no temp files left behind");
     }
 
     #[test]
     fn prepare_jsonl_splits_documents_and_names_a_bad_line() {
         let dir = TempDir::new("jsonl");
-        let lines: Vec<String> = (0..20)
-            .map(|i| format!("{{\"text\": \"doc {i}.\", \"id\": {i}}}"))
-            .collect();
+        let lines: Vec<String> = (0..20).map(|i| format!("{{\"text\": \"doc {i}.\", \"id\": {i}}}")).collect();
         std::fs::write(dir.0.join("good.jsonl"), lines.join("\n")).unwrap();
         let s = prepare_bytes(&dir.0, &dir.0.join("out"), "text", 1 << 20).unwrap();
         assert_eq!(s.documents, [18, 2]);
@@ -1099,19 +975,13 @@ mod tests {
         assert!(err.contains("bad.jsonl:2: invalid JSON"), "{err}");
         let err = prepare_bytes(&dir.0.join("good.jsonl"), &dir.0.join("out2"), "body", 100);
         let err = err.unwrap_err();
-        assert!(
-            err.contains("good.jsonl:1: no string field `body`"),
-            "{err}"
-        );
+        assert!(err.contains("good.jsonl:1: no string field `body`"), "{err}");
         assert!(!dir.0.join("out2").exists());
     }
 
     #[test]
     fn prepare_tinyshakespeare_with_bytes() {
-        let path = Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/data/tinyshakespeare.txt"
-        ));
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/tinyshakespeare.txt"));
         if !path.exists() {
             println!("skip: {} not found", path.display());
             return;
@@ -1126,20 +996,11 @@ mod tests {
 
     #[test]
     fn prepare_with_a_hugging_face_tokenizer() {
-        use tokenizers::{
-            models::wordlevel::WordLevel, pre_tokenizers::whitespace::Whitespace, AddedToken,
-        };
+        use tokenizers::{models::wordlevel::WordLevel, pre_tokenizers::whitespace::Whitespace, AddedToken};
         let dir = TempDir::new("hf");
         let words = ["[UNK]", "the", "cat", "sat", "on", "mat", "."];
-        let vocab = words
-            .iter()
-            .enumerate()
-            .map(|(i, w)| (w.to_string(), i as u32));
-        let model = WordLevel::builder()
-            .vocab(vocab.collect())
-            .unk_token("[UNK]".into())
-            .build()
-            .unwrap();
+        let vocab = words.iter().enumerate().map(|(i, w)| (w.to_string(), i as u32));
+        let model = WordLevel::builder().vocab(vocab.collect()).unk_token("[UNK]".into()).build().unwrap();
         let mut tok = tokenizers::Tokenizer::new(model);
         tok.with_pre_tokenizer(Some(Whitespace));
         tok.add_special_tokens(&[AddedToken::from("</s>", true)]);
@@ -1149,18 +1010,12 @@ mod tests {
         std::fs::write(dir.0.join("a.txt"), &text).unwrap();
         let out = dir.0.join("out");
         let s = prepare(&[dir.0.join("a.txt")], &out, Some(&json), "text", 0.2, 16).unwrap();
-        assert_eq!(
-            (s.vocab, s.separator, s.tokens[0] + s.tokens[1]),
-            (8, Some(7), 71)
-        );
+        assert_eq!((s.vocab, s.separator, s.tokens[0] + s.tokens[1]), (8, Some(7), 71));
         let mut ids = read_split(&out, "train_");
         ids.extend(read_split(&out, "val_"));
         assert_eq!(ids[0], 7, "the separator starts the document");
         assert_eq!(tok.decode(&ids, true).unwrap(), text.trim_end());
         assert!(open_shards(&out, 8, Split::Train).is_ok());
-        assert!(
-            open_shards(&out, 7, Split::Train).is_err(),
-            "id 7 is not below vocab 7"
-        );
+        assert!(open_shards(&out, 7, Split::Train).is_err(), "id 7 is not below vocab 7");
     }
 }

@@ -64,27 +64,17 @@ fn add_row_sums(out: &mut [f32], rows: usize, f: impl Fn(usize, &mut [f32]) + Sy
 /// (saved for backward).
 pub fn rmsnorm_fwd(x: &[f32], w: &[f32], eps: f32, y: &mut [f32], rstd: &mut [f32]) {
     let c = w.len();
-    let rows = y
-        .par_chunks_mut(c)
-        .zip(x.par_chunks(c))
-        .zip(rstd.par_iter_mut());
+    let rows = y.par_chunks_mut(c).zip(x.par_chunks(c)).zip(rstd.par_iter_mut());
     rows.for_each(|((y, x), r)| {
         *r = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / c as f32 + eps).sqrt();
-        y.iter_mut()
-            .zip(x)
-            .zip(w)
-            .for_each(|((y, x), w)| *y = x * *r * w);
+        y.iter_mut().zip(x).zip(w).for_each(|((y, x), w)| *y = x * *r * w);
     });
 }
 
 /// RMSNorm backward: WRITE dx [N,C], ACCUMULATE dw [C] (x, rstd as in forward).
 pub fn rmsnorm_bwd(x: &[f32], w: &[f32], rstd: &[f32], dy: &[f32], dx: &mut [f32], dw: &mut [f32]) {
     let c = w.len();
-    let rows = dx
-        .par_chunks_mut(c)
-        .zip(x.par_chunks(c))
-        .zip(dy.par_chunks(c))
-        .zip(rstd);
+    let rows = dx.par_chunks_mut(c).zip(x.par_chunks(c)).zip(dy.par_chunks(c)).zip(rstd);
     rows.for_each(|(((dx, x), dy), &r)| {
         let dot: f32 = (0..c).map(|j| dy[j] * w[j] * x[j]).sum::<f32>() * r * r / c as f32;
         (0..c).for_each(|j| dx[j] = r * (w[j] * dy[j] - x[j] * dot));
@@ -107,18 +97,10 @@ pub struct Rope {
 impl Rope {
     pub fn new(seq_len: usize, head_dim: usize, theta: f32) -> Rope {
         let half = head_dim / 2;
-        let angle =
-            |t: usize, i: usize| t as f64 * (theta as f64).powf(-2.0 * i as f64 / head_dim as f64);
-        let table = |f: fn(f64) -> f64| {
-            (0..seq_len)
-                .flat_map(|t| (0..half).map(move |i| f(angle(t, i)) as f32))
-                .collect()
-        };
-        Rope {
-            cos: table(f64::cos),
-            sin: table(f64::sin),
-            half,
-        }
+        let angle = |t: usize, i: usize| t as f64 * (theta as f64).powf(-2.0 * i as f64 / head_dim as f64);
+        let table =
+            |f: fn(f64) -> f64| (0..seq_len).flat_map(|t| (0..half).map(move |i| f(angle(t, i)) as f32)).collect();
+        Rope { cos: table(f64::cos), sin: table(f64::sin), half }
     }
     /// x [B,T,H,D] in place (T ≤ the table's seq_len).
     pub fn forward(&self, x: &mut [f32], t: usize, heads: usize) {
@@ -130,22 +112,17 @@ impl Rope {
     }
     fn rotate(&self, x: &mut [f32], t: usize, heads: usize, sign: f32) {
         let (half, d) = (self.half, 2 * self.half);
-        x.par_chunks_mut(heads * d)
-            .enumerate()
-            .for_each(|(row, x)| {
-                let (cos, sin) = (
-                    &self.cos[(row % t) * half..][..half],
-                    &self.sin[(row % t) * half..][..half],
-                );
-                for head in x.chunks_mut(d) {
-                    let (a, b) = head.split_at_mut(half);
-                    for i in 0..half {
-                        let (x1, x2, s) = (a[i], b[i], sign * sin[i]);
-                        a[i] = x1 * cos[i] - x2 * s;
-                        b[i] = x2 * cos[i] + x1 * s;
-                    }
+        x.par_chunks_mut(heads * d).enumerate().for_each(|(row, x)| {
+            let (cos, sin) = (&self.cos[(row % t) * half..][..half], &self.sin[(row % t) * half..][..half]);
+            for head in x.chunks_mut(d) {
+                let (a, b) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (x1, x2, s) = (a[i], b[i], sign * sin[i]);
+                    a[i] = x1 * cos[i] - x2 * s;
+                    b[i] = x2 * cos[i] + x1 * s;
                 }
-            });
+            }
+        });
     }
 }
 
@@ -176,13 +153,7 @@ fn scatter(x: &mut [f32], src: &[f32], b: usize, h: usize, heads: usize, (t, d):
 
 /// Causal probabilities p [T,T] of one head: softmax over j ≤ i of scale·q_i·k_j, zero above the
 /// diagonal. With `lse` = None, computes each row's logsumexp into `lse_out`; otherwise reuses it.
-fn probs(
-    q: &[f32],
-    k: &[f32],
-    (t, d): (usize, usize),
-    lse: Option<&[f32]>,
-    lse_out: &mut [f32],
-) -> Vec<f32> {
+fn probs(q: &[f32], k: &[f32], (t, d): (usize, usize), lse: Option<&[f32]>, lse_out: &mut [f32]) -> Vec<f32> {
     let (mut p, scale) = (vec![0.0; t * t], 1.0 / (d as f32).sqrt());
     sgemm(t, d, t, scale, q, false, k, true, 0.0, &mut p);
     for (i, row) in p.chunks_mut(t).enumerate() {
@@ -194,9 +165,7 @@ fn probs(
             }
         };
         lse_out[i] = l;
-        row.iter_mut()
-            .enumerate()
-            .for_each(|(j, v)| *v = if j <= i { (*v - l).exp() } else { 0.0 });
+        row.iter_mut().enumerate().for_each(|(j, v)| *v = if j <= i { (*v - l).exp() } else { 0.0 });
     }
     p
 }
@@ -244,16 +213,10 @@ pub fn attention_bwd(
         .into_par_iter()
         .map(|bk| {
             let (b, kvh) = (bk / a.hkv, bk % a.hkv);
-            let (kh, vh) = (
-                gather(k, b, kvh, a.hkv, (t, d)),
-                gather(v, b, kvh, a.hkv, (t, d)),
-            );
+            let (kh, vh) = (gather(k, b, kvh, a.hkv, (t, d)), gather(v, b, kvh, a.hkv, (t, d)));
             let (mut dkh, mut dvh, mut dqs) = (vec![0.0; t * d], vec![0.0; t * d], Vec::new());
             for h in kvh * g..(kvh + 1) * g {
-                let (qh, oh) = (
-                    gather(q, b, h, a.hq, (t, d)),
-                    gather(out, b, h, a.hq, (t, d)),
-                );
+                let (qh, oh) = (gather(q, b, h, a.hq, (t, d)), gather(out, b, h, a.hq, (t, d)));
                 let doh = gather(dout, b, h, a.hq, (t, d));
                 let (lse, mut scratch) = (&lse[(b * a.hq + h) * t..][..t], vec![0.0; t]);
                 let p = probs(&qh, &kh, (t, d), Some(lse), &mut scratch);
@@ -296,12 +259,7 @@ pub fn swiglu_fwd(g: &[f32], u: &[f32], a: &mut [f32]) {
 
 /// SwiGLU backward: WRITE dg = da·u·σ(g)(1 + g(1−σ(g))), du = da·silu(g).
 pub fn swiglu_bwd(g: &[f32], u: &[f32], da: &[f32], dg: &mut [f32], du: &mut [f32]) {
-    let it = dg
-        .par_iter_mut()
-        .zip(du.par_iter_mut())
-        .zip(g)
-        .zip(u)
-        .zip(da);
+    let it = dg.par_iter_mut().zip(du.par_iter_mut()).zip(g).zip(u).zip(da);
     it.for_each(|((((dg, du), &g), &u), &da)| {
         let s = sigmoid(g);
         *dg = da * u * s * (1.0 + g * (1.0 - s));
@@ -311,34 +269,21 @@ pub fn swiglu_bwd(g: &[f32], u: &[f32], da: &[f32], dg: &mut [f32], du: &mut [f3
 
 /// Mean cross-entropy of logits [N,V] against targets [N] (max-subtracted, row losses summed in
 /// f64 in row order). With `dlogits`, WRITES scale·∂loss/∂logits = scale·(softmax − onehot)/N.
-pub fn cross_entropy(
-    logits: &[f32],
-    targets: &[u32],
-    v: usize,
-    scale: f32,
-    dlogits: Option<&mut [f32]>,
-) -> f32 {
+pub fn cross_entropy(logits: &[f32], targets: &[u32], v: usize, scale: f32, dlogits: Option<&mut [f32]>) -> f32 {
     let n = targets.len();
     let lse = |row: &[f32]| {
         let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         m + row.iter().map(|x| (x - m).exp()).sum::<f32>().ln()
     };
     let rows = logits.par_chunks(v).zip(targets);
-    let losses: Vec<f64> = rows
-        .map(|(row, &y)| (lse(row) - row[y as usize]) as f64)
-        .collect();
+    let losses: Vec<f64> = rows.map(|(row, &y)| (lse(row) - row[y as usize]) as f64).collect();
     if let Some(dl) = dlogits {
         let s = scale / n as f32;
-        dl.par_chunks_mut(v)
-            .zip(logits.par_chunks(v))
-            .zip(targets)
-            .for_each(|((d, row), &y)| {
-                let l = lse(row);
-                d.iter_mut()
-                    .zip(row)
-                    .for_each(|(d, x)| *d = s * (x - l).exp());
-                d[y as usize] -= s;
-            });
+        dl.par_chunks_mut(v).zip(logits.par_chunks(v)).zip(targets).for_each(|((d, row), &y)| {
+            let l = lse(row);
+            d.iter_mut().zip(row).for_each(|(d, x)| *d = s * (x - l).exp());
+            d[y as usize] -= s;
+        });
     }
     (losses.iter().sum::<f64>() / n as f64) as f32
 }
@@ -369,10 +314,7 @@ mod tests {
             x[i] = x0;
             let fd = (up - down) / (2.0 * eps as f64);
             let an = analytic[i] as f64;
-            assert!(
-                (fd - an).abs() <= 2e-3 + 1e-2 * an.abs(),
-                "{what}[{i}]: fd {fd} vs analytic {an}"
-            );
+            assert!((fd - an).abs() <= 2e-3 + 1e-2 * an.abs(), "{what}[{i}]: fd {fd} vs analytic {an}");
         }
     }
 
@@ -390,12 +332,7 @@ mod tests {
         fd_check("linear dx", &mut x.clone(), &dx, &|x| f(x, &w));
         fd_check("linear dw", &mut w, &dw, &|w| f(&x, w));
         linear_bwd(&x.clone(), &w, &r, (n, k, m), &mut dx, true, &mut dw);
-        fd_check(
-            "linear dx accumulated",
-            &mut x,
-            &dx.iter().map(|v| v / 2.0).collect::<Vec<_>>(),
-            &|x| f(x, &w),
-        );
+        fd_check("linear dx accumulated", &mut x, &dx.iter().map(|v| v / 2.0).collect::<Vec<_>>(), &|x| f(x, &w));
 
         let (v, h, tokens) = (6, 3, [1u32, 4, 1, 0, 5]);
         let (mut table, r) = (rand(v * h, 4), rand(tokens.len() * h, 5));
@@ -417,12 +354,7 @@ mod tests {
             rmsnorm_fwd(x, w, eps, &mut y, &mut rs);
             dot(&y, &r)
         };
-        let (mut y, mut rs, mut dx, mut dw) = (
-            vec![0.0; n * c],
-            vec![0.0; n],
-            vec![0.0; n * c],
-            vec![0.5; c],
-        );
+        let (mut y, mut rs, mut dx, mut dw) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n * c], vec![0.5; c]);
         rmsnorm_fwd(&x, &w, eps, &mut y, &mut rs);
         rmsnorm_bwd(&x, &w, &rs, &r, &mut dx, &mut dw);
         dw.iter_mut().for_each(|v| *v -= 0.5); // dw accumulates
@@ -452,47 +384,27 @@ mod tests {
 
     #[test]
     fn attention_matches_naive_and_grads() {
-        let a = AttnDims {
-            b: 2,
-            t: 5,
-            hq: 4,
-            hkv: 2,
-            d: 4,
-        };
+        let a = AttnDims { b: 2, t: 5, hq: 4, hkv: 2, d: 4 };
         let (nq, nk) = (a.b * a.t * a.hq * a.d, a.b * a.t * a.hkv * a.d);
         let (mut q, mut k, mut v, r) = (rand(nq, 1), rand(nk, 2), rand(nk, 3), rand(nq, 4));
         let run = |q: &[f32], k: &[f32], v: &[f32]| attention_fwd(q, k, v, a);
         let (o, lse) = run(&q, &k, &v);
         // naive: out[b,i,h] = Σ_{j≤i} softmax_j(q_i·k_j/√D) v_j, kv head h/2
         let at = |b: usize, i: usize, h: usize, heads: usize| ((b * a.t + i) * heads + h) * a.d;
-        for (b, i, h) in
-            (0..a.b).flat_map(|b| (0..a.t).flat_map(move |i| (0..a.hq).map(move |h| (b, i, h))))
-        {
-            let s: Vec<f32> = (0..=i)
-                .map(|j| dot(&q[at(b, i, h, 4)..][..4], &k[at(b, j, h / 2, 2)..][..4]) as f32 / 2.0)
-                .collect();
+        for (b, i, h) in (0..a.b).flat_map(|b| (0..a.t).flat_map(move |i| (0..a.hq).map(move |h| (b, i, h)))) {
+            let s: Vec<f32> =
+                (0..=i).map(|j| dot(&q[at(b, i, h, 4)..][..4], &k[at(b, j, h / 2, 2)..][..4]) as f32 / 2.0).collect();
             let z: f32 = s.iter().map(|s| s.exp()).sum();
             for c in 0..a.d {
-                let want: f32 = (0..=i)
-                    .map(|j| s[j].exp() / z * v[at(b, j, h / 2, 2) + c])
-                    .sum();
-                assert!(
-                    (o[at(b, i, h, 4) + c] - want).abs() < 1e-5,
-                    "attention out ({b},{i},{h},{c})"
-                );
+                let want: f32 = (0..=i).map(|j| s[j].exp() / z * v[at(b, j, h / 2, 2) + c]).sum();
+                assert!((o[at(b, i, h, 4) + c] - want).abs() < 1e-5, "attention out ({b},{i},{h},{c})");
             }
         }
         let (dq, dk, dv) = attention_bwd((&q, &k, &v), &o, &lse, &r, a);
         let (q0, k0, v0) = (q.clone(), k.clone(), v.clone());
-        fd_check("attention dq", &mut q, &dq, &|q| {
-            dot(&run(q, &k0, &v0).0, &r)
-        });
-        fd_check("attention dk", &mut k, &dk, &|k| {
-            dot(&run(&q0, k, &v0).0, &r)
-        });
-        fd_check("attention dv", &mut v, &dv, &|v| {
-            dot(&run(&q0, &k0, v).0, &r)
-        });
+        fd_check("attention dq", &mut q, &dq, &|q| dot(&run(q, &k0, &v0).0, &r));
+        fd_check("attention dk", &mut k, &dk, &|k| dot(&run(&q0, k, &v0).0, &r));
+        fd_check("attention dv", &mut v, &dv, &|v| dot(&run(&q0, &k0, v).0, &r));
     }
 
     #[test]
@@ -518,8 +430,6 @@ mod tests {
         let big: Vec<f32> = logits.iter().map(|x| x + 1000.0).collect(); // stable under shifts
         assert!((cross_entropy(&big, &targets, v, 1.0, None) - loss).abs() < 1e-3);
         let half: Vec<f32> = dl.iter().map(|d| d / 2.0).collect();
-        fd_check("cross-entropy", &mut logits, &half, &|l| {
-            cross_entropy(l, &targets, v, 1.0, None) as f64
-        });
+        fd_check("cross-entropy", &mut logits, &half, &|l| cross_entropy(l, &targets, v, 1.0, None) as f64);
     }
 }

@@ -2,15 +2,15 @@
 //! Each module is one concept; AGENTS.md has the map.
 
 pub mod check;
+pub mod checkpoint;
 pub mod config;
 pub mod cpu;
 pub mod data;
 pub mod layers;
 pub mod model;
 pub mod params;
-pub mod rng;
-pub mod checkpoint;
-// pub mod plan;
+pub mod plan;
 pub mod registry;
+pub mod rng;
 pub mod scaffold;
-// pub mod train;
+pub mod train;

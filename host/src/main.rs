@@ -1,1 +1,180 @@
-fn main() {}
+//! The `pith` command line. Each verb is a thin call into the library.
+
+use clap::{Parser, Subcommand};
+use pith::config::Config;
+use pith::registry::{plugin_dirs, Registry};
+use pith_plugin_api::Kind;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "pith", version, about = "Pith: train Mixture-of-Experts LLMs; every MoE part is a plugin")]
+struct Cli {
+    /// Extra plugin directory (repeatable); PITH_PLUGIN_PATH and the executable's directory are also searched.
+    #[arg(long = "plugin-dir", global = true)]
+    plugin_dirs: Vec<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train a model (no CONFIG: the built-in quickstart, configs/quickstart.toml).
+    Train {
+        config: Option<PathBuf>,
+        /// Override a config key, e.g. --set train.steps=10 (repeatable).
+        #[arg(long = "set")]
+        set: Vec<String>,
+        /// Continue from a checkpoint: a step directory or a run directory (its newest checkpoint).
+        #[arg(long)]
+        resume: Option<PathBuf>,
+    },
+    /// Print every resolved component with its origin and source, parameter counts and FLOPs/token.
+    Plan {
+        config: Option<PathBuf>,
+        #[arg(long = "set")]
+        set: Vec<String>,
+    },
+    /// Print the resolved config (defaults filled in, overrides applied).
+    Config {
+        config: Option<PathBuf>,
+        #[arg(long = "set")]
+        set: Vec<String>,
+    },
+    /// List, scaffold and check plugins.
+    #[command(subcommand)]
+    Plugins(PluginsCmd),
+    /// Prepare token shards.
+    #[command(subcommand)]
+    Data(DataCmd),
+}
+
+#[derive(Subcommand)]
+enum PluginsCmd {
+    /// Every component: kind, name, origin (built-in or file) and description.
+    List,
+    /// Scaffold a plugin crate from plugin-api/templates/<kind>/.
+    New {
+        #[arg(long)]
+        kind: String,
+        #[arg(long)]
+        name: String,
+        /// Directory to create the crate in.
+        #[arg(long, default_value = "plugins")]
+        dir: PathBuf,
+    },
+    /// Gradient and determinism checks (routers, experts, losses, comm) or a step check (optimizers).
+    Check {
+        name: String,
+        /// Needed only when several kinds share the name.
+        #[arg(long)]
+        kind: Option<String>,
+        /// The component's TOML keys, e.g. --config 'top_k = 1'.
+        #[arg(long, default_value = "")]
+        config: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCmd {
+    /// Tokenize text/JSONL files or directories into train_*.bin / val_*.bin shards.
+    Prepare {
+        inputs: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        /// A Hugging Face tokenizer.json; default: byte-level (vocab 256).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// JSONL field holding the text.
+        #[arg(long, default_value = "text")]
+        field: String,
+        #[arg(long, default_value_t = 0.01)]
+        val_fraction: f64,
+        #[arg(long, default_value_t = 100_000_000)]
+        shard_tokens: usize,
+    },
+}
+
+fn parse_kind(s: &str) -> Result<Kind, String> {
+    Kind::parse(s).ok_or_else(|| {
+        let all: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+        format!("unknown kind `{s}`; valid: {}", all.join(", "))
+    })
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    let registry = || Registry::load(&plugin_dirs(&cli.plugin_dirs));
+    match cli.cmd {
+        Cmd::Train { config, set, resume } => {
+            let cfg = Config::load(config.as_deref(), &set)?;
+            pith::train::train(cfg, &registry()?, resume.as_deref())?;
+        }
+        Cmd::Plan { config, set } => {
+            let cfg = Config::load(config.as_deref(), &set)?;
+            print!("{}", pith::plan::plan(&cfg, &registry()?)?);
+        }
+        Cmd::Config { config, set } => print!("{}", Config::load(config.as_deref(), &set)?.to_toml()),
+        Cmd::Plugins(PluginsCmd::List) => {
+            let reg = registry()?;
+            println!("{:<14} {:<16} {:<40} DESCRIPTION", "KIND", "NAME", "ORIGIN");
+            for e in &reg.entries {
+                let mut origin = e.origin.to_string();
+                if let Some(r) = &e.replaced {
+                    origin += &format!(" (replaces {r})");
+                }
+                println!("{:<14} {:<16} {:<40} {}", e.info.kind.as_str(), e.info.name, origin, e.info.description);
+            }
+        }
+        Cmd::Plugins(PluginsCmd::New { kind, name, dir }) => {
+            let out = pith::scaffold::new_plugin(parse_kind(&kind)?, &name, &dir)?;
+            println!("created {}", out.display());
+            println!("next: implement it, `cargo build --release` (inside this workspace) or `cargo build --release --manifest-path {}/Cargo.toml`,", out.display());
+            println!(
+                "      put lib{}.so in a plugin directory, then `pith plugins check {name}`",
+                name.replace('-', "_")
+            );
+        }
+        Cmd::Plugins(PluginsCmd::Check { name, kind, config }) => {
+            let reg = registry()?;
+            let found = reg.find_any(&name);
+            let entry = match (kind, found.len()) {
+                (Some(k), _) => {
+                    let k = parse_kind(&k)?;
+                    reg.find(k, &name).ok_or_else(|| {
+                        format!("no {} named `{name}`; valid: {}", k.as_str(), reg.names(k).join(", "))
+                    })?
+                }
+                (None, 1) => found[0],
+                (None, 0) => return Err(format!("no plugin named `{name}`; `pith plugins list` shows what is loaded")),
+                (None, _) => return Err(format!("several kinds are named `{name}`; add --kind")),
+            };
+            let kind = entry.info.kind;
+            let dims = pith_plugin_api::ModelDims { hidden: 16, experts: 6, expert_ffn: 12, layer: 0, layers: 1 };
+            let c = reg.create(kind, &name, &config, dims)?;
+            match pith::check::check_component(&c, kind.as_str(), dims, 1) {
+                Ok(lines) => {
+                    lines.iter().for_each(|l| println!("{l}"));
+                    println!("PASS {} `{name}` ({})", kind.as_str(), entry.origin);
+                }
+                Err(e) => return Err(format!("FAIL {} `{name}` ({}): {e}", kind.as_str(), entry.origin)),
+            }
+        }
+        Cmd::Data(DataCmd::Prepare { inputs, out, tokenizer, field, val_fraction, shard_tokens }) => {
+            let s = pith::data::prepare(&inputs, &out, tokenizer.as_deref(), &field, val_fraction, shard_tokens)?;
+            println!("{s:?}");
+        }
+    }
+    Ok(())
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("PITH_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}

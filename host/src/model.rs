@@ -11,7 +11,7 @@
 //! Host weights use the PyTorch `Linear` layout [out, in]; the shared expert is SwiGLU.
 
 use crate::config::ModelConfig;
-use crate::cpu::{view, CpuOps};
+use crate::cpu::{view, view_mut, CpuOps};
 use crate::layers::{self as ly, AttnDims, Rope};
 use crate::params::Params;
 use abi_stable::std_types::{RResult, RSlice, RString};
@@ -118,16 +118,6 @@ struct Acts {
 /// All gradients, indexed like `Params::list` (taken out of it for the pass).
 type Grads = [Vec<f32>];
 
-/// A tensor view a component may write (taken from a mutable borrow of `data`).
-fn view_mut(data: &mut [f32], shape: &[usize]) -> Tensor {
-    assert_eq!(
-        data.len(),
-        shape.iter().product::<usize>(),
-        "view shape {shape:?}"
-    );
-    Tensor::new(data.as_mut_ptr() as u64, DType::F32, Device::Cpu, shape)
-}
-
 fn rs(v: &[Tensor]) -> RSlice<'_, Tensor> {
     RSlice::from_slice(v)
 }
@@ -140,9 +130,7 @@ fn named<T>(r: RResult<T, RString>, who: &str) -> Result<T, String> {
 fn finite(v: &[f32], who: &str) -> Result<(), String> {
     match v.iter().all(|x| x.is_finite()) {
         true => Ok(()),
-        false => Err(format!(
-            "non-finite values first appeared in the output of {who}"
-        )),
+        false => Err(format!("non-finite values first appeared in the output of {who}")),
     }
 }
 
@@ -152,9 +140,7 @@ fn check(t: &Tensor, dtype: DType, dims: &[usize], who: &str) -> Result<(), Stri
     let fits = d.len() == dims.len() && d.iter().zip(dims).all(|(a, b)| *b == 0 || a == b);
     if !fits || t.dtype != dtype || t.device != Device::Cpu {
         let got = format!("{:?} {d:?} on {:?}", t.dtype, t.device);
-        return Err(format!(
-            "{who}: returned {got}, expected {dtype:?} {dims:?} (0: any) on Cpu"
-        ));
+        return Err(format!("{who}: returned {got}, expected {dtype:?} {dims:?} (0: any) on Cpu"));
     }
     match dtype {
         DType::F32 => finite(t.f32s(), who),
@@ -174,19 +160,12 @@ impl Model {
     /// `layers.{l}.moe.shared.{w_gate,w_up,w_down}` (when shared_expert_ffn > 0); then
     /// `final_norm.weight`, `lm_head.weight`. Matrices are Normal(init_std), norm weights Ones
     /// without weight decay. `moe` has one entry per layer.
-    pub fn new(
-        cfg: &ModelConfig,
-        params: &mut Params,
-        seed: u64,
-        moe: Vec<MoeComponents>,
-    ) -> Result<Model, String> {
+    pub fn new(cfg: &ModelConfig, params: &mut Params, seed: u64, moe: Vec<MoeComponents>) -> Result<Model, String> {
         let c = cfg;
         if moe.len() != c.layers {
             let got = moe.len();
             let want = c.layers;
-            return Err(format!(
-                "model: {want} layers but {got} sets of MoE components"
-            ));
+            return Err(format!("model: {want} layers but {got} sets of MoE components"));
         }
         if c.kv_heads == 0 || !c.heads.is_multiple_of(c.kv_heads) || !c.head_dim.is_multiple_of(2) {
             return Err("model: heads must be a multiple of kv_heads, head_dim even".into());
@@ -210,41 +189,18 @@ impl Model {
                 norm("moe_norm.weight", h),
             ];
             let host = add(&format!("layers.{l}"), host).start;
-            let router = add(
-                &format!("layers.{l}.moe.router"),
-                moe.router.1.params().into(),
-            );
-            let experts = add(
-                &format!("layers.{l}.moe.experts"),
-                moe.experts.1.params().into(),
-            );
+            let router = add(&format!("layers.{l}.moe.router"), moe.router.1.params().into());
+            let experts = add(&format!("layers.{l}.moe.experts"), moe.experts.1.params().into());
             let shared = (f > 0).then(|| {
-                let specs = vec![
-                    mat("w_gate", &[f, h]),
-                    mat("w_up", &[f, h]),
-                    mat("w_down", &[h, f]),
-                ];
+                let specs = vec![mat("w_gate", &[f, h]), mat("w_up", &[f, h]), mat("w_down", &[h, f])];
                 add(&format!("layers.{l}.moe.shared"), specs).start
             });
-            layers.push(Layer {
-                host,
-                shared,
-                router,
-                experts,
-                moe,
-            });
+            layers.push(Layer { host, shared, router, experts, moe });
         }
         let final_norm = add("final_norm", vec![norm("weight", h)]).start;
         let lm_head = add("lm_head", vec![mat("weight", &[c.vocab, h])]).start;
         let rope = Rope::new(c.seq_len, c.head_dim, c.rope_theta);
-        Ok(Model {
-            cfg: cfg.clone(),
-            rope,
-            embed,
-            layers,
-            final_norm,
-            lm_head,
-        })
+        Ok(Model { cfg: cfg.clone(), rope, embed, layers, final_norm, lm_head })
     }
 
     /// Matmul parameters (embedding lookup and norms excluded; experts counted as SwiGLU,
@@ -260,12 +216,7 @@ impl Model {
         let total = c.layers * (dense + c.experts * expert) + embedding;
         let active = c.layers * (dense + top_k * expert) + embedding;
         let flops = 6 * active + 6 * c.layers * c.heads * c.head_dim * c.seq_len;
-        Counts {
-            total,
-            active,
-            embedding,
-            flops_per_token: flops as f64,
-        }
+        Counts { total, active, embedding, flops_per_token: flops as f64 }
     }
 
     /// Forward + backward on one micro-batch of `batch` sequences of seq_len tokens (row-major
@@ -296,11 +247,7 @@ impl Model {
                 }
             }
             let expert_counts = a.layers.into_iter().map(|s| s.counts).collect();
-            Ok(StepOut {
-                loss,
-                aux,
-                expert_counts,
-            })
+            Ok(StepOut { loss, aux, expert_counts })
         });
         params.list.iter_mut().zip(g).for_each(|(p, g)| p.g = g);
         ops.reset();
@@ -326,22 +273,14 @@ impl Model {
     }
 
     fn pass<'a>(&'a self, ops: &'a CpuOps, p: &'a Params, batch: usize) -> Pass<'a> {
-        Pass {
-            m: self,
-            c: &self.cfg,
-            ops,
-            p,
-            batch,
-        }
+        Pass { m: self, c: &self.cfg, ops, p, batch }
     }
 
     fn check_tokens(&self, tokens: &[u32], targets: &[u32], batch: usize) -> Result<(), String> {
         let (n, v) = (batch * self.cfg.seq_len, self.cfg.vocab);
         if tokens.len() != n || targets.len() != n {
             let got = (tokens.len(), targets.len());
-            return Err(format!(
-                "expected {n} tokens and targets (batch·seq_len), got {got:?}"
-            ));
+            return Err(format!("expected {n} tokens and targets (batch·seq_len), got {got:?}"));
         }
         for (what, ids) in [("token", tokens), ("target", targets)] {
             if let Some(i) = ids.iter().position(|&t| t as usize >= v) {
@@ -374,13 +313,7 @@ impl<'a> Pass<'a> {
     }
     fn attn_dims(&self) -> AttnDims {
         let c = self.c;
-        AttnDims {
-            b: self.batch,
-            t: c.seq_len,
-            hq: c.heads,
-            hkv: c.kv_heads,
-            d: c.head_dim,
-        }
+        AttnDims { b: self.batch, t: c.seq_len, hq: c.heads, hkv: c.kv_heads, d: c.head_dim }
     }
     /// (n, k, m) of x [n,k] · wᵀ for the matrix parameter `i` (w [m,k]).
     fn nkm(&self, i: usize, x: &[f32]) -> (usize, usize, usize) {
@@ -394,15 +327,7 @@ impl<'a> Pass<'a> {
         y
     }
     /// dx (+)= dy · w; g[i] += dyᵀ · x.
-    fn linear_bwd(
-        &self,
-        g: &mut Grads,
-        i: usize,
-        x: &[f32],
-        dy: &[f32],
-        dx: &mut [f32],
-        acc: bool,
-    ) {
+    fn linear_bwd(&self, g: &mut Grads, i: usize, x: &[f32], dy: &[f32], dx: &mut [f32], acc: bool) {
         ly::linear_bwd(x, self.w(i), dy, self.nkm(i, x), dx, acc, &mut g[i]);
     }
     /// RMSNorm with weight `i` over rows of its size: (y, rstd).
@@ -432,13 +357,7 @@ impl<'a> Pass<'a> {
         finite(&xn, "final_norm")?;
         let logits = self.linear(self.m.lm_head, &xn);
         finite(&logits, "lm_head")?;
-        Ok(Acts {
-            layers,
-            x,
-            rstd,
-            xn,
-            logits,
-        })
+        Ok(Acts { layers, x, rstd, xn, logits })
     }
 
     /// Layer `l` on the residual stream x: (what backward needs, the layer's output).
@@ -536,14 +455,7 @@ impl<'a> Pass<'a> {
     }
 
     /// Backward of the whole forward; returns the mean cross-entropy.
-    fn backward(
-        &self,
-        g: &mut Grads,
-        a: &Acts,
-        tokens: &[u32],
-        targets: &[u32],
-        scale: f32,
-    ) -> Result<f32, String> {
+    fn backward(&self, g: &mut Grads, a: &Acts, tokens: &[u32], targets: &[u32], scale: f32) -> Result<f32, String> {
         let mut dlogits = vec![0.0; a.logits.len()];
         let loss = ly::cross_entropy(&a.logits, targets, self.c.vocab, scale, Some(&mut dlogits));
         let mut dxn = vec![0.0; a.xn.len()];
@@ -640,10 +552,7 @@ mod tests {
     fn cfg(shared_expert_ffn: usize) -> ModelConfig {
         let text = "vocab = 11\nhidden = 8\nlayers = 2\nheads = 2\nkv_heads = 1\nhead_dim = 4\n\
                     seq_len = 5\nexperts = 4\nexpert_ffn = 6";
-        ModelConfig {
-            shared_expert_ffn,
-            ..toml::from_str(text).unwrap()
-        }
+        ModelConfig { shared_expert_ffn, ..toml::from_str(text).unwrap() }
     }
 
     /// A model with the std pack's topk-softmax (top-2), swiglu, switch-aux and z-loss (both
@@ -669,23 +578,12 @@ mod tests {
             let r = make(Kind::Router, "topk-softmax", "top_k = 2", l);
             let e = make(Kind::Experts, "swiglu", "", l);
             let cm = make(Kind::CommSchedule, "local", "", l);
-            let (Component::Router(r), Component::Experts(e), Component::CommSchedule(cm)) =
-                (r, e, cm)
-            else {
+            let (Component::Router(r), Component::Experts(e), Component::CommSchedule(cm)) = (r, e, cm) else {
                 unreachable!()
             };
-            let (router, experts, comm) = (
-                ("topk-softmax".into(), r),
-                ("swiglu".into(), e),
-                ("local".into(), cm),
-            );
+            let (router, experts, comm) = (("topk-softmax".into(), r), ("swiglu".into(), e), ("local".into(), cm));
             let losses = vec![loss("switch-aux"), loss("z-loss")];
-            MoeComponents {
-                router,
-                experts,
-                losses,
-                comm,
-            }
+            MoeComponents { router, experts, losses, comm }
         };
         let mut params = Params::default();
         let model = Model::new(c, &mut params, seed, (0..c.layers).map(layer).collect());
@@ -695,11 +593,7 @@ mod tests {
     /// `batch` sequences of random (tokens, targets).
     fn data(c: &ModelConfig, batch: usize, seed: u64) -> (Vec<u32>, Vec<u32>) {
         let mut r = Rng::new(seed);
-        let mut ids = || {
-            (0..batch * c.seq_len)
-                .map(|_| r.below(c.vocab) as u32)
-                .collect()
-        };
+        let mut ids = || (0..batch * c.seq_len).map(|_| r.below(c.vocab) as u32).collect();
         (ids(), ids())
     }
 
@@ -718,27 +612,17 @@ mod tests {
         assert_eq!(params.list.len(), 33);
         let mut rng = Rng::new(5);
         for p in &mut params.list {
-            let (base, std) = if p.name.ends_with("norm.weight") {
-                (1.0, 0.2)
-            } else {
-                (0.0, 0.5)
-            };
+            let (base, std) = if p.name.ends_with("norm.weight") { (1.0, 0.2) } else { (0.0, 0.5) };
             p.w.iter_mut().for_each(|w| *w = base + std * rng.normal());
         }
         let (x, y) = data(&c, 2, 9);
         let run = |params: &mut Params, scale| {
-            let o = model
-                .forward_backward(&ops, params, &x, &y, 2, scale)
-                .unwrap();
+            let o = model.forward_backward(&ops, params, &x, &y, 2, scale).unwrap();
             let total = o.loss as f64 + o.aux.iter().map(|a| a.1 as f64).sum::<f64>();
             (total, o)
         };
         let (_, out) = run(&mut params, 1.0);
-        assert!(
-            out.aux.iter().all(|a| a.1 > 1e-3),
-            "balance losses take part: {:?}",
-            out.aux
-        );
+        assert!(out.aux.iter().all(|a| a.1 > 1e-3), "balance losses take part: {:?}", out.aux);
         let grads: Vec<Vec<f32>> = params.list.iter().map(|p| p.g.clone()).collect();
         let (eps, mut checked, mut skipped) = (1e-2f32, 0, Vec::new());
         for (i, g) in grads.iter().enumerate() {
@@ -762,31 +646,17 @@ mod tests {
                 checked += 1;
             }
         }
-        assert!(
-            skipped.len() <= 6 && checked >= 60,
-            "checked {checked}, skipped {skipped:?}"
-        );
+        assert!(skipped.len() <= 6 && checked >= 60, "checked {checked}, skipped {skipped:?}");
     }
 
     /// Default init: the first loss is ln(vocab) ± 0.05; eval's loss is the same number.
     #[test]
     fn initial_loss_is_ln_vocab_and_eval_agrees() {
-        let c = ModelConfig {
-            vocab: 64,
-            hidden: 32,
-            seq_len: 16,
-            ..cfg(0)
-        };
+        let c = ModelConfig { vocab: 64, hidden: 32, seq_len: 16, ..cfg(0) };
         let ((model, mut params), ops) = (model(&c, 1, 0.01), CpuOps::default());
         let (x, y) = data(&c, 3, 2);
-        let out = model
-            .forward_backward(&ops, &mut params, &x, &y, 3, 1.0)
-            .unwrap();
-        assert!(
-            (out.loss - 64f32.ln()).abs() < 0.05,
-            "initial loss {} vs ln 64",
-            out.loss
-        );
+        let out = model.forward_backward(&ops, &mut params, &x, &y, 3, 1.0).unwrap();
+        assert!((out.loss - 64f32.ln()).abs() < 0.05, "initial loss {} vs ln 64", out.loss);
         assert_eq!(model.loss(&ops, &params, &x, &y, 3).unwrap(), out.loss);
         let routed: Vec<u32> = out.expert_counts.iter().map(|c| c.iter().sum()).collect();
         assert_eq!(routed, [96, 96]); // 3·16 tokens × top-2, per layer
@@ -807,15 +677,9 @@ mod tests {
         let (x, y) = data(&c, 40, 6);
         let mut run = |threads: usize| {
             params.zero_grads();
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let out = pool.install(|| model.forward_backward(&ops, &mut params, &x, &y, 40, 0.5));
-            let g = params
-                .list
-                .iter()
-                .flat_map(|p| p.g.iter().map(|g| g.to_bits()));
+            let g = params.list.iter().flat_map(|p| p.g.iter().map(|g| g.to_bits()));
             (out.unwrap(), g.collect::<Vec<u32>>())
         };
         let (a, b, c) = (run(3), run(3), run(1));
@@ -830,22 +694,15 @@ mod tests {
         let ((model, mut params), ops) = (model(&c, 4, 0.01), CpuOps::default());
         let (mut x, y) = data(&c, 1, 6);
         x[3] = 11;
-        let e = model
-            .forward_backward(&ops, &mut params, &x, &y, 1, 1.0)
-            .unwrap_err();
+        let e = model.forward_backward(&ops, &mut params, &x, &y, 1, 1.0).unwrap_err();
         assert_eq!(e, "token id 11 at position 3 is out of range for vocab 11");
         x[3] = 0;
         let name = "layers.1.moe.experts.w_down";
         let p = params.list.iter_mut().find(|p| p.name == name).unwrap();
         p.w.iter_mut().for_each(|w| *w = f32::NAN);
-        let e = model
-            .forward_backward(&ops, &mut params, &x, &y, 1, 1.0)
-            .unwrap_err();
+        let e = model.forward_backward(&ops, &mut params, &x, &y, 1, 1.0).unwrap_err();
         let want = "non-finite values first appeared in the output of layer 1 experts `swiglu`";
         assert_eq!(e, want);
-        assert!(
-            params.list.iter().all(|p| p.g.len() == p.w.len()),
-            "grads put back"
-        );
+        assert!(params.list.iter().all(|p| p.g.len() == p.w.len()), "grads put back");
     }
 }

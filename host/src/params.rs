@@ -2,7 +2,7 @@
 //! weights, their gradients and the optimizer's state. One flat list, so checkpoints, the
 //! optimizer, clipping and `pith plan` all see the same thing.
 
-use crate::cpu::view;
+use crate::cpu::{view, view_mut};
 use crate::rng::Rng;
 use pith_plugin_api::{Init, ParamSpec, Tensor};
 use std::ops::Range;
@@ -51,8 +51,14 @@ impl Params {
         self.list[r].iter().map(|p| view(&p.w, &Self::shape(p))).collect()
     }
     /// Views of the gradients in `r`, in declaration order.
-    pub fn grads(&self, r: Range<usize>) -> Vec<Tensor> {
-        self.list[r].iter().map(|p| view(&p.g, &Self::shape(p))).collect()
+    pub fn grads(&mut self, r: Range<usize>) -> Vec<Tensor> {
+        self.list[r]
+            .iter_mut()
+            .map(|p| {
+                let shape = Self::shape(p);
+                view_mut(&mut p.g, &shape)
+            })
+            .collect()
     }
     pub fn zero_grads(&mut self) {
         for p in &mut self.list {
@@ -64,10 +70,6 @@ impl Params {
     }
     /// Global L2 norm of all gradients.
     pub fn grad_norm(&self) -> f32 {
-        self.list
-            .iter()
-            .map(|p| p.g.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>())
-            .sum::<f64>()
-            .sqrt() as f32
+        self.list.iter().map(|p| p.g.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>()).sum::<f64>().sqrt() as f32
     }
 }

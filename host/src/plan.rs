@@ -13,14 +13,17 @@ use std::fmt::Write;
 
 /// Experts per token, measured by running layer 0's router on one token.
 fn measured_top_k(cfg: &Config, reg: &Registry) -> Result<usize, String> {
-    let pith_plugin_api::abi::Component::Router(r) = crate::train::create(cfg, reg, pith_plugin_api::Kind::Router, 0, &cfg.router, 0)? else {
+    let pith_plugin_api::abi::Component::Router(r) =
+        crate::train::create(cfg, reg, pith_plugin_api::Kind::Router, 0, &cfg.router, 0)?
+    else {
         unreachable!()
     };
     let mut p = Params::default();
     let range = p.add("probe", r.params().into_vec(), 1);
     let ops = CpuOps::default();
     let x: Vec<f32> = (0..cfg.model.hidden).map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.5).collect();
-    let out = r.forward(ops.ops(), RSlice::from_slice(&p.weights(range)), view(&x, &[1, cfg.model.hidden])).into_result()?;
+    let out =
+        r.forward(ops.ops(), RSlice::from_slice(&p.weights(range)), view(&x, &[1, cfg.model.hidden])).into_result()?;
     Ok(out.ids.dim(1))
 }
 
@@ -81,6 +84,11 @@ pub fn plan(cfg: &Config, reg: &Registry) -> Result<String, String> {
         flops as f64 / 1e9
     );
     let bytes: usize = params.list.iter().map(|p| p.w.len() * 4 * (2 + opt.1.state(&p.spec).len())).sum();
-    let _ = writeln!(s, "parameter memory (f32 weights, grads, `{}` state): {:.1} MiB", opt.0, bytes as f64 / (1 << 20) as f64);
+    let _ = writeln!(
+        s,
+        "parameter memory (f32 weights, grads, `{}` state): {:.1} MiB",
+        opt.0,
+        bytes as f64 / (1 << 20) as f64
+    );
     Ok(s)
 }

@@ -75,17 +75,42 @@ fn load_error(path: &Path, e: LibraryError) -> String {
             "{p}: not a Pith plugin (it exports no Pith root module); remove it from the plugin \
              directory, or build it with pith_plugin_api::export_plugin!"
         ),
-        LibraryError::IncompatibleVersionNumber { actual_version, .. } => format!(
-            "{p}: built against plugin-api {actual_version}, this pith uses {api}; rebuild the \
-             plugin against plugin-api {}",
-            api.rsplit_once('.').map_or(api, |(xy, _)| xy)
-        ),
-        LibraryError::AbiInstability(_) | LibraryError::InvalidAbiHeader(_) | LibraryError::InvalidCAbi { .. } => format!(
-            "{p}: its plugin-api types differ from this pith's (incompatible layout); rebuild the \
+        LibraryError::AbiInstability(_) | LibraryError::InvalidAbiHeader(_) | LibraryError::InvalidCAbi { .. } => {
+            format!(
+                "{p}: its plugin-api types differ from this pith's (incompatible layout); rebuild the \
              plugin against plugin-api {api}"
-        ),
+            )
+        }
         other => format!("{p}: cannot load plugin: {}", other.to_string().lines().next().unwrap_or("")),
     }
+}
+
+/// Refuse a file whose ELF headers point past its end: the dynamic loader would map it and
+/// the process would die of SIGBUS on first access (a truncated copy, an interrupted download).
+fn check_elf(path: &Path) -> Result<(), String> {
+    let b = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let bad = |why: String| {
+        Err(format!("{}: not a loadable shared library ({why}); remove it from the plugin directory", path.display()))
+    };
+    if b.len() < 64 || &b[..4] != b"\x7fELF" || b[4] != 2 || b[5] != 1 {
+        return bad("not a 64-bit little-endian ELF file".into());
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as u64;
+    let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+    let len = b.len() as u64;
+    let (phoff, phsize, phnum) = (u64_at(0x20), u16_at(0x36), u16_at(0x38));
+    let (shoff, shsize, shnum) = (u64_at(0x28), u16_at(0x3a), u16_at(0x3c));
+    if phoff + phsize * phnum > len || shoff + shsize * shnum > len || phsize < 56 {
+        return bad(format!("truncated: headers end past the file's {len} bytes"));
+    }
+    for i in 0..phnum {
+        let h = (phoff + i * phsize) as usize;
+        let end = u64_at(h + 8).saturating_add(u64_at(h + 32));
+        if end > len {
+            return bad(format!("truncated: a segment ends at byte {end}, the file has {len}"));
+        }
+    }
+    Ok(())
 }
 
 impl Registry {
@@ -112,9 +137,27 @@ impl Registry {
 
     /// Load one library and register its components.
     pub fn load_file(&mut self, path: &Path) -> Result<(), String> {
-        let module = lib_header_from_path(path)
-            .and_then(|h| h.init_root_module::<PluginMod_Ref>())
-            .map_err(|e| load_error(path, e))?;
+        check_elf(path)?;
+        let header = lib_header_from_path(path).map_err(|e| load_error(path, e))?;
+        // Semver: 0.x plugins must match the minor version, others the major one.
+        let theirs = header.version_strings().version.to_string();
+        let series = |v: &str| {
+            let p: Vec<&str> = v.split('.').collect();
+            if p[0] == "0" {
+                format!("0.{}", p.get(1).unwrap_or(&""))
+            } else {
+                p[0].to_string()
+            }
+        };
+        let ours = pith_plugin_api::VERSION;
+        if series(&theirs) != series(ours) {
+            return Err(format!(
+                "{}: built against plugin-api {theirs}, this pith uses {ours}; rebuild the plugin against plugin-api {}",
+                path.display(),
+                series(ours)
+            ));
+        }
+        let module = header.init_root_module::<PluginMod_Ref>().map_err(|e| load_error(path, e))?;
         (module.set_logger())(LogFn { log: host_log });
         self.add_module(module, Some(path))
     }
@@ -154,7 +197,8 @@ impl Registry {
     }
 
     pub fn names(&self, kind: Kind) -> Vec<String> {
-        let mut v: Vec<String> = self.entries.iter().filter(|e| e.info.kind == kind).map(|e| e.info.name.to_string()).collect();
+        let mut v: Vec<String> =
+            self.entries.iter().filter(|e| e.info.kind == kind).map(|e| e.info.name.to_string()).collect();
         v.sort();
         v
     }

@@ -4,9 +4,9 @@
 
 use crate::checkpoint::{self, TrainerState};
 use crate::config::{ComponentTable, Config};
-use crate::cpu::{view, CpuOps};
+use crate::cpu::{view, view_mut, CpuOps};
 use crate::data::{Dataset, Split, Synthetic};
-use crate::model::{MoeComponents, Model};
+use crate::model::{Model, MoeComponents};
 use crate::params::Params;
 use crate::registry::Registry;
 use abi_stable::std_types::RSlice;
@@ -17,7 +17,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Build one component from its config table; errors point at file:line.
-pub fn create(cfg: &Config, reg: &Registry, kind: Kind, n: usize, table: &ComponentTable, layer: usize) -> Result<Component, String> {
+pub fn create(
+    cfg: &Config,
+    reg: &Registry,
+    kind: Kind,
+    n: usize,
+    table: &ComponentTable,
+    layer: usize,
+) -> Result<Component, String> {
     let section = kind.as_str();
     let name = table.get("plugin").and_then(|v| v.as_str()).ok_or_else(|| {
         format!(
@@ -31,7 +38,9 @@ pub fn create(cfg: &Config, reg: &Registry, kind: Kind, n: usize, table: &Compon
     let text = toml::to_string(&own).map_err(|e| e.to_string())?;
     reg.create(kind, name, &text, cfg.dims(layer)).map_err(|msg| {
         let unknown = msg.split("unknown field `").nth(1).and_then(|r| r.split('`').next());
-        let key = unknown.or_else(|| own.keys().map(|k| k.as_str()).find(|k| msg.contains(&format!("`{k}`")))).unwrap_or("plugin");
+        let key = unknown
+            .or_else(|| own.keys().map(|k| k.as_str()).find(|k| msg.contains(&format!("`{k}`"))))
+            .unwrap_or("plugin");
         format!("{}: {msg}", cfg.at(section, n, key))
     })
 }
@@ -43,7 +52,9 @@ pub fn components(cfg: &Config, reg: &Registry) -> Result<(Vec<MoeComponents>, (
     for l in 0..cfg.model.layers {
         let Component::Router(router) = create(cfg, reg, Kind::Router, 0, &cfg.router, l)? else { unreachable!() };
         let Component::Experts(experts) = create(cfg, reg, Kind::Experts, 0, &cfg.experts, l)? else { unreachable!() };
-        let Component::CommSchedule(comm) = create(cfg, reg, Kind::CommSchedule, 0, &cfg.comm, l)? else { unreachable!() };
+        let Component::CommSchedule(comm) = create(cfg, reg, Kind::CommSchedule, 0, &cfg.comm, l)? else {
+            unreachable!()
+        };
         let mut losses = Vec::new();
         for (i, t) in cfg.balance_loss.iter().enumerate() {
             let Component::BalanceLoss(b) = create(cfg, reg, Kind::BalanceLoss, i, t, l)? else { unreachable!() };
@@ -127,10 +138,18 @@ impl Run {
         let (name, opt) = &self.opt;
         for p in &mut self.params.list {
             let shape: Vec<usize> = p.spec.shape.iter().map(|&d| d as usize).collect();
-            let state: Vec<_> = p.state.iter().map(|(_, v)| view(v, &shape)).collect();
-            opt.step(self.ops.ops(), &p.spec, view(&p.w, &shape), view(&p.g, &shape), RSlice::from_slice(&state), lr, step)
-                .into_result()
-                .map_err(|e| format!("optimizer `{name}` on {}: {e}", p.name))?;
+            let state: Vec<_> = p.state.iter_mut().map(|(_, v)| view_mut(v, &shape)).collect();
+            opt.step(
+                self.ops.ops(),
+                &p.spec,
+                view_mut(&mut p.w, &shape),
+                view(&p.g, &shape),
+                RSlice::from_slice(&state),
+                lr,
+                step,
+            )
+            .into_result()
+            .map_err(|e| format!("optimizer `{name}` on {}: {e}", p.name))?;
         }
         self.ops.reset();
         Ok(())
@@ -142,7 +161,11 @@ pub fn train(cfg: Config, reg: &Registry, resume: Option<&Path>) -> Result<Summa
     let t = cfg.train.clone();
     let m = cfg.model.clone();
     if t.device != "cpu" {
-        return Err(format!("{}: train.device = \"{}\": only the CPU backend exists in this build", cfg.at("train", 0, "device"), t.device));
+        return Err(format!(
+            "{}: train.device = \"{}\": only the CPU backend exists in this build",
+            cfg.at("train", 0, "device"),
+            t.device
+        ));
     }
     if t.threads > 0 {
         let _ = rayon::ThreadPoolBuilder::new().num_threads(t.threads).build_global();
@@ -221,7 +244,8 @@ pub fn train(cfg: Config, reg: &Registry, resume: Option<&Path>) -> Result<Summa
         }
         let gnorm = run.params.grad_norm();
         if !gnorm.is_finite() {
-            let bad = run.params.list.iter().find(|p| p.g.iter().any(|g| !g.is_finite())).map_or("?", |p| p.name.as_str());
+            let bad =
+                run.params.list.iter().find(|p| p.g.iter().any(|g| !g.is_finite())).map_or("?", |p| p.name.as_str());
             return Err(format!("step {step}: non-finite gradient, first in `{bad}`"));
         }
         if t.clip > 0.0 && gnorm > t.clip {
@@ -234,7 +258,8 @@ pub fn train(cfg: Config, reg: &Registry, resume: Option<&Path>) -> Result<Summa
         let plugin_metrics = run.ops.take_metrics();
         let loads: Vec<(f64, f64)> = counts.iter().map(|c| load_stats(c)).collect();
         let n = loads.len().max(1) as f64;
-        let (load_max, load_ent) = (loads.iter().map(|l| l.0).sum::<f64>() / n, loads.iter().map(|l| l.1).sum::<f64>() / n);
+        let (load_max, load_ent) =
+            (loads.iter().map(|l| l.0).sum::<f64>() / n, loads.iter().map(|l| l.1).sum::<f64>() / n);
         let tps = tokens_per_step as f64 / dt;
         let mut line = serde_json::json!({
             "step": step, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens_per_s": tps,

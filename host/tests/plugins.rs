@@ -21,7 +21,11 @@ fn tmp(name: &str) -> PathBuf {
 /// Run pith; returns (exit code, stdout, stderr).
 fn pith(args: &[&str]) -> (i32, String, String) {
     let o = Command::new(PITH).args(args).env("PITH_PLUGIN_PATH", "").output().unwrap();
-    (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
 }
 
 /// Build the crate at `dir` as a cdylib; returns the .so path.
@@ -63,7 +67,8 @@ fn scaffolded_router() -> &'static PathBuf {
     static SO: OnceLock<PathBuf> = OnceLock::new();
     SO.get_or_init(|| {
         let dir = tmp("scaffold");
-        let (code, out, err) = pith(&["plugins", "new", "--kind", "router", "--name", "test-router", "--dir", dir.to_str().unwrap()]);
+        let (code, out, err) =
+            pith(&["plugins", "new", "--kind", "router", "--name", "test-router", "--dir", dir.to_str().unwrap()]);
         assert_eq!(code, 0, "{out}{err}");
         build(&dir.join("test-router"), "test_router")
     })
@@ -79,7 +84,7 @@ fn panicky_router() -> &'static PathBuf {
         let src = dir.join("panicky/src/lib.rs");
         let s = std::fs::read_to_string(&src).unwrap();
         let s = s
-            .replace("    top_k: usize,\n}", "    top_k: usize,\n    #[serde(default)]\n    panic: String,\n}")
+            .replacen("    top_k: usize,\n}", "    top_k: usize,\n    #[serde(default)]\n    panic: String,\n}", 1)
             .replace("    let c: Config = parse_config(config)?;", "    let c: Config = parse_config(config)?;\n    if c.panic == \"create\" { panic!(\"boom in create\") }\n    PANIC.set(c.panic.clone()).ok();")
             .replace("        let (t, e, k) = (x.dim(0), self.experts, self.top_k);\n        let logits", "        if PANIC.get().map(String::as_str) == Some(\"forward\") { panic!(\"boom in forward\") }\n        let (t, e, k) = (x.dim(0), self.experts, self.top_k);\n        let logits")
             .replace("        let dl = h.alloc_f32", "        if PANIC.get().map(String::as_str) == Some(\"backward\") { panic!(\"boom in backward\") }\n        let dl = h.alloc_f32")
@@ -107,8 +112,18 @@ fn one_line_error(err: &str) -> String {
 fn list_shows_every_kind_built_in() {
     let (code, out, _) = pith(&["plugins", "list"]);
     assert_eq!(code, 0);
-    for (kind, name) in [("router", "topk-softmax"), ("experts", "swiglu"), ("balance_loss", "switch-aux"), ("balance_loss", "z-loss"), ("optimizer", "adamw"), ("comm", "local")] {
-        assert!(out.lines().any(|l| l.starts_with(kind) && l.contains(name) && l.contains("built-in")), "{kind} {name} missing:\n{out}");
+    for (kind, name) in [
+        ("router", "topk-softmax"),
+        ("experts", "swiglu"),
+        ("balance_loss", "switch-aux"),
+        ("balance_loss", "z-loss"),
+        ("optimizer", "adamw"),
+        ("comm", "local"),
+    ] {
+        assert!(
+            out.lines().any(|l| l.starts_with(kind) && l.contains(name) && l.contains("built-in")),
+            "{kind} {name} missing:\n{out}"
+        );
     }
 }
 
@@ -120,7 +135,10 @@ fn scaffolded_router_builds_loads_is_selected_and_passes_check() {
     let d = dir.to_str().unwrap();
     let (code, out, err) = pith(&["plugins", "list", "--plugin-dir", d]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.lines().any(|l| l.starts_with("router") && l.contains("test-router") && l.contains("libtest_router.so")), "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("router") && l.contains("test-router") && l.contains("libtest_router.so")),
+        "{out}"
+    );
     let (code, out, err) = pith(&["plugins", "check", "test-router", "--plugin-dir", d]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("PASS router `test-router`"), "{out}");
@@ -132,9 +150,21 @@ fn scaffolded_router_builds_loads_is_selected_and_passes_check() {
     std::fs::write(&cfg, text).unwrap();
     let (code, out, err) = pith(&["plan", cfg.to_str().unwrap(), "--plugin-dir", d]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.lines().any(|l| l.contains("router") && l.contains("test-router") && l.contains("libtest_router.so")), "{out}");
+    assert!(
+        out.lines().any(|l| l.contains("router") && l.contains("test-router") && l.contains("libtest_router.so")),
+        "{out}"
+    );
     let run = dir.join("run");
-    let (code, _, err) = pith(&["train", cfg.to_str().unwrap(), "--plugin-dir", d, "--set", "train.steps=3", "--set", &format!("train.out=\"{}\"", run.display())]);
+    let (code, _, err) = pith(&[
+        "train",
+        cfg.to_str().unwrap(),
+        "--plugin-dir",
+        d,
+        "--set",
+        "train.steps=3",
+        "--set",
+        &format!("train.out=\"{}\"", run.display()),
+    ]);
     assert_eq!(code, 0, "{err}");
     assert!(run.join("metrics.jsonl").is_file());
     assert_eq!(before, host_fingerprint(), "a file under host/ changed");
@@ -143,7 +173,8 @@ fn scaffolded_router_builds_loads_is_selected_and_passes_check() {
 #[test]
 fn loaded_plugin_replaces_builtin_visibly() {
     let dir = tmp("replace");
-    let (code, _, err) = pith(&["plugins", "new", "--kind", "router", "--name", "topk-softmax", "--dir", dir.to_str().unwrap()]);
+    let (code, _, err) =
+        pith(&["plugins", "new", "--kind", "router", "--name", "topk-softmax", "--dir", dir.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     let so = build(&dir.join("topk-softmax"), "topk_softmax");
     let pd = plugin_dir_with("replace-dir", &[("libtopk_softmax.so", &so)]);
@@ -164,13 +195,20 @@ fn plugin_built_against_another_api_version_is_refused_in_one_line() {
     }
     let manifest = std::fs::read_to_string(Path::new(WORKSPACE).join("plugin-api/Cargo.toml")).unwrap();
     std::fs::write(api.join("Cargo.toml"), manifest.replace("version = \"0.1.0\"", "version = \"0.2.0\"")).unwrap();
-    let (code, _, err) = pith(&["plugins", "new", "--kind", "router", "--name", "old-router", "--dir", root.to_str().unwrap()]);
+    let (code, _, err) =
+        pith(&["plugins", "new", "--kind", "router", "--name", "old-router", "--dir", root.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     let m = root.join("old-router/Cargo.toml");
     let text = std::fs::read_to_string(&m).unwrap();
     let text: String = text
         .lines()
-        .map(|l| if l.starts_with("pith-plugin-api") { format!("pith-plugin-api = {{ path = \"{}\" }}", api.display()) } else { l.to_string() })
+        .map(|l| {
+            if l.starts_with("pith-plugin-api") {
+                format!("pith-plugin-api = {{ path = \"{}\" }}", api.display())
+            } else {
+                l.to_string()
+            }
+        })
         .collect::<Vec<_>>()
         .join("\n");
     std::fs::write(&m, text).unwrap();
@@ -179,22 +217,39 @@ fn plugin_built_against_another_api_version_is_refused_in_one_line() {
     let (code, _, err) = pith(&["plugins", "list", "--plugin-dir", pd.to_str().unwrap()]);
     assert_eq!(code, 1);
     let line = one_line_error(&err);
-    assert!(line.contains("libold_router.so") && line.contains("plugin-api 0.2.0") && line.contains("rebuild the plugin against plugin-api 0.1"), "{line}");
+    assert!(
+        line.contains("libold_router.so")
+            && line.contains("plugin-api 0.2.0")
+            && line.contains("rebuild the plugin against plugin-api 0.1"),
+        "{line}"
+    );
 }
 
 #[test]
 fn files_that_are_not_plugins_are_refused_in_one_line() {
     let random = tmp("random").join("librandom.so");
-    std::fs::write(&random, (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect::<Vec<u8>>()).unwrap();
+    std::fs::write(&random, (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect::<Vec<u8>>())
+        .unwrap();
     let bytes = std::fs::read(scaffolded_router()).unwrap();
-    let truncated = tmp("trunc").join("libtrunc.so");
+    // Cut inside the loadable segments (the loader would SIGBUS) and inside the debug info.
+    let (short, truncated) = (tmp("short").join("libshort.so"), tmp("trunc").join("libtrunc.so"));
+    std::fs::write(&short, &bytes[..2000]).unwrap();
     std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
     // Any real shared library that is not a Pith plugin: a C library we compile here.
     let c_dir = tmp("clib");
     std::fs::write(c_dir.join("x.c"), "int add(int a, int b) { return a + b; }\n").unwrap();
-    let st = Command::new("cc").args(["-shared", "-fPIC", "-o"]).arg(c_dir.join("libplain.so")).arg(c_dir.join("x.c")).status().unwrap();
+    let st = Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(c_dir.join("libplain.so"))
+        .arg(c_dir.join("x.c"))
+        .status()
+        .unwrap();
     assert!(st.success());
-    for (file, expect) in [(&random, "not a loadable shared library"), (&truncated, "not a loadable shared library"), (&c_dir.join("libplain.so"), "not a Pith plugin")] {
+    for (file, expect) in [
+        (&random, "not a loadable shared library"),
+        (&truncated, "not a loadable shared library"),
+        (&c_dir.join("libplain.so"), "not a Pith plugin"),
+    ] {
         let pd = plugin_dir_with("bad", &[(file.file_name().unwrap().to_str().unwrap(), file)]);
         let (code, _, err) = pith(&["plugins", "list", "--plugin-dir", pd.to_str().unwrap()]);
         assert_eq!(code, 1, "{err}");
@@ -217,7 +272,15 @@ fn two_plugins_with_one_name_are_refused() {
 fn panics_inside_a_plugin_are_reported_with_its_name() {
     let pd = plugin_dir_with("panic", &[("libpanicky.so", panicky_router())]);
     for place in ["create", "forward", "backward"] {
-        let (code, out, err) = pith(&["plugins", "check", "panicky", "--plugin-dir", pd.to_str().unwrap(), "--config", &format!("panic = \"{place}\"")]);
+        let (code, out, err) = pith(&[
+            "plugins",
+            "check",
+            "panicky",
+            "--plugin-dir",
+            pd.to_str().unwrap(),
+            "--config",
+            &format!("panic = \"{place}\""),
+        ]);
         assert_eq!(code, 1, "{place}: {out}{err}");
         let line = one_line_error(&err);
         assert!(line.contains("panicky") && line.contains(&format!("boom in {place}")), "{place}: {line}");
@@ -230,7 +293,12 @@ fn config_errors_name_file_line_and_valid_choices() {
     let base = std::fs::read_to_string(Path::new(WORKSPACE).join("configs/quickstart.toml")).unwrap();
     let line_of = |text: &str, needle: &str| text.lines().position(|l| l.contains(needle)).unwrap() + 1;
     let cases = [
-        ("unknown-plugin", base.replace("plugin = \"topk-softmax\"", "plugin = \"nope\""), "plugin = \"nope\"", "topk-softmax"),
+        (
+            "unknown-plugin",
+            base.replace("plugin = \"topk-softmax\"", "plugin = \"nope\""),
+            "plugin = \"nope\"",
+            "topk-softmax",
+        ),
         ("plugin-key", base.replace("top_k = 2", "top_k = 2\ntopk = 3"), "topk = 3", "topk"),
         ("plugin-type", base.replace("top_k = 2", "top_k = \"two\""), "top_k = \"two\"", "top_k"),
         ("host-key", base.replace("hidden = 128", "hidden = 128\nhiden = 3"), "hiden = 3", "hiden"),

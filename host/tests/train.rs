@@ -64,7 +64,8 @@ fn quickstart_learns_well_below_the_unigram_entropy() {
     // "Well below": at least 60% of the way from the unigram entropy down to the floor.
     assert!(val < uni - 0.6 * (uni - floor), "val loss {val}, unigram {uni}, floor {floor}");
     assert!(text.contains("known floor"), "{text}");
-    for key in ["lr", "grad_norm", "tokens_per_s", "load_max_over_mean", "load_entropy", "aux.switch-aux", "aux.z-loss"] {
+    for key in ["lr", "grad_norm", "tokens_per_s", "load_max_over_mean", "load_entropy", "aux.switch-aux", "aux.z-loss"]
+    {
         assert!(m[0].get(key).is_some(), "metrics line lacks {key}: {}", m[0]);
     }
 }
@@ -72,7 +73,16 @@ fn quickstart_learns_well_below_the_unigram_entropy() {
 #[test]
 fn resumed_run_reproduces_the_uninterrupted_losses_exactly() {
     let (a, b) = (tmp("resume-a"), tmp("resume-b"));
-    let common = ["--set", "train.steps=12", "--set", "train.checkpoint_every=6", "--set", "train.eval_every=0", "--set", "train.grad_accum=2"];
+    let common = [
+        "--set",
+        "train.steps=12",
+        "--set",
+        "train.checkpoint_every=6",
+        "--set",
+        "train.eval_every=0",
+        "--set",
+        "train.grad_accum=2",
+    ];
     let (code, text) = pith(&[&["train", "--set", &out(&a)][..], &common].concat());
     assert_eq!(code, 0, "{text}");
     let ck = a.join("checkpoints/step_00000006");
@@ -102,11 +112,35 @@ fn bad_runs_fail_clearly_and_keep_existing_checkpoints() {
     assert_eq!(code, 1);
     assert!(text.contains("already holds checkpoints") && text.contains("--resume"), "{text}");
     // A run that diverges says at which step and where, and writes no checkpoint.
-    let (code, text) = pith(&["train", "--set", &out(&run), "--resume", run.to_str().unwrap(), "--set", "train.steps=8", "--set", "train.lr=1e30", "--set", "train.warmup=0", "--set", "train.clip=0"]);
+    let (code, text) = pith(&[
+        "train",
+        "--set",
+        &out(&run),
+        "--resume",
+        run.to_str().unwrap(),
+        "--set",
+        "train.steps=8",
+        "--set",
+        "train.lr=1e30",
+        "--set",
+        "train.warmup=0",
+        "--set",
+        "train.clip=0",
+    ]);
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("step ") && text.contains("non-finite"), "{text}");
     // A checkpoint from another model is refused, naming the difference.
-    let (code, text) = pith(&["train", "--set", &out(&run), "--resume", run.to_str().unwrap(), "--set", "model.hidden=64", "--set", "train.steps=8"]);
+    let (code, text) = pith(&[
+        "train",
+        "--set",
+        &out(&run),
+        "--resume",
+        run.to_str().unwrap(),
+        "--set",
+        "model.hidden=64",
+        "--set",
+        "train.steps=8",
+    ]);
     assert_eq!(code, 1);
     assert!(text.contains("model.hidden") && text.contains("different config"), "{text}");
     assert!(before == snapshot(&run.join("checkpoints")), "existing checkpoints changed");
@@ -121,10 +155,21 @@ fn prepared_tinyshakespeare_trains() {
     }
     let dir = tmp("shakespeare");
     let data = dir.join("data");
-    let (code, text) = pith(&["data", "prepare", src.to_str().unwrap(), "--out", data.to_str().unwrap(), "--val-fraction", "0.1"]);
+    let (code, text) =
+        pith(&["data", "prepare", src.to_str().unwrap(), "--out", data.to_str().unwrap(), "--val-fraction", "0.1"]);
     assert_eq!(code, 0, "{text}");
     let source = format!("data.source=\"{}\"", data.display());
-    let (code, text) = pith(&["train", "--set", &out(&dir.join("run")), "--set", &source, "--set", "train.steps=30", "--set", "train.eval_every=0"]);
+    let (code, text) = pith(&[
+        "train",
+        "--set",
+        &out(&dir.join("run")),
+        "--set",
+        &source,
+        "--set",
+        "train.steps=30",
+        "--set",
+        "train.eval_every=0",
+    ]);
     assert_eq!(code, 0, "{text}");
     let m = metrics(&dir.join("run"));
     let (first, last) = (m[0]["loss"].as_f64().unwrap(), m.last().unwrap()["loss"].as_f64().unwrap());

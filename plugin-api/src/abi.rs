@@ -25,13 +25,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
-        Kind::Router,
-        Kind::Experts,
-        Kind::BalanceLoss,
-        Kind::Optimizer,
-        Kind::CommSchedule,
-    ];
+    pub const ALL: [Kind; 5] = [Kind::Router, Kind::Experts, Kind::BalanceLoss, Kind::Optimizer, Kind::CommSchedule];
     /// The name used in TOML (`[router]`, `[[balance_loss]]`, ...) and on the command line.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -176,13 +170,7 @@ pub trait Ops {
         accumulate: bool,
     ) -> RResult<(), RString>;
     /// Weight gradient of a grouped GEMM: dw[g] += x_gᵀ · dy_g (dw [G,K,N]).
-    fn grouped_gemm_wgrad(
-        &self,
-        x: Tensor,
-        dy: Tensor,
-        dw: Tensor,
-        offsets: Tensor,
-    ) -> RResult<(), RString>;
+    fn grouped_gemm_wgrad(&self, x: Tensor, dy: Tensor, dw: Tensor, offsets: Tensor) -> RResult<(), RString>;
     /// Record a scalar for this step's metrics line (averaged over the layers that report it).
     #[sabi(last_prefix_field)]
     fn metric(&self, name: RStr<'_>, value: f64);
@@ -219,13 +207,7 @@ pub trait DynRouter: Send + Sync {
 #[sabi_trait]
 pub trait DynExperts: Send + Sync {
     fn params(&self) -> RVec<ParamSpec>;
-    fn forward(
-        &self,
-        ops: OpsRef<'_>,
-        params: RSlice<'_, Tensor>,
-        x: Tensor,
-        offsets: Tensor,
-    ) -> Res<ExpertsOut>;
+    fn forward(&self, ops: OpsRef<'_>, params: RSlice<'_, Tensor>, x: Tensor, offsets: Tensor) -> Res<ExpertsOut>;
     #[allow(clippy::too_many_arguments)]
     #[sabi(last_prefix_field)]
     fn backward(
@@ -245,14 +227,7 @@ pub trait DynExperts: Send + Sync {
 pub trait DynBalanceLoss: Send + Sync {
     fn forward(&self, ops: OpsRef<'_>, logits: Tensor, ids: Tensor) -> Res<f32>;
     #[sabi(last_prefix_field)]
-    fn backward(
-        &self,
-        ops: OpsRef<'_>,
-        logits: Tensor,
-        ids: Tensor,
-        scale: f32,
-        d_logits: Tensor,
-    ) -> Res<()>;
+    fn backward(&self, ops: OpsRef<'_>, logits: Tensor, ids: Tensor, scale: f32, d_logits: Tensor) -> Res<()>;
 }
 
 #[sabi_trait]
@@ -288,13 +263,7 @@ pub trait DynCommSchedule: Send + Sync {
         d_weights: Tensor,
     ) -> Res<()>;
     #[sabi(last_prefix_field)]
-    fn dispatch_backward(
-        &self,
-        ops: OpsRef<'_>,
-        dx_sorted: Tensor,
-        d: &Dispatched,
-        dx: Tensor,
-    ) -> Res<()>;
+    fn dispatch_backward(&self, ops: OpsRef<'_>, dx_sorted: Tensor, d: &Dispatched, dx: Tensor) -> Res<()>;
 }
 
 pub type RouterBox = DynRouter_TO<'static, RBox<()>>;

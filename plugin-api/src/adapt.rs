@@ -10,6 +10,20 @@ use abi_stable::{
 };
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+thread_local! {
+    /// Where the last panic on this thread happened (set by the hook `quiet_panics` installs).
+    static PANIC_AT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// In a plugin library: record a panic's location instead of printing it, so the host reports
+/// the panic as one error line (each dylib has its own copy of std and its own panic hook).
+pub(crate) fn quiet_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let at = info.location().map(|l| format!("{}:{}", l.file(), l.line()));
+        PANIC_AT.with(|p| *p.borrow_mut() = at);
+    }));
+}
+
 /// Run `f`, turning an error or a panic into `RErr` with a readable message.
 pub(crate) fn guarded<T>(f: impl FnOnce() -> crate::Result<T>) -> RResult<T, RString> {
     match catch_unwind(AssertUnwindSafe(f)) {
@@ -21,7 +35,8 @@ pub(crate) fn guarded<T>(f: impl FnOnce() -> crate::Result<T>) -> RResult<T, RSt
                 .map(|s| s.to_string())
                 .or_else(|| p.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            RResult::RErr(format!("panicked: {msg}").into())
+            let at = PANIC_AT.with(|p| p.borrow_mut().take()).map(|a| format!(" at {a}")).unwrap_or_default();
+            RResult::RErr(format!("panicked{at}: {msg}").into())
         }
     }
 }
@@ -54,13 +69,7 @@ impl<T: crate::Experts> DynExperts for Wrap<T> {
     fn params(&self) -> RVec<ParamSpec> {
         self.0.params().into()
     }
-    fn forward(
-        &self,
-        ops: OpsRef<'_>,
-        p: RSlice<'_, Tensor>,
-        x: Tensor,
-        offsets: Tensor,
-    ) -> Res<ExpertsOut> {
+    fn forward(&self, ops: OpsRef<'_>, p: RSlice<'_, Tensor>, x: Tensor, offsets: Tensor) -> Res<ExpertsOut> {
         guarded(|| self.0.forward(Host(&ops), &p, x, offsets))
     }
     fn backward(
@@ -82,14 +91,7 @@ impl<T: crate::BalanceLoss> DynBalanceLoss for Wrap<T> {
     fn forward(&self, ops: OpsRef<'_>, logits: Tensor, ids: Tensor) -> Res<f32> {
         guarded(|| self.0.forward(Host(&ops), logits, ids))
     }
-    fn backward(
-        &self,
-        ops: OpsRef<'_>,
-        logits: Tensor,
-        ids: Tensor,
-        scale: f32,
-        d_logits: Tensor,
-    ) -> Res<()> {
+    fn backward(&self, ops: OpsRef<'_>, logits: Tensor, ids: Tensor, scale: f32, d_logits: Tensor) -> Res<()> {
         guarded(|| self.0.backward(Host(&ops), logits, ids, scale, d_logits))
     }
 }
@@ -131,13 +133,7 @@ impl<T: crate::CommSchedule> DynCommSchedule for Wrap<T> {
     ) -> Res<()> {
         guarded(|| self.0.combine_backward(Host(&ops), dout, y, weights, d, dy, d_weights))
     }
-    fn dispatch_backward(
-        &self,
-        ops: OpsRef<'_>,
-        dx_sorted: Tensor,
-        d: &Dispatched,
-        dx: Tensor,
-    ) -> Res<()> {
+    fn dispatch_backward(&self, ops: OpsRef<'_>, dx_sorted: Tensor, d: &Dispatched, dx: Tensor) -> Res<()> {
         guarded(|| self.0.dispatch_backward(Host(&ops), dx_sorted, d, dx))
     }
 }
@@ -196,7 +192,9 @@ pub extern "C" fn ffi_create(
     })
 }
 
-/// Root-module entry: install the host's log callback as this library's tracing subscriber.
+/// Root-module entry (dylibs only): install the host's log callback as this library's tracing
+/// subscriber, and report panics as errors rather than printing them.
 pub extern "C" fn ffi_set_logger(f: LogFn) {
     crate::log::install(f);
+    quiet_panics();
 }

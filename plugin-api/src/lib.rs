@@ -11,8 +11,7 @@ mod adapt;
 mod log;
 
 pub use abi::{
-    ComponentInfo, DType, Device, Dispatched, ExpertsOut, Init, Kind, ModelDims, ParamSpec,
-    RouterOut, Tensor,
+    ComponentInfo, DType, Device, Dispatched, ExpertsOut, Init, Kind, ModelDims, ParamSpec, RouterOut, Tensor,
 };
 pub use abi_stable;
 pub use adapt::{ffi_components, ffi_create, ffi_set_logger};
@@ -69,12 +68,7 @@ impl Tensor {
 
 impl ParamSpec {
     pub fn new(name: &str, shape: &[usize], init: Init, decay: bool) -> ParamSpec {
-        ParamSpec {
-            name: name.into(),
-            shape: shape.iter().map(|&d| d as u64).collect(),
-            init,
-            decay,
-        }
+        ParamSpec { name: name.into(), shape: shape.iter().map(|&d| d as u64).collect(), init, decay }
     }
     pub fn numel(&self) -> usize {
         self.shape.iter().product::<u64>() as usize
@@ -125,10 +119,7 @@ impl<'a> Host<'a> {
         trans_w: bool,
         accumulate: bool,
     ) -> Result<()> {
-        self.0
-            .grouped_gemm(x, w, y, offsets, trans_w, accumulate)
-            .into_result()
-            .map_err(Into::into)
+        self.0.grouped_gemm(x, w, y, offsets, trans_w, accumulate).into_result().map_err(Into::into)
     }
     /// dw[g] += x_gᵀ · dy_g.
     pub fn grouped_gemm_wgrad(&self, x: Tensor, dy: Tensor, dw: Tensor, offsets: Tensor) -> Result<()> {
@@ -243,18 +234,21 @@ inventory::collect!(Registration);
 /// Parse a component's TOML table into its config struct (use `#[serde(deny_unknown_fields)]`).
 /// Errors are one line and name the key in backticks, so the host can point at file:line.
 pub fn parse_config<T: serde::de::DeserializeOwned>(toml_text: &str) -> Result<T> {
-    toml::from_str(toml_text).map_err(|e| {
-        let msg = e.message().trim().replace('\n', " ");
-        let key = e.span().and_then(|s| {
-            let line = toml_text[..s.start].rsplit('\n').next().unwrap_or("").to_string()
-                + toml_text[s.start..].split('\n').next().unwrap_or("");
-            line.split_once('=').map(|(k, _)| k.trim().trim_matches('"').to_string())
-        });
-        match key {
-            Some(k) if !k.is_empty() && !msg.contains(&format!("`{k}`")) => format!("`{k}`: {msg}"),
-            _ => msg,
-        }
-    })
+    toml::from_str(toml_text).map_err(|e| toml_error(toml_text, &e).1)
+}
+
+/// A TOML error as (1-based line, one-line message naming the key in backticks).
+pub fn toml_error(text: &str, e: &toml::de::Error) -> (Option<usize>, String) {
+    let msg = e.message().trim().replace('\n', " ");
+    let Some(span) = e.span() else { return (None, msg) };
+    let line_no = text[..span.start].matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("");
+    let key =
+        line.split_once('=').map(|(k, _)| k.trim().trim_matches('"')).filter(|k| !k.is_empty() && !k.starts_with('['));
+    match key {
+        Some(k) if !msg.contains(&format!("`{k}`")) => (Some(line_no), format!("`{k}`: {msg}")),
+        _ => (Some(line_no), msg),
+    }
 }
 
 /// Register a component: `register!(Router, "name", "one line", "example toml", ctor)` where

@@ -44,11 +44,7 @@ impl Subscriber for Forward {
         let mut fields = Fields(String::new());
         event.record(&mut fields);
         let meta = event.metadata();
-        (self.0.log)(
-            level_number(meta.level()),
-            RString::from(meta.target()),
-            RString::from(fields.0),
-        );
+        (self.0.log)(level_number(meta.level()), RString::from(meta.target()), RString::from(fields.0));
     }
     fn enter(&self, _: &span::Id) {}
     fn exit(&self, _: &span::Id) {}

@@ -5,9 +5,7 @@
 //!   w = w·(1 − lr·wd) − lr·m̂/(√v̂ + eps)     (the decay factor only where param.decay).
 
 use crate::{expect, need_cpu};
-use pith_plugin_api::{
-    parse_config, register, DType, Host, ModelDims, Optimizer, ParamSpec, Result, Tensor,
-};
+use pith_plugin_api::{parse_config, register, DType, Host, ModelDims, Optimizer, ParamSpec, Result, Tensor};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -41,22 +39,14 @@ fn create(config: &str, _dims: ModelDims) -> Result<AdamW> {
     let c: Config = parse_config(config)?;
     for (key, v) in [("beta1", c.beta1), ("beta2", c.beta2)] {
         if !(0.0..1.0).contains(&v) {
-            return Err(format!(
-                "`{key}` = {v} but it must be in [0, 1) (typical: 0.9 for beta1, 0.95 for beta2)"
-            ));
+            return Err(format!("`{key}` = {v} but it must be in [0, 1) (typical: 0.9 for beta1, 0.95 for beta2)"));
         }
     }
     if !(c.eps.is_finite() && c.eps > 0.0) {
-        return Err(format!(
-            "`eps` = {} but it must be a finite number > 0 (typical: 1e-8)",
-            c.eps
-        ));
+        return Err(format!("`eps` = {} but it must be a finite number > 0 (typical: 1e-8)", c.eps));
     }
     if !(c.weight_decay.is_finite() && c.weight_decay >= 0.0) {
-        return Err(format!(
-            "`weight_decay` = {} but it must be a finite number >= 0 (typical: 0.1)",
-            c.weight_decay
-        ));
+        return Err(format!("`weight_decay` = {} but it must be a finite number >= 0 (typical: 0.1)", c.weight_decay));
     }
     Ok(AdamW(c))
 }
@@ -86,39 +76,21 @@ impl Optimizer for AdamW {
     ) -> Result<()> {
         need_cpu(&h, "adamw")?;
         let [m, v] = state else {
-            return Err(format!(
-                "adamw: expected 2 state tensors, got {}",
-                state.len()
-            ));
+            return Err(format!("adamw: expected 2 state tensors, got {}", state.len()));
         };
         if step == 0 {
             return Err("adamw: step counts from 1".into());
         }
         let shape = w.dims();
         for (t, what) in [(&g, "grad"), (m, "exp_avg"), (v, "exp_avg_sq")] {
-            expect(
-                t,
-                DType::F32,
-                &shape,
-                &format!("adamw: {} {what}", param.name),
-            )?;
+            expect(t, DType::F32, &shape, &format!("adamw: {} {what}", param.name))?;
         }
         let c = &self.0;
         let bc1 = 1.0 - (c.beta1 as f64).powf(step as f64);
         let bc2 = 1.0 - (c.beta2 as f64).powf(step as f64);
         let (step_size, bc2_sqrt) = ((lr as f64 / bc1) as f32, bc2.sqrt() as f32);
-        let keep = if param.decay {
-            1.0 - lr * c.weight_decay
-        } else {
-            1.0
-        };
-        for (((w, &g), m), v) in w
-            .f32s()
-            .iter_mut()
-            .zip(g.f32s().iter())
-            .zip(m.f32s())
-            .zip(v.f32s())
-        {
+        let keep = if param.decay { 1.0 - lr * c.weight_decay } else { 1.0 };
+        for (((w, &g), m), v) in w.f32s().iter_mut().zip(g.f32s().iter()).zip(m.f32s()).zip(v.f32s()) {
             *m = c.beta1 * *m + (1.0 - c.beta1) * g;
             *v = c.beta2 * *v + (1.0 - c.beta2) * g * g;
             *w = *w * keep - step_size * *m / (v.sqrt() / bc2_sqrt + c.eps);

@@ -9,8 +9,7 @@
 
 use crate::{expect, need_cpu};
 use pith_plugin_api::{
-    parse_config, register, DType, Experts, ExpertsOut, Host, Init, ModelDims, ParamSpec, Result,
-    Tensor,
+    parse_config, register, DType, Experts, ExpertsOut, Host, Init, ModelDims, ParamSpec, Result, Tensor,
 };
 use serde::Deserialize;
 
@@ -27,21 +26,13 @@ struct SwiGlu {
 
 fn create(config: &str, dims: ModelDims) -> Result<SwiGlu> {
     let _: Config = parse_config(config)?;
-    let (hidden, experts, ffn) = (
-        dims.hidden as usize,
-        dims.experts as usize,
-        dims.expert_ffn as usize,
-    );
+    let (hidden, experts, ffn) = (dims.hidden as usize, dims.experts as usize, dims.expert_ffn as usize);
     if hidden == 0 || experts == 0 || ffn == 0 {
         return Err(format!(
             "model.hidden ({hidden}), model.experts ({experts}) and model.expert_ffn ({ffn}) must all be at least 1"
         ));
     }
-    Ok(SwiGlu {
-        hidden,
-        experts,
-        ffn,
-    })
+    Ok(SwiGlu { hidden, experts, ffn })
 }
 
 register!(
@@ -61,10 +52,7 @@ fn sigmoid(a: f32) -> f32 {
 impl SwiGlu {
     fn check(&self, p: &[Tensor], x: &Tensor, offsets: &Tensor) -> Result<()> {
         if p.len() != 3 {
-            return Err(format!(
-                "{WHO}: expected 3 parameters (w_gate, w_up, w_down), got {}",
-                p.len()
-            ));
+            return Err(format!("{WHO}: expected 3 parameters (w_gate, w_up, w_down), got {}", p.len()));
         }
         expect(x, DType::F32, &[0, self.hidden], "swiglu: x")?;
         expect(offsets, DType::I32, &[self.experts + 1], "swiglu: offsets")
@@ -85,11 +73,7 @@ impl Experts for SwiGlu {
         need_cpu(&h, WHO)?;
         self.check(p, &x, &offsets)?;
         let n = x.dim(0);
-        let (a, b, u) = (
-            h.alloc_f32(&[n, self.ffn])?,
-            h.alloc_f32(&[n, self.ffn])?,
-            h.alloc_f32(&[n, self.ffn])?,
-        );
+        let (a, b, u) = (h.alloc_f32(&[n, self.ffn])?, h.alloc_f32(&[n, self.ffn])?, h.alloc_f32(&[n, self.ffn])?);
         h.grouped_gemm(x, p[0], a, offsets, false, false)?;
         h.grouped_gemm(x, p[1], b, offsets, false, false)?;
         let (av, bv) = (a.f32s(), b.f32s());
@@ -98,10 +82,7 @@ impl Experts for SwiGlu {
         }
         let y = h.alloc_f32(&[n, self.hidden])?;
         h.grouped_gemm(u, p[2], y, offsets, false, false)?;
-        Ok(ExpertsOut {
-            y,
-            saved: vec![a, b, u].into(),
-        })
+        Ok(ExpertsOut { y, saved: vec![a, b, u].into() })
     }
 
     fn backward(
@@ -118,16 +99,10 @@ impl Experts for SwiGlu {
         need_cpu(&h, WHO)?;
         self.check(p, &x, &offsets)?;
         let ([ga, gb, gd], [a, b, u]) = (g, &out.saved[..]) else {
-            return Err(format!(
-                "{WHO}: expected 3 grads and the 3 tensors forward saved"
-            ));
+            return Err(format!("{WHO}: expected 3 grads and the 3 tensors forward saved"));
         };
         let n = x.dim(0);
-        let (du, da, db) = (
-            h.alloc_f32(&[n, self.ffn])?,
-            h.alloc_f32(&[n, self.ffn])?,
-            h.alloc_f32(&[n, self.ffn])?,
-        );
+        let (du, da, db) = (h.alloc_f32(&[n, self.ffn])?, h.alloc_f32(&[n, self.ffn])?, h.alloc_f32(&[n, self.ffn])?);
         h.grouped_gemm(dy, p[2], du, offsets, true, false)?;
         h.grouped_gemm_wgrad(*u, dy, *gd, offsets)?;
         let (av, bv, duv, dav, dbv) = (a.f32s(), b.f32s(), du.f32s(), da.f32s(), db.f32s());

@@ -27,10 +27,7 @@ pub(crate) fn expect(t: &Tensor, dtype: DType, want: &[usize], what: &str) -> Re
     let dims = t.dims();
     let fits = dims.len() == want.len() && dims.iter().zip(want).all(|(&d, &w)| w == 0 || d == w);
     if !fits || t.dtype != dtype || t.device != Device::Cpu {
-        let want: Vec<String> = want
-            .iter()
-            .map(|&w| if w == 0 { "_".into() } else { w.to_string() })
-            .collect();
+        let want: Vec<String> = want.iter().map(|&w| if w == 0 { "_".into() } else { w.to_string() }).collect();
         return Err(format!(
             "{what}: expected a {dtype:?} CPU tensor of shape [{}], got {:?} {dims:?} on {:?}",
             want.join(", "),

@@ -9,9 +9,7 @@
 //! dispatch_backward:  dx[t] = Σ_slot dx_sorted[row(t,slot)].
 
 use crate::{check_ids, expect, need_cpu};
-use pith_plugin_api::{
-    parse_config, register, CommSchedule, DType, Dispatched, Host, ModelDims, Result, Tensor,
-};
+use pith_plugin_api::{parse_config, register, CommSchedule, DType, Dispatched, Host, ModelDims, Result, Tensor};
 use serde::Deserialize;
 
 /// No settings (an empty table is fine).
@@ -38,10 +36,7 @@ const WHO: &str = "local";
 
 /// The permutation dispatch saved (sorted row → t·k + slot).
 fn perm(d: &Dispatched) -> Result<&[i32]> {
-    let p = d
-        .saved
-        .first()
-        .ok_or("local: the Dispatched has no permutation; was it made by `local`?")?;
+    let p = d.saved.first().ok_or("local: the Dispatched has no permutation; was it made by `local`?")?;
     expect(p, DType::I32, &[0], "local: permutation")?;
     Ok(p.i32s())
 }
@@ -67,11 +62,7 @@ impl CommSchedule for Local {
             p[r] = i as i32;
             xsv[r * hd..(r + 1) * hd].copy_from_slice(&xv[(i / k) * hd..(i / k + 1) * hd]);
         }
-        Ok(Dispatched {
-            x: xs,
-            offsets,
-            saved: vec![perm].into(),
-        })
+        Ok(Dispatched { x: xs, offsets, saved: vec![perm].into() })
     }
 
     fn combine(&self, h: Host, y: Tensor, weights: Tensor, d: &Dispatched) -> Result<Tensor> {
@@ -81,19 +72,13 @@ impl CommSchedule for Local {
         expect(&weights, DType::F32, &[0, 0], "local: weights")?;
         let (t, k, hd) = (weights.dim(0), weights.dim(1), y.dim(1));
         if t * k != p.len() {
-            return Err(format!(
-                "local: weights are [{t}, {k}] but dispatch made {} rows",
-                p.len()
-            ));
+            return Err(format!("local: weights are [{t}, {k}] but dispatch made {} rows", p.len()));
         }
         let out = h.alloc_f32(&[t, hd])?;
         let (o, yv, w) = (out.f32s(), y.f32s(), weights.f32s());
         for (r, &i) in p.iter().enumerate() {
             let tok = i as usize / k;
-            for (o, &v) in o[tok * hd..(tok + 1) * hd]
-                .iter_mut()
-                .zip(&yv[r * hd..(r + 1) * hd])
-            {
+            for (o, &v) in o[tok * hd..(tok + 1) * hd].iter_mut().zip(&yv[r * hd..(r + 1) * hd]) {
                 *o += w[i as usize] * v;
             }
         }
@@ -116,32 +101,17 @@ impl CommSchedule for Local {
         expect(&dout, DType::F32, &[weights.dim(0), hd], "local: dout")?;
         expect(&dy, DType::F32, &y.dims(), "local: dy")?;
         expect(&d_weights, DType::F32, &weights.dims(), "local: d_weights")?;
-        let (dov, yv, w, dyv, dw) = (
-            dout.f32s(),
-            y.f32s(),
-            weights.f32s(),
-            dy.f32s(),
-            d_weights.f32s(),
-        );
+        let (dov, yv, w, dyv, dw) = (dout.f32s(), y.f32s(), weights.f32s(), dy.f32s(), d_weights.f32s());
         for (r, &i) in p.iter().enumerate() {
             let (i, tok) = (i as usize, i as usize / k);
             let (go, yr) = (&dov[tok * hd..(tok + 1) * hd], &yv[r * hd..(r + 1) * hd]);
             dw[i] = go.iter().zip(yr).map(|(a, b)| a * b).sum();
-            dyv[r * hd..(r + 1) * hd]
-                .iter_mut()
-                .zip(go)
-                .for_each(|(d, &g)| *d = w[i] * g);
+            dyv[r * hd..(r + 1) * hd].iter_mut().zip(go).for_each(|(d, &g)| *d = w[i] * g);
         }
         Ok(())
     }
 
-    fn dispatch_backward(
-        &self,
-        h: Host,
-        dx_sorted: Tensor,
-        d: &Dispatched,
-        dx: Tensor,
-    ) -> Result<()> {
+    fn dispatch_backward(&self, h: Host, dx_sorted: Tensor, d: &Dispatched, dx: Tensor) -> Result<()> {
         need_cpu(&h, WHO)?;
         let p = perm(d)?;
         expect(&dx_sorted, DType::F32, &[p.len(), 0], "local: dx_sorted")?;
@@ -149,19 +119,13 @@ impl CommSchedule for Local {
         let (t, hd) = (dx.dim(0), dx.dim(1));
         let k = p.len().checked_div(t).unwrap_or(1);
         if t * k != p.len() {
-            return Err(format!(
-                "local: dx has {t} tokens but dispatch made {} rows",
-                p.len()
-            ));
+            return Err(format!("local: dx has {t} tokens but dispatch made {} rows", p.len()));
         }
         let (dxv, ds) = (dx.f32s(), dx_sorted.f32s());
         dxv.iter_mut().for_each(|v| *v = 0.0);
         for (r, &i) in p.iter().enumerate() {
             let tok = i as usize / k;
-            dxv[tok * hd..(tok + 1) * hd]
-                .iter_mut()
-                .zip(&ds[r * hd..(r + 1) * hd])
-                .for_each(|(d, &g)| *d += g);
+            dxv[tok * hd..(tok + 1) * hd].iter_mut().zip(&ds[r * hd..(r + 1) * hd]).for_each(|(d, &g)| *d += g);
         }
         Ok(())
     }

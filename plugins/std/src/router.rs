@@ -10,8 +10,7 @@
 
 use crate::{expect, need_cpu, softmax};
 use pith_plugin_api::{
-    parse_config, register, DType, Host, Init, ModelDims, ParamSpec, Result, Router, RouterOut,
-    Tensor,
+    parse_config, register, DType, Host, Init, ModelDims, ParamSpec, Result, Router, RouterOut, Tensor,
 };
 use serde::Deserialize;
 
@@ -46,12 +45,7 @@ fn create(config: &str, dims: ModelDims) -> Result<TopKSoftmax> {
             c.top_k
         ));
     }
-    Ok(TopKSoftmax {
-        hidden: dims.hidden as usize,
-        experts,
-        top_k: c.top_k,
-        normalize: c.normalize,
-    })
+    Ok(TopKSoftmax { hidden: dims.hidden as usize, experts, top_k: c.top_k, normalize: c.normalize })
 }
 
 register!(
@@ -66,12 +60,7 @@ const WHO: &str = "topk-softmax";
 
 impl Router for TopKSoftmax {
     fn params(&self) -> Vec<ParamSpec> {
-        vec![ParamSpec::new(
-            "weight",
-            &[self.experts, self.hidden],
-            Init::Normal(0.02),
-            true,
-        )]
+        vec![ParamSpec::new("weight", &[self.experts, self.hidden], Init::Normal(0.02), true)]
     }
 
     fn forward(&self, h: Host, p: &[Tensor], x: Tensor) -> Result<RouterOut> {
@@ -91,31 +80,18 @@ impl Router for TopKSoftmax {
         for r in 0..t {
             let pt = &mut pr[r * e..(r + 1) * e];
             softmax(&l[r * e..(r + 1) * e], pt);
-            entropy -= pt
-                .iter()
-                .filter(|&&v| v > 0.0)
-                .map(|&v| v as f64 * (v as f64).ln())
-                .sum::<f64>();
+            entropy -= pt.iter().filter(|&&v| v > 0.0).map(|&v| v as f64 * (v as f64).ln()).sum::<f64>();
             // A stable sort by descending p keeps the lower id first among ties.
             let mut order: Vec<usize> = (0..e).collect();
             order.sort_by(|&a, &b| pt[b].total_cmp(&pt[a]));
-            let s: f32 = if self.normalize {
-                order[..k].iter().map(|&j| pt[j]).sum()
-            } else {
-                1.0
-            };
+            let s: f32 = if self.normalize { order[..k].iter().map(|&j| pt[j]).sum() } else { 1.0 };
             for (slot, &j) in order[..k].iter().enumerate() {
                 id[r * k + slot] = j as i32;
                 w[r * k + slot] = pt[j] / s;
             }
         }
         h.metric("router_entropy", entropy / t.max(1) as f64);
-        Ok(RouterOut {
-            logits,
-            ids,
-            weights,
-            saved: vec![probs].into(),
-        })
+        Ok(RouterOut { logits, ids, weights, saved: vec![probs].into() })
     }
 
     fn backward(
@@ -136,18 +112,9 @@ impl Router for TopKSoftmax {
         let (t, e, k) = (x.dim(0), self.experts, self.top_k);
         expect(&d_weights, DType::F32, &[t, k], "topk-softmax: d_weights")?;
         expect(&d_logits, DType::F32, &[t, e], "topk-softmax: d_logits")?;
-        let probs = out
-            .saved
-            .first()
-            .ok_or("topk-softmax: backward needs the probabilities forward saved")?;
+        let probs = out.saved.first().ok_or("topk-softmax: backward needs the probabilities forward saved")?;
         let dl = h.alloc_f32(&[t, e])?;
-        let (pr, id, w, dw, d) = (
-            probs.f32s(),
-            out.ids.i32s(),
-            out.weights.f32s(),
-            d_weights.f32s(),
-            dl.f32s(),
-        );
+        let (pr, id, w, dw, d) = (probs.f32s(), out.ids.i32s(), out.weights.f32s(), d_weights.f32s(), dl.f32s());
         d.copy_from_slice(d_logits.f32s());
         let mut dp = vec![0.0f32; e];
         for r in 0..t {

@@ -7,9 +7,7 @@
 //!   d_logits_t += scale · p_t ⊙ (c − ⟨c, p_t⟩).
 
 use crate::{check_ids, expect, need_cpu, softmax};
-use pith_plugin_api::{
-    parse_config, register, BalanceLoss, DType, Host, ModelDims, Result, Tensor,
-};
+use pith_plugin_api::{parse_config, register, BalanceLoss, DType, Host, ModelDims, Result, Tensor};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -30,15 +28,9 @@ struct SwitchAux {
 fn create(config: &str, dims: ModelDims) -> Result<SwitchAux> {
     let c: Config = parse_config(config)?;
     if !(c.coef.is_finite() && c.coef >= 0.0) {
-        return Err(format!(
-            "`coef` = {} but it must be a finite number >= 0 (typical: 0.01)",
-            c.coef
-        ));
+        return Err(format!("`coef` = {} but it must be a finite number >= 0 (typical: 0.01)", c.coef));
     }
-    Ok(SwitchAux {
-        experts: dims.experts as usize,
-        coef: c.coef,
-    })
+    Ok(SwitchAux { experts: dims.experts as usize, coef: c.coef })
 }
 
 register!(
@@ -77,34 +69,16 @@ impl BalanceLoss for SwitchAux {
         need_cpu(&h, WHO)?;
         let (p, c) = self.probs_and_c(&logits, &ids)?;
         // Σ_t Σ_e c_e·p_te = coef·E·Σ_e f_e·P_e.
-        let loss: f64 = p
-            .chunks(self.experts)
-            .flat_map(|pt| pt.iter().zip(&c))
-            .map(|(&a, &b)| a as f64 * b as f64)
-            .sum();
+        let loss: f64 =
+            p.chunks(self.experts).flat_map(|pt| pt.iter().zip(&c)).map(|(&a, &b)| a as f64 * b as f64).sum();
         Ok(loss as f32)
     }
 
-    fn backward(
-        &self,
-        h: Host,
-        logits: Tensor,
-        ids: Tensor,
-        scale: f32,
-        d_logits: Tensor,
-    ) -> Result<()> {
+    fn backward(&self, h: Host, logits: Tensor, ids: Tensor, scale: f32, d_logits: Tensor) -> Result<()> {
         need_cpu(&h, WHO)?;
         let (p, c) = self.probs_and_c(&logits, &ids)?;
-        expect(
-            &d_logits,
-            DType::F32,
-            &logits.dims(),
-            "switch-aux: d_logits",
-        )?;
-        for (pt, dt) in p
-            .chunks(self.experts)
-            .zip(d_logits.f32s().chunks_mut(self.experts))
-        {
+        expect(&d_logits, DType::F32, &logits.dims(), "switch-aux: d_logits")?;
+        for (pt, dt) in p.chunks(self.experts).zip(d_logits.f32s().chunks_mut(self.experts)) {
             let dot: f32 = pt.iter().zip(&c).map(|(a, b)| a * b).sum();
             for ((d, &pe), &ce) in dt.iter_mut().zip(pt).zip(&c) {
                 *d += scale * pe * (ce - dot);

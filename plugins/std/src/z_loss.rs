@@ -4,9 +4,7 @@
 //!   loss = coef · (1/T)·Σ_t lse_t²;   d_logits_t += scale · coef · 2·lse_t·p_t / T.
 
 use crate::{expect, need_cpu, softmax};
-use pith_plugin_api::{
-    parse_config, register, BalanceLoss, DType, Host, ModelDims, Result, Tensor,
-};
+use pith_plugin_api::{parse_config, register, BalanceLoss, DType, Host, ModelDims, Result, Tensor};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -27,15 +25,9 @@ struct ZLoss {
 fn create(config: &str, dims: ModelDims) -> Result<ZLoss> {
     let c: Config = parse_config(config)?;
     if !(c.coef.is_finite() && c.coef >= 0.0) {
-        return Err(format!(
-            "`coef` = {} but it must be a finite number >= 0 (typical: 0.001)",
-            c.coef
-        ));
+        return Err(format!("`coef` = {} but it must be a finite number >= 0 (typical: 0.001)", c.coef));
     }
-    Ok(ZLoss {
-        experts: dims.experts as usize,
-        coef: c.coef,
-    })
+    Ok(ZLoss { experts: dims.experts as usize, coef: c.coef })
 }
 
 register!(
@@ -54,32 +46,17 @@ impl BalanceLoss for ZLoss {
         expect(&logits, DType::F32, &[0, self.experts], "z-loss: logits")?;
         let t = logits.dim(0).max(1) as f64;
         let mut p = vec![0.0f32; self.experts];
-        let sum: f64 = logits
-            .f32s()
-            .chunks(self.experts)
-            .map(|row| (softmax(row, &mut p) as f64).powi(2))
-            .sum();
+        let sum: f64 = logits.f32s().chunks(self.experts).map(|row| (softmax(row, &mut p) as f64).powi(2)).sum();
         Ok((self.coef as f64 * sum / t) as f32)
     }
 
-    fn backward(
-        &self,
-        h: Host,
-        logits: Tensor,
-        _ids: Tensor,
-        scale: f32,
-        d_logits: Tensor,
-    ) -> Result<()> {
+    fn backward(&self, h: Host, logits: Tensor, _ids: Tensor, scale: f32, d_logits: Tensor) -> Result<()> {
         need_cpu(&h, WHO)?;
         expect(&logits, DType::F32, &[0, self.experts], "z-loss: logits")?;
         expect(&d_logits, DType::F32, &logits.dims(), "z-loss: d_logits")?;
         let c = scale * self.coef * 2.0 / logits.dim(0).max(1) as f32;
         let mut p = vec![0.0f32; self.experts];
-        for (row, d) in logits
-            .f32s()
-            .chunks(self.experts)
-            .zip(d_logits.f32s().chunks_mut(self.experts))
-        {
+        for (row, d) in logits.f32s().chunks(self.experts).zip(d_logits.f32s().chunks_mut(self.experts)) {
             let lse = softmax(row, &mut p);
             d.iter_mut().zip(&p).for_each(|(d, &pe)| *d += c * lse * pe);
         }
