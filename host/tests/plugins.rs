@@ -171,6 +171,26 @@ fn scaffolded_router_builds_loads_is_selected_and_passes_check() {
 }
 
 #[test]
+fn every_template_builds_and_passes_its_check() {
+    let dir = tmp("templates");
+    let pd = tmp("templates-dir");
+    for kind in ["experts", "balance_loss", "optimizer", "comm"] {
+        let name = format!("tpl-{}", kind.replace('_', "-"));
+        let (code, _, err) = pith(&["plugins", "new", "--kind", kind, "--name", &name, "--dir", dir.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+        let lib = format!("lib{}.so", name.replace('-', "_"));
+        let so = build(&dir.join(&name), &name.replace('-', "_"));
+        std::fs::copy(so, pd.join(&lib)).unwrap();
+    }
+    for kind in ["experts", "balance_loss", "optimizer", "comm"] {
+        let name = format!("tpl-{}", kind.replace('_', "-"));
+        let (code, out, err) = pith(&["plugins", "check", &name, "--plugin-dir", pd.to_str().unwrap()]);
+        assert_eq!(code, 0, "{kind}: {out}{err}");
+        assert!(out.contains(&format!("PASS {kind} `{name}`")), "{out}");
+    }
+}
+
+#[test]
 fn loaded_plugin_replaces_builtin_visibly() {
     let dir = tmp("replace");
     let (code, _, err) =

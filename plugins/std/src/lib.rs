@@ -50,6 +50,20 @@ pub(crate) fn softmax(row: &[f32], out: &mut [f32]) -> f32 {
     max + sum.ln()
 }
 
+/// The config of a loss whose only key is `coef` (≥ 0, finite), with its default.
+pub(crate) fn parse_coef(config: &str, default: f32) -> Result<f32> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Coef {
+        coef: Option<f32>,
+    }
+    let coef = pith_plugin_api::parse_config::<Coef>(config)?.coef.unwrap_or(default);
+    if !(coef.is_finite() && coef >= 0.0) {
+        return Err(format!("`coef` = {coef} but it must be a finite number >= 0 (typical: {default})"));
+    }
+    Ok(coef)
+}
+
 /// Check that every id is an expert of the model: `ids` [T,k] in 0..experts.
 pub(crate) fn check_ids(ids: &[i32], k: usize, experts: usize, who: &str) -> Result<()> {
     match ids.iter().position(|&i| i < 0 || i as usize >= experts) {

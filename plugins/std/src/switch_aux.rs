@@ -6,19 +6,8 @@
 //! Backward (f is a count, so constant): with c_e = coef·E·f_e / T = ∂loss/∂p_te,
 //!   d_logits_t += scale · p_t ⊙ (c − ⟨c, p_t⟩).
 
-use crate::{check_ids, expect, need_cpu, softmax};
-use pith_plugin_api::{parse_config, register, BalanceLoss, DType, Host, ModelDims, Result, Tensor};
-use serde::Deserialize;
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Config {
-    #[serde(default = "default_coef")]
-    coef: f32,
-}
-fn default_coef() -> f32 {
-    0.01
-}
+use crate::{check_ids, expect, need_cpu, parse_coef, softmax};
+use pith_plugin_api::{register, BalanceLoss, DType, Host, ModelDims, Result, Tensor};
 
 struct SwitchAux {
     experts: usize,
@@ -26,11 +15,7 @@ struct SwitchAux {
 }
 
 fn create(config: &str, dims: ModelDims) -> Result<SwitchAux> {
-    let c: Config = parse_config(config)?;
-    if !(c.coef.is_finite() && c.coef >= 0.0) {
-        return Err(format!("`coef` = {} but it must be a finite number >= 0 (typical: 0.01)", c.coef));
-    }
-    Ok(SwitchAux { experts: dims.experts as usize, coef: c.coef })
+    Ok(SwitchAux { experts: dims.experts as usize, coef: parse_coef(config, 0.01)? })
 }
 
 register!(

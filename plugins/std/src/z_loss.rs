@@ -3,19 +3,8 @@
 //! For logits [T,E], with lse_t = logsumexp(logits_t) and p_t = softmax(logits_t):
 //!   loss = coef · (1/T)·Σ_t lse_t²;   d_logits_t += scale · coef · 2·lse_t·p_t / T.
 
-use crate::{expect, need_cpu, softmax};
-use pith_plugin_api::{parse_config, register, BalanceLoss, DType, Host, ModelDims, Result, Tensor};
-use serde::Deserialize;
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Config {
-    #[serde(default = "default_coef")]
-    coef: f32,
-}
-fn default_coef() -> f32 {
-    0.001
-}
+use crate::{expect, need_cpu, parse_coef, softmax};
+use pith_plugin_api::{register, BalanceLoss, DType, Host, ModelDims, Result, Tensor};
 
 struct ZLoss {
     experts: usize,
@@ -23,11 +12,7 @@ struct ZLoss {
 }
 
 fn create(config: &str, dims: ModelDims) -> Result<ZLoss> {
-    let c: Config = parse_config(config)?;
-    if !(c.coef.is_finite() && c.coef >= 0.0) {
-        return Err(format!("`coef` = {} but it must be a finite number >= 0 (typical: 0.001)", c.coef));
-    }
-    Ok(ZLoss { experts: dims.experts as usize, coef: c.coef })
+    Ok(ZLoss { experts: dims.experts as usize, coef: parse_coef(config, 0.001)? })
 }
 
 register!(
