@@ -1,0 +1,97 @@
+//! `lion`: the Lion optimizer (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms").
+//!
+//! Per element, with one state m (`exp_avg`, zero-initialised):
+//!   c = β1·m + (1−β1)·g;  w ← w − lr·(sign(c) + wd·w)   (wd only for decay = true params);
+//!   m ← β2·m + (1−β2)·g.   sign(0) = 0, so a zero gradient on a zero state moves nothing.
+//! Reports `update_rms` = sqrt(mean(sign(c)²)) over the parameter (≤ 1; averaged over tensors).
+
+use pith_plugin_api::{parse_config, register, Host, ModelDims, Optimizer, ParamSpec, Result, Tensor};
+use serde::Deserialize;
+
+pith_plugin_api::export_plugin!("lion");
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    #[serde(default = "default_beta1")]
+    beta1: f32,
+    #[serde(default = "default_beta2")]
+    beta2: f32,
+    #[serde(default)]
+    weight_decay: f32,
+}
+fn default_beta1() -> f32 {
+    0.9
+}
+fn default_beta2() -> f32 {
+    0.99
+}
+
+struct Lion {
+    beta1: f32,
+    beta2: f32,
+    weight_decay: f32,
+}
+
+fn create(config: &str, _dims: ModelDims) -> Result<Lion> {
+    let c: Config = parse_config(config)?;
+    for (k, v) in [("beta1", c.beta1), ("beta2", c.beta2)] {
+        if !(0.0..1.0).contains(&v) {
+            return Err(format!("`{k}` = {v} must be in [0, 1)"));
+        }
+    }
+    if !(c.weight_decay.is_finite() && c.weight_decay >= 0.0) {
+        return Err(format!("`weight_decay` = {} must be a finite number >= 0", c.weight_decay));
+    }
+    Ok(Lion { beta1: c.beta1, beta2: c.beta2, weight_decay: c.weight_decay })
+}
+
+register!(
+    Optimizer,
+    "lion",
+    "Lion: sign of an interpolated momentum, one state tensor (Chen et al. 2023)",
+    "[optimizer]\nplugin = \"lion\"\nbeta1 = 0.9\nbeta2 = 0.99\nweight_decay = 0.1",
+    create
+);
+
+fn sign(x: f32) -> f32 {
+    if x > 0.0 {
+        1.0
+    } else if x < 0.0 {
+        -1.0
+    } else {
+        0.0
+    }
+}
+
+impl Optimizer for Lion {
+    fn state(&self, _param: &ParamSpec) -> Vec<String> {
+        vec!["exp_avg".into()]
+    }
+
+    fn step(
+        &self,
+        h: Host,
+        param: &ParamSpec,
+        w: Tensor,
+        g: Tensor,
+        state: &[Tensor],
+        lr: f32,
+        _step: u64,
+    ) -> Result<()> {
+        let [m] = state else {
+            return Err(format!("lion: expected 1 state tensor for {}, got {}", param.name, state.len()));
+        };
+        let wd = if param.decay { self.weight_decay } else { 0.0 };
+        let (b1, b2) = (self.beta1, self.beta2);
+        let mut sq = 0.0f64;
+        for ((w, &g), m) in w.f32s().iter_mut().zip(g.f32s().iter()).zip(m.f32s().iter_mut()) {
+            let u = sign(b1 * *m + (1.0 - b1) * g);
+            sq += (u * u) as f64;
+            *w -= lr * (u + wd * *w);
+            *m = b2 * *m + (1.0 - b2) * g;
+        }
+        h.metric("update_rms", (sq / w.numel().max(1) as f64).sqrt());
+        Ok(())
+    }
+}

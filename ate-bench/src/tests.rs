@@ -1,0 +1,240 @@
+//! The benchmark's own tests: every task's check FAILS before and PASSES after its reference
+//! solution, against the current tree; the parsers and the scorer do what README.md says.
+//!
+//! Training runs use PITH_BIN, else `target/debug/pith` (built once with `cargo build -p pith`);
+//! plugin crates build into `target/plugin-tests` (shared with host/tests/plugins.rs).
+
+use crate::check::{self, Env};
+use crate::{load_tasks, Task};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// `target/` (the test executable is `target/debug/deps/ate_bench-*`).
+fn target_root() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.ancestors().nth(3).unwrap().to_path_buf()
+}
+
+fn env() -> &'static Env {
+    static ENV: OnceLock<Env> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let pith = match std::env::var_os("PITH_BIN") {
+            Some(p) => PathBuf::from(p),
+            None => {
+                let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                    .args(["build", "--quiet", "-p", "pith", "--manifest-path"])
+                    .arg(crate::repo_dir().join("Cargo.toml"))
+                    .env("CARGO_TARGET_DIR", target_root())
+                    .status()
+                    .unwrap();
+                assert!(st.success(), "cargo build -p pith failed");
+                target_root().join("debug/pith")
+            }
+        };
+        let small = "model.hidden=32 model.layers=1 model.seq_len=16 model.heads=2 model.kv_heads=1 \
+                     model.head_dim=16 model.expert_ffn=32 train.micro_batch=4";
+        Env {
+            pith: Some(pith),
+            target_dir: Some(target_root().join("plugin-tests")),
+            extra_set: small.split_whitespace().map(String::from).collect(),
+            steps: None,
+        }
+    })
+}
+
+fn tasks(category: &str) -> Vec<Task> {
+    load_tasks().unwrap().into_iter().filter(|t| t.meta.category == category && !t.meta.needs_gpu).collect()
+}
+
+fn task(id: &str) -> Task {
+    crate::find_task(id).unwrap()
+}
+
+#[test]
+fn the_task_set_is_complete() {
+    let all = load_tasks().unwrap();
+    let (qa, op, feat) = (tasks("qa").len(), tasks("operate").len(), tasks("feature").len());
+    assert!(qa >= 12 && op >= 4 && feat >= 4, "qa {qa}, operate {op}, feature {feat}");
+    assert!(qa + op + feat >= 20);
+    for t in &all {
+        let prompt = std::fs::read_to_string(t.dir.join("task.md")).unwrap();
+        assert!(prompt.starts_with("# ") && prompt.len() > 100, "{}: task.md", t.id);
+        let sol = crate::bench_dir().join("solutions").join(&t.id);
+        match (t.meta.needs_gpu, &t.meta.check) {
+            (true, check::Check::Unavailable { .. }) => assert!(t.meta.blocked_by.is_some(), "{}", t.id),
+            (true, _) => panic!("{}: a GPU task's check must be `unavailable` until the host can run it", t.id),
+            (false, check::Check::Unavailable { .. }) => panic!("{}: CPU task without a check", t.id),
+            (false, _) => assert!(sol.is_dir(), "{}: no reference solution", t.id),
+        }
+    }
+}
+
+#[test]
+fn qa_checks_fail_on_empty_and_wrong_answers_and_pass_on_the_reference() {
+    let dir = check::working_copy("qa").unwrap();
+    for t in tasks("qa") {
+        let check::Check::Cite { cite, .. } = &t.meta.check else { panic!("{}: qa must be a cite check", t.id) };
+        let run = || check::run_with(&t, &dir, env());
+        let _ = std::fs::remove_file(dir.join("ANSWER.md"));
+        assert!(!run().passed(), "{}: passes with no ANSWER.md", t.id);
+        std::fs::write(dir.join("ANSWER.md"), "").unwrap();
+        assert!(!run().passed(), "{}: passes an empty answer", t.id);
+        // The right files, the wrong lines (line 1 is never inside a function).
+        let wrong: Vec<String> = cite
+            .iter()
+            .map(|c| {
+                let at =
+                    check::locate(c, &dir).unwrap_or_else(|| panic!("{}: `{}` is satisfied nowhere", t.id, c.what));
+                format!("{}:1", at.split(':').next().unwrap())
+            })
+            .collect();
+        std::fs::write(dir.join("ANSWER.md"), format!("It is here: {}\n", wrong.join(", "))).unwrap();
+        let o = run();
+        assert!(!o.passed(), "{}: passes a wrong answer", t.id);
+        assert!(o.fails.iter().any(|f| f.contains("outside fn") || f.contains("matches")), "{}: {:?}", t.id, o.fails);
+        check::solve_with(&t, &dir, env()).unwrap();
+        let o = run();
+        assert!(o.passed(), "{}: the reference answer fails: {:?}", t.id, o.fails);
+    }
+}
+
+/// Unmodified copy: FAIL; reference solution applied: PASS.
+fn fail_then_pass(t: &Task, dir: &Path) {
+    let before = check::run_with(t, dir, env());
+    assert!(!before.passed(), "{}: passes on the unmodified repo", t.id);
+    check::solve_with(t, dir, env()).unwrap_or_else(|e| panic!("{}: solve: {e}", t.id));
+    let after = check::run_with(t, dir, env());
+    assert!(after.passed(), "{}: FAILS with the reference solution: {:?}\n{:?}", t.id, after.fails, after.notes);
+}
+
+fn operate(id: &str) {
+    let t = task(id);
+    fail_then_pass(&t, &check::working_copy(id).unwrap());
+}
+
+#[test]
+fn operate_getting_started() {
+    operate("op-getting-started");
+}
+
+#[test]
+fn operate_train_resume() {
+    operate("op-train-resume");
+}
+
+#[test]
+fn operate_config_change() {
+    operate("op-config-change");
+}
+
+#[test]
+fn operate_plan_estimate() {
+    operate("op-plan-estimate");
+}
+
+/// One working copy for every feature task (each adds its own plugins/<name>; plugin-api builds once).
+fn feature_copy() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| check::working_copy("features").unwrap())
+}
+
+#[test]
+fn feature_capacity_router() {
+    fail_then_pass(&task("feat-capacity-router"), feature_copy());
+}
+
+#[test]
+fn feature_importance_loss() {
+    fail_then_pass(&task("feat-importance-loss"), feature_copy());
+}
+
+#[test]
+fn feature_lion() {
+    fail_then_pass(&task("feat-lion"), feature_copy());
+}
+
+#[test]
+fn feature_relu2_experts() {
+    fail_then_pass(&task("feat-relu2-experts"), feature_copy());
+}
+
+#[test]
+fn a_host_change_fails_a_feature_task() {
+    let dir = check::working_copy("host-change").unwrap();
+    let t = task("feat-relu2-experts");
+    check::solve_with(&t, &dir, env()).unwrap();
+    let f = dir.join("host/src/lib.rs");
+    let text = std::fs::read_to_string(&f).unwrap();
+    std::fs::write(&f, text + "\n// changed\n").unwrap();
+    let o = check::run_with(&t, &dir, env());
+    assert!(o.fails.iter().any(|f| f.contains("unchanged")), "{:?}", o.fails);
+}
+
+#[test]
+fn citations_spans_and_numbers_parse() {
+    let c = check::citations("see `host/src/train.rs:42`, ./plugin-api/src/lib.rs:7 and a.rs#L3; not 12:30 or x:y");
+    assert_eq!(c, vec![("host/src/train.rs".into(), 42), ("plugin-api/src/lib.rs".into(), 7)]);
+    let src = "fn a() {\n    let s = \"}\";\n    if x { y }\n}\nfn b<T>() {}\n";
+    let lines: Vec<&str> = src.lines().collect();
+    assert_eq!(check::fn_span(&lines, "a"), Some((1, 4)));
+    assert_eq!(check::fn_span(&lines, "b"), Some((5, 5)));
+    assert_eq!(check::fn_span(&lines, "c"), None);
+    assert_eq!(check::numbers("loss 5.4338, total: 1,234 and 1e-3."), vec![5.4338, 1234.0, 1e-3]);
+}
+
+#[test]
+fn score_and_report() {
+    let d = std::env::temp_dir().join(format!("ate-bench-score-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(
+        d.join("t.jsonl"),
+        [
+            r#"{"type":"session","task":"qa-rope","run":1,"agent":"a","gpu_ledger":"ledger.jsonl"}"#,
+            r#"{"role":"user","timestamp":"2025-01-01T00:00:00Z"}"#,
+            r#"{"role":"assistant","timestamp":"2025-01-01T00:00:10Z","input_tokens":100,"cache_read_tokens":900,"output_tokens":50}"#,
+            r#"{"role":"tool","timestamp":"2025-01-01T00:00:20Z"}"#,
+            r#"{"role":"assistant","timestamp":"2025-01-01T00:01:40+00:00","input_tokens":3000,"output_tokens":25}"#,
+            r#"{"type":"result","check":"PASS"}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let t0 = crate::score::timestamp(&"2025-01-01T00:00:00Z".into()).unwrap();
+    assert_eq!(t0, 1_735_689_600.0);
+    // 30 s on 2 GPUs inside the session, and an entry entirely before it.
+    let ledger = format!(
+        "{{\"start\":{},\"end\":{},\"gpus\":2}}\n{{\"start\":{},\"end\":{}}}\n",
+        t0 + 20.0,
+        t0 + 50.0,
+        t0 - 100.0,
+        t0 - 50.0
+    );
+    std::fs::write(d.join("ledger.jsonl"), ledger).unwrap();
+    let s = crate::score::score(&d.join("t.jsonl"), None).unwrap();
+    assert_eq!((s.turns, s.output_tokens, s.max_context_tokens), (2, 75, 3000));
+    assert_eq!((s.mean_context_tokens, s.wall_s, s.gpu_s), (2000.0, 100.0, 60.0));
+    assert_eq!((s.task.as_str(), s.run.as_str(), s.result.as_str()), ("qa-rope", "1", "PASS"));
+    let mut s2 = serde_json::to_value(&s).unwrap();
+    s2["turns"] = 4.into();
+    s2["result"] = "FAIL".into();
+    let lines = format!("{}\n{}\n", serde_json::to_string(&s).unwrap(), s2);
+    std::fs::write(d.join("scores.jsonl"), lines).unwrap();
+    let r = crate::score::report(&[d.join("scores.jsonl")]).unwrap();
+    assert!(r.contains("| qa-rope | 2 | 1/2 | 3 | 75 | 2000 | 100.0 | 60.0 |"), "{r}");
+}
+
+#[test]
+fn prepare_gives_the_repo_without_the_benchmark() {
+    let repo = crate::repo_dir();
+    let head = Command::new("git").args(["-C", &repo.to_string_lossy(), "rev-parse", "HEAD"]).output().unwrap();
+    let commit = String::from_utf8_lossy(&head.stdout).trim().to_string();
+    let dir = std::env::temp_dir().join(format!("ate-bench-prepare-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    crate::prepare(&task("qa-rope"), &dir, &repo, &commit).unwrap();
+    assert!(dir.join("TASK.md").is_file() && dir.join("host/src/main.rs").is_file());
+    assert!(!dir.join("ate-bench").exists());
+    assert!(!std::fs::read_to_string(dir.join("Cargo.toml")).unwrap().contains("ate-bench"));
+    assert!(std::fs::read_to_string(dir.join(".ate-bench.json")).unwrap().contains(&commit));
+    assert!(crate::prepare(&task("qa-rope"), &dir, &repo, &commit).is_err(), "prepare into a non-empty dir");
+}
