@@ -32,6 +32,21 @@ pub struct ModelConfig {
     pub norm_eps: f32,
     #[serde(default = "d_init_std")]
     pub init_std: f32,
+    /// RMSNorm of q and k before RoPE: `head` (per head, weights [head_dim]: Qwen3-MoE), `full`
+    /// (over the whole projection, weights [heads·head_dim] and [kv_heads·head_dim]: OLMoE) or
+    /// `none` (Mixtral).
+    #[serde(default)]
+    pub qk_norm: QkNorm,
+}
+
+/// See [`ModelConfig::qk_norm`].
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum QkNorm {
+    #[default]
+    Head,
+    Full,
+    None,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -74,6 +89,11 @@ pub struct TrainConfig {
     /// Worker threads for the CPU backend; 0 = all cores.
     #[serde(default)]
     pub threads: usize,
+    /// Start from these weights instead of a random init: a Hugging Face folder (config.json +
+    /// safetensors, see docs/interop.md) or a Pith checkpoint (a step or run directory; weights
+    /// only). Ignored with `--resume`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

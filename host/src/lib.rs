@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod cpu;
 pub mod data;
+pub mod hf;
 pub mod layers;
 pub mod model;
 pub mod params;

@@ -46,6 +46,55 @@ enum Cmd {
     /// Prepare token shards.
     #[command(subcommand)]
     Data(DataCmd),
+    /// Bring a model in from another framework (docs/interop.md).
+    #[command(subcommand)]
+    Import(ImportCmd),
+    /// Write a checkpoint out for another framework (docs/interop.md).
+    #[command(subcommand)]
+    Export(ExportCmd),
+    /// Print, as JSON, the logits and next-token loss of a token sequence under a model (a Hugging
+    /// Face folder or a Pith checkpoint/run directory).
+    EvalLogits {
+        model: PathBuf,
+        /// Token ids, comma-separated, e.g. --tokens 1,2,3.
+        #[arg(long, value_delimiter = ',', required = true)]
+        tokens: Vec<u32>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImportCmd {
+    /// A Hugging Face Qwen3-MoE, Mixtral or OLMoE folder → a run directory with a step-0 checkpoint.
+    Hf {
+        dir: PathBuf,
+        /// The run directory to create (must not exist or be empty).
+        #[arg(long)]
+        out: PathBuf,
+        /// Pith's sequence length (default: max_position_embeddings, at most 2048).
+        #[arg(long)]
+        seq_len: Option<usize>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ExportCmd {
+    /// A checkpoint (step or run directory) → a Hugging Face folder: config.json, safetensors, tokenizer.
+    Hf {
+        checkpoint: PathBuf,
+        out: PathBuf,
+        /// f32 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Largest shard, e.g. 5GB, 200MB; past it the weights are sharded with an index.
+        #[arg(long, default_value = "5GB")]
+        max_shard_size: String,
+        /// A tokenizer.json to ship (default: the one the run's data meta.json names).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// config.json's max_position_embeddings (default: model.seq_len).
+        #[arg(long)]
+        max_positions: Option<usize>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -161,6 +210,39 @@ fn run(cli: Cli) -> Result<(), String> {
         Cmd::Data(DataCmd::Prepare { inputs, out, tokenizer, field, val_fraction, shard_tokens }) => {
             let s = pith::data::prepare(&inputs, &out, tokenizer.as_deref(), &field, val_fraction, shard_tokens)?;
             println!("{s:?}");
+        }
+        Cmd::Import(ImportCmd::Hf { dir, out, seq_len }) => {
+            let i = pith::hf::import(&dir, &out, seq_len, &registry()?)?;
+            println!(
+                "imported {} ({} parameters) from {} into {}",
+                i.family.architecture(),
+                i.params,
+                dir.display(),
+                i.checkpoint.display()
+            );
+            let (o, c) = (out.display(), out.join("config.toml"));
+            println!("train it: pith train {} --resume {o}   (or init_from = \"{o}\" in another config)", c.display());
+        }
+        Cmd::Export(ExportCmd::Hf { checkpoint, out, dtype, max_shard_size, tokenizer, max_positions }) => {
+            let dtype = match dtype.as_str() {
+                "f32" => pith::hf::ExportDtype::F32,
+                "bf16" => pith::hf::ExportDtype::Bf16,
+                d => return Err(format!("--dtype {d}: valid: f32, bf16")),
+            };
+            let max_shard_bytes = pith::hf::parse_size(&max_shard_size)?;
+            let opts = pith::hf::ExportOptions { dtype, max_shard_bytes, tokenizer, max_positions };
+            let e = pith::hf::export(&checkpoint, &out, &opts)?;
+            let tok = e.tokenizer.map_or("no tokenizer".into(), |t| format!("tokenizer {}", t.display()));
+            println!(
+                "exported {} to {}: {} file(s), {} bytes of weights, {tok}",
+                e.family.architecture(),
+                out.display(),
+                e.files.len(),
+                e.bytes
+            );
+        }
+        Cmd::EvalLogits { model, tokens } => {
+            println!("{}", pith::hf::eval_logits(&model, &tokens, &registry()?)?);
         }
     }
     Ok(())

@@ -185,6 +185,11 @@ pub fn train(cfg: Config, reg: &Registry, resume: Option<&Path>) -> Result<Summa
         let names = opt.1.state(&p.spec);
         p.state = names.iter().map(|n| (n.to_string(), vec![0.0; p.w.len()])).collect();
     }
+    if let (None, Some(src)) = (resume, &t.init_from) {
+        crate::hf::init_weights(Path::new(src), &cfg, &mut params)
+            .map_err(|e| format!("{}: train.init_from: {e}", cfg.at("train", 0, "init_from")))?;
+        tracing::info!("initialised the weights from {src}");
+    }
     let mut data = Dataset::open(&cfg.data, m.vocab, t.seed, Split::Train)?;
     let mut start = 0;
     if let Some(r) = resume {

@@ -1,0 +1,602 @@
+//! Hugging Face interop through the `pith` binary: import of synthetic HF folders this file
+//! writes itself (sharded with an index or single-file, F32/BF16/F16, per-expert or fused
+//! experts, each family), export → import round trips, `init_from`, `eval-logits`, tokenizer
+//! files, and every bad input failing in one line without leaving output behind. The parity run
+//! against transformers itself (scripts/hf_parity.py) runs when python3 can import it.
+
+use pith::checkpoint::{read_tensors, TensorMap};
+use pith::config::ModelConfig;
+use pith::rng::Rng;
+use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const PITH: &str = env!("CARGO_BIN_EXE_pith");
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/hf_parity.py");
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("pith-hf-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// (exit code, stdout, stderr)
+fn pith(args: &[&str]) -> (i32, String, String) {
+    let o = Command::new(PITH).args(args).env("PITH_PLUGIN_PATH", "").env("PITH_LOG", "warn").output().unwrap();
+    let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (o.status.code().unwrap_or(-1), s(&o.stdout), s(&o.stderr))
+}
+
+fn ok(args: &[&str]) -> String {
+    let (code, out, err) = pith(args);
+    assert_eq!(code, 0, "pith {args:?}:\n{out}{err}");
+    out
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Arch {
+    Qwen3,
+    Mixtral,
+    Olmoe,
+}
+
+impl Arch {
+    fn name(self) -> &'static str {
+        match self {
+            Arch::Qwen3 => "Qwen3MoeForCausalLM",
+            Arch::Mixtral => "MixtralForCausalLM",
+            Arch::Olmoe => "OlmoeForCausalLM",
+        }
+    }
+    fn qk(self) -> &'static str {
+        match self {
+            Arch::Qwen3 => "head",
+            Arch::Mixtral => "none",
+            Arch::Olmoe => "full",
+        }
+    }
+}
+
+const ARCHS: [Arch; 3] = [Arch::Qwen3, Arch::Mixtral, Arch::Olmoe];
+const E: usize = 4;
+
+/// vocab 72, hidden 16, 2 layers, 4 heads of 4 (2 kv heads), 4 experts of ffn 8, top-2, 16 positions.
+fn config_json(a: Arch) -> Value {
+    let mut c = json!({
+        "architectures": [a.name()], "vocab_size": 72, "hidden_size": 16, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "num_experts_per_tok": 2,
+        "max_position_embeddings": 16, "rms_norm_eps": 1e-6, "hidden_act": "silu", "tie_word_embeddings": false,
+    });
+    let extra = match a {
+        Arch::Qwen3 => json!({"model_type": "qwen3_moe", "head_dim": 4, "num_experts": E, "moe_intermediate_size": 8,
+                              "intermediate_size": 32, "norm_topk_prob": true, "rope_theta": 10000.0}),
+        Arch::Mixtral => json!({"model_type": "mixtral", "head_dim": 4, "num_local_experts": E, "intermediate_size": 8,
+                                "rope_theta": 1e6, "sliding_window": null}),
+        Arch::Olmoe => json!({"model_type": "olmoe", "num_experts": E, "intermediate_size": 8, "norm_topk_prob": false,
+                              "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "clip_qkv": null}),
+    };
+    c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    c
+}
+
+fn model_config(a: Arch) -> ModelConfig {
+    let text = format!(
+        "vocab = 72\nhidden = 16\nlayers = 2\nheads = 4\nkv_heads = 2\nhead_dim = 4\nseq_len = 16\nexperts = {E}\n\
+         expert_ffn = 8\nqk_norm = \"{}\"",
+        a.qk()
+    );
+    toml::from_str(&text).unwrap()
+}
+
+/// Random weights in Pith's names and layouts, each value k/256 or (norms) k/128 with |k| < 256,
+/// so F32, BF16 and F16 all hold them exactly.
+fn pith_weights(a: Arch, seed: u64) -> TensorMap {
+    let mut r = Rng::new(seed);
+    let mut out = BTreeMap::new();
+    for (name, shape) in pith::hf::pith_params(&model_config(a)) {
+        let n: usize = shape.iter().product();
+        let v = match name.ends_with("norm.weight") {
+            true => (0..n).map(|_| (96 + r.below(64)) as f32 / 128.0).collect(),
+            false => (0..n).map(|_| (r.below(255) as f32 - 127.0) / 256.0).collect(),
+        };
+        out.insert(name, (shape, v));
+    }
+    out
+}
+
+/// Expert e of a Pith stack [E, in, out] as an HF [out, in] matrix.
+fn expert(t: &(Vec<usize>, Vec<f32>), e: usize) -> Vec<f32> {
+    let (i, o) = (t.0[1], t.0[2]);
+    let slot = &t.1[e * i * o..][..i * o];
+    (0..o).flat_map(|r| (0..i).map(move |c| slot[c * o + r])).collect()
+}
+
+/// The HF tensors of Pith weights `w`: per-expert (Mixtral: `block_sparse_moe` with w1/w3/w2) or
+/// fused the transformers-5 way (`mlp.experts.gate_up_proj` [E, 2F, H], `down_proj` [E, H, F]).
+fn hf_tensors(a: Arch, w: &TensorMap, fused: bool) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let mut v = Vec::new();
+    let mut put = |name: String, pith: &str| v.push((name, w[pith].0.clone(), w[pith].1.clone()));
+    put("model.embed_tokens.weight".into(), "embed.weight");
+    let mut out = Vec::new();
+    for l in 0..2 {
+        let (hl, pl) = (format!("model.layers.{l}"), format!("layers.{l}"));
+        put(format!("{hl}.input_layernorm.weight"), &format!("{pl}.attn_norm.weight"));
+        for x in ["q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"] {
+            if w.contains_key(&format!("{pl}.attn.{x}.weight")) {
+                put(format!("{hl}.self_attn.{x}.weight"), &format!("{pl}.attn.{x}.weight"));
+            }
+        }
+        put(format!("{hl}.post_attention_layernorm.weight"), &format!("{pl}.moe_norm.weight"));
+        let moe = if a == Arch::Mixtral && !fused { "block_sparse_moe" } else { "mlp" };
+        put(format!("{hl}.{moe}.gate.weight"), &format!("{pl}.moe.router.weight"));
+        let [g, u, d] = ["w_gate", "w_up", "w_down"].map(|n| &w[&format!("{pl}.moe.experts.{n}")]);
+        if fused {
+            let gate_up = (0..E).flat_map(|e| [expert(g, e), expert(u, e)].concat()).collect();
+            out.push((format!("{hl}.mlp.experts.gate_up_proj"), vec![E, 16, 16], gate_up));
+            let down = (0..E).flat_map(|e| expert(d, e)).collect();
+            out.push((format!("{hl}.mlp.experts.down_proj"), vec![E, 16, 8], down));
+        } else {
+            let names = if a == Arch::Mixtral { ["w1", "w3", "w2"] } else { ["gate_proj", "up_proj", "down_proj"] };
+            for e in 0..E {
+                for (t, n) in [g, u, d].into_iter().zip(names) {
+                    out.push((format!("{hl}.{moe}.experts.{e}.{n}.weight"), vec![t.0[2], t.0[1]], expert(t, e)));
+                }
+            }
+        }
+    }
+    put("model.norm.weight".into(), "final_norm.weight");
+    put("lm_head.weight".into(), "lm_head.weight");
+    v.extend(out);
+    v
+}
+
+fn encode(dtype: Dtype, v: &[f32]) -> Vec<u8> {
+    let f16 = |x: f32| -> u16 {
+        if x == 0.0 {
+            return 0;
+        }
+        let b = x.to_bits();
+        let exp = ((b >> 23) & 0xff) as i32 - 127 + 15;
+        (((b >> 16) & 0x8000) | ((exp as u32) << 10) | ((b >> 13) & 0x3ff)) as u16
+    };
+    match dtype {
+        Dtype::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Dtype::BF16 => v.iter().flat_map(|x| ((x.to_bits() >> 16) as u16).to_le_bytes()).collect(),
+        Dtype::F16 => v.iter().flat_map(|&x| f16(x).to_le_bytes()).collect(),
+        Dtype::F64 => v.iter().flat_map(|&x| (x as f64).to_le_bytes()).collect(),
+        _ => unreachable!(),
+    }
+}
+
+/// Write an HF folder: config.json and `tensors` in `shards` files (with an index when more
+/// than one), the i-th tensor in `dtype(i)`.
+fn write_hf(
+    dir: &Path,
+    config: &Value,
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    shards: usize,
+    dtype: fn(usize) -> Dtype,
+) {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(config).unwrap()).unwrap();
+    let file = |s: usize| match shards {
+        1 => "model.safetensors".to_string(),
+        n => format!("model-{:05}-of-{n:05}.safetensors", s + 1),
+    };
+    let bytes: Vec<Vec<u8>> = tensors.iter().enumerate().map(|(i, t)| encode(dtype(i), &t.2)).collect();
+    let mut map = serde_json::Map::new();
+    for s in 0..shards {
+        let mut views = Vec::new();
+        for (i, t) in tensors.iter().enumerate().filter(|(i, _)| i * shards / tensors.len() == s) {
+            views.push((t.0.clone(), TensorView::new(dtype(i), t.1.clone(), &bytes[i]).unwrap()));
+            map.insert(t.0.clone(), json!(file(s)));
+        }
+        safetensors::serialize_to_file(views, &None, &dir.join(file(s))).unwrap();
+    }
+    if shards > 1 {
+        let index = json!({"metadata": {"total_size": 0}, "weight_map": map});
+        std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    }
+}
+
+fn checkpoint_weights(run: &Path) -> TensorMap {
+    read_tensors(&run.join("checkpoints/step_00000000/model.safetensors")).unwrap()
+}
+
+/// Every tensor of an HF folder (all its safetensors files), as f32.
+fn read_hf(dir: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let mut out = BTreeMap::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.path().extension().is_some_and(|x| x == "safetensors") {
+            let bytes = std::fs::read(e.path()).unwrap();
+            for (name, t) in SafeTensors::deserialize(&bytes).unwrap().tensors() {
+                let v = match t.dtype() {
+                    Dtype::F32 => t.data().chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
+                    Dtype::BF16 => t
+                        .data()
+                        .chunks(2)
+                        .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+                        .collect(),
+                    d => panic!("{d:?}"),
+                };
+                out.insert(name, (t.shape().to_vec(), v));
+            }
+        }
+    }
+    out
+}
+
+fn as_map(t: Vec<(String, Vec<usize>, Vec<f32>)>) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    t.into_iter().map(|(n, s, v)| (n, (s, v))).collect()
+}
+
+fn cycle(i: usize) -> Dtype {
+    [Dtype::BF16, Dtype::F32, Dtype::F16][i % 3]
+}
+
+/// Each family, per-expert and sharded (3 shards + index) in mixed BF16/F32/F16, or fused in one
+/// file, imports to exactly the weights it was made from, with the right config.
+#[test]
+fn import_reads_each_family_layout_and_dtype_exactly() {
+    let root = tmp("import");
+    for (i, a) in ARCHS.into_iter().enumerate() {
+        let w = pith_weights(a, 1 + i as u64);
+        for fused in [false, true] {
+            let (src, run) = (root.join(format!("{a:?}-{fused}-hf")), root.join(format!("{a:?}-{fused}-run")));
+            let (shards, dtype): (usize, fn(usize) -> Dtype) = if fused { (1, |_| Dtype::F32) } else { (3, cycle) };
+            write_hf(&src, &config_json(a), &hf_tensors(a, &w, fused), shards, dtype);
+            let out = ok(&["import", "hf", p(&src), "--out", p(&run)]);
+            assert!(out.contains(&format!("imported {}", a.name())), "{out}");
+            assert_eq!(checkpoint_weights(&run), w, "{a:?} fused={fused}");
+            let cfg = std::fs::read_to_string(run.join("config.toml")).unwrap();
+            assert!(cfg.contains(&format!("qk_norm = \"{}\"", a.qk())), "{cfg}");
+            let normalize = a != Arch::Olmoe;
+            assert!(cfg.contains(&format!("normalize = {normalize}")), "{cfg}");
+            let entries: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().map(|e| e.file_name()).collect();
+            assert!(entries.iter().all(|n| !n.to_string_lossy().contains(".tmp")), "{entries:?}");
+        }
+    }
+}
+
+/// `tie_word_embeddings` without an lm_head tensor imports lm_head as a copy of the embedding.
+#[test]
+fn tied_embeddings_import_as_a_copy() {
+    let root = tmp("tied");
+    let a = Arch::Olmoe;
+    let mut w = pith_weights(a, 7);
+    let mut config = config_json(a);
+    config["tie_word_embeddings"] = json!(true);
+    let tensors: Vec<_> = hf_tensors(a, &w, false).into_iter().filter(|t| t.0 != "lm_head.weight").collect();
+    let (src, run) = (root.join("hf"), root.join("run"));
+    write_hf(&src, &config, &tensors, 2, cycle);
+    ok(&["import", "hf", p(&src), "--out", p(&run)]);
+    w.insert("lm_head.weight".into(), w["embed.weight"].clone());
+    assert_eq!(checkpoint_weights(&run), w);
+}
+
+/// import → export (sharded F32, and BF16) → import gives the very same weights; the exported
+/// tensors are the original per-expert ones, and the folder has config.json, shards and index.
+#[test]
+fn export_then_import_round_trips_bitwise() {
+    let root = tmp("roundtrip");
+    for (i, a) in ARCHS.into_iter().enumerate() {
+        let w = pith_weights(a, 10 + i as u64);
+        let (src, run) = (root.join(format!("{a:?}-hf")), root.join(format!("{a:?}-run")));
+        write_hf(&src, &config_json(a), &hf_tensors(a, &w, i == 1), 1, |_| Dtype::F32);
+        ok(&["import", "hf", p(&src), "--out", p(&run)]);
+        let out = root.join(format!("{a:?}-export"));
+        let said = ok(&["export", "hf", p(&run), p(&out), "--max-shard-size", "6KB"]);
+        assert!(said.contains(&format!("exported {}", a.name())), "{said}");
+        let index: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap()).unwrap();
+        let files: std::collections::BTreeSet<&str> =
+            index["weight_map"].as_object().unwrap().values().map(|v| v.as_str().unwrap()).collect();
+        assert!(files.len() >= 3 && files.iter().all(|f| out.join(f).is_file()), "{files:?}");
+        let config: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["architectures"][0], a.name());
+        assert_eq!(read_hf(&out), as_map(hf_tensors(a, &w, false)), "{a:?}: exported tensors");
+        let again = root.join(format!("{a:?}-again"));
+        ok(&["import", "hf", p(&out), "--out", p(&again)]);
+        assert_eq!(checkpoint_weights(&again), w, "{a:?}: round trip");
+        let bf16 = root.join(format!("{a:?}-bf16"));
+        ok(&["export", "hf", p(&run), p(&bf16), "--dtype", "bf16"]);
+        assert!(bf16.join("model.safetensors").is_file() && !bf16.join("model.safetensors.index.json").exists());
+        let again = root.join(format!("{a:?}-bf16-again"));
+        ok(&["import", "hf", p(&bf16), "--out", p(&again)]);
+        assert_eq!(checkpoint_weights(&again), w, "{a:?}: bf16 round trip (values are bf16-exact)");
+    }
+}
+
+/// `eval-logits` gives the same numbers for an HF folder and its imported checkpoint; the loss
+/// is the mean next-token cross-entropy of those logits.
+#[test]
+fn eval_logits_agrees_between_folder_and_checkpoint() {
+    let root = tmp("logits");
+    let a = Arch::Olmoe;
+    let (src, run) = (root.join("hf"), root.join("run"));
+    write_hf(&src, &config_json(a), &hf_tensors(a, &pith_weights(a, 3), false), 2, cycle);
+    ok(&["import", "hf", p(&src), "--out", p(&run)]);
+    let tokens = "5,17,3,71,0,9,9";
+    let x: Value = serde_json::from_str(&ok(&["eval-logits", p(&src), "--tokens", tokens])).unwrap();
+    let y: Value = serde_json::from_str(&ok(&["eval-logits", p(&run), "--tokens", tokens])).unwrap();
+    assert_eq!(x, y);
+    let logits = x["logits"].as_array().unwrap();
+    assert_eq!((logits.len(), logits[0].as_array().unwrap().len()), (7, 72));
+    let ids: Vec<usize> = tokens.split(',').map(|t| t.parse().unwrap()).collect();
+    let mut ce = 0.0;
+    for (row, &next) in logits.iter().zip(&ids[1..]) {
+        let row: Vec<f64> = row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        ce += m + row.iter().map(|v| (v - m).exp()).sum::<f64>().ln() - row[next];
+    }
+    let loss = x["loss"].as_f64().unwrap();
+    assert!((loss - ce / 6.0).abs() < 1e-5, "loss {loss} vs {}", ce / 6.0);
+    let (code, _, err) = pith(&["eval-logits", p(&src), "--tokens", "5,72"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("token id 72 at position 1 is out of range for vocab 72"), "{err}");
+}
+
+/// `train.init_from` an HF folder starts from its weights (lr 0: the checkpoint after one step
+/// equals the import); `--resume` of an imported run trains on; a config for another model is
+/// refused naming each difference.
+#[test]
+fn init_from_and_resume_start_from_the_imported_weights() {
+    let root = tmp("init");
+    let a = Arch::Qwen3;
+    let w = pith_weights(a, 4);
+    let (src, run) = (root.join("hf"), root.join("run"));
+    write_hf(&src, &config_json(a), &hf_tensors(a, &w, false), 2, cycle);
+    ok(&["import", "hf", p(&src), "--out", p(&run)]);
+    let cfg = run.join("config.toml");
+    let set = |k: &str, v: &str| format!("{k}={v}");
+    let quoted = |x: &Path| format!("\"{}\"", x.display());
+    let base = |out: &Path| {
+        vec![
+            set("train.steps", "1"),
+            set("train.micro_batch", "2"),
+            set("train.eval_batches", "1"),
+            set("train.out", &quoted(out)),
+        ]
+    };
+    let args = |extra: Vec<String>| {
+        let mut v = vec!["train".to_string(), p(&cfg).to_string()];
+        for s in extra {
+            v.extend(["--set".to_string(), s]);
+        }
+        v
+    };
+    let run_args = |v: Vec<String>| pith(&v.iter().map(String::as_str).collect::<Vec<_>>());
+    let frozen = root.join("frozen");
+    let mut extra = base(&frozen);
+    extra.extend([set("train.lr", "0.0"), set("train.init_from", &quoted(&src))]);
+    let (code, out, err) = run_args(args(extra));
+    assert_eq!(code, 0, "{out}{err}");
+    let after = read_tensors(&frozen.join("checkpoints/step_00000001/model.safetensors")).unwrap();
+    assert_eq!(after, w, "lr 0 keeps the weights init_from loaded");
+    let ckpt = root.join("from-ckpt");
+    let mut extra = base(&ckpt);
+    extra.extend([set("train.lr", "0.0"), set("train.init_from", &quoted(&run))]);
+    assert_eq!(run_args(args(extra)).0, 0);
+    assert_eq!(read_tensors(&ckpt.join("checkpoints/step_00000001/model.safetensors")).unwrap(), w);
+    // --resume the imported run itself: steps 1..=2, from step 0.
+    let (code, out, err) = run_args(vec![
+        "train".into(),
+        p(&cfg).into(),
+        "--resume".into(),
+        p(&run).into(),
+        "--set".into(),
+        set("train.steps", "2"),
+        "--set".into(),
+        set("train.micro_batch", "2"),
+        "--set".into(),
+        set("train.eval_batches", "1"),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(run.join("checkpoints/step_00000002/model.safetensors").is_file());
+    let bad = root.join("bad");
+    let mut extra = base(&bad);
+    extra.extend([set("train.init_from", &quoted(&src)), set("model.rope_theta", "500.0"), set("router.top_k", "1")]);
+    let (code, _, err) = run_args(args(extra));
+    assert_eq!(code, 1);
+    let line = err.trim().lines().last().unwrap();
+    assert!(line.contains("train.init_from") && line.contains("config.json: a different model"), "{err}");
+    assert!(line.contains("model.rope_theta: config.json has 10000.0, config has 500.0"), "{err}");
+    assert!(line.contains("router.top_k: config.json has 2, config has 1"), "{err}");
+    assert!(!bad.join("checkpoints").exists());
+}
+
+/// A run trained on shards made with a tokenizer exports its tokenizer.json (and a
+/// tokenizer_config.json); its separator becomes eos_token_id.
+#[test]
+fn export_ships_the_runs_tokenizer() {
+    use tokenizers::{models::wordlevel::WordLevel, pre_tokenizers::whitespace::Whitespace, AddedToken};
+    let root = tmp("tokenizer");
+    let words = ["<|endoftext|>", "the", "cat", "sat", "on", "mat", "a", "dog", "ran", "[UNK]"];
+    let vocab = words.iter().enumerate().map(|(i, w)| (w.to_string(), i as u32)).collect();
+    let model = WordLevel::builder().vocab(vocab).unk_token("[UNK]".into()).build().unwrap();
+    let mut tok = tokenizers::Tokenizer::new(model);
+    tok.with_pre_tokenizer(Some(Whitespace));
+    tok.add_special_tokens(&[AddedToken::from("<|endoftext|>", true)]);
+    let tj = root.join("tokenizer.json");
+    tok.save(&tj, false).unwrap();
+    let text = "the cat sat on the mat a dog ran on a mat the dog sat ".repeat(60);
+    for i in 0..8 {
+        std::fs::write(root.join(format!("doc{i}.txt")), &text).unwrap();
+    }
+    let data = root.join("data");
+    let docs: Vec<String> = (0..8).map(|i| p(&root.join(format!("doc{i}.txt"))).to_string()).collect();
+    let mut args = vec!["data", "prepare"];
+    args.extend(docs.iter().map(String::as_str));
+    args.extend(["--out", p(&data), "--tokenizer", p(&tj), "--val-fraction", "0.25"]);
+    ok(&args);
+    let a = Arch::Mixtral;
+    let (src, run) = (root.join("hf"), root.join("run"));
+    write_hf(&src, &config_json(a), &hf_tensors(a, &pith_weights(a, 5), false), 1, |_| Dtype::F32);
+    ok(&["import", "hf", p(&src), "--out", p(&run)]);
+    let trained = root.join("trained");
+    let sets = [
+        format!("data.source=\"{}\"", data.display()),
+        format!("train.out=\"{}\"", trained.display()),
+        "train.steps=1".into(),
+        "train.micro_batch=2".into(),
+        "train.eval_batches=1".into(),
+        format!("train.init_from=\"{}\"", run.display()),
+    ];
+    let cfg = run.join("config.toml");
+    let mut args = vec!["train", p(&cfg)];
+    sets.iter().for_each(|s| args.extend(["--set", s.as_str()]));
+    ok(&args);
+    let out = root.join("export");
+    let said = ok(&["export", "hf", p(&trained), p(&out)]);
+    assert!(said.contains("tokenizer"), "{said}");
+    assert_eq!(std::fs::read(out.join("tokenizer.json")).unwrap(), std::fs::read(&tj).unwrap());
+    assert!(out.join("tokenizer_config.json").is_file());
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["eos_token_id"], 0);
+    // The import run itself trained on nothing: no tokenizer.
+    let bare = root.join("bare");
+    assert!(ok(&["export", "hf", p(&run), p(&bare)]).contains("no tokenizer"));
+    assert!(!bare.join("tokenizer.json").exists());
+}
+
+/// What a bad-input case does to a good HF folder.
+type Spoil<'a> = Box<dyn Fn(&Path) + 'a>;
+
+/// Each bad input: exit 1, one line naming the file (and the tensor or field), no output left.
+#[test]
+fn bad_inputs_fail_in_one_line_and_leave_nothing() {
+    let root = tmp("bad");
+    let a = Arch::Qwen3;
+    let w = pith_weights(a, 6);
+    let tensors = hf_tensors(a, &w, false);
+    let cases: Vec<(&str, Spoil, Vec<&str>)> = vec![
+        (
+            "missing shard",
+            Box::new(|d: &Path| std::fs::remove_file(d.join("model-00002-of-00003.safetensors")).unwrap()),
+            vec!["model.safetensors.index.json: shard `model-00002-of-00003.safetensors` (holding `lm_head.weight`) is missing"],
+        ),
+        (
+            "f64 tensor",
+            Box::new(|d: &Path| {
+                let t = &tensors;
+                write_hf(d, &config_json(a), t, 3, |i| if i == 4 { Dtype::F64 } else { Dtype::F32 })
+            }),
+            vec!["model-00001-of-00003.safetensors: tensor `model.layers.0.self_attn.v_proj.weight` is F64; Pith reads F32, BF16 and F16"],
+        ),
+        (
+            "wrong shape",
+            Box::new(|d: &Path| {
+                let mut t = tensors.clone();
+                let q = t.iter_mut().find(|t| t.0 == "model.layers.1.self_attn.q_proj.weight").unwrap();
+                q.1 = vec![8, 32];
+                write_hf(d, &config_json(a), &t, 3, cycle)
+            }),
+            vec!["tensor `model.layers.1.self_attn.q_proj.weight` has shape [8, 32], the model needs [16, 16]"],
+        ),
+        (
+            "missing tensor",
+            Box::new(|d: &Path| {
+                let t: Vec<_> =
+                    tensors.iter().filter(|t| t.0 != "model.layers.1.mlp.experts.3.up_proj.weight").cloned().collect();
+                write_hf(d, &config_json(a), &t, 1, cycle)
+            }),
+            vec!["model.safetensors: tensor `model.layers.1.mlp.experts.3.up_proj.weight` is missing"],
+        ),
+        (
+            "stray tensor",
+            Box::new(|d: &Path| {
+                let mut t = tensors.clone();
+                t.push(("model.layers.0.mlp.shared_expert.up_proj.weight".into(), vec![2], vec![0.0, 1.0]));
+                write_hf(d, &config_json(a), &t, 1, cycle)
+            }),
+            vec!["model.safetensors: tensor `model.layers.0.mlp.shared_expert.up_proj.weight` has no place in a Pith model"],
+        ),
+        (
+            "unknown architecture",
+            Box::new(|d: &Path| {
+                let mut c = config_json(a);
+                c["architectures"] = json!(["DeepseekV3ForCausalLM"]);
+                std::fs::write(d.join("config.json"), c.to_string()).unwrap()
+            }),
+            vec!["config.json: unknown architecture `DeepseekV3ForCausalLM`; Pith imports Qwen3MoeForCausalLM, MixtralForCausalLM, OlmoeForCausalLM"],
+        ),
+        (
+            "sliding window",
+            Box::new(|d: &Path| {
+                let mut c = config_json(a);
+                c["use_sliding_window"] = json!(true);
+                c["rope_scaling"] = json!({"rope_type": "yarn", "factor": 2.0});
+                std::fs::write(d.join("config.json"), c.to_string()).unwrap()
+            }),
+            vec!["config.json: Pith can't represent `rope_scaling` = ", "; `use_sliding_window` = true"],
+        ),
+    ];
+    for (what, spoil, wants) in cases {
+        let (src, run) = (root.join(what.replace(' ', "-")), root.join(format!("{}-run", what.replace(' ', "-"))));
+        write_hf(&src, &config_json(a), &tensors, 3, cycle);
+        spoil(&src);
+        let (code, out, err) = pith(&["import", "hf", p(&src), "--out", p(&run)]);
+        assert_eq!(code, 1, "{what}: {out}{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{what}: one line: {err}");
+        for want in wants {
+            assert!(err.contains(want), "{what}: `{want}` not in: {err}");
+        }
+        assert!(!run.exists(), "{what}: left {}", run.display());
+    }
+    // Export: a checkpoint missing a tensor, and a non-std router, leave nothing either.
+    let (src, run) = (root.join("ok-hf"), root.join("ok-run"));
+    write_hf(&src, &config_json(a), &tensors, 1, cycle);
+    ok(&["import", "hf", p(&src), "--out", p(&run)]);
+    let step = run.join("checkpoints/step_00000000");
+    let mut weights = read_tensors(&step.join("model.safetensors")).unwrap();
+    weights.remove("layers.1.moe.router.weight");
+    let views: Vec<_> = weights
+        .iter()
+        .map(|(n, (s, v))| (n.clone(), s.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()))
+        .collect();
+    let views: Vec<_> =
+        views.iter().map(|(n, s, b)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).unwrap())).collect();
+    safetensors::serialize_to_file(views, &None, &step.join("model.safetensors")).unwrap();
+    let out = root.join("export");
+    let (code, _, err) = pith(&["export", "hf", p(&run), p(&out)]);
+    assert_eq!((code, err.trim().lines().count()), (1, 1), "{err}");
+    assert!(err.contains("step_00000000/model.safetensors: tensor `layers.1.moe.router.weight` is missing"), "{err}");
+    let text =
+        std::fs::read_to_string(step.join("config.toml")).unwrap().replace("plugin = \"swiglu\"", "plugin = \"other\"");
+    std::fs::write(step.join("config.toml"), text).unwrap();
+    let (code, _, err) = pith(&["export", "hf", p(&run), p(&out)]);
+    assert_eq!(code, 1);
+    assert!(err.contains("covers the std `topk-softmax` router and `swiglu` experts only"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(!out.exists() && left.iter().all(|n| !n.to_string_lossy().contains(".tmp")), "{left:?}");
+    // An existing non-empty output is never written into.
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("keep"), "x").unwrap();
+    let (code, _, err) = pith(&["import", "hf", p(&src), "--out", p(&out)]);
+    assert_eq!(code, 1);
+    assert!(err.contains("exists and is not empty"), "{err}");
+}
+
+/// The parity run against transformers (scripts/hf_parity.py), where python3 has torch and
+/// transformers; otherwise a skip message.
+#[test]
+fn transformers_parity() {
+    let have = Command::new("python3").args(["-c", "import torch, transformers"]).output();
+    if !have.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: python3 cannot import torch and transformers; run scripts/hf_parity.py where it can");
+        return;
+    }
+    let work = tmp("parity");
+    let o = Command::new("python3").args([SCRIPT, PITH, "--work", p(&work)]).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{text}");
+    assert_eq!(text.lines().filter(|l| l.starts_with("PASS")).count(), 3, "{text}");
+}
