@@ -89,6 +89,9 @@ pub struct TrainConfig {
     /// Worker threads for the CPU backend; 0 = all cores.
     #[serde(default)]
     pub threads: usize,
+    /// Print the console summary line every N steps (the metrics file gets every step).
+    #[serde(default = "d_one_u")]
+    pub log_every: u64,
     /// Start from these weights instead of a random init: a Hugging Face folder (config.json +
     /// safetensors, see docs/interop.md) or a Pith checkpoint (a step or run directory; weights
     /// only). Ignored with `--resume`.

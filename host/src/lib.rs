@@ -14,4 +14,5 @@ pub mod plan;
 pub mod registry;
 pub mod rng;
 pub mod scaffold;
+pub mod trace;
 pub mod train;

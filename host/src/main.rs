@@ -27,6 +27,12 @@ enum Cmd {
         /// Continue from a checkpoint: a step directory or a run directory (its newest checkpoint).
         #[arg(long)]
         resume: Option<PathBuf>,
+        /// Write the expert ids and gate weights of every MoE layer for the first tokens (safetensors).
+        #[arg(long)]
+        trace_routing: Option<PathBuf>,
+        /// How many tokens --trace-routing records.
+        #[arg(long, default_value_t = 4096)]
+        trace_tokens: usize,
     },
     /// Print every resolved component with its origin and source, parameter counts and FLOPs/token.
     Plan {
@@ -153,9 +159,10 @@ fn parse_kind(s: &str) -> Result<Kind, String> {
 fn run(cli: Cli) -> Result<(), String> {
     let registry = || Registry::load(&plugin_dirs(&cli.plugin_dirs));
     match cli.cmd {
-        Cmd::Train { config, set, resume } => {
+        Cmd::Train { config, set, resume, trace_routing, trace_tokens } => {
             let cfg = Config::load(config.as_deref(), &set)?;
-            pith::train::train(cfg, &registry()?, resume.as_deref())?;
+            let trace = trace_routing.map(|p| pith::trace::RoutingTrace::new(p, trace_tokens));
+            pith::train::train(cfg, &registry()?, resume.as_deref(), trace)?;
         }
         Cmd::Plan { config, set } => {
             let cfg = Config::load(config.as_deref(), &set)?;
@@ -199,17 +206,25 @@ fn run(cli: Cli) -> Result<(), String> {
             let kind = entry.info.kind;
             let dims = pith_plugin_api::ModelDims { hidden: 16, experts: 6, expert_ffn: 12, layer: 0, layers: 1 };
             let c = reg.create(kind, &name, &config, dims)?;
-            match pith::check::check_component(&c, kind.as_str(), dims, 1) {
-                Ok(lines) => {
-                    lines.iter().for_each(|l| println!("{l}"));
-                    println!("PASS {} `{name}` ({})", kind.as_str(), entry.origin);
-                }
-                Err(e) => return Err(format!("FAIL {} `{name}` ({}): {e}", kind.as_str(), entry.origin)),
-            }
+            let label = format!("{} `{name}` ({})", kind.as_str(), entry.origin);
+            let lines = pith::check::check_component(&c, &label, dims, 1)?;
+            lines.iter().for_each(|l| println!("{l}"));
+            println!("PASS {label}");
         }
         Cmd::Data(DataCmd::Prepare { inputs, out, tokenizer, field, val_fraction, shard_tokens }) => {
             let s = pith::data::prepare(&inputs, &out, tokenizer.as_deref(), &field, val_fraction, shard_tokens)?;
-            println!("{s:?}");
+            println!(
+                "{}: {} train / {} val tokens ({} / {} documents) in {} / {} shards, vocab {} ({})",
+                s.out_dir.display(),
+                s.tokens[0],
+                s.tokens[1],
+                s.documents[0],
+                s.documents[1],
+                s.shards[0],
+                s.shards[1],
+                s.vocab,
+                s.tokenizer
+            );
         }
         Cmd::Import(ImportCmd::Hf { dir, out, seq_len }) => {
             let i = pith::hf::import(&dir, &out, seq_len, &registry()?)?;
@@ -255,8 +270,36 @@ fn main() {
         .with_target(false)
         .without_time()
         .init();
-    if let Err(e) = run(Cli::parse()) {
-        eprintln!("error: {e}");
-        std::process::exit(1);
+    let start = std::time::SystemTime::now();
+    let code = match run(Cli::parse()) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            1
+        }
+    };
+    ledger(start, code);
+    std::process::exit(code);
+}
+
+/// With `PITH_LEDGER=FILE`, append one JSON line per command: what ran, when, on which device,
+/// how many GPUs it held and kept busy for how long (0 on the CPU backend, the only one so far)
+/// and how it ended. ATE-Bench's `score` charges `(end - start) × gpus` as active GPU time.
+fn ledger(start: std::time::SystemTime, exit: i32) {
+    let Some(path) = std::env::var_os("PITH_LEDGER") else { return };
+    let secs = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    let line = serde_json::json!({
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "start": secs(start),
+        "end": secs(std::time::SystemTime::now()),
+        "device": "cpu",
+        "gpus": 0,
+        "gpu_busy_s": 0.0,
+        "exit": exit,
+    });
+    use std::io::Write;
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(&path);
+    if let Err(e) = file.and_then(|mut f| writeln!(f, "{line}")) {
+        eprintln!("warning: PITH_LEDGER {}: {e}", std::path::Path::new(&path).display());
     }
 }

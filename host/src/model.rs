@@ -37,6 +37,8 @@ pub struct StepOut {
     pub aux: Vec<(String, f32)>,
     /// Per layer, the number of (token, slot) pairs routed to each expert.
     pub expert_counts: Vec<Vec<u32>>,
+    /// Per layer, every token's expert ids [N,k] and gate weights [N,k] (row-major).
+    pub routing: Vec<(Vec<i32>, Vec<f32>)>,
 }
 
 /// Matmul parameter counts and training FLOPs per token (see [`Model::counts`]).
@@ -256,8 +258,9 @@ impl Model {
                     None => aux.push((name.clone(), *v)),
                 }
             }
+            let routing = a.layers.iter().map(|s| (s.r.ids.i32s().to_vec(), s.r.weights.f32s().to_vec())).collect();
             let expert_counts = a.layers.into_iter().map(|s| s.counts).collect();
-            Ok(StepOut { loss, aux, expert_counts })
+            Ok(StepOut { loss, aux, expert_counts, routing })
         });
         params.list.iter_mut().zip(g).for_each(|(p, g)| p.g = g);
         ops.reset();

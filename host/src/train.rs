@@ -9,6 +9,7 @@ use crate::data::{Dataset, Split, Synthetic};
 use crate::model::{Model, MoeComponents};
 use crate::params::Params;
 use crate::registry::Registry;
+use crate::trace::RoutingTrace;
 use abi_stable::std_types::RSlice;
 use pith_plugin_api::abi::{Component, OptimizerBox};
 use pith_plugin_api::Kind;
@@ -156,8 +157,14 @@ impl Run {
     }
 }
 
-/// Train `cfg`; with `resume`, continue from a checkpoint (a step directory or a run directory).
-pub fn train(cfg: Config, reg: &Registry, resume: Option<&Path>) -> Result<Summary, String> {
+/// Train `cfg`; with `resume`, continue from a checkpoint (a step directory or a run directory);
+/// with `trace`, write the routing of the first tokens trained on (see trace.rs).
+pub fn train(
+    cfg: Config,
+    reg: &Registry,
+    resume: Option<&Path>,
+    mut trace: Option<RoutingTrace>,
+) -> Result<Summary, String> {
     let t = cfg.train.clone();
     let m = cfg.model.clone();
     if t.device != "cpu" {
@@ -217,7 +224,6 @@ pub fn train(cfg: Config, reg: &Registry, resume: Option<&Path>) -> Result<Summa
         Some(b) => b.println(line),
         None => eprintln!("{line}"),
     };
-    let log_every = (t.steps / 30).max(1);
     let (mut last_loss, mut val_loss) = (f32::NAN, None);
     for step in start + 1..=t.steps {
         let t0 = Instant::now();
@@ -229,7 +235,13 @@ pub fn train(cfg: Config, reg: &Registry, resume: Option<&Path>) -> Result<Summa
                 .model
                 .forward_backward(&run.ops, &mut run.params, &x, &y, t.micro_batch, 1.0 / t.grad_accum as f32)
                 .map_err(|e| format!("step {step}: {e}"))?;
-            run.ops.reset();
+            if let Some(tr) = trace.as_mut().filter(|tr| !tr.done()) {
+                tr.add(&x, &o);
+                if tr.done() {
+                    tr.write()?;
+                    say(format!("routing trace of {} tokens written to {}", tr.want, tr.path.display()));
+                }
+            }
             loss += o.loss / t.grad_accum as f32;
             for (i, (n, v)) in o.aux.into_iter().enumerate() {
                 match aux.get_mut(i) {
@@ -285,7 +297,7 @@ pub fn train(cfg: Config, reg: &Registry, resume: Option<&Path>) -> Result<Summa
             val_loss = Some(v);
         }
         writeln!(metrics, "{line}").map_err(|e| format!("metrics.jsonl: {e}"))?;
-        if step % log_every == 0 || is_last || step == start + 1 {
+        if step % t.log_every.max(1) == 0 || is_last || step == start + 1 {
             let aux_s: String = aux.iter().map(|(n, v)| format!(" {n} {v:.4}")).collect();
             let val_s = line.get("val_loss").map(|v| format!(" | val {:.4}", v.as_f64().unwrap())).unwrap_or_default();
             say(format!(
@@ -305,6 +317,10 @@ pub fn train(cfg: Config, reg: &Registry, resume: Option<&Path>) -> Result<Summa
     }
     if let Some(b) = &bar {
         b.finish_and_clear();
+    }
+    if let Some(tr) = trace.filter(|tr| !tr.done()) {
+        tr.write()?;
+        say(format!("routing trace (the whole run: fewer than {} tokens) written to {}", tr.want, tr.path.display()));
     }
     if run.cfg.data.source == "synthetic" && last_loss.is_finite() {
         let s = Synthetic::new(m.vocab, t.seed);

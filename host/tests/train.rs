@@ -175,3 +175,51 @@ fn prepared_tinyshakespeare_trains() {
     let (first, last) = (m[0]["loss"].as_f64().unwrap(), m.last().unwrap()["loss"].as_f64().unwrap());
     assert!(last < first - 1.0, "loss {first} → {last}");
 }
+
+#[test]
+fn routing_trace_records_the_first_tokens_of_every_layer() {
+    let dir = tmp("trace");
+    let file = dir.join("routing.safetensors");
+    let args = ["train", "--set", &out(&dir.join("run")), "--set", "train.steps=2", "--set", "train.eval_every=0"];
+    let (code, text) =
+        pith(&[&args[..], &["--trace-routing", file.to_str().unwrap(), "--trace-tokens", "100"]].concat());
+    assert_eq!(code, 0, "{text}");
+    let bytes = std::fs::read(&file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let i32s = |n: &str| {
+        st.tensor(n).unwrap().data().chunks(4).map(|b| i32::from_le_bytes(b.try_into().unwrap())).collect::<Vec<_>>()
+    };
+    let f32s = |n: &str| {
+        st.tensor(n).unwrap().data().chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect::<Vec<_>>()
+    };
+    // The first 100 training tokens, as the data stream yields them.
+    let cfg = pith::config::Config::load(None, &[]).unwrap();
+    let mut data = pith::data::Dataset::open(&cfg.data, 256, 1, pith::data::Split::Train).unwrap();
+    let (x, _) = data.next_batch(16, 64).unwrap();
+    assert_eq!(i32s("tokens"), x[..100].iter().map(|&t| t as i32).collect::<Vec<_>>());
+    for l in 0..2 {
+        let (ids, w) = (i32s(&format!("layers.{l}.expert_ids")), f32s(&format!("layers.{l}.gate_weights")));
+        assert_eq!(st.tensor(&format!("layers.{l}.expert_ids")).unwrap().shape(), [100, 2]);
+        assert!(ids.iter().all(|&i| (0..8).contains(&i)), "layer {l}: ids out of range");
+        for (r, pair) in ids.chunks(2).zip(w.chunks(2)).enumerate() {
+            assert_ne!(pair.0[0], pair.0[1], "token {r}: one expert twice");
+            assert!((pair.1[0] + pair.1[1] - 1.0).abs() < 1e-5, "token {r}: gates {:?} are not renormalised", pair.1);
+        }
+    }
+}
+
+#[test]
+fn ledger_gets_one_line_per_command() {
+    let ledger = tmp("ledger").join("ledger.jsonl");
+    for args in [&["plugins", "list"][..], &["plan", "/nonexistent.toml"][..]] {
+        Command::new(PITH).args(args).env("PITH_LEDGER", &ledger).output().unwrap();
+    }
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&ledger).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!((lines[0]["exit"].as_i64(), lines[1]["exit"].as_i64()), (Some(0), Some(1)));
+    assert!(lines[1]["command"].as_str().unwrap().ends_with("plan /nonexistent.toml"));
+    for l in &lines {
+        assert!(l["end"].as_f64() >= l["start"].as_f64() && l["gpus"] == 0, "{l}");
+    }
+}

@@ -1,0 +1,56 @@
+//! Routing traces (`pith train --trace-routing FILE --trace-tokens N`): the expert ids and gate
+//! weights every MoE layer chose for the first N training tokens, as one safetensors file:
+//! `tokens` [N] i32, and per layer `layers.L.expert_ids` [N,k] i32 and `layers.L.gate_weights`
+//! [N,k] f32. From Python: `safetensors.numpy.load_file(FILE)`.
+
+use crate::model::StepOut;
+use safetensors::{tensor::TensorView, Dtype};
+use std::path::PathBuf;
+
+pub struct RoutingTrace {
+    pub path: PathBuf,
+    pub want: usize,
+    tokens: Vec<i32>,
+    /// Per layer: ids, weights, k.
+    layers: Vec<(Vec<i32>, Vec<f32>, usize)>,
+}
+
+impl RoutingTrace {
+    pub fn new(path: PathBuf, want: usize) -> RoutingTrace {
+        RoutingTrace { path, want, tokens: Vec::new(), layers: Vec::new() }
+    }
+
+    pub fn done(&self) -> bool {
+        self.tokens.len() >= self.want
+    }
+
+    /// Add a micro-batch's tokens and routing, up to `want` tokens in all.
+    pub fn add(&mut self, tokens: &[u32], out: &StepOut) {
+        let take = (self.want - self.tokens.len()).min(tokens.len());
+        self.tokens.extend(tokens[..take].iter().map(|&t| t as i32));
+        self.layers.resize_with(out.routing.len(), Default::default);
+        for ((ids, w, k), (rid, rw)) in self.layers.iter_mut().zip(&out.routing) {
+            *k = rid.len() / tokens.len().max(1);
+            ids.extend_from_slice(&rid[..take * *k]);
+            w.extend_from_slice(&rw[..take * *k]);
+        }
+    }
+
+    /// Write the trace (atomically: a temp file renamed into place).
+    pub fn write(&self) -> Result<(), String> {
+        fn bytes<T>(v: &[T]) -> &[u8] {
+            unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+        }
+        let n = self.tokens.len();
+        let view = |dt, shape: Vec<usize>, b| TensorView::new(dt, shape, b).map_err(|e| e.to_string());
+        let mut t = vec![("tokens".to_string(), view(Dtype::I32, vec![n], bytes(&self.tokens))?)];
+        for (l, (ids, w, k)) in self.layers.iter().enumerate() {
+            t.push((format!("layers.{l}.expert_ids"), view(Dtype::I32, vec![n, *k], bytes(ids))?));
+            t.push((format!("layers.{l}.gate_weights"), view(Dtype::F32, vec![n, *k], bytes(w))?));
+        }
+        let tmp = self.path.with_extension("tmp");
+        let err = |e: safetensors::SafeTensorError| format!("{}: {e}", self.path.display());
+        safetensors::serialize_to_file(t, &None, &tmp).map_err(err)?;
+        std::fs::rename(&tmp, &self.path).map_err(|e| format!("{}: {e}", self.path.display()))
+    }
+}
