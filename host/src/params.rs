@@ -20,6 +20,8 @@ pub struct Param {
 #[derive(Default)]
 pub struct Params {
     pub list: Vec<Param>,
+    /// Declare only (for `pith plan`): record names and shapes, allocate nothing.
+    pub shapes_only: bool,
 }
 
 impl Params {
@@ -30,7 +32,7 @@ impl Params {
         let start = self.list.len();
         for spec in specs {
             let name = format!("{prefix}.{}", spec.name);
-            let n = spec.numel();
+            let n = if self.shapes_only { 0 } else { spec.numel() };
             let w = match spec.init {
                 Init::Zeros => vec![0.0; n],
                 Init::Ones => vec![1.0; n],
@@ -66,7 +68,7 @@ impl Params {
         }
     }
     pub fn count(&self) -> usize {
-        self.list.iter().map(|p| p.w.len()).sum()
+        self.list.iter().map(|p| p.spec.numel()).sum()
     }
     /// Global L2 norm of all gradients.
     pub fn grad_norm(&self) -> f32 {

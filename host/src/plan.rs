@@ -50,11 +50,11 @@ pub fn plan(cfg: &Config, reg: &Registry) -> Result<String, String> {
     }
     let top_k = measured_top_k(cfg, reg)?;
     let (moe, opt) = crate::train::components(cfg, reg)?;
-    let mut params = Params::default();
+    let mut params = Params { shapes_only: true, ..Default::default() };
     Model::new(m, &mut params, cfg.train.seed, moe)?;
     let mut groups: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     for p in &params.list {
-        let n = p.w.len();
+        let n = p.spec.numel();
         let g = group(&p.name);
         let active = if g == "moe.experts" { n * top_k / m.experts } else { n };
         let e = groups.entry(g).or_default();
@@ -74,7 +74,7 @@ pub fn plan(cfg: &Config, reg: &Registry) -> Result<String, String> {
         .list
         .iter()
         .filter(|p| p.spec.shape.len() >= 2 && !p.name.starts_with("embed"))
-        .map(|p| if group(&p.name) == "moe.experts" { p.w.len() * top_k / m.experts } else { p.w.len() })
+        .map(|p| if group(&p.name) == "moe.experts" { p.spec.numel() * top_k / m.experts } else { p.spec.numel() })
         .sum();
     let attn = 6 * m.layers * m.heads * m.head_dim * m.seq_len;
     let flops = 6 * matmul + attn;
@@ -83,7 +83,7 @@ pub fn plan(cfg: &Config, reg: &Registry) -> Result<String, String> {
         "\ntraining FLOPs/token: {:.4} GFLOP = 6 × {matmul} active matmul params + 6 × layers × heads × head_dim × seq_len ({attn})",
         flops as f64 / 1e9
     );
-    let bytes: usize = params.list.iter().map(|p| p.w.len() * 4 * (2 + opt.1.state(&p.spec).len())).sum();
+    let bytes: usize = params.list.iter().map(|p| p.spec.numel() * 4 * (2 + opt.1.state(&p.spec).len())).sum();
     let _ = writeln!(
         s,
         "parameter memory (f32 weights, grads, `{}` state): {:.1} MiB",

@@ -223,3 +223,14 @@ fn ledger_gets_one_line_per_command() {
         assert!(l["end"].as_f64() >= l["start"].as_f64() && l["gpus"] == 0, "{l}");
     }
 }
+
+#[test]
+fn plan_of_the_benchmark_model_matches_the_reference_flops() {
+    // ../shared/bench/README.md: bench-1b trains at 1.603 GFLOP/token.
+    let (code, text) = pith(&["plan", &format!("{WORKSPACE}/configs/bench-1b.toml")]);
+    assert_eq!(code, 0, "{text}");
+    let line = text.lines().find(|l| l.starts_with("training FLOPs/token")).unwrap();
+    let gflop: f64 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!((gflop - 1.603).abs() < 5e-4, "{line}");
+    assert!(text.contains("top-8 of 64"), "{text}");
+}
