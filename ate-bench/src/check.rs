@@ -25,6 +25,14 @@ pub enum Check {
     ConfigChange { run: String, key: String, value: toml::Value, min_steps: u64, metric: String },
     /// ANSWER.md's `total:` and `active:` equal the `all` row of `pith plan CONFIG --set ...`.
     Plan { config: String, set: Vec<String> },
+    /// `<trace>` is pith's routing trace (`--trace-routing`) of the first `tokens` tokens of `config`
+    /// (identical to a re-run made here); ANSWER.md's `expert:` is the expert of layer `layer` that
+    /// received the most of those tokens and `count:` how many.
+    RoutingTrace { trace: String, config: String, tokens: usize, layer: usize },
+    /// `<run>`'s newest checkpoint is step `steps` and `<export>` is its Hugging Face export:
+    /// config.json + weights; `pith import hf` accepts it; `pith eval-logits` of the export, of the
+    /// re-import and of the checkpoint agree on `tokens` to `tol`; ANSWER.md reports that loss.
+    ExportHf { run: String, export: String, steps: u64, tokens: Vec<u32>, tol: f64 },
     /// A plugin in `plugins/<name>/`, with the rules of the task.
     Plugin(Box<PluginCheck>),
     /// Cannot run here: needs a GPU or a host feature that does not exist yet.
@@ -255,6 +263,12 @@ fn check(c: &Check, dir: &Path, env: &Env, o: &mut Outcome) -> Result<(), String
                 );
             }
             Ok(())
+        }
+        Check::RoutingTrace { trace, config, tokens, layer } => {
+            check_routing_trace(trace, config, *tokens, *layer, dir, env, o)
+        }
+        Check::ExportHf { run, export, steps, tokens, tol } => {
+            check_export_hf(run, export, *steps, tokens, *tol, dir, env, o)
         }
         Check::Plugin(p) => check_plugin(p, dir, env, o),
         Check::Unavailable { missing } => Err(format!("not runnable here: {missing}")),
@@ -521,6 +535,220 @@ pub fn copy_dir(src: &Path, dst: &Path, skip: &[&str]) -> Result<(), String> {
             std::fs::copy(&s, &d).map_err(|e| format!("{}: {e}", s.display()))?;
         }
     }
+    Ok(())
+}
+
+// ---------- Operate: routing trace, HF export ----------
+
+/// A safetensors tensor: dtype, shape, raw little-endian bytes.
+pub struct StTensor {
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl StTensor {
+    pub fn i32s(&self) -> Vec<i32> {
+        self.data.chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    }
+    pub fn f32s(&self) -> Vec<f32> {
+        self.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    }
+}
+
+/// Every tensor of a safetensors file (8-byte little-endian header length, JSON header, data).
+pub fn st_read(p: &Path) -> Result<std::collections::BTreeMap<String, StTensor>, String> {
+    let err = |e: &str| format!("{}: {e}", p.display());
+    let b = std::fs::read(p).map_err(|e| err(&e.to_string()))?;
+    let n = u64::from_le_bytes(b.get(..8).ok_or_else(|| err("not a safetensors file"))?.try_into().unwrap()) as usize;
+    let h: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(b.get(8..8usize.saturating_add(n)).ok_or_else(|| err("header runs past the end"))?)
+            .map_err(|e| err(&e.to_string()))?;
+    let body = &b[8 + n..];
+    let mut out = std::collections::BTreeMap::new();
+    for (name, v) in h.iter().filter(|(k, _)| *k != "__metadata__") {
+        let offs: Vec<usize> =
+            v["data_offsets"].as_array().into_iter().flatten().filter_map(|x| x.as_u64()).map(|x| x as usize).collect();
+        let shape =
+            v["shape"].as_array().into_iter().flatten().filter_map(|x| x.as_u64()).map(|x| x as usize).collect();
+        let data = match offs[..] {
+            [a, z] if a <= z => body.get(a..z).ok_or_else(|| err(&format!("`{name}` runs past the end")))?.to_vec(),
+            _ => return Err(err(&format!("`{name}` has bad data_offsets"))),
+        };
+        out.insert(name.clone(), StTensor { dtype: v["dtype"].as_str().unwrap_or("").to_string(), shape, data });
+    }
+    Ok(out)
+}
+
+/// The first integer after `label` on the first line of `text` that contains it (case-insensitive).
+pub fn labelled_int(text: &str, label: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let low = l.to_lowercase();
+        low.find(&label.to_lowercase()).and_then(|i| first_int(&low[i + label.len()..]))
+    })
+}
+
+fn check_routing_trace(
+    trace: &str,
+    config: &str,
+    tokens: usize,
+    layer: usize,
+    dir: &Path,
+    env: &Env,
+    o: &mut Outcome,
+) -> Result<(), String> {
+    let got = st_read(&dir.join(trace)).map_err(|e| format!("no routing trace: {e}"))?;
+    let cfg = read_toml(&dir.join(config))?;
+    let dim = |k: &str| lookup(&cfg, k).and_then(|v| v.as_integer()).unwrap_or(0) as usize;
+    let (layers, experts) = (dim("model.layers"), dim("model.experts"));
+    let tok = got.get("tokens");
+    o.rule(
+        tok.is_some_and(|t| t.dtype == "I32" && t.shape == [tokens]),
+        format!("{trace} has `tokens` I32 [{tokens}] (got {:?})", tok.map(|t| (&t.dtype, &t.shape))),
+    );
+    for l in 0..layers {
+        let (ids, w) = (got.get(&format!("layers.{l}.expert_ids")), got.get(&format!("layers.{l}.gate_weights")));
+        let ok = match (ids, w) {
+            (Some(ids), Some(w)) => {
+                ids.dtype == "I32"
+                    && w.dtype == "F32"
+                    && ids.shape.len() == 2
+                    && ids.shape[0] == tokens
+                    && ids.shape == w.shape
+                    && ids.i32s().iter().all(|&e| e >= 0 && (e as usize) < experts)
+                    && w.f32s().iter().all(|g| g.is_finite() && (0.0..=1.0).contains(g))
+            }
+            _ => false,
+        };
+        o.rule(ok, format!("layer {l}: expert_ids I32 [{tokens}, k] in 0..{experts}, gate_weights F32 in [0, 1]"));
+    }
+    // The same command, re-run here: the routing of the first tokens is deterministic (seed, data).
+    let pith = pith_bin(dir, env)?;
+    let work = scratch("trace")?;
+    let reference = work.join("ref.safetensors");
+    let mut args = vec!["train".to_string(), config.to_string()];
+    let sets = [
+        "train.steps=1".to_string(),
+        "train.eval_every=0".into(),
+        format!("train.out=\"{}\"", work.join("run").display()),
+    ];
+    sets.iter().for_each(|s| args.extend(["--set".into(), s.clone()]));
+    args.extend([
+        "--trace-routing".into(),
+        reference.to_string_lossy().into_owned(),
+        "--trace-tokens".into(),
+        tokens.to_string(),
+    ]);
+    let (code, out) = run_pith(&pith, dir, &args)?;
+    if code != 0 {
+        return Err(format!("re-running `pith {}` failed: {out}", args.join(" ")));
+    }
+    let want = st_read(&reference)?;
+    let ids_name = format!("layers.{layer}.expert_ids");
+    let same = |n: &str| got.get(n).map(|t| &t.data) == want.get(n).map(|t| &t.data);
+    o.rule(
+        same("tokens") && same(&ids_name),
+        format!("{trace}'s tokens and layer-{layer} expert ids equal those of a re-run of the quickstart"),
+    );
+    let ids = want.get(&ids_name).ok_or(format!("the re-run's trace has no `{ids_name}`"))?;
+    let mut count = vec![0u64; experts.max(1)];
+    for e in ids.i32s() {
+        if let Some(c) = count.get_mut(e.max(0) as usize) {
+            *c += 1;
+        }
+    }
+    let max = *count.iter().max().unwrap_or(&0);
+    let best: Vec<u64> = (0..count.len() as u64).filter(|&e| count[e as usize] == max).collect();
+    let ans = answer(dir)?;
+    let (e, c) = (labelled_int(&ans, "expert:"), labelled_int(&ans, "count:"));
+    o.rule(
+        e.is_some_and(|e| best.contains(&e)),
+        format!("ANSWER.md `expert:` is layer {layer}'s most-loaded expert {best:?} (got {e:?})"),
+    );
+    o.rule(c == Some(max), format!("ANSWER.md `count:` is {max} tokens (got {c:?})"));
+    Ok(())
+}
+
+/// `pith eval-logits MODEL --tokens ...` → (loss, flattened logits).
+fn eval_logits(pith: &Path, dir: &Path, model: &Path, tokens: &[u32]) -> Result<(f64, Vec<f64>), String> {
+    let list: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
+    let args = vec!["eval-logits".to_string(), model.to_string_lossy().into_owned(), "--tokens".into(), list.join(",")];
+    let (code, out) = run_pith(pith, dir, &args)?;
+    let json = out.lines().find(|l| l.trim_start().starts_with('{')).unwrap_or("");
+    let v: serde_json::Value = match (code, serde_json::from_str(json)) {
+        (0, Ok(v)) => v,
+        _ => return Err(format!("`pith {}` failed: {}", args.join(" "), out.trim())),
+    };
+    fn flat(v: &serde_json::Value, out: &mut Vec<f64>) {
+        match v {
+            serde_json::Value::Array(a) => a.iter().for_each(|x| flat(x, out)),
+            x => out.extend(x.as_f64()),
+        }
+    }
+    let mut logits = Vec::new();
+    flat(&v["logits"], &mut logits);
+    let loss = v["loss"].as_f64().ok_or(format!("`pith {}` printed no loss", args.join(" ")))?;
+    Ok((loss, logits))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_export_hf(
+    run: &str,
+    export: &str,
+    steps: u64,
+    tokens: &[u32],
+    tol: f64,
+    dir: &Path,
+    env: &Env,
+    o: &mut Outcome,
+) -> Result<(), String> {
+    let ckpt = newest_checkpoint(&dir.join(run))?;
+    let want = format!("step_{steps:08}");
+    o.rule(ckpt.ends_with(&want), format!("{run}'s newest checkpoint is {want} ({})", ckpt.display()));
+    let ex = dir.join(export);
+    let cfg: Option<serde_json::Value> =
+        std::fs::read_to_string(ex.join("config.json")).ok().and_then(|s| serde_json::from_str(&s).ok());
+    let arch = cfg.as_ref().and_then(|c| c["architectures"][0].as_str().map(String::from));
+    o.rule(arch.is_some(), format!("{export}/config.json names an architecture ({arch:?})"));
+    let index = ex.join("model.safetensors.index.json");
+    let weights = if index.is_file() {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&index).unwrap_or_default()).unwrap_or_default();
+        let shards: Vec<&str> =
+            v["weight_map"].as_object().into_iter().flatten().filter_map(|(_, f)| f.as_str()).collect();
+        !shards.is_empty() && shards.iter().all(|f| ex.join(f).is_file())
+    } else {
+        ex.join("model.safetensors").is_file()
+    };
+    o.rule(weights, format!("{export} holds model.safetensors (or an index and every shard it names)"));
+    let pith = pith_bin(dir, env)?;
+    let imp = scratch("import")?.join("run");
+    let args = vec![
+        "import".into(),
+        "hf".into(),
+        ex.to_string_lossy().into_owned(),
+        "--out".into(),
+        imp.to_string_lossy().into_owned(),
+    ];
+    let (code, out) = run_pith(&pith, dir, &args)?;
+    o.rule(code == 0, format!("`pith import hf {export}` succeeds ({})", out.lines().next().unwrap_or("").trim()));
+    let (loss, logits) = eval_logits(&pith, dir, &ckpt, tokens)?;
+    let mut others = vec![(export.to_string(), ex.clone())];
+    if code == 0 {
+        others.push(("its re-import".into(), imp));
+    }
+    for (name, path) in others {
+        let (l, g) = eval_logits(&pith, dir, &path, tokens)?;
+        let d = logits.iter().zip(&g).map(|(a, b)| (a - b).abs()).fold(0.0f64, f64::max);
+        o.rule(
+            g.len() == logits.len() && !g.is_empty() && d <= tol && (l - loss).abs() <= tol,
+            format!(
+                "eval-logits of {name} matches the checkpoint (max |Δlogit| {d:.2e}, |Δloss| {:.2e}, tol {tol})",
+                (l - loss).abs()
+            ),
+        );
+    }
+    o.rule(reports(&answer(dir)?, loss, 1e-4), format!("ANSWER.md reports the eval-logits loss {loss:.5}"));
     Ok(())
 }
 

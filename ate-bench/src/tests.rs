@@ -55,7 +55,7 @@ fn task(id: &str) -> Task {
 fn the_task_set_is_complete() {
     let all = load_tasks().unwrap();
     let (qa, op, feat) = (tasks("qa").len(), tasks("operate").len(), tasks("feature").len());
-    assert!(qa >= 12 && op >= 4 && feat >= 4, "qa {qa}, operate {op}, feature {feat}");
+    assert!(qa >= 12 && op >= 6 && feat >= 4, "qa {qa}, operate {op}, feature {feat}");
     assert!(qa + op + feat >= 20);
     for t in &all {
         let prompt = std::fs::read_to_string(t.dir.join("task.md")).unwrap();
@@ -131,6 +131,50 @@ fn operate_config_change() {
 #[test]
 fn operate_plan_estimate() {
     operate("op-plan-estimate");
+}
+
+#[test]
+fn operate_routing_trace() {
+    let t = task("op-routing-trace");
+    let dir = check::working_copy("op-routing-trace").unwrap();
+    fail_then_pass(&t, &dir);
+    // A wrong expert, or a trace that is not pith's, fails.
+    let ans = std::fs::read_to_string(dir.join("ANSWER.md")).unwrap();
+    let e = check::labelled_int(&ans, "expert:").unwrap();
+    std::fs::write(dir.join("ANSWER.md"), ans.replace(&format!("expert: {e}"), &format!("expert: {}", (e + 1) % 8)))
+        .unwrap();
+    let o = check::run_with(&t, &dir, env());
+    assert!(o.fails.iter().any(|f| f.contains("`expert:`")), "{:?}", o.fails);
+    let f = dir.join("runs/routing.safetensors");
+    assert_eq!(check::st_read(&f).unwrap()["tokens"].shape, [256]);
+    // Every value's low byte changed: other tokens, other experts.
+    let mut b = std::fs::read(&f).unwrap();
+    let data = 8 + u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+    for i in (data..b.len()).step_by(4) {
+        b[i] ^= 1;
+    }
+    std::fs::write(&f, b).unwrap();
+    assert!(!check::run_with(&t, &dir, env()).passed(), "a tampered trace passes");
+}
+
+#[test]
+fn operate_export_hf() {
+    let t = task("op-export-hf");
+    let dir = check::working_copy("op-export-hf").unwrap();
+    fail_then_pass(&t, &dir);
+    // An export of a different checkpoint (here: a 2-step run) does not match.
+    let pith = env().pith.clone().unwrap();
+    let st = Command::new(&pith)
+        .current_dir(&dir)
+        .args(["train", "configs/quickstart.toml", "--set", "train.steps=2", "--set", "train.out=\"runs/other\""])
+        .output()
+        .unwrap();
+    assert!(st.status.success());
+    std::fs::remove_dir_all(dir.join("export/hf")).unwrap();
+    let st = Command::new(&pith).current_dir(&dir).args(["export", "hf", "runs/other", "export/hf"]).output().unwrap();
+    assert!(st.status.success());
+    let o = check::run_with(&t, &dir, env());
+    assert!(o.fails.iter().any(|f| f.contains("eval-logits of export/hf")), "{:?}", o.fails);
 }
 
 /// One working copy for every feature task (each adds its own plugins/<name>; plugin-api builds once).
