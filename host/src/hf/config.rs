@@ -1,0 +1,359 @@
+//! config.json ↔ Pith config: reading a Hugging Face config.json into [`HfModel`] (refusing, by
+//! field, what Pith can't represent) and the Pith config it becomes; and the config.json (and
+//! generation_config.json) an export writes for a Pith config.
+
+use super::export::{ExportDtype, ExportOptions};
+use super::family::{names, Family, FAMILIES};
+use crate::config::{Config, QkNorm};
+use serde_json::{json, Value};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// A Hugging Face config.json as Pith reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HfModel {
+    pub family: Family,
+    pub vocab: usize,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub experts: usize,
+    pub expert_ffn: usize,
+    pub top_k: usize,
+    /// `norm_topk_prob` (always true for Mixtral): the router's `normalize`.
+    pub normalize: bool,
+    pub rope_theta: f64,
+    pub norm_eps: f64,
+    pub init_std: f64,
+    /// `tie_word_embeddings`: lm_head is read from the embedding.
+    pub tied: bool,
+    pub aux_coef: f64,
+    pub max_positions: usize,
+    /// Pith's training sequence length (and RoPE table size).
+    pub seq_len: usize,
+}
+
+/// Read `DIR/config.json`. `seq_len`: Pith's sequence length (default: max_position_embeddings,
+/// at most 2048).
+pub fn read_config(dir: &Path, seq_len: Option<usize>) -> Result<HfModel, String> {
+    let path = dir.join("config.json");
+    let at = |e: String| format!("{}: {e}", path.display());
+    let text = fs::read_to_string(&path).map_err(|e| at(e.to_string()))?;
+    let c: Value = serde_json::from_str(&text).map_err(|e| at(e.to_string()))?;
+    parse_config(&c, seq_len).map_err(at)
+}
+
+fn parse_config(c: &Value, seq_len: Option<usize>) -> Result<HfModel, String> {
+    let get = |k: &str| c.get(k).filter(|v| !v.is_null());
+    let arch = get("architectures").and_then(|a| a.get(0)).and_then(Value::as_str);
+    let mt = get("model_type").and_then(Value::as_str);
+    let family = match (arch, mt) {
+        (Some(a), _) => FAMILIES.into_iter().find(|f| f.architecture() == a),
+        (None, Some(t)) => FAMILIES.into_iter().find(|f| f.model_type() == t),
+        (None, None) => None,
+    };
+    let family = family.ok_or_else(|| {
+        let what = arch.or(mt).unwrap_or("(none given)");
+        format!("unknown architecture `{what}`; Pith imports {}", names())
+    })?;
+    let f = family;
+    let int = |k: &str| -> Result<Option<usize>, String> {
+        match get(k) {
+            None => Ok(None),
+            Some(v) => v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| format!("`{k}` = {v} is not an integer")),
+        }
+    };
+    let size = |k: &str, default: Option<usize>| -> Result<usize, String> {
+        match int(k)?.or(default) {
+            Some(n) if n > 0 => Ok(n),
+            Some(_) => Err(format!("`{k}` must be at least 1")),
+            None => Err(format!("`{k}` is missing")),
+        }
+    };
+    let num = |k: &str, default: f64| -> Result<f64, String> {
+        get(k).map_or(Ok(default), |v| v.as_f64().ok_or_else(|| format!("`{k}` = {v} is not a number")))
+    };
+    let flag = |k: &str| get(k).is_some_and(|v| v.as_bool() == Some(true));
+    let (hidden, heads) = (size("hidden_size", None)?, size("num_attention_heads", None)?);
+    let kv_heads = size("num_key_value_heads", Some(if f == Family::Qwen3Moe { 4 } else { heads }))?;
+    let head_dim = match int("head_dim")? {
+        Some(d) => d,
+        None if hidden.is_multiple_of(heads) => hidden / heads,
+        None => return Err(format!("`hidden_size` {hidden} is not a multiple of `num_attention_heads` {heads}")),
+    };
+    let experts_key = match f {
+        Family::Mixtral => "num_local_experts",
+        _ if get("num_experts").is_none() && get("num_local_experts").is_some() => "num_local_experts",
+        _ => "num_experts",
+    };
+    let ffn_key = if f == Family::Qwen3Moe { "moe_intermediate_size" } else { "intermediate_size" };
+    let (experts, expert_ffn) = (size(experts_key, None)?, size(ffn_key, None)?);
+    let top_k = size("num_experts_per_tok", None)?;
+    let max_positions = size("max_position_embeddings", Some(4096))?;
+    let seq_len = seq_len.unwrap_or(max_positions.min(2048));
+
+    // What Pith can't represent, each with the field that says so.
+    let mut no: Vec<String> = Vec::new();
+    let mut refuse = |k: &str, v: &Value, why: &str| no.push(format!("`{k}` = {v} ({why})"));
+    if let Some(v) = get("hidden_act").filter(|v| v.as_str() != Some("silu")) {
+        refuse("hidden_act", v, "experts are SwiGLU with silu");
+    }
+    for k in ["attention_bias", "mlp_bias"] {
+        if flag(k) {
+            refuse(k, &Value::Bool(true), "Pith's projections have no bias");
+        }
+    }
+    let rope = get("rope_parameters").or_else(|| get("rope_scaling"));
+    let rope_key = if get("rope_parameters").is_some() { "rope_parameters" } else { "rope_scaling" };
+    let rope_type = rope.and_then(|r| r.get("rope_type").or_else(|| r.get("type"))).and_then(Value::as_str);
+    if rope_type.is_some_and(|t| t != "default") {
+        refuse(rope_key, rope.unwrap(), "only plain RoPE");
+    }
+    let rope_theta = match rope.and_then(|r| r.get("rope_theta")).filter(|v| !v.is_null()) {
+        Some(v) => v.as_f64().ok_or_else(|| format!("`{rope_key}.rope_theta` = {v} is not a number"))?,
+        None => num("rope_theta", if f == Family::Mixtral { 1e6 } else { 1e4 })?,
+    };
+    let partial = rope.and_then(|r| r.get("partial_rotary_factor")).or_else(|| get("partial_rotary_factor"));
+    if let Some(v) = partial.filter(|v| v.as_f64() != Some(1.0) && !v.is_null()) {
+        refuse("partial_rotary_factor", v, "RoPE rotates whole heads");
+    }
+    if f == Family::Qwen3Moe && flag("use_sliding_window") {
+        refuse("use_sliding_window", &Value::Bool(true), "attention is full causal");
+    }
+    if let (Family::Mixtral, Some(w)) = (f, get("sliding_window")) {
+        if w.as_u64().is_none_or(|w| (w as usize) < seq_len) {
+            refuse("sliding_window", w, &format!("attention is full causal over the {seq_len}-token sequence"));
+        }
+    }
+    if let Some(t) = get("layer_types").and_then(Value::as_array) {
+        if let Some(v) = t.iter().find(|v| v.as_str() != Some("full_attention")) {
+            refuse("layer_types", v, "every layer is full-attention MoE");
+        }
+    }
+    if let Some(v) = get("decoder_sparse_step").filter(|v| v.as_u64() != Some(1)) {
+        refuse("decoder_sparse_step", v, "every layer is MoE");
+    }
+    if let Some(v) = get("mlp_only_layers").filter(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
+        refuse("mlp_only_layers", v, "every layer is MoE");
+    }
+    for k in ["shared_expert_intermediate_size", "n_shared_experts", "num_shared_experts"] {
+        if let Some(v) = get(k).filter(|v| v.as_u64() != Some(0)) {
+            refuse(k, v, "Pith's shared expert is ungated; import has none");
+        }
+    }
+    if let Some(v) = get("clip_qkv") {
+        refuse("clip_qkv", v, "q, k, v are not clipped");
+    }
+    if f == Family::Olmoe && head_dim * heads != hidden {
+        refuse("head_dim", &json!(head_dim), "OLMoE's head_dim is hidden_size / num_attention_heads");
+    }
+    if let Some(v) = get("quantization_config") {
+        refuse("quantization_config", v, "weights must be plain F32, BF16 or F16");
+    }
+    if !no.is_empty() {
+        return Err(format!("Pith can't represent {}", no.join("; ")));
+    }
+    if !heads.is_multiple_of(kv_heads) || !head_dim.is_multiple_of(2) {
+        return Err(format!(
+            "`num_attention_heads` {heads} must be a multiple of `num_key_value_heads` {kv_heads} and head_dim {head_dim} even"
+        ));
+    }
+    if top_k > experts {
+        return Err(format!("`num_experts_per_tok` {top_k} is more than `{experts_key}` {experts}"));
+    }
+    Ok(HfModel {
+        family,
+        vocab: size("vocab_size", None)?,
+        hidden,
+        layers: size("num_hidden_layers", None)?,
+        heads,
+        kv_heads,
+        head_dim,
+        experts,
+        expert_ffn,
+        top_k,
+        normalize: f == Family::Mixtral || flag("norm_topk_prob"),
+        rope_theta,
+        norm_eps: num("rms_norm_eps", if f == Family::Qwen3Moe { 1e-6 } else { 1e-5 })?,
+        init_std: num("initializer_range", 0.02)?,
+        tied: flag("tie_word_embeddings"),
+        aux_coef: num("router_aux_loss_coef", 0.0)?,
+        max_positions,
+        seq_len,
+    })
+}
+
+/// A TOML string literal.
+fn quote(s: &str) -> String {
+    toml::Value::String(s.into()).to_string()
+}
+
+impl HfModel {
+    /// The Pith config of this model: its [model], the std topk-softmax router and swiglu
+    /// experts, a switch-aux loss with `router_aux_loss_coef`, adamw, and [train] defaults that
+    /// write to `run`.
+    pub fn config(&self, src: &Path, run: &Path) -> Result<Config, String> {
+        let qk = match self.family.qk_norm() {
+            QkNorm::Head => "head",
+            QkNorm::Full => "full",
+            QkNorm::None => "none",
+        };
+        let aux = match self.aux_coef > 0.0 {
+            true => format!("\n[[balance_loss]]\nplugin = \"switch-aux\"\ncoef = {:?}\n", self.aux_coef),
+            false => String::new(),
+        };
+        let text = format!(
+            "# `pith import hf {src}` ({arch})\n\n[model]\nvocab = {}\nhidden = {}\nlayers = {}\nheads = {}\n\
+             kv_heads = {}\nhead_dim = {}\nseq_len = {}\nrope_theta = {:?}\nexperts = {}\nexpert_ffn = {}\n\
+             norm_eps = {:?}\ninit_std = {:?}\nqk_norm = \"{qk}\"\n\n[train]\nsteps = 100\nmicro_batch = 4\n\
+             lr = 1e-4\nwarmup = 10\nout = {}\n\n[router]\nplugin = \"topk-softmax\"\ntop_k = {}\nnormalize = {}\n\n\
+             [experts]\nplugin = \"swiglu\"\n{aux}\n[optimizer]\nplugin = \"adamw\"\n",
+            self.vocab,
+            self.hidden,
+            self.layers,
+            self.heads,
+            self.kv_heads,
+            self.head_dim,
+            self.seq_len,
+            self.rope_theta,
+            self.experts,
+            self.expert_ffn,
+            self.norm_eps,
+            self.init_std,
+            quote(&run.display().to_string()),
+            self.top_k,
+            self.normalize,
+            src = src.display(),
+            arch = self.family.architecture(),
+        );
+        Config::parse(&format!("<import of {}>", src.display()), &text, &[])
+    }
+}
+
+/// A float from an f32 config value, as written (1e-6, not 9.99999997e-7).
+fn num(x: f32) -> Value {
+    json!(x.to_string().parse::<f64>().unwrap())
+}
+
+pub(super) fn hf_config(
+    cfg: &Config,
+    family: Family,
+    top_k: usize,
+    normalize: bool,
+    opts: &ExportOptions,
+    tok: &Option<(PathBuf, Option<u64>)>,
+) -> Value {
+    let m = &cfg.model;
+    let aux = cfg.balance_loss.iter().find(|t| t.get("plugin").and_then(|v| v.as_str()) == Some("switch-aux"));
+    let aux = aux.and_then(|t| t.get("coef")).and_then(|v| v.as_float().or(v.as_integer().map(|i| i as f64)));
+    let eos = tok.as_ref().and_then(|t| t.1);
+    let mut c = json!({
+        "architectures": [family.architecture()],
+        "model_type": family.model_type(),
+        "vocab_size": m.vocab,
+        "hidden_size": m.hidden,
+        "num_hidden_layers": m.layers,
+        "num_attention_heads": m.heads,
+        "num_key_value_heads": m.kv_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": opts.max_positions.unwrap_or(m.seq_len),
+        "initializer_range": num(m.init_std),
+        "rms_norm_eps": num(m.norm_eps),
+        "rope_theta": num(m.rope_theta),
+        "rope_parameters": {"rope_type": "default", "rope_theta": num(m.rope_theta)},
+        "tie_word_embeddings": false,
+        "attention_dropout": 0.0,
+        "num_experts_per_tok": top_k,
+        "output_router_logits": false,
+        "router_aux_loss_coef": aux.unwrap_or(0.0),
+        "use_cache": true,
+        "torch_dtype": if opts.dtype == ExportDtype::F32 { "float32" } else { "bfloat16" },
+        "bos_token_id": null,
+        "eos_token_id": eos,
+        "pad_token_id": null,
+    });
+    let extra = match family {
+        Family::Qwen3Moe => json!({
+            "head_dim": m.head_dim, "intermediate_size": m.expert_ffn, "moe_intermediate_size": m.expert_ffn,
+            "num_experts": m.experts, "norm_topk_prob": normalize, "decoder_sparse_step": 1,
+            "mlp_only_layers": [], "use_sliding_window": false, "sliding_window": null,
+            "max_window_layers": m.layers, "attention_bias": false,
+        }),
+        Family::Mixtral => json!({
+            "head_dim": m.head_dim, "intermediate_size": m.expert_ffn, "num_local_experts": m.experts,
+            "sliding_window": null, "router_jitter_noise": 0.0,
+        }),
+        Family::Olmoe => json!({
+            "intermediate_size": m.expert_ffn, "num_experts": m.experts, "norm_topk_prob": normalize,
+            "attention_bias": false, "clip_qkv": null,
+        }),
+    };
+    c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    c
+}
+
+pub(super) fn generation_config(c: &Value) -> Value {
+    json!({"bos_token_id": c["bos_token_id"], "eos_token_id": c["eos_token_id"], "pad_token_id": c["pad_token_id"]})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base(arch: &str) -> Value {
+        json!({
+            "architectures": [arch], "vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 4, "num_experts": 4,
+            "num_local_experts": 4, "moe_intermediate_size": 8, "intermediate_size": 8,
+            "num_experts_per_tok": 2, "max_position_embeddings": 32, "norm_topk_prob": true,
+        })
+    }
+
+    #[test]
+    fn configs_map_to_the_right_model() {
+        let q = parse_config(&base("Qwen3MoeForCausalLM"), None).unwrap();
+        assert_eq!(
+            (q.family, q.normalize, q.rope_theta, q.norm_eps, q.seq_len),
+            (Family::Qwen3Moe, true, 1e4, 1e-6, 32)
+        );
+        let mut c = base("MixtralForCausalLM");
+        c["norm_topk_prob"] = json!(false);
+        let x = parse_config(&c, Some(16)).unwrap();
+        assert_eq!((x.family, x.normalize, x.rope_theta, x.seq_len), (Family::Mixtral, true, 1e6, 16));
+        let mut c = base("OlmoeForCausalLM");
+        c.as_object_mut().unwrap().remove("head_dim");
+        c["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 5e5});
+        let o = parse_config(&c, None).unwrap();
+        assert_eq!((o.family, o.head_dim, o.rope_theta, o.expert_ffn), (Family::Olmoe, 4, 5e5, 8));
+    }
+
+    #[test]
+    fn unrepresentable_fields_are_named() {
+        let cases: [(&str, &str, Value, &str); 10] = [
+            ("Qwen3MoeForCausalLM", "use_sliding_window", json!(true), "`use_sliding_window` = true"),
+            ("Qwen3MoeForCausalLM", "attention_bias", json!(true), "`attention_bias` = true"),
+            ("Qwen3MoeForCausalLM", "rope_scaling", json!({"rope_type": "yarn", "factor": 4.0}), "`rope_scaling`"),
+            ("Qwen3MoeForCausalLM", "decoder_sparse_step", json!(2), "`decoder_sparse_step` = 2"),
+            ("Qwen3MoeForCausalLM", "mlp_only_layers", json!([1]), "`mlp_only_layers` = [1]"),
+            ("Qwen3MoeForCausalLM", "shared_expert_intermediate_size", json!(8), "`shared_expert_intermediate_size`"),
+            ("MixtralForCausalLM", "sliding_window", json!(16), "`sliding_window` = 16"),
+            ("OlmoeForCausalLM", "clip_qkv", json!(8.0), "`clip_qkv` = 8.0"),
+            ("OlmoeForCausalLM", "head_dim", json!(8), "`head_dim` = 8"),
+            ("MixtralForCausalLM", "hidden_act", json!("gelu"), "`hidden_act` = \"gelu\""),
+        ];
+        for (arch, key, value, want) in cases {
+            let mut c = base(arch);
+            c[key] = value;
+            let e = parse_config(&c, None).unwrap_err();
+            assert!(e.starts_with("Pith can't represent") && e.contains(want), "{key}: {e}");
+        }
+        let e = parse_config(&base("LlamaForCausalLM"), None).unwrap_err();
+        assert!(e.starts_with("unknown architecture `LlamaForCausalLM`"), "{e}");
+        // A window at least as long as the sequence changes nothing.
+        let mut c = base("MixtralForCausalLM");
+        c["sliding_window"] = json!(4096);
+        assert!(parse_config(&c, None).is_ok());
+    }
+}

@@ -1,0 +1,228 @@
+//! Export: a Pith checkpoint → config.json, safetensors in the per-expert layout (sharded with
+//! an index past `max_shard_bytes`), generation_config.json and the tokenizer files, streamed
+//! from the memory-mapped checkpoint one tensor at a time.
+
+use super::config::{generation_config, hf_config};
+use super::convert::{f32_to_bf16, read_f32, transpose_into};
+use super::family::Family;
+use super::names::{hf_name, is_experts, pith_params};
+use super::tokenizer::{copy_tokenizer, find_tokenizer};
+use super::{atomically, mmap, parse_st, read_run_config};
+use crate::checkpoint;
+use safetensors::{Dtype, SafeTensors};
+use serde_json::{json, Value};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Safetensors dtype names of what [`export`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportDtype {
+    F32,
+    Bf16,
+}
+
+/// How [`export`] writes: dtype, shard size, tokenizer and `max_position_embeddings`.
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    pub dtype: ExportDtype,
+    /// A new shard starts before a tensor that would take the current one past this size.
+    pub max_shard_bytes: u64,
+    /// A tokenizer.json to ship instead of the one the run's data meta.json names.
+    pub tokenizer: Option<PathBuf>,
+    /// `max_position_embeddings` (default: model.seq_len).
+    pub max_positions: Option<usize>,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        ExportOptions { dtype: ExportDtype::F32, max_shard_bytes: 5_000_000_000, tokenizer: None, max_positions: None }
+    }
+}
+
+/// "5GB", "200KB", "1.5MB", "1000": bytes (decimal units, like transformers' max_shard_size).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_uppercase();
+    let (num, mult) = [("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("B", 1.0)]
+        .iter()
+        .find_map(|(u, m)| t.strip_suffix(u).map(|n| (n.trim().to_string(), *m)))
+        .unwrap_or((t.clone(), 1.0));
+    match num.parse::<f64>() {
+        Ok(n) if n * mult >= 1.0 => Ok((n * mult) as u64),
+        _ => Err(format!("--max-shard-size `{s}`: expected a size like 5GB, 200MB, 64KB or a byte count")),
+    }
+}
+
+/// What [`export`] wrote.
+#[derive(Debug, Clone)]
+pub struct Exported {
+    pub family: Family,
+    pub files: Vec<String>,
+    pub bytes: u64,
+    pub tokenizer: Option<PathBuf>,
+}
+
+/// One tensor of the export: HF name and shape, the Pith tensor and expert it comes from.
+struct Planned {
+    name: String,
+    shape: Vec<usize>,
+    pith: String,
+    expert: Option<usize>,
+}
+
+/// `pith export hf CHECKPOINT OUT`: config.json, safetensors (per-expert layout; one
+/// model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json past
+/// `max_shard_bytes`) and the tokenizer files, written to a temp directory renamed to `out`.
+pub fn export(src: &Path, out: &Path, opts: &ExportOptions) -> Result<Exported, String> {
+    let dir = checkpoint::resolve(src)?;
+    let file = dir.join("config.toml");
+    let cfg = read_run_config(&file, &[])?;
+    let at = |k: &str| format!("{}: {k}", file.display());
+    let plugin = |t: &toml::Table| t.get("plugin").and_then(|v| v.as_str()).unwrap_or("").to_string();
+    let (router, experts) = (plugin(&cfg.router), plugin(&cfg.experts));
+    if router != "topk-softmax" || experts != "swiglu" {
+        return Err(format!(
+            "{}: router `{router}` and experts `{experts}`: Hugging Face export covers the std `topk-softmax` router \
+             and `swiglu` experts only",
+            file.display()
+        ));
+    }
+    let m = &cfg.model;
+    if m.shared_expert_ffn > 0 {
+        return Err(format!(
+            "{} = {}: the exported families have no ungated shared expert",
+            at("model.shared_expert_ffn"),
+            m.shared_expert_ffn
+        ));
+    }
+    let top_k = cfg.router.get("top_k").and_then(|v| v.as_integer()).unwrap_or(2) as usize;
+    let normalize = cfg.router.get("normalize").and_then(|v| v.as_bool()).unwrap_or(true);
+    let family = Family::of(m, normalize).map_err(|e| format!("{}: {e}", file.display()))?;
+    if family == Family::Olmoe && m.heads * m.head_dim != m.hidden {
+        return Err(format!("{}: OLMoE needs heads·head_dim = hidden", at("model.head_dim")));
+    }
+    let tokenizer = find_tokenizer(&cfg, opts.tokenizer.as_deref())?;
+
+    // Check the checkpoint against the model its config describes.
+    let weights = dir.join("model.safetensors");
+    let map = mmap(&weights)?;
+    let st = parse_st(&weights, &map)?;
+    let mut plan = Vec::new();
+    for (name, shape) in pith_params(m) {
+        let t = st.tensor(&name).map_err(|_| format!("{}: tensor `{name}` is missing", weights.display()))?;
+        if t.dtype() != Dtype::F32 || t.shape() != shape {
+            let got = format!("{:?} {:?}", t.dtype(), t.shape());
+            return Err(format!("{}: tensor `{name}` is {got}, the model needs F32 {shape:?}", weights.display()));
+        }
+        match is_experts(&name) {
+            true => plan.extend((0..m.experts).map(|e| Planned {
+                name: hf_name(family, &name, e),
+                shape: vec![shape[2], shape[1]],
+                pith: name.clone(),
+                expert: Some(e),
+            })),
+            false => plan.push(Planned { name: hf_name(family, &name, 0), shape, pith: name, expert: None }),
+        }
+    }
+    let esize = if opts.dtype == ExportDtype::F32 { 4 } else { 2 };
+    let bytes = |p: &Planned| p.shape.iter().product::<usize>() as u64 * esize;
+    let mut groups: Vec<Vec<&Planned>> = vec![vec![]];
+    let mut size = 0;
+    for p in &plan {
+        if size > 0 && size + bytes(p) > opts.max_shard_bytes {
+            groups.push(vec![]);
+            size = 0;
+        }
+        size += bytes(p);
+        groups.last_mut().unwrap().push(p);
+    }
+    let n = groups.len();
+    let names: Vec<String> = match n {
+        1 => vec!["model.safetensors".into()],
+        _ => (1..=n).map(|i| format!("model-{i:05}-of-{n:05}.safetensors")).collect(),
+    };
+    let total: u64 = plan.iter().map(bytes).sum();
+    let config = hf_config(&cfg, family, top_k, normalize, opts, &tokenizer);
+    atomically(out, |tmp| {
+        for (group, name) in groups.iter().zip(&names) {
+            write_shard(&tmp.join(name), group, &st, opts.dtype)?;
+        }
+        let json_file = |name: &str, v: &Value| {
+            let path = tmp.join(name);
+            fs::write(&path, serde_json::to_string_pretty(v).unwrap() + "\n")
+                .map_err(|e| format!("{}: {e}", path.display()))
+        };
+        if n > 1 {
+            let mut map = serde_json::Map::new();
+            for (group, name) in groups.iter().zip(&names) {
+                for p in group {
+                    map.insert(p.name.clone(), json!(name));
+                }
+            }
+            json_file("model.safetensors.index.json", &json!({"metadata": {"total_size": total}, "weight_map": map}))?;
+        }
+        json_file("config.json", &config)?;
+        json_file("generation_config.json", &generation_config(&config))?;
+        if let Some((tok, _)) = &tokenizer {
+            copy_tokenizer(tok, tmp, m.seq_len)?;
+        }
+        Ok(())
+    })?;
+    Ok(Exported { family, files: names, bytes: total, tokenizer: tokenizer.map(|t| t.0) })
+}
+
+/// Write one safetensors file, streaming: the header, then each tensor converted from the
+/// memory-mapped Pith checkpoint (expert slots transposed back to [out, in]).
+fn write_shard(path: &Path, tensors: &[&Planned], pith: &SafeTensors, dtype: ExportDtype) -> Result<(), String> {
+    let io = |e: std::io::Error| format!("{}: {e}", path.display());
+    let (dname, esize) = match dtype {
+        ExportDtype::F32 => ("F32", 4),
+        ExportDtype::Bf16 => ("BF16", 2),
+    };
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), json!({"format": "pt"}));
+    let mut offset = 0;
+    for t in tensors {
+        let end = offset + t.shape.iter().product::<usize>() * esize;
+        header.insert(t.name.clone(), json!({"dtype": dname, "shape": t.shape, "data_offsets": [offset, end]}));
+        offset = end;
+    }
+    let mut text = serde_json::to_string(&header).unwrap();
+    text.extend(std::iter::repeat_n(' ', (8 - text.len() % 8) % 8));
+    let mut w = std::io::BufWriter::new(fs::File::create(path).map_err(io)?);
+    w.write_all(&(text.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(text.as_bytes()).map_err(io)?;
+    for t in tensors {
+        let data = pith.tensor(&t.pith).expect("checked").data();
+        let x = |k: usize| read_f32(&data[4 * k..]);
+        let vals: Vec<f32> = match t.expert {
+            None => (0..t.shape.iter().product()).map(x).collect(),
+            Some(e) => {
+                let (r, c) = (t.shape[0], t.shape[1]);
+                let mut v = vec![0.0; r * c];
+                transpose_into(&mut v, (c, r), e * r * c, x);
+                v
+            }
+        };
+        let bytes: Vec<u8> = match dtype {
+            ExportDtype::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ExportDtype::Bf16 => vals.iter().flat_map(|&v| f32_to_bf16(v).to_le_bytes()).collect(),
+        };
+        w.write_all(&bytes).map_err(io)?;
+    }
+    w.flush().map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_sizes_parse() {
+        assert_eq!(parse_size("5GB"), Ok(5_000_000_000));
+        assert_eq!(parse_size("200kb"), Ok(200_000));
+        assert_eq!(parse_size("1.5MB"), Ok(1_500_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("lots").is_err());
+    }
+}

@@ -1,0 +1,166 @@
+//! Tensor names: every Pith parameter with its shape, and the translation between Pith names
+//! and each family's Hugging Face names (per-expert and fused expert tensors).
+
+use super::family::Family;
+use crate::config::{ModelConfig, QkNorm};
+
+/// Name and shape of every parameter of a Pith model with the std topk-softmax router and
+/// swiglu experts and no shared expert, in `Model::new`'s order.
+pub fn pith_params(m: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, qd, kd, e, f) = (m.hidden, m.heads * m.head_dim, m.kv_heads * m.head_dim, m.experts, m.expert_ffn);
+    let mut v = vec![("embed.weight".to_string(), vec![m.vocab, h])];
+    for l in 0..m.layers {
+        let mut add = |name: &str, shape: Vec<usize>| v.push((format!("layers.{l}.{name}"), shape));
+        add("attn_norm.weight", vec![h]);
+        add("attn.q_proj.weight", vec![qd, h]);
+        add("attn.k_proj.weight", vec![kd, h]);
+        add("attn.v_proj.weight", vec![kd, h]);
+        add("attn.o_proj.weight", vec![h, qd]);
+        let qk = match m.qk_norm {
+            QkNorm::Head => Some((m.head_dim, m.head_dim)),
+            QkNorm::Full => Some((qd, kd)),
+            QkNorm::None => None,
+        };
+        if let Some((qn, kn)) = qk {
+            add("attn.q_norm.weight", vec![qn]);
+            add("attn.k_norm.weight", vec![kn]);
+        }
+        add("moe_norm.weight", vec![h]);
+        add("moe.router.weight", vec![e, h]);
+        add("moe.experts.w_gate", vec![e, h, f]);
+        add("moe.experts.w_up", vec![e, h, f]);
+        add("moe.experts.w_down", vec![e, f, h]);
+    }
+    v.push(("final_norm.weight".into(), vec![h]));
+    v.push(("lm_head.weight".into(), vec![m.vocab, h]));
+    v
+}
+
+/// Is this Pith parameter an expert stack ([E, in, out], one HF tensor per expert)?
+pub(super) fn is_experts(pith: &str) -> bool {
+    pith.contains(".moe.experts.w_")
+}
+
+/// The HF name of a Pith parameter (of expert `e` for an expert stack).
+pub(super) fn hf_name(f: Family, pith: &str, e: usize) -> String {
+    match pith {
+        "embed.weight" => return "model.embed_tokens.weight".into(),
+        "final_norm.weight" => return "model.norm.weight".into(),
+        "lm_head.weight" => return "lm_head.weight".into(),
+        _ => {}
+    }
+    let (l, rest) = pith.strip_prefix("layers.").and_then(|r| r.split_once('.')).expect("a layer parameter");
+    let [gate, up, down] = f.expert_names();
+    let rest = match rest {
+        "attn_norm.weight" => "input_layernorm.weight".into(),
+        "moe_norm.weight" => "post_attention_layernorm.weight".into(),
+        "moe.router.weight" => format!("{}.gate.weight", f.moe()),
+        "moe.experts.w_gate" => format!("{}.experts.{e}.{gate}.weight", f.moe()),
+        "moe.experts.w_up" => format!("{}.experts.{e}.{up}.weight", f.moe()),
+        "moe.experts.w_down" => format!("{}.experts.{e}.{down}.weight", f.moe()),
+        r => format!("self_attn.{}", r.strip_prefix("attn.").expect("an attention parameter")),
+    };
+    format!("model.layers.{l}.{rest}")
+}
+
+/// Where an HF tensor goes in a Pith model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) enum Slot {
+    /// The whole parameter, same layout.
+    Whole,
+    /// Expert e's [out, in] matrix, transposed into slot e of an expert stack.
+    Expert(usize),
+    /// A fused [E, 2F, H] gate_up_proj: gate rows into `w_gate`, up rows into `w_up`.
+    GateUp,
+    /// A fused [E, H, F] down_proj into `w_down`.
+    Down,
+    /// Not a weight (a saved RoPE table).
+    Skip,
+}
+
+/// The Pith parameter an HF tensor name belongs to (any family's naming), or None.
+pub(super) fn translate(name: &str) -> Option<(String, Slot)> {
+    if name.ends_with("rotary_emb.inv_freq") {
+        return Some((String::new(), Slot::Skip));
+    }
+    match name {
+        "model.embed_tokens.weight" => return Some(("embed.weight".into(), Slot::Whole)),
+        "model.norm.weight" => return Some(("final_norm.weight".into(), Slot::Whole)),
+        "lm_head.weight" => return Some(("lm_head.weight".into(), Slot::Whole)),
+        _ => {}
+    }
+    let (l, rest) = name.strip_prefix("model.layers.")?.split_once('.')?;
+    let l: usize = l.parse().ok()?;
+    let at = |s: &str, slot| Some((format!("layers.{l}.{s}"), slot));
+    match rest {
+        "input_layernorm.weight" => return at("attn_norm.weight", Slot::Whole),
+        "post_attention_layernorm.weight" => return at("moe_norm.weight", Slot::Whole),
+        _ => {}
+    }
+    if let Some(a) = rest.strip_prefix("self_attn.") {
+        let known = ["q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"];
+        let w = a.strip_suffix(".weight").filter(|w| known.contains(w))?;
+        return at(&format!("attn.{w}.weight"), Slot::Whole);
+    }
+    let moe = rest.strip_prefix("mlp.").or_else(|| rest.strip_prefix("block_sparse_moe."))?;
+    match moe {
+        "gate.weight" => return at("moe.router.weight", Slot::Whole),
+        "experts.gate_up_proj" => return at("moe.experts.w_gate", Slot::GateUp),
+        "experts.down_proj" => return at("moe.experts.w_down", Slot::Down),
+        _ => {}
+    }
+    let (e, w) = moe.strip_prefix("experts.")?.split_once('.')?;
+    let which = match w {
+        "gate_proj.weight" | "w1.weight" => "w_gate",
+        "up_proj.weight" | "w3.weight" => "w_up",
+        "down_proj.weight" | "w2.weight" => "w_down",
+        _ => return None,
+    };
+    at(&format!("moe.experts.{which}"), Slot::Expert(e.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::hf::build;
+    use crate::hf::family::FAMILIES;
+    use crate::registry::Registry;
+
+    #[test]
+    fn names_translate_both_ways() {
+        let m: ModelConfig = toml::from_str(
+            "vocab = 8\nhidden = 4\nlayers = 2\nheads = 2\nkv_heads = 1\nhead_dim = 2\nseq_len = 4\nexperts = 3\n\
+             expert_ffn = 5",
+        )
+        .unwrap();
+        for f in FAMILIES {
+            let m = ModelConfig { qk_norm: f.qk_norm(), ..m.clone() };
+            for (name, _) in pith_params(&m) {
+                let e = if is_experts(&name) { 2 } else { 0 };
+                let want = if is_experts(&name) { Slot::Expert(2) } else { Slot::Whole };
+                assert_eq!(translate(&hf_name(f, &name, e)), Some((name.clone(), want)), "{f:?} {name}");
+            }
+        }
+        let fused = translate("model.layers.1.mlp.experts.gate_up_proj");
+        assert_eq!(fused, Some(("layers.1.moe.experts.w_gate".into(), Slot::GateUp)));
+        assert_eq!(translate("model.layers.0.self_attn.rotary_emb.inv_freq").map(|t| t.1), Some(Slot::Skip));
+        assert_eq!(translate("model.layers.0.mlp.shared_expert.up_proj.weight"), None);
+    }
+
+    /// `pith_params` lists exactly what `Model::new` declares with the std router and experts.
+    #[test]
+    fn pith_params_match_the_model() {
+        let text = "[model]\nvocab = 8\nhidden = 4\nlayers = 2\nheads = 2\nkv_heads = 1\nhead_dim = 2\nseq_len = 4\n\
+                    experts = 3\nexpert_ffn = 5\n[train]\nsteps = 1\nmicro_batch = 1\nlr = 0.1\n\
+                    [router]\nplugin = \"topk-softmax\"\n[experts]\nplugin = \"swiglu\"\n[optimizer]\nplugin = \"adamw\"\n";
+        let reg = Registry::load(&[]).unwrap();
+        for qk in ["head", "full", "none"] {
+            let cfg = Config::parse("t", text, &[format!("model.qk_norm=\"{qk}\"")]).unwrap();
+            let (_, params, _) = build(&cfg, &reg).unwrap();
+            let got: Vec<(String, Vec<usize>)> =
+                params.list.iter().map(|p| (p.name.clone(), crate::hf::shape(p))).collect();
+            assert_eq!(got, pith_params(&cfg.model), "qk_norm = {qk}");
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! A model source — an HF folder or a Pith checkpoint — as weights: `train.init_from`
+//! ([`init_weights`]) and `pith eval-logits` ([`eval_logits`]).
+
+use super::config::read_config;
+use super::import::load_weights;
+use super::{build, read_run_config, shape};
+use crate::checkpoint;
+use crate::config::Config;
+use crate::cpu::CpuOps;
+use crate::params::Params;
+use crate::registry::Registry;
+use serde_json::{json, Value};
+use std::path::Path;
+
+/// Copy the weights of a Pith checkpoint directory into `params` (names and shapes must match).
+fn copy_checkpoint_weights(dir: &Path, params: &mut Params) -> Result<(), String> {
+    let file = dir.join("model.safetensors");
+    let weights = checkpoint::read_tensors(&file)?;
+    for p in &mut params.list {
+        let shape = shape(p);
+        let (s, w) =
+            weights.get(&p.name).ok_or_else(|| format!("{}: tensor `{}` is missing", file.display(), p.name))?;
+        if *s != shape {
+            return Err(format!("{}: tensor `{}` has shape {s:?}, the model needs {shape:?}", file.display(), p.name));
+        }
+        p.w.copy_from_slice(w);
+    }
+    Ok(())
+}
+
+/// The differences between the model an HF folder holds and the one `cfg` builds, as
+/// `model.key: config.json has A, config has B` (seq_len and init_std may differ).
+fn differences(hf: &Config, cfg: &Config) -> Vec<String> {
+    let (a, b) = (toml::Value::try_from(&hf.model).unwrap(), toml::Value::try_from(&cfg.model).unwrap());
+    let mut diffs = Vec::new();
+    for (k, v) in a.as_table().unwrap() {
+        if !["seq_len", "init_std"].contains(&k.as_str()) && b.get(k) != Some(v) {
+            let got = b.get(k).map_or("nothing".into(), |v| v.to_string());
+            diffs.push(format!("model.{k}: config.json has {v}, config has {got}"));
+        }
+    }
+    for (table, key) in [("router", "plugin"), ("router", "top_k"), ("router", "normalize"), ("experts", "plugin")] {
+        let get = |c: &Config| {
+            let t = if table == "router" { &c.router } else { &c.experts };
+            let default = match key {
+                "top_k" => Some(toml::Value::Integer(2)),
+                "normalize" => Some(toml::Value::Boolean(true)),
+                _ => None,
+            };
+            t.get(key).cloned().or(default)
+        };
+        let (x, y) = (get(hf), get(cfg));
+        if x != y {
+            let show = |v: Option<toml::Value>| v.map_or("nothing".into(), |v| v.to_string());
+            diffs.push(format!("{table}.{key}: config.json has {}, config has {}", show(x), show(y)));
+        }
+    }
+    diffs
+}
+
+/// `train.init_from`: set `params` (the model `cfg` builds) from an HF folder (its config.json
+/// must describe the same model) or from a Pith checkpoint's weights (a step or run directory).
+pub fn init_weights(src: &Path, cfg: &Config, params: &mut Params) -> Result<(), String> {
+    if src.join("config.json").is_file() {
+        let hf = read_config(src, Some(cfg.model.seq_len))?;
+        let diffs = differences(&hf.config(src, Path::new(&cfg.train.out))?, cfg);
+        if !diffs.is_empty() {
+            return Err(format!("{}: a different model: {}", src.join("config.json").display(), diffs.join("; ")));
+        }
+        return load_weights(src, &hf, params);
+    }
+    copy_checkpoint_weights(&checkpoint::resolve(src)?, params)
+}
+
+/// `pith eval-logits MODEL --tokens ...`: the logits of `tokens` (one sequence) and the mean
+/// next-token cross-entropy over them (as transformers' `labels=input_ids` loss), for an HF
+/// folder or a Pith checkpoint: `{"tokens": [...], "loss": x, "logits": [[...], ...]}`.
+pub fn eval_logits(src: &Path, tokens: &[u32], reg: &Registry) -> Result<Value, String> {
+    let t = tokens.len();
+    if t < 2 {
+        return Err(format!("--tokens: give at least 2 token ids, got {t}"));
+    }
+    let hf = src.join("config.json").is_file().then(|| read_config(src, Some(t))).transpose()?;
+    let (cfg, dir) = match &hf {
+        Some(h) => (h.config(src, Path::new("runs/eval-logits"))?, src.to_path_buf()),
+        None => {
+            let dir = checkpoint::resolve(src)?;
+            (read_run_config(&dir.join("config.toml"), &[format!("model.seq_len={t}")])?, dir)
+        }
+    };
+    let (model, mut params, _) = build(&cfg, reg)?;
+    match &hf {
+        Some(h) => load_weights(src, h, &mut params)?,
+        None => copy_checkpoint_weights(&dir, &mut params)?,
+    }
+    let logits = model.logits(&CpuOps::default(), &params, tokens, 1)?;
+    let v = cfg.model.vocab;
+    let loss = crate::layers::cross_entropy(&logits[..(t - 1) * v], &tokens[1..], v, 1.0, None);
+    let rows: Vec<&[f32]> = logits.chunks(v).collect();
+    Ok(json!({ "tokens": tokens, "loss": loss, "logits": rows }))
+}
