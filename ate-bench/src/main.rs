@@ -208,7 +208,7 @@ fn run(args: Vec<String>) -> Result<bool, String> {
             }
             Ok(r.passed())
         }
-        ["solve", id, dir] => check::solve(&find_task(id)?, Path::new(dir)).map(|_| true),
+        ["solve", id, dir] => check::reference::solve(&find_task(id)?, Path::new(dir)).map(|_| true),
         ["score", transcript] => {
             let s = score::score(Path::new(transcript), opt(&args, "--ledger").as_deref().map(Path::new))?;
             let mut v = serde_json::to_value(&s).map_err(|e| e.to_string())?;
@@ -225,7 +225,7 @@ fn run(args: Vec<String>) -> Result<bool, String> {
             print!("{}", score::report(&files.iter().map(PathBuf::from).collect::<Vec<_>>())?);
             Ok(true)
         }
-        ["selftest"] => check::selftest(),
+        ["selftest"] => check::reference::selftest(),
         _ => Err(usage()),
     }
 }

@@ -72,7 +72,7 @@ fn the_task_set_is_complete() {
 
 #[test]
 fn qa_checks_fail_on_empty_and_wrong_answers_and_pass_on_the_reference() {
-    let dir = check::working_copy("qa").unwrap();
+    let dir = check::reference::working_copy("qa").unwrap();
     for t in tasks("qa") {
         let check::Check::Cite { cite, .. } = &t.meta.check else { panic!("{}: qa must be a cite check", t.id) };
         let run = || check::run_with(&t, &dir, env());
@@ -85,7 +85,7 @@ fn qa_checks_fail_on_empty_and_wrong_answers_and_pass_on_the_reference() {
             .iter()
             .map(|c| {
                 let at =
-                    check::locate(c, &dir).unwrap_or_else(|| panic!("{}: `{}` is satisfied nowhere", t.id, c.what));
+                    check::qa::locate(c, &dir).unwrap_or_else(|| panic!("{}: `{}` is satisfied nowhere", t.id, c.what));
                 format!("{}:1", at.split(':').next().unwrap())
             })
             .collect();
@@ -93,7 +93,7 @@ fn qa_checks_fail_on_empty_and_wrong_answers_and_pass_on_the_reference() {
         let o = run();
         assert!(!o.passed(), "{}: passes a wrong answer", t.id);
         assert!(o.fails.iter().any(|f| f.contains("outside fn") || f.contains("matches")), "{}: {:?}", t.id, o.fails);
-        check::solve_with(&t, &dir, env()).unwrap();
+        check::reference::solve_with(&t, &dir, env()).unwrap();
         let o = run();
         assert!(o.passed(), "{}: the reference answer fails: {:?}", t.id, o.fails);
     }
@@ -103,14 +103,14 @@ fn qa_checks_fail_on_empty_and_wrong_answers_and_pass_on_the_reference() {
 fn fail_then_pass(t: &Task, dir: &Path) {
     let before = check::run_with(t, dir, env());
     assert!(!before.passed(), "{}: passes on the unmodified repo", t.id);
-    check::solve_with(t, dir, env()).unwrap_or_else(|e| panic!("{}: solve: {e}", t.id));
+    check::reference::solve_with(t, dir, env()).unwrap_or_else(|e| panic!("{}: solve: {e}", t.id));
     let after = check::run_with(t, dir, env());
     assert!(after.passed(), "{}: FAILS with the reference solution: {:?}\n{:?}", t.id, after.fails, after.notes);
 }
 
 fn operate(id: &str) {
     let t = task(id);
-    fail_then_pass(&t, &check::working_copy(id).unwrap());
+    fail_then_pass(&t, &check::reference::working_copy(id).unwrap());
 }
 
 #[test]
@@ -136,17 +136,17 @@ fn operate_plan_estimate() {
 #[test]
 fn operate_routing_trace() {
     let t = task("op-routing-trace");
-    let dir = check::working_copy("op-routing-trace").unwrap();
+    let dir = check::reference::working_copy("op-routing-trace").unwrap();
     fail_then_pass(&t, &dir);
     // A wrong expert, or a trace that is not pith's, fails.
     let ans = std::fs::read_to_string(dir.join("ANSWER.md")).unwrap();
-    let e = check::labelled_int(&ans, "expert:").unwrap();
+    let e = check::operate::labelled_int(&ans, "expert:").unwrap();
     std::fs::write(dir.join("ANSWER.md"), ans.replace(&format!("expert: {e}"), &format!("expert: {}", (e + 1) % 8)))
         .unwrap();
     let o = check::run_with(&t, &dir, env());
     assert!(o.fails.iter().any(|f| f.contains("`expert:`")), "{:?}", o.fails);
     let f = dir.join("runs/routing.safetensors");
-    assert_eq!(check::st_read(&f).unwrap()["tokens"].shape, [256]);
+    assert_eq!(check::safetensors::st_read(&f).unwrap()["tokens"].shape, [256]);
     // Every value's low byte changed: other tokens, other experts.
     let mut b = std::fs::read(&f).unwrap();
     let data = 8 + u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
@@ -160,7 +160,7 @@ fn operate_routing_trace() {
 #[test]
 fn operate_export_hf() {
     let t = task("op-export-hf");
-    let dir = check::working_copy("op-export-hf").unwrap();
+    let dir = check::reference::working_copy("op-export-hf").unwrap();
     fail_then_pass(&t, &dir);
     // An export of a different checkpoint (here: a 2-step run) does not match.
     let pith = env().pith.clone().unwrap();
@@ -180,7 +180,7 @@ fn operate_export_hf() {
 /// One working copy for every feature task (each adds its own plugins/<name>; plugin-api builds once).
 fn feature_copy() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| check::working_copy("features").unwrap())
+    DIR.get_or_init(|| check::reference::working_copy("features").unwrap())
 }
 
 #[test]
@@ -205,9 +205,9 @@ fn feature_relu2_experts() {
 
 #[test]
 fn a_host_change_fails_a_feature_task() {
-    let dir = check::working_copy("host-change").unwrap();
+    let dir = check::reference::working_copy("host-change").unwrap();
     let t = task("feat-relu2-experts");
-    check::solve_with(&t, &dir, env()).unwrap();
+    check::reference::solve_with(&t, &dir, env()).unwrap();
     let f = dir.join("host/src/lib.rs");
     let text = std::fs::read_to_string(&f).unwrap();
     std::fs::write(&f, text + "\n// changed\n").unwrap();
@@ -217,14 +217,14 @@ fn a_host_change_fails_a_feature_task() {
 
 #[test]
 fn citations_spans_and_numbers_parse() {
-    let c = check::citations("see `host/src/train.rs:42`, ./plugin-api/src/lib.rs:7 and a.rs#L3; not 12:30 or x:y");
+    let c = check::qa::citations("see `host/src/train.rs:42`, ./plugin-api/src/lib.rs:7 and a.rs#L3; not 12:30 or x:y");
     assert_eq!(c, vec![("host/src/train.rs".into(), 42), ("plugin-api/src/lib.rs".into(), 7)]);
     let src = "fn a() {\n    let s = \"}\";\n    if x { y }\n}\nfn b<T>() {}\n";
     let lines: Vec<&str> = src.lines().collect();
-    assert_eq!(check::fn_span(&lines, "a"), Some((1, 4)));
-    assert_eq!(check::fn_span(&lines, "b"), Some((5, 5)));
-    assert_eq!(check::fn_span(&lines, "c"), None);
-    assert_eq!(check::numbers("loss 5.4338, total: 1,234 and 1e-3."), vec![5.4338, 1234.0, 1e-3]);
+    assert_eq!(check::qa::fn_span(&lines, "a"), Some((1, 4)));
+    assert_eq!(check::qa::fn_span(&lines, "b"), Some((5, 5)));
+    assert_eq!(check::qa::fn_span(&lines, "c"), None);
+    assert_eq!(check::operate::numbers("loss 5.4338, total: 1,234 and 1e-3."), vec![5.4338, 1234.0, 1e-3]);
 }
 
 #[test]
