@@ -167,12 +167,10 @@ pub fn train(
 ) -> Result<Summary, String> {
     let t = cfg.train.clone();
     let m = cfg.model.clone();
-    if t.device != "cpu" {
-        return Err(format!(
-            "{}: train.device = \"{}\": only the CPU backend exists in this build",
-            cfg.at("train", 0, "device"),
-            t.device
-        ));
+    if t.device == "cuda" {
+        let at = cfg.at("train", 0, "device");
+        crate::cuda::Cuda::open(0).map_err(|e| format!("{at}: {e}"))?;
+        return Err(format!("{at}: the GPU opened, but the CUDA training step is not built yet; use device = \"cpu\""));
     }
     if t.threads > 0 {
         let _ = rayon::ThreadPoolBuilder::new().num_threads(t.threads).build_global();
