@@ -1,19 +1,34 @@
 //! The CUDA device (groundwork for the CUDA backend): opening a GPU with a one-line error when
-//! there is none, and the expert grouped GEMM. cudarc loads the driver and libraries at run
-//! time, so this builds and runs on machines without CUDA.
+//! there is none, kernels from `kernels/*.cu` compiled by NVRTC for the device's architecture and
+//! cached on disk by (source, arch) hash, and the expert grouped GEMM. cudarc loads the driver
+//! and libraries at run time, so this builds and runs on machines without CUDA.
 //!
 //! Grouped GEMM calls `cublasGemmGroupedBatchedEx` directly with the pointer arrays in device
 //! memory: cudarc 0.19's safe `GroupedGemm` wrapper passes host arrays and faults on the H200
 //! (docs/performance.md has the measurement).
 
 use cudarc::cublas::{sys, CudaBlas};
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 pub struct Cuda {
     pub stream: Arc<CudaStream>,
     pub blas: CudaBlas,
+    /// `sm_XY` of the device, what NVRTC compiles for.
+    pub arch: &'static str,
+}
+
+/// The kernel sources, by file name.
+pub const KERNELS: &[(&str, &str)] = &[("rmsnorm.cu", include_str!("../../kernels/rmsnorm.cu"))];
+
+/// Where compiled kernels are kept: `$PITH_KERNEL_CACHE`, else `~/.cache/pith/kernels`.
+fn cache_dir() -> PathBuf {
+    match std::env::var_os("PITH_KERNEL_CACHE") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into())).join(".cache/pith/kernels"),
+    }
 }
 
 impl Cuda {
@@ -27,7 +42,69 @@ impl Cuda {
             CudaContext::new(ordinal).map_err(|e| format!("device = \"cuda\": no usable GPU {ordinal}: {e:?}"))?;
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone()).map_err(|e| format!("cuBLAS: {e:?}"))?;
-        Ok(Cuda { stream, blas })
+        let (major, minor) = ctx.compute_capability().map_err(|e| format!("GPU {ordinal}: {e:?}"))?;
+        let arch = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
+        Ok(Cuda { stream, blas, arch })
+    }
+
+    /// Function `name` of kernel file `file` (one of [`KERNELS`]), compiled for this device on
+    /// first use and cached on disk; returns it and whether the cache had it.
+    pub fn function(&self, file: &str, name: &str) -> Result<(CudaFunction, bool), String> {
+        let src = KERNELS
+            .iter()
+            .find(|(f, _)| *f == file)
+            .map(|(_, s)| *s)
+            .ok_or_else(|| format!("no kernel file {file}"))?;
+        // FNV-1a of (source, arch): a changed kernel or another GPU gets its own entry.
+        let key = src
+            .bytes()
+            .chain(self.arch.bytes())
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        let path = cache_dir().join(format!("{}-{}-{key:016x}.ptx", file.trim_end_matches(".cu"), self.arch));
+        let cached = path.is_file();
+        let ptx = if cached {
+            cudarc::nvrtc::Ptx::from_src(
+                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?,
+            )
+        } else {
+            let cuda_home = std::env::var("CUDA_HOME").unwrap_or_else(|_| "/usr/local/cuda".into());
+            let opts = cudarc::nvrtc::CompileOptions {
+                arch: Some(self.arch),
+                include_paths: vec![format!("{cuda_home}/include")],
+                ..Default::default()
+            };
+            let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| format!("kernels/{file}: {e:?}"))?;
+            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+            let written = std::fs::create_dir_all(path.parent().unwrap())
+                .and_then(|_| std::fs::write(&tmp, ptx.to_src()))
+                .and_then(|_| std::fs::rename(&tmp, &path));
+            if let Err(e) = written {
+                tracing::warn!("kernel cache {}: {e}", path.display());
+            }
+            ptx
+        };
+        let module = self.stream.context().load_module(ptx).map_err(|e| format!("kernels/{file}: {e:?}"))?;
+        Ok((module.load_function(name).map_err(|e| format!("kernels/{file}: {name}: {e:?}"))?, cached))
+    }
+
+    /// RMSNorm forward over rows of `h` (bf16 x, w, y; fp32 rstd per row): kernels/rmsnorm.cu.
+    pub fn rmsnorm_fwd(
+        &self,
+        x: &CudaSlice<bf16>,
+        w: &CudaSlice<bf16>,
+        y: &mut CudaSlice<bf16>,
+        rstd: &mut CudaSlice<f32>,
+        h: usize,
+        eps: f32,
+    ) -> Result<(), String> {
+        use cudarc::driver::{LaunchConfig, PushKernelArg};
+        let (f, _) = self.function("rmsnorm.cu", "rmsnorm_fwd")?;
+        let rows = x.len() / h;
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 256 * 4 };
+        let h32 = h as i32;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(x).arg(w).arg(y).arg(rstd).arg(&h32).arg(&eps);
+        unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| format!("rmsnorm_fwd: {e:?}"))
     }
 
     /// For each expert e with rows offsets[e]..offsets[e+1] of x [N,K] and y [N,N2] (row-major):
@@ -101,8 +178,44 @@ mod tests {
     use crate::cpu::sgemm;
     use crate::rng::Rng;
 
+    /// kernels/rmsnorm.cu against the CPU backend's RMSNorm on random bf16 rows, compiled once
+    /// and then loaded from the disk cache. Tolerance: one bf16 ulp (2⁻⁷ relative): rounding the
+    /// output costs up to half of one, the fp32 reduction order a little more. H200: 3.9e-3.
+    #[test]
+    fn rmsnorm_kernel_matches_cpu_and_is_cached() {
+        let cuda = match Cuda::open(0) {
+            Ok(c) => c,
+            Err(e) => {
+                println!("skipped: no GPU here ({e})");
+                return;
+            }
+        };
+        let dir = std::env::temp_dir().join(format!("pith-kernels-{}", std::process::id()));
+        std::env::set_var("PITH_KERNEL_CACHE", &dir);
+        let (rows, h) = (37, 300);
+        let mut rng = Rng::new(5);
+        let xh: Vec<bf16> = (0..rows * h).map(|_| bf16::from_f32(rng.normal() * 3.0)).collect();
+        let wh: Vec<bf16> = (0..h).map(|_| bf16::from_f32(1.0 + 0.2 * rng.normal())).collect();
+        let st = &cuda.stream;
+        let (x, w) = (st.clone_htod(&xh).unwrap(), st.clone_htod(&wh).unwrap());
+        let (mut y, mut rstd) = (st.alloc_zeros::<bf16>(rows * h).unwrap(), st.alloc_zeros::<f32>(rows).unwrap());
+        assert!(!cuda.function("rmsnorm.cu", "rmsnorm_fwd").unwrap().1, "cache should start empty");
+        cuda.rmsnorm_fwd(&x, &w, &mut y, &mut rstd, h, 1e-6).unwrap();
+        assert!(cuda.function("rmsnorm.cu", "rmsnorm_fwd").unwrap().1, "second load should hit the cache");
+        let (got, got_rstd) = (st.clone_dtoh(&y).unwrap(), st.clone_dtoh(&rstd).unwrap());
+        let xf: Vec<f32> = xh.iter().map(|v| v.to_f32()).collect();
+        let wf: Vec<f32> = wh.iter().map(|v| v.to_f32()).collect();
+        let (mut want, mut want_rstd) = (vec![0.0; rows * h], vec![0.0; rows]);
+        crate::layers::rmsnorm_fwd(&xf, &wf, 1e-6, &mut want, &mut want_rstd);
+        let worst = got.iter().zip(&want).map(|(g, w)| (g.to_f32() - w).abs() / w.abs().max(1.0)).fold(0f32, f32::max);
+        let worst_rstd = got_rstd.iter().zip(&want_rstd).map(|(g, w)| (g - w).abs() / w).fold(0f32, f32::max);
+        println!("rmsnorm kernel vs cpu: max relative error {worst:.2e} (rstd {worst_rstd:.2e})");
+        assert!(worst < 1.0 / 128.0 && worst_rstd < 1e-5, "{worst} {worst_rstd}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// The grouped GEMM on the GPU against the CPU backend's sgemm per expert, on random bf16
-    /// inputs with uneven groups (one empty). Tolerance: two bf16 ulps (2⁻⁷ relative): the output's
+    /// inputs with uneven groups (one empty). Tolerance: one bf16 ulp (2⁻⁷ relative): the output's
     /// rounding plus cuBLAS's own reduction order. Measured on the H200: 3.8e-3.
     #[test]
     fn grouped_gemm_matches_cpu() {
