@@ -4,7 +4,7 @@
 
 use abi_stable::std_types::{RResult, RSlice, RStr, RString};
 use pith_plugin_api::abi::{Ops, OpsRef};
-use pith_plugin_api::{DType, Device, Tensor};
+use pith_plugin_api::{Arg, DType, Device, LaunchDims, Tensor};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
@@ -204,11 +204,13 @@ impl CpuOps {
     }
 }
 
+const NO_KERNELS: &str = "the CPU backend runs no CUDA kernels: a component runs its own CPU code on Device::Cpu";
+
 impl Ops for CpuOps {
     fn device(&self) -> Device {
         Device::Cpu
     }
-    fn alloc(&self, shape: RSlice<'_, u64>, dtype: DType) -> RResult<Tensor, RString> {
+    fn alloc(&self, shape: RSlice<'_, u64>, dtype: DType, _device: Device) -> RResult<Tensor, RString> {
         if dtype.size() != 4 || shape.len() > 4 {
             return RResult::RErr(format!("cpu alloc: {dtype:?} with {} dims is not supported", shape.len()).into());
         }
@@ -234,6 +236,24 @@ impl Ops for CpuOps {
     }
     fn grouped_gemm_wgrad(&self, x: Tensor, dy: Tensor, dw: Tensor, offsets: Tensor) -> RResult<(), RString> {
         self.wgrad_impl(x, dy, dw, offsets).map_err(RString::from).into()
+    }
+    fn copy(&self, src: Tensor, dst: Tensor) -> RResult<(), RString> {
+        if src.device != Device::Cpu || dst.device != Device::Cpu {
+            return RResult::RErr("cpu copy: both tensors must be on the CPU".into());
+        }
+        if src.dtype != dst.dtype || src.numel() != dst.numel() {
+            let (a, b) = ((src.dtype, src.dims()), (dst.dtype, dst.dims()));
+            return RResult::RErr(format!("copy: {a:?} into {b:?}: dtype and size must match").into());
+        }
+        let n = src.numel() * src.dtype.size();
+        unsafe { std::ptr::copy(src.addr as *const u8, dst.addr as *mut u8, n) };
+        RResult::ROk(())
+    }
+    fn compile(&self, _source: RStr<'_>) -> RResult<(), RString> {
+        RResult::RErr(NO_KERNELS.into())
+    }
+    fn launch(&self, _s: RStr<'_>, _n: RStr<'_>, _d: LaunchDims, _a: RSlice<'_, Arg>) -> RResult<(), RString> {
+        RResult::RErr(NO_KERNELS.into())
     }
     fn metric(&self, name: RStr<'_>, value: f64) {
         let mut m = self.metrics.lock().unwrap();

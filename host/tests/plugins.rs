@@ -214,7 +214,7 @@ fn plugin_built_against_another_api_version_is_refused_in_one_line() {
         std::fs::copy(Path::new(WORKSPACE).join("plugin-api").join(f), api.join(f)).unwrap();
     }
     let manifest = std::fs::read_to_string(Path::new(WORKSPACE).join("plugin-api/Cargo.toml")).unwrap();
-    std::fs::write(api.join("Cargo.toml"), manifest.replace("version = \"0.1.0\"", "version = \"0.2.0\"")).unwrap();
+    std::fs::write(api.join("Cargo.toml"), manifest.replace("version = \"0.2.0\"", "version = \"0.3.0\"")).unwrap();
     let (code, _, err) =
         pith(&["plugins", "new", "--kind", "router", "--name", "old-router", "--dir", root.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
@@ -239,8 +239,8 @@ fn plugin_built_against_another_api_version_is_refused_in_one_line() {
     let line = one_line_error(&err);
     assert!(
         line.contains("libold_router.so")
-            && line.contains("plugin-api 0.2.0")
-            && line.contains("rebuild the plugin against plugin-api 0.1"),
+            && line.contains("plugin-api 0.3.0")
+            && line.contains("rebuild the plugin against plugin-api 0.2"),
         "{line}"
     );
 }

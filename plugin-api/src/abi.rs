@@ -132,6 +132,7 @@ pub struct ExpertsOut {
 
 /// Dispatched tokens: x [N,H] sorted by expert, offsets [E+1] i32 (rows of expert e are
 /// offsets[e]..offsets[e+1]), and the schedule's own bookkeeping (e.g. the permutation).
+/// `offsets` is a host (CPU) tensor on every device: grouped GEMMs need the group sizes there.
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone)]
 pub struct Dispatched {
@@ -140,14 +141,37 @@ pub struct Dispatched {
     pub saved: RVec<Tensor>,
 }
 
-/// The host's services to a plugin: memory, GEMMs and metrics. Implemented by the host for
+/// One argument of a kernel launch: a tensor's address (`Tensor::arg`) or a scalar.
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq)]
+pub enum Arg {
+    Ptr(u64),
+    I32(i32),
+    U32(u32),
+    F32(f32),
+    I64(i64),
+}
+
+/// Where a kernel runs: `grid` blocks of `block` threads with `shared_mem` bytes of dynamic
+/// shared memory per block.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaunchDims {
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    pub shared_mem: u32,
+}
+
+/// The host's services to a plugin: memory, GEMMs, copies, kernels and metrics. Implemented by the host for
 /// each device; plugins reach it through [`crate::Host`].
 #[sabi_trait]
 pub trait Ops {
     fn device(&self) -> Device;
-    /// A zero-filled tensor that lives until the host finishes the current micro-batch.
-    fn alloc(&self, shape: RSlice<'_, u64>, dtype: DType) -> RResult<Tensor, RString>;
-    /// c = alpha · op(a) · op(b) + beta · c, all 2-D f32; op transposes when its flag is set.
+    /// A zero-filled tensor on `device` (this one's, or `Cpu` for host memory) that lives until
+    /// the host finishes the current micro-batch.
+    fn alloc(&self, shape: RSlice<'_, u64>, dtype: DType, device: Device) -> RResult<Tensor, RString>;
+    /// c = alpha · op(a) · op(b) + beta · c, 2-D; op transposes when its flag is set. On the CPU
+    /// all f32; on CUDA a and b both bf16 (or both f32) and c bf16 or f32, fp32 accumulation.
     fn gemm(
         &self,
         a: Tensor,
@@ -171,6 +195,15 @@ pub trait Ops {
     ) -> RResult<(), RString>;
     /// Weight gradient of a grouped GEMM: dw[g] += x_gᵀ · dy_g (dw [G,K,N]).
     fn grouped_gemm_wgrad(&self, x: Tensor, dy: Tensor, dw: Tensor, offsets: Tensor) -> RResult<(), RString>;
+    /// Copy `src` into `dst` (same dtype and element count; either may be on the host or the
+    /// device). Copies to the host wait for the device.
+    fn copy(&self, src: Tensor, dst: Tensor) -> RResult<(), RString>;
+    /// Compile CUDA C `source` for this device (NVRTC, cached on disk by source and arch), so
+    /// a later `launch` of it is quick; the error is the compiler's log. Errors on the CPU.
+    fn compile(&self, source: RStr<'_>) -> RResult<(), RString>;
+    /// Launch `extern "C"` kernel `name` of `source` on the host's stream with `args` (in the
+    /// kernel's parameter order). Errors on the CPU: there the plugin runs its own CPU code.
+    fn launch(&self, source: RStr<'_>, name: RStr<'_>, dims: LaunchDims, args: RSlice<'_, Arg>) -> RResult<(), RString>;
     /// Record a scalar for this step's metrics line (averaged over the layers that report it).
     #[sabi(last_prefix_field)]
     fn metric(&self, name: RStr<'_>, value: f64);

@@ -11,7 +11,8 @@ mod adapt;
 mod log;
 
 pub use abi::{
-    ComponentInfo, DType, Device, Dispatched, ExpertsOut, Init, Kind, ModelDims, ParamSpec, RouterOut, Tensor,
+    Arg, ComponentInfo, DType, Device, Dispatched, ExpertsOut, Init, Kind, LaunchDims, ModelDims, ParamSpec, RouterOut,
+    Tensor,
 };
 pub use abi_stable;
 pub use adapt::{ffi_components, ffi_create, ffi_set_logger};
@@ -43,6 +44,10 @@ impl Tensor {
     }
     pub fn numel(&self) -> usize {
         self.dims().iter().product()
+    }
+    /// This tensor's address as a kernel argument.
+    pub fn arg(&self) -> Arg {
+        Arg::Ptr(self.addr)
     }
     fn host_ptr(&self, dtype: DType) -> *mut u8 {
         assert_eq!(self.device, Device::Cpu, "host access to a device tensor");
@@ -86,11 +91,40 @@ impl<'a> Host<'a> {
     pub fn device(&self) -> Device {
         self.0.device()
     }
-    /// A zero-filled tensor owned by the host, valid until the micro-batch ends; use it for
-    /// outputs and for anything saved for backward.
+    /// A zero-filled tensor on this device, owned by the host, valid until the micro-batch
+    /// ends; use it for outputs and for anything saved for backward.
     pub fn alloc(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        self.alloc_on(shape, dtype, self.device())
+    }
+    /// Like [`Host::alloc`], in host memory whatever the device (e.g. `Dispatched::offsets`).
+    pub fn alloc_host(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        self.alloc_on(shape, dtype, Device::Cpu)
+    }
+    fn alloc_on(&self, shape: &[usize], dtype: DType, device: Device) -> Result<Tensor> {
         let shape: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
-        self.0.alloc(RSlice::from_slice(&shape), dtype).into_result().map_err(Into::into)
+        self.0.alloc(RSlice::from_slice(&shape), dtype, device).into_result().map_err(Into::into)
+    }
+    /// dst = src (same dtype and size; host or device on either side).
+    pub fn copy(&self, src: Tensor, dst: Tensor) -> Result<()> {
+        self.0.copy(src, dst).into_result().map_err(Into::into)
+    }
+    /// Compile CUDA C `source` now (see [`Host::launch`]); the error is NVRTC's log.
+    pub fn compile(&self, source: &str) -> Result<()> {
+        self.0.compile(RStr::from_str(source)).into_result().map_err(Into::into)
+    }
+    /// Launch `extern "C" __global__` kernel `name` of CUDA C `source` (compiled by the host
+    /// with NVRTC on first use and cached on disk) over `grid` blocks of `block` threads.
+    /// CUDA only: a component keeps a CPU path for `Device::Cpu` (the reference).
+    pub fn launch(&self, source: &str, name: &str, grid: [u32; 3], block: [u32; 3], shared_mem: u32, args: &[Arg]) -> Result<()> {
+        let dims = LaunchDims { grid, block, shared_mem };
+        let r = self.0.launch(RStr::from_str(source), RStr::from_str(name), dims, RSlice::from_slice(args));
+        r.into_result().map_err(|e| format!("kernel `{name}`: {e}"))
+    }
+    /// The f32 values of a tensor on any device (waits for the device).
+    pub fn read_f32(&self, t: Tensor) -> Result<Vec<f32>> {
+        let mut v = vec![0f32; t.numel()];
+        self.copy(t, Tensor::new(v.as_mut_ptr() as u64, DType::F32, Device::Cpu, &t.dims()))?;
+        Ok(v)
     }
     pub fn alloc_f32(&self, shape: &[usize]) -> Result<Tensor> {
         self.alloc(shape, DType::F32)
