@@ -5,7 +5,7 @@ pub mod check;
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
-pub mod cuda;
+pub mod gpu;
 pub mod data;
 pub mod hf;
 pub mod layers;

@@ -169,7 +169,7 @@ pub fn train(
     let m = cfg.model.clone();
     if t.device == "cuda" {
         let at = cfg.at("train", 0, "device");
-        crate::cuda::Cuda::open(0).map_err(|e| format!("{at}: {e}"))?;
+        crate::gpu::Gpu::open(0).map_err(|e| format!("{at}: {e}"))?;
         return Err(format!("{at}: the GPU opened, but the CUDA training step is not built yet; use device = \"cpu\""));
     }
     if t.threads > 0 {

@@ -2,6 +2,11 @@
 //! experts, the `switch-aux` and `z-loss` balance losses, the `adamw` optimizer and the `local`
 //! (single-rank) comm schedule. The host links this pack statically and reaches it through the
 //! same root module a loaded plugin exports.
+//!
+//! Every component runs on both devices: on `Device::Cpu` plain Rust over f32 host memory (the
+//! reference), on `Device::Cuda` the kernels of `kernels/<file>.cu` (one file per component,
+//! embedded with `include_str!`, compiled by the host with NVRTC) plus the host's GEMMs, with
+//! bf16 activations and working weights and f32 logits, gates, gradients and optimizer state.
 
 mod adamw;
 mod experts;
@@ -12,24 +17,33 @@ mod z_loss;
 
 pith_plugin_api::export_plugin!("pith-std");
 
-use pith_plugin_api::{DType, Device, Host, Result, Tensor};
+use pith_plugin_api::{DType, Device, Result, Tensor};
 
-/// The std components compute on host memory; fail clearly on any other device.
-pub(crate) fn need_cpu(h: &Host, who: &str) -> Result<()> {
-    match h.device() {
-        Device::Cpu => Ok(()),
-        d => Err(format!("{who}: runs on the CPU backend only (got {d:?})")),
+/// Threads per block of every std kernel launch (8 warps; the warp-per-row kernels rely on it).
+pub(crate) const BLOCK: [u32; 3] = [256, 1, 1];
+
+/// Grid for a grid-stride loop over `n` items, `per_block` of them per block of [`BLOCK`]
+/// (at least 1 block, so an empty input is a valid launch; at most 65535).
+pub(crate) fn grid(n: usize, per_block: usize) -> [u32; 3] {
+    [n.div_ceil(per_block).clamp(1, 65535) as u32, 1, 1]
+}
+
+/// The dtype of activations and parameter working copies on `device`: f32 on the CPU, bf16 on CUDA.
+pub(crate) fn act(device: Device) -> DType {
+    match device {
+        Device::Cpu => DType::F32,
+        Device::Cuda => DType::BF16,
     }
 }
 
-/// Fail unless `t` is a CPU tensor of `dtype` with shape `want` (a 0 in `want` matches any size).
-pub(crate) fn expect(t: &Tensor, dtype: DType, want: &[usize], what: &str) -> Result<()> {
+/// Fail unless `t` is a `dtype` tensor on `device` of shape `want` (a 0 in `want` matches any size).
+pub(crate) fn expect(t: &Tensor, dtype: DType, device: Device, want: &[usize], what: &str) -> Result<()> {
     let dims = t.dims();
     let fits = dims.len() == want.len() && dims.iter().zip(want).all(|(&d, &w)| w == 0 || d == w);
-    if !fits || t.dtype != dtype || t.device != Device::Cpu {
+    if !fits || t.dtype != dtype || t.device != device {
         let want: Vec<String> = want.iter().map(|&w| if w == 0 { "_".into() } else { w.to_string() }).collect();
         return Err(format!(
-            "{what}: expected a {dtype:?} CPU tensor of shape [{}], got {:?} {dims:?} on {:?}",
+            "{what}: expected a {dtype:?} {device:?} tensor of shape [{}], got {:?} {dims:?} on {:?}",
             want.join(", "),
             t.dtype,
             t.device

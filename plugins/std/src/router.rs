@@ -7,10 +7,15 @@
 //!   dp_j = (dw_j − Σ_{i∈S} dw_i·w_i) / s for j ∈ S when `normalize` (else dp_j = dw_j), 0 off S;
 //!   dlogits = d_logits + p ⊙ (dp − ⟨dp, p⟩);   dW += dlogitsᵀ·x;   dx = dlogits·W.
 //! Reports the mean entropy of p as the metric `router_entropy`.
+//!
+//! CUDA (kernels/router.cu; x and W bf16, logits, p, gates and their grads f32): the GEMMs go
+//! through the host; `topk_softmax_fwd` does softmax, entropy and top-k with one warp per token,
+//! `router_sum` sums the entropies, `topk_softmax_bwd` writes dlogits as bf16 for the two GEMMs.
+//! Supports E ≤ 1024 and top_k ≤ 32 there.
 
-use crate::{expect, need_cpu, softmax};
+use crate::{act, expect, grid, softmax, BLOCK};
 use pith_plugin_api::{
-    parse_config, register, DType, Host, Init, ModelDims, ParamSpec, Result, Router, RouterOut, Tensor,
+    parse_config, register, Arg, DType, Device, Host, Init, ModelDims, ParamSpec, Result, Router, RouterOut, Tensor,
 };
 use serde::Deserialize;
 
@@ -57,24 +62,23 @@ register!(
 );
 
 const WHO: &str = "topk-softmax";
+const SRC: &str = include_str!("../kernels/router.cu");
 
-impl Router for TopKSoftmax {
-    fn params(&self) -> Vec<ParamSpec> {
-        vec![ParamSpec::new("weight", &[self.experts, self.hidden], Init::Normal(0.02), true)]
+impl TopKSoftmax {
+    /// What the CUDA kernels support: a warp per token, 32 probabilities and 1 slot per lane.
+    fn cuda_limits(&self) -> Result<()> {
+        if self.experts > 1024 || self.top_k > 32 {
+            return Err(format!(
+                "{WHO}: on CUDA supports model.experts <= 1024 and `top_k` <= 32, got {} experts and top_k = {}",
+                self.experts, self.top_k
+            ));
+        }
+        Ok(())
     }
 
-    fn forward(&self, h: Host, p: &[Tensor], x: Tensor) -> Result<RouterOut> {
-        need_cpu(&h, WHO)?;
-        expect(&x, DType::F32, &[0, self.hidden], "topk-softmax: x")?;
-        let [wt] = p else {
-            return Err(format!("{WHO}: expected 1 parameter, got {}", p.len()));
-        };
-        let (t, e, k) = (x.dim(0), self.experts, self.top_k);
-        let logits = h.alloc_f32(&[t, e])?;
-        h.gemm(x, *wt, logits, false, true, 1.0, 0.0)?;
-        let probs = h.alloc_f32(&[t, e])?;
-        let ids = h.alloc(&[t, k], DType::I32)?;
-        let weights = h.alloc_f32(&[t, k])?;
+    /// Softmax, entropy and top-k of every row on the CPU; returns the summed entropy.
+    fn topk_cpu(&self, t: usize, logits: Tensor, probs: Tensor, ids: Tensor, weights: Tensor) -> f64 {
+        let (e, k) = (self.experts, self.top_k);
         let (l, pr, id, w) = (logits.f32s(), probs.f32s(), ids.i32s(), weights.f32s());
         let mut entropy = 0.0f64;
         for r in 0..t {
@@ -90,6 +94,46 @@ impl Router for TopKSoftmax {
                 w[r * k + slot] = pt[j] / s;
             }
         }
+        entropy
+    }
+
+    /// The same on the device (kernels/router.cu).
+    fn topk_cuda(&self, h: Host, t: usize, logits: Tensor, probs: Tensor, ids: Tensor, weights: Tensor) -> Result<f64> {
+        let ent = h.alloc_f32(&[t])?;
+        let sizes = [Arg::I32(t as i32), Arg::I32(self.experts as i32), Arg::I32(self.top_k as i32)];
+        let args = [logits.arg(), probs.arg(), ids.arg(), weights.arg(), ent.arg()];
+        let args = [&args[..], &sizes, &[Arg::I32(self.normalize as i32)]].concat();
+        h.launch(SRC, "topk_softmax_fwd", grid(t, 8), BLOCK, 0, &args)?;
+        let total = h.alloc_f32(&[1])?;
+        h.launch(SRC, "router_sum", [1, 1, 1], BLOCK, 0, &[ent.arg(), total.arg(), Arg::I32(t as i32)])?;
+        Ok(h.read_f32(total)?[0] as f64)
+    }
+}
+
+impl Router for TopKSoftmax {
+    fn params(&self) -> Vec<ParamSpec> {
+        vec![ParamSpec::new("weight", &[self.experts, self.hidden], Init::Normal(0.02), true)]
+    }
+
+    fn forward(&self, h: Host, p: &[Tensor], x: Tensor) -> Result<RouterOut> {
+        let dev = h.device();
+        expect(&x, act(dev), dev, &[0, self.hidden], "topk-softmax: x")?;
+        let [wt] = p else {
+            return Err(format!("{WHO}: expected 1 parameter, got {}", p.len()));
+        };
+        if dev == Device::Cuda {
+            self.cuda_limits()?;
+        }
+        let (t, e, k) = (x.dim(0), self.experts, self.top_k);
+        let logits = h.alloc_f32(&[t, e])?;
+        h.gemm(x, *wt, logits, false, true, 1.0, 0.0)?;
+        let probs = h.alloc_f32(&[t, e])?;
+        let ids = h.alloc(&[t, k], DType::I32)?;
+        let weights = h.alloc_f32(&[t, k])?;
+        let entropy = match dev {
+            Device::Cpu => self.topk_cpu(t, logits, probs, ids, weights),
+            Device::Cuda => self.topk_cuda(h, t, logits, probs, ids, weights)?,
+        };
         h.metric("router_entropy", entropy / t.max(1) as f64);
         Ok(RouterOut { logits, ids, weights, saved: vec![probs].into() })
     }
@@ -105,33 +149,48 @@ impl Router for TopKSoftmax {
         d_logits: Tensor,
         dx: Tensor,
     ) -> Result<()> {
-        need_cpu(&h, WHO)?;
+        let dev = h.device();
         let ([wt], [gw]) = (p, g) else {
             return Err(format!("{WHO}: expected 1 parameter and 1 grad"));
         };
         let (t, e, k) = (x.dim(0), self.experts, self.top_k);
-        expect(&d_weights, DType::F32, &[t, k], "topk-softmax: d_weights")?;
-        expect(&d_logits, DType::F32, &[t, e], "topk-softmax: d_logits")?;
+        expect(&d_weights, DType::F32, dev, &[t, k], "topk-softmax: d_weights")?;
+        expect(&d_logits, DType::F32, dev, &[t, e], "topk-softmax: d_logits")?;
         let probs = out.saved.first().ok_or("topk-softmax: backward needs the probabilities forward saved")?;
-        let dl = h.alloc_f32(&[t, e])?;
-        let (pr, id, w, dw, d) = (probs.f32s(), out.ids.i32s(), out.weights.f32s(), d_weights.f32s(), dl.f32s());
-        d.copy_from_slice(d_logits.f32s());
-        let mut dp = vec![0.0f32; e];
-        for r in 0..t {
-            let (pt, sel) = (&pr[r * e..(r + 1) * e], r * k..(r + 1) * k);
-            dp.iter_mut().for_each(|v| *v = 0.0);
-            if self.normalize {
-                let s: f32 = id[sel.clone()].iter().map(|&j| pt[j as usize]).sum();
-                let dot: f32 = sel.clone().map(|i| dw[i] * w[i]).sum();
-                sel.for_each(|i| dp[id[i] as usize] = (dw[i] - dot) / s);
-            } else {
-                sel.for_each(|i| dp[id[i] as usize] = dw[i]);
+        let dl = match dev {
+            Device::Cpu => {
+                let dl = h.alloc_f32(&[t, e])?;
+                let (pr, id, w, dw, d) =
+                    (probs.f32s(), out.ids.i32s(), out.weights.f32s(), d_weights.f32s(), dl.f32s());
+                d.copy_from_slice(d_logits.f32s());
+                let mut dp = vec![0.0f32; e];
+                for r in 0..t {
+                    let (pt, sel) = (&pr[r * e..(r + 1) * e], r * k..(r + 1) * k);
+                    dp.iter_mut().for_each(|v| *v = 0.0);
+                    if self.normalize {
+                        let s: f32 = id[sel.clone()].iter().map(|&j| pt[j as usize]).sum();
+                        let dot: f32 = sel.clone().map(|i| dw[i] * w[i]).sum();
+                        sel.for_each(|i| dp[id[i] as usize] = (dw[i] - dot) / s);
+                    } else {
+                        sel.for_each(|i| dp[id[i] as usize] = dw[i]);
+                    }
+                    let dot: f32 = pt.iter().zip(&dp).map(|(a, b)| a * b).sum();
+                    for j in 0..e {
+                        d[r * e + j] += pt[j] * (dp[j] - dot);
+                    }
+                }
+                dl
             }
-            let dot: f32 = pt.iter().zip(&dp).map(|(a, b)| a * b).sum();
-            for j in 0..e {
-                d[r * e + j] += pt[j] * (dp[j] - dot);
+            Device::Cuda => {
+                self.cuda_limits()?;
+                expect(probs, DType::F32, dev, &[t, e], "topk-softmax: saved probabilities")?;
+                let dl = h.alloc(&[t, e], DType::BF16)?;
+                let args = [probs.arg(), out.ids.arg(), out.weights.arg(), d_weights.arg(), d_logits.arg(), dl.arg()];
+                let sizes = [Arg::I32(t as i32), Arg::I32(e as i32), Arg::I32(k as i32), Arg::I32(self.normalize as i32)];
+                h.launch(SRC, "topk_softmax_bwd", grid(t, 8), BLOCK, 0, &[&args[..], &sizes].concat())?;
+                dl
             }
-        }
+        };
         h.gemm(dl, x, *gw, true, false, 1.0, 1.0)?;
         h.gemm(dl, *wt, dx, false, false, 1.0, 0.0)
     }

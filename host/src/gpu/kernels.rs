@@ -1,0 +1,1 @@
+//! Host kernel wrappers (being written).

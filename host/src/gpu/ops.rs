@@ -1,0 +1,136 @@
+//! The host's ops table on CUDA: what a plugin's `Host` calls reach when the run is on the GPU.
+//! Plugin allocations (device and host) live until [`GpuOps::reset`] at the end of the
+//! micro-batch, like the CPU backend's arena.
+
+use super::{DTensor, Gpu};
+use abi_stable::std_types::{RResult, RSlice, RStr, RString};
+use pith_plugin_api::abi::{Ops, OpsRef};
+use pith_plugin_api::{Arg, DType, Device, LaunchDims, Tensor};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+pub struct GpuOps {
+    pub gpu: Arc<Gpu>,
+    device: Mutex<Vec<DTensor>>,
+    host: Mutex<Vec<Vec<u32>>>,
+    metrics: Mutex<BTreeMap<String, (f64, usize)>>,
+}
+
+fn res<T>(r: Result<T, String>) -> RResult<T, RString> {
+    r.map_err(RString::from).into()
+}
+
+/// The group offsets of a grouped GEMM: a host i32 tensor [G+1], non-decreasing, ending at `rows`.
+fn offsets_of(t: &Tensor, rows: usize) -> Result<Vec<usize>, String> {
+    if t.device != Device::Cpu || t.dtype != DType::I32 || t.rank != 1 {
+        return Err(format!("offsets must be a host (CPU) i32 [G+1] tensor, got {:?} {:?} on {:?}", t.dtype, t.dims(), t.device));
+    }
+    let o = t.i32s();
+    if o.first() != Some(&0) || o.windows(2).any(|w| w[1] < w[0]) || *o.last().unwrap() as usize != rows {
+        return Err(format!("offsets must rise from 0 to the {rows} rows, got {:?}…", &o[..o.len().min(8)]));
+    }
+    Ok(o.iter().map(|&v| v as usize).collect())
+}
+
+fn on_gpu(ts: &[&Tensor], what: &str) -> Result<(), String> {
+    match ts.iter().find(|t| t.device != Device::Cuda) {
+        Some(t) => Err(format!("{what}: expected device tensors, got one on {:?} {:?}", t.device, t.dims())),
+        None => Ok(()),
+    }
+}
+
+impl GpuOps {
+    pub fn new(gpu: Arc<Gpu>) -> GpuOps {
+        GpuOps { gpu, device: Mutex::default(), host: Mutex::default(), metrics: Mutex::default() }
+    }
+    pub fn ops(&self) -> OpsRef<'_> {
+        pith_plugin_api::abi::ops_ref(self)
+    }
+    /// Free every allocation plugins made (after the micro-batch's backward).
+    pub fn reset(&self) {
+        self.device.lock().unwrap().clear();
+        self.host.lock().unwrap().clear();
+    }
+    /// Take the metrics reported since the last call, averaged per name.
+    pub fn take_metrics(&self) -> BTreeMap<String, f64> {
+        let mut m = self.metrics.lock().unwrap();
+        let out = m.iter().map(|(k, (s, n))| (k.clone(), s / *n as f64)).collect();
+        m.clear();
+        out
+    }
+    fn alloc_impl(&self, shape: &[usize], dtype: DType, device: Device) -> Result<Tensor, String> {
+        if shape.len() > 4 {
+            return Err(format!("alloc: {} dims; tensors have at most 4", shape.len()));
+        }
+        if device == Device::Cpu {
+            let n = (shape.iter().product::<usize>() * dtype.size()).div_ceil(4);
+            let buf = vec![0u32; n.max(1)];
+            let t = Tensor::new(buf.as_ptr() as u64, dtype, Device::Cpu, shape);
+            self.host.lock().unwrap().push(buf);
+            return Ok(t);
+        }
+        let t = self.gpu.zeros(shape, dtype)?;
+        let view = t.t;
+        self.device.lock().unwrap().push(t);
+        Ok(view)
+    }
+    fn copy_impl(&self, src: Tensor, dst: Tensor) -> Result<(), String> {
+        if src.dtype != dst.dtype || src.numel() != dst.numel() {
+            let (a, b) = ((src.dtype, src.dims()), (dst.dtype, dst.dims()));
+            return Err(format!("copy: {a:?} into {b:?}: dtype and size must match"));
+        }
+        let bytes = src.numel() * src.dtype.size();
+        let host = |t: &Tensor| unsafe { std::slice::from_raw_parts_mut(t.addr as *mut u8, bytes) };
+        match (src.device, dst.device) {
+            (Device::Cuda, Device::Cuda) => self.gpu.copy_d2d(&src, &dst),
+            (Device::Cuda, Device::Cpu) => self.gpu.download(&src, host(&dst)),
+            (Device::Cpu, Device::Cuda) => {
+                let s = host(&src);
+                unsafe { cudarc::driver::result::memcpy_htod_async(dst.addr, s, self.gpu.stream.cu_stream()) }
+                    .map_err(|e| format!("copy to the device: {e:?}"))
+            }
+            (Device::Cpu, Device::Cpu) => {
+                host(&dst).copy_from_slice(host(&src));
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Ops for GpuOps {
+    fn device(&self) -> Device {
+        Device::Cuda
+    }
+    fn alloc(&self, shape: RSlice<'_, u64>, dtype: DType, device: Device) -> RResult<Tensor, RString> {
+        let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+        res(self.alloc_impl(&dims, dtype, device))
+    }
+    fn gemm(&self, a: Tensor, b: Tensor, c: Tensor, ta: bool, tb: bool, alpha: f32, beta: f32) -> RResult<(), RString> {
+        res(on_gpu(&[&a, &b, &c], "gemm").and_then(|_| self.gpu.gemm(&a, &b, &c, ta, tb, alpha, beta)))
+    }
+    fn grouped_gemm(&self, x: Tensor, w: Tensor, y: Tensor, offsets: Tensor, trans_w: bool, acc: bool) -> RResult<(), RString> {
+        res(on_gpu(&[&x, &w, &y], "grouped_gemm")
+            .and_then(|_| offsets_of(&offsets, x.dim(0)))
+            .and_then(|o| self.gpu.grouped_gemm(&x, &w, &y, &o, trans_w, acc)))
+    }
+    fn grouped_gemm_wgrad(&self, x: Tensor, dy: Tensor, dw: Tensor, offsets: Tensor) -> RResult<(), RString> {
+        res(on_gpu(&[&x, &dy, &dw], "grouped_gemm_wgrad")
+            .and_then(|_| offsets_of(&offsets, x.dim(0)))
+            .and_then(|o| self.gpu.grouped_wgrad(&x, &dy, &dw, &o)))
+    }
+    fn copy(&self, src: Tensor, dst: Tensor) -> RResult<(), RString> {
+        res(self.copy_impl(src, dst))
+    }
+    fn compile(&self, source: RStr<'_>) -> RResult<(), RString> {
+        res(self.gpu.module(source.as_str()).map(|_| ()))
+    }
+    fn launch(&self, source: RStr<'_>, name: RStr<'_>, d: LaunchDims, args: RSlice<'_, Arg>) -> RResult<(), RString> {
+        res(self.gpu.launch(source.as_str(), name.as_str(), (d.grid, d.block, d.shared_mem), &args))
+    }
+    fn metric(&self, name: RStr<'_>, value: f64) {
+        let mut m = self.metrics.lock().unwrap();
+        let e = m.entry(name.to_string()).or_insert((0.0, 0));
+        e.0 += value;
+        e.1 += 1;
+    }
+}
