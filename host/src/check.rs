@@ -40,7 +40,7 @@ const FLOOR: f64 = 0.1;
 /// Coordinates checked per tensor.
 const COORDS: usize = 20;
 /// Minimum gap between a token's k-th and (k+1)-th router logits.
-const GAP: f32 = 0.05;
+pub(crate) const GAP: f32 = 0.05;
 /// Backward-contract tolerance, relative to the largest grad of the tensor.
 const CONTRACT: f64 = 1e-4;
 
@@ -83,11 +83,11 @@ pub fn check_component(c: &Component, label: &str, dims: ModelDims, seed: u64) -
     Ok(lines.iter().map(|l| format!("PASS {label}: {l}")).collect())
 }
 
-fn ok<T>(r: RResult<T, RString>) -> R<T> {
+pub(crate) fn ok<T>(r: RResult<T, RString>) -> R<T> {
     r.into_result().map_err(|e| e.to_string())
 }
 
-fn randn(rng: &mut Rng, n: usize, std: f32) -> Vec<f32> {
+pub(crate) fn randn(rng: &mut Rng, n: usize, std: f32) -> Vec<f32> {
     (0..n).map(|_| rng.normal() * std).collect()
 }
 
@@ -95,16 +95,16 @@ fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
-fn max_abs(v: &[f32]) -> f32 {
+pub(crate) fn max_abs(v: &[f32]) -> f32 {
     v.iter().fold(0.0, |m, x| m.max(x.abs()))
 }
 
-fn sl(t: &[Tensor]) -> RSlice<'_, Tensor> {
+pub(crate) fn sl(t: &[Tensor]) -> RSlice<'_, Tensor> {
     RSlice::from_slice(t)
 }
 
 /// The component's parameters, drawn at unit gain (see the module doc).
-fn make_params(specs: Vec<ParamSpec>, rng: &mut Rng) -> Params {
+pub(crate) fn make_params(specs: Vec<ParamSpec>, rng: &mut Rng) -> Params {
     let mut ps = Params::default();
     ps.add("check", specs, rng.next_u64());
     for p in &mut ps.list {
@@ -372,7 +372,7 @@ fn check_experts(cpu: &CpuOps, ex: &ExpertsBox, dims: ModelDims, rng: &mut Rng) 
 }
 
 /// `k` distinct random experts for each of `t` tokens.
-fn random_ids(rng: &mut Rng, t: usize, k: usize, e: usize) -> Vec<i32> {
+pub(crate) fn random_ids(rng: &mut Rng, t: usize, k: usize, e: usize) -> Vec<i32> {
     let mut ids = Vec::with_capacity(t * k);
     for _ in 0..t {
         let mut all: Vec<i32> = (0..e as i32).collect();

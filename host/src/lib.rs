@@ -1,12 +1,14 @@
 //! Pith, the host: the training loop, devices, the model and the plugin registry.
 //! Each module is one concept; AGENTS.md has the map.
 
+pub mod bench;
 pub mod check;
+pub mod check_cuda;
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;
-pub mod gpu;
 pub mod data;
+pub mod gpu;
 pub mod hf;
 pub mod layers;
 pub mod model;

@@ -34,6 +34,21 @@ enum Cmd {
         #[arg(long, default_value_t = 4096)]
         trace_tokens: usize,
     },
+    /// Time training steps: median step time, tokens/s, MFU and peak GPU memory (docs/performance.md).
+    Bench {
+        config: Option<PathBuf>,
+        #[arg(long = "set")]
+        set: Vec<String>,
+        /// Steps run and not counted.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Steps timed (the median is reported).
+        #[arg(long, default_value_t = 8)]
+        steps: usize,
+        /// Also time one step per kernel and GEMM with CUDA events, heaviest first.
+        #[arg(long)]
+        profile: bool,
+    },
     /// Print every resolved component with its origin and source, parameter counts and FLOPs/token.
     Plan {
         config: Option<PathBuf>,
@@ -117,7 +132,8 @@ enum PluginsCmd {
         #[arg(long, default_value = "plugins")]
         dir: PathBuf,
     },
-    /// Gradient and determinism checks (routers, experts, losses, comm) or a step check (optimizers).
+    /// Gradient and determinism checks (routers, experts, losses, comm) or a step check (optimizers);
+    /// with --device cuda, then that the CUDA path matches the CPU's (docs/plugins.md).
     Check {
         name: String,
         /// Needed only when several kinds share the name.
@@ -126,6 +142,10 @@ enum PluginsCmd {
         /// The component's TOML keys, e.g. --config 'top_k = 1'.
         #[arg(long, default_value = "")]
         config: String,
+        /// cpu: the CPU checks. cuda: the CPU checks (the reference must hold), then the CUDA path
+        /// against the CPU's on GPU 0 (host/src/check_cuda.rs).
+        #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+        device: String,
     },
 }
 
@@ -164,6 +184,10 @@ fn run(cli: Cli) -> Result<(), String> {
             let trace = trace_routing.map(|p| pith::trace::RoutingTrace::new(p, trace_tokens));
             pith::train::train(cfg, &registry()?, resume.as_deref(), trace)?;
         }
+        Cmd::Bench { config, set, warmup, steps, profile } => {
+            let cfg = Config::load(config.as_deref(), &set)?;
+            pith::bench::bench(cfg, &registry()?, pith::bench::BenchOpts { warmup, steps, profile })?;
+        }
         Cmd::Plan { config, set } => {
             let cfg = Config::load(config.as_deref(), &set)?;
             print!("{}", pith::plan::plan(&cfg, &registry()?)?);
@@ -189,7 +213,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 name.replace('-', "_")
             );
         }
-        Cmd::Plugins(PluginsCmd::Check { name, kind, config }) => {
+        Cmd::Plugins(PluginsCmd::Check { name, kind, config, device }) => {
             let reg = registry()?;
             let found = reg.find_any(&name);
             let entry = match (kind, found.len()) {
@@ -209,6 +233,13 @@ fn run(cli: Cli) -> Result<(), String> {
             let label = format!("{} `{name}` ({})", kind.as_str(), entry.origin);
             let lines = pith::check::check_component(&c, &label, dims, 1)?;
             lines.iter().for_each(|l| println!("{l}"));
+            if device == "cuda" {
+                let gpu = std::sync::Arc::new(pith::gpu::Gpu::open(0)?);
+                let dims = pith::check_cuda::DIMS;
+                let c = reg.create(kind, &name, &config, dims)?;
+                let lines = pith::check_cuda::check_component(&c, &label, &gpu, dims, 1)?;
+                lines.iter().for_each(|l| println!("{l}"));
+            }
             println!("PASS {label}");
         }
         Cmd::Data(DataCmd::Prepare { inputs, out, tokenizer, field, val_fraction, shard_tokens }) => {

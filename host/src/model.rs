@@ -52,33 +52,35 @@ pub struct Counts {
 
 // A layer's host parameters, as offsets from `Layer::host` (declaration order: then q_norm and
 // k_norm when the model has them, then moe_norm); the shared expert's from `Layer::shared`.
-const ATTN_NORM: usize = 0;
-const Q: usize = 1;
-const K: usize = 2;
-const V: usize = 3;
-const O: usize = 4;
+pub(crate) const ATTN_NORM: usize = 0;
+pub(crate) const Q: usize = 1;
+pub(crate) const K: usize = 2;
+pub(crate) const V: usize = 3;
+pub(crate) const O: usize = 4;
 const SH_GATE: usize = 0;
 const SH_UP: usize = 1;
 const SH_DOWN: usize = 2;
 
-struct Layer {
-    host: usize,
+pub(crate) struct Layer {
+    pub(crate) host: usize,
     /// q_norm's index (k_norm's is the next), when `model.qk_norm` is not `none`.
-    qk_norm: Option<usize>,
-    moe_norm: usize,
-    shared: Option<usize>,
-    router: Range<usize>,
-    experts: Range<usize>,
-    moe: MoeComponents,
+    pub(crate) qk_norm: Option<usize>,
+    pub(crate) moe_norm: usize,
+    pub(crate) shared: Option<usize>,
+    pub(crate) router: Range<usize>,
+    pub(crate) experts: Range<usize>,
+    pub(crate) moe: MoeComponents,
 }
 
+/// The decoder's layout (which parameter is which) and its MoE components; the CPU pass is
+/// below, the CUDA pass in gpu/model.rs.
 pub struct Model {
-    cfg: ModelConfig,
-    rope: Rope,
-    embed: usize,
-    layers: Vec<Layer>,
-    final_norm: usize,
-    lm_head: usize,
+    pub(crate) cfg: ModelConfig,
+    pub(crate) rope: Rope,
+    pub(crate) embed: usize,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) final_norm: usize,
+    pub(crate) lm_head: usize,
 }
 
 /// What one layer's forward keeps for backward (as in the module doc, with xn1 = a, xn2 = m,
@@ -126,7 +128,7 @@ fn rs(v: &[Tensor]) -> RSlice<'_, Tensor> {
 }
 
 /// A component's result, its error prefixed with who made it.
-fn named<T>(r: RResult<T, RString>, who: &str) -> Result<T, String> {
+pub(crate) fn named<T>(r: RResult<T, RString>, who: &str) -> Result<T, String> {
     r.into_result().map_err(|e| format!("{who}: {e}"))
 }
 
@@ -138,7 +140,7 @@ fn finite(v: &[f32], who: &str) -> Result<(), String> {
 }
 
 /// Check a component's output: dtype, CPU, shape (0 in `dims` = any size), finite values.
-fn check(t: &Tensor, dtype: DType, dims: &[usize], who: &str) -> Result<(), String> {
+pub(crate) fn check(t: &Tensor, dtype: DType, dims: &[usize], who: &str) -> Result<(), String> {
     let d = t.dims();
     let fits = d.len() == dims.len() && d.iter().zip(dims).all(|(a, b)| *b == 0 || a == b);
     if !fits || t.dtype != dtype || t.device != Device::Cpu {
@@ -298,7 +300,7 @@ impl Model {
         Pass { m: self, c: &self.cfg, ops, p, batch }
     }
 
-    fn check_tokens(&self, tokens: &[u32], targets: &[u32], batch: usize) -> Result<(), String> {
+    pub(crate) fn check_tokens(&self, tokens: &[u32], targets: &[u32], batch: usize) -> Result<(), String> {
         let (n, v) = (batch * self.cfg.seq_len, self.cfg.vocab);
         if tokens.len() != n || targets.len() != n {
             let got = (tokens.len(), targets.len());

@@ -13,10 +13,11 @@
 //!   `GroupedGemm` wrapper passes host arrays and faults on the H200 (docs/performance.md).
 
 pub mod kernels;
+pub mod model;
 pub mod ops;
 
 use cudarc::cublas::{sys as blas, CudaBlas};
-use cudarc::driver::{result as drv, sys, CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::{result as drv, sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream};
 use pith_plugin_api::{Arg, DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -32,6 +33,8 @@ pub struct Gpu {
     /// Loaded modules by source hash, and functions by (source address, length, name).
     modules: Mutex<HashMap<u64, Arc<CudaModule>>>,
     functions: Mutex<HashMap<(usize, usize, String), CudaFunction>>,
+    /// While profiling: (op name, start, end) events of every kernel and GEMM.
+    profile: Mutex<Option<Vec<(String, CudaEvent, CudaEvent)>>>,
 }
 
 /// The host's kernel sources, embedded in the binary.
@@ -102,17 +105,17 @@ impl Pool {
                 let mut p = unsafe { drv::malloc_sync(size) };
                 if p.is_err() {
                     // Out of memory with blocks cached: give them back and try once more.
-                    let cached: Vec<(usize, Vec<u64>)> = s.free.drain().collect();
-                    for (sz, list) in cached {
-                        for q in list {
-                            unsafe { drv::free_sync(q) }.ok();
-                            s.reserved -= sz;
-                        }
-                    }
+                    drop(s);
+                    self.release_cached();
+                    s = self.state.lock().unwrap();
                     p = unsafe { drv::malloc_sync(size) };
                 }
                 let p = p.map_err(|e| {
-                    format!("GPU out of memory allocating {:.2} GiB ({:.2} GiB in use): {e:?}", gib(size), gib(s.in_use))
+                    format!(
+                        "GPU out of memory allocating {:.2} GiB ({:.2} GiB in use): {e:?}",
+                        gib(size),
+                        gib(s.in_use)
+                    )
                 })?;
                 s.reserved += size;
                 s.mallocs += 1;
@@ -132,6 +135,17 @@ impl Pool {
             peak_reserved: s.peak_reserved,
             peak_in_use: s.peak_in_use,
             mallocs: s.mallocs,
+        }
+    }
+    /// Give cached blocks back to the driver.
+    pub fn release_cached(&self) {
+        let mut s = self.state.lock().unwrap();
+        let cached: Vec<(usize, Vec<u64>)> = s.free.drain().collect();
+        for (sz, list) in cached {
+            for q in list {
+                unsafe { drv::free_sync(q) }.ok();
+                s.reserved -= sz;
+            }
         }
     }
     pub fn reset_peaks(&self) {
@@ -203,6 +217,7 @@ impl Gpu {
             pool: Arc::default(),
             modules: Mutex::default(),
             functions: Mutex::default(),
+            profile: Mutex::default(),
         })
     }
 
@@ -258,6 +273,40 @@ impl Gpu {
         Ok(cu)
     }
 
+    /// Start recording every kernel and GEMM with CUDA events (`pith bench --profile`).
+    pub fn start_profile(&self) {
+        *self.profile.lock().unwrap() = Some(Vec::new());
+    }
+    /// Stop recording; the GPU time per op name in ms, heaviest first (waits for the device).
+    pub fn take_profile(&self) -> Result<Vec<(String, f64, usize)>, String> {
+        let events = self.profile.lock().unwrap().take().unwrap_or_default();
+        self.sync()?;
+        let mut by: HashMap<String, (f64, usize)> = HashMap::new();
+        for (name, a, b) in &events {
+            let ms = a.elapsed_ms(b).map_err(|e| format!("profile: {e:?}"))? as f64;
+            let e = by.entry(name.clone()).or_default();
+            (e.0, e.1) = (e.0 + ms, e.1 + 1);
+        }
+        let mut v: Vec<(String, f64, usize)> = by.into_iter().map(|(n, (ms, c))| (n, ms, c)).collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Ok(v)
+    }
+    /// Run `f` (which enqueues work), timing it under `name` while profiling.
+    fn timed<R>(&self, name: &str, f: impl FnOnce() -> R) -> R {
+        if self.profile.lock().unwrap().is_none() {
+            return f();
+        }
+        let ev = || self.stream.record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).ok();
+        let start = ev();
+        let r = f();
+        if let (Some(a), Some(b)) = (start, ev()) {
+            if let Some(p) = self.profile.lock().unwrap().as_mut() {
+                p.push((name.to_string(), a, b));
+            }
+        }
+        r
+    }
+
     /// Launch kernel `name` of `src` with `args` on the stream.
     pub fn launch(&self, src: &str, name: &str, d: ([u32; 3], [u32; 3], u32), args: &[Arg]) -> Result<(), String> {
         let f = self.function(src, name).map_err(|e| format!("kernel `{name}`: {e}"))?;
@@ -275,9 +324,10 @@ impl Gpu {
         // hold 4-byte values in their first bytes.
         let mut ptrs: Vec<*mut std::ffi::c_void> = vals.iter_mut().map(|v| v as *mut u64 as *mut _).collect();
         let (g, b, shared) = d;
-        unsafe {
-            drv::launch_kernel(f, (g[0], g[1], g[2]), (b[0], b[1], b[2]), shared, self.stream.cu_stream(), &mut ptrs)
-        }
+        let stream = self.stream.cu_stream();
+        self.timed(name, || unsafe {
+            drv::launch_kernel(f, (g[0], g[1], g[2]), (b[0], b[1], b[2]), shared, stream, &mut ptrs)
+        })
         .map_err(|e| format!("launching kernel `{name}`: {e:?}"))
     }
 
@@ -338,7 +388,16 @@ impl Gpu {
     /// c = alpha · op(a) · op(b) + beta · c on row-major 2-D views (a tensor of higher rank is
     /// [rows, last]): a and b both bf16 or both f32, c bf16 or f32, fp32 accumulation.
     #[allow(clippy::too_many_arguments)]
-    pub fn gemm(&self, a: &Tensor, b: &Tensor, c: &Tensor, ta: bool, tb: bool, alpha: f32, beta: f32) -> Result<(), String> {
+    pub fn gemm(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        ta: bool,
+        tb: bool,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<(), String> {
         let rc = |t: &Tensor| (t.numel() / t.dim(-1).max(1), t.dim(-1));
         let ((ar, ac), (br, bc), (cr, cc)) = (rc(a), rc(b), rc(c));
         let (m, k) = if ta { (ac, ar) } else { (ar, ac) };
@@ -354,7 +413,7 @@ impl Gpu {
         }
         let op = |t: bool| if t { blas::cublasOperation_t::CUBLAS_OP_T } else { blas::cublasOperation_t::CUBLAS_OP_N };
         // Row-major c = op(a)·op(b) is column-major cᵀ = op(b)ᵀ·op(a)ᵀ.
-        unsafe {
+        self.timed("cuBLAS gemm", || unsafe {
             blas::cublasGemmEx(
                 *self.blas.handle(),
                 op(tb),
@@ -378,7 +437,7 @@ impl Gpu {
             )
             .result()
             .map_err(|e| format!("cublasGemmEx {m}x{n}x{k}: {e:?}"))
-        }
+        })
     }
 
     /// For each group g (rows offsets[g]..offsets[g+1] of x [N,K] and y [N,N2], bf16):
@@ -395,7 +454,11 @@ impl Gpu {
         let (k, n) = (x.dim(-1), y.dim(-1));
         let g = offsets.len() - 1;
         if w.numel() != g * k * n || x.dtype != DType::BF16 || w.dtype != DType::BF16 || y.dtype != DType::BF16 {
-            return Err(format!("grouped gemm: w {:?} {:?} for {g} groups of {k}x{n}: expected bf16 x, w, y", w.dtype, w.dims()));
+            return Err(format!(
+                "grouped gemm: w {:?} {:?} for {g} groups of {k}x{n}: expected bf16 x, w, y",
+                w.dtype,
+                w.dims()
+            ));
         }
         // Column-major per group: y_gᵀ [N2, n_g] = op(w_g)ᵀ · x_gᵀ.
         let groups: Vec<Group> = (0..g)
@@ -414,14 +477,22 @@ impl Gpu {
         self.grouped(&groups, (trans_w, false), (lda, k, n), (t, t, t), if accumulate { 1.0 } else { 0.0 })
     }
 
-    /// Weight gradient of a grouped GEMM: dw[g] (f32 [K,N2]) += x_gᵀ · dy_g (x, dy bf16).
+    /// Weight gradient of a grouped GEMM: dw[g] (f32 [K,N2]) += x_gᵀ · dy_g (x, dy bf16). cuBLAS's
+    /// grouped GEMM takes bf16 A and B only with a bf16 C, so the product lands in a bf16 buffer
+    /// that is then added to the fp32 gradient (what PyTorch's grouped_mm does under autocast).
     pub fn grouped_wgrad(&self, x: &Tensor, dy: &Tensor, dw: &Tensor, offsets: &[usize]) -> Result<(), String> {
         let (k, n) = (x.dim(-1), dy.dim(-1));
         let g = offsets.len() - 1;
         if dw.numel() != g * k * n || dw.dtype != DType::F32 || x.dtype != DType::BF16 || dy.dtype != DType::BF16 {
-            return Err(format!("grouped wgrad: dw {:?} {:?} for {g} groups of {k}x{n}: expected bf16 x, dy and f32 dw", dw.dtype, dw.dims()));
+            let got = (dw.dtype, dw.dims());
+            return Err(format!("grouped wgrad: dw {got:?} for {g} groups of {k}x{n}: expected bf16 x, dy and f32 dw"));
         }
-        // Column-major per group: dw_gᵀ [N2, K] += dy_gᵀ · x_g.
+        let tmp = self.tensor(&dw.dims(), DType::BF16)?;
+        // Experts without rows get no product; their slots must add zero.
+        if offsets.windows(2).any(|w| w[1] == w[0]) {
+            self.zero(&tmp)?;
+        }
+        // Column-major per group: tmp_gᵀ [N2, K] = dy_gᵀ · x_g.
         let groups: Vec<Group> = (0..g)
             .filter(|&e| offsets[e + 1] > offsets[e])
             .map(|e| Group {
@@ -430,10 +501,12 @@ impl Gpu {
                 k: offsets[e + 1] - offsets[e],
                 a: dy.addr + (offsets[e] * n * 2) as u64,
                 b: x.addr + (offsets[e] * k * 2) as u64,
-                c: dw.addr + (e * k * n * 4) as u64,
+                c: tmp.addr + (e * k * n * 2) as u64,
             })
             .collect();
-        self.grouped(&groups, (false, true), (n, k, n), (DType::BF16, DType::BF16, DType::F32), 1.0)
+        let t = DType::BF16;
+        self.grouped(&groups, (false, true), (n, k, n), (t, t, t), 0.0)?;
+        self.add_into(dw, &tmp)
     }
 
     /// One cublasGemmGroupedBatchedEx over column-major problems c = op(a)·op(b) + beta·c that
@@ -460,7 +533,8 @@ impl Gpu {
         let (m, n, k) = (col(|p| p.m), col(|p| p.n), col(|p| p.k));
         let (lda, ldb, ldc) = (vec![ld.0 as i32; g], vec![ld.1 as i32; g], vec![ld.2 as i32; g]);
         let (alpha, betas, ones) = (vec![1.0f32; g], vec![beta; g], vec![1i32; g]);
-        unsafe {
+        let name = if trans.1 { "cuBLAS grouped gemm (wgrad)" } else { "cuBLAS grouped gemm" };
+        self.timed(name, || unsafe {
             blas::cublasGemmGroupedBatchedEx(
                 *self.blas.handle(),
                 ta.as_ptr(),
@@ -484,8 +558,8 @@ impl Gpu {
                 blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             )
             .result()
-            .map_err(|e| format!("cublasGemmGroupedBatchedEx ({g} groups): {e:?}"))
-        }
+            .map_err(|e| format!("cublasGemmGroupedBatchedEx ({g} groups, trans {trans:?}, {types:?}): {e:?}"))
+        })
         // `arrays` returns to the pool here; reuse is ordered after this GEMM on the stream.
     }
 }

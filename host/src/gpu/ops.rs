@@ -23,7 +23,12 @@ fn res<T>(r: Result<T, String>) -> RResult<T, RString> {
 /// The group offsets of a grouped GEMM: a host i32 tensor [G+1], non-decreasing, ending at `rows`.
 fn offsets_of(t: &Tensor, rows: usize) -> Result<Vec<usize>, String> {
     if t.device != Device::Cpu || t.dtype != DType::I32 || t.rank != 1 {
-        return Err(format!("offsets must be a host (CPU) i32 [G+1] tensor, got {:?} {:?} on {:?}", t.dtype, t.dims(), t.device));
+        return Err(format!(
+            "offsets must be a host (CPU) i32 [G+1] tensor, got {:?} {:?} on {:?}",
+            t.dtype,
+            t.dims(),
+            t.device
+        ));
     }
     let o = t.i32s();
     if o.first() != Some(&0) || o.windows(2).any(|w| w[1] < w[0]) || *o.last().unwrap() as usize != rows {
@@ -50,6 +55,15 @@ impl GpuOps {
     pub fn reset(&self) {
         self.device.lock().unwrap().clear();
         self.host.lock().unwrap().clear();
+    }
+    /// How many device allocations plugins hold now; see [`GpuOps::release_to`].
+    pub fn mark(&self) -> usize {
+        self.device.lock().unwrap().len()
+    }
+    /// Free the device allocations plugins made since `mark` (a layer's forward state once its
+    /// backward is done, with the backward's temporaries).
+    pub fn release_to(&self, mark: usize) {
+        self.device.lock().unwrap().truncate(mark);
     }
     /// Take the metrics reported since the last call, averaged per name.
     pub fn take_metrics(&self) -> BTreeMap<String, f64> {
@@ -108,7 +122,15 @@ impl Ops for GpuOps {
     fn gemm(&self, a: Tensor, b: Tensor, c: Tensor, ta: bool, tb: bool, alpha: f32, beta: f32) -> RResult<(), RString> {
         res(on_gpu(&[&a, &b, &c], "gemm").and_then(|_| self.gpu.gemm(&a, &b, &c, ta, tb, alpha, beta)))
     }
-    fn grouped_gemm(&self, x: Tensor, w: Tensor, y: Tensor, offsets: Tensor, trans_w: bool, acc: bool) -> RResult<(), RString> {
+    fn grouped_gemm(
+        &self,
+        x: Tensor,
+        w: Tensor,
+        y: Tensor,
+        offsets: Tensor,
+        trans_w: bool,
+        acc: bool,
+    ) -> RResult<(), RString> {
         res(on_gpu(&[&x, &w, &y], "grouped_gemm")
             .and_then(|_| offsets_of(&offsets, x.dim(0)))
             .and_then(|o| self.gpu.grouped_gemm(&x, &w, &y, &o, trans_w, acc)))

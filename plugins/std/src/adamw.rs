@@ -3,9 +3,16 @@
 //! At step t (from 1), for gradient g:
 //!   m = β1·m + (1−β1)·g;   v = β2·v + (1−β2)·g²;   m̂ = m/(1−β1ᵗ);   v̂ = v/(1−β2ᵗ);
 //!   w = w·(1 − lr·wd) − lr·m̂/(√v̂ + eps)     (the decay factor only where param.decay).
+//!
+//! CUDA (kernels/adamw.cu): `adamw_step`, one fused grid-stride kernel per parameter over the
+//! f32 master weight, grad and state.
 
-use crate::{expect, need_cpu};
-use pith_plugin_api::{parse_config, register, DType, Host, ModelDims, Optimizer, ParamSpec, Result, Tensor};
+use crate::{expect, grid, BLOCK};
+use pith_plugin_api::{
+    parse_config, register, Arg, DType, Device, Host, ModelDims, Optimizer, ParamSpec, Result, Tensor,
+};
+
+const SRC: &str = include_str!("../kernels/adamw.cu");
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -74,7 +81,7 @@ impl Optimizer for AdamW {
         lr: f32,
         step: u64,
     ) -> Result<()> {
-        need_cpu(&h, "adamw")?;
+        let dev = h.device();
         let [m, v] = state else {
             return Err(format!("adamw: expected 2 state tensors, got {}", state.len()));
         };
@@ -82,18 +89,28 @@ impl Optimizer for AdamW {
             return Err("adamw: step counts from 1".into());
         }
         let shape = w.dims();
-        for (t, what) in [(&g, "grad"), (m, "exp_avg"), (v, "exp_avg_sq")] {
-            expect(t, DType::F32, &shape, &format!("adamw: {} {what}", param.name))?;
+        for (t, what) in [(&w, "weight"), (&g, "grad"), (m, "exp_avg"), (v, "exp_avg_sq")] {
+            expect(t, DType::F32, dev, &shape, &format!("adamw: {} {what}", param.name))?;
         }
         let c = &self.0;
         let bc1 = 1.0 - (c.beta1 as f64).powf(step as f64);
         let bc2 = 1.0 - (c.beta2 as f64).powf(step as f64);
         let (step_size, bc2_sqrt) = ((lr as f64 / bc1) as f32, bc2.sqrt() as f32);
         let keep = if param.decay { 1.0 - lr * c.weight_decay } else { 1.0 };
-        for (((w, &g), m), v) in w.f32s().iter_mut().zip(g.f32s().iter()).zip(m.f32s()).zip(v.f32s()) {
-            *m = c.beta1 * *m + (1.0 - c.beta1) * g;
-            *v = c.beta2 * *v + (1.0 - c.beta2) * g * g;
-            *w = *w * keep - step_size * *m / (v.sqrt() / bc2_sqrt + c.eps);
+        match dev {
+            Device::Cpu => {
+                for (((w, &g), m), v) in w.f32s().iter_mut().zip(g.f32s().iter()).zip(m.f32s()).zip(v.f32s()) {
+                    *m = c.beta1 * *m + (1.0 - c.beta1) * g;
+                    *v = c.beta2 * *v + (1.0 - c.beta2) * g * g;
+                    *w = *w * keep - step_size * *m / (v.sqrt() / bc2_sqrt + c.eps);
+                }
+            }
+            Device::Cuda => {
+                let n = w.numel();
+                let args = [w.arg(), g.arg(), m.arg(), v.arg(), Arg::I64(n as i64)];
+                let hyper = [c.beta1, c.beta2, c.eps, keep, step_size, bc2_sqrt].map(Arg::F32);
+                h.launch(SRC, "adamw_step", grid(n, 256), BLOCK, 0, &[&args[..], &hyper].concat())?;
+            }
         }
         Ok(())
     }

@@ -6,10 +6,13 @@
 //! Backward, with σ = sigmoid(a), silu(a) = a·σ, silu'(a) = σ·(1 + a·(1 − σ)):
 //!   du = dy·Wd[e]ᵀ;  dWd[e] += uᵀ·dy;  da = du ⊙ b ⊙ silu'(a);  db = du ⊙ silu(a);
 //!   dWg[e] += x_eᵀ·da;  dWu[e] += x_eᵀ·db;  dx_e = da·Wg[e]ᵀ + db·Wu[e]ᵀ.
+//!
+//! CUDA (kernels/swiglu.cu): the same host grouped GEMMs on bf16 x, a, b, u, y (f32 weight
+//! grads), with the elementwise steps in `swiglu_fwd` (u) and `swiglu_bwd` (da, db).
 
-use crate::{expect, need_cpu};
+use crate::{act, expect, grid, BLOCK};
 use pith_plugin_api::{
-    parse_config, register, DType, Experts, ExpertsOut, Host, Init, ModelDims, ParamSpec, Result, Tensor,
+    parse_config, register, Arg, DType, Device, Experts, ExpertsOut, Host, Init, ModelDims, ParamSpec, Result, Tensor,
 };
 use serde::Deserialize;
 
@@ -44,18 +47,20 @@ register!(
 );
 
 const WHO: &str = "swiglu";
+const SRC: &str = include_str!("../kernels/swiglu.cu");
 
 fn sigmoid(a: f32) -> f32 {
     1.0 / (1.0 + (-a).exp())
 }
 
 impl SwiGlu {
-    fn check(&self, p: &[Tensor], x: &Tensor, offsets: &Tensor) -> Result<()> {
+    /// Offsets are host memory on every device; x is f32 on the CPU, bf16 on CUDA.
+    fn check(&self, dev: Device, p: &[Tensor], x: &Tensor, offsets: &Tensor) -> Result<()> {
         if p.len() != 3 {
             return Err(format!("{WHO}: expected 3 parameters (w_gate, w_up, w_down), got {}", p.len()));
         }
-        expect(x, DType::F32, &[0, self.hidden], "swiglu: x")?;
-        expect(offsets, DType::I32, &[self.experts + 1], "swiglu: offsets")
+        expect(x, act(dev), dev, &[0, self.hidden], "swiglu: x")?;
+        expect(offsets, DType::I32, Device::Cpu, &[self.experts + 1], "swiglu: offsets")
     }
 }
 
@@ -70,17 +75,25 @@ impl Experts for SwiGlu {
     }
 
     fn forward(&self, h: Host, p: &[Tensor], x: Tensor, offsets: Tensor) -> Result<ExpertsOut> {
-        need_cpu(&h, WHO)?;
-        self.check(p, &x, &offsets)?;
-        let n = x.dim(0);
-        let (a, b, u) = (h.alloc_f32(&[n, self.ffn])?, h.alloc_f32(&[n, self.ffn])?, h.alloc_f32(&[n, self.ffn])?);
+        let dev = h.device();
+        self.check(dev, p, &x, &offsets)?;
+        let (n, f) = (x.dim(0), self.ffn);
+        let (a, b, u) = (h.alloc(&[n, f], act(dev))?, h.alloc(&[n, f], act(dev))?, h.alloc(&[n, f], act(dev))?);
         h.grouped_gemm(x, p[0], a, offsets, false, false)?;
         h.grouped_gemm(x, p[1], b, offsets, false, false)?;
-        let (av, bv) = (a.f32s(), b.f32s());
-        for ((ui, &ai), &bi) in u.f32s().iter_mut().zip(av.iter()).zip(bv.iter()) {
-            *ui = ai * sigmoid(ai) * bi;
+        match dev {
+            Device::Cpu => {
+                let (av, bv) = (a.f32s(), b.f32s());
+                for ((ui, &ai), &bi) in u.f32s().iter_mut().zip(av.iter()).zip(bv.iter()) {
+                    *ui = ai * sigmoid(ai) * bi;
+                }
+            }
+            Device::Cuda => {
+                let args = [a.arg(), b.arg(), u.arg(), Arg::I64((n * f) as i64)];
+                h.launch(SRC, "swiglu_fwd", grid(n * f, 256), BLOCK, 0, &args)?;
+            }
         }
-        let y = h.alloc_f32(&[n, self.hidden])?;
+        let y = h.alloc(&[n, self.hidden], act(dev))?;
         h.grouped_gemm(u, p[2], y, offsets, false, false)?;
         Ok(ExpertsOut { y, saved: vec![a, b, u].into() })
     }
@@ -96,20 +109,31 @@ impl Experts for SwiGlu {
         dy: Tensor,
         dx: Tensor,
     ) -> Result<()> {
-        need_cpu(&h, WHO)?;
-        self.check(p, &x, &offsets)?;
+        let dev = h.device();
+        self.check(dev, p, &x, &offsets)?;
         let ([ga, gb, gd], [a, b, u]) = (g, &out.saved[..]) else {
             return Err(format!("{WHO}: expected 3 grads and the 3 tensors forward saved"));
         };
-        let n = x.dim(0);
-        let (du, da, db) = (h.alloc_f32(&[n, self.ffn])?, h.alloc_f32(&[n, self.ffn])?, h.alloc_f32(&[n, self.ffn])?);
+        let (n, f) = (x.dim(0), self.ffn);
+        let (du, da, db) = (h.alloc(&[n, f], act(dev))?, h.alloc(&[n, f], act(dev))?, h.alloc(&[n, f], act(dev))?);
         h.grouped_gemm(dy, p[2], du, offsets, true, false)?;
         h.grouped_gemm_wgrad(*u, dy, *gd, offsets)?;
-        let (av, bv, duv, dav, dbv) = (a.f32s(), b.f32s(), du.f32s(), da.f32s(), db.f32s());
-        for i in 0..duv.len() {
-            let (ai, s) = (av[i], sigmoid(av[i]));
-            dav[i] = duv[i] * bv[i] * s * (1.0 + ai * (1.0 - s));
-            dbv[i] = duv[i] * ai * s;
+        match dev {
+            Device::Cpu => {
+                let (av, bv, duv, dav, dbv) = (a.f32s(), b.f32s(), du.f32s(), da.f32s(), db.f32s());
+                for i in 0..duv.len() {
+                    let (ai, s) = (av[i], sigmoid(av[i]));
+                    dav[i] = duv[i] * bv[i] * s * (1.0 + ai * (1.0 - s));
+                    dbv[i] = duv[i] * ai * s;
+                }
+            }
+            Device::Cuda => {
+                for (t, what) in [(a, "a"), (b, "b")] {
+                    expect(t, DType::BF16, dev, &[n, f], &format!("swiglu: saved {what}"))?;
+                }
+                let args = [a.arg(), b.arg(), du.arg(), da.arg(), db.arg(), Arg::I64((n * f) as i64)];
+                h.launch(SRC, "swiglu_bwd", grid(n * f, 256), BLOCK, 0, &args)?;
+            }
         }
         h.grouped_gemm_wgrad(x, da, *ga, offsets)?;
         h.grouped_gemm_wgrad(x, db, *gb, offsets)?;

@@ -17,7 +17,7 @@ mod z_loss;
 
 pith_plugin_api::export_plugin!("pith-std");
 
-use pith_plugin_api::{DType, Device, Result, Tensor};
+use pith_plugin_api::{Arg, DType, Device, Result, Tensor};
 
 /// Threads per block of every std kernel launch (8 warps; the warp-per-row kernels rely on it).
 pub(crate) const BLOCK: [u32; 3] = [256, 1, 1];
@@ -26,6 +26,11 @@ pub(crate) const BLOCK: [u32; 3] = [256, 1, 1];
 /// (at least 1 block, so an empty input is a valid launch; at most 65535).
 pub(crate) fn grid(n: usize, per_block: usize) -> [u32; 3] {
     [n.div_ceil(per_block).clamp(1, 65535) as u32, 1, 1]
+}
+
+/// Sizes as `I32` kernel arguments.
+pub(crate) fn ints<const N: usize>(v: [usize; N]) -> [Arg; N] {
+    v.map(|v| Arg::I32(v as i32))
 }
 
 /// The dtype of activations and parameter working copies on `device`: f32 on the CPU, bf16 on CUDA.

@@ -7,9 +7,17 @@
 //! combine_backward:   dy[row(t,slot)] = weights[t,slot] · dout[t];
 //!                     d_weights[t,slot] = ⟨dout[t], y[row(t,slot)]⟩.
 //! dispatch_backward:  dx[t] = Σ_slot dx_sorted[row(t,slot)].
+//!
+//! CUDA (kernels/local.cu; bf16 rows, f32 gates): `local_rank` (one block per expert) ranks the
+//! pairs routed to each expert in (token, slot) order and counts them; the counts come to the
+//! host for the offsets; `local_gather` places the rows. saved[0] = rows [T·k] i32 on the
+//! device, rows[t·k + slot] = row(t,slot), which `local_combine`, `local_combine_bwd` and
+//! `local_dispatch_bwd` gather through (deterministic: no atomics).
 
-use crate::{check_ids, expect, need_cpu};
-use pith_plugin_api::{parse_config, register, CommSchedule, DType, Dispatched, Host, ModelDims, Result, Tensor};
+use crate::{act, check_ids, expect, grid, ints, BLOCK};
+use pith_plugin_api::{
+    parse_config, register, CommSchedule, DType, Device, Dispatched, Host, ModelDims, Result, Tensor,
+};
 use serde::Deserialize;
 
 /// No settings (an empty table is fine).
@@ -34,52 +42,94 @@ register!(
 
 const WHO: &str = "local";
 
-/// The permutation dispatch saved (sorted row → t·k + slot).
-fn perm(d: &Dispatched) -> Result<&[i32]> {
+const SRC: &str = include_str!("../kernels/local.cu");
+
+/// The map dispatch saved: on the CPU perm [T·k] (sorted row → t·k + slot), on CUDA rows [T·k]
+/// (t·k + slot → sorted row), on the device.
+fn saved(d: &Dispatched, dev: Device) -> Result<Tensor> {
     let p = d.saved.first().ok_or("local: the Dispatched has no permutation; was it made by `local`?")?;
-    expect(p, DType::I32, &[0], "local: permutation")?;
-    Ok(p.i32s())
+    expect(p, DType::I32, dev, &[0], "local: permutation")?;
+    Ok(*p)
+}
+
+fn dispatch_cpu(h: Host, x: Tensor, ids: Tensor, e: usize) -> Result<Dispatched> {
+    let (t, hd) = (x.dim(0), x.dim(1));
+    let (id, k) = (ids.i32s(), ids.dim(1));
+    check_ids(id, k, e, WHO)?;
+    let offsets = h.alloc(&[e + 1], DType::I32)?;
+    let off = offsets.i32s();
+    id.iter().for_each(|&i| off[i as usize + 1] += 1);
+    (0..e).for_each(|j| off[j + 1] += off[j]);
+    let (perm, xs) = (h.alloc(&[t * k], DType::I32)?, h.alloc_f32(&[t * k, hd])?);
+    let (p, xsv, xv) = (perm.i32s(), xs.f32s(), x.f32s());
+    let mut next: Vec<usize> = off[..e].iter().map(|&o| o as usize).collect();
+    for (i, &ex) in id.iter().enumerate() {
+        let r = next[ex as usize];
+        next[ex as usize] += 1;
+        p[r] = i as i32;
+        xsv[r * hd..(r + 1) * hd].copy_from_slice(&xv[(i / k) * hd..(i / k + 1) * hd]);
+    }
+    Ok(Dispatched { x: xs, offsets, saved: vec![perm].into() })
+}
+
+fn dispatch_cuda(h: Host, x: Tensor, ids: Tensor, e: usize) -> Result<Dispatched> {
+    let (hd, k, n) = (x.dim(1), ids.dim(1), ids.numel());
+    let (rank, rows, counts) = (h.alloc(&[n], DType::I32)?, h.alloc(&[n], DType::I32)?, h.alloc(&[e], DType::I32)?);
+    let [n32, k32, e32, h32] = ints([n, k, e, hd]);
+    h.launch(SRC, "local_rank", grid(e, 1), [1024, 1, 1], 0, &[ids.arg(), rank.arg(), counts.arg(), n32, e32])?;
+    let (counts_host, offsets) = (h.alloc_host(&[e], DType::I32)?, h.alloc_host(&[e + 1], DType::I32)?);
+    h.copy(counts, counts_host)?;
+    let off = offsets.i32s();
+    for (j, &c) in counts_host.i32s().iter().enumerate() {
+        off[j + 1] = off[j] + c;
+    }
+    if off[e] as usize != n {
+        let bad = n - off[e] as usize;
+        return Err(format!("{WHO}: {bad} of the {n} ids are not experts of the model; ids must be in 0..{e}"));
+    }
+    let offsets_dev = h.alloc(&[e + 1], DType::I32)?;
+    h.copy(offsets, offsets_dev)?;
+    let xs = h.alloc(&[n, hd], DType::BF16)?;
+    let args = [x.arg(), ids.arg(), rank.arg(), offsets_dev.arg(), rows.arg(), xs.arg(), n32, k32, h32];
+    h.launch(SRC, "local_gather", grid(n, 1), BLOCK, 0, &args)?;
+    Ok(Dispatched { x: xs, offsets, saved: vec![rows].into() })
 }
 
 impl CommSchedule for Local {
     fn dispatch(&self, h: Host, x: Tensor, ids: Tensor, experts: u32) -> Result<Dispatched> {
-        need_cpu(&h, WHO)?;
-        expect(&x, DType::F32, &[0, 0], "local: x")?;
-        let (t, hd, e) = (x.dim(0), x.dim(1), experts as usize);
-        expect(&ids, DType::I32, &[t, 0], "local: ids")?;
-        let (id, k) = (ids.i32s(), ids.dim(1));
-        check_ids(id, k, e, WHO)?;
-        let offsets = h.alloc(&[e + 1], DType::I32)?;
-        let off = offsets.i32s();
-        id.iter().for_each(|&i| off[i as usize + 1] += 1);
-        (0..e).for_each(|j| off[j + 1] += off[j]);
-        let (perm, xs) = (h.alloc(&[t * k], DType::I32)?, h.alloc_f32(&[t * k, hd])?);
-        let (p, xsv, xv) = (perm.i32s(), xs.f32s(), x.f32s());
-        let mut next: Vec<usize> = off[..e].iter().map(|&o| o as usize).collect();
-        for (i, &ex) in id.iter().enumerate() {
-            let r = next[ex as usize];
-            next[ex as usize] += 1;
-            p[r] = i as i32;
-            xsv[r * hd..(r + 1) * hd].copy_from_slice(&xv[(i / k) * hd..(i / k + 1) * hd]);
+        let dev = h.device();
+        expect(&x, act(dev), dev, &[0, 0], "local: x")?;
+        expect(&ids, DType::I32, dev, &[x.dim(0), 0], "local: ids")?;
+        match dev {
+            Device::Cpu => dispatch_cpu(h, x, ids, experts as usize),
+            Device::Cuda => dispatch_cuda(h, x, ids, experts as usize),
         }
-        Ok(Dispatched { x: xs, offsets, saved: vec![perm].into() })
     }
 
     fn combine(&self, h: Host, y: Tensor, weights: Tensor, d: &Dispatched) -> Result<Tensor> {
-        need_cpu(&h, WHO)?;
-        let p = perm(d)?;
-        expect(&y, DType::F32, &[p.len(), 0], "local: y")?;
-        expect(&weights, DType::F32, &[0, 0], "local: weights")?;
+        let dev = h.device();
+        let map = saved(d, dev)?;
+        expect(&y, act(dev), dev, &[map.numel(), 0], "local: y")?;
+        expect(&weights, DType::F32, dev, &[0, 0], "local: weights")?;
         let (t, k, hd) = (weights.dim(0), weights.dim(1), y.dim(1));
-        if t * k != p.len() {
-            return Err(format!("local: weights are [{t}, {k}] but dispatch made {} rows", p.len()));
+        if t * k != map.numel() {
+            return Err(format!("local: weights are [{t}, {k}] but dispatch made {} rows", map.numel()));
         }
-        let out = h.alloc_f32(&[t, hd])?;
-        let (o, yv, w) = (out.f32s(), y.f32s(), weights.f32s());
-        for (r, &i) in p.iter().enumerate() {
-            let tok = i as usize / k;
-            for (o, &v) in o[tok * hd..(tok + 1) * hd].iter_mut().zip(&yv[r * hd..(r + 1) * hd]) {
-                *o += w[i as usize] * v;
+        let out = h.alloc(&[t, hd], act(dev))?;
+        match dev {
+            Device::Cpu => {
+                let (o, yv, w, p) = (out.f32s(), y.f32s(), weights.f32s(), map.i32s());
+                for (r, &i) in p.iter().enumerate() {
+                    let tok = i as usize / k;
+                    for (o, &v) in o[tok * hd..(tok + 1) * hd].iter_mut().zip(&yv[r * hd..(r + 1) * hd]) {
+                        *o += w[i as usize] * v;
+                    }
+                }
+            }
+            Device::Cuda => {
+                let [t32, k32, h32] = ints([t, k, hd]);
+                let args = [y.arg(), weights.arg(), map.arg(), out.arg(), t32, k32, h32];
+                h.launch(SRC, "local_combine", grid(t, 1), BLOCK, 0, &args)?;
             }
         }
         Ok(out)
@@ -95,37 +145,63 @@ impl CommSchedule for Local {
         dy: Tensor,
         d_weights: Tensor,
     ) -> Result<()> {
-        need_cpu(&h, WHO)?;
-        let p = perm(d)?;
+        let dev = h.device();
+        let map = saved(d, dev)?;
+        let n = map.numel();
+        expect(&y, act(dev), dev, &[n, 0], "local: y")?;
+        expect(&weights, DType::F32, dev, &[0, 0], "local: weights")?;
         let (k, hd) = (weights.dim(1), y.dim(1));
-        expect(&dout, DType::F32, &[weights.dim(0), hd], "local: dout")?;
-        expect(&dy, DType::F32, &y.dims(), "local: dy")?;
-        expect(&d_weights, DType::F32, &weights.dims(), "local: d_weights")?;
-        let (dov, yv, w, dyv, dw) = (dout.f32s(), y.f32s(), weights.f32s(), dy.f32s(), d_weights.f32s());
-        for (r, &i) in p.iter().enumerate() {
-            let (i, tok) = (i as usize, i as usize / k);
-            let (go, yr) = (&dov[tok * hd..(tok + 1) * hd], &yv[r * hd..(r + 1) * hd]);
-            dw[i] = go.iter().zip(yr).map(|(a, b)| a * b).sum();
-            dyv[r * hd..(r + 1) * hd].iter_mut().zip(go).for_each(|(d, &g)| *d = w[i] * g);
+        if weights.dim(0) * k != n {
+            return Err(format!("local: weights are [{}, {k}] but dispatch made {n} rows", weights.dim(0)));
+        }
+        expect(&dout, act(dev), dev, &[weights.dim(0), hd], "local: dout")?;
+        expect(&dy, act(dev), dev, &y.dims(), "local: dy")?;
+        expect(&d_weights, DType::F32, dev, &weights.dims(), "local: d_weights")?;
+        match dev {
+            Device::Cpu => {
+                let (p, dov, yv, w) = (map.i32s(), dout.f32s(), y.f32s(), weights.f32s());
+                let (dyv, dw) = (dy.f32s(), d_weights.f32s());
+                for (r, &i) in p.iter().enumerate() {
+                    let (i, tok) = (i as usize, i as usize / k);
+                    let (go, yr) = (&dov[tok * hd..(tok + 1) * hd], &yv[r * hd..(r + 1) * hd]);
+                    dw[i] = go.iter().zip(yr).map(|(a, b)| a * b).sum();
+                    dyv[r * hd..(r + 1) * hd].iter_mut().zip(go).for_each(|(d, &g)| *d = w[i] * g);
+                }
+            }
+            Device::Cuda => {
+                let [n32, k32, h32] = ints([n, k, hd]);
+                let args = [dout.arg(), y.arg(), weights.arg(), map.arg(), dy.arg(), d_weights.arg(), n32, k32, h32];
+                h.launch(SRC, "local_combine_bwd", grid(n, 1), BLOCK, 0, &args)?;
+            }
         }
         Ok(())
     }
 
     fn dispatch_backward(&self, h: Host, dx_sorted: Tensor, d: &Dispatched, dx: Tensor) -> Result<()> {
-        need_cpu(&h, WHO)?;
-        let p = perm(d)?;
-        expect(&dx_sorted, DType::F32, &[p.len(), 0], "local: dx_sorted")?;
-        expect(&dx, DType::F32, &[0, dx_sorted.dim(1)], "local: dx")?;
+        let dev = h.device();
+        let map = saved(d, dev)?;
+        let n = map.numel();
+        expect(&dx_sorted, act(dev), dev, &[n, 0], "local: dx_sorted")?;
+        expect(&dx, act(dev), dev, &[0, dx_sorted.dim(1)], "local: dx")?;
         let (t, hd) = (dx.dim(0), dx.dim(1));
-        let k = p.len().checked_div(t).unwrap_or(1);
-        if t * k != p.len() {
-            return Err(format!("local: dx has {t} tokens but dispatch made {} rows", p.len()));
+        let k = n.checked_div(t).unwrap_or(1);
+        if t * k != n {
+            return Err(format!("local: dx has {t} tokens but dispatch made {n} rows"));
         }
-        let (dxv, ds) = (dx.f32s(), dx_sorted.f32s());
-        dxv.iter_mut().for_each(|v| *v = 0.0);
-        for (r, &i) in p.iter().enumerate() {
-            let tok = i as usize / k;
-            dxv[tok * hd..(tok + 1) * hd].iter_mut().zip(&ds[r * hd..(r + 1) * hd]).for_each(|(d, &g)| *d += g);
+        match dev {
+            Device::Cpu => {
+                let (p, dxv, ds) = (map.i32s(), dx.f32s(), dx_sorted.f32s());
+                dxv.iter_mut().for_each(|v| *v = 0.0);
+                for (r, &i) in p.iter().enumerate() {
+                    let tok = i as usize / k;
+                    dxv[tok * hd..(tok + 1) * hd].iter_mut().zip(&ds[r * hd..(r + 1) * hd]).for_each(|(d, &g)| *d += g);
+                }
+            }
+            Device::Cuda => {
+                let [t32, k32, h32] = ints([t, k, hd]);
+                let args = [dx_sorted.arg(), map.arg(), dx.arg(), t32, k32, h32];
+                h.launch(SRC, "local_dispatch_bwd", grid(t, 1), BLOCK, 0, &args)?;
+            }
         }
         Ok(())
     }

@@ -13,7 +13,7 @@
 //! `router_sum` sums the entropies, `topk_softmax_bwd` writes dlogits as bf16 for the two GEMMs.
 //! Supports E ≤ 1024 and top_k ≤ 32 there.
 
-use crate::{act, expect, grid, softmax, BLOCK};
+use crate::{act, expect, grid, ints, softmax, BLOCK};
 use pith_plugin_api::{
     parse_config, register, Arg, DType, Device, Host, Init, ModelDims, ParamSpec, Result, Router, RouterOut, Tensor,
 };
@@ -69,11 +69,16 @@ impl TopKSoftmax {
     fn cuda_limits(&self) -> Result<()> {
         if self.experts > 1024 || self.top_k > 32 {
             return Err(format!(
-                "{WHO}: on CUDA supports model.experts <= 1024 and `top_k` <= 32, got {} experts and top_k = {}",
+                "{WHO}: on CUDA the router supports model.experts <= 1024 and `top_k` <= 32; got {} and {}",
                 self.experts, self.top_k
             ));
         }
         Ok(())
+    }
+
+    /// The trailing (T, E, k, normalize) arguments of both router kernels.
+    fn sizes(&self, t: usize) -> [Arg; 4] {
+        ints([t, self.experts, self.top_k, self.normalize as usize])
     }
 
     /// Softmax, entropy and top-k of every row on the CPU; returns the summed entropy.
@@ -100,10 +105,8 @@ impl TopKSoftmax {
     /// The same on the device (kernels/router.cu).
     fn topk_cuda(&self, h: Host, t: usize, logits: Tensor, probs: Tensor, ids: Tensor, weights: Tensor) -> Result<f64> {
         let ent = h.alloc_f32(&[t])?;
-        let sizes = [Arg::I32(t as i32), Arg::I32(self.experts as i32), Arg::I32(self.top_k as i32)];
-        let args = [logits.arg(), probs.arg(), ids.arg(), weights.arg(), ent.arg()];
-        let args = [&args[..], &sizes, &[Arg::I32(self.normalize as i32)]].concat();
-        h.launch(SRC, "topk_softmax_fwd", grid(t, 8), BLOCK, 0, &args)?;
+        let ptrs = [logits.arg(), probs.arg(), ids.arg(), weights.arg(), ent.arg()];
+        h.launch(SRC, "topk_softmax_fwd", grid(t, 8), BLOCK, 0, &[&ptrs[..], &self.sizes(t)].concat())?;
         let total = h.alloc_f32(&[1])?;
         h.launch(SRC, "router_sum", [1, 1, 1], BLOCK, 0, &[ent.arg(), total.arg(), Arg::I32(t as i32)])?;
         Ok(h.read_f32(total)?[0] as f64)
@@ -185,9 +188,8 @@ impl Router for TopKSoftmax {
                 self.cuda_limits()?;
                 expect(probs, DType::F32, dev, &[t, e], "topk-softmax: saved probabilities")?;
                 let dl = h.alloc(&[t, e], DType::BF16)?;
-                let args = [probs.arg(), out.ids.arg(), out.weights.arg(), d_weights.arg(), d_logits.arg(), dl.arg()];
-                let sizes = [Arg::I32(t as i32), Arg::I32(e as i32), Arg::I32(k as i32), Arg::I32(self.normalize as i32)];
-                h.launch(SRC, "topk_softmax_bwd", grid(t, 8), BLOCK, 0, &[&args[..], &sizes].concat())?;
+                let ptrs = [probs.arg(), out.ids.arg(), out.weights.arg(), d_weights.arg(), d_logits.arg(), dl.arg()];
+                h.launch(SRC, "topk_softmax_bwd", grid(t, 8), BLOCK, 0, &[&ptrs[..], &self.sizes(t)].concat())?;
                 dl
             }
         };

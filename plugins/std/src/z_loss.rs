@@ -2,9 +2,12 @@
 //!
 //! For logits [T,E], with lse_t = logsumexp(logits_t) and p_t = softmax(logits_t):
 //!   loss = coef · (1/T)·Σ_t lse_t²;   d_logits_t += scale · coef · 2·lse_t·p_t / T.
+//!
+//! CUDA (kernels/z_loss.cu): `z_loss_fwd` / `z_loss_bwd` work on one token row per warp,
+//! `z_loss_sum` adds the rows' lse_t² in a fixed order.
 
-use crate::{expect, need_cpu, parse_coef, softmax};
-use pith_plugin_api::{register, BalanceLoss, DType, Host, ModelDims, Result, Tensor};
+use crate::{expect, grid, ints, parse_coef, softmax, BLOCK};
+use pith_plugin_api::{register, Arg, BalanceLoss, DType, Device, Host, ModelDims, Result, Tensor};
 
 struct ZLoss {
     experts: usize,
@@ -23,27 +26,48 @@ register!(
     create
 );
 
-const WHO: &str = "z-loss";
+const SRC: &str = include_str!("../kernels/z_loss.cu");
 
 impl BalanceLoss for ZLoss {
     fn forward(&self, h: Host, logits: Tensor, _ids: Tensor) -> Result<f32> {
-        need_cpu(&h, WHO)?;
-        expect(&logits, DType::F32, &[0, self.experts], "z-loss: logits")?;
+        let dev = h.device();
+        expect(&logits, DType::F32, dev, &[0, self.experts], "z-loss: logits")?;
         let t = logits.dim(0).max(1) as f64;
-        let mut p = vec![0.0f32; self.experts];
-        let sum: f64 = logits.f32s().chunks(self.experts).map(|row| (softmax(row, &mut p) as f64).powi(2)).sum();
+        let sum: f64 = match dev {
+            Device::Cpu => {
+                let mut p = vec![0.0f32; self.experts];
+                logits.f32s().chunks(self.experts).map(|row| (softmax(row, &mut p) as f64).powi(2)).sum()
+            }
+            Device::Cuda => {
+                let rows = logits.dim(0);
+                let (lse2, out, [t32, e32]) = (h.alloc_f32(&[rows])?, h.alloc_f32(&[1])?, ints([rows, self.experts]));
+                h.launch(SRC, "z_loss_fwd", grid(rows, 8), BLOCK, 0, &[logits.arg(), lse2.arg(), t32, e32])?;
+                h.launch(SRC, "z_loss_sum", [1, 1, 1], BLOCK, 0, &[lse2.arg(), out.arg(), t32])?;
+                h.read_f32(out)?[0] as f64
+            }
+        };
         Ok((self.coef as f64 * sum / t) as f32)
     }
 
     fn backward(&self, h: Host, logits: Tensor, _ids: Tensor, scale: f32, d_logits: Tensor) -> Result<()> {
-        need_cpu(&h, WHO)?;
-        expect(&logits, DType::F32, &[0, self.experts], "z-loss: logits")?;
-        expect(&d_logits, DType::F32, &logits.dims(), "z-loss: d_logits")?;
+        let dev = h.device();
+        expect(&logits, DType::F32, dev, &[0, self.experts], "z-loss: logits")?;
+        expect(&d_logits, DType::F32, dev, &logits.dims(), "z-loss: d_logits")?;
         let c = scale * self.coef * 2.0 / logits.dim(0).max(1) as f32;
-        let mut p = vec![0.0f32; self.experts];
-        for (row, d) in logits.f32s().chunks(self.experts).zip(d_logits.f32s().chunks_mut(self.experts)) {
-            let lse = softmax(row, &mut p);
-            d.iter_mut().zip(&p).for_each(|(d, &pe)| *d += c * lse * pe);
+        match dev {
+            Device::Cpu => {
+                let mut p = vec![0.0f32; self.experts];
+                for (row, d) in logits.f32s().chunks(self.experts).zip(d_logits.f32s().chunks_mut(self.experts)) {
+                    let lse = softmax(row, &mut p);
+                    d.iter_mut().zip(&p).for_each(|(d, &pe)| *d += c * lse * pe);
+                }
+            }
+            Device::Cuda => {
+                let rows = logits.dim(0);
+                let [t32, e32] = ints([rows, self.experts]);
+                let args = [logits.arg(), d_logits.arg(), t32, e32, Arg::F32(c)];
+                h.launch(SRC, "z_loss_bwd", grid(rows, 8), BLOCK, 0, &args)?;
+            }
         }
         Ok(())
     }
