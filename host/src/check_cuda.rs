@@ -59,7 +59,8 @@ pub fn check_component(c: &Component, label: &str, gpu: &Arc<Gpu>, dims: ModelDi
         Component::BalanceLoss(l) => check_loss(&mut cx, l, dims),
         Component::Optimizer(o) => check_optimizer(&mut cx, o),
     };
-    (cx.cpu.reset(), cx.dev.reset());
+    cx.cpu.reset();
+    cx.dev.reset();
     res.map_err(|e| format!("FAIL {label} on cuda: {e}"))?;
     Ok(cx.lines.iter().map(|l| format!("PASS {label} on cuda: {l}")).collect())
 }
@@ -320,7 +321,8 @@ fn check_optimizer(cx: &mut Cx, o: &OptimizerBox) -> R<()> {
         for ((name, s), t) in names.iter().zip(&sd).zip(&st) {
             cx.close(&format!("step {step}: state {name}"), &cx.down(s)?, t.f32s(), TOL_F32)?;
         }
-        (cx.cpu.reset(), cx.dev.reset());
+        cx.cpu.reset();
+        cx.dev.reset();
     }
     Ok(())
 }

@@ -180,6 +180,7 @@ impl Model {
         let (f, std) = (c.shared_expert_ffn, Init::Normal(c.init_std));
         let mat = |name: &str, shape: &[usize]| ParamSpec::new(name, shape, std, true);
         let norm = |name: &str, n: usize| ParamSpec::new(name, &[n], Init::Ones, false);
+        params.defer = true;
         let mut add = |prefix: &str, specs: Vec<ParamSpec>| params.add(prefix, specs, seed);
         let embed = add("embed", vec![mat("weight", &[c.vocab, h])]).start;
         let mut layers = Vec::new();
@@ -213,6 +214,7 @@ impl Model {
         }
         let final_norm = add("final_norm", vec![norm("weight", h)]).start;
         let lm_head = add("lm_head", vec![mat("weight", &[c.vocab, h])]).start;
+        params.materialize();
         let rope = Rope::new(c.seq_len, c.head_dim, c.rope_theta);
         Ok(Model { cfg: cfg.clone(), rope, embed, layers, final_norm, lm_head })
     }

@@ -17,11 +17,30 @@ pub struct Param {
     pub state: Vec<(String, Vec<f32>)>,
 }
 
+impl Param {
+    fn init(&mut self, seed: u64) {
+        let n = self.spec.numel();
+        self.w = match self.spec.init {
+            Init::Zeros => vec![0.0; n],
+            Init::Ones => vec![1.0; n],
+            Init::Normal(std) => {
+                let mut rng = Rng::for_name(seed, &self.name);
+                (0..n).map(|_| rng.normal() * std).collect()
+            }
+        };
+        self.g = vec![0.0; n];
+    }
+}
+
 #[derive(Default)]
 pub struct Params {
     pub list: Vec<Param>,
     /// Declare only (for `pith plan`): record names and shapes, allocate nothing.
     pub shapes_only: bool,
+    /// While set, `add` only declares; `materialize` then initialises every declared parameter
+    /// in parallel (the same values: each parameter's stream depends only on seed and name).
+    pub defer: bool,
+    pub(crate) pending: Vec<(usize, u64)>,
 }
 
 impl Params {
@@ -32,18 +51,29 @@ impl Params {
         let start = self.list.len();
         for spec in specs {
             let name = format!("{prefix}.{}", spec.name);
-            let n = if self.shapes_only { 0 } else { spec.numel() };
-            let w = match spec.init {
-                Init::Zeros => vec![0.0; n],
-                Init::Ones => vec![1.0; n],
-                Init::Normal(std) => {
-                    let mut rng = Rng::for_name(seed, &name);
-                    (0..n).map(|_| rng.normal() * std).collect()
-                }
-            };
-            self.list.push(Param { name, spec, w, g: vec![0.0; n], state: Vec::new() });
+            let mut p = Param { name, spec, w: Vec::new(), g: Vec::new(), state: Vec::new() };
+            if self.defer {
+                self.pending.push((self.list.len(), seed));
+            } else if !self.shapes_only {
+                p.init(seed);
+            }
+            self.list.push(p);
         }
         start..self.list.len()
+    }
+    /// Initialise the parameters declared while `defer` was set, in parallel.
+    pub fn materialize(&mut self) {
+        use rayon::prelude::*;
+        self.defer = false;
+        let pending: std::collections::HashMap<usize, u64> = std::mem::take(&mut self.pending).into_iter().collect();
+        if self.shapes_only {
+            return;
+        }
+        self.list.par_iter_mut().enumerate().for_each(|(i, p)| {
+            if let Some(&seed) = pending.get(&i) {
+                p.init(seed);
+            }
+        });
     }
     fn shape(p: &Param) -> Vec<usize> {
         p.spec.shape.iter().map(|&d| d as usize).collect()

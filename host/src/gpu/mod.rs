@@ -411,33 +411,46 @@ impl Gpu {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        let op = |t: bool| if t { blas::cublasOperation_t::CUBLAS_OP_T } else { blas::cublasOperation_t::CUBLAS_OP_N };
         // Row-major c = op(a)·op(b) is column-major cᵀ = op(b)ᵀ·op(a)ᵀ.
-        self.timed("cuBLAS gemm", || unsafe {
+        let p = Problem { m: n, n: m, k, a: b.addr, b: a.addr, c: c.addr };
+        self.timed("cuBLAS gemm", || self.gemm_cm((tb, ta), &p, (bc, ac, n), (b.dtype, a.dtype, c.dtype), alpha, beta))
+    }
+
+    /// One column-major cublasGemmEx: c = alpha·op(a)·op(b) + beta·c.
+    fn gemm_cm(
+        &self,
+        trans: (bool, bool),
+        p: &Problem,
+        ld: (usize, usize, usize),
+        types: (DType, DType, DType),
+        alpha: f32,
+        beta: f32,
+    ) -> Result<(), String> {
+        unsafe {
             blas::cublasGemmEx(
                 *self.blas.handle(),
-                op(tb),
-                op(ta),
-                n as i32,
-                m as i32,
-                k as i32,
+                op(trans.0),
+                op(trans.1),
+                p.m as i32,
+                p.n as i32,
+                p.k as i32,
                 &alpha as *const f32 as _,
-                b.addr as _,
-                cuda_type(b.dtype)?,
-                bc as i32,
-                a.addr as _,
-                cuda_type(a.dtype)?,
-                ac as i32,
+                p.a as _,
+                cuda_type(types.0)?,
+                ld.0 as i32,
+                p.b as _,
+                cuda_type(types.1)?,
+                ld.1 as i32,
                 &beta as *const f32 as _,
-                c.addr as _,
-                cuda_type(c.dtype)?,
-                n as i32,
+                p.c as _,
+                cuda_type(types.2)?,
+                ld.2 as i32,
                 blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
             .result()
-            .map_err(|e| format!("cublasGemmEx {m}x{n}x{k}: {e:?}"))
-        })
+            .map_err(|e| format!("cublasGemmEx {}x{}x{} {trans:?} {types:?}: {e:?}", p.m, p.n, p.k))
+        }
     }
 
     /// For each group g (rows offsets[g]..offsets[g+1] of x [N,K] and y [N,N2], bf16):
@@ -461,9 +474,9 @@ impl Gpu {
             ));
         }
         // Column-major per group: y_gᵀ [N2, n_g] = op(w_g)ᵀ · x_gᵀ.
-        let groups: Vec<Group> = (0..g)
+        let groups: Vec<Problem> = (0..g)
             .filter(|&e| offsets[e + 1] > offsets[e])
-            .map(|e| Group {
+            .map(|e| Problem {
                 m: n,
                 n: offsets[e + 1] - offsets[e],
                 k,
@@ -493,9 +506,9 @@ impl Gpu {
             self.zero(&tmp)?;
         }
         // Column-major per group: tmp_gᵀ [N2, K] = dy_gᵀ · x_g.
-        let groups: Vec<Group> = (0..g)
+        let groups: Vec<Problem> = (0..g)
             .filter(|&e| offsets[e + 1] > offsets[e])
-            .map(|e| Group {
+            .map(|e| Problem {
                 m: n,
                 n: k,
                 k: offsets[e + 1] - offsets[e],
@@ -513,7 +526,7 @@ impl Gpu {
     /// share transposes, leading dimensions and types (one problem per group).
     fn grouped(
         &self,
-        groups: &[Group],
+        groups: &[Problem],
         trans: (bool, bool),
         ld: (usize, usize, usize),
         types: (DType, DType, DType),
@@ -527,14 +540,14 @@ impl Gpu {
         let ptrs: Vec<u64> = (0..3).flat_map(|j| groups.iter().map(move |p| [p.a, p.b, p.c][j])).collect();
         let arrays = self.upload(&ptrs, &[6 * g], DType::I32)?;
         let (a_arr, b_arr, c_arr) = (arrays.addr, arrays.addr + 8 * g as u64, arrays.addr + 16 * g as u64);
-        let op = |t: bool| if t { blas::cublasOperation_t::CUBLAS_OP_T } else { blas::cublasOperation_t::CUBLAS_OP_N };
         let (ta, tb) = (vec![op(trans.0); g], vec![op(trans.1); g]);
-        let col = |f: fn(&Group) -> usize| groups.iter().map(|p| f(p) as i32).collect::<Vec<i32>>();
+        let col = |f: fn(&Problem) -> usize| groups.iter().map(|p| f(p) as i32).collect::<Vec<i32>>();
         let (m, n, k) = (col(|p| p.m), col(|p| p.n), col(|p| p.k));
         let (lda, ldb, ldc) = (vec![ld.0 as i32; g], vec![ld.1 as i32; g], vec![ld.2 as i32; g]);
         let (alpha, betas, ones) = (vec![1.0f32; g], vec![beta; g], vec![1i32; g]);
         let name = if trans.1 { "cuBLAS grouped gemm (wgrad)" } else { "cuBLAS grouped gemm" };
-        self.timed(name, || unsafe {
+        let (at, bt, ct) = (cuda_type(types.0)?, cuda_type(types.1)?, cuda_type(types.2)?);
+        let grouped = self.timed(name, || unsafe {
             blas::cublasGemmGroupedBatchedEx(
                 *self.blas.handle(),
                 ta.as_ptr(),
@@ -544,34 +557,53 @@ impl Gpu {
                 k.as_ptr(),
                 alpha.as_ptr() as _,
                 a_arr as _,
-                cuda_type(types.0)?,
+                at,
                 lda.as_ptr(),
                 b_arr as _,
-                cuda_type(types.1)?,
+                bt,
                 ldb.as_ptr(),
                 betas.as_ptr() as _,
                 c_arr as _,
-                cuda_type(types.2)?,
+                ct,
                 ldc.as_ptr(),
                 g as i32,
                 ones.as_ptr(),
                 blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             )
             .result()
-            .map_err(|e| format!("cublasGemmGroupedBatchedEx ({g} groups, trans {trans:?}, {types:?}): {e:?}"))
-        })
+        });
+        match grouped {
+            Ok(()) => Ok(()),
+            // Some type/transpose combinations are refused by some cuBLAS versions: one GEMM per
+            // group instead (correct, slower), said once.
+            Err(cudarc::cublas::result::CublasError(blas::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| tracing::warn!("cuBLAS grouped GEMM refused trans {trans:?} {types:?}: one GEMM per group"));
+                let name = format!("{name}, per-group fallback");
+                self.timed(&name, || groups.iter().try_for_each(|p| self.gemm_cm(trans, p, ld, types, 1.0, beta)))
+            }
+            Err(e) => Err(format!("cublasGemmGroupedBatchedEx ({g} groups, trans {trans:?}, {types:?}): {e:?}")),
+        }
         // `arrays` returns to the pool here; reuse is ordered after this GEMM on the stream.
     }
 }
 
-/// One problem of a grouped GEMM (column-major sizes and device addresses).
-struct Group {
+/// One column-major GEMM problem: sizes and device addresses.
+struct Problem {
     m: usize,
     n: usize,
     k: usize,
     a: u64,
     b: u64,
     c: u64,
+}
+
+fn op(t: bool) -> blas::cublasOperation_t {
+    if t {
+        blas::cublasOperation_t::CUBLAS_OP_T
+    } else {
+        blas::cublasOperation_t::CUBLAS_OP_N
+    }
 }
 
 fn cuda_type(d: DType) -> Result<blas::cudaDataType_t, String> {

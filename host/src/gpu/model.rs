@@ -274,8 +274,8 @@ impl GpuPass<'_> {
             q_pre = Some((std::mem::replace(&mut q, qn), qr));
             k_pre = Some((std::mem::replace(&mut k, kn), kr));
         }
-        self.gpu.rope(&q, &self.rope.cos, &self.rope.sin, c.seq_len, c.heads, false)?;
-        self.gpu.rope(&k, &self.rope.cos, &self.rope.sin, c.seq_len, c.kv_heads, false)?;
+        self.rope(&q, c.heads, false)?;
+        self.rope(&k, c.kv_heads, false)?;
         let (att, lse) = self.attention_fwd(&q, &k, &v)?;
         let o_out = self.linear(hi + O, &att)?;
         let h = self.new(&[n, hd], DType::F32)?;
@@ -319,6 +319,13 @@ impl GpuPass<'_> {
         self.gpu.add_into(&out, &y)?;
         let saved = Saved { x, rstd1, a, q_pre, k_pre, q, k, v, att, lse, h, rstd2, m, r, d, e, counts, aux, mark };
         Ok((saved, out))
+    }
+
+    /// RoPE in place on q or k (any view of [T, heads·D]).
+    fn rope(&self, x: &Tensor, heads: usize, inverse: bool) -> Result<(), String> {
+        let (c, r) = (&self.m.cfg, self.rope);
+        let view = Tensor::new(x.addr, x.dtype, x.device, &[self.t(), heads, c.head_dim]);
+        self.gpu.rope(&view, &r.cos, &r.sin, c.seq_len, heads, inverse)
     }
 
     /// q or k [T, heads·D] seen as rows of the qk-norm weight's size (per head or whole).
@@ -377,8 +384,8 @@ impl GpuPass<'_> {
         drop(dy16);
         let (dq, dk, dv) = self.attention_bwd(s, &datt)?;
         drop(datt);
-        self.gpu.rope(&dq, &self.rope.cos, &self.rope.sin, c.seq_len, c.heads, true)?;
-        self.gpu.rope(&dk, &self.rope.cos, &self.rope.sin, c.seq_len, c.kv_heads, true)?;
+        self.rope(&dq, c.heads, true)?;
+        self.rope(&dk, c.kv_heads, true)?;
         let (dq, dk) = match (lay.qk_norm, &s.q_pre, &s.k_pre) {
             (Some(i), Some((qp, qr)), Some((kp, kr))) => {
                 let (dqp, dkp) = (self.new(&qp.dims(), DType::BF16)?, self.new(&kp.dims(), DType::BF16)?);
