@@ -90,10 +90,7 @@ impl Cx {
             _ => self.dev.gpu.upload(v, shape, dtype),
         }
     }
-    fn up_i32(&self, v: &[i32], shape: &[usize]) -> R<DTensor> {
-        self.dev.gpu.upload(v, shape, DType::I32)
-    }
-    /// A bf16 device tensor of noise, for outputs that must be overwritten.
+    /// A device tensor of noise, for outputs that must be overwritten.
     fn noise(&mut self, shape: &[usize], dtype: DType) -> R<DTensor> {
         let v = self.rand_bf16(shape.iter().product(), 1.0);
         self.up(&v, shape, dtype)
@@ -106,17 +103,13 @@ impl Cx {
         }
     }
     fn down_i32(&self, t: &Tensor) -> R<Vec<i32>> {
-        if t.dtype != DType::I32 {
-            return Err(format!("expected an i32 tensor, got {:?} {:?}", t.dtype, t.dims()));
+        let mut v = vec![0i32; t.numel()];
+        match (t.dtype, t.device) {
+            (DType::I32, Device::Cuda) => self.dev.gpu.download(t, &mut v)?,
+            (DType::I32, Device::Cpu) => v.copy_from_slice(t.i32s()),
+            (d, _) => return Err(format!("expected i32 ids or offsets, got {d:?} {:?}", t.dims())),
         }
-        match t.device {
-            Device::Cuda => {
-                let mut v = vec![0i32; t.numel()];
-                self.dev.gpu.download(t, &mut v)?;
-                Ok(v)
-            }
-            Device::Cpu => Ok(t.i32s().to_vec()),
-        }
+        Ok(v)
     }
     /// Compare by relative L2 error within `tol` (0: bitwise equal values).
     fn close(&mut self, what: &str, cuda: &[f32], cpu: &[f32], tol: f64) -> R<()> {
@@ -254,8 +247,11 @@ fn check_comm(cx: &mut Cx, s: &CommScheduleBox, dims: ModelDims) -> R<()> {
     let x = cx.rand_bf16(T * h, 1.0);
     let wts: Vec<f32> = (0..T * K).map(|_| 0.1 + cx.rng.uniform()).collect();
     let d = ok(s.dispatch(cx.cpu.ops(), view(&x, &[T, h]), view_i32(&ids, &[T, K]), e as u32))?;
-    let (xd, idd, wtd) =
-        (cx.up(&x, &[T, h], DType::BF16)?, cx.up_i32(&ids, &[T, K])?, cx.up(&wts, &[T, K], DType::F32)?);
+    let (xd, idd, wtd) = (
+        cx.up(&x, &[T, h], DType::BF16)?,
+        cx.dev.gpu.upload(&ids, &[T, K], DType::I32)?,
+        cx.up(&wts, &[T, K], DType::F32)?,
+    );
     let dd = ok(s.dispatch(cx.dev.ops(), xd.t, idd.t, e as u32))?;
     if dd.offsets.device != Device::Cpu {
         return Err("dispatch: Dispatched::offsets must be a host tensor on CUDA too".into());
@@ -287,7 +283,7 @@ fn check_loss(cx: &mut Cx, l: &BalanceLossBox, dims: ModelDims) -> R<()> {
     let e = dims.experts as usize;
     let (logits, ids) = (cx.rand_bf16(T * e, 2.0), random_ids(&mut cx.rng, T, K, e));
     let (lt, it) = (view(&logits, &[T, e]), view_i32(&ids, &[T, K]));
-    let (ld, idd) = (cx.up(&logits, &[T, e], DType::F32)?, cx.up_i32(&ids, &[T, K])?);
+    let (ld, idd) = (cx.up(&logits, &[T, e], DType::F32)?, cx.dev.gpu.upload(&ids, &[T, K], DType::I32)?);
     let (v, vd) = (ok(l.forward(cx.cpu.ops(), lt, it))?, ok(l.forward(cx.dev.ops(), ld.t, idd.t))?);
     cx.close("forward loss", &[vd], &[v], TOL_F32)?;
     let scale = 0.5 + cx.rng.uniform();
@@ -330,23 +326,53 @@ fn check_optimizer(cx: &mut Cx, o: &OptimizerBox) -> R<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pith_plugin_api::{BalanceLoss, Host};
+
+    /// GPU 0, or None after printing why the test is skipped.
+    fn gpu() -> Option<Arc<Gpu>> {
+        Gpu::open(0).map(Arc::new).map_err(|e| println!("skipped: no GPU here ({e})")).ok()
+    }
 
     #[test]
     fn every_std_component_matches_on_cuda() {
-        let gpu = match Gpu::open(0) {
-            Ok(g) => Arc::new(g),
-            Err(e) => return println!("skipped: no GPU here ({e})"),
-        };
+        let Some(gpu) = gpu() else { return };
         let m = pith_std::pith_root_module();
-        let infos = (m.components())();
-        assert_eq!(infos.len(), 6, "a built-in was added or removed: check it here too");
-        for info in infos.iter() {
+        for info in (m.components())().iter() {
             let label = format!("{} {}", info.kind.as_str(), info.name);
             let c = ok((m.create())(info.kind, info.name.as_rstr(), "".into(), DIMS)).unwrap();
             for seed in [1, 2] {
                 let lines = check_component(&c, &label, &gpu, DIMS, seed).unwrap_or_else(|e| panic!("{e}"));
                 lines.iter().for_each(|l| println!("{l}"));
             }
+        }
+    }
+
+    /// loss = 1e-3·Σ logits², the same host code on both devices, except for bug 1 (the CUDA
+    /// value is 1% off) or bug 2 (CUDA's backward overwrites d_logits instead of adding to it).
+    struct Square(u8);
+
+    impl BalanceLoss for Square {
+        fn forward(&self, h: Host, logits: Tensor, _: Tensor) -> Result<f32, String> {
+            let v = 1e-3 * h.read_f32(logits)?.iter().map(|x| x * x).sum::<f32>();
+            Ok(if h.device() == Device::Cuda && self.0 == 1 { v * 1.01 } else { v })
+        }
+        fn backward(&self, h: Host, logits: Tensor, _: Tensor, scale: f32, d: Tensor) -> Result<(), String> {
+            let (x, mut g) = (h.read_f32(logits)?, h.read_f32(d)?);
+            let keep = if h.device() == Device::Cuda && self.0 == 2 { 0.0 } else { 1.0 };
+            g.iter_mut().zip(&x).for_each(|(g, x)| *g = keep * *g + scale * 2e-3 * x);
+            h.copy(Tensor::new(g.as_ptr() as u64, DType::F32, Device::Cpu, &d.dims()), d)
+        }
+    }
+
+    #[test]
+    fn a_wrong_cuda_path_fails() {
+        let Some(gpu) = gpu() else { return };
+        let check = |bug| check_component(&pith_plugin_api::wrap::BalanceLoss(Square(bug)), "sq", &gpu, DIMS, 1);
+        check(0).unwrap();
+        for (bug, what) in [(1, "forward loss: relative L2 error"), (2, "backward d_logits")] {
+            let e = check(bug).expect_err("a CUDA path that differs must fail");
+            println!("bug {bug}: {e}");
+            assert!(e.starts_with("FAIL sq on cuda: ") && e.contains(what), "bug {bug}: {e}");
         }
     }
 }

@@ -210,7 +210,7 @@ impl Ops for CpuOps {
     fn device(&self) -> Device {
         Device::Cpu
     }
-    fn alloc(&self, shape: RSlice<'_, u64>, dtype: DType, _device: Device) -> RResult<Tensor, RString> {
+    fn alloc(&self, shape: RSlice<'_, u64>, dtype: DType, _device: Device, _zeroed: bool) -> RResult<Tensor, RString> {
         if dtype.size() != 4 || shape.len() > 4 {
             return RResult::RErr(format!("cpu alloc: {dtype:?} with {} dims is not supported", shape.len()).into());
         }

@@ -133,7 +133,7 @@ enum PluginsCmd {
         dir: PathBuf,
     },
     /// Gradient and determinism checks (routers, experts, losses, comm) or a step check (optimizers);
-    /// with --device cuda, then that the CUDA path matches the CPU's (docs/plugins.md).
+    /// with --device cuda, then that the CUDA path matches the CPU's (host/src/check_cuda.rs).
     Check {
         name: String,
         /// Needed only when several kinds share the name.
@@ -234,7 +234,8 @@ fn run(cli: Cli) -> Result<(), String> {
             let lines = pith::check::check_component(&c, &label, dims, 1)?;
             lines.iter().for_each(|l| println!("{l}"));
             if device == "cuda" {
-                let gpu = std::sync::Arc::new(pith::gpu::Gpu::open(0)?);
+                let gpu = pith::gpu::Gpu::open(0).map_err(|e| format!("--device cuda: {e}"))?;
+                let gpu = std::sync::Arc::new(gpu);
                 let dims = pith::check_cuda::DIMS;
                 let c = reg.create(kind, &name, &config, dims)?;
                 let lines = pith::check_cuda::check_component(&c, &label, &gpu, dims, 1)?;

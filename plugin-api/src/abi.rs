@@ -167,9 +167,9 @@ pub struct LaunchDims {
 #[sabi_trait]
 pub trait Ops {
     fn device(&self) -> Device;
-    /// A zero-filled tensor on `device` (this one's, or `Cpu` for host memory) that lives until
-    /// the host finishes the current micro-batch.
-    fn alloc(&self, shape: RSlice<'_, u64>, dtype: DType, device: Device) -> RResult<Tensor, RString>;
+    /// A tensor on `device` (this one's, or `Cpu` for host memory) that lives until the host
+    /// finishes the current micro-batch; zero-filled when `zeroed`, else of undefined contents.
+    fn alloc(&self, shape: RSlice<'_, u64>, dtype: DType, device: Device, zeroed: bool) -> RResult<Tensor, RString>;
     /// c = alpha · op(a) · op(b) + beta · c, 2-D; op transposes when its flag is set. On the CPU
     /// all f32; on CUDA a and b both bf16 (or both f32) and c bf16 or f32, fp32 accumulation.
     fn gemm(
@@ -203,7 +203,8 @@ pub trait Ops {
     fn compile(&self, source: RStr<'_>) -> RResult<(), RString>;
     /// Launch `extern "C"` kernel `name` of `source` on the host's stream with `args` (in the
     /// kernel's parameter order). Errors on the CPU: there the plugin runs its own CPU code.
-    fn launch(&self, source: RStr<'_>, name: RStr<'_>, dims: LaunchDims, args: RSlice<'_, Arg>) -> RResult<(), RString>;
+    fn launch(&self, source: RStr<'_>, name: RStr<'_>, dims: LaunchDims, args: RSlice<'_, Arg>)
+        -> RResult<(), RString>;
     /// Record a scalar for this step's metrics line (averaged over the layers that report it).
     #[sabi(last_prefix_field)]
     fn metric(&self, name: RStr<'_>, value: f64);

@@ -94,15 +94,20 @@ impl<'a> Host<'a> {
     /// A zero-filled tensor on this device, owned by the host, valid until the micro-batch
     /// ends; use it for outputs and for anything saved for backward.
     pub fn alloc(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        self.alloc_on(shape, dtype, self.device())
+        self.alloc_on(shape, dtype, self.device(), true)
+    }
+    /// Like [`Host::alloc`] but of undefined contents (no memset on the GPU): for outputs whose
+    /// every element the component writes. Never read before writing: it is not zero on CUDA.
+    pub fn alloc_uninit(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        self.alloc_on(shape, dtype, self.device(), false)
     }
     /// Like [`Host::alloc`], in host memory whatever the device (e.g. `Dispatched::offsets`).
     pub fn alloc_host(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        self.alloc_on(shape, dtype, Device::Cpu)
+        self.alloc_on(shape, dtype, Device::Cpu, true)
     }
-    fn alloc_on(&self, shape: &[usize], dtype: DType, device: Device) -> Result<Tensor> {
+    fn alloc_on(&self, shape: &[usize], dtype: DType, device: Device, zeroed: bool) -> Result<Tensor> {
         let shape: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
-        self.0.alloc(RSlice::from_slice(&shape), dtype, device).into_result().map_err(Into::into)
+        self.0.alloc(RSlice::from_slice(&shape), dtype, device, zeroed).into_result().map_err(Into::into)
     }
     /// dst = src (same dtype and size; host or device on either side).
     pub fn copy(&self, src: Tensor, dst: Tensor) -> Result<()> {
@@ -115,7 +120,15 @@ impl<'a> Host<'a> {
     /// Launch `extern "C" __global__` kernel `name` of CUDA C `source` (compiled by the host
     /// with NVRTC on first use and cached on disk) over `grid` blocks of `block` threads.
     /// CUDA only: a component keeps a CPU path for `Device::Cpu` (the reference).
-    pub fn launch(&self, source: &str, name: &str, grid: [u32; 3], block: [u32; 3], shared_mem: u32, args: &[Arg]) -> Result<()> {
+    pub fn launch(
+        &self,
+        source: &str,
+        name: &str,
+        grid: [u32; 3],
+        block: [u32; 3],
+        shared_mem: u32,
+        args: &[Arg],
+    ) -> Result<()> {
         let dims = LaunchDims { grid, block, shared_mem };
         let r = self.0.launch(RStr::from_str(source), RStr::from_str(name), dims, RSlice::from_slice(args));
         r.into_result().map_err(|e| format!("kernel `{name}`: {e}"))

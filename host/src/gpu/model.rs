@@ -145,27 +145,31 @@ impl GpuPass<'_> {
     fn t(&self) -> usize {
         self.batch * self.m.cfg.seq_len
     }
-    fn new(&self, shape: &[usize], dtype: DType) -> Result<DTensor, String> {
+    fn tensor(&self, shape: &[usize], dtype: DType) -> Result<DTensor, String> {
         self.gpu.tensor(shape, dtype)
     }
-    /// y = x · W[i]ᵀ (bf16, W [out, in]).
+    /// y = x · W[i]ᵀ (bf16, W [out, in]); x is any view of [T, in].
     fn linear(&self, i: usize, x: &Tensor) -> Result<DTensor, String> {
         let w = &self.p.list[i].w16;
-        let y = self.new(&[x.numel() / w.dim(1), w.dim(0)], DType::BF16)?;
-        self.gpu.gemm(x, w, &y, false, true, 1.0, 0.0)?;
+        let y = self.tensor(&[self.t(), w.dim(0)], DType::BF16)?;
+        self.gpu.gemm(&self.rows(x), w, &y, false, true, 1.0, 0.0)?;
         Ok(y)
     }
     /// dx (+)= dy · W[i] (dx f32 or bf16); g[i] += dyᵀ · x.
     fn linear_bwd(&self, i: usize, x: &Tensor, dy: &Tensor, dx: &Tensor, acc: bool) -> Result<(), String> {
-        let p = &self.p.list[i];
-        self.gpu.gemm(dy, &p.w16, dx, false, false, 1.0, if acc { 1.0 } else { 0.0 })?;
-        self.gpu.gemm(dy, x, &p.g, true, false, 1.0, 1.0)
+        let (p, x, dy, dx) = (&self.p.list[i], self.rows(x), self.rows(dy), self.rows(dx));
+        self.gpu.gemm(&dy, &p.w16, &dx, false, false, 1.0, if acc { 1.0 } else { 0.0 })?;
+        self.gpu.gemm(&dy, &x, &p.g, true, false, 1.0, 1.0)
+    }
+    /// A tensor of T·n elements seen as [T, n].
+    fn rows(&self, x: &Tensor) -> Tensor {
+        Tensor::new(x.addr, x.dtype, x.device, &[self.t(), x.numel() / self.t()])
     }
     /// RMSNorm with weight `i` over rows of its size: (y bf16, rstd).
     fn norm(&self, i: usize, x: &Tensor) -> Result<(DTensor, DTensor), String> {
         let w = &self.p.list[i].w16;
-        let y = self.new(&x.dims(), DType::BF16)?;
-        let rstd = self.new(&[x.numel() / w.numel()], DType::F32)?;
+        let y = self.tensor(&x.dims(), DType::BF16)?;
+        let rstd = self.tensor(&[x.numel() / w.numel()], DType::F32)?;
         self.gpu.rmsnorm_fwd(x, w, &y, &rstd, self.m.cfg.norm_eps)?;
         Ok((y, rstd))
     }
@@ -188,10 +192,10 @@ impl GpuPass<'_> {
         let (xn, rstd) = self.norm(self.m.final_norm, &x)?;
         let logits = self.linear(self.m.lm_head, &xn)?;
         let t = self.t();
-        let losses = self.new(&[t], DType::F32)?;
+        let losses = self.tensor(&[t], DType::F32)?;
         self.gpu.cross_entropy(&logits, targets, &losses, Some(grad_scale / t as f32))?;
         // Backward: logits now hold the gradient.
-        let dxn = self.new(&[t, self.m.cfg.hidden], DType::F32)?;
+        let dxn = self.tensor(&[t, self.m.cfg.hidden], DType::F32)?;
         self.linear_bwd(self.m.lm_head, &xn, &logits, &dxn, false)?;
         drop(logits);
         let dx = self.gpu.zeros(&[t, self.m.cfg.hidden], DType::F32)?;
@@ -230,7 +234,7 @@ impl GpuPass<'_> {
         drop(layers);
         let (xn, _) = self.norm(self.m.final_norm, &x)?;
         let logits = self.linear(self.m.lm_head, &xn)?;
-        let losses = self.new(&[self.t()], DType::F32)?;
+        let losses = self.tensor(&[self.t()], DType::F32)?;
         self.gpu.cross_entropy(&logits, targets, &losses, None)?;
         let loss = self.mean(&losses);
         self.ops.reset();
@@ -249,7 +253,7 @@ impl GpuPass<'_> {
                 "model.shared_expert_ffn > 0: the shared expert is not on CUDA yet; use device = \"cpu\"".into()
             );
         }
-        let mut x = self.new(&[self.t(), self.m.cfg.hidden], DType::F32)?;
+        let mut x = self.tensor(&[self.t(), self.m.cfg.hidden], DType::F32)?;
         self.gpu.embed_fwd(tokens, &self.p.list[self.m.embed].w, &x)?;
         let mut layers = Vec::new();
         for l in 0..self.m.layers.len() {
@@ -278,7 +282,7 @@ impl GpuPass<'_> {
         self.rope(&k, c.kv_heads, false)?;
         let (att, lse) = self.attention_fwd(&q, &k, &v)?;
         let o_out = self.linear(hi + O, &att)?;
-        let h = self.new(&[n, hd], DType::F32)?;
+        let h = self.tensor(&[n, hd], DType::F32)?;
         self.gpu.copy_d2d(&x, &h)?;
         self.gpu.add_into(&h, &o_out)?;
         drop(o_out);
@@ -314,7 +318,7 @@ impl GpuPass<'_> {
         let who = at(&format!("comm `{}` combine", moe.comm.0));
         let y = named(comm.combine(o(), e.y, r.weights, &d), &who)?;
         check(&y, DType::BF16, &[n, hd], Device::Cuda, &who)?;
-        let out = self.new(&[n, hd], DType::F32)?;
+        let out = self.tensor(&[n, hd], DType::F32)?;
         self.gpu.copy_d2d(&h, &out)?;
         self.gpu.add_into(&out, &y)?;
         let saved = Saved { x, rstd1, a, q_pre, k_pre, q, k, v, att, lse, h, rstd2, m, r, d, e, counts, aux, mark };
@@ -345,19 +349,20 @@ impl GpuPass<'_> {
         let (moe, r, d, e) = (&lay.moe, &s.r, &s.d, &s.e);
         let (router, experts, comm) = (&moe.router.1, &moe.experts.1, &moe.comm.1);
         // MoE block; ∂/∂m sums the dispatch and router paths.
-        let dy16 = self.new(&[n, hd], DType::BF16)?;
+        let dy16 = self.tensor(&[n, hd], DType::BF16)?;
         self.gpu.cast(dy, &dy16)?;
         let (rows, k) = (d.x.dim(0), r.ids.dim(1));
-        let (dys, dw) = (self.gpu.zeros(&[rows, hd], DType::BF16)?, self.gpu.zeros(&[n, k], DType::F32)?);
+        // Outputs the components WRITE in full need no zeroing; d_logits accumulates.
+        let (dys, dw) = (self.tensor(&[rows, hd], DType::BF16)?, self.tensor(&[n, k], DType::F32)?);
         let res = comm.combine_backward(o(), dy16.t, e.y, r.weights, d, dys.t, dw.t);
         named(res, &at(&format!("comm `{}` combine", moe.comm.0)))?;
-        let dxs = self.gpu.zeros(&[rows, hd], DType::BF16)?;
+        let dxs = self.tensor(&[rows, hd], DType::BF16)?;
         let (ew, eg) = (self.p.w16(lay.experts.clone()), self.p.grads(lay.experts.clone()));
         let (ew, eg) = (RSlice::from_slice(&ew), RSlice::from_slice(&eg));
         let res = experts.backward(o(), ew, eg, d.x, d.offsets, e, dys.t, dxs.t);
         named(res, &at(&format!("experts `{}`", moe.experts.0)))?;
         drop(dys);
-        let dxd = self.gpu.zeros(&[n, hd], DType::BF16)?;
+        let dxd = self.tensor(&[n, hd], DType::BF16)?;
         let res = comm.dispatch_backward(o(), dxs.t, d, dxd.t);
         named(res, &at(&format!("comm `{}` dispatch", moe.comm.0)))?;
         drop(dxs);
@@ -366,12 +371,12 @@ impl GpuPass<'_> {
             let res = loss.backward(o(), r.logits, r.ids, scale, dlog.t);
             named(res, &at(&format!("balance_loss `{name}`")))?;
         }
-        let dxr = self.gpu.zeros(&[n, hd], DType::BF16)?;
+        let dxr = self.tensor(&[n, hd], DType::BF16)?;
         let (rw, rg) = (self.p.w16(lay.router.clone()), self.p.grads(lay.router.clone()));
         let (rw, rg) = (RSlice::from_slice(&rw), RSlice::from_slice(&rg));
         let res = router.backward(o(), rw, rg, s.m.t, r, dw.t, dlog.t, dxr.t);
         named(res, &at(&format!("router `{}`", moe.router.0)))?;
-        let dm = self.new(&[n, hd], DType::F32)?;
+        let dm = self.tensor(&[n, hd], DType::F32)?;
         self.gpu.cast(&dxd, &dm)?;
         self.gpu.add_into(&dm, &dxr)?;
         drop((dxd, dxr, dlog, dw));
@@ -379,7 +384,7 @@ impl GpuPass<'_> {
         drop(dm);
         // Attention block (dy is now ∂/∂h).
         self.gpu.cast(dy, &dy16)?;
-        let datt = self.new(&s.att.dims(), DType::BF16)?;
+        let datt = self.tensor(&s.att.dims(), DType::BF16)?;
         self.linear_bwd(hi + O, &s.att, &dy16, &datt, false)?;
         drop(dy16);
         let (dq, dk, dv) = self.attention_bwd(s, &datt)?;
@@ -388,7 +393,7 @@ impl GpuPass<'_> {
         self.rope(&dk, c.kv_heads, true)?;
         let (dq, dk) = match (lay.qk_norm, &s.q_pre, &s.k_pre) {
             (Some(i), Some((qp, qr)), Some((kp, kr))) => {
-                let (dqp, dkp) = (self.new(&qp.dims(), DType::BF16)?, self.new(&kp.dims(), DType::BF16)?);
+                let (dqp, dkp) = (self.tensor(&qp.dims(), DType::BF16)?, self.tensor(&kp.dims(), DType::BF16)?);
                 let (qh, kh) = (c.heads, c.kv_heads);
                 self.norm_bwd(i, &self.qk_rows(qp, qh), qr, &self.qk_rows(&dq, qh), &self.qk_rows(&dqp, qh))?;
                 self.norm_bwd(i + 1, &self.qk_rows(kp, kh), kr, &self.qk_rows(&dk, kh), &self.qk_rows(&dkp, kh))?;
@@ -396,7 +401,7 @@ impl GpuPass<'_> {
             }
             _ => (dq, dk),
         };
-        let da = self.new(&[n, hd], DType::F32)?;
+        let da = self.tensor(&[n, hd], DType::F32)?;
         self.linear_bwd(hi + Q, &s.a, &dq, &da, false)?;
         self.linear_bwd(hi + K, &s.a, &dk, &da, true)?;
         self.linear_bwd(hi + V, &s.a, &dv, &da, true)?;
@@ -413,8 +418,8 @@ impl GpuPass<'_> {
             128 => "flash_attn_fwd_d128",
             _ => return Err(format!("model.head_dim = {d}: the CUDA attention supports 32, 64 and 128")),
         };
-        let out = self.new(&q.dims(), DType::BF16)?;
-        let lse = self.new(&[b, hq, s], DType::F32)?;
+        let out = self.tensor(&q.dims(), DType::BF16)?;
+        let lse = self.tensor(&[b, hq, s], DType::F32)?;
         let sizes = [Arg::I32(b as i32), Arg::I32(s as i32), Arg::I32(hq as i32), Arg::I32(hkv as i32)];
         let mut args = vec![q.arg(), k.arg(), v.arg(), out.arg(), lse.arg()];
         args.extend(sizes);
@@ -428,19 +433,19 @@ impl GpuPass<'_> {
         let c = &self.m.cfg;
         let (b, s, hq, hkv, d) = (self.batch, c.seq_len, c.heads, c.kv_heads, c.head_dim);
         let g = self.gpu;
-        let delta = self.new(&[b, hq, s], DType::F32)?;
+        let delta = self.tensor(&[b, hq, s], DType::F32)?;
         let prep = [sv.att.arg(), dout.arg(), delta.arg(), Arg::I32(b as i32), Arg::I32(s as i32)];
         let prep = [&prep[..], &[Arg::I32(hq as i32), Arg::I32(d as i32)]].concat();
         g.launch(src::ATTENTION, "flash_attn_bwd_prep", attn_dims::prep(b, s, hq, d), &prep)?;
         let dq_acc = g.zeros(&sv.q.dims(), DType::F32)?;
-        let (dk, dv) = (self.new(&sv.k.dims(), DType::BF16)?, self.new(&sv.v.dims(), DType::BF16)?);
+        let (dk, dv) = (self.tensor(&sv.k.dims(), DType::BF16)?, self.tensor(&sv.v.dims(), DType::BF16)?);
         let name = format!("flash_attn_bwd_d{d}");
         let mut args = vec![sv.q.arg(), sv.k.arg(), sv.v.arg(), dout.arg(), sv.lse.arg(), delta.arg()];
         args.extend([dq_acc.arg(), dk.arg(), dv.arg()]);
         args.extend([Arg::I32(b as i32), Arg::I32(s as i32), Arg::I32(hq as i32), Arg::I32(hkv as i32)]);
         args.push(Arg::F32(1.0 / (d as f32).sqrt()));
         g.launch(src::ATTENTION, &name, attn_dims::bwd(b, s, hq, hkv, d), &args)?;
-        let dq = self.new(&sv.q.dims(), DType::BF16)?;
+        let dq = self.tensor(&sv.q.dims(), DType::BF16)?;
         let n = dq.numel();
         g.launch(
             src::ATTENTION,

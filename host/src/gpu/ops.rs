@@ -72,7 +72,7 @@ impl GpuOps {
         m.clear();
         out
     }
-    fn alloc_impl(&self, shape: &[usize], dtype: DType, device: Device) -> Result<Tensor, String> {
+    fn alloc_impl(&self, shape: &[usize], dtype: DType, device: Device, zeroed: bool) -> Result<Tensor, String> {
         if shape.len() > 4 {
             return Err(format!("alloc: {} dims; tensors have at most 4", shape.len()));
         }
@@ -83,7 +83,7 @@ impl GpuOps {
             self.host.lock().unwrap().push(buf);
             return Ok(t);
         }
-        let t = self.gpu.zeros(shape, dtype)?;
+        let t = if zeroed { self.gpu.zeros(shape, dtype)? } else { self.gpu.tensor(shape, dtype)? };
         let view = t.t;
         self.device.lock().unwrap().push(t);
         Ok(view)
@@ -115,9 +115,9 @@ impl Ops for GpuOps {
     fn device(&self) -> Device {
         Device::Cuda
     }
-    fn alloc(&self, shape: RSlice<'_, u64>, dtype: DType, device: Device) -> RResult<Tensor, RString> {
+    fn alloc(&self, shape: RSlice<'_, u64>, dtype: DType, device: Device, zeroed: bool) -> RResult<Tensor, RString> {
         let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
-        res(self.alloc_impl(&dims, dtype, device))
+        res(self.alloc_impl(&dims, dtype, device, zeroed))
     }
     fn gemm(&self, a: Tensor, b: Tensor, c: Tensor, ta: bool, tb: bool, alpha: f32, beta: f32) -> RResult<(), RString> {
         res(on_gpu(&[&a, &b, &c], "gemm").and_then(|_| self.gpu.gemm(&a, &b, &c, ta, tb, alpha, beta)))

@@ -37,66 +37,112 @@ extern "C" __global__ void local_rank(const int* ids, int* rank, int* counts, in
     }
 }
 
-// One block per pair i (grid-stride): rows[i] = offsets[ids[i]] + rank[i];  xs[rows[i]] = x[i / k].
+// The row kernels below give each row to one warp (8 warps per 256-thread block, grid-stride)
+// and move 8 bf16 (16 bytes) per lane per load when H is a multiple of 8, else one element.
+#define WARPS 8
+
+// Row i of the warp's walk, or -1 past the end.
+__device__ __forceinline__ int warp_row(int step, int n) {
+    int i = (step * gridDim.x + blockIdx.x) * WARPS + (threadIdx.x >> 5);
+    return i < n ? i : -1;
+}
+
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float* f) {
+    uint4 u = *(const uint4*)p;
+    const __nv_bfloat162* h = (const __nv_bfloat162*)&u;
+    for (int j = 0; j < 4; j++) {
+        float2 t = __bfloat1622float2(h[j]);
+        f[2 * j] = t.x;
+        f[2 * j + 1] = t.y;
+    }
+}
+
+__device__ __forceinline__ void store8(__nv_bfloat16* p, const float* f) {
+    uint4 u;
+    __nv_bfloat162* h = (__nv_bfloat162*)&u;
+    for (int j = 0; j < 4; j++) h[j] = __floats2bfloat162_rn(f[2 * j], f[2 * j + 1]);
+    *(uint4*)p = u;
+}
+
+// Columns a lane handles: [c, c + width) for c = lane·8, lane·8 + 256, ... (width 8), or
+// c = lane, lane + 32, ... (width 1) when rows are not 16-byte aligned.
+#define FOR_COLUMNS(H, c, width)                                   \
+    for (int width = (H) % 8 == 0 ? 8 : 1, c = (threadIdx.x & 31) * width; c < (H); c += 32 * width)
+
+__device__ __forceinline__ void load_n(const __nv_bfloat16* p, float* f, int width) {
+    if (width == 8) load8(p, f);
+    else f[0] = __bfloat162float(p[0]);
+}
+__device__ __forceinline__ void store_n(__nv_bfloat16* p, const float* f, int width) {
+    if (width == 8) store8(p, f);
+    else p[0] = __float2bfloat16(f[0]);
+}
+
+// Warp per pair i: rows[i] = offsets[ids[i]] + rank[i];  xs[rows[i]] = x[i / k].
 extern "C" __global__ void local_gather(const __nv_bfloat16* x, const int* ids, const int* rank, const int* offsets,
                                         int* rows, __nv_bfloat16* xs, int n, int k, int H) {
-    for (int i = blockIdx.x; i < n; i += gridDim.x) {
+    for (int step = 0, i; (i = warp_row(step, n)) >= 0; step++) {
         int r = offsets[ids[i]] + rank[i];
-        if (threadIdx.x == 0) rows[i] = r;
+        if ((threadIdx.x & 31) == 0) rows[i] = r;
         const __nv_bfloat16* src = x + (long long)(i / k) * H;
         __nv_bfloat16* dst = xs + (long long)r * H;
-        for (int c = threadIdx.x; c < H; c += blockDim.x) dst[c] = src[c];
+        float f[8];
+        FOR_COLUMNS(H, c, width) {
+            load_n(src + c, f, width);
+            store_n(dst + c, f, width);
+        }
     }
 }
 
-// One block per token t: out[t] = Σ_slot w[t,slot] · y[rows[t·k + slot]].
+// Warp per token t: out[t] = Σ_slot w[t,slot] · y[rows[t·k + slot]].
 extern "C" __global__ void local_combine(const __nv_bfloat16* y, const float* w, const int* rows,
                                          __nv_bfloat16* out, int T, int k, int H) {
-    for (int t = blockIdx.x; t < T; t += gridDim.x) {
-        for (int c = threadIdx.x; c < H; c += blockDim.x) {
-            float acc = 0.f;
+    for (int step = 0, t; (t = warp_row(step, T)) >= 0; step++) {
+        FOR_COLUMNS(H, c, width) {
+            float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, f[8];
             for (int s = 0; s < k; s++) {
                 int i = t * k + s;
-                acc += w[i] * __bfloat162float(y[(long long)rows[i] * H + c]);
+                load_n(y + (long long)rows[i] * H + c, f, width);
+                for (int j = 0; j < width; j++) acc[j] += w[i] * f[j];
             }
-            out[(long long)t * H + c] = __float2bfloat16(acc);
+            store_n(out + (long long)t * H + c, acc, width);
         }
     }
 }
 
-// One block of 256 threads per pair i = t·k + slot: dy[rows[i]] = w[i] · dout[t];
-// dw[i] = ⟨dout[t], y[rows[i]]⟩ (a fixed-order block sum).
+// Warp per pair i = t·k + slot: dy[rows[i]] = w[i] · dout[t];  dw[i] = ⟨dout[t], y[rows[i]]⟩
+// (a fixed-order warp sum, so the result is reproducible).
 extern "C" __global__ void local_combine_bwd(const __nv_bfloat16* dout, const __nv_bfloat16* y, const float* w,
                                              const int* rows, __nv_bfloat16* dy, float* dw, int n, int k, int H) {
-    __shared__ float part[256];
-    for (int i = blockIdx.x; i < n; i += gridDim.x) {
+    for (int step = 0, i; (i = warp_row(step, n)) >= 0; step++) {
         const __nv_bfloat16* g = dout + (long long)(i / k) * H;
         long long r = (long long)rows[i] * H;
-        float dot = 0.f;
-        for (int c = threadIdx.x; c < H; c += blockDim.x) {
-            float gc = __bfloat162float(g[c]);
-            dy[r + c] = __float2bfloat16(w[i] * gc);
-            dot += gc * __bfloat162float(y[r + c]);
+        float dot = 0.f, gf[8], yf[8];
+        FOR_COLUMNS(H, c, width) {
+            load_n(g + c, gf, width);
+            load_n(y + r + c, yf, width);
+            for (int j = 0; j < width; j++) {
+                dot += gf[j] * yf[j];
+                gf[j] *= w[i];
+            }
+            store_n(dy + r + c, gf, width);
         }
-        part[threadIdx.x] = dot;
-        __syncthreads();
-        for (int o = blockDim.x / 2; o > 0; o >>= 1) {
-            if (threadIdx.x < o) part[threadIdx.x] += part[threadIdx.x + o];
-            __syncthreads();
-        }
-        if (threadIdx.x == 0) dw[i] = part[0];
-        __syncthreads();  // part is reused by the next pair
+        for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(FULL, dot, o);
+        if ((threadIdx.x & 31) == 0) dw[i] = dot;
     }
 }
 
-// One block per token t: dx[t] = Σ_slot dx_sorted[rows[t·k + slot]].
+// Warp per token t: dx[t] = Σ_slot dx_sorted[rows[t·k + slot]].
 extern "C" __global__ void local_dispatch_bwd(const __nv_bfloat16* dxs, const int* rows, __nv_bfloat16* dx, int T,
                                               int k, int H) {
-    for (int t = blockIdx.x; t < T; t += gridDim.x) {
-        for (int c = threadIdx.x; c < H; c += blockDim.x) {
-            float acc = 0.f;
-            for (int s = 0; s < k; s++) acc += __bfloat162float(dxs[(long long)rows[t * k + s] * H + c]);
-            dx[(long long)t * H + c] = __float2bfloat16(acc);
+    for (int step = 0, t; (t = warp_row(step, T)) >= 0; step++) {
+        FOR_COLUMNS(H, c, width) {
+            float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, f[8];
+            for (int s = 0; s < k; s++) {
+                load_n(dxs + (long long)rows[t * k + s] * H + c, f, width);
+                for (int j = 0; j < width; j++) acc[j] += f[j];
+            }
+            store_n(dx + (long long)t * H + c, acc, width);
         }
     }
 }

@@ -78,7 +78,8 @@ impl Experts for SwiGlu {
         let dev = h.device();
         self.check(dev, p, &x, &offsets)?;
         let (n, f) = (x.dim(0), self.ffn);
-        let (a, b, u) = (h.alloc(&[n, f], act(dev))?, h.alloc(&[n, f], act(dev))?, h.alloc(&[n, f], act(dev))?);
+        let new = || h.alloc_uninit(&[n, f], act(dev));
+        let (a, b, u) = (new()?, new()?, new()?);
         h.grouped_gemm(x, p[0], a, offsets, false, false)?;
         h.grouped_gemm(x, p[1], b, offsets, false, false)?;
         match dev {
@@ -93,7 +94,7 @@ impl Experts for SwiGlu {
                 h.launch(SRC, "swiglu_fwd", grid(n * f, 256), BLOCK, 0, &args)?;
             }
         }
-        let y = h.alloc(&[n, self.hidden], act(dev))?;
+        let y = h.alloc_uninit(&[n, self.hidden], act(dev))?;
         h.grouped_gemm(u, p[2], y, offsets, false, false)?;
         Ok(ExpertsOut { y, saved: vec![a, b, u].into() })
     }
@@ -115,7 +116,8 @@ impl Experts for SwiGlu {
             return Err(format!("{WHO}: expected 3 grads and the 3 tensors forward saved"));
         };
         let (n, f) = (x.dim(0), self.ffn);
-        let (du, da, db) = (h.alloc(&[n, f], act(dev))?, h.alloc(&[n, f], act(dev))?, h.alloc(&[n, f], act(dev))?);
+        let new = || h.alloc_uninit(&[n, f], act(dev));
+        let (du, da, db) = (new()?, new()?, new()?);
         h.grouped_gemm(dy, p[2], du, offsets, true, false)?;
         h.grouped_gemm_wgrad(*u, dy, *gd, offsets)?;
         match dev {

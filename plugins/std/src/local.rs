@@ -89,9 +89,9 @@ fn dispatch_cuda(h: Host, x: Tensor, ids: Tensor, e: usize) -> Result<Dispatched
     }
     let offsets_dev = h.alloc(&[e + 1], DType::I32)?;
     h.copy(offsets, offsets_dev)?;
-    let xs = h.alloc(&[n, hd], DType::BF16)?;
+    let xs = h.alloc_uninit(&[n, hd], DType::BF16)?;
     let args = [x.arg(), ids.arg(), rank.arg(), offsets_dev.arg(), rows.arg(), xs.arg(), n32, k32, h32];
-    h.launch(SRC, "local_gather", grid(n, 1), BLOCK, 0, &args)?;
+    h.launch(SRC, "local_gather", grid(n, 8), BLOCK, 0, &args)?;
     Ok(Dispatched { x: xs, offsets, saved: vec![rows].into() })
 }
 
@@ -129,7 +129,7 @@ impl CommSchedule for Local {
             Device::Cuda => {
                 let [t32, k32, h32] = ints([t, k, hd]);
                 let args = [y.arg(), weights.arg(), map.arg(), out.arg(), t32, k32, h32];
-                h.launch(SRC, "local_combine", grid(t, 1), BLOCK, 0, &args)?;
+                h.launch(SRC, "local_combine", grid(t, 8), BLOCK, 0, &args)?;
             }
         }
         Ok(out)
@@ -171,7 +171,7 @@ impl CommSchedule for Local {
             Device::Cuda => {
                 let [n32, k32, h32] = ints([n, k, hd]);
                 let args = [dout.arg(), y.arg(), weights.arg(), map.arg(), dy.arg(), d_weights.arg(), n32, k32, h32];
-                h.launch(SRC, "local_combine_bwd", grid(n, 1), BLOCK, 0, &args)?;
+                h.launch(SRC, "local_combine_bwd", grid(n, 8), BLOCK, 0, &args)?;
             }
         }
         Ok(())
@@ -200,7 +200,7 @@ impl CommSchedule for Local {
             Device::Cuda => {
                 let [t32, k32, h32] = ints([t, k, hd]);
                 let args = [dx_sorted.arg(), map.arg(), dx.arg(), t32, k32, h32];
-                h.launch(SRC, "local_dispatch_bwd", grid(t, 1), BLOCK, 0, &args)?;
+                h.launch(SRC, "local_dispatch_bwd", grid(t, 8), BLOCK, 0, &args)?;
             }
         }
         Ok(())
