@@ -35,7 +35,19 @@ pub struct Gpu {
     functions: Mutex<HashMap<(usize, usize, String), CudaFunction>>,
     /// While profiling: (op name, start, end) events of every kernel and GEMM.
     profile: Mutex<Option<Vec<(String, CudaEvent, CudaEvent)>>>,
+    staging: Mutex<Staging>,
 }
+
+/// Pinned host memory for small uploads (pointer arrays, tokens, offsets): a copy from pageable
+/// memory may wait for the stream, a copy from pinned memory never does. Used front to back
+/// and reused after the next full sync, when every copy out of it has happened.
+struct Staging {
+    ptr: usize,
+    cap: usize,
+    used: usize,
+}
+
+const STAGING_BYTES: usize = 8 << 20;
 
 /// The host's kernel sources, embedded in the binary.
 pub mod src {
@@ -51,6 +63,15 @@ fn cache_dir() -> PathBuf {
     match std::env::var_os("PITH_KERNEL_CACHE") {
         Some(d) => PathBuf::from(d),
         None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into())).join(".cache/pith/kernels"),
+    }
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        let st = self.staging.lock().unwrap();
+        if self.ctx.bind_to_thread().is_ok() {
+            unsafe { drv::free_host(st.ptr as *mut std::ffi::c_void) }.ok();
+        }
     }
 }
 
@@ -218,6 +239,11 @@ impl Gpu {
             modules: Mutex::default(),
             functions: Mutex::default(),
             profile: Mutex::default(),
+            staging: Mutex::new(Staging {
+                ptr: unsafe { drv::malloc_host(STAGING_BYTES, 0) }.map_err(|e| format!("pinned memory: {e:?}"))? as usize,
+                cap: STAGING_BYTES,
+                used: 0,
+            }),
         })
     }
 
@@ -351,8 +377,23 @@ impl Gpu {
     pub fn upload<T: Copy>(&self, data: &[T], shape: &[usize], dtype: DType) -> Result<DTensor, String> {
         assert_eq!(std::mem::size_of_val(data), shape.iter().product::<usize>() * dtype.size(), "upload size");
         let t = self.tensor(shape, dtype)?;
-        unsafe { drv::memcpy_htod_async(t.addr, data, self.stream.cu_stream()) }.map_err(derr("upload"))?;
+        self.copy_to_device(data, t.addr)?;
         Ok(t)
+    }
+    /// Copy host `data` to device address `dst` without waiting: small copies go through the
+    /// pinned staging buffer, large ones (weights at start-up) straight from `data`.
+    pub fn copy_to_device<T: Copy>(&self, data: &[T], dst: u64) -> Result<(), String> {
+        let bytes = std::mem::size_of_val(data);
+        let mut st = self.staging.lock().unwrap();
+        let at = st.used.div_ceil(256) * 256;
+        if bytes > st.cap / 4 || at + bytes > st.cap {
+            drop(st);
+            return unsafe { drv::memcpy_htod_async(dst, data, self.stream.cu_stream()) }.map_err(derr("upload"));
+        }
+        st.used = at + bytes;
+        let pinned = unsafe { std::slice::from_raw_parts_mut((st.ptr + at) as *mut u8, bytes) };
+        pinned.copy_from_slice(unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, bytes) });
+        unsafe { drv::memcpy_htod_async(dst, pinned, self.stream.cu_stream()) }.map_err(derr("upload"))
     }
     /// Copy `t` into `out` (waits for the device).
     pub fn download<T: Copy>(&self, t: &Tensor, out: &mut [T]) -> Result<(), String> {
@@ -381,8 +422,12 @@ impl Gpu {
         assert_eq!(bytes, dst.numel() * dst.dtype.size(), "copy size");
         unsafe { drv::memcpy_dtod_async(dst.addr, src.addr, bytes, self.stream.cu_stream()) }.map_err(derr("copy"))
     }
+    /// Wait for the device; the staging buffer is free again afterwards.
     pub fn sync(&self) -> Result<(), String> {
-        self.stream.synchronize().map_err(|e| format!("GPU: {e:?}"))
+        let mut st = self.staging.lock().unwrap();
+        self.stream.synchronize().map_err(|e| format!("GPU: {e:?}"))?;
+        st.used = 0;
+        Ok(())
     }
 
     /// c = alpha · op(a) · op(b) + beta · c on row-major 2-D views (a tensor of higher rank is

@@ -98,11 +98,7 @@ impl GpuOps {
         match (src.device, dst.device) {
             (Device::Cuda, Device::Cuda) => self.gpu.copy_d2d(&src, &dst),
             (Device::Cuda, Device::Cpu) => self.gpu.download(&src, host(&dst)),
-            (Device::Cpu, Device::Cuda) => {
-                let s = host(&src);
-                unsafe { cudarc::driver::result::memcpy_htod_async(dst.addr, s, self.gpu.stream.cu_stream()) }
-                    .map_err(|e| format!("copy to the device: {e:?}"))
-            }
+            (Device::Cpu, Device::Cuda) => self.gpu.copy_to_device(host(&src), dst.addr),
             (Device::Cpu, Device::Cpu) => {
                 host(&dst).copy_from_slice(host(&src));
                 Ok(())

@@ -37,8 +37,9 @@ extern "C" __global__ void local_rank(const int* ids, int* rank, int* counts, in
     }
 }
 
-// The row kernels below give each row to one warp (8 warps per 256-thread block, grid-stride)
-// and move 8 bf16 (16 bytes) per lane per load when H is a multiple of 8, else one element.
+// The row kernels below move 8 bf16 (16 bytes) per thread per load when H is a multiple of 8,
+// else one element. Gather and combine_bwd give each pair one warp (8 per 256-thread block);
+// combine and dispatch_bwd, which sum k rows per token, one block of 128 threads per token.
 #define WARPS 8
 
 // Row i of the warp's walk, or -1 past the end.
@@ -64,85 +65,102 @@ __device__ __forceinline__ void store8(__nv_bfloat16* p, const float* f) {
     *(uint4*)p = u;
 }
 
-// Columns a lane handles: [c, c + width) for c = lane·8, lane·8 + 256, ... (width 8), or
-// c = lane, lane + 32, ... (width 1) when rows are not 16-byte aligned.
-#define FOR_COLUMNS(H, c, width)                                   \
-    for (int width = (H) % 8 == 0 ? 8 : 1, c = (threadIdx.x & 31) * width; c < (H); c += 32 * width)
-
-__device__ __forceinline__ void load_n(const __nv_bfloat16* p, float* f, int width) {
-    if (width == 8) load8(p, f);
+template <int W>
+__device__ __forceinline__ void load_n(const __nv_bfloat16* p, float* f) {
+    if constexpr (W == 8) load8(p, f);
     else f[0] = __bfloat162float(p[0]);
 }
-__device__ __forceinline__ void store_n(__nv_bfloat16* p, const float* f, int width) {
-    if (width == 8) store8(p, f);
+template <int W>
+__device__ __forceinline__ void store_n(__nv_bfloat16* p, const float* f) {
+    if constexpr (W == 8) store8(p, f);
     else p[0] = __float2bfloat16(f[0]);
+}
+
+// Each kernel body is a template on the chunk width W (8, or 1 when H % 8 != 0), so the
+// per-thread arrays stay in registers; `first`/`stride` walk the columns of a row.
+template <int W>
+__device__ void gather_rows(const __nv_bfloat16* x, const int* ids, const int* rank, const int* offsets, int* rows,
+                            __nv_bfloat16* xs, int n, int k, int H) {
+    int lane = threadIdx.x & 31;
+    for (int step = 0, i; (i = warp_row(step, n)) >= 0; step++) {
+        int r = offsets[ids[i]] + rank[i];
+        if (lane == 0) rows[i] = r;
+        const __nv_bfloat16* src = x + (long long)(i / k) * H;
+        __nv_bfloat16* dst = xs + (long long)r * H;
+        float f[W];
+        for (int c = lane * W; c < H; c += 32 * W) {
+            load_n<W>(src + c, f);
+            store_n<W>(dst + c, f);
+        }
+    }
 }
 
 // Warp per pair i: rows[i] = offsets[ids[i]] + rank[i];  xs[rows[i]] = x[i / k].
 extern "C" __global__ void local_gather(const __nv_bfloat16* x, const int* ids, const int* rank, const int* offsets,
                                         int* rows, __nv_bfloat16* xs, int n, int k, int H) {
-    for (int step = 0, i; (i = warp_row(step, n)) >= 0; step++) {
-        int r = offsets[ids[i]] + rank[i];
-        if ((threadIdx.x & 31) == 0) rows[i] = r;
-        const __nv_bfloat16* src = x + (long long)(i / k) * H;
-        __nv_bfloat16* dst = xs + (long long)r * H;
-        float f[8];
-        FOR_COLUMNS(H, c, width) {
-            load_n(src + c, f, width);
-            store_n(dst + c, f, width);
+    if (H % 8 == 0) gather_rows<8>(x, ids, rank, offsets, rows, xs, n, k, H);
+    else gather_rows<1>(x, ids, rank, offsets, rows, xs, n, k, H);
+}
+
+// out[t] = Σ_slot (w ? w[t,slot] : 1) · y[rows[t·k + slot]], one block per token.
+template <int W>
+__device__ void sum_rows(const __nv_bfloat16* y, const float* w, const int* rows, __nv_bfloat16* out, int T, int k,
+                         int H) {
+    for (int t = blockIdx.x; t < T; t += gridDim.x) {
+        for (int c = threadIdx.x * W; c < H; c += blockDim.x * W) {
+            float acc[W], f[W];
+            for (int j = 0; j < W; j++) acc[j] = 0.f;
+            for (int s = 0; s < k; s++) {
+                int i = t * k + s;
+                float g = w ? w[i] : 1.f;
+                load_n<W>(y + (long long)rows[i] * H + c, f);
+                for (int j = 0; j < W; j++) acc[j] += g * f[j];
+            }
+            store_n<W>(out + (long long)t * H + c, acc);
         }
     }
 }
 
-// Warp per token t: out[t] = Σ_slot w[t,slot] · y[rows[t·k + slot]].
+// Block of 128 threads per token t: out[t] = Σ_slot w[t,slot] · y[rows[t·k + slot]].
 extern "C" __global__ void local_combine(const __nv_bfloat16* y, const float* w, const int* rows,
                                          __nv_bfloat16* out, int T, int k, int H) {
-    for (int step = 0, t; (t = warp_row(step, T)) >= 0; step++) {
-        FOR_COLUMNS(H, c, width) {
-            float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, f[8];
-            for (int s = 0; s < k; s++) {
-                int i = t * k + s;
-                load_n(y + (long long)rows[i] * H + c, f, width);
-                for (int j = 0; j < width; j++) acc[j] += w[i] * f[j];
-            }
-            store_n(out + (long long)t * H + c, acc, width);
-        }
-    }
+    if (H % 8 == 0) sum_rows<8>(y, w, rows, out, T, k, H);
+    else sum_rows<1>(y, w, rows, out, T, k, H);
+}
+
+// Block of 128 threads per token t: dx[t] = Σ_slot dx_sorted[rows[t·k + slot]].
+extern "C" __global__ void local_dispatch_bwd(const __nv_bfloat16* dxs, const int* rows, __nv_bfloat16* dx, int T,
+                                              int k, int H) {
+    if (H % 8 == 0) sum_rows<8>(dxs, nullptr, rows, dx, T, k, H);
+    else sum_rows<1>(dxs, nullptr, rows, dx, T, k, H);
 }
 
 // Warp per pair i = t·k + slot: dy[rows[i]] = w[i] · dout[t];  dw[i] = ⟨dout[t], y[rows[i]]⟩
 // (a fixed-order warp sum, so the result is reproducible).
-extern "C" __global__ void local_combine_bwd(const __nv_bfloat16* dout, const __nv_bfloat16* y, const float* w,
-                                             const int* rows, __nv_bfloat16* dy, float* dw, int n, int k, int H) {
+template <int W>
+__device__ void combine_bwd_rows(const __nv_bfloat16* dout, const __nv_bfloat16* y, const float* w, const int* rows,
+                                 __nv_bfloat16* dy, float* dw, int n, int k, int H) {
+    int lane = threadIdx.x & 31;
     for (int step = 0, i; (i = warp_row(step, n)) >= 0; step++) {
         const __nv_bfloat16* g = dout + (long long)(i / k) * H;
         long long r = (long long)rows[i] * H;
-        float dot = 0.f, gf[8], yf[8];
-        FOR_COLUMNS(H, c, width) {
-            load_n(g + c, gf, width);
-            load_n(y + r + c, yf, width);
-            for (int j = 0; j < width; j++) {
+        float dot = 0.f, gf[W], yf[W];
+        for (int c = lane * W; c < H; c += 32 * W) {
+            load_n<W>(g + c, gf);
+            load_n<W>(y + r + c, yf);
+            for (int j = 0; j < W; j++) {
                 dot += gf[j] * yf[j];
                 gf[j] *= w[i];
             }
-            store_n(dy + r + c, gf, width);
+            store_n<W>(dy + r + c, gf);
         }
         for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(FULL, dot, o);
-        if ((threadIdx.x & 31) == 0) dw[i] = dot;
+        if (lane == 0) dw[i] = dot;
     }
 }
 
-// Warp per token t: dx[t] = Σ_slot dx_sorted[rows[t·k + slot]].
-extern "C" __global__ void local_dispatch_bwd(const __nv_bfloat16* dxs, const int* rows, __nv_bfloat16* dx, int T,
-                                              int k, int H) {
-    for (int step = 0, t; (t = warp_row(step, T)) >= 0; step++) {
-        FOR_COLUMNS(H, c, width) {
-            float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, f[8];
-            for (int s = 0; s < k; s++) {
-                load_n(dxs + (long long)rows[t * k + s] * H + c, f, width);
-                for (int j = 0; j < width; j++) acc[j] += f[j];
-            }
-            store_n(dx + (long long)t * H + c, acc, width);
-        }
-    }
+extern "C" __global__ void local_combine_bwd(const __nv_bfloat16* dout, const __nv_bfloat16* y, const float* w,
+                                             const int* rows, __nv_bfloat16* dy, float* dw, int n, int k, int H) {
+    if (H % 8 == 0) combine_bwd_rows<8>(dout, y, w, rows, dy, dw, n, k, H);
+    else combine_bwd_rows<1>(dout, y, w, rows, dy, dw, n, k, H);
 }

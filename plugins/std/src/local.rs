@@ -129,7 +129,7 @@ impl CommSchedule for Local {
             Device::Cuda => {
                 let [t32, k32, h32] = ints([t, k, hd]);
                 let args = [y.arg(), weights.arg(), map.arg(), out.arg(), t32, k32, h32];
-                h.launch(SRC, "local_combine", grid(t, 8), BLOCK, 0, &args)?;
+                h.launch(SRC, "local_combine", grid(t, 1), [128, 1, 1], 0, &args)?;
             }
         }
         Ok(out)
@@ -200,7 +200,7 @@ impl CommSchedule for Local {
             Device::Cuda => {
                 let [t32, k32, h32] = ints([t, k, hd]);
                 let args = [dx_sorted.arg(), map.arg(), dx.arg(), t32, k32, h32];
-                h.launch(SRC, "local_dispatch_bwd", grid(t, 8), BLOCK, 0, &args)?;
+                h.launch(SRC, "local_dispatch_bwd", grid(t, 1), [128, 1, 1], 0, &args)?;
             }
         }
         Ok(())
