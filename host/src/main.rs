@@ -315,18 +315,30 @@ fn main() {
 }
 
 /// With `PITH_LEDGER=FILE`, append one JSON line per command: what ran, when, on which device,
-/// how many GPUs it held and kept busy for how long (0 on the CPU backend, the only one so far)
-/// and how it ended. ATE-Bench's `score` charges `(end - start) × gpus` as active GPU time.
+/// how many GPUs it held and how it ended. ATE-Bench's `score` charges `(end - start) × gpus` as
+/// active GPU time. The device is decided from the command line (parsed again here) and the
+/// resolved config: `train`/`bench` with `train.device = "cuda"` and `plugins check --device cuda`
+/// ran on GPU 0 (`gpus` 1, also when opening it failed: the whole command is charged); everything
+/// else ran on the CPU (`gpus` 0). `gpu_busy_s` (time the GPU spent in kernels) is 0.0 on the CPU
+/// and null on CUDA, where it is not measured outside `pith bench --profile`.
 fn ledger(start: std::time::SystemTime, exit: i32) {
     let Some(path) = std::env::var_os("PITH_LEDGER") else { return };
     let secs = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    let device = match Cli::try_parse().map(|c| c.cmd) {
+        Ok(Cmd::Train { config, set, .. } | Cmd::Bench { config, set, .. }) => {
+            Config::load(config.as_deref(), &set).map_or_else(|_| "cpu".to_string(), |c| c.train.device)
+        }
+        Ok(Cmd::Plugins(PluginsCmd::Check { device, .. })) => device,
+        _ => "cpu".to_string(),
+    };
+    let gpus = u32::from(device == "cuda");
     let line = serde_json::json!({
         "command": std::env::args().collect::<Vec<_>>().join(" "),
         "start": secs(start),
         "end": secs(std::time::SystemTime::now()),
-        "device": "cpu",
-        "gpus": 0,
-        "gpu_busy_s": 0.0,
+        "device": device,
+        "gpus": gpus,
+        "gpu_busy_s": if gpus == 0 { Some(0.0) } else { None },
         "exit": exit,
     });
     use std::io::Write;
