@@ -74,6 +74,23 @@ __device__ void add(float* acc, const T* x, long long n) {
 extern "C" __global__ void add_f32(float* acc, const float* x, long long n) { add(acc, x, n); }
 extern "C" __global__ void add_bf16(float* acc, const bf16* x, long long n) { add(acc, x, n); }
 
+// out (f32) = a + b: the residual add (x f32 + a bf16 branch) and summed input grads (bf16 + bf16)
+// in one pass instead of a copy and an add.
+template <typename A, typename B>
+__device__ void sum2(float* out, const A* a, const B* b, long long n) {
+    packs(n, al4(out) && al4(a) && al4(b), [&](long long i, bool v) {
+        if (v) {
+            float4 x = ld4(a + i), y = ld4(b + i);
+            st4(out + i, make_float4(x.x + y.x, x.y + y.y, x.z + y.z, x.w + y.w));
+        } else {
+            out[i] = ld1(a + i) + ld1(b + i);
+        }
+    });
+}
+
+extern "C" __global__ void sum2_f32_bf16(float* out, const float* a, const bf16* b, long long n) { sum2(out, a, b, n); }
+extern "C" __global__ void sum2_bf16_bf16(float* out, const bf16* a, const bf16* b, long long n) { sum2(out, a, b, n); }
+
 // x *= s.
 extern "C" __global__ void scale_f32(float* x, long long n, float s) {
     packs(n, al4(x), [&](long long i, bool v) {

@@ -504,7 +504,9 @@ mod tests {
             let (c, k) = (cpu.cfg.clone(), 2);
             let chosen = |o: &StepOut| -> Vec<Vec<i32>> {
                 let ids = o.routing.iter().flat_map(|r| r.0.clone()).collect::<Vec<i32>>();
-                ids.chunks(k).map(|t| t.iter().copied().collect::<std::collections::BTreeSet<_>>().into_iter().collect()).collect()
+                ids.chunks(k)
+                    .map(|t| t.iter().copied().collect::<std::collections::BTreeSet<_>>().into_iter().collect())
+                    .collect()
             };
             let mut found = None;
             for seed in 7..27 {

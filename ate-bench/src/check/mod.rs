@@ -8,13 +8,17 @@
 //!   ANSWER.md, a run's metrics and config, running `pith`, scratch directories, copying trees.
 //! - `qa.rs`: Q&A checks: `path:line` citations in ANSWER.md verified by pattern and function span.
 //! - `operate.rs`: operate checks: metrics at a step, resume, a config change, `pith plan`, a routing
-//!   trace, a Hugging Face export; and the parsing of numbers out of ANSWER.md.
+//!   trace, a Hugging Face export (optionally of a run trained on the GPU); and the parsing of
+//!   numbers out of ANSWER.md.
+//! - `gpu.rs`: whether a CUDA GPU is here (every `needs_gpu` task asks first and FAILS with
+//!   "needs a CUDA GPU" without one), and the kernel-profile check (`pith bench --profile`).
 //! - `feature.rs`: New-Feature checks: build a plugin crate standalone, `pith plugins check`, a
 //!   quickstart run with it, and the task's rules on its metrics, checkpoint state and plan.
 //! - `safetensors.rs`: a minimal safetensors reader (routing traces, checkpoints).
 //! - `reference.rs`: reference solutions, fresh working copies and `selftest`.
 
 pub mod feature;
+pub mod gpu;
 pub mod operate;
 pub mod qa;
 pub mod reference;
@@ -48,7 +52,29 @@ pub enum Check {
     /// `<run>`'s newest checkpoint is step `steps` and `<export>` is its Hugging Face export:
     /// config.json + weights; `pith import hf` accepts it; `pith eval-logits` of the export, of the
     /// re-import and of the checkpoint agree on `tokens` to `tol`; ANSWER.md reports that loss.
-    ExportHf { run: String, export: String, steps: u64, tokens: Vec<u32>, tol: f64 },
+    /// With `device`, `<run>/config.toml` (the resolved config pith wrote) trained on it.
+    ExportHf {
+        run: String,
+        export: String,
+        steps: u64,
+        tokens: Vec<u32>,
+        tol: f64,
+        #[serde(default)]
+        device: Option<String>,
+    },
+    /// ANSWER.md's `name: P%` lines are the `top` ops with the most GPU time in one step of
+    /// `pith bench CONFIG --set ... --profile`, run here (up to `runs` times: one agreeing profile
+    /// is enough), heaviest first; swaps between ops within `within` (relative) of each other are
+    /// allowed, and each percent must be within `pct_tol` points + `within` × the measured share.
+    Profile {
+        config: String,
+        #[serde(default)]
+        set: Vec<String>,
+        top: usize,
+        within: f64,
+        pct_tol: f64,
+        runs: usize,
+    },
     /// A plugin in `plugins/<name>/`, with the rules of the task.
     Plugin(Box<feature::PluginCheck>),
     /// Cannot run here: needs a GPU or a host feature that does not exist yet.
@@ -105,6 +131,14 @@ pub fn run(task: &crate::Task, dir: &Path) -> Outcome {
 
 pub fn run_with(task: &crate::Task, dir: &Path, env: &Env) -> Outcome {
     let mut o = Outcome::default();
+    if task.meta.needs_gpu {
+        // Without a GPU the task cannot have been done here, nor re-measured: say so, not more.
+        if let Err(e) = pith_bin(dir, env).and_then(|p| gpu::probe(&p, dir)) {
+            o.fails.push(e);
+            return o;
+        }
+        o.notes.push("ok: a CUDA GPU is here (pith opened GPU 0)".into());
+    }
     if let Err(e) = check(&task.meta.check, dir, env, &mut o) {
         o.fails.push(e);
     }
@@ -123,8 +157,11 @@ fn check(c: &Check, dir: &Path, env: &Env, o: &mut Outcome) -> Result<(), String
         Check::RoutingTrace { trace, config, tokens, layer } => {
             operate::routing_trace(trace, config, *tokens, *layer, dir, env, o)
         }
-        Check::ExportHf { run, export, steps, tokens, tol } => {
-            operate::export_hf(run, export, *steps, tokens, *tol, dir, env, o)
+        Check::ExportHf { run, export, steps, tokens, tol, device } => {
+            operate::export_hf(run, export, *steps, tokens, *tol, device.as_deref(), dir, env, o)
+        }
+        Check::Profile { config, set, top, within, pct_tol, runs } => {
+            gpu::profile(config, set, *top, *within, *pct_tol, *runs, dir, env, o)
         }
         Check::Plugin(p) => feature::check(p, dir, env, o),
         Check::Unavailable { missing } => Err(format!("not runnable here: {missing}")),

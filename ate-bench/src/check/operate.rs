@@ -178,7 +178,8 @@ pub fn routing_trace(
 
 /// `<export>` is the Hugging Face export of `<run>`'s newest checkpoint (step `steps`): config.json
 /// and weights, accepted by `pith import hf`, with `eval-logits` of the export and of the re-import
-/// equal to the checkpoint's to `tol`; ANSWER.md reports that loss.
+/// equal to the checkpoint's to `tol`; ANSWER.md reports that loss. With `device`, the run's
+/// resolved config (`<run>/config.toml`, written by pith) has `train.device` = it.
 #[allow(clippy::too_many_arguments)]
 pub fn export_hf(
     run: &str,
@@ -186,10 +187,16 @@ pub fn export_hf(
     steps: u64,
     tokens: &[u32],
     tol: f64,
+    device: Option<&str>,
     dir: &Path,
     env: &Env,
     o: &mut Outcome,
 ) -> Result<(), String> {
+    if let Some(want) = device {
+        let cfg = read_toml(&dir.join(run).join("config.toml"))?;
+        let got = lookup(&cfg, "train.device").and_then(|v| v.as_str()).unwrap_or("cpu").to_string();
+        o.rule(got == want, format!("{run} trained with train.device = \"{want}\" (its config.toml: \"{got}\")"));
+    }
     let ckpt = newest_checkpoint(&dir.join(run))?;
     let want = format!("step_{steps:08}");
     o.rule(ckpt.ends_with(&want), format!("{run}'s newest checkpoint is {want} ({})", ckpt.display()));

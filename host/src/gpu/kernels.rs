@@ -342,6 +342,27 @@ impl Gpu {
         self.launch(src::ELEMENTWISE, name, shape(pack_grid(n), BLOCK, 0), &[acc.arg(), x.arg(), Arg::I64(n as i64)])
     }
 
+    /// out (f32) = a + b, where a is f32 or bf16 and b is bf16 (same numel).
+    pub fn sum_into(&self, out: &Tensor, a: &Tensor, b: &Tensor) -> Result<(), String> {
+        on_device("sum_into", &[out, a, b])?;
+        let name = match a.dtype {
+            DType::F32 => "sum2_f32_bf16",
+            DType::BF16 => "sum2_bf16_bf16",
+            DType::I32 => "",
+        };
+        let n = out.numel();
+        if name.is_empty() || out.dtype != DType::F32 || b.dtype != DType::BF16 || a.numel() != n || b.numel() != n {
+            return Err(format!(
+                "sum_into: out {} = a {} + b {}: expected out f32, a f32 or bf16, b bf16, one size",
+                desc(out),
+                desc(a),
+                desc(b)
+            ));
+        }
+        let args = [out.arg(), a.arg(), b.arg(), Arg::I64(n as i64)];
+        self.launch(src::ELEMENTWISE, name, shape(pack_grid(n), BLOCK, 0), &args)
+    }
+
     /// x (f32) *= s.
     pub fn scale(&self, x: &Tensor, s: f32) -> Result<(), String> {
         on_device("scale", &[x])?;
@@ -609,6 +630,15 @@ mod tests {
             let want_acc: Vec<f32> =
                 acc0[from..].iter().zip(xs).zip(&want_b).map(|((a, x), b)| ((a + x) + b.to_f32()) * 0.37).collect();
             let acc_ok = g.to_f32(&dacc).unwrap()[from..] == want_acc[..];
+            // out = x + bf16(x) and out = bf16(x) + bf16(x), exactly as f32 sums
+            let out = g.tensor(&[n], DType::F32).unwrap();
+            let outv = tail(&out, from);
+            g.sum_into(&outv, &xv, &bv).unwrap();
+            let sum_ok = g.to_f32(&out).unwrap()[from..]
+                == xs.iter().zip(&want_b).map(|(x, b)| x + b.to_f32()).collect::<Vec<_>>()[..];
+            g.sum_into(&outv, &bv, &bv).unwrap();
+            let twice: Vec<f32> = want_b.iter().map(|b| b.to_f32() + b.to_f32()).collect();
+            let sum_ok = sum_ok && g.to_f32(&out).unwrap()[from..] == twice[..];
             // out = [r0, r1, r2]: out[2] += Σ x², out[0] += Σ x
             let (out0, dout) = rand_f32(&g, &mut rng, &[3], 1.0);
             g.sum_squares(&xv, &dout, 2).unwrap();
@@ -618,8 +648,8 @@ mod tests {
             let s: f64 = xs.iter().map(|&v| v as f64).sum::<f64>() + out0[0] as f64;
             let want = [s as f32, out0[1], sq as f32];
             let e = rel_err(&got, &want);
-            println!("elementwise n={m}: cast {cast_ok}, back {back_ok}, add/scale {acc_ok}, sums {e:.2e}");
-            assert!(cast_ok && back_ok && acc_ok && e < 1e-4, "from {from}: {e}");
+            println!("elementwise n={m}: cast {cast_ok}, back {back_ok}, add/scale {acc_ok}, sum_into {sum_ok}, sums {e:.2e}");
+            assert!(cast_ok && back_ok && acc_ok && sum_ok && e < 1e-4, "from {from}: {e}");
         }
     }
 }

@@ -240,7 +240,8 @@ impl Gpu {
             functions: Mutex::default(),
             profile: Mutex::default(),
             staging: Mutex::new(Staging {
-                ptr: unsafe { drv::malloc_host(STAGING_BYTES, 0) }.map_err(|e| format!("pinned memory: {e:?}"))? as usize,
+                ptr: unsafe { drv::malloc_host(STAGING_BYTES, 0) }.map_err(|e| format!("pinned memory: {e:?}"))?
+                    as usize,
                 cap: STAGING_BYTES,
                 used: 0,
             }),

@@ -283,8 +283,7 @@ impl GpuPass<'_> {
         let (att, lse) = self.attention_fwd(&q, &k, &v)?;
         let o_out = self.linear(hi + O, &att)?;
         let h = self.tensor(&[n, hd], DType::F32)?;
-        self.gpu.copy_d2d(&x, &h)?;
-        self.gpu.add_into(&h, &o_out)?;
+        self.gpu.sum_into(&h, &x, &o_out)?;
         drop(o_out);
         // MoE: router → balance losses → dispatch → experts → combine.
         let (m, rstd2) = self.norm(lay.moe_norm, &h)?;
@@ -319,8 +318,7 @@ impl GpuPass<'_> {
         let y = named(comm.combine(o(), e.y, r.weights, &d), &who)?;
         check(&y, DType::BF16, &[n, hd], Device::Cuda, &who)?;
         let out = self.tensor(&[n, hd], DType::F32)?;
-        self.gpu.copy_d2d(&h, &out)?;
-        self.gpu.add_into(&out, &y)?;
+        self.gpu.sum_into(&out, &h, &y)?;
         let saved = Saved { x, rstd1, a, q_pre, k_pre, q, k, v, att, lse, h, rstd2, m, r, d, e, counts, aux, mark };
         Ok((saved, out))
     }
@@ -377,8 +375,7 @@ impl GpuPass<'_> {
         let res = router.backward(o(), rw, rg, s.m.t, r, dw.t, dlog.t, dxr.t);
         named(res, &at(&format!("router `{}`", moe.router.0)))?;
         let dm = self.tensor(&[n, hd], DType::F32)?;
-        self.gpu.cast(&dxd, &dm)?;
-        self.gpu.add_into(&dm, &dxr)?;
+        self.gpu.sum_into(&dm, &dxd, &dxr)?;
         drop((dxd, dxr, dlog, dw));
         self.norm_bwd(lay.moe_norm, &s.h, &s.rstd2, &dm, dy)?;
         drop(dm);

@@ -1,9 +1,5 @@
 // local comm schedule (see src/local.rs). rows[i] = the sorted row of pair i = t·k + slot;
 // within an expert, rows keep (token, slot) order. bf16 rows, fp32 math, no float atomics.
-#include <cuda_bf16.h>
-
-#define FULL 0xffffffffu
-
 // One block of 1024 threads per expert e (grid-stride over experts) walks ids [n] in chunks;
 // a ballot and a block prefix sum rank the pairs routed to e: rank[i] = the position of pair i
 // within its expert, counts[e] = the pairs routed to e. Ids outside 0..E are in no count.
@@ -46,23 +42,6 @@ extern "C" __global__ void local_rank(const int* ids, int* rank, int* counts, in
 __device__ __forceinline__ int warp_row(int step, int n) {
     int i = (step * gridDim.x + blockIdx.x) * WARPS + (threadIdx.x >> 5);
     return i < n ? i : -1;
-}
-
-__device__ __forceinline__ void load8(const __nv_bfloat16* p, float* f) {
-    uint4 u = *(const uint4*)p;
-    const __nv_bfloat162* h = (const __nv_bfloat162*)&u;
-    for (int j = 0; j < 4; j++) {
-        float2 t = __bfloat1622float2(h[j]);
-        f[2 * j] = t.x;
-        f[2 * j + 1] = t.y;
-    }
-}
-
-__device__ __forceinline__ void store8(__nv_bfloat16* p, const float* f) {
-    uint4 u;
-    __nv_bfloat162* h = (__nv_bfloat162*)&u;
-    for (int j = 0; j < 4; j++) h[j] = __floats2bfloat162_rn(f[2 * j], f[2 * j + 1]);
-    *(uint4*)p = u;
 }
 
 template <int W>

@@ -1,20 +1,6 @@
 // topk-softmax router (see src/router.rs for the math). One warp per token row, 8 warps (256
 // threads) a block, grid-stride over rows. E <= 1024: a lane holds the probabilities
 // j = lane + 32·b, b < 32, one bit each in `taken`; top_k <= 32: lane s holds slot s.
-#include <cuda_bf16.h>
-
-#define FULL 0xffffffffu
-#define NEG_INF __int_as_float(0xff800000)
-
-__device__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL, v, o);
-    return v;
-}
-
-__device__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL, v, o));
-    return v;
-}
 
 // logits [T,E] -> probs [T,E] (saved), ids [T,k], weights [T,k] and ent [T], the entropy of each
 // row's probabilities. Ties go to the lower id; NaN ranks below every probability.
@@ -93,14 +79,6 @@ extern "C" __global__ void topk_softmax_bwd(const float* probs, const int* ids, 
 
 // out[0] = Σ x[0..n), in a fixed order: one block of 256 threads.
 extern "C" __global__ void router_sum(const float* x, float* out, int n) {
-    __shared__ float part[256];
-    float s = 0.f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) s += x[i];
-    part[threadIdx.x] = s;
-    __syncthreads();
-    for (int o = blockDim.x / 2; o > 0; o >>= 1) {
-        if (threadIdx.x < o) part[threadIdx.x] += part[threadIdx.x + o];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[0] = part[0];
+    float s = block_sum<float>(x, n);
+    if (threadIdx.x == 0) out[0] = s;
 }

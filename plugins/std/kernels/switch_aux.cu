@@ -1,25 +1,6 @@
 // switch-aux load-balancing loss (see src/switch_aux.rs). Row kernels: one warp per token row,
 // 8 warps (256 threads) a block, grid-stride over rows. c_e = counts[e] · cscale.
 
-#define FULL 0xffffffffu
-#define NEG_INF __int_as_float(0xff800000)
-
-__device__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL, v, o);
-    return v;
-}
-
-// Max and Σ exp(l − max) of row l [E], every lane of the warp gets both.
-__device__ void softmax_stats(const float* l, int E, float& m, float& s) {
-    int lane = threadIdx.x & 31;
-    m = NEG_INF;
-    for (int j = lane; j < E; j += 32) m = fmaxf(m, l[j]);
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(FULL, m, o));
-    s = 0.f;
-    for (int j = lane; j < E; j += 32) s += expf(l[j] - m);
-    s = warp_sum(s);
-}
-
 // ⟨c, p⟩ for the row's probabilities p (m, s from softmax_stats), on every lane.
 __device__ float c_dot_p(const float* l, const int* counts, int E, float cscale, float m, float s) {
     float dot = 0.f;
@@ -64,14 +45,6 @@ extern "C" __global__ void switch_aux_bwd(const float* logits, const int* counts
 
 // out[0] = Σ row_loss[0..T) (double, fixed order: one block of 256 threads); out[1] = counts[E].
 extern "C" __global__ void switch_aux_sum(const float* row_loss, const int* counts, float* out, int T, int E) {
-    __shared__ double part[256];
-    double s = 0.0;
-    for (int i = threadIdx.x; i < T; i += blockDim.x) s += row_loss[i];
-    part[threadIdx.x] = s;
-    __syncthreads();
-    for (int o = blockDim.x / 2; o > 0; o >>= 1) {
-        if (threadIdx.x < o) part[threadIdx.x] += part[threadIdx.x + o];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) out[0] = (float)part[0], out[1] = (float)counts[E];
+    double s = block_sum<double>(row_loss, T);
+    if (threadIdx.x == 0) out[0] = (float)s, out[1] = (float)counts[E];
 }

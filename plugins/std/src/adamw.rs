@@ -12,7 +12,7 @@ use pith_plugin_api::{
     parse_config, register, Arg, DType, Device, Host, ModelDims, Optimizer, ParamSpec, Result, Tensor,
 };
 
-const SRC: &str = include_str!("../kernels/adamw.cu");
+const SRC: &str = kernel_source!("adamw.cu");
 use serde::Deserialize;
 
 #[derive(Deserialize)]

@@ -47,7 +47,7 @@ register!(
 );
 
 const WHO: &str = "swiglu";
-const SRC: &str = include_str!("../kernels/swiglu.cu");
+const SRC: &str = kernel_source!("swiglu.cu");
 
 fn sigmoid(a: f32) -> f32 {
     1.0 / (1.0 + (-a).exp())

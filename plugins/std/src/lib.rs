@@ -5,8 +5,16 @@
 //!
 //! Every component runs on both devices: on `Device::Cpu` plain Rust over f32 host memory (the
 //! reference), on `Device::Cuda` the kernels of `kernels/<file>.cu` (one file per component,
-//! embedded with `include_str!`, compiled by the host with NVRTC) plus the host's GEMMs, with
-//! bf16 activations and working weights and f32 logits, gates, gradients and optimizer state.
+//! after the shared helpers of `kernels/common.cuh`, compiled by the host with NVRTC) plus the
+//! host's GEMMs, with bf16 activations and working weights and f32 logits, gates, gradients and
+//! optimizer state.
+
+/// A component's CUDA source: the shared helpers of kernels/common.cuh, then kernels/`$file`.
+macro_rules! kernel_source {
+    ($file:literal) => {
+        concat!(include_str!("../kernels/common.cuh"), include_str!(concat!("../kernels/", $file)))
+    };
+}
 
 mod adamw;
 mod experts;

@@ -42,7 +42,7 @@ register!(
 
 const WHO: &str = "local";
 
-const SRC: &str = include_str!("../kernels/local.cu");
+const SRC: &str = kernel_source!("local.cu");
 
 /// The map dispatch saved: on the CPU perm [T·k] (sorted row → t·k + slot), on CUDA rows [T·k]
 /// (t·k + slot → sorted row), on the device.

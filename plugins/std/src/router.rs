@@ -62,7 +62,7 @@ register!(
 );
 
 const WHO: &str = "topk-softmax";
-const SRC: &str = include_str!("../kernels/router.cu");
+const SRC: &str = kernel_source!("router.cu");
 
 impl TopKSoftmax {
     /// What the CUDA kernels support: a warp per token, 32 probabilities and 1 slot per lane.

@@ -31,7 +31,7 @@ register!(
 );
 
 const WHO: &str = "switch-aux";
-const SRC: &str = include_str!("../kernels/switch_aux.cu");
+const SRC: &str = kernel_source!("switch_aux.cu");
 
 impl SwitchAux {
     /// Check logits [T,E] f32 and ids [T,k] i32 on `dev`; returns (T, k, c_e / count_e).

@@ -26,7 +26,7 @@ register!(
     create
 );
 
-const SRC: &str = include_str!("../kernels/z_loss.cu");
+const SRC: &str = kernel_source!("z_loss.cu");
 
 impl BalanceLoss for ZLoss {
     fn forward(&self, h: Host, logits: Tensor, _ids: Tensor) -> Result<f32> {
