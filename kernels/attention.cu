@@ -483,6 +483,252 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
     }
 }
 
+// D = 64 backward (flash_attn_bwd_d64): the same algorithm and launch configuration as bwd_impl with
+// three changes that cut shared-memory traffic (the limiter at 2 blocks/SM):
+//  * K's A fragments (S^T = K Q^T) stay in registers next to V's;
+//  * lse/delta are read as float2 pairs;
+//  * dQ = dS K is split 2 x 2 over the warps (32 queries x 32 dims each), which needs 16 ldmatrix per
+//    warp instead of 20;
+//  * (ATTN_BWD64_DB) Q/dO/lse/delta are double-buffered: tile it+1 loads during the whole of tile it;
+//    dS^T then lives in the current tile's Q slot (one extra barrier), so static shared stays < 48 KiB.
+#ifndef ATTN_BWD64_DB
+#define ATTN_BWD64_DB 1
+#endif
+#ifndef ATTN_BWD64_KREG
+#define ATTN_BWD64_KREG 1
+#endif
+__device__ __forceinline__ void bwd64_impl(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                           const bf16* __restrict__ v, const bf16* __restrict__ dout,
+                                           const float* __restrict__ lse, const float* __restrict__ delta,
+                                           float* __restrict__ dq_acc, bf16* __restrict__ dk, bf16* __restrict__ dv,
+                                           int B, int S, int Hq, int Hkv, float scale) {
+    constexpr int D = 64, BMQ = 64, BN = 64, NT = 128, LD = D + 8, LDS = BMQ + 8, TILE = BMQ * LD;
+    constexpr int NBUF = ATTN_BWD64_DB ? 2 : 1;
+    static_assert(LDS == LD && BN * LDS <= TILE, "dS^T aliases a Q tile slot");
+    __shared__ __align__(16) bf16 sK[BN * LD];
+    __shared__ __align__(16) bf16 sB[NBUF][2 * TILE];  // per buffer: [Q tile | dO tile]
+#if !ATTN_BWD64_DB
+    __shared__ __align__(16) bf16 sdS_sep[BN * LDS];
+#endif
+    __shared__ __align__(16) float sLse[NBUF][BMQ];
+    __shared__ __align__(16) float sDelta[NBUF][BMQ];
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int hk = blockIdx.x, b = blockIdx.y, n0 = blockIdx.z * BN;
+    const int G = Hq / Hkv;
+    const size_t qrs = (size_t)Hq * D, kvrs = (size_t)Hkv * D;
+    const bf16* kb = k + (size_t)b * S * kvrs + (size_t)hk * D;
+    const bf16* vb = v + (size_t)b * S * kvrs + (size_t)hk * D;
+
+    const int m_begin = n0 / BMQ, m_count = (S + BMQ - 1) / BMQ, per_head = m_count - m_begin;
+    const int iters = G * per_head;
+    auto issue = [&](int it, int buf) {  // async loads of Q, dO, lse, delta for iteration it
+        const int h = hk * G + it / per_head, m0 = (m_begin + it % per_head) * BMQ;
+        const size_t off = (size_t)b * S * qrs + (size_t)h * D;
+        load_tile<BMQ, D, NT>(sB[buf], q + off, qrs, m0, S, tid);
+        load_tile<BMQ, D, NT>(sB[buf] + TILE, dout + off, qrs, m0, S, tid);
+        const size_t loff = ((size_t)b * Hq + h) * S;
+        for (int i = tid; i < BMQ; i += NT) {
+            const bool ok = m0 + i < S;
+            cp_async4(&sLse[buf][i], lse + loff + (ok ? m0 + i : 0), ok);
+            cp_async4(&sDelta[buf][i], delta + loff + (ok ? m0 + i : 0), ok);
+        }
+    };
+
+    // K stays in shared memory (B operand of dQ); V (and K's A fragments) go to registers. V is staged
+    // in the last buffer's Q slot; with double buffering tile 0 loads into buffer 0 at the same time.
+    bf16* sVst = sB[NBUF - 1];
+    load_tile<BN, D, NT>(sK, kb, kvrs, n0, S, tid);
+    load_tile<BN, D, NT>(sVst, vb, kvrs, n0, S, tid);
+#if ATTN_BWD64_DB
+    issue(0, 0);
+#endif
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();
+    unsigned vf[D / 16][4];
+#if ATTN_BWD64_KREG
+    unsigned kf[D / 16][4];
+#endif
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        ldsm4(vf[kk], sVst + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
+#if ATTN_BWD64_KREG
+        ldsm4(kf[kk], sK + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
+#endif
+    }
+#if !ATTN_BWD64_DB
+    __syncthreads();
+    issue(0, 0);
+    cp_async_commit();
+#endif
+
+    float dka[D / 8][4], dva[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dka[i][e] = dva[i][e] = 0.f;
+
+    const float sl2 = scale * ATTN_LOG2E;
+    const int kw0 = n0 + warp * 16;      // first key of this warp
+    const int key0 = kw0 + (lane >> 2);  // keys of accumulator elements 0,1 (and +8 for 2,3)
+
+    for (int it = 0; it < iters; ++it) {
+        const int h = hk * G + it / per_head, m0 = (m_begin + it % per_head) * BMQ;
+        const int cur = ATTN_BWD64_DB ? (it & 1) : 0;
+        const bf16* sQ = sB[cur];
+        const bf16* sdO = sB[cur] + TILE;
+        cp_async_wait_all();
+        __syncthreads();  // tile it has landed; everyone is done with iteration it-1
+#if ATTN_BWD64_DB
+        if (it + 1 < iters) issue(it + 1, cur ^ 1);
+        cp_async_commit();
+#endif
+
+        const bool active = kw0 <= m0 + BMQ - 1;  // warp-uniform: some (key, query) pair is visible
+        float st[BMQ / 8][4], dpt[BMQ / 8][4];    // S^T -> P^T, dP^T -> dS^T (16 keys x BMQ queries)
+#pragma unroll
+        for (int i = 0; i < BMQ / 8; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) st[i][e] = dpt[i][e] = 0.f;
+        if (active) {
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+#if ATTN_BWD64_KREG
+                const unsigned(&ka)[4] = kf[kk];
+#else
+                unsigned ka[4];
+                ldsm4(ka, sK + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
+#endif
+#pragma unroll
+                for (int np = 0; np < BMQ / 16; ++np) {
+                    const int off = (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LD + kk * 16 + ((lane >> 3) & 1) * 8;
+                    unsigned bq[4], bd[4];
+                    ldsm4(bq, sQ + off);
+                    ldsm4(bd, sdO + off);
+                    mma16816(st[2 * np], ka, bq[0], bq[1]);
+                    mma16816(st[2 * np + 1], ka, bq[2], bq[3]);
+                    mma16816(dpt[2 * np], vf[kk], bd[0], bd[1]);
+                    mma16816(dpt[2 * np + 1], vf[kk], bd[2], bd[3]);
+                }
+            }
+            const bool need_mask = (kw0 + 15 > m0) || (m0 + BMQ > S);
+#pragma unroll
+            for (int nt = 0; nt < BMQ / 8; ++nt) {
+                const int qc = nt * 8 + 2 * (lane & 3);
+                const float2 L = *reinterpret_cast<const float2*>(&sLse[cur][qc]);
+                const float2 Dl = *reinterpret_cast<const float2*>(&sDelta[cur][qc]);
+                const float nl[2] = {-L.x * ATTN_LOG2E, -L.y * ATTN_LOG2E}, dl[2] = {Dl.x, Dl.y};
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int ql = qc + (e & 1);
+                    float p = exp2f(fmaf(st[nt][e], sl2, nl[e & 1]));
+                    if (need_mask && (key0 + (e >> 1) * 8 > m0 + ql || m0 + ql >= S)) p = 0.f;
+                    st[nt][e] = p;
+                    dpt[nt][e] = p * (dpt[nt][e] - dl[e & 1]);
+                }
+            }
+            // dV += P^T dO and dK += dS^T Q (B operands: [query][dim] tiles via ldmatrix.trans).
+#pragma unroll
+            for (int kk = 0; kk < BMQ / 16; ++kk) {
+                const unsigned pa[4] = {pack_bf16(st[2 * kk][0], st[2 * kk][1]), pack_bf16(st[2 * kk][2], st[2 * kk][3]),
+                                        pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]),
+                                        pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3])};
+                const unsigned da[4] = {pack_bf16(dpt[2 * kk][0], dpt[2 * kk][1]),
+                                        pack_bf16(dpt[2 * kk][2], dpt[2 * kk][3]),
+                                        pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
+                                        pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+#pragma unroll
+                for (int dp = 0; dp < D / 16; ++dp) {
+                    const int off = (kk * 16 + (lane & 15)) * LD + dp * 16 + (lane >> 4) * 8;
+                    unsigned bd[4], bq[4];
+                    ldsm4t(bd, sdO + off);
+                    ldsm4t(bq, sQ + off);
+                    mma16816(dva[2 * dp], pa, bd[0], bd[1]);
+                    mma16816(dva[2 * dp + 1], pa, bd[2], bd[3]);
+                    mma16816(dka[2 * dp], da, bq[0], bq[1]);
+                    mma16816(dka[2 * dp + 1], da, bq[2], bq[3]);
+                }
+            }
+        }
+#if ATTN_BWD64_DB
+        __syncthreads();  // everyone is done with this tile's Q slot, which now takes dS^T
+        bf16* sdS = sB[cur];
+#else
+        bf16* sdS = sdS_sep;
+#endif
+        // dS^T (bf16) to shared memory for the dQ product (zeros from inactive warps).
+        {
+            const int r = warp * 16 + (lane >> 2);
+#pragma unroll
+            for (int nt = 0; nt < BMQ / 8; ++nt) {
+                const int c = nt * 8 + 2 * (lane & 3);
+                *reinterpret_cast<unsigned*>(sdS + r * LDS + c) = pack_bf16(dpt[nt][0], dpt[nt][1]);
+                *reinterpret_cast<unsigned*>(sdS + (r + 8) * LDS + c) = pack_bf16(dpt[nt][2], dpt[nt][3]);
+            }
+        }
+        __syncthreads();  // dS^T complete
+#if !ATTN_BWD64_DB
+        if (it + 1 < iters) {  // Q and dO tiles no longer read
+            issue(it + 1, 0);
+            cp_async_commit();
+        }
+#endif
+
+        // dQ[BMQ x D] += dS K: warp takes query rows qr..qr+31 and dims dc0..dc0+31.
+        const int qr = (warp & 1) * 32, dc0 = (warp >> 1) * 32;
+        float dqa[2][4][4];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) dqa[mt][i][0] = dqa[mt][i][1] = dqa[mt][i][2] = dqa[mt][i][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            unsigned a[2][4], bk[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt)
+                ldsm4t(a[mt], sdS + (kk * 16 + (lane & 7) + ((lane >> 4) << 3)) * LDS + qr + mt * 16 + ((lane >> 3) & 1) * 8);
+#pragma unroll
+            for (int dp = 0; dp < 2; ++dp)
+                ldsm4t(bk[dp], sK + (kk * 16 + (lane & 15)) * LD + dc0 + dp * 16 + (lane >> 4) * 8);
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+                for (int dp = 0; dp < 2; ++dp) {
+                    mma16816(dqa[mt][2 * dp], a[mt], bk[dp][0], bk[dp][1]);
+                    mma16816(dqa[mt][2 * dp + 1], a[mt], bk[dp][2], bk[dp][3]);
+                }
+        }
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int row = m0 + qr + mt * 16 + (lane >> 2) + r * 8;
+                if (row < S) {
+                    float* dst = dq_acc + (((size_t)b * S + row) * Hq + h) * D + dc0 + 2 * (lane & 3);
+#pragma unroll
+                    for (int dt = 0; dt < 4; ++dt)
+                        red_add_f32x2(dst + dt * 8, dqa[mt][dt][2 * r] * scale, dqa[mt][dt][2 * r + 1] * scale);
+                }
+            }
+    }
+
+    // dK (scaled) and dV, summed over the group's query heads, written once.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int key = key0 + r * 8;
+        if (key < S) {
+            const size_t off = ((size_t)b * S + key) * kvrs + (size_t)hk * D + 2 * (lane & 3);
+#pragma unroll
+            for (int dt = 0; dt < D / 8; ++dt) {
+                *reinterpret_cast<unsigned*>(dk + off + dt * 8) =
+                    pack_bf16(dka[dt][2 * r] * scale, dka[dt][2 * r + 1] * scale);
+                *reinterpret_cast<unsigned*>(dv + off + dt * 8) = pack_bf16(dva[dt][2 * r], dva[dt][2 * r + 1]);
+            }
+        }
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(128, 2)
     flash_attn_bwd_d32(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
                        const float* delta, float* dq_acc, bf16* dk, bf16* dv, int B, int S, int Hq, int Hkv,
@@ -494,7 +740,7 @@ extern "C" __global__ void __launch_bounds__(128, 2)
     flash_attn_bwd_d64(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
                        const float* delta, float* dq_acc, bf16* dk, bf16* dv, int B, int S, int Hq, int Hkv,
                        float scale) {
-    bwd_impl<64, 64>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, S, Hq, Hkv, scale);
+    bwd64_impl(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, S, Hq, Hkv, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 2)

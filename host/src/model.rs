@@ -57,9 +57,9 @@ pub(crate) const Q: usize = 1;
 pub(crate) const K: usize = 2;
 pub(crate) const V: usize = 3;
 pub(crate) const O: usize = 4;
-const SH_GATE: usize = 0;
-const SH_UP: usize = 1;
-const SH_DOWN: usize = 2;
+pub(crate) const SH_GATE: usize = 0;
+pub(crate) const SH_UP: usize = 1;
+pub(crate) const SH_DOWN: usize = 2;
 
 pub(crate) struct Layer {
     pub(crate) host: usize,

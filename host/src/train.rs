@@ -486,6 +486,7 @@ mod tests {
             ("head_dim 64, qk_norm head", vec!["model.head_dim=64", "model.qk_norm=\"head\""]),
             ("head_dim 128, qk_norm full", vec!["model.head_dim=128", "model.qk_norm=\"full\""]),
             ("head_dim 32, qk_norm none, seq 100", vec!["model.qk_norm=\"none\"", "model.seq_len=100"]),
+            ("head_dim 64, shared expert 96", vec!["model.head_dim=64", "model.shared_expert_ffn=96"]),
         ] {
             let mut sets = sets.clone();
             sets.push("train.micro_batch=2");

@@ -117,7 +117,10 @@ pub fn judge(
             bad.push(heavy)
         }
         if let Some((p, pms)) = prev {
-            let order = format!("`{op}` ({ms:.3} ms) comes after `{p}` ({pms:.3} ms): heaviest first");
+            let order = format!(
+                "listed heaviest first: `{p}` ({pms:.3} ms), then `{op}` ({ms:.3} ms); swaps within {:.0}% allowed",
+                within * 100.0
+            );
             if ms <= pms * (1.0 + within) {
                 ok.push(order)
             } else {

@@ -5,12 +5,12 @@
 //! Per layer (T tokens): x f32 → a = attn_norm(x) bf16 → q,k,v = a·Wᵀ → qk-norm → RoPE →
 //! flash attention → o_proj → h = x + o (f32) → m = moe_norm(h) bf16 → router, balance losses,
 //! dispatch, experts, combine (plugins, through GpuOps) → x' = h + combine.
-//! Not on CUDA yet: the shared expert (`model.shared_expert_ffn > 0`).
+//! With `model.shared_expert_ffn > 0` a shared SwiGLU expert on m is added to x' as on the CPU.
 
 use super::ops::GpuOps;
 use super::{src, DTensor, Gpu};
 use crate::config::QkNorm;
-use crate::model::{named, Model, StepOut, ATTN_NORM, K, O, Q, V};
+use crate::model::{named, Model, StepOut, ATTN_NORM, K, O, Q, SH_DOWN, SH_GATE, SH_UP, V};
 use crate::params::Params;
 use abi_stable::std_types::RSlice;
 use pith_plugin_api::{Arg, DType, Device, Dispatched, ExpertsOut, RouterOut, Tensor};
@@ -110,6 +110,8 @@ struct Saved {
     r: RouterOut,
     d: Dispatched,
     e: ExpertsOut,
+    /// Shared expert: gate, up, activation [T,F].
+    shared: Option<[DTensor; 3]>,
     counts: Vec<u32>,
     aux: Vec<(String, f32)>,
     /// The plugins' device allocations before this layer's (see `GpuOps::release_to`).
@@ -248,11 +250,6 @@ impl GpuPass<'_> {
     }
 
     fn forward(&self, tokens: &Tensor) -> Result<(Vec<Saved>, DTensor), String> {
-        if self.m.cfg.shared_expert_ffn > 0 {
-            return Err(
-                "model.shared_expert_ffn > 0: the shared expert is not on CUDA yet; use device = \"cpu\"".into()
-            );
-        }
         let mut x = self.tensor(&[self.t(), self.m.cfg.hidden], DType::F32)?;
         self.gpu.embed_fwd(tokens, &self.p.list[self.m.embed].w, &x)?;
         let mut layers = Vec::new();
@@ -319,7 +316,17 @@ impl GpuPass<'_> {
         check(&y, DType::BF16, &[n, hd], Device::Cuda, &who)?;
         let out = self.tensor(&[n, hd], DType::F32)?;
         self.gpu.sum_into(&out, &h, &y)?;
-        let saved = Saved { x, rstd1, a, q_pre, k_pre, q, k, v, att, lse, h, rstd2, m, r, d, e, counts, aux, mark };
+        let mut shared = None;
+        if let Some(si) = lay.shared {
+            let (gate, up) = (self.linear(si + SH_GATE, &m)?, self.linear(si + SH_UP, &m)?);
+            let act = self.tensor(&gate.dims(), DType::BF16)?;
+            self.gpu.swiglu_fwd(&gate, &up, &act)?;
+            let y2 = self.linear(si + SH_DOWN, &act)?;
+            self.gpu.add_into(&out, &y2)?;
+            shared = Some([gate, up, act]);
+        }
+        let saved =
+            Saved { x, rstd1, a, q_pre, k_pre, q, k, v, att, lse, h, rstd2, m, r, d, e, shared, counts, aux, mark };
         Ok((saved, out))
     }
 
@@ -376,6 +383,14 @@ impl GpuPass<'_> {
         named(res, &at(&format!("router `{}`", moe.router.0)))?;
         let dm = self.tensor(&[n, hd], DType::F32)?;
         self.gpu.sum_into(&dm, &dxd, &dxr)?;
+        if let (Some(si), Some([gate, up, act])) = (lay.shared, &s.shared) {
+            let dact = self.tensor(&act.dims(), DType::BF16)?;
+            self.linear_bwd(si + SH_DOWN, act, &dy16, &dact, false)?;
+            let (dg, du) = (self.tensor(&act.dims(), DType::BF16)?, self.tensor(&act.dims(), DType::BF16)?);
+            self.gpu.swiglu_bwd(gate, up, &dact, &dg, &du)?;
+            self.linear_bwd(si + SH_GATE, &s.m, &dg, &dm, true)?;
+            self.linear_bwd(si + SH_UP, &s.m, &du, &dm, true)?;
+        }
         drop((dxd, dxr, dlog, dw));
         self.norm_bwd(lay.moe_norm, &s.h, &s.rstd2, &dm, dy)?;
         drop(dm);
