@@ -23,7 +23,8 @@
 // (n = B*S*Hq*D). Pointers must be 16-byte aligned (any cudaMalloc'd base is).
 // dk and dv are fully written (no zeroing needed). No function attributes need raising.
 // Measured on H200 (B=4, S=4096, Hq=16, Hkv=4, D=64; causal FLOPs): fwd 249 TFLOP/s, bwd kernel
-// 195 TFLOP/s (183 with prep + zeroing + cast). D=128, Hq=8: fwd 250, bwd 207 TFLOP/s.
+// 203 TFLOP/s (190 with prep + zeroing + cast; torch SDPA on the same card: fwd 257-260, bwd 204-212).
+// D=128, Hq=8: fwd 250, bwd 207 TFLOP/s.
 //
 // Forward (FlashAttention-2): a block owns BM query rows of one (batch, query head); each warp owns
 // 16 rows, keeps its Q fragment in registers, and streams 64-key tiles of K and V through shared
@@ -39,6 +40,7 @@
 //   dV += P^T dO, dK += dS^T Q   (accumulated in registers over the whole loop, written once),
 //   dQ += scale * dS K           (dS^T goes through shared memory; fp32 atomics into dq_acc).
 // The next query tile's Q, dO, lse and delta are fetched with cp.async while dQ is computed.
+// D = 64 runs a tuned copy of this loop (bwd64_impl, below bwd_impl): same tiling and launch shape.
 #include <cuda_bf16.h>
 
 typedef __nv_bfloat16 bf16;
@@ -483,35 +485,24 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
     }
 }
 
-// D = 64 backward (flash_attn_bwd_d64): the same algorithm and launch configuration as bwd_impl with
-// three changes that cut shared-memory traffic (the limiter at 2 blocks/SM):
-//  * K's A fragments (S^T = K Q^T) stay in registers next to V's;
-//  * lse/delta are read as float2 pairs;
-//  * dQ = dS K is split 2 x 2 over the warps (32 queries x 32 dims each), which needs 16 ldmatrix per
-//    warp instead of 20;
-//  * (ATTN_BWD64_DB) Q/dO/lse/delta are double-buffered: tile it+1 loads during the whole of tile it;
-//    dS^T then lives in the current tile's Q slot (one extra barrier), so static shared stays < 48 KiB.
-#ifndef ATTN_BWD64_DB
-#define ATTN_BWD64_DB 1
-#endif
-#ifndef ATTN_BWD64_KREG
-#define ATTN_BWD64_KREG 1
-#endif
+// D = 64 backward (flash_attn_bwd_d64): the algorithm, tiling (64 keys x 64 queries, 4 warps) and
+// launch configuration of bwd_impl<64, 64>, with less shared-memory traffic (ldmatrix bandwidth is
+// the limiter at 2 blocks/SM): K's A fragments (S^T = K Q^T) stay in registers next to V's; lse and
+// delta are read as float2 pairs; dQ = dS K is split 2 x 2 over the warps (32 queries x 32 dims
+// each: 16 ldmatrix per warp and tile instead of 20). Measured: 195 -> 203 TFLOP/s. (Tried and
+// dropped: double-buffering Q/dO with dS^T aliasing the spent Q slot -- the extra barrier ate the gain.)
 __device__ __forceinline__ void bwd64_impl(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                            const bf16* __restrict__ v, const bf16* __restrict__ dout,
                                            const float* __restrict__ lse, const float* __restrict__ delta,
                                            float* __restrict__ dq_acc, bf16* __restrict__ dk, bf16* __restrict__ dv,
                                            int B, int S, int Hq, int Hkv, float scale) {
-    constexpr int D = 64, BMQ = 64, BN = 64, NT = 128, LD = D + 8, LDS = BMQ + 8, TILE = BMQ * LD;
-    constexpr int NBUF = ATTN_BWD64_DB ? 2 : 1;
-    static_assert(LDS == LD && BN * LDS <= TILE, "dS^T aliases a Q tile slot");
+    constexpr int D = 64, BMQ = 64, BN = 64, NT = 128, LD = D + 8, LDS = BMQ + 8;
     __shared__ __align__(16) bf16 sK[BN * LD];
-    __shared__ __align__(16) bf16 sB[NBUF][2 * TILE];  // per buffer: [Q tile | dO tile]
-#if !ATTN_BWD64_DB
-    __shared__ __align__(16) bf16 sdS_sep[BN * LDS];
-#endif
-    __shared__ __align__(16) float sLse[NBUF][BMQ];
-    __shared__ __align__(16) float sDelta[NBUF][BMQ];
+    __shared__ __align__(16) bf16 sQ[2 * BMQ * LD];  // [Q tile | dO tile]; V tile at the start
+    __shared__ __align__(16) bf16 sdS[BN * LDS];     // dS^T [key][query]
+    __shared__ __align__(16) float sLse[BMQ];
+    __shared__ __align__(16) float sDelta[BMQ];
+    bf16* sdO = sQ + BMQ * LD;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int hk = blockIdx.x, b = blockIdx.y, n0 = blockIdx.z * BN;
@@ -522,46 +513,35 @@ __device__ __forceinline__ void bwd64_impl(const bf16* __restrict__ q, const bf1
 
     const int m_begin = n0 / BMQ, m_count = (S + BMQ - 1) / BMQ, per_head = m_count - m_begin;
     const int iters = G * per_head;
-    auto issue = [&](int it, int buf) {  // async loads of Q, dO, lse, delta for iteration it
+    auto issue = [&](int it) {  // async loads of Q, dO, lse, delta for iteration it
         const int h = hk * G + it / per_head, m0 = (m_begin + it % per_head) * BMQ;
         const size_t off = (size_t)b * S * qrs + (size_t)h * D;
-        load_tile<BMQ, D, NT>(sB[buf], q + off, qrs, m0, S, tid);
-        load_tile<BMQ, D, NT>(sB[buf] + TILE, dout + off, qrs, m0, S, tid);
+        load_tile<BMQ, D, NT>(sQ, q + off, qrs, m0, S, tid);
+        load_tile<BMQ, D, NT>(sdO, dout + off, qrs, m0, S, tid);
         const size_t loff = ((size_t)b * Hq + h) * S;
         for (int i = tid; i < BMQ; i += NT) {
             const bool ok = m0 + i < S;
-            cp_async4(&sLse[buf][i], lse + loff + (ok ? m0 + i : 0), ok);
-            cp_async4(&sDelta[buf][i], delta + loff + (ok ? m0 + i : 0), ok);
+            cp_async4(sLse + i, lse + loff + (ok ? m0 + i : 0), ok);
+            cp_async4(sDelta + i, delta + loff + (ok ? m0 + i : 0), ok);
         }
+        cp_async_commit();
     };
 
-    // K stays in shared memory (B operand of dQ); V (and K's A fragments) go to registers. V is staged
-    // in the last buffer's Q slot; with double buffering tile 0 loads into buffer 0 at the same time.
-    bf16* sVst = sB[NBUF - 1];
+    // K stays in shared memory (B operand of dQ); V and K's A fragments go to registers.
     load_tile<BN, D, NT>(sK, kb, kvrs, n0, S, tid);
-    load_tile<BN, D, NT>(sVst, vb, kvrs, n0, S, tid);
-#if ATTN_BWD64_DB
-    issue(0, 0);
-#endif
+    load_tile<BN, D, NT>(sQ, vb, kvrs, n0, S, tid);
     cp_async_commit();
     cp_async_wait_all();
     __syncthreads();
     unsigned vf[D / 16][4];
-#if ATTN_BWD64_KREG
     unsigned kf[D / 16][4];
-#endif
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-        ldsm4(vf[kk], sVst + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
-#if ATTN_BWD64_KREG
+        ldsm4(vf[kk], sQ + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
         ldsm4(kf[kk], sK + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
-#endif
     }
-#if !ATTN_BWD64_DB
     __syncthreads();
-    issue(0, 0);
-    cp_async_commit();
-#endif
+    issue(0);
 
     float dka[D / 8][4], dva[D / 8][4];
 #pragma unroll
@@ -575,15 +555,8 @@ __device__ __forceinline__ void bwd64_impl(const bf16* __restrict__ q, const bf1
 
     for (int it = 0; it < iters; ++it) {
         const int h = hk * G + it / per_head, m0 = (m_begin + it % per_head) * BMQ;
-        const int cur = ATTN_BWD64_DB ? (it & 1) : 0;
-        const bf16* sQ = sB[cur];
-        const bf16* sdO = sB[cur] + TILE;
         cp_async_wait_all();
-        __syncthreads();  // tile it has landed; everyone is done with iteration it-1
-#if ATTN_BWD64_DB
-        if (it + 1 < iters) issue(it + 1, cur ^ 1);
-        cp_async_commit();
-#endif
+        __syncthreads();  // tile it has landed for every thread; everyone is done with sdS
 
         const bool active = kw0 <= m0 + BMQ - 1;  // warp-uniform: some (key, query) pair is visible
         float st[BMQ / 8][4], dpt[BMQ / 8][4];    // S^T -> P^T, dP^T -> dS^T (16 keys x BMQ queries)
@@ -594,12 +567,7 @@ __device__ __forceinline__ void bwd64_impl(const bf16* __restrict__ q, const bf1
         if (active) {
 #pragma unroll
             for (int kk = 0; kk < D / 16; ++kk) {
-#if ATTN_BWD64_KREG
                 const unsigned(&ka)[4] = kf[kk];
-#else
-                unsigned ka[4];
-                ldsm4(ka, sK + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
-#endif
 #pragma unroll
                 for (int np = 0; np < BMQ / 16; ++np) {
                     const int off = (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LD + kk * 16 + ((lane >> 3) & 1) * 8;
@@ -616,8 +584,8 @@ __device__ __forceinline__ void bwd64_impl(const bf16* __restrict__ q, const bf1
 #pragma unroll
             for (int nt = 0; nt < BMQ / 8; ++nt) {
                 const int qc = nt * 8 + 2 * (lane & 3);
-                const float2 L = *reinterpret_cast<const float2*>(&sLse[cur][qc]);
-                const float2 Dl = *reinterpret_cast<const float2*>(&sDelta[cur][qc]);
+                const float2 L = *reinterpret_cast<const float2*>(sLse + qc);
+                const float2 Dl = *reinterpret_cast<const float2*>(sDelta + qc);
                 const float nl[2] = {-L.x * ATTN_LOG2E, -L.y * ATTN_LOG2E}, dl[2] = {Dl.x, Dl.y};
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
@@ -651,12 +619,6 @@ __device__ __forceinline__ void bwd64_impl(const bf16* __restrict__ q, const bf1
                 }
             }
         }
-#if ATTN_BWD64_DB
-        __syncthreads();  // everyone is done with this tile's Q slot, which now takes dS^T
-        bf16* sdS = sB[cur];
-#else
-        bf16* sdS = sdS_sep;
-#endif
         // dS^T (bf16) to shared memory for the dQ product (zeros from inactive warps).
         {
             const int r = warp * 16 + (lane >> 2);
@@ -667,13 +629,8 @@ __device__ __forceinline__ void bwd64_impl(const bf16* __restrict__ q, const bf1
                 *reinterpret_cast<unsigned*>(sdS + (r + 8) * LDS + c) = pack_bf16(dpt[nt][2], dpt[nt][3]);
             }
         }
-        __syncthreads();  // dS^T complete
-#if !ATTN_BWD64_DB
-        if (it + 1 < iters) {  // Q and dO tiles no longer read
-            issue(it + 1, 0);
-            cp_async_commit();
-        }
-#endif
+        __syncthreads();  // dS^T complete; Q and dO tiles no longer read
+        if (it + 1 < iters) issue(it + 1);
 
         // dQ[BMQ x D] += dS K: warp takes query rows qr..qr+31 and dims dc0..dc0+31.
         const int qr = (warp & 1) * 32, dc0 = (warp >> 1) * 32;

@@ -137,7 +137,9 @@ pub fn run_with(task: &crate::Task, dir: &Path, env: &Env) -> Outcome {
             o.fails.push(e);
             return o;
         }
-        o.notes.push("ok: a CUDA GPU is here (`pith plugins check adamw --device cuda` did not refuse for want of one)".into());
+        o.notes.push(
+            "ok: a CUDA GPU is here (`pith plugins check adamw --device cuda` did not refuse for want of one)".into(),
+        );
     }
     if let Err(e) = check(&task.meta.check, dir, env, &mut o) {
         o.fails.push(e);
