@@ -35,15 +35,17 @@ while read -r KIND NAME _; do
   N=$((N + 1))
 done < "$TMP/list"
 [ "$N" -gt 0 ] || fail "no components listed"
+command -v cargo > /dev/null 2>&1 || fail "cargo is not on PATH: the model:: and layers:: tests (step 3) need it; the $N component checks above passed"
+why() { grep -E 'panicked|FAILED|error' "$1" | head -n 3 | grep . || tail -n 2 "$1"; }
 (cd "$ROOT" && cargo test -q -p pith --lib -- model:: layers:: > "$TMP/tests" 2>&1) \
-  || fail "cargo test -p pith --lib model:: layers:: failed: $(grep -E 'panicked|FAILED|error' "$TMP/tests" | head -n 3)"
+  || fail "cargo test -p pith --lib model:: layers:: failed: $(why "$TMP/tests")"
 grep -q 'test result: ok' "$TMP/tests" || fail "the model tests did not run"
 if [ "$GPU" = yes ]; then
   # Every host kernel, cuBLAS, every std component's CUDA path, one whole step and the quickstart
   # on CUDA against the CPU (release: the CPU reference runs 300 quickstart steps).
   (cd "$ROOT" && cargo test -q --release -p pith --lib -- gpu:: check_cuda:: train::tests::cuda_step_matches_cpu \
     train::tests::quickstart_on_cuda_tracks_cpu > "$TMP/gpu" 2>&1) \
-    || fail "GPU tests failed: $(grep -E 'panicked|FAILED|error' "$TMP/gpu" | head -n 3)"
+    || fail "GPU tests failed: $(why "$TMP/gpu")"
   pass "$N components pass their gradient/determinism checks and CUDA parity (--device cuda); model::, layers:: and the GPU tests pass"
 fi
 echo "  CUDA parity: skipped (no GPU: $WHY)"
