@@ -39,11 +39,11 @@ enum Cmd {
         config: Option<PathBuf>,
         #[arg(long = "set")]
         set: Vec<String>,
-        /// Steps run and not counted.
-        #[arg(long, default_value_t = 3)]
+        /// Steps run and not counted (the first few are slower: cuBLAS picks its kernels).
+        #[arg(long, default_value_t = 4)]
         warmup: usize,
-        /// Steps timed (the median is reported).
-        #[arg(long, default_value_t = 8)]
+        /// Steps timed (the median is reported; steps vary by about ±10%).
+        #[arg(long, default_value_t = 15)]
         steps: usize,
         /// Also time one step per kernel and GEMM with CUDA events, heaviest first.
         #[arg(long)]
