@@ -78,7 +78,11 @@ pub fn bench(cfg: Config, reg: &Registry, o: BenchOpts) -> Result<(), String> {
     };
     let mut times = Vec::new();
     let mut loss = f32::NAN;
+    let mut mallocs = 0;
     for i in 0..o.warmup + o.steps {
+        if i == o.warmup {
+            mallocs = run.gpu().map_or(0, |g| g.pool.stats().mallocs);
+        }
         let s = Instant::now();
         loss = step(&mut run, &mut data, i as u64 + 1)?;
         let dt = s.elapsed().as_secs_f64();
@@ -109,15 +113,17 @@ pub fn bench(cfg: Config, reg: &Registry, o: BenchOpts) -> Result<(), String> {
     );
     if let (Some(peak), Some(g)) = (peak, run.gpu()) {
         let mem = g.pool.stats();
+        line["timed_step_mallocs"] = (mem.mallocs - mallocs).into();
         let (free, total) = cudarc::driver::result::mem_get_info().map_err(|e| format!("{e:?}"))?;
         println!(
-            "MFU {:.1}% of the measured bf16 GEMM peak ({:.1} TFLOP/s), {:.1}% of 790 TFLOP/s | peak memory {:.1} GiB reserved ({:.1} GiB in tensors); device shows {:.1} GiB used now",
+            "MFU {:.1}% of the measured bf16 GEMM peak ({:.1} TFLOP/s), {:.1}% of 790 TFLOP/s | peak memory {:.1} GiB reserved ({:.1} GiB in tensors); device shows {:.1} GiB used now; {} cudaMalloc calls in the timed steps",
             100.0 * achieved / peak,
             peak / 1e12,
             100.0 * achieved / REFERENCE_PEAK,
             gib(mem.peak_reserved),
             gib(mem.peak_in_use),
-            gib(total - free)
+            gib(total - free),
+            mem.mallocs - mallocs
         );
         line["gemm_peak_tflops"] = (peak / 1e12).into();
         line["mfu"] = (achieved / peak).into();

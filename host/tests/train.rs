@@ -234,3 +234,21 @@ fn plan_of_the_benchmark_model_matches_the_reference_flops() {
     assert!((gflop - 1.603).abs() < 5e-4, "{line}");
     assert!(text.contains("top-8 of 64"), "{text}");
 }
+
+/// `pith bench` on the CPU: its last line is JSON with a positive step time and throughput for
+/// the config's tokens per step; on a machine without a GPU, a CUDA bench fails in one line.
+#[test]
+fn bench_reports_step_time_and_throughput() {
+    let (code, text) = pith(&["bench", "--warmup", "1", "--steps", "2"]);
+    assert_eq!(code, 0, "{text}");
+    let last = text.lines().rev().find(|l| l.starts_with('{')).expect("a JSON line");
+    let v: serde_json::Value = serde_json::from_str(last).unwrap();
+    assert_eq!(v["tokens_per_step"].as_u64(), Some(1024), "{last}");
+    assert!(v["median_step_ms"].as_f64().unwrap() > 0.0 && v["tokens_per_s"].as_f64().unwrap() > 0.0, "{last}");
+    assert!(v["loss"].as_f64().unwrap().is_finite(), "{last}");
+    let (code, text) = pith(&["bench", "--set", "train.device=cuda", "--steps", "1"]);
+    if code != 0 {
+        let err: Vec<&str> = text.lines().filter(|l| l.starts_with("error")).collect();
+        assert!(err.len() == 1 && err[0].contains("device = \"cuda\""), "{text}");
+    }
+}
