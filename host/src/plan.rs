@@ -90,5 +90,14 @@ pub fn plan(cfg: &Config, reg: &Registry) -> Result<String, String> {
         opt.0,
         bytes as f64 / (1 << 20) as f64
     );
+    if cfg.train.device == "cuda" {
+        // The GPU adds a bf16 working copy of every weight (2 B) to the f32 weights, grads, state.
+        let gpu = bytes + params.list.iter().map(|p| p.spec.numel() * 2).sum::<usize>();
+        let _ = writeln!(
+            s,
+            "on CUDA: {:.1} MiB with the bf16 weight copies; activations come on top (`pith bench` measures the peak)",
+            gpu as f64 / (1 << 20) as f64
+        );
+    }
     Ok(s)
 }

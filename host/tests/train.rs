@@ -233,6 +233,19 @@ fn plan_of_the_benchmark_model_matches_the_reference_flops() {
     let gflop: f64 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
     assert!((gflop - 1.603).abs() < 5e-4, "{line}");
     assert!(text.contains("top-8 of 64"), "{text}");
+    // device = "cuda": f32 weights, grads and two AdamW states plus a bf16 copy, 18 B a parameter.
+    let all: f64 = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("all "))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let line = text.lines().find(|l| l.starts_with("on CUDA:")).unwrap();
+    let mib: f64 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!((mib - all * 18.0 / (1 << 20) as f64).abs() < 0.1, "{line}");
 }
 
 /// `pith bench` on the CPU: its last line is JSON with a positive step time and throughput for
