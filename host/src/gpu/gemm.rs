@@ -1,0 +1,239 @@
+//! cuBLAS on the device's stream: a row-major GEMM over tensor views (`cublasGemmEx`) and the
+//! experts' grouped GEMMs (`cublasGemmGroupedBatchedEx`, pointer arrays on the device; cudarc's
+//! safe `GroupedGemm` wrapper passes host arrays and faults on the H200).
+
+use super::Gpu;
+use cudarc::cublas::sys as blas;
+use pith_plugin_api::{DType, Tensor};
+
+impl Gpu {
+    /// c = alpha · op(a) · op(b) + beta · c on row-major 2-D views (a tensor of higher rank is
+    /// [rows, last]): a and b both bf16 or both f32, c bf16 or f32, fp32 accumulation.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        ta: bool,
+        tb: bool,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<(), String> {
+        let rc = |t: &Tensor| (t.numel() / t.dim(-1).max(1), t.dim(-1));
+        let ((ar, ac), (br, bc), (cr, cc)) = (rc(a), rc(b), rc(c));
+        let (m, k) = if ta { (ac, ar) } else { (ar, ac) };
+        let (kb, n) = if tb { (bc, br) } else { (br, bc) };
+        if k != kb || cr != m || cc != n || a.dtype != b.dtype {
+            return Err(format!(
+                "gemm: op(a) {m}x{k} ({:?}) · op(b) {kb}x{n} ({:?}) into c {cr}x{cc}: shapes or dtypes do not fit",
+                a.dtype, b.dtype
+            ));
+        }
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        // Row-major c = op(a)·op(b) is column-major cᵀ = op(b)ᵀ·op(a)ᵀ.
+        let p = Problem { m: n, n: m, k, a: b.addr, b: a.addr, c: c.addr };
+        self.timed("cuBLAS gemm", || self.gemm_cm((tb, ta), &p, (bc, ac, n), (b.dtype, a.dtype, c.dtype), alpha, beta))
+    }
+
+    /// One column-major cublasGemmEx: c = alpha·op(a)·op(b) + beta·c.
+    fn gemm_cm(
+        &self,
+        trans: (bool, bool),
+        p: &Problem,
+        ld: (usize, usize, usize),
+        types: (DType, DType, DType),
+        alpha: f32,
+        beta: f32,
+    ) -> Result<(), String> {
+        unsafe {
+            blas::cublasGemmEx(
+                *self.blas.handle(),
+                op(trans.0),
+                op(trans.1),
+                p.m as i32,
+                p.n as i32,
+                p.k as i32,
+                &alpha as *const f32 as _,
+                p.a as _,
+                cuda_type(types.0)?,
+                ld.0 as i32,
+                p.b as _,
+                cuda_type(types.1)?,
+                ld.1 as i32,
+                &beta as *const f32 as _,
+                p.c as _,
+                cuda_type(types.2)?,
+                ld.2 as i32,
+                blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+            .result()
+            .map_err(|e| format!("cublasGemmEx {}x{}x{} {trans:?} {types:?}: {e:?}", p.m, p.n, p.k))
+        }
+    }
+
+    /// For each group g (rows offsets[g]..offsets[g+1] of x [N,K] and y [N,N2], bf16):
+    /// y_g (+)= x_g · w[g] (w [G,K,N2]) or x_g · w[g]ᵀ when `trans_w` (w [G,N2,K]).
+    pub fn grouped_gemm(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        y: &Tensor,
+        offsets: &[usize],
+        trans_w: bool,
+        accumulate: bool,
+    ) -> Result<(), String> {
+        let (k, n) = (x.dim(-1), y.dim(-1));
+        let g = offsets.len() - 1;
+        if w.numel() != g * k * n || x.dtype != DType::BF16 || w.dtype != DType::BF16 || y.dtype != DType::BF16 {
+            return Err(format!(
+                "grouped gemm: w {:?} {:?} for {g} groups of {k}x{n}: expected bf16 x, w, y",
+                w.dtype,
+                w.dims()
+            ));
+        }
+        // Column-major per group: y_gᵀ [N2, n_g] = op(w_g)ᵀ · x_gᵀ.
+        let groups: Vec<Problem> = (0..g)
+            .filter(|&e| offsets[e + 1] > offsets[e])
+            .map(|e| Problem {
+                m: n,
+                n: offsets[e + 1] - offsets[e],
+                k,
+                a: w.addr + (e * k * n * 2) as u64,
+                b: x.addr + (offsets[e] * k * 2) as u64,
+                c: y.addr + (offsets[e] * n * 2) as u64,
+            })
+            .collect();
+        let lda = if trans_w { k } else { n };
+        let t = DType::BF16;
+        self.grouped(&groups, (trans_w, false), (lda, k, n), (t, t, t), if accumulate { 1.0 } else { 0.0 })
+    }
+
+    /// Weight gradient of a grouped GEMM: dw[g] (f32 [K,N2]) += x_gᵀ · dy_g (x, dy bf16). cuBLAS's
+    /// grouped GEMM takes bf16 A and B only with a bf16 C, so the product lands in a bf16 buffer
+    /// that is then added to the fp32 gradient (what PyTorch's grouped_mm does under autocast).
+    pub fn grouped_wgrad(&self, x: &Tensor, dy: &Tensor, dw: &Tensor, offsets: &[usize]) -> Result<(), String> {
+        let (k, n) = (x.dim(-1), dy.dim(-1));
+        let g = offsets.len() - 1;
+        if dw.numel() != g * k * n || dw.dtype != DType::F32 || x.dtype != DType::BF16 || dy.dtype != DType::BF16 {
+            let got = (dw.dtype, dw.dims());
+            return Err(format!("grouped wgrad: dw {got:?} for {g} groups of {k}x{n}: expected bf16 x, dy and f32 dw"));
+        }
+        let tmp = self.tensor(&dw.dims(), DType::BF16)?;
+        // Experts without rows get no product; their slots must add zero.
+        if offsets.windows(2).any(|w| w[1] == w[0]) {
+            self.zero(&tmp)?;
+        }
+        // Column-major per group: tmp_gᵀ [N2, K] = dy_gᵀ · x_g.
+        let groups: Vec<Problem> = (0..g)
+            .filter(|&e| offsets[e + 1] > offsets[e])
+            .map(|e| Problem {
+                m: n,
+                n: k,
+                k: offsets[e + 1] - offsets[e],
+                a: dy.addr + (offsets[e] * n * 2) as u64,
+                b: x.addr + (offsets[e] * k * 2) as u64,
+                c: tmp.addr + (e * k * n * 2) as u64,
+            })
+            .collect();
+        let t = DType::BF16;
+        self.grouped(&groups, (false, true), (n, k, n), (t, t, t), 0.0)?;
+        self.add_into(dw, &tmp)
+    }
+
+    /// One cublasGemmGroupedBatchedEx over column-major problems c = op(a)·op(b) + beta·c that
+    /// share transposes, leading dimensions and types (one problem per group).
+    fn grouped(
+        &self,
+        groups: &[Problem],
+        trans: (bool, bool),
+        ld: (usize, usize, usize),
+        types: (DType, DType, DType),
+        beta: f32,
+    ) -> Result<(), String> {
+        let g = groups.len();
+        if g == 0 {
+            return Ok(());
+        }
+        // The pointer arrays live on the device: [a..., b..., c...].
+        let ptrs: Vec<u64> = (0..3).flat_map(|j| groups.iter().map(move |p| [p.a, p.b, p.c][j])).collect();
+        let arrays = self.upload(&ptrs, &[6 * g], DType::I32)?;
+        let (a_arr, b_arr, c_arr) = (arrays.addr, arrays.addr + 8 * g as u64, arrays.addr + 16 * g as u64);
+        let (ta, tb) = (vec![op(trans.0); g], vec![op(trans.1); g]);
+        let col = |f: fn(&Problem) -> usize| groups.iter().map(|p| f(p) as i32).collect::<Vec<i32>>();
+        let (m, n, k) = (col(|p| p.m), col(|p| p.n), col(|p| p.k));
+        let (lda, ldb, ldc) = (vec![ld.0 as i32; g], vec![ld.1 as i32; g], vec![ld.2 as i32; g]);
+        let (alpha, betas, ones) = (vec![1.0f32; g], vec![beta; g], vec![1i32; g]);
+        let name = if trans.1 { "cuBLAS grouped gemm (wgrad)" } else { "cuBLAS grouped gemm" };
+        let (at, bt, ct) = (cuda_type(types.0)?, cuda_type(types.1)?, cuda_type(types.2)?);
+        let grouped = self.timed(name, || unsafe {
+            blas::cublasGemmGroupedBatchedEx(
+                *self.blas.handle(),
+                ta.as_ptr(),
+                tb.as_ptr(),
+                m.as_ptr(),
+                n.as_ptr(),
+                k.as_ptr(),
+                alpha.as_ptr() as _,
+                a_arr as _,
+                at,
+                lda.as_ptr(),
+                b_arr as _,
+                bt,
+                ldb.as_ptr(),
+                betas.as_ptr() as _,
+                c_arr as _,
+                ct,
+                ldc.as_ptr(),
+                g as i32,
+                ones.as_ptr(),
+                blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            )
+            .result()
+        });
+        match grouped {
+            Ok(()) => Ok(()),
+            // Some type/transpose combinations are refused by some cuBLAS versions: one GEMM per
+            // group instead (correct, slower), said once.
+            Err(cudarc::cublas::result::CublasError(blas::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    tracing::warn!("cuBLAS grouped GEMM refused trans {trans:?} {types:?}: one GEMM per group")
+                });
+                let name = format!("{name}, per-group fallback");
+                self.timed(&name, || groups.iter().try_for_each(|p| self.gemm_cm(trans, p, ld, types, 1.0, beta)))
+            }
+            Err(e) => Err(format!("cublasGemmGroupedBatchedEx ({g} groups, trans {trans:?}, {types:?}): {e:?}")),
+        }
+        // `arrays` returns to the pool here; reuse is ordered after this GEMM on the stream.
+    }
+}
+
+/// One column-major GEMM problem: sizes and device addresses.
+struct Problem {
+    m: usize,
+    n: usize,
+    k: usize,
+    a: u64,
+    b: u64,
+    c: u64,
+}
+
+fn op(t: bool) -> blas::cublasOperation_t {
+    if t {
+        blas::cublasOperation_t::CUBLAS_OP_T
+    } else {
+        blas::cublasOperation_t::CUBLAS_OP_N
+    }
+}
+
+fn cuda_type(d: DType) -> Result<blas::cudaDataType_t, String> {
+    match d {
+        DType::F32 => Ok(blas::cudaDataType_t::CUDA_R_32F),
+        DType::BF16 => Ok(blas::cudaDataType_t::CUDA_R_16BF),
+        DType::I32 => Err("GEMMs take f32 or bf16 tensors, not i32".into()),
+    }
+}
