@@ -2,7 +2,7 @@
 //! solution, against the current tree; the parsers and the scorer do what README.md says.
 //!
 //! Training runs use PITH_BIN, else `target/debug/pith` (built once with `cargo build -p pith`);
-//! plugin crates build into `target/plugin-tests` (shared with host/tests/plugins.rs).
+//! plugin crates build into `target/plugin-tests` (shared with tests/tests/plugins.rs).
 
 use crate::check::{self, Env};
 use crate::{load_tasks, Task};

@@ -58,6 +58,7 @@ fn step(run: &mut Run, data: &mut Dataset, step: u64) -> Result<f32, String> {
 }
 
 pub fn bench(cfg: Config, reg: &Registry, o: BenchOpts) -> Result<(), String> {
+    crate::config::check_memory(&cfg)?;
     let (m, t) = (cfg.model.clone(), cfg.train.clone());
     let top_k = cfg.router.get("top_k").and_then(|v| v.as_integer()).unwrap_or(2) as usize;
     let flops_per_token = Model::counts(&m, top_k).flops_per_token;
@@ -70,7 +71,7 @@ pub fn bench(cfg: Config, reg: &Registry, o: BenchOpts) -> Result<(), String> {
     let peak = match run.gpu() {
         Some(g) => {
             let p = gemm_peak(g)?;
-            g.pool.release_cached();
+            g.pool.release_cached()?;
             g.pool.reset_peaks();
             Some(p)
         }

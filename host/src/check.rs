@@ -121,7 +121,8 @@ pub(crate) fn make_params(specs: Vec<ParamSpec>, rng: &mut Rng) -> Params {
 
 /// Set the tensors `g` to `init` (a backward's starting grads).
 fn load(g: &[Tensor], init: &[Vec<f32>]) {
-    g.iter().zip(init).for_each(|(t, v)| t.f32s().copy_from_slice(v));
+    // SAFETY: each grad is its own host buffer, and no slice of it is alive here.
+    g.iter().zip(init).for_each(|(t, v)| unsafe { t.f32s_mut() }.copy_from_slice(v));
 }
 
 /// Named params for `Case::wrt` (their grads accumulate).
@@ -201,13 +202,15 @@ fn grad_check(
     idx.truncate(COORDS);
     let (mut pairs, mut skipped) = (Vec::new(), 0);
     for &i in &idx {
+        // SAFETY: a single store each, with no slice of `t` alive.
+        let set = |v: f32| unsafe { t.f32s_mut()[i] = v };
         let x0 = t.f32s()[i];
         let (xp, xm) = (x0 + eps, x0 - eps);
-        t.f32s()[i] = xp;
+        set(xp);
         let op = outputs();
-        t.f32s()[i] = xm;
+        set(xm);
         let om = outputs();
-        t.f32s()[i] = x0;
+        set(x0);
         let (Some(op), Some(om)) = (op?, om?) else {
             skipped += 1;
             continue;
@@ -284,7 +287,9 @@ fn check_router(cpu: &CpuOps, r: &RouterBox, dims: ModelDims, rng: &mut Rng) -> 
             row.sort_by(|a, b| b.total_cmp(a));
             if row[k - 1] - row[k] < GAP {
                 tied = true;
-                x.f32s()[tok * h..(tok + 1) * h].fill_with(|| rng.normal());
+                // SAFETY: x is the check's own input buffer; `o` holds no slice of it.
+                let xs = unsafe { x.f32s_mut() };
+                xs[tok * h..(tok + 1) * h].fill_with(|| rng.normal());
             }
         }
         cpu.reset();
@@ -570,10 +575,12 @@ mod tests {
             let (logits, weights) = (h.alloc_f32(&[t, e])?, h.alloc_f32(&[t, 1])?);
             let ids = h.alloc(&[t, 1], DType::I32)?;
             h.gemm(x, p[0], logits, false, true, 1.0, 0.0)?;
+            // SAFETY: logits and weights are this call's own allocations.
+            let (l, w) = unsafe { (logits.f32s_mut(), weights.f32s_mut()) };
             if self.bug == 3 {
-                logits.f32s()[0] += 1e-3 * self.calls.fetch_add(1, Ordering::Relaxed) as f32;
+                l[0] += 1e-3 * self.calls.fetch_add(1, Ordering::Relaxed) as f32;
             }
-            (0..t).for_each(|i| weights.f32s()[i] = logits.f32s()[i * e]);
+            (0..t).for_each(|i| w[i] = l[i * e]);
             Ok(RouterOut { logits, ids, weights, saved: RVec::new() })
         }
         fn backward(
@@ -589,8 +596,9 @@ mod tests {
         ) -> Result<(), String> {
             let (t, e) = (x.dim(0), E);
             let d = h.alloc_f32(&[t, e])?;
-            d.f32s().copy_from_slice(dl.f32s());
-            (0..t).for_each(|i| d.f32s()[i * e] += dw.f32s()[i]);
+            let dv = unsafe { d.f32s_mut() }; // SAFETY: this call's own allocation
+            dv.copy_from_slice(dl.f32s());
+            (0..t).for_each(|i| dv[i * e] += dw.f32s()[i]);
             // bug 1: dx is half what it should be; 2: the weight grad overwrites instead of adding;
             // 4: dx adds instead of overwriting.
             let beta_g = if self.bug == 2 { 0.0 } else { 1.0 };
@@ -665,10 +673,7 @@ mod tests {
         let Component::CommSchedule(c) = create("comm", "local", "").unwrap() else { panic!() };
         let xt = view(&x, &[4, h]);
         let d = ok(c.dispatch(cpu.ops(), xt, it, E as u32)).unwrap();
-        assert_eq!(
-            (d.offsets.i32s(), d.saved[0].i32s()),
-            (&mut [0, 2, 4, 6, 8][..], &mut [0, 5, 1, 4, 2, 7, 3, 6][..])
-        );
+        assert_eq!((d.offsets.i32s(), d.saved[0].i32s()), (&[0, 2, 4, 6, 8][..], &[0, 5, 1, 4, 2, 7, 3, 6][..]));
         let bad = [0, 1, 2, 7, 1, 0, 3, 2];
         let e = ok(c.dispatch(cpu.ops(), xt, view_i32(&bad, &[4, 2]), E as u32)).err().unwrap();
         assert!(e.contains("ids[1, 1] = 7") && e.contains("0..4"), "{e}");

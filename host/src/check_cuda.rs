@@ -328,14 +328,15 @@ mod tests {
     use super::*;
     use pith_plugin_api::{BalanceLoss, Host};
 
-    /// GPU 0, or None after printing why the test is skipped.
-    fn gpu() -> Option<Arc<Gpu>> {
-        Gpu::open(0).map(Arc::new).map_err(|e| println!("skipped: no GPU here ({e})")).ok()
+    /// GPU 0; these tests fail without one (they are ignored unless run with `--ignored`).
+    fn gpu() -> Arc<Gpu> {
+        Arc::new(crate::gpu::tests::gpu())
     }
 
     #[test]
+    #[ignore = "needs a CUDA GPU"]
     fn every_std_component_matches_on_cuda() {
-        let Some(gpu) = gpu() else { return };
+        let gpu = gpu();
         let m = pith_std::pith_root_module();
         for info in (m.components())().iter() {
             let label = format!("{} {}", info.kind.as_str(), info.name);
@@ -365,8 +366,9 @@ mod tests {
     }
 
     #[test]
+    #[ignore = "needs a CUDA GPU"]
     fn a_wrong_cuda_path_fails() {
-        let Some(gpu) = gpu() else { return };
+        let gpu = gpu();
         let check = |bug| check_component(&pith_plugin_api::wrap::BalanceLoss(Square(bug)), "sq", &gpu, DIMS, 1);
         check(0).unwrap();
         for (bug, what) in [(1, "forward loss: relative L2 error"), (2, "backward d_logits")] {

@@ -3,9 +3,10 @@
 //! sections (`[router]`, `[experts]`, `[[balance_loss]]`, `[optimizer]`, `[comm]`) name a
 //! plugin and carry that plugin's own keys, which the plugin parses.
 
-use pith_plugin_api::{Kind, ModelDims};
+use pith_plugin_api::{toml_error, Kind, ModelDims};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+use toml_edit::{DocumentMut, Item, Table, TableLike, Value};
 
 /// The built-in default run: `pith train` with no file trains this (configs/quickstart.toml).
 pub const QUICKSTART: &str = include_str!("../../configs/quickstart.toml");
@@ -133,10 +134,55 @@ pub struct Config {
     pub source: Source,
 }
 
+/// Where a config came from, to point errors at the line a user wrote (see [`Config::at`]).
 #[derive(Debug, Clone, Default)]
 pub struct Source {
+    /// The file name, or `<built-in quickstart>`.
     pub file: String,
+    /// The text after the `--set` overrides: what was parsed.
     pub text: String,
+    /// Each `--set`, with the key it set.
+    pub overrides: Vec<Override>,
+    /// Lines of `text` (1-based) that an override added to a table of the file (a new key);
+    /// every other line is a line of the file, or after its end (a table an override created).
+    pub added: Vec<usize>,
+    /// How many lines the file has.
+    pub lines: usize,
+}
+
+/// One `--set table.key=value` (`table.N.key`: the N-th `[[table]]`).
+#[derive(Debug, Clone, Default)]
+pub struct Override {
+    /// As given, e.g. `train.lr=-1`.
+    pub arg: String,
+    /// The table path (`train`, `balance_loss`, `router.sub`), the index among `[[table]]`s
+    /// (0 for a plain table) and the key.
+    pub table: String,
+    pub n: usize,
+    pub key: String,
+    /// The line of `text` holding the key.
+    pub line: Option<usize>,
+}
+
+impl Source {
+    /// Line `l` of `text` as the file numbers it; None for a line an override added.
+    fn file_line(&self, l: usize) -> Option<usize> {
+        let before = self.added.iter().filter(|&&a| a < l).count();
+        (!self.added.contains(&l) && l - before <= self.lines).then_some(l - before)
+    }
+
+    /// Where line `l` of `text` came from: `file:line`, with ` (--set ...)` when an override
+    /// wrote it; just the file (and the override) for a line the file does not have.
+    pub fn place(&self, l: usize) -> String {
+        let mut s = self.file.clone();
+        if let Some(fl) = self.file_line(l) {
+            s += &format!(":{fl}");
+        }
+        if let Some(o) = self.overrides.iter().rev().find(|o| o.line == Some(l)) {
+            s += &format!(" (--set {})", o.arg);
+        }
+        s
+    }
 }
 
 fn d_rope_theta() -> f32 {
@@ -202,92 +248,97 @@ impl Config {
     }
 
     pub fn parse(file: &str, text: &str, overrides: &[String]) -> Result<Config, String> {
-        let text = apply_overrides(file, text, overrides)?;
-        let mut cfg: Config = toml::from_str(&text).map_err(|e| match pith_plugin_api::toml_error(&text, &e) {
-            (Some(line), msg) => format!("{file}:{line}: {msg}"),
+        let source = apply_overrides(file, text, overrides)?;
+        let mut cfg: Config = toml::from_str(&source.text).map_err(|e| match toml_error(&source.text, &e) {
+            (Some(line), msg) => format!("{}: {}", source.place(line), qualify(&source.text, line, msg)),
             (None, msg) => format!("{file}: {msg}"),
         })?;
-        cfg.source = Source { file: file.to_string(), text };
+        cfg.source = source;
         cfg.validate()?;
         Ok(cfg)
     }
 
-    /// Errors a serde type can't express, each naming file:line and the key.
+    /// Every host key's range, in one table; the first failure names file:line, the key, its
+    /// value and what would be valid. Model sizes are integers from 1 (vocab and seq_len from 2,
+    /// head_dim even, heads a multiple of kv_heads) to u32::MAX (plugins get them as 32-bit
+    /// `ModelDims`); rope_theta, norm_eps, init_std and lr are finite and > 0; min_lr_ratio is in
+    /// [0, 1], decay_frac in (0, 1]; clip is finite and ≥ 0 (0 = off); steps, eval_batches and
+    /// log_every are ≥ 1; names (out, init_from, data.source, data.val) are not empty. `warmup`
+    /// may exceed `steps` (the run is then all warm-up: a short test run of a long config);
+    /// seed, eval_every and checkpoint_every (0 = at the end) and threads (0 = all cores; train
+    /// caps it at the cores) take any value. Sizes that fit no machine: [`check_memory`].
     fn validate(&self) -> Result<(), String> {
-        let m = &self.model;
-        let t = &self.train;
-        let checks: [(&str, &str, bool, String); 8] = [
-            (
-                "model",
-                "heads",
-                m.heads == 0 || !m.heads.is_multiple_of(m.kv_heads.max(1)),
-                format!("heads ({}) must be a positive multiple of kv_heads ({})", m.heads, m.kv_heads),
-            ),
-            (
-                "model",
-                "head_dim",
-                !m.head_dim.is_multiple_of(2) || m.head_dim == 0,
-                format!("head_dim ({}) must be even and positive (RoPE rotates pairs)", m.head_dim),
-            ),
-            ("model", "experts", m.experts == 0, "experts must be at least 1".into()),
-            ("model", "seq_len", m.seq_len < 2, "seq_len must be at least 2".into()),
-            ("train", "micro_batch", t.micro_batch == 0, "micro_batch must be at least 1".into()),
-            ("train", "grad_accum", t.grad_accum == 0, "grad_accum must be at least 1".into()),
+        let (m, t, d) = (&self.model, &self.train, &self.data);
+        const MAX: usize = u32::MAX as usize;
+        let size = |v: usize, min: usize| (min..=MAX).contains(&v);
+        let sizes = |min: usize| format!("an integer in {min}..={MAX}");
+        let (s0, s1, s2) = (sizes(0) + " (0 = none)", sizes(1), sizes(2));
+        let (n, f, q) = (|x: usize| x.to_string(), |x: f32| x.to_string(), |s: &str| format!("{s:?}"));
+        let opt = |s: &Option<String>| s.as_deref().map_or("none".into(), q);
+        let (pos, named) = (|x: f32| x.is_finite() && x > 0.0, |s: &str| !s.trim().is_empty());
+        let (kv, mult) = (format!("in 1..=heads ({})", m.heads), format!("a multiple of kv_heads ({})", m.kv_heads));
+        let (even, frac) = (m.head_dim.is_multiple_of(2), t.decay_frac > 0.0 && t.decay_frac <= 1.0);
+        let device = ["cpu", "cuda"].contains(&t.device.as_str());
+        let schedule = ["cosine", "wsd", "constant"].contains(&t.schedule.as_str());
+        let paths = (t.init_from.as_deref().is_none_or(named), d.val.as_deref().is_none_or(named));
+        let checks: [(&str, &str, String, bool, &str); 29] = [
+            ("model", "vocab", n(m.vocab), size(m.vocab, 2), &s2),
+            ("model", "hidden", n(m.hidden), size(m.hidden, 1), &s1),
+            ("model", "layers", n(m.layers), size(m.layers, 1), &s1),
+            ("model", "heads", n(m.heads), size(m.heads, 1), &s1),
+            ("model", "kv_heads", n(m.kv_heads), (1..=m.heads).contains(&m.kv_heads), &kv),
+            ("model", "heads", n(m.heads), m.heads.is_multiple_of(m.kv_heads), &mult),
+            ("model", "head_dim", n(m.head_dim), size(m.head_dim, 2) && even, "even, >= 2 (RoPE rotates pairs)"),
+            ("model", "seq_len", n(m.seq_len), size(m.seq_len, 2), &s2),
+            ("model", "rope_theta", f(m.rope_theta), pos(m.rope_theta), "finite and > 0, e.g. 10000"),
+            ("model", "experts", n(m.experts), size(m.experts, 1), &s1),
+            ("model", "expert_ffn", n(m.expert_ffn), size(m.expert_ffn, 1), &s1),
+            ("model", "shared_expert_ffn", n(m.shared_expert_ffn), size(m.shared_expert_ffn, 0), &s0),
+            ("model", "norm_eps", f(m.norm_eps), pos(m.norm_eps), "finite and > 0, e.g. 1e-6"),
+            ("model", "init_std", f(m.init_std), pos(m.init_std), "finite and > 0, e.g. 0.02"),
+            ("train", "device", q(&t.device), device, "one of \"cpu\", \"cuda\""),
+            ("train", "steps", t.steps.to_string(), t.steps >= 1, "at least 1"),
+            ("train", "micro_batch", n(t.micro_batch), size(t.micro_batch, 1), &s1),
+            ("train", "grad_accum", n(t.grad_accum), size(t.grad_accum, 1), &s1),
             (
                 "train",
-                "schedule",
-                !["cosine", "wsd", "constant"].contains(&t.schedule.as_str()),
-                format!("schedule `{}` is not one of: cosine, wsd, constant", t.schedule),
+                "lr",
+                f(t.lr),
+                t.lr.is_finite() && t.lr >= 0.0,
+                "finite and >= 0 (0 freezes the weights), e.g. 3e-4",
             ),
-            (
-                "train",
-                "device",
-                !["cpu", "cuda"].contains(&t.device.as_str()),
-                format!("device `{}` is not one of: cpu, cuda", t.device),
-            ),
+            ("train", "min_lr_ratio", f(t.min_lr_ratio), (0.0..=1.0).contains(&t.min_lr_ratio), "in [0, 1]"),
+            ("train", "schedule", q(&t.schedule), schedule, "one of \"cosine\", \"wsd\", \"constant\""),
+            ("train", "decay_frac", f(t.decay_frac), frac, "in (0, 1] (the fraction of the steps wsd decays over)"),
+            ("train", "clip", f(t.clip), t.clip.is_finite() && t.clip >= 0.0, "finite and >= 0 (0 = no clipping)"),
+            ("train", "eval_batches", n(t.eval_batches), t.eval_batches >= 1, "at least 1 (batches per eval)"),
+            ("train", "log_every", t.log_every.to_string(), t.log_every >= 1, "at least 1 (a line every N steps)"),
+            ("train", "out", q(&t.out), named(&t.out), "a run directory, e.g. \"runs/my-run\""),
+            ("train", "init_from", opt(&t.init_from), paths.0, "a path (or no init_from)"),
+            ("data", "source", q(&d.source), named(&d.source), "\"synthetic\" or shards (a file, directory, glob)"),
+            ("data", "val", opt(&d.val), paths.1, "held-out shards (or no val: the default)"),
         ];
-        for (table, key, bad, msg) in checks {
-            if bad {
-                return Err(format!("{}: {table}.{key}: {msg}", self.at(table, 0, key)));
+        for (table, key, value, ok, valid) in checks {
+            if !ok {
+                return Err(format!("{}: {table}.{key} = {value}: must be {valid}", self.at(table, 0, key)));
             }
         }
         Ok(())
     }
 
-    /// `file:line` of `key` in the `n`-th `[table]` (or `[[table]]`) of the config text, or of
-    /// the table header when the key is not written there.
+    /// `file:line` of `key` in the `n`-th `[table]` (or `[[table]]`) as the user wrote it, or of
+    /// the table header when the key is not written there; with ` (--set table.key=value)` when
+    /// an override set it, and no line when the file does not have it (see [`Source`]).
     pub fn at(&self, table: &str, n: usize, key: &str) -> String {
-        let file = &self.source.file;
-        let text = &self.source.text;
-        let headers = [format!("[{table}]"), format!("[[{table}]]")];
-        let mut seen = 0;
-        let mut in_table = false;
-        let mut header_line = None;
-        for (i, line) in text.lines().enumerate() {
-            let l = line.trim();
-            if l.starts_with('[') {
-                in_table = false;
-                if headers.iter().any(|h| l.starts_with(h.as_str())) {
-                    if seen == n {
-                        in_table = true;
-                        header_line = Some(i + 1);
-                    }
-                    seen += 1;
-                }
-                continue;
-            }
-            if in_table {
-                if let Some((k, _)) = l.split_once('=') {
-                    if k.trim().trim_matches('"') == key {
-                        return format!("{file}:{}", i + 1);
-                    }
-                }
-            }
-        }
-        match header_line {
-            Some(l) => format!("{file}:{l}"),
-            None => file.clone(),
-        }
+        let (line, header) = locate(&self.source.text, table, n, key);
+        line.or(header).map_or_else(|| self.source.file.clone(), |l| self.source.place(l))
+    }
+
+    /// For a host key `table.key` (e.g. `model.seq_len`): where it is ([`Config::at`]) and its
+    /// name, as [`refuse_over`] takes them.
+    pub fn key_at(&self, key: &str) -> (String, String) {
+        let (table, k) = key.split_once('.').unwrap_or(("", key));
+        (self.at(table, 0, k), key.to_string())
     }
 
     /// The component tables in a fixed order: (kind, index within kind, table).
@@ -316,29 +367,558 @@ impl Config {
     }
 }
 
-/// Apply `a.b=c` overrides to the TOML text, keeping every other line where it was so errors
-/// still point at the right line of the file.
-fn apply_overrides(file: &str, text: &str, overrides: &[String]) -> Result<String, String> {
-    if overrides.is_empty() {
-        return Ok(text.to_string());
-    }
-    let mut doc: toml_edit::DocumentMut =
-        text.parse().map_err(|e: toml_edit::TomlError| format!("{file}: {}", e.to_string().replace('\n', " ")))?;
-    for o in overrides {
-        let (path, value) = o
-            .split_once('=')
-            .ok_or_else(|| format!("--set {o}: expected key.path=value, e.g. --set train.steps=10"))?;
-        let value: toml_edit::Value = value.trim().parse().unwrap_or_else(|_| toml_edit::Value::from(value.trim()));
-        let keys: Vec<&str> = path.trim().split('.').collect();
-        let (last, parents) = keys.split_last().ok_or_else(|| format!("--set {o}: empty key"))?;
-        let mut item = doc.as_item_mut();
-        for k in parents {
-            item = item
-                .get_mut(*k)
-                .filter(|i| i.is_table_like())
-                .ok_or_else(|| format!("--set {o}: there is no table `{k}` in {file}"))?;
+/// (line of `key` in the `n`-th `[table]`/`[[table]]` of `text`, line of that table's header),
+/// 1-based.
+fn locate(text: &str, table: &str, n: usize, key: &str) -> (Option<usize>, Option<usize>) {
+    let headers = [format!("[{table}]"), format!("[[{table}]]")];
+    let (mut seen, mut in_table, mut header) = (0, false, None);
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if l.starts_with('[') {
+            in_table = false;
+            if headers.iter().any(|h| l.starts_with(h.as_str())) {
+                if seen == n {
+                    in_table = true;
+                    header = Some(i + 1);
+                }
+                seen += 1;
+            }
+            continue;
         }
-        item[*last] = toml_edit::value(value);
+        if in_table && l.split_once('=').is_some_and(|(k, _)| k.trim().trim_matches('"') == key) {
+            return (Some(i + 1), header);
+        }
     }
-    Ok(doc.to_string())
+    (None, header)
+}
+
+/// A TOML error about line `line` of `text`: `` `key`: `` becomes `table.key:`, and a float
+/// given for an integer key says how to write it.
+fn qualify(text: &str, line: usize, msg: String) -> String {
+    let table = text.lines().take(line).filter_map(|l| l.trim().strip_prefix('[')).last();
+    let table = table.map(|h| h.trim_start_matches('[').split(']').next().unwrap_or("").trim());
+    let mut msg = match (table, msg.strip_prefix('`').and_then(|m| m.split_once("`: "))) {
+        (Some(t), Some((k, rest))) => format!("{t}.{k}: {rest}"),
+        _ => msg,
+    };
+    let float = msg.split("floating point `").nth(1).and_then(|r| r.split('`').next()?.parse::<f64>().ok());
+    if let Some(x) = float.filter(|_| msg.contains("expected u") || msg.contains("expected i")) {
+        msg += &match x.fract() == 0.0 && (0.0..1e19).contains(&x) {
+            true => format!("; write it as an integer: {}", x as u64),
+            false => "; write an integer".into(),
+        };
+    }
+    msg
+}
+
+/// The top-level tables of a config; `--set` creates a missing one (but no `[[balance_loss]]`).
+const TABLES: [&str; 8] = ["model", "train", "data", "router", "experts", "balance_loss", "optimizer", "comm"];
+
+/// Apply `table.key=value` overrides (`table.N.key`: the N-th `[[table]]`) to the TOML text. Only
+/// the lines of overridden keys change (keeping their comments); a new key takes a new line,
+/// recorded in [`Source::added`] so that every other line keeps its file line number in errors.
+fn apply_overrides(file: &str, text: &str, overrides: &[String]) -> Result<Source, String> {
+    let mut src = Source { file: file.into(), text: text.into(), lines: text.lines().count(), ..Default::default() };
+    if overrides.is_empty() {
+        return Ok(src);
+    }
+    let mut doc: DocumentMut =
+        text.parse().map_err(|e: toml_edit::TomlError| format!("{file}: {}", e.to_string().replace('\n', " ")))?;
+    let mut added = Vec::new();
+    for o in overrides {
+        let bad = |why: String| format!("--set {o}: {why}");
+        let usage = "expected table.key=value (table.N.key for the N-th [[table]]), e.g. --set train.steps=10";
+        let (path, value) = o.split_once('=').ok_or_else(|| bad(usage.into()))?;
+        let path: Vec<&str> = path.trim().split('.').map(str::trim).collect();
+        if path.len() < 2 || path.iter().any(|k| k.is_empty()) {
+            return Err(bad(usage.into()));
+        }
+        if !TABLES.contains(&path[0]) {
+            return Err(bad(format!("there is no table `{}`; valid: {}", path[0], TABLES.join(", "))));
+        }
+        let mut value: Value = value.trim().parse().unwrap_or_else(|_| Value::from(value.trim()));
+        let (key, parents) = path.split_last().unwrap();
+        let (mut table, mut n, mut new_line) = (Vec::new(), 0, true);
+        let mut t: &mut dyn TableLike = doc.as_table_mut();
+        let mut i = 0;
+        while i < parents.len() {
+            let k = parents[i];
+            table.push(k);
+            let name = table.join(".");
+            if !t.contains_key(k) {
+                if i > 0 || k == "balance_loss" {
+                    return Err(bad(format!("there is no table `{name}` in {file}")));
+                }
+                t.insert(k, Item::Table(Table::new()));
+                new_line = false; // a new table goes after the file's last line
+            }
+            t = match t.get_mut(k).unwrap() {
+                Item::ArrayOfTables(a) => {
+                    let len = a.len();
+                    let idx = parents.get(i + 1).and_then(|s| s.parse::<usize>().ok()).ok_or_else(|| {
+                        bad(format!("`{name}` is a list of {len} [[{name}]] tables; give an index, e.g. --set {name}.0.{key}=..."))
+                    })?;
+                    let some = format!(
+                        "{file} has {len} [[{name}]] table{} (indices 0..={})",
+                        ["s", ""][(len == 1) as usize],
+                        len - 1
+                    );
+                    (n, i) = (idx, i + 1);
+                    a.get_mut(idx).ok_or_else(|| bad(format!("index {idx} is out of range: {some}")))?
+                }
+                Item::Value(v @ Value::InlineTable(_)) => {
+                    new_line = false; // a key of an inline table stays on its line
+                    v.as_inline_table_mut().unwrap()
+                }
+                item => item.as_table_like_mut().ok_or_else(|| bad(format!("`{name}` is a value, not a table")))?,
+            };
+            i += 1;
+        }
+        match t.get_mut(key) {
+            Some(Item::Value(old)) => {
+                *value.decor_mut() = old.decor().clone();
+                *old = value;
+            }
+            Some(_) => return Err(bad(format!("`{}.{key}` is a table; set one of its keys", table.join(".")))),
+            None => {
+                t.insert(key, toml_edit::value(value));
+                added.push((src.overrides.len(), new_line));
+            }
+        }
+        src.overrides.push(Override { arg: o.clone(), table: table.join("."), n, key: key.to_string(), line: None });
+    }
+    src.text = doc.to_string();
+    for o in &mut src.overrides {
+        o.line = locate(&src.text, &o.table, o.n, &o.key).0;
+    }
+    src.added = added.iter().filter(|a| a.1).filter_map(|a| src.overrides[a.0].line).collect();
+    src.added.sort_unstable();
+    src.added.dedup();
+    if src.text.lines().count() < src.lines + src.added.len() {
+        // A multi-line value became one line: line numbers past it are no longer the file's.
+        (src.added, src.lines) = (Vec::new(), usize::MAX);
+    }
+    Ok(src)
+}
+
+/// Bytes a run needs, term by term: an estimate made from the config alone, before anything is
+/// allocated (u128 and saturating: no size overflows). See [`MemEstimate::of`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemEstimate {
+    /// Parameters, counting the std pack's SwiGLU experts and softmax router.
+    pub params: u128,
+    pub terms: Vec<MemTerm>,
+}
+
+/// One term of a [`MemEstimate`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemTerm {
+    /// E.g. `attention scores`.
+    pub name: &'static str,
+    /// How it is counted, e.g. `2 heads at once×2×seq_len²×4 B`.
+    pub formula: String,
+    /// The size keys (`table.key`) it grows with; an error names the one of largest value.
+    pub keys: &'static [&'static str],
+    pub bytes: u128,
+}
+
+impl MemTerm {
+    fn new(name: &'static str, formula: String, keys: &'static [&'static str], bytes: u128) -> MemTerm {
+        MemTerm { name, formula, keys, bytes }
+    }
+}
+
+// The size keys a memory estimate names.
+const VOCAB: &str = "model.vocab";
+const HIDDEN: &str = "model.hidden";
+const LAYERS: &str = "model.layers";
+const HEADS: &str = "model.heads";
+const HEAD_DIM: &str = "model.head_dim";
+const SEQ: &str = "model.seq_len";
+const EXPERTS: &str = "model.experts";
+const FFN: &str = "model.expert_ffn";
+const BATCH: &str = "train.micro_batch";
+
+/// The size `key` (one of the constants above) of `c`.
+fn size_mut<'a>(c: &'a mut Config, key: &str) -> Option<&'a mut usize> {
+    let (m, t) = (&mut c.model, &mut c.train);
+    Some(match key {
+        VOCAB => &mut m.vocab,
+        HIDDEN => &mut m.hidden,
+        LAYERS => &mut m.layers,
+        HEADS => &mut m.heads,
+        HEAD_DIM => &mut m.head_dim,
+        SEQ => &mut m.seq_len,
+        EXPERTS => &mut m.experts,
+        FFN => &mut m.expert_ffn,
+        BATCH => &mut t.micro_batch,
+        _ => return None,
+    })
+}
+
+fn prod(xs: &[u128]) -> u128 {
+    xs.iter().fold(1, |a, &x| a.saturating_mul(x))
+}
+
+fn sum(xs: &[u128]) -> u128 {
+    xs.iter().fold(0, |a, &x| a.saturating_add(x))
+}
+
+impl MemEstimate {
+    /// The memory of `cfg`: its parameters at `per_param` bytes each (16: f32 weights, grads and
+    /// two optimizer states, as AdamW; 18 on CUDA with the bf16 weight copy; 8 for inference:
+    /// weights and the grads the init allocates) and the RoPE table; with `step`, also the
+    /// largest buffers of one CPU training micro-batch (model.rs, layers.rs): the activations
+    /// kept for backward (top_k: `router.top_k`, else 2) and one layer's backward scratch, the
+    /// logits and their gradient, and the attention probabilities and their gradient
+    /// (seq_len² floats each) of the heads computed at once (one per worker thread).
+    pub fn of(cfg: &Config, per_param: u128, step: bool) -> MemEstimate {
+        let (m, t, u) = (&cfg.model, &cfg.train, |x: usize| x as u128);
+        let (v, h, l, d, s) = (u(m.vocab), u(m.hidden), u(m.layers), u(m.head_dim), u(m.seq_len));
+        let (hq, hkv, e, f, fs) = (u(m.heads), u(m.kv_heads), u(m.experts), u(m.expert_ffn), u(m.shared_expert_ffn));
+        let k = cfg.router.get("top_k").and_then(|k| k.as_integer()).map_or(2, |k| k.max(1) as u128).min(e);
+        let (qd, kd, b) = (hq * d, hkv * d, u(t.micro_batch));
+        let attention = sum(&[prod(&[2, h, qd + kd]), 2 * h, qd + kd]);
+        let params: [(&'static str, &str, u128, &'static [&'static str]); 4] = [
+            ("embedding and lm_head", "2×vocab×hidden", prod(&[2, v, h]), &[VOCAB, HIDDEN]),
+            (
+                "attention",
+                "layers×hidden×(2×heads+2×kv_heads)×head_dim",
+                prod(&[l, attention]),
+                &[LAYERS, HIDDEN, HEADS],
+            ),
+            ("experts", "layers×experts×3×hidden×expert_ffn", prod(&[l, e, 3, h, f]), &[LAYERS, EXPERTS, HIDDEN, FFN]),
+            (
+                "router, shared expert",
+                "layers×hidden×(experts+3×shared_ffn)",
+                prod(&[l, h, e + 3 * fs]),
+                &[LAYERS, HIDDEN],
+            ),
+        ];
+        let count = sum(&params.map(|p| p.2));
+        let mut terms: Vec<MemTerm> = params
+            .into_iter()
+            .map(|(name, what, n, keys)| {
+                MemTerm::new(name, format!("{what} parameters×{per_param} B"), keys, prod(&[n, per_param]))
+            })
+            .collect();
+        terms.push(MemTerm::new("RoPE table", "seq_len×head_dim×4 B".into(), &[SEQ, HEAD_DIM], prod(&[s, d, 4])));
+        if step {
+            let n = b * s;
+            // Per token and layer: x, both norms' outputs, h (4h); q, k before and after qk-norm,
+            // v and the attention output (3qd+3kd); router logits and gates; dispatched rows and
+            // expert outputs (2kh); SwiGLU's gate, up and activation (3kF, 3Fs). One layer's
+            // backward holds about as much again beyond the k rows.
+            let kept = sum(&[4 * h, 3 * (qd + kd), hq, e + 2 * k, prod(&[2, k, h]), prod(&[3, k, f]), 3 * fs]);
+            let scratch = sum(&[6 * h, 2 * (qd + kd), e, prod(&[2, k, h])]);
+            let acts = prod(&[n, sum(&[prod(&[l, kept]), scratch]), 4]);
+            let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+            let threads = u(if t.threads == 0 || t.threads > cores { cores } else { t.threads });
+            let heads = (b * hq).min(threads).max(2 * (b * hkv).min(threads));
+            let acts_what = format!("micro_batch×seq_len×(layers×{kept}+{scratch}) floats×4 B");
+            let scores_what = format!("{heads} seq_len×seq_len matrices×4 B ({threads} threads)");
+            terms.extend([
+                MemTerm::new("activations", acts_what, &[BATCH, SEQ, LAYERS, HIDDEN], acts),
+                MemTerm::new(
+                    "logits",
+                    "2×micro_batch×seq_len×vocab×4 B".into(),
+                    &[BATCH, SEQ, VOCAB],
+                    prod(&[2, n, v, 4]),
+                ),
+                MemTerm::new("attention scores", scores_what, &[SEQ, BATCH], prod(&[heads, s, s, 4])),
+            ]);
+        }
+        MemEstimate { params: count, terms }
+    }
+
+    pub fn total(&self) -> u128 {
+        sum(&self.terms.iter().map(|t| t.bytes).collect::<Vec<_>>())
+    }
+
+    /// `~12.3 GB = embedding and lm_head 1.2 GB + ...`, every term.
+    pub fn summary(&self) -> String {
+        let terms: Vec<String> = self.terms.iter().map(|t| format!("{} {}", t.name, human(t.bytes))).collect();
+        format!("~{} = {}", human(self.total()), terms.join(" + "))
+    }
+}
+
+/// Bytes for people, decimal: `512 B`, `40.0 GB`.
+pub fn human(bytes: u128) -> String {
+    let units = ["B", "kB", "MB", "GB", "TB", "PB", "EB"];
+    let (mut x, mut i) = (bytes as f64, 0);
+    while x >= 1000.0 && i + 1 < units.len() {
+        (x, i) = (x / 1000.0, i + 1);
+    }
+    match i {
+        0 => format!("{bytes} B"),
+        _ if x >= 1000.0 => format!("{:.1e} B", bytes as f64),
+        _ => format!("{x:.1} {}", units[i]),
+    }
+}
+
+/// Bytes this process may still allocate: /proc/meminfo's MemAvailable, lowered to a cgroup v2
+/// limit (a container's memory.max less its usage other than reclaimable cache) when there is
+/// one; None when unreadable.
+pub fn mem_available() -> Option<u128> {
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    let field = |text: &str, name: &str| {
+        text.lines().find_map(|l| l.strip_prefix(name)?.split_whitespace().next()?.parse::<u128>().ok())
+    };
+    let avail = field(&read("/proc/meminfo")?, "MemAvailable:")? * 1024;
+    let cgroup = |f: &str| read(&format!("/sys/fs/cgroup/{f}")).and_then(|s| s.trim().parse::<u128>().ok());
+    let limit = match (cgroup("memory.max"), cgroup("memory.current")) {
+        (Some(max), Some(used)) => {
+            let cache = read("/sys/fs/cgroup/memory.stat").and_then(|s| field(&s, "inactive_file ")).unwrap_or(0);
+            max.saturating_sub(used.saturating_sub(cache))
+        }
+        _ => u128::MAX,
+    };
+    Some(avail.min(limit))
+}
+
+/// Refuse `cfg` when `estimate(cfg)` is over `available` bytes, in one line: where the largest
+/// key of the largest term is and its name (`name` gives both for a `table.key`, e.g.
+/// [`Config::key_at`]), its value, what `doing` needs and what is available, that term, and the
+/// largest value of the key that fits (re-estimated; for the keys a size can be lowered by).
+pub fn refuse_over(
+    cfg: &Config,
+    estimate: impl Fn(&Config) -> MemEstimate,
+    available: u128,
+    doing: &str,
+    name: impl Fn(&str) -> (String, String),
+) -> Result<(), String> {
+    let est = estimate(cfg);
+    if est.total() <= available {
+        return Ok(());
+    }
+    let big = est.terms.iter().max_by_key(|t| t.bytes).expect("estimates have terms");
+    let mut c = cfg.clone();
+    let mut value = |k: &str| size_mut(&mut c, k).map_or(0, |v| *v as u128);
+    let (key, value) = big.keys.iter().rev().map(|&k| (k, value(k))).max_by_key(|k| k.1).expect("terms have keys");
+    let (at, shown) = name(key);
+    // The largest value that fits, for a key that can be lowered alone (not heads, head_dim).
+    let fits = |v: u128| {
+        let mut c = cfg.clone();
+        let set = size_mut(&mut c, key).zip(usize::try_from(v).ok()).map(|(k, v)| *k = v);
+        set.is_some() && estimate(&c).total() <= available
+    };
+    let min = if [VOCAB, SEQ].contains(&key) { 2 } else { 1 };
+    let hint = match ![HEADS, HEAD_DIM].contains(&key) && min < value && fits(min) {
+        true => {
+            let (mut lo, mut hi) = (min, value); // fits(lo), not fits(hi)
+            while hi - lo > 1 {
+                let mid = lo + (hi - lo) / 2;
+                *(if fits(mid) { &mut lo } else { &mut hi }) = mid;
+            }
+            format!("; {shown} <= {lo} fits")
+        }
+        false => String::new(),
+    };
+    let (total, big_bytes, avail) = (human(est.total()), human(big.bytes), human(available));
+    Err(format!(
+        "{at}: {shown} = {value}: {doing} needs ~{total}, {avail} available (mostly {}: {} = {big_bytes}){hint}",
+        big.name, big.formula
+    ))
+}
+
+/// Refuse, before anything is allocated, a config whose host memory cannot fit (see
+/// [`MemEstimate::of`] and [`refuse_over`]): for `train.device = "cpu"` a whole training step,
+/// for "cuda" the parameters the host initialises before they go to the GPU. E.g. `run.toml:9:
+/// model.seq_len = 100000: a CPU training step needs ~80.3 GB, 20.1 GB available (mostly
+/// attention scores: ...); model.seq_len <= 49000 fits`. Without /proc/meminfo, only what no
+/// 64-bit machine can address is refused.
+pub fn check_memory(cfg: &Config) -> Result<(), String> {
+    let cpu = cfg.train.device == "cpu";
+    let doing = if cpu { "a CPU training step" } else { "initialising the parameters on the host" };
+    let available = mem_available().unwrap_or(u64::MAX as u128);
+    refuse_over(cfg, |c| MemEstimate::of(c, 16, cpu), available, doing, |k| cfg.key_at(k))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(sets: &[&str]) -> Result<Config, String> {
+        Config::parse("q.toml", QUICKSTART, &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    /// The 1-based line of the `nth` line of the quickstart that starts with `prefix`.
+    fn line(prefix: &str, nth: usize) -> usize {
+        QUICKSTART.lines().enumerate().filter(|l| l.1.starts_with(prefix)).nth(nth).unwrap().0 + 1
+    }
+
+    #[test]
+    fn shipped_configs_load() {
+        parse(&[]).unwrap();
+        Config::parse("bench-1b.toml", include_str!("../../configs/bench-1b.toml"), &[]).unwrap();
+    }
+
+    #[test]
+    fn every_bad_host_value_is_one_line_naming_the_key_and_what_is_valid() {
+        let cases = [
+            ("train.lr=-1", "train.lr = -1: must be finite and >= 0"),
+            ("train.lr=nan", "train.lr = NaN: must be finite"),
+            ("train.lr=inf", "train.lr = inf: must be finite"),
+            ("train.min_lr_ratio=1.5", "train.min_lr_ratio = 1.5: must be in [0, 1]"),
+            ("train.min_lr_ratio=-inf", "train.min_lr_ratio = -inf"),
+            ("model.init_std=0", "model.init_std = 0: must be finite and > 0"),
+            ("model.rope_theta=inf", "model.rope_theta = inf: must be finite and > 0"),
+            ("model.norm_eps=-1e-6", "model.norm_eps = -0.000001: must be"),
+            ("train.clip=nan", "train.clip = NaN: must be finite and >= 0"),
+            ("train.clip=-1", "train.clip = -1"),
+            ("train.decay_frac=0", "train.decay_frac = 0: must be in (0, 1]"),
+            ("train.steps=0", "train.steps = 0: must be at least 1"),
+            ("train.eval_batches=0", "train.eval_batches = 0: must be at least 1"),
+            ("train.log_every=0", "train.log_every = 0"),
+            ("train.micro_batch=0", "train.micro_batch = 0: must be an integer in 1..="),
+            ("train.grad_accum=0", "train.grad_accum = 0"),
+            ("train.schedule=\"linear\"", "train.schedule = \"linear\": must be one of \"cosine\""),
+            ("train.device=\"gpu\"", "train.device = \"gpu\": must be one of \"cpu\", \"cuda\""),
+            ("train.out=\"\"", "train.out = \"\": must be a run directory"),
+            ("train.init_from=\" \"", "train.init_from = \" \""),
+            ("data.source=\"\"", "data.source = \"\""),
+            ("model.layers=0", "model.layers = 0: must be an integer in 1..=4294967295"),
+            ("model.vocab=1", "model.vocab = 1: must be an integer in 2..="),
+            ("model.hidden=0", "model.hidden = 0"),
+            ("model.hidden=4294967296", "model.hidden = 4294967296: must be an integer in 1..=4294967295"),
+            ("model.heads=0", "model.heads = 0"),
+            ("model.kv_heads=8", "model.kv_heads = 8: must be in 1..=heads (4)"),
+            ("model.kv_heads=0", "model.kv_heads = 0"),
+            ("model.heads=5", "model.heads = 5: must be a multiple of kv_heads (2)"),
+            ("model.head_dim=33", "model.head_dim = 33: must be even"),
+            ("model.seq_len=1", "model.seq_len = 1: must be an integer in 2..="),
+            ("model.experts=0", "model.experts = 0"),
+            ("model.expert_ffn=0", "model.expert_ffn = 0"),
+        ];
+        for (set, want) in cases {
+            let e = parse(&[set]).unwrap_err();
+            assert!(e.contains(want) && e.contains(&format!("(--set {set}): ")), "{set}: {e}");
+            assert!(e.starts_with("q.toml") && !e.contains('\n'), "{e}");
+        }
+        // Valid edges: warmup past steps, no clipping, decay to 0, decay over the whole run.
+        let ok =
+            ["train.warmup=1000", "train.clip=0", "train.min_lr_ratio=0", "train.decay_frac=1", "model.kv_heads=4"];
+        ok.iter().for_each(|s| drop(parse(&[s]).unwrap()));
+        // A value written in the file is pointed at by its line.
+        let text = QUICKSTART.replace("lr = 3e-3", "lr = -3e-3");
+        let e = Config::parse("q.toml", &text, &[]).unwrap_err();
+        assert_eq!(
+            e,
+            format!(
+                "q.toml:{}: train.lr = -0.003: must be finite and >= 0 (0 freezes the weights), e.g. 3e-4",
+                line("lr =", 0)
+            )
+        );
+    }
+
+    #[test]
+    fn type_errors_name_the_table_and_key() {
+        let e = parse(&["model.seq_len=1e9"]).unwrap_err();
+        let want = format!(
+            "q.toml:{} (--set model.seq_len=1e9): model.seq_len: invalid type: floating point",
+            line("seq_len", 0)
+        );
+        assert!(e.starts_with(&want) && e.ends_with("; write it as an integer: 1000000000"), "{e}");
+    }
+
+    #[test]
+    fn set_reaches_the_tables_of_an_array_and_points_at_their_lines() {
+        let c = parse(&["balance_loss.1.coef=0.5", "balance_loss.0.plugin=\"z-loss\""]).unwrap();
+        assert_eq!(c.balance_loss[1]["coef"].as_float(), Some(0.5));
+        assert_eq!(c.balance_loss[0]["plugin"].as_str(), Some("z-loss"));
+        let at = format!("q.toml:{} (--set balance_loss.1.coef=0.5)", line("coef", 1));
+        assert_eq!(c.at("balance_loss", 1, "coef"), at);
+        assert_eq!(c.at("balance_loss", 0, "coef"), format!("q.toml:{}", line("coef", 0)));
+        let e = parse(&["balance_loss.2.coef=1"]).unwrap_err();
+        let want = "--set balance_loss.2.coef=1: index 2 is out of range: q.toml has 2 [[balance_loss]] tables (indices 0..=1)";
+        assert_eq!(e, want);
+        let e = parse(&["balance_loss.coef=1"]).unwrap_err();
+        assert!(e.contains("`balance_loss` is a list of 2 [[balance_loss]] tables; give an index"), "{e}");
+    }
+
+    #[test]
+    fn set_of_a_new_key_keeps_every_line_of_the_file() {
+        let base = parse(&[]).unwrap();
+        let c =
+            parse(&["train.min_lr_ratio=0.5", "router.normalize=false", "data.val=\"v\"", "train.lr=0.01"]).unwrap();
+        assert_eq!(c.source.added.len(), 3);
+        for (t, n, k) in
+            [("router", 0, "top_k"), ("experts", 0, "plugin"), ("balance_loss", 1, "coef"), ("comm", 0, "plugin")]
+        {
+            assert_eq!(c.at(t, n, k), base.at(t, n, k));
+        }
+        assert_eq!(c.at("train", 0, "min_lr_ratio"), "q.toml (--set train.min_lr_ratio=0.5)");
+        assert_eq!(c.at("train", 0, "lr"), format!("q.toml:{} (--set train.lr=0.01)", line("lr =", 0)));
+        // A table the file lacks is created after its end.
+        let bench = include_str!("../../configs/bench-1b.toml");
+        let c = Config::parse("b.toml", bench, &["data.source=\"shards/\"".into()]).unwrap();
+        assert_eq!(
+            (c.data.source.as_str(), c.at("data", 0, "source")),
+            ("shards/", "b.toml (--set data.source=\"shards/\")".into())
+        );
+        assert_eq!(
+            c.at("router", 0, "top_k"),
+            format!("b.toml:{}", bench.lines().position(|l| l.starts_with("top_k")).unwrap() + 1)
+        );
+    }
+
+    #[test]
+    fn set_of_what_does_not_exist_says_what_does() {
+        let e = parse(&["train.stepz=5"]).unwrap_err();
+        assert!(
+            e.starts_with("q.toml (--set train.stepz=5): unknown field `stepz`, expected one of `device`, `steps`"),
+            "{e}"
+        );
+        let e = parse(&["trian.steps=5"]).unwrap_err();
+        assert_eq!(e, "--set trian.steps=5: there is no table `trian`; valid: model, train, data, router, experts, balance_loss, optimizer, comm");
+        for bad in ["steps=5", "train.=5", "train.steps"] {
+            assert!(parse(&[bad]).unwrap_err().contains("expected table.key=value"), "{bad}");
+        }
+        assert!(parse(&["model.hidden.x=1"]).unwrap_err().contains("`model.hidden` is a value, not a table"));
+        assert!(parse(&["router.sub.x=1"]).unwrap_err().contains("there is no table `router.sub` in q.toml"));
+    }
+
+    #[test]
+    fn memory_estimate_names_the_key_that_does_not_fit_and_what_would() {
+        let est = |c: &Config| MemEstimate::of(c, 16, true);
+        let refuse = |c: &Config, avail: u128| refuse_over(c, est, avail, "a CPU training step", |k| c.key_at(k));
+        let c = parse(&["train.threads=2"]).unwrap();
+        let total = est(&c).total();
+        assert!((10_000_000..1_000_000_000).contains(&total), "quickstart: {}", est(&c).summary());
+        refuse(&c, 1 << 30).unwrap();
+        let c = parse(&["train.threads=2", "model.seq_len=100000"]).unwrap();
+        let e = refuse(&c, 20_000_000_000).unwrap_err();
+        let at = format!("q.toml:{} (--set model.seq_len=100000)", line("seq_len", 0));
+        let want = format!("{at}: model.seq_len = 100000: a CPU training step needs ~");
+        assert!(e.starts_with(&want) && e.contains(", 20.0 GB available (mostly attention scores: 4 seq_len×"), "{e}");
+        let fits: usize = e.rsplit("model.seq_len <= ").next().unwrap().strip_suffix(" fits").unwrap().parse().unwrap();
+        let with = |s| est(&Config { model: ModelConfig { seq_len: s, ..c.model.clone() }, ..c.clone() }).total();
+        assert!(with(fits) <= 20_000_000_000 && with(fits + 1) > 20_000_000_000, "{e}");
+        let c = parse(&["model.hidden=1000000000"]).unwrap();
+        let e = refuse(&c, 20_000_000_000).unwrap_err();
+        assert!(
+            e.contains("model.hidden = 1000000000: a CPU training step needs ~") && e.contains("model.hidden <= "),
+            "{e}"
+        );
+        // Every size at its largest: no overflow, a refusal naming one of them.
+        let max = [
+            "model.vocab=4294967295",
+            "model.hidden=4294967295",
+            "model.layers=4294967295",
+            "model.heads=4294967295",
+            "model.kv_heads=1",
+            "model.head_dim=4294967294",
+            "model.seq_len=4294967295",
+            "model.experts=4294967295",
+            "model.expert_ffn=4294967295",
+            "model.shared_expert_ffn=4294967295",
+            "train.micro_batch=4294967295",
+        ];
+        let c = parse(&max).unwrap();
+        assert!(refuse(&c, u64::MAX as u128).unwrap_err().contains(" = 4294967295: a CPU training step needs ~"));
+        assert_eq!(
+            (human(999), human(40_049_000_000), human(u128::MAX)),
+            ("999 B".into(), "40.0 GB".into(), "3.4e38 B".into())
+        );
+    }
 }

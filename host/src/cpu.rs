@@ -87,6 +87,17 @@ fn check(t: &Tensor, rank: usize, what: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Fail unless output `out` shares no memory with `ins`, so that a mutable slice of it aliases
+/// nothing the same call reads (the contract of `Tensor::f32s_mut`).
+fn apart(out: &Tensor, ins: &[&Tensor], what: &str) -> Result<(), String> {
+    let span = |t: &Tensor| (t.addr, t.addr + (t.numel() * t.dtype.size()) as u64);
+    let (a, b) = span(out);
+    match ins.iter().find(|t| t.numel() > 0 && a < span(t).1 && span(t).0 < b) {
+        Some(t) => Err(format!("{what}: the output {:?} overlaps the input {:?}", out.dims(), t.dims())),
+        None => Ok(()),
+    }
+}
+
 fn offsets_of(t: &Tensor, groups: usize, rows: usize) -> Result<Vec<usize>, String> {
     let o = t.i32s();
     if o.len() != groups + 1 || o[0] != 0 || o[groups] as usize != rows || o.windows(2).any(|w| w[0] > w[1]) {
@@ -130,7 +141,9 @@ impl CpuOps {
         if k != k2 || c.dim(0) != m || c.dim(1) != n {
             return Err(format!("gemm: shapes {:?} x {:?} -> {:?} do not match", a.dims(), b.dims(), c.dims()));
         }
-        sgemm(m, k, n, alpha, a.f32s(), ta, b.f32s(), tb, beta, c.f32s());
+        apart(&c, &[&a, &b], "gemm")?;
+        // SAFETY: c overlaps neither input, and nothing else views it during this call.
+        sgemm(m, k, n, alpha, a.f32s(), ta, b.f32s(), tb, beta, unsafe { c.f32s_mut() });
         Ok(())
     }
 
@@ -151,7 +164,9 @@ impl CpuOps {
             return Err(format!("grouped gemm: shapes {:?} x {:?} -> {:?} do not match", x.dims(), w.dims(), y.dims()));
         }
         let off = offsets_of(&offsets, g, x.dim(0))?;
-        let (xs, ws, ys) = (x.f32s(), w.f32s(), y.f32s());
+        apart(&y, &[&x, &w, &offsets], "grouped gemm")?;
+        // SAFETY: y overlaps no input, and nothing else views it during this call.
+        let (xs, ws, ys) = (x.f32s(), w.f32s(), unsafe { y.f32s_mut() });
         for e in 0..g {
             let (r0, r1) = (off[e], off[e + 1]);
             sgemm(
@@ -184,7 +199,9 @@ impl CpuOps {
             ));
         }
         let off = offsets_of(&offsets, g, x.dim(0))?;
-        let (xs, dys, dws) = (x.f32s(), dy.f32s(), dw.f32s());
+        apart(&dw, &[&x, &dy, &offsets], "grouped wgrad")?;
+        // SAFETY: dw overlaps no input, and nothing else views it during this call.
+        let (xs, dys, dws) = (x.f32s(), dy.f32s(), unsafe { dw.f32s_mut() });
         for e in 0..g {
             let (r0, r1) = (off[e], off[e + 1]);
             sgemm(
@@ -305,7 +322,7 @@ mod tests {
         let off = [0, 2, 2, 6];
         let mut y = vec![0.0; rows * nn];
         let (tx, tw, ty, to) =
-            (view(&x, &[rows, kk]), view(&w, &[g, kk, nn]), view(&y, &[rows, nn]), view_i32(&off, &[g + 1]));
+            (view(&x, &[rows, kk]), view(&w, &[g, kk, nn]), view_mut(&mut y, &[rows, nn]), view_i32(&off, &[g + 1]));
         ops.grouped_gemm(tx, tw, ty, to, false, false).unwrap();
         for e in 0..g {
             let r = naive(
@@ -325,5 +342,19 @@ mod tests {
         y.iter_mut().for_each(|v| *v = 0.0);
         let bad = [0, 3, 2, 6];
         assert!(ops.grouped_gemm(tx, tw, ty, view_i32(&bad, &[4]), false, false).is_err());
+    }
+
+    #[test]
+    fn gemm_refuses_an_output_that_overlaps_an_input() {
+        let ops = CpuOps::default();
+        let (mut a, mut c) = (vec![1.0f32; 4], vec![0.0f32; 4]);
+        let (ta, tc) = (view_mut(&mut a, &[2, 2]), view_mut(&mut c, &[2, 2]));
+        let e = ops.gemm(ta, ta, ta, false, false, 1.0, 0.0).into_result().unwrap_err();
+        assert!(e.contains("overlaps"), "{e}");
+        let w = view(&a[..], &[1, 2, 2]);
+        let e = ops.grouped_gemm(ta, w, ta, view_i32(&[0, 2], &[2]), false, false).into_result().unwrap_err();
+        assert!(e.contains("overlaps"), "{e}");
+        ops.gemm(ta, ta, tc, false, false, 1.0, 0.0).unwrap();
+        assert_eq!(c, [2.0; 4]);
     }
 }

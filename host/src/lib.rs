@@ -16,6 +16,7 @@ pub mod params;
 pub mod plan;
 pub mod registry;
 pub mod rng;
+pub mod rundir;
 pub mod scaffold;
 pub mod trace;
 pub mod train;

@@ -176,13 +176,30 @@ fn parse_kind(s: &str) -> Result<Kind, String> {
     })
 }
 
-fn run(cli: Cli) -> Result<(), String> {
-    let registry = || Registry::load(&plugin_dirs(&cli.plugin_dirs));
+/// How a command ends early: an error to print, or an exit status already explained (a run
+/// stopped by a signal after its checkpoint).
+enum Failure {
+    Error(String),
+    Exit(i32),
+}
+use Failure::Exit;
+
+impl From<String> for Failure {
+    fn from(e: String) -> Failure {
+        Failure::Error(e)
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let registry = || Registry::load(&plugin_dirs(&cli.plugin_dirs)?);
     match cli.cmd {
         Cmd::Train { config, set, resume, trace_routing, trace_tokens } => {
             let cfg = Config::load(config.as_deref(), &set)?;
             let trace = trace_routing.map(|p| pith::trace::RoutingTrace::new(p, trace_tokens));
-            pith::train::train(cfg, &registry()?, resume.as_deref(), trace)?;
+            let summary = pith::train::train(cfg, &registry()?, resume.as_deref(), trace)?;
+            if let Some(sig) = summary.interrupted {
+                return Err(Exit(128 + sig));
+            }
         }
         Cmd::Bench { config, set, warmup, steps, profile } => {
             let cfg = Config::load(config.as_deref(), &set)?;
@@ -224,8 +241,10 @@ fn run(cli: Cli) -> Result<(), String> {
                     })?
                 }
                 (None, 1) => found[0],
-                (None, 0) => return Err(format!("no plugin named `{name}`; `pith plugins list` shows what is loaded")),
-                (None, _) => return Err(format!("several kinds are named `{name}`; add --kind")),
+                (None, 0) => {
+                    return Err(format!("no plugin named `{name}`; `pith plugins list` shows what is loaded").into())
+                }
+                (None, _) => return Err(format!("several kinds are named `{name}`; add --kind").into()),
             };
             let kind = entry.info.kind;
             let dims = pith_plugin_api::ModelDims { hidden: 16, experts: 6, expert_ffn: 12, layer: 0, layers: 1 };
@@ -274,7 +293,7 @@ fn run(cli: Cli) -> Result<(), String> {
             let dtype = match dtype.as_str() {
                 "f32" => pith::hf::ExportDtype::F32,
                 "bf16" => pith::hf::ExportDtype::Bf16,
-                d => return Err(format!("--dtype {d}: valid: f32, bf16")),
+                d => return Err(format!("--dtype {d}: valid: f32, bf16").into()),
             };
             let max_shard_bytes = pith::hf::parse_size(&max_shard_size)?;
             let opts = pith::hf::ExportOptions { dtype, max_shard_bytes, tokenizer, max_positions };
@@ -302,10 +321,18 @@ fn main() {
         .with_target(false)
         .without_time()
         .init();
+    // `pith config x.toml | head`: a closed pipe ends the process quietly, as for any Unix tool,
+    // instead of a panic in println!. A file-size limit (`ulimit -f`) makes writes fail with an
+    // error the run reports (like a full disk) instead of killing the process mid-save.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let start = std::time::SystemTime::now();
     let code = match run(Cli::parse()) {
         Ok(()) => 0,
-        Err(e) => {
+        Err(Failure::Exit(code)) => code,
+        Err(Failure::Error(e)) => {
             eprintln!("error: {e}");
             1
         }

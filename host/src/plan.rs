@@ -1,29 +1,42 @@
 //! `pith plan`: what a config resolves to before anything trains: every component with its
-//! origin and source file, parameter counts per component (total and active per token) and
-//! training FLOPs per token.
+//! origin and source file, parameter counts per component (total and active per token),
+//! training FLOPs per token and the memory a run needs. Nothing the size of the model is
+//! allocated (any size plans, in u128): parameters are declared, not made; layer 0's components
+//! stand for every layer's; the router is probed on one token at a small hidden size.
 
-use crate::config::Config;
+use crate::config::{human, mem_available, Config, MemEstimate};
 use crate::cpu::{view, CpuOps};
 use crate::model::Model;
-use crate::params::Params;
+use crate::params::{Param, Params};
 use crate::registry::Registry;
 use abi_stable::std_types::RSlice;
+use pith_plugin_api::{abi::Component, Kind};
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
+/// The router probe's hidden size: top_k does not depend on it, and it keeps the probe's
+/// weights (experts × hidden) small whatever the model's size.
+const PROBE_HIDDEN: usize = 64;
+
 /// Experts per token, measured by running layer 0's router on one token.
 fn measured_top_k(cfg: &Config, reg: &Registry) -> Result<usize, String> {
-    let pith_plugin_api::abi::Component::Router(r) =
-        crate::train::create(cfg, reg, pith_plugin_api::Kind::Router, 0, &cfg.router, 0)?
-    else {
+    let mut small = cfg.clone();
+    small.model.hidden = cfg.model.hidden.min(PROBE_HIDDEN);
+    let Component::Router(r) = crate::train::create(&small, reg, Kind::Router, 0, &cfg.router, 0)? else {
         unreachable!()
     };
+    let specs = r.params().into_vec();
+    let floats: u128 = specs.iter().map(|s| s.shape.iter().map(|&d| d as u128).product::<u128>()).sum();
+    if floats > 1 << 26 {
+        let at = cfg.at("model", 0, "experts");
+        let e = cfg.model.experts;
+        return Err(format!("{at}: model.experts = {e}: too many to probe the router ({floats} weights at hidden 64)"));
+    }
     let mut p = Params::default();
-    let range = p.add("probe", r.params().into_vec(), 1);
-    let ops = CpuOps::default();
-    let x: Vec<f32> = (0..cfg.model.hidden).map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.5).collect();
-    let out =
-        r.forward(ops.ops(), RSlice::from_slice(&p.weights(range)), view(&x, &[1, cfg.model.hidden])).into_result()?;
+    let range = p.add("probe", specs, 1);
+    let (ops, h) = (CpuOps::default(), small.model.hidden);
+    let x: Vec<f32> = (0..h).map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.5).collect();
+    let out = r.forward(ops.ops(), RSlice::from_slice(&p.weights(range)), view(&x, &[1, h])).into_result()?;
     Ok(out.ids.dim(1))
 }
 
@@ -48,56 +61,68 @@ pub fn plan(cfg: &Config, reg: &Registry) -> Result<String, String> {
         })?;
         let _ = writeln!(s, "  {:<13} {:<14} {}  [{}]", kind.as_str(), name, e.origin, e.info.source);
     }
-    let top_k = measured_top_k(cfg, reg)?;
-    let (moe, opt) = crate::train::components(cfg, reg)?;
+    let top_k = measured_top_k(cfg, reg)? as u128;
+    // One layer, counted `layers` times; seq_len 0 leaves the RoPE table empty.
+    let mut one = cfg.clone();
+    (one.model.layers, one.model.seq_len) = (1, 0);
+    let (moe, opt) = crate::train::components(&one, reg)?;
     let mut params = Params { shapes_only: true, ..Default::default() };
-    Model::new(m, &mut params, cfg.train.seed, moe)?;
-    let mut groups: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    Model::new(&one.model, &mut params, cfg.train.seed, moe)?;
+    let (layers, experts) = (m.layers as u128, m.experts as u128);
+    let numel = |p: &Param| {
+        let n = p.spec.shape.iter().fold(1u128, |a, &d| a.saturating_mul(d as u128));
+        n.saturating_mul(if p.name.starts_with("layers.") { layers } else { 1 })
+    };
+    let active = |p: &Param, n: u128| match group(&p.name) == "moe.experts" {
+        true => n.saturating_mul(top_k) / experts,
+        false => n,
+    };
+    let mut groups: BTreeMap<String, (u128, u128)> = BTreeMap::new();
     for p in &params.list {
-        let n = p.spec.numel();
-        let g = group(&p.name);
-        let active = if g == "moe.experts" { n * top_k / m.experts } else { n };
-        let e = groups.entry(g).or_default();
-        e.0 += n;
-        e.1 += active;
+        let n = numel(p);
+        let e = groups.entry(group(&p.name)).or_default();
+        (e.0, e.1) = (e.0.saturating_add(n), e.1.saturating_add(active(p, n)));
     }
     let _ = writeln!(s, "\nparameters (experts active: top-{top_k} of {}):", m.experts);
     let _ = writeln!(s, "  {:<16} {:>14} {:>14}", "group", "total", "active/token");
     for (g, (n, a)) in &groups {
         let _ = writeln!(s, "  {g:<16} {n:>14} {a:>14}");
     }
-    let total: usize = groups.values().map(|v| v.0).sum();
-    let active: usize = groups.values().map(|v| v.1).sum();
-    let _ = writeln!(s, "  {:<16} {total:>14} {active:>14}", "all");
+    let total = groups.values().fold(0u128, |a, v| a.saturating_add(v.0));
+    let all_active = groups.values().fold(0u128, |a, v| a.saturating_add(v.1));
+    let _ = writeln!(s, "  {:<16} {total:>14} {all_active:>14}", "all");
     // Matmul params exclude the embedding lookup and the norm weights.
-    let matmul: usize = params
-        .list
-        .iter()
-        .filter(|p| p.spec.shape.len() >= 2 && !p.name.starts_with("embed"))
-        .map(|p| if group(&p.name) == "moe.experts" { p.spec.numel() * top_k / m.experts } else { p.spec.numel() })
-        .sum();
-    let attn = 6 * m.layers * m.heads * m.head_dim * m.seq_len;
-    let flops = 6 * matmul + attn;
+    let matmul = params.list.iter().filter(|p| p.spec.shape.len() >= 2 && !p.name.starts_with("embed"));
+    let matmul = matmul.fold(0u128, |a, p| a.saturating_add(active(p, numel(p))));
+    let attn = 6.0 * [m.layers, m.heads, m.head_dim, m.seq_len].iter().map(|&x| x as f64).product::<f64>();
+    let flops = 6.0 * matmul as f64 + attn;
     let _ = writeln!(
         s,
         "\ntraining FLOPs/token: {:.4} GFLOP = 6 × {matmul} active matmul params + 6 × layers × heads × head_dim × seq_len ({attn})",
-        flops as f64 / 1e9
+        flops / 1e9
     );
-    let bytes: usize = params.list.iter().map(|p| p.spec.numel() * 4 * (2 + opt.1.state(&p.spec).len())).sum();
-    let _ = writeln!(
-        s,
-        "parameter memory (f32 weights, grads, `{}` state): {:.1} MiB",
-        opt.0,
-        bytes as f64 / (1 << 20) as f64
-    );
+    let bytes = params
+        .list
+        .iter()
+        .fold(0u128, |a, p| a.saturating_add(numel(p).saturating_mul(4 * (2 + opt.1.state(&p.spec).len() as u128))));
+    let mib = |b: u128| b as f64 / (1 << 20) as f64;
+    let _ = writeln!(s, "parameter memory (f32 weights, grads, `{}` state): {:.1} MiB", opt.0, mib(bytes));
     if cfg.train.device == "cuda" {
         // The GPU adds a bf16 working copy of every weight (2 B) to the f32 weights, grads, state.
-        let gpu = bytes + params.list.iter().map(|p| p.spec.numel() * 2).sum::<usize>();
+        let gpu = bytes.saturating_add(total.saturating_mul(2));
         let _ = writeln!(
             s,
             "on CUDA: {:.1} MiB with the bf16 weight copies; activations come on top (`pith bench` measures the peak)",
-            gpu as f64 / (1 << 20) as f64
+            mib(gpu)
         );
     }
+    let est = MemEstimate::of(cfg, 16, true);
+    let avail = mem_available();
+    let fits = match avail {
+        Some(a) if est.total() > a => "; does not fit here",
+        _ => "",
+    };
+    let avail = avail.map_or("unknown".into(), human);
+    let _ = writeln!(s, "CPU training step memory (estimate): {}; {avail} available here{fits}", est.summary());
     Ok(s)
 }

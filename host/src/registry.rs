@@ -39,15 +39,23 @@ pub struct Registry {
 
 /// The plugin directories in search order: `--plugin-dir`s, then `PITH_PLUGIN_PATH`
 /// (colon-separated), then the directory holding the `pith` executable.
-pub fn plugin_dirs(cli_dirs: &[PathBuf]) -> Vec<PathBuf> {
+pub fn plugin_dirs(cli_dirs: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
+    for d in cli_dirs {
+        std::fs::read_dir(d).map_err(|e| format!("--plugin-dir {}: not a readable directory ({e})", d.display()))?;
+    }
     let mut dirs = cli_dirs.to_vec();
     if let Ok(p) = std::env::var("PITH_PLUGIN_PATH") {
-        dirs.extend(std::env::split_paths(&p).filter(|d| !d.as_os_str().is_empty()));
+        for d in std::env::split_paths(&p).filter(|d| !d.as_os_str().is_empty()) {
+            if let Err(e) = std::fs::read_dir(&d) {
+                tracing::warn!("PITH_PLUGIN_PATH: skipping {}: {e}", d.display());
+            }
+            dirs.push(d);
+        }
     }
     if let Some(exe_dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
         dirs.push(exe_dir);
     }
-    dirs
+    Ok(dirs)
 }
 
 extern "C" fn host_log(level: u8, target: RString, msg: RString) {

@@ -20,6 +20,23 @@ impl RoutingTrace {
         RoutingTrace { path, want, tokens: Vec::new(), layers: Vec::new() }
     }
 
+    /// Before training: the file must not exist (a trace is never overwritten) and its directory
+    /// must.
+    pub fn check(&self) -> Result<(), String> {
+        let p = self.path.display();
+        if self.path.exists() {
+            return Err(format!("--trace-routing {p}: the file exists; remove it or name another"));
+        }
+        let dir = self.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        if !dir.is_dir() {
+            return Err(format!("--trace-routing {p}: the directory {} does not exist", dir.display()));
+        }
+        if self.want == 0 {
+            return Err("--trace-tokens 0: trace at least one token".into());
+        }
+        Ok(())
+    }
+
     pub fn done(&self) -> bool {
         self.tokens.len() >= self.want
     }

@@ -12,6 +12,7 @@ use crate::gpu::Gpu;
 use crate::model::{Model, MoeComponents, StepOut};
 use crate::params::Params;
 use crate::registry::Registry;
+use crate::rundir::RunDir;
 use crate::trace::RoutingTrace;
 use abi_stable::std_types::RSlice;
 use pith_plugin_api::abi::{Component, OptimizerBox};
@@ -116,6 +117,8 @@ pub struct Summary {
     pub final_loss: f32,
     pub val_loss: Option<f32>,
     pub out: PathBuf,
+    /// The signal that ended the run early (after a checkpoint), if one did.
+    pub interrupted: Option<i32>,
 }
 
 /// Where the step runs: the CPU reference, or the GPU (weights, grads and optimizer state live
@@ -245,24 +248,27 @@ impl Run {
         };
         match &self.backend {
             Backend::Cpu(ops) => {
-                for p in &mut self.params.list {
+                // The optimizer's scratch allocations are released on the error path too.
+                let stepped = self.params.list.iter_mut().try_for_each(|p| {
                     let shape: Vec<usize> = p.spec.shape.iter().map(|&d| d as usize).collect();
                     let state: Vec<_> = p.state.iter_mut().map(|(_, v)| view_mut(v, &shape)).collect();
                     let (w, g) = (view_mut(&mut p.w, &shape), view(&p.g, &shape));
                     let r = opt.step(ops.ops(), &p.spec, w, g, RSlice::from_slice(&state), lr, step);
-                    r.into_result().map_err(|e| fail(p, e))?;
-                }
+                    r.into_result().map_err(|e| fail(p, e))
+                });
                 ops.reset();
+                stepped?;
                 self.params.zero_grads();
             }
             Backend::Gpu(g) => {
                 let GpuBackend { gpu, ops, params, .. } = &**g;
-                for (p, d) in self.params.list.iter().zip(&params.list) {
+                let stepped = self.params.list.iter().zip(&params.list).try_for_each(|(p, d)| {
                     let state: Vec<_> = d.state.iter().map(|s| s.t).collect();
                     let r = opt.step(ops.ops(), &p.spec, d.w.t, d.g.t, RSlice::from_slice(&state), lr, step);
-                    r.into_result().map_err(|e| fail(p, e))?;
-                }
+                    r.into_result().map_err(|e| fail(p, e))
+                });
                 ops.reset();
+                stepped?;
                 params.refresh_bf16(gpu)?;
                 params.zero_grads(gpu)?;
             }
@@ -287,7 +293,9 @@ impl Run {
 }
 
 /// Train `cfg`; with `resume`, continue from a checkpoint (a step directory or a run directory);
-/// with `trace`, write the routing of the first tokens trained on (see trace.rs).
+/// with `trace`, write the routing of the first tokens trained on (see trace.rs). Every input is
+/// checked before the run directory is touched; SIGINT/SIGTERM end the run after the current
+/// step with a checkpoint (a second one aborts at once).
 pub fn train(
     cfg: Config,
     reg: &Registry,
@@ -296,17 +304,16 @@ pub fn train(
 ) -> Result<Summary, String> {
     let t = cfg.train.clone();
     let m = cfg.model.clone();
-    if t.threads > 0 {
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(t.threads).build_global();
+    set_threads(t.threads);
+    crate::config::check_memory(&cfg)?;
+    crate::data::check_inputs(&cfg.data, m.vocab, m.seq_len, t.micro_batch)?;
+    if let Some(tr) = &trace {
+        tr.check()?;
     }
+    components(&cfg, reg)?; // every plugin's config, checked before the run directory is touched
     let out = PathBuf::from(&t.out);
-    if resume.is_none() && out.join("checkpoints").exists() {
-        return Err(format!(
-            "{}: this run directory already holds checkpoints; continue it with --resume {} or choose another --set train.out=...",
-            out.display(),
-            out.display()
-        ));
-    }
+    let dir = RunDir::open(&out, &cfg.at("train", 0, "out"), resume)?;
+    let stop = Interrupt::install()?;
     let mut run = Run::new(cfg, reg)?;
     if let (None, Some(src)) = (resume, &t.init_from) {
         crate::hf::init_weights(Path::new(src), &run.cfg, &mut run.params)
@@ -321,8 +328,8 @@ pub fn train(
         start = st.step;
         tracing::info!("resumed from {} at step {start}", checkpoint::resolve(r)?.display());
     }
-    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     run.place()?;
+    dir.trim_metrics(start)?;
     std::fs::write(out.join("config.toml"), run.cfg.to_toml()).map_err(|e| format!("{}: {e}", out.display()))?;
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
@@ -400,10 +407,25 @@ pub fn train(
         }
         last_loss = loss;
         let is_last = step == t.steps;
+        let signal = stop.received();
+        // The checkpoint comes before the eval, so a failing eval never costs the trained steps.
+        if (t.checkpoint_every > 0 && step % t.checkpoint_every == 0) || is_last || signal.is_some() {
+            let st = TrainerState { step, data_position: data.position(), plugin_api: pith_plugin_api::VERSION.into() };
+            run.sync_to_host()?;
+            let dir = checkpoint::save(&out, &run.cfg, &run.params, &st)?;
+            tracing::debug!("checkpoint {}", dir.display());
+        }
         if (t.eval_every > 0 && step % t.eval_every == 0) || is_last {
-            let v = run.eval(t.seed)?;
-            line["val_loss"] = v.into();
-            val_loss = Some(v);
+            match run.eval(t.seed) {
+                Ok(v) => {
+                    line["val_loss"] = v.into();
+                    val_loss = Some(v);
+                }
+                Err(e) => {
+                    writeln!(metrics, "{line}").map_err(|e| format!("metrics.jsonl: {e}"))?;
+                    return Err(format!("step {step}: eval: {e} (the checkpoint of step {step} is saved)"));
+                }
+            }
         }
         writeln!(metrics, "{line}").map_err(|e| format!("metrics.jsonl: {e}"))?;
         if step % t.log_every.max(1) == 0 || is_last || step == start + 1 {
@@ -418,11 +440,16 @@ pub fn train(
         if let Some(b) = &bar {
             b.set_position(step);
         }
-        if (t.checkpoint_every > 0 && step % t.checkpoint_every == 0) || is_last {
-            let st = TrainerState { step, data_position: data.position(), plugin_api: pith_plugin_api::VERSION.into() };
-            run.sync_to_host()?;
-            let dir = checkpoint::save(&out, &run.cfg, &run.params, &st)?;
-            tracing::debug!("checkpoint {}", dir.display());
+        if let Some(sig) = signal.filter(|_| !is_last) {
+            if let Some(b) = &bar {
+                b.finish_and_clear();
+            }
+            let o = out.display();
+            say(format!(
+                "{} after step {step}: checkpoint saved; continue with: pith train {o}/config.toml --resume {o}",
+                signal_name(sig)
+            ));
+            return Ok(Summary { steps: step, final_loss: loss, val_loss, out, interrupted: Some(sig) });
         }
     }
     if let Some(b) = &bar {
@@ -442,20 +469,70 @@ pub fn train(
             reached - floor
         ));
     }
-    Ok(Summary { steps: t.steps, final_loss: last_loss, val_loss, out })
+    Ok(Summary { steps: t.steps, final_loss: last_loss, val_loss, out, interrupted: None })
+}
+
+/// The CPU backend's worker threads: `train.threads` (0 = all cores), at most the cores.
+fn set_threads(threads: usize) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let n = if threads > cores {
+        tracing::warn!("train.threads = {threads}: this machine has {cores} cores; using {cores}");
+        cores
+    } else {
+        threads
+    };
+    if n > 0 {
+        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
+            // Only a second run in one process gets here (tests): the pool is process-wide.
+            tracing::debug!("train.threads = {n}: keeping the existing thread pool ({e})");
+        }
+    }
+}
+
+/// SIGINT and SIGTERM during training: the first sets a flag the loop reads after each step;
+/// a second one exits at once (status 128 + signal).
+struct Interrupt {
+    which: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Interrupt {
+    fn install() -> Result<Interrupt, String> {
+        use signal_hook::{consts::TERM_SIGNALS, flag};
+        let (seen, which) = (Arc::new(std::sync::atomic::AtomicBool::new(false)), Arc::new(Default::default()));
+        for &sig in TERM_SIGNALS.iter().filter(|&&s| s != signal_hook::consts::SIGQUIT) {
+            flag::register_conditional_shutdown(sig, 128 + sig, Arc::clone(&seen))
+                .and_then(|_| flag::register(sig, Arc::clone(&seen)))
+                .and_then(|_| flag::register_usize(sig, Arc::clone(&which), sig as usize))
+                .map_err(|e| format!("installing the handler of signal {sig}: {e}"))?;
+        }
+        Ok(Interrupt { which })
+    }
+
+    fn received(&self) -> Option<i32> {
+        match self.which.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => None,
+            s => Some(s as i32),
+        }
+    }
+}
+
+fn signal_name(sig: i32) -> String {
+    match sig {
+        signal_hook::consts::SIGINT => "interrupted (SIGINT)".into(),
+        signal_hook::consts::SIGTERM => "terminated (SIGTERM)".into(),
+        s => format!("signal {s}"),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn gpu_here() -> bool {
-        match Gpu::open(0) {
-            Ok(_) => true,
-            Err(e) => {
-                println!("skipped: no GPU here ({e})");
-                false
-            }
+    /// The GPU tests are `#[ignore]`d: run them on the GPU machine with `--ignored`, where a
+    /// missing GPU is a failure.
+    fn need_gpu() {
+        if let Err(e) = Gpu::open(0) {
+            panic!("this test needs a CUDA GPU: {e}");
         }
     }
 
@@ -477,10 +554,9 @@ mod tests {
     /// Tolerances: loss 1% relative; gradients 5% relative L2 per tensor — bf16 activations (8
     /// bits of mantissa, ~0.4% per rounding) through 2 layers of attention and MoE.
     #[test]
+    #[ignore = "needs a CUDA GPU"]
     fn cuda_step_matches_cpu() {
-        if !gpu_here() {
-            return;
-        }
+        need_gpu();
         let reg = Registry::load(&[]).unwrap();
         for (what, sets) in [
             ("head_dim 64, qk_norm head", vec!["model.head_dim=64", "model.qk_norm=\"head\""]),
@@ -561,10 +637,9 @@ mod tests {
     /// from the same weights and data: the training loss averaged over each 50 steps within 0.05
     /// nats and the final val loss within 0.03 (bf16 activations change the trajectory a little).
     #[test]
+    #[ignore = "needs a CUDA GPU"]
     fn quickstart_on_cuda_tracks_cpu() {
-        if !gpu_here() {
-            return;
-        }
+        need_gpu();
         let reg = Registry::load(&[]).unwrap();
         let dir = std::env::temp_dir().join(format!("pith-cuda-quickstart-{}", std::process::id()));
         let mut curves = Vec::new();
@@ -596,10 +671,9 @@ mod tests {
     /// grads, flash attention's dQ — sum in a different order on every run), which they only do
     /// if the checkpoint held the weights and AdamW state the device trained.
     #[test]
+    #[ignore = "needs a CUDA GPU"]
     fn cuda_resume_with_grad_accum_continues_the_run() {
-        if !gpu_here() {
-            return;
-        }
+        need_gpu();
         let reg = Registry::load(&[]).unwrap();
         let dir = std::env::temp_dir().join(format!("pith-cuda-resume-{}", std::process::id()));
         let common = ["train.steps=12", "train.checkpoint_every=6", "train.eval_every=0", "train.grad_accum=2"];

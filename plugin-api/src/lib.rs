@@ -15,7 +15,8 @@ pub use abi::{
     Tensor,
 };
 pub use abi_stable;
-pub use adapt::{ffi_components, ffi_create, ffi_set_logger};
+#[doc(hidden)]
+pub use adapt::{ffi_create, root_components, root_set_logger};
 pub use inventory;
 
 use abi_stable::std_types::{RSlice, RStr};
@@ -55,19 +56,39 @@ impl Tensor {
         if self.numel() == 0 {
             return std::ptr::NonNull::<u32>::dangling().as_ptr() as *mut u8;
         }
+        assert!(self.addr != 0 && self.addr.is_multiple_of(4), "host access to a null or misaligned tensor");
         self.addr as *mut u8
     }
-    /// The elements of a CPU f32 tensor. Views alias host memory: the host guarantees the
-    /// memory is valid for the call, the component guarantees it does not hold two mutable
-    /// slices of one tensor at once.
-    #[allow(clippy::mut_from_ref)]
-    pub fn f32s(&self) -> &mut [f32] {
-        unsafe { std::slice::from_raw_parts_mut(self.host_ptr(DType::F32) as *mut f32, self.numel()) }
+    /// The elements of a CPU f32 tensor, to read. The host keeps the memory valid for the call
+    /// (for `Host::alloc` tensors, until the micro-batch ends); don't hold the slice across a
+    /// `Host` call that writes this tensor (`copy`, the GEMMs) or a write through
+    /// [`Tensor::f32s_mut`].
+    pub fn f32s(&self) -> &[f32] {
+        unsafe { std::slice::from_raw_parts(self.host_ptr(DType::F32) as *const f32, self.numel()) }
     }
-    /// The elements of a CPU i32 tensor (same rules as [`Tensor::f32s`]).
+    /// The elements of a CPU i32 tensor, to read (same rules as [`Tensor::f32s`]).
+    pub fn i32s(&self) -> &[i32] {
+        unsafe { std::slice::from_raw_parts(self.host_ptr(DType::I32) as *const i32, self.numel()) }
+    }
+    /// The elements of a CPU f32 tensor, to write (outputs, gradients, optimizer state).
+    ///
+    /// # Safety
+    /// A view is a `Copy` handle, not an owner: while the returned slice is in use, no other
+    /// slice of the same memory may be (from this view or any copy of it, shared or mutable),
+    /// and no `Host` call may touch the tensor. The host passes distinct buffers as distinct
+    /// arguments and `Host::alloc` returns fresh memory, so one `f32s_mut` per output tensor,
+    /// beside `f32s` of the inputs, keeps to this.
     #[allow(clippy::mut_from_ref)]
-    pub fn i32s(&self) -> &mut [i32] {
-        unsafe { std::slice::from_raw_parts_mut(self.host_ptr(DType::I32) as *mut i32, self.numel()) }
+    pub unsafe fn f32s_mut(&self) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.host_ptr(DType::F32) as *mut f32, self.numel())
+    }
+    /// The elements of a CPU i32 tensor, to write.
+    ///
+    /// # Safety
+    /// As for [`Tensor::f32s_mut`].
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn i32s_mut(&self) -> &mut [i32] {
+        std::slice::from_raw_parts_mut(self.host_ptr(DType::I32) as *mut i32, self.numel())
     }
 }
 
@@ -118,7 +139,9 @@ impl<'a> Host<'a> {
         self.0.compile(RStr::from_str(source)).into_result().map_err(Into::into)
     }
     /// Launch `extern "C" __global__` kernel `name` of CUDA C `source` (compiled by the host
-    /// with NVRTC on first use and cached on disk) over `grid` blocks of `block` threads.
+    /// with NVRTC on first use and cached on disk) over `grid` blocks of `block` threads. `args`
+    /// must match the kernel's parameters in number and size (`Ptr`/`I64` 8 bytes, others 4):
+    /// the host checks them against the compiled kernel.
     /// CUDA only: a component keeps a CPU path for `Device::Cpu` (the reference).
     pub fn launch(
         &self,
@@ -179,6 +202,7 @@ impl<'a> Host<'a> {
 
 /// Chooses which experts each token goes to, with what weight.
 pub trait Router: Send + Sync + 'static {
+    /// The parameters to allocate; called once, when the component is created.
     fn params(&self) -> Vec<ParamSpec>;
     /// x [T,H] → logits [T,E], ids [T,k], weights [T,k].
     fn forward(&self, h: Host, p: &[Tensor], x: Tensor) -> Result<RouterOut>;
@@ -200,6 +224,7 @@ pub trait Router: Send + Sync + 'static {
 
 /// All experts of one MoE layer, applied to expert-sorted rows.
 pub trait Experts: Send + Sync + 'static {
+    /// The parameters to allocate; called once, when the component is created.
     fn params(&self) -> Vec<ParamSpec>;
     /// x [N,H] sorted by expert, offsets [E+1] → y [N,H].
     fn forward(&self, h: Host, p: &[Tensor], x: Tensor, offsets: Tensor) -> Result<ExpertsOut>;
@@ -229,7 +254,7 @@ pub trait BalanceLoss: Send + Sync + 'static {
 /// Updates one parameter tensor from its gradient.
 pub trait Optimizer: Send + Sync + 'static {
     /// Names of the state tensors this optimizer keeps per parameter (each shaped like it,
-    /// zero-initialised, checkpointed by the host).
+    /// zero-initialised, checkpointed by the host). A panic here fails the next `step`.
     fn state(&self, param: &ParamSpec) -> Vec<String>;
     /// `step` counts from 1.
     #[allow(clippy::too_many_arguments)]
@@ -325,15 +350,21 @@ macro_rules! export_plugin {
         extern "C" fn __pith_pack() -> $crate::abi_stable::std_types::RStr<'static> {
             $crate::abi_stable::std_types::RStr::from_str($pack)
         }
+        extern "C" fn __pith_components() -> $crate::abi_stable::std_types::RVec<$crate::ComponentInfo> {
+            $crate::root_components($pack)
+        }
+        extern "C" fn __pith_set_logger(f: $crate::abi::LogFn) {
+            $crate::root_set_logger($pack, f)
+        }
         /// The library's root module (also how the host links a built-in pack).
         #[$crate::abi_stable::export_root_module]
         pub fn pith_root_module() -> $crate::abi::PluginMod_Ref {
             use $crate::abi_stable::prefix_type::PrefixTypeTrait;
             $crate::abi::PluginMod {
                 pack: __pith_pack,
-                components: $crate::ffi_components,
+                components: __pith_components,
                 create: $crate::ffi_create,
-                set_logger: $crate::ffi_set_logger,
+                set_logger: __pith_set_logger,
             }
             .leak_into_prefix()
         }
@@ -341,3 +372,26 @@ macro_rules! export_plugin {
 }
 
 pub use adapt::wrap;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn views_read_shared_and_write_through_f32s_mut() {
+        let mut v = vec![1.0f32, 2.0, 3.0, 4.0];
+        let t = Tensor::new(v.as_mut_ptr() as u64, DType::F32, Device::Cpu, &[2, 2]);
+        let (a, b) = (t.f32s(), t.f32s());
+        assert_eq!((a, a.as_ptr()), (b, b.as_ptr()));
+        // SAFETY: no other slice of `v` is alive while `w` is.
+        let w = unsafe { t.f32s_mut() };
+        w[3] = 7.0;
+        assert_eq!(t.f32s(), &[1.0, 2.0, 3.0, 7.0]);
+        let empty = Tensor::new(0, DType::I32, Device::Cpu, &[0]);
+        assert!(empty.i32s().is_empty());
+        let null = Tensor::new(0, DType::F32, Device::Cpu, &[1]);
+        assert!(std::panic::catch_unwind(|| null.f32s().len()).is_err(), "a null view must not be read");
+        let wrong = Tensor { dtype: DType::I32, ..t };
+        assert!(std::panic::catch_unwind(|| wrong.f32s().len()).is_err(), "dtype is checked");
+    }
+}

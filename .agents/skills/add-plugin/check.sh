@@ -7,7 +7,7 @@ DIRARG=""
 if [ -z "$NAME" ]; then
   NAME=skill-check-router
   "$PITH" plugins new --kind router --name "$NAME" --dir "$TMP" >/dev/null || fail "pith plugins new"
-  # target/plugin-tests is shared with host/tests/plugins.rs, so dependencies build once.
+  # target/plugin-tests is shared with tests/tests/plugins.rs, so dependencies build once.
   CARGO_TARGET_DIR="$ROOT/target/plugin-tests" cargo build --quiet --manifest-path "$TMP/$NAME/Cargo.toml" \
     || fail "the scaffolded crate does not build"
   mkdir -p "$TMP/plugins" && cp "$ROOT/target/plugin-tests/debug/libskill_check_router.so" "$TMP/plugins/"

@@ -1,9 +1,10 @@
 //! `pith data prepare`: text and JSONL files → train/val token shards and `meta.json`, with
 //! the byte tokenizer or a Hugging Face tokenizer.json.
 
-use super::shards::{list, temp_sibling, write_shard};
+use super::shards::{list, remove_stale_temps, temp_sibling, write_shard};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
+use std::collections::HashSet;
 use std::fs;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -24,6 +25,8 @@ pub struct PrepareSummary {
     pub documents: [usize; 2],
     pub tokens: [u64; 2],
     pub shards: [usize; 2],
+    /// Inputs reached more than once (named twice, or through a symlink) and read only once.
+    pub duplicates: usize,
 }
 
 /// Tokenize `.txt` files (one document each) and `.jsonl` files (one document per line, the text
@@ -35,8 +38,10 @@ pub struct PrepareSummary {
 /// convention); the byte tokenizer adds nothing, so its shards decode to the documents
 /// concatenated. Whole documents go to val, evenly spaced, `val_fraction` of them (at least
 /// one); a single document is split instead, its last `val_fraction` of tokens going to val.
+/// Every file is read once, however often it is reached (by its canonical path: named twice, or
+/// through a symlink), and every directory is searched once (so a symlink loop ends).
 /// Holds the corpus in memory. Writes into a temp directory and renames it, so it never leaves
-/// partial output; refuses a non-empty `out_dir`.
+/// partial output (a temp that a killed run left is removed); refuses a non-empty `out_dir`.
 pub fn prepare(
     inputs: &[PathBuf],
     out_dir: &Path,
@@ -52,13 +57,22 @@ pub fn prepare(
     if shard_tokens == 0 || shard_tokens > i32::MAX as usize {
         return Err(format!("shard size {shard_tokens} is not in [1, 2^31)"));
     }
+    if out_dir.exists() && !out_dir.is_dir() {
+        return Err(format!("{out}: exists and is not a directory; give --out a new or empty directory"));
+    }
     if out_dir.exists() && list(out_dir, false).map_or(true, |e| !e.is_empty()) {
         return Err(format!("{out}: exists and is not empty; not writing there"));
     }
-    let (mut files, mut docs) = (Vec::new(), Vec::new());
+    let mut found = Inputs::default();
     for p in inputs {
-        collect_inputs(p, true, &mut files)?;
+        found.collect(p, true)?;
     }
+    let Inputs { files, duplicates, .. } = found;
+    if duplicates > 0 {
+        let why = "a file or directory reached again (named twice, or through a symlink) is read once";
+        tracing::info!("skipped {duplicates} duplicate input(s): {why}");
+    }
+    let mut docs = Vec::new();
     for f in &files {
         read_documents(f, jsonl_field, &mut docs)?;
     }
@@ -74,6 +88,9 @@ pub fn prepare(
     drop(docs);
     let (documents, [train, val]) = split_documents(encoded, val_fraction)?;
 
+    for stale in remove_stale_temps(out_dir) {
+        tracing::info!("removed {}: the partial output of an interrupted `pith data prepare`", stale.display());
+    }
     let tmp = temp_sibling(out_dir)?;
     let _ = fs::remove_dir_all(&tmp);
     let mut shards = [0, 0];
@@ -109,7 +126,7 @@ pub fn prepare(
     }
     let tokens = [train.len() as u64, val.len() as u64];
     let out_dir = out_dir.to_path_buf();
-    Ok(PrepareSummary { out_dir, tokenizer, vocab, separator, documents, tokens, shards })
+    Ok(PrepareSummary { out_dir, tokenizer, vocab, separator, documents, tokens, shards, duplicates })
 }
 
 /// A tokenizer.json, its vocabulary size and its separator token, if any.
@@ -175,23 +192,40 @@ fn split_documents(mut encoded: Vec<Vec<u32>>, val_fraction: f64) -> Result<([us
     Ok(([n - n_val, n_val], split))
 }
 
-/// Add `path` (a .txt/.jsonl file, or a directory searched recursively) to `out`, sorted.
-fn collect_inputs(path: &Path, explicit: bool, out: &mut Vec<PathBuf>) -> Result<(), String> {
-    if path.is_dir() {
-        for child in list(path, false)? {
-            collect_inputs(&child, false, out)?;
+/// The input files found so far, in order; the canonical paths of those and of the directories
+/// searched; how many inputs were reached again and skipped.
+#[derive(Default)]
+struct Inputs {
+    files: Vec<PathBuf>,
+    seen: HashSet<PathBuf>,
+    duplicates: usize,
+}
+
+impl Inputs {
+    /// Add `path`: a .txt/.jsonl file, or a directory searched recursively in name order; each
+    /// file and directory only the first time it is reached.
+    fn collect(&mut self, path: &Path, explicit: bool) -> Result<(), String> {
+        let name = path.display();
+        let text = matches!(path.extension().and_then(|e| e.to_str()), Some("txt" | "jsonl"));
+        let wanted = path.is_dir() || (text && path.is_file());
+        match (wanted, explicit) {
+            (false, true) if !path.exists() => return Err(format!("{name}: no such file or directory")),
+            (false, true) => return Err(format!("{name}: not a .txt or .jsonl file, nor a directory")),
+            (false, false) => return Ok(()),
+            (true, _) => {}
         }
-        return Ok(());
+        let canonical = fs::canonicalize(path).map_err(|e| format!("{name}: {e}"))?;
+        if !self.seen.insert(canonical) {
+            self.duplicates += 1;
+        } else if path.is_dir() {
+            for child in list(path, false)? {
+                self.collect(&child, false)?;
+            }
+        } else {
+            self.files.push(path.to_path_buf());
+        }
+        Ok(())
     }
-    let name = path.display();
-    let text = matches!(path.extension().and_then(|e| e.to_str()), Some("txt" | "jsonl"));
-    match (text, explicit) {
-        (true, _) if path.is_file() => out.push(path.to_path_buf()),
-        (_, true) if !path.exists() => return Err(format!("{name}: no such file or directory")),
-        (false, true) => return Err(format!("{name}: not a .txt or .jsonl file")),
-        _ => {}
-    }
-    Ok(())
 }
 
 /// Append the non-empty documents of one input file to `docs`, each with where it came from.
@@ -241,8 +275,7 @@ mod tests {
         let mut files = list(dir, true).unwrap();
         files.retain(|f| file_name(f).starts_with(split));
         for f in files {
-            let s = Shard::open(&f).unwrap();
-            tokens.extend((0..s.len()).map(|i| s.get(i)));
+            tokens.extend(Shard::open(&f).unwrap().tokens().unwrap());
         }
         tokens
     }
@@ -285,6 +318,49 @@ mod tests {
         let err = err.unwrap_err();
         assert!(err.contains("good.jsonl:1: no string field `body`"), "{err}");
         assert!(!dir.0.join("out2").exists());
+    }
+
+    #[test]
+    fn prepare_reads_each_input_once_and_ends_symlink_loops() {
+        let dir = TempDir::new("dups");
+        let (docs, sub) = (dir.0.join("docs"), dir.0.join("docs/sub"));
+        std::fs::create_dir_all(&sub).unwrap();
+        let texts: Vec<String> = (0..10).map(|i| format!("document number {i}. ")).collect();
+        for (i, t) in texts.iter().enumerate() {
+            std::fs::write(sub.join(format!("{i}.txt")), t).unwrap();
+        }
+        std::os::unix::fs::symlink(&docs, sub.join("loop")).unwrap();
+        std::os::unix::fs::symlink(sub.join("0.txt"), docs.join("alias.txt")).unwrap();
+        let inputs = [docs.clone(), sub.join("0.txt"), docs.clone()];
+        let s = prepare(&inputs, &dir.0.join("out"), None, "text", 0.2, 1000).unwrap();
+        // docs/alias.txt is sub/0.txt; sub/0.txt, sub/loop, and both inputs given again are skipped.
+        assert_eq!((s.documents, s.duplicates), ([8, 2], 4));
+        let total: usize = texts.iter().map(String::len).sum();
+        assert_eq!(s.tokens[0] + s.tokens[1], total as u64);
+        let val = String::from_utf8(decode_bytes(&read_split(&dir.0.join("out"), "val_"))).unwrap();
+        let train = String::from_utf8(decode_bytes(&read_split(&dir.0.join("out"), "train_"))).unwrap();
+        assert!(val.split(". ").filter(|d| !d.is_empty()).all(|d| !train.contains(d)), "{val} is in {train}");
+        let twice = prepare(&[sub.join("3.txt"), sub.join("3.txt")], &dir.0.join("out2"), None, "text", 0.2, 100);
+        assert_eq!(twice.unwrap().duplicates, 1, "one file named twice is one document, split in two");
+    }
+
+    #[test]
+    fn prepare_removes_the_partial_output_of_a_killed_run() {
+        let dir = TempDir::new("stale-prepare");
+        std::fs::write(dir.0.join("a.txt"), "some text to split. ".repeat(20)).unwrap();
+        let stale = dir.0.join(".out.tmp-999999999"); // a pid above any pid_max: not running
+        std::fs::create_dir_all(&stale).unwrap();
+        std::fs::write(stale.join("train_000000.bin"), b"half a shard").unwrap();
+        let s = prepare_bytes(&dir.0.join("a.txt"), &dir.0.join("out"), "text", 1000).unwrap();
+        assert_eq!(s.tokens[0] + s.tokens[1], 400);
+        assert!(open_shards(&dir.0.join("out"), 256, Split::Val).is_ok());
+        if Path::new("/proc/self").exists() {
+            let names: Vec<String> = list(&dir.0, false).unwrap().iter().map(|f| file_name(f)).collect();
+            assert_eq!(names, ["a.txt", "out"], "the stale temp is gone");
+        }
+        std::fs::write(dir.0.join("file"), "").unwrap();
+        let err = prepare_bytes(&dir.0.join("a.txt"), &dir.0.join("file"), "text", 1000).unwrap_err();
+        assert!(err.contains("file: exists and is not a directory"), "{err}");
     }
 
     #[test]

@@ -197,14 +197,20 @@ impl Gpu {
         match grouped {
             Ok(()) => Ok(()),
             // Some type/transpose combinations are refused by some cuBLAS versions: one GEMM per
-            // group instead (correct, slower), said once.
+            // group instead (correct, slower), said once per combination; a failure there names both.
             Err(cudarc::cublas::result::CublasError(blas::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => {
-                static SAID: std::sync::Once = std::sync::Once::new();
-                SAID.call_once(|| {
-                    tracing::warn!("cuBLAS grouped GEMM refused trans {trans:?} {types:?}: one GEMM per group")
-                });
+                let refused =
+                    format!("cublasGemmGroupedBatchedEx: CUBLAS_STATUS_NOT_SUPPORTED for trans {trans:?} {types:?}");
+                static SAID: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+                let mut said = SAID.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if !said.contains(&refused) {
+                    tracing::warn!("{refused}: one GEMM per group instead (slower)");
+                    said.push(refused.clone());
+                }
+                drop(said);
                 let name = format!("{name}, per-group fallback");
                 self.timed(&name, || groups.iter().try_for_each(|p| self.gemm_cm(trans, p, ld, types, 1.0, beta)))
+                    .map_err(|e| format!("{refused}, and the per-group fallback failed: {e}"))
             }
             Err(e) => Err(format!("cublasGemmGroupedBatchedEx ({g} groups, trans {trans:?}, {types:?}): {e:?}")),
         }

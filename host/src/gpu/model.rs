@@ -190,6 +190,7 @@ impl GpuPass<'_> {
         grad_scale: f32,
         routing: bool,
     ) -> Result<StepOut, String> {
+        let _reset = self.ops.reset_on_drop();
         let (layers, x) = self.forward(tokens)?;
         let (xn, rstd) = self.norm(self.m.final_norm, &x)?;
         let logits = self.linear(self.m.lm_head, &xn)?;
@@ -225,22 +226,20 @@ impl GpuPass<'_> {
         self.gpu.embed_bwd(tokens, &dx, embed)?;
         counts.reverse();
         routes.reverse();
-        self.ops.reset();
         let loss = self.mean(&losses)?;
         Ok(StepOut { loss, aux, expert_counts: counts, routing: routes })
     }
 
     /// Forward only: the mean cross-entropy.
     pub fn loss(&self, tokens: &Tensor, targets: &Tensor) -> Result<f32, String> {
+        let _reset = self.ops.reset_on_drop();
         let (layers, x) = self.forward(tokens)?;
         drop(layers);
         let (xn, _) = self.norm(self.m.final_norm, &x)?;
         let logits = self.linear(self.m.lm_head, &xn)?;
         let losses = self.tensor(&[self.t()], DType::F32)?;
         self.gpu.cross_entropy(&logits, targets, &losses, None)?;
-        let loss = self.mean(&losses);
-        self.ops.reset();
-        loss
+        self.mean(&losses)
     }
 
     fn mean(&self, v: &Tensor) -> Result<f32, String> {
@@ -484,5 +483,80 @@ mod attn_dims {
     }
     pub fn cast(n: usize) -> Dims {
         ([n.div_ceil(256).min(65_535) as u32, 1, 1], [256, 1, 1], 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ModelConfig;
+    use crate::model::MoeComponents;
+    use pith_plugin_api::abi::Component;
+    use pith_plugin_api::{wrap, Host, Kind, ModelDims, ParamSpec, Router};
+    use std::sync::Arc;
+
+    /// A router that allocates, then fails.
+    struct Failing;
+    impl Router for Failing {
+        fn params(&self) -> Vec<ParamSpec> {
+            vec![]
+        }
+        fn forward(&self, h: Host, _: &[Tensor], x: Tensor) -> Result<RouterOut, String> {
+            h.alloc(&[x.dim(0), 4], DType::F32)?;
+            Err("no route".into())
+        }
+        #[allow(clippy::too_many_arguments)]
+        fn backward(
+            &self,
+            _: Host,
+            _: &[Tensor],
+            _: &[Tensor],
+            _: Tensor,
+            _: &RouterOut,
+            _: Tensor,
+            _: Tensor,
+            _: Tensor,
+        ) -> Result<(), String> {
+            unreachable!()
+        }
+    }
+
+    /// A pass that fails in a plugin frees what plugins allocated before the failure.
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn a_failing_plugin_leaves_no_allocations() {
+        let gpu = Arc::new(crate::gpu::tests::gpu());
+        let text = "vocab = 64\nhidden = 64\nlayers = 1\nheads = 2\nkv_heads = 1\nhead_dim = 32\nseq_len = 16\n\
+                    experts = 4\nexpert_ffn = 32";
+        let c: ModelConfig = toml::from_str(text).unwrap();
+        let (m, dims) =
+            (pith_std::pith_root_module(), ModelDims { hidden: 64, experts: 4, expert_ffn: 32, layer: 0, layers: 1 });
+        let make = |kind, name: &str| (m.create())(kind, name.into(), "".into(), dims).into_result().unwrap();
+        let (Component::Router(r), Component::Experts(e), Component::CommSchedule(cm)) =
+            (wrap::Router(Failing), make(Kind::Experts, "swiglu"), make(Kind::CommSchedule, "local"))
+        else {
+            unreachable!()
+        };
+        let moe = MoeComponents {
+            router: ("failing".into(), r),
+            experts: ("swiglu".into(), e),
+            losses: vec![],
+            comm: ("local".into(), cm),
+        };
+        let mut params = Params::default();
+        let model = Model::new(&c, &mut params, 1, vec![moe]).unwrap();
+        let (p, rope, ops) = (
+            GpuParams::upload(&gpu, &params).unwrap(),
+            RopeTables::new(&gpu, &model).unwrap(),
+            GpuOps::new(gpu.clone()),
+        );
+        let pass = GpuPass { m: &model, gpu: &gpu, ops: &ops, p: &p, rope: &rope, batch: 2 };
+        let tokens = gpu.upload(&[1i32; 32], &[32], DType::I32).unwrap();
+        let e = pass.forward_backward(&tokens, &tokens, 1.0, false).unwrap_err();
+        assert!(e.contains("router `failing`: no route"), "{e}");
+        assert_eq!(ops.mark(), 0, "forward_backward: the router's allocation must be freed");
+        let e = pass.loss(&tokens, &tokens).unwrap_err();
+        assert!(e.contains("router `failing`: no route"), "{e}");
+        assert_eq!(ops.mark(), 0, "loss: the router's allocation must be freed");
     }
 }

@@ -7,13 +7,22 @@ use abi_stable::std_types::{RResult, RSlice, RStr, RString};
 use pith_plugin_api::abi::{Ops, OpsRef};
 use pith_plugin_api::{Arg, DType, Device, LaunchDims, Tensor};
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 pub struct GpuOps {
     pub gpu: Arc<Gpu>,
     device: Mutex<Vec<DTensor>>,
     host: Mutex<Vec<Vec<u32>>>,
     metrics: Mutex<BTreeMap<String, (f64, usize)>>,
+}
+
+/// See [`GpuOps::reset_on_drop`].
+pub struct ResetOnDrop<'a>(&'a GpuOps);
+
+impl Drop for ResetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.reset();
+    }
 }
 
 fn res<T>(r: Result<T, String>) -> RResult<T, RString> {
@@ -53,8 +62,13 @@ impl GpuOps {
     }
     /// Free every allocation plugins made (after the micro-batch's backward).
     pub fn reset(&self) {
-        self.device.lock().unwrap().clear();
-        self.host.lock().unwrap().clear();
+        self.device.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        self.host.lock().unwrap_or_else(PoisonError::into_inner).clear();
+    }
+    /// A guard that calls [`GpuOps::reset`] when dropped: a pass holds one, so plugin
+    /// allocations are freed on its error paths (and panics) too.
+    pub fn reset_on_drop(&self) -> ResetOnDrop<'_> {
+        ResetOnDrop(self)
     }
     /// How many device allocations plugins hold now; see [`GpuOps::release_to`].
     pub fn mark(&self) -> usize {
@@ -94,13 +108,21 @@ impl GpuOps {
             return Err(format!("copy: {a:?} into {b:?}: dtype and size must match"));
         }
         let bytes = src.numel() * src.dtype.size();
-        let host = |t: &Tensor| unsafe { std::slice::from_raw_parts_mut(t.addr as *mut u8, bytes) };
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: the views are valid for `bytes` during the call; `src` is only read.
+        let (from, to) = (src.addr as *const u8, dst.addr as *mut u8);
         match (src.device, dst.device) {
             (Device::Cuda, Device::Cuda) => self.gpu.copy_d2d(&src, &dst),
-            (Device::Cuda, Device::Cpu) => self.gpu.download(&src, host(&dst)),
-            (Device::Cpu, Device::Cuda) => self.gpu.copy_to_device(host(&src), dst.addr),
+            (Device::Cuda, Device::Cpu) => {
+                self.gpu.download(&src, unsafe { std::slice::from_raw_parts_mut(to, bytes) })
+            }
+            (Device::Cpu, Device::Cuda) => {
+                self.gpu.copy_to_device(unsafe { std::slice::from_raw_parts(from, bytes) }, dst.addr)
+            }
             (Device::Cpu, Device::Cpu) => {
-                host(&dst).copy_from_slice(host(&src));
+                unsafe { std::ptr::copy(from, to, bytes) };
                 Ok(())
             }
         }

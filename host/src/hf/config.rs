@@ -4,7 +4,7 @@
 
 use super::export::{ExportDtype, ExportOptions};
 use super::family::{names, Family, FAMILIES};
-use crate::config::{Config, QkNorm};
+use crate::config::{mem_available, refuse_over, Config, MemEstimate, QkNorm};
 use serde_json::{json, Value};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -228,7 +228,58 @@ impl HfModel {
             src = src.display(),
             arch = self.family.architecture(),
         );
-        Config::parse(&format!("<import of {}>", src.display()), &text, &[])
+        // A value Pith refuses is named by the config.json field it came from.
+        Config::parse(&format!("<import of {}>", src.display()), &text, &[]).map_err(|e| {
+            let what = e.split_once(": ").map_or(e.as_str(), |p| p.1);
+            let key = what.split(" = ").next().unwrap_or("");
+            match self.field(key) {
+                Some(f) => format!("{}: `{f}` gives {what}", src.join("config.json").display()),
+                None => e,
+            }
+        })
+    }
+
+    /// The config.json field a Pith `model.*` key comes from.
+    pub fn field(&self, key: &str) -> Option<&'static str> {
+        let (mixtral, qwen) = (self.family == Family::Mixtral, self.family == Family::Qwen3Moe);
+        Some(match key {
+            "model.vocab" => "vocab_size",
+            "model.hidden" => "hidden_size",
+            "model.layers" => "num_hidden_layers",
+            "model.heads" => "num_attention_heads",
+            "model.kv_heads" => "num_key_value_heads",
+            "model.head_dim" => "head_dim",
+            "model.experts" if mixtral => "num_local_experts",
+            "model.experts" => "num_experts",
+            "model.expert_ffn" if qwen => "moe_intermediate_size",
+            "model.expert_ffn" => "intermediate_size",
+            "model.seq_len" => "max_position_embeddings",
+            "model.rope_theta" => "rope_theta",
+            "model.norm_eps" => "rms_norm_eps",
+            "model.init_std" => "initializer_range",
+            _ => return None,
+        })
+    }
+
+    /// Refuse, before anything is allocated, a model of `cfg` (this model's Pith config) whose
+    /// parameters at `per_param` bytes each and RoPE table do not fit the host memory (see
+    /// [`refuse_over`]), naming the config.json field in `dir`, or `seq_len_flag` when the
+    /// sequence length came from the command line.
+    pub(super) fn check_memory(
+        &self,
+        dir: &Path,
+        cfg: &Config,
+        (per_param, doing): (u128, &str),
+        seq_len_flag: Option<&str>,
+    ) -> Result<(), String> {
+        let file = dir.join("config.json").display().to_string();
+        let name = |k: &str| match (k, seq_len_flag, self.field(k)) {
+            ("model.seq_len", Some(flag), _) => ("command line".to_string(), flag.to_string()),
+            (_, _, Some(f)) => (file.clone(), format!("`{f}`")),
+            _ => (file.clone(), k.to_string()),
+        };
+        let available = mem_available().unwrap_or(u64::MAX as u128);
+        refuse_over(cfg, |c| MemEstimate::of(c, per_param, false), available, doing, name)
     }
 }
 

@@ -157,6 +157,8 @@ pub struct Imported {
 pub fn import(src: &Path, out: &Path, seq_len: Option<usize>, reg: &Registry) -> Result<Imported, String> {
     let hf = read_config(src, seq_len)?;
     let cfg = hf.config(src, out)?;
+    // The weights, their (freed) grads and two optimizer states; the checkpoint reads back its files.
+    hf.check_memory(src, &cfg, (16, "importing the model"), seq_len.map(|_| "--seq-len"))?;
     let (_model, mut params, (_, opt)) = build(&cfg, reg)?;
     load_weights(src, &hf, &mut params)?;
     for p in &mut params.list {

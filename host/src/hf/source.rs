@@ -5,7 +5,7 @@ use super::config::read_config;
 use super::import::load_weights;
 use super::{build, read_run_config, shape};
 use crate::checkpoint;
-use crate::config::Config;
+use crate::config::{mem_available, refuse_over, Config, MemEstimate};
 use crate::cpu::CpuOps;
 use crate::params::Params;
 use crate::registry::Registry;
@@ -88,6 +88,15 @@ pub fn eval_logits(src: &Path, tokens: &[u32], reg: &Registry) -> Result<Value, 
             (read_run_config(&dir.join("config.toml"), &[format!("model.seq_len={t}")])?, dir)
         }
     };
+    // The weights and the grads their init allocates; one sequence's activations are small.
+    let doing = (8, "evaluating the model");
+    match &hf {
+        Some(h) => h.check_memory(src, &cfg, doing, Some("--tokens"))?,
+        None => {
+            let available = mem_available().unwrap_or(u64::MAX as u128);
+            refuse_over(&cfg, |c| MemEstimate::of(c, 8, false), available, doing.1, |k| cfg.key_at(k))?
+        }
+    }
     let (model, mut params, _) = build(&cfg, reg)?;
     match &hf {
         Some(h) => load_weights(src, h, &mut params)?,

@@ -99,7 +99,9 @@ impl Optimizer for AdamW {
         let keep = if param.decay { 1.0 - lr * c.weight_decay } else { 1.0 };
         match dev {
             Device::Cpu => {
-                for (((w, &g), m), v) in w.f32s().iter_mut().zip(g.f32s().iter()).zip(m.f32s()).zip(v.f32s()) {
+                // SAFETY: w, m and v are distinct host buffers, apart from g; nothing else views them.
+                let (w, m, v) = unsafe { (w.f32s_mut(), m.f32s_mut(), v.f32s_mut()) };
+                for (((w, &g), m), v) in w.iter_mut().zip(g.f32s()).zip(m).zip(v) {
                     *m = c.beta1 * *m + (1.0 - c.beta1) * g;
                     *v = c.beta2 * *v + (1.0 - c.beta2) * g * g;
                     *w = *w * keep - step_size * *m / (v.sqrt() / bc2_sqrt + c.eps);

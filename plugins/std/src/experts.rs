@@ -84,8 +84,9 @@ impl Experts for SwiGlu {
         h.grouped_gemm(x, p[1], b, offsets, false, false)?;
         match dev {
             Device::Cpu => {
-                let (av, bv) = (a.f32s(), b.f32s());
-                for ((ui, &ai), &bi) in u.f32s().iter_mut().zip(av.iter()).zip(bv.iter()) {
+                // SAFETY: u is this call's own allocation; nothing else views it.
+                let uv = unsafe { u.f32s_mut() };
+                for ((ui, &ai), &bi) in uv.iter_mut().zip(a.f32s()).zip(b.f32s()) {
                     *ui = ai * sigmoid(ai) * bi;
                 }
             }
@@ -122,7 +123,9 @@ impl Experts for SwiGlu {
         h.grouped_gemm_wgrad(*u, dy, *gd, offsets)?;
         match dev {
             Device::Cpu => {
-                let (av, bv, duv, dav, dbv) = (a.f32s(), b.f32s(), du.f32s(), da.f32s(), db.f32s());
+                let (av, bv, duv) = (a.f32s(), b.f32s(), du.f32s());
+                // SAFETY: da and db are this call's own allocations; nothing else views them.
+                let (dav, dbv) = unsafe { (da.f32s_mut(), db.f32s_mut()) };
                 for i in 0..duv.len() {
                     let (ai, s) = (av[i], sigmoid(av[i]));
                     dav[i] = duv[i] * bv[i] * s * (1.0 + ai * (1.0 - s));

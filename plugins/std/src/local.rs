@@ -57,11 +57,12 @@ fn dispatch_cpu(h: Host, x: Tensor, ids: Tensor, e: usize) -> Result<Dispatched>
     let (id, k) = (ids.i32s(), ids.dim(1));
     check_ids(id, k, e, WHO)?;
     let offsets = h.alloc(&[e + 1], DType::I32)?;
-    let off = offsets.i32s();
+    // SAFETY (here and below): offsets, perm and xs are this call's own allocations.
+    let off = unsafe { offsets.i32s_mut() };
     id.iter().for_each(|&i| off[i as usize + 1] += 1);
     (0..e).for_each(|j| off[j + 1] += off[j]);
     let (perm, xs) = (h.alloc(&[t * k], DType::I32)?, h.alloc_f32(&[t * k, hd])?);
-    let (p, xsv, xv) = (perm.i32s(), xs.f32s(), x.f32s());
+    let (p, xsv, xv) = unsafe { (perm.i32s_mut(), xs.f32s_mut(), x.f32s()) };
     let mut next: Vec<usize> = off[..e].iter().map(|&o| o as usize).collect();
     for (i, &ex) in id.iter().enumerate() {
         let r = next[ex as usize];
@@ -79,7 +80,8 @@ fn dispatch_cuda(h: Host, x: Tensor, ids: Tensor, e: usize) -> Result<Dispatched
     h.launch(SRC, "local_rank", grid(e, 1), [1024, 1, 1], 0, &[ids.arg(), rank.arg(), counts.arg(), n32, e32])?;
     let (counts_host, offsets) = (h.alloc_host(&[e], DType::I32)?, h.alloc_host(&[e + 1], DType::I32)?);
     h.copy(counts, counts_host)?;
-    let off = offsets.i32s();
+    // SAFETY: offsets is this call's own allocation, and no host call touches it while `off` lives.
+    let off = unsafe { offsets.i32s_mut() };
     for (j, &c) in counts_host.i32s().iter().enumerate() {
         off[j + 1] = off[j] + c;
     }
@@ -118,7 +120,9 @@ impl CommSchedule for Local {
         let out = h.alloc(&[t, hd], act(dev))?;
         match dev {
             Device::Cpu => {
-                let (o, yv, w, p) = (out.f32s(), y.f32s(), weights.f32s(), map.i32s());
+                // SAFETY: out is this call's own allocation.
+                let o = unsafe { out.f32s_mut() };
+                let (yv, w, p) = (y.f32s(), weights.f32s(), map.i32s());
                 for (r, &i) in p.iter().enumerate() {
                     let tok = i as usize / k;
                     for (o, &v) in o[tok * hd..(tok + 1) * hd].iter_mut().zip(&yv[r * hd..(r + 1) * hd]) {
@@ -160,7 +164,8 @@ impl CommSchedule for Local {
         match dev {
             Device::Cpu => {
                 let (p, dov, yv, w) = (map.i32s(), dout.f32s(), y.f32s(), weights.f32s());
-                let (dyv, dw) = (dy.f32s(), d_weights.f32s());
+                // SAFETY: dy and d_weights are the outputs; the host passes them apart from the inputs.
+                let (dyv, dw) = unsafe { (dy.f32s_mut(), d_weights.f32s_mut()) };
                 for (r, &i) in p.iter().enumerate() {
                     let (i, tok) = (i as usize, i as usize / k);
                     let (go, yr) = (&dov[tok * hd..(tok + 1) * hd], &yv[r * hd..(r + 1) * hd]);
@@ -190,7 +195,8 @@ impl CommSchedule for Local {
         }
         match dev {
             Device::Cpu => {
-                let (p, dxv, ds) = (map.i32s(), dx.f32s(), dx_sorted.f32s());
+                // SAFETY: dx is the output; the host passes it apart from the inputs.
+                let (p, dxv, ds) = (map.i32s(), unsafe { dx.f32s_mut() }, dx_sorted.f32s());
                 dxv.iter_mut().for_each(|v| *v = 0.0);
                 for (r, &i) in p.iter().enumerate() {
                     let tok = i as usize / k;

@@ -84,7 +84,8 @@ impl TopKSoftmax {
     /// Softmax, entropy and top-k of every row on the CPU; returns the summed entropy.
     fn topk_cpu(&self, t: usize, logits: Tensor, probs: Tensor, ids: Tensor, weights: Tensor) -> f64 {
         let (e, k) = (self.experts, self.top_k);
-        let (l, pr, id, w) = (logits.f32s(), probs.f32s(), ids.i32s(), weights.f32s());
+        // SAFETY: probs, ids and weights are the caller's fresh allocations, apart from logits.
+        let (l, pr, id, w) = unsafe { (logits.f32s(), probs.f32s_mut(), ids.i32s_mut(), weights.f32s_mut()) };
         let mut entropy = 0.0f64;
         for r in 0..t {
             let pt = &mut pr[r * e..(r + 1) * e];
@@ -163,8 +164,9 @@ impl Router for TopKSoftmax {
         let dl = match dev {
             Device::Cpu => {
                 let dl = h.alloc_f32(&[t, e])?;
-                let (pr, id, w, dw, d) =
-                    (probs.f32s(), out.ids.i32s(), out.weights.f32s(), d_weights.f32s(), dl.f32s());
+                let (pr, id, w, dw) = (probs.f32s(), out.ids.i32s(), out.weights.f32s(), d_weights.f32s());
+                // SAFETY: dl is this call's own allocation.
+                let d = unsafe { dl.f32s_mut() };
                 d.copy_from_slice(d_logits.f32s());
                 let mut dp = vec![0.0f32; e];
                 for r in 0..t {

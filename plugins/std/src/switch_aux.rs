@@ -112,7 +112,9 @@ impl BalanceLoss for SwitchAux {
             Device::Cpu => {
                 let (p, c) = self.probs_and_c(&logits, &ids)?;
                 expect(&d_logits, DType::F32, Device::Cpu, &logits.dims(), "switch-aux: d_logits")?;
-                for (pt, dt) in p.chunks(self.experts).zip(d_logits.f32s().chunks_mut(self.experts)) {
+                // SAFETY: d_logits is the output; the host passes it apart from logits.
+                let dl = unsafe { d_logits.f32s_mut() };
+                for (pt, dt) in p.chunks(self.experts).zip(dl.chunks_mut(self.experts)) {
                     let dot: f32 = pt.iter().zip(&c).map(|(a, b)| a * b).sum();
                     for ((d, &pe), &ce) in dt.iter_mut().zip(pt).zip(&c) {
                         *d += scale * pe * (ce - dot);

@@ -57,7 +57,9 @@ impl BalanceLoss for ZLoss {
         match dev {
             Device::Cpu => {
                 let mut p = vec![0.0f32; self.experts];
-                for (row, d) in logits.f32s().chunks(self.experts).zip(d_logits.f32s().chunks_mut(self.experts)) {
+                // SAFETY: d_logits is the output; the host passes it apart from logits.
+                let dl = unsafe { d_logits.f32s_mut() };
+                for (row, d) in logits.f32s().chunks(self.experts).zip(dl.chunks_mut(self.experts)) {
                     let lse = softmax(row, &mut p);
                     d.iter_mut().zip(&p).for_each(|(d, &pe)| *d += c * lse * pe);
                 }

@@ -63,7 +63,10 @@ impl BalanceLoss for MyLoss {
         let (t, e) = (logits.dim(0), logits.dim(1));
         let p = softmax_rows(logits.f32s(), e);
         let c = scale * self.coef * 2.0 * e as f32 / t as f32;
-        for (prow, drow) in p.chunks(e).zip(d_logits.f32s().chunks_mut(e)) {
+        // Writes go through f32s_mut, which is unsafe: no other slice of d_logits may be alive
+        // meanwhile (the host passes it apart from logits).
+        let dl = unsafe { d_logits.f32s_mut() };
+        for (prow, drow) in p.chunks(e).zip(dl.chunks_mut(e)) {
             let dot: f32 = prow.iter().map(|v| v * c * v).sum();
             for (d, &pv) in drow.iter_mut().zip(prow) {
                 *d += pv * (c * pv - dot);

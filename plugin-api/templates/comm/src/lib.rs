@@ -32,7 +32,9 @@ impl CommSchedule for MyComm {
             return Err(format!("expert id {bad} is outside 0..{e}"));
         }
         let offsets = h.alloc(&[e + 1], DType::I32)?;
-        let off = offsets.i32s();
+        // Writes go through f32s_mut / i32s_mut, which are unsafe: no other slice of that tensor
+        // may be alive meanwhile. Here (and below) each is this call's own fresh allocation.
+        let off = unsafe { offsets.i32s_mut() };
         for &i in id.iter() {
             off[i as usize + 1] += 1;
         }
@@ -41,15 +43,17 @@ impl CommSchedule for MyComm {
         }
         // row_of[t·k + s]: the sorted row that (token t, slot s) went to.
         let row_of = h.alloc(&[t * k], DType::I32)?;
+        let rows = unsafe { row_of.i32s_mut() };
         let mut next: Vec<i32> = off[..e].to_vec();
         for (pair, &i) in id.iter().enumerate() {
-            row_of.i32s()[pair] = next[i as usize];
+            rows[pair] = next[i as usize];
             next[i as usize] += 1;
         }
         let xs = h.alloc_f32(&[t * k, hd])?;
-        for (pair, &r) in row_of.i32s().iter().enumerate() {
+        let xsv = unsafe { xs.f32s_mut() };
+        for (pair, &r) in rows.iter().enumerate() {
             let src = &x.f32s()[pair / k * hd..(pair / k + 1) * hd];
-            xs.f32s()[r as usize * hd..(r as usize + 1) * hd].copy_from_slice(src);
+            xsv[r as usize * hd..(r as usize + 1) * hd].copy_from_slice(src);
         }
         Ok(Dispatched { x: xs, offsets, saved: vec![row_of].into() })
     }
@@ -58,7 +62,7 @@ impl CommSchedule for MyComm {
         let (hd, k) = (y.dim(1), weights.dim(1));
         let t = weights.dim(0);
         let out = h.alloc_f32(&[t, hd])?;
-        let (o, ys, w) = (out.f32s(), y.f32s(), weights.f32s());
+        let (o, ys, w) = (unsafe { out.f32s_mut() }, y.f32s(), weights.f32s());
         for (pair, &r) in d.saved[0].i32s().iter().enumerate() {
             let row = &ys[r as usize * hd..(r as usize + 1) * hd];
             for (o, v) in o[pair / k * hd..(pair / k + 1) * hd].iter_mut().zip(row) {
@@ -70,7 +74,9 @@ impl CommSchedule for MyComm {
 
     fn combine_backward(&self, _h: Host, dout: Tensor, y: Tensor, weights: Tensor, d: &Dispatched, dy: Tensor, d_weights: Tensor) -> Result<()> {
         let (hd, k) = (y.dim(1), weights.dim(1));
-        let (go, ys, w, gy, gw) = (dout.f32s(), y.f32s(), weights.f32s(), dy.f32s(), d_weights.f32s());
+        let (go, ys, w) = (dout.f32s(), y.f32s(), weights.f32s());
+        // The host passes the outputs dy and d_weights apart from the inputs.
+        let (gy, gw) = unsafe { (dy.f32s_mut(), d_weights.f32s_mut()) };
         for (pair, &r) in d.saved[0].i32s().iter().enumerate() {
             let (r, t) = (r as usize, pair / k);
             let g = &go[t * hd..(t + 1) * hd];
@@ -85,7 +91,7 @@ impl CommSchedule for MyComm {
     fn dispatch_backward(&self, _h: Host, dx_sorted: Tensor, d: &Dispatched, dx: Tensor) -> Result<()> {
         let hd = dx.dim(1);
         let k = d.saved[0].numel() / dx.dim(0).max(1);
-        let (gs, gx) = (dx_sorted.f32s(), dx.f32s());
+        let (gs, gx) = (dx_sorted.f32s(), unsafe { dx.f32s_mut() });
         gx.iter_mut().for_each(|v| *v = 0.0);
         for (pair, &r) in d.saved[0].i32s().iter().enumerate() {
             let r = r as usize;

@@ -41,7 +41,9 @@ impl Experts for MyExperts {
         let a = h.alloc_f32(&[n, self.ffn])?;
         h.grouped_gemm(x, p[0], a, offsets, false, false)?;
         let u = h.alloc_f32(&[n, self.ffn])?;
-        for (u, a) in u.f32s().iter_mut().zip(a.f32s().iter()) {
+        // Writes go through f32s_mut, which is unsafe: no other slice of `u` may be alive
+        // meanwhile (it is this call's own fresh allocation).
+        for (u, a) in unsafe { u.f32s_mut() }.iter_mut().zip(a.f32s()) {
             *u = a.max(0.0) * a.max(0.0);
         }
         let y = h.alloc_f32(&[n, self.hidden])?;
@@ -64,7 +66,7 @@ impl Experts for MyExperts {
         h.grouped_gemm_wgrad(u, dy, g[1], offsets)?;
         let da = h.alloc_f32(&[x.dim(0), self.ffn])?;
         h.grouped_gemm(dy, p[1], da, offsets, true, false)?;
-        for (d, a) in da.f32s().iter_mut().zip(a.f32s().iter()) {
+        for (d, a) in unsafe { da.f32s_mut() }.iter_mut().zip(a.f32s()) {
             *d *= 2.0 * a.max(0.0);
         }
         h.grouped_gemm_wgrad(x, da, g[0], offsets)?;

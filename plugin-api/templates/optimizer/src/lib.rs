@@ -50,7 +50,10 @@ impl Optimizer for MyOptimizer {
 
     fn step(&self, _h: Host, param: &ParamSpec, w: Tensor, g: Tensor, state: &[Tensor], lr: f32, _step: u64) -> Result<()> {
         let wd = if param.decay { self.weight_decay } else { 0.0 };
-        for ((w, g), m) in w.f32s().iter_mut().zip(g.f32s().iter()).zip(state[0].f32s().iter_mut()) {
+        // Writes go through f32s_mut, which is unsafe: no other slice of w or the state may be
+        // alive meanwhile (the host passes w, g and each state tensor as distinct buffers).
+        let (w, m) = unsafe { (w.f32s_mut(), state[0].f32s_mut()) };
+        for ((w, g), m) in w.iter_mut().zip(g.f32s()).zip(m) {
             *m = self.momentum * *m + g;
             *w -= lr * (*m + wd * *w);
         }

@@ -59,7 +59,9 @@ impl Router for MyRouter {
         let probs = h.alloc_f32(&[t, e])?;
         let ids = h.alloc(&[t, k], DType::I32)?;
         let weights = h.alloc_f32(&[t, k])?;
-        let (l, pr, id, w) = (logits.f32s(), probs.f32s(), ids.i32s(), weights.f32s());
+        // Writes go through f32s_mut / i32s_mut, which are unsafe: no other slice of that tensor
+        // may be alive meanwhile. probs, ids and weights are this call's own fresh allocations.
+        let (l, pr, id, w) = unsafe { (logits.f32s(), probs.f32s_mut(), ids.i32s_mut(), weights.f32s_mut()) };
         for r in 0..t {
             let row = &l[r * e..(r + 1) * e];
             let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
@@ -90,7 +92,8 @@ impl Router for MyRouter {
     ) -> Result<()> {
         let (t, e, k) = (x.dim(0), self.experts, self.top_k);
         let dl = h.alloc_f32(&[t, e])?;
-        let (pr, id, dw, extra, d) = (out.saved[0].f32s(), out.ids.i32s(), d_weights.f32s(), d_logits.f32s(), dl.f32s());
+        let (pr, id, dw, extra) = (out.saved[0].f32s(), out.ids.i32s(), d_weights.f32s(), d_logits.f32s());
+        let d = unsafe { dl.f32s_mut() }; // this call's own allocation
         for r in 0..t {
             let mut dp = vec![0.0f32; e];
             for s in 0..k {

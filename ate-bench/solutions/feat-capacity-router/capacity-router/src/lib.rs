@@ -75,7 +75,9 @@ impl Router for CapacityRouter {
         h.gemm(x, p[0], logits, false, true, 1.0, 0.0)?;
         let (probs, kept) = (h.alloc_f32(&[t, e])?, h.alloc_f32(&[t, k])?);
         let (ids, weights) = (h.alloc(&[t, k], DType::I32)?, h.alloc_f32(&[t, k])?);
-        let (l, pr, id, w, kp) = (logits.f32s(), probs.f32s(), ids.i32s(), weights.f32s(), kept.f32s());
+        // SAFETY: probs, ids, weights and kept are this call's own allocations, apart from logits.
+        let (l, pr, id, w, kp) =
+            unsafe { (logits.f32s(), probs.f32s_mut(), ids.i32s_mut(), weights.f32s_mut(), kept.f32s_mut()) };
         for r in 0..t {
             let row = &l[r * e..(r + 1) * e];
             let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
@@ -124,7 +126,8 @@ impl Router for CapacityRouter {
         let (t, e, k) = (x.dim(0), self.experts, self.top_k);
         let dl = h.alloc_f32(&[t, e])?;
         let (pr, kp, id) = (probs.f32s(), kept.f32s(), out.ids.i32s());
-        let (dw, extra, d) = (d_weights.f32s(), d_logits.f32s(), dl.f32s());
+        // SAFETY: dl is this call's own allocation.
+        let (dw, extra, d) = (d_weights.f32s(), d_logits.f32s(), unsafe { dl.f32s_mut() });
         let mut dp = vec![0.0f32; e];
         for r in 0..t {
             dp.iter_mut().for_each(|v| *v = 0.0);

@@ -80,7 +80,9 @@ impl BalanceLoss for Importance {
     fn backward(&self, _h: Host, logits: Tensor, _ids: Tensor, scale: f32, d_logits: Tensor) -> Result<()> {
         let (p, _, c) = self.parts(&logits)?;
         let e = self.experts;
-        for (pt, dt) in p.chunks(e).zip(d_logits.f32s().chunks_mut(e)) {
+        // SAFETY: d_logits is the output, apart from logits; nothing else views it.
+        let dl = unsafe { d_logits.f32s_mut() };
+        for (pt, dt) in p.chunks(e).zip(dl.chunks_mut(e)) {
             let dot: f32 = pt.iter().zip(&c).map(|(a, b)| a * b).sum();
             for ((d, &pe), &ce) in dt.iter_mut().zip(pt).zip(&c) {
                 *d += scale * pe * (ce - dot);

@@ -85,7 +85,9 @@ impl Optimizer for Lion {
         let wd = if param.decay { self.weight_decay } else { 0.0 };
         let (b1, b2) = (self.beta1, self.beta2);
         let mut sq = 0.0f64;
-        for ((w, &g), m) in w.f32s().iter_mut().zip(g.f32s().iter()).zip(m.f32s().iter_mut()) {
+        // SAFETY: w and m are distinct host buffers, apart from g; nothing else views them.
+        let (wv, mv) = unsafe { (w.f32s_mut(), m.f32s_mut()) };
+        for ((w, &g), m) in wv.iter_mut().zip(g.f32s()).zip(mv) {
             let u = sign(b1 * *m + (1.0 - b1) * g);
             sq += (u * u) as f64;
             *w -= lr * (u + wd * *w);

@@ -68,7 +68,8 @@ impl Experts for Relu2 {
         let (a, u) = (h.alloc_f32(&[n, self.ffn])?, h.alloc_f32(&[n, self.ffn])?);
         h.grouped_gemm(x, p[0], a, offsets, false, false)?;
         let mut zeros = 0usize;
-        for (ui, &ai) in u.f32s().iter_mut().zip(a.f32s().iter()) {
+        // SAFETY: u is this call's own allocation.
+        for (ui, &ai) in unsafe { u.f32s_mut() }.iter_mut().zip(a.f32s()) {
             let r = ai.max(0.0);
             zeros += (ai <= 0.0) as usize;
             *ui = if self.squared { r * r } else { r };
@@ -99,7 +100,8 @@ impl Experts for Relu2 {
         let (du, da) = (h.alloc_f32(&[n, self.ffn])?, h.alloc_f32(&[n, self.ffn])?);
         h.grouped_gemm(dy, p[1], du, offsets, true, false)?;
         h.grouped_gemm_wgrad(*u, dy, *gd, offsets)?;
-        for ((d, &ai), &dui) in da.f32s().iter_mut().zip(a.f32s().iter()).zip(du.f32s().iter()) {
+        // SAFETY: da is this call's own allocation.
+        for ((d, &ai), &dui) in unsafe { da.f32s_mut() }.iter_mut().zip(a.f32s()).zip(du.f32s()) {
             let slope = if ai <= 0.0 {
                 0.0
             } else if self.squared {

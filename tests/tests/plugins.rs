@@ -8,24 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-const PITH: &str = env!("CARGO_BIN_EXE_pith");
-const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+use pith_tests::{pith, WORKSPACE};
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("pith-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// Run pith; returns (exit code, stdout, stderr).
-fn pith(args: &[&str]) -> (i32, String, String) {
-    let o = Command::new(PITH).args(args).env("PITH_PLUGIN_PATH", "").output().unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into(),
-        String::from_utf8_lossy(&o.stderr).into(),
-    )
+    pith_tests::tmp(&format!("plugins-{name}"))
 }
 
 /// Build the crate at `dir` as a cdylib; returns the .so path.
@@ -100,12 +86,6 @@ fn plugin_dir_with(name: &str, files: &[(&str, &Path)]) -> PathBuf {
         std::fs::copy(f, d.join(n)).unwrap();
     }
     d
-}
-
-fn one_line_error(err: &str) -> String {
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected one error line, got:\n{err}");
-    lines[0].to_string()
 }
 
 #[test]
@@ -236,7 +216,7 @@ fn plugin_built_against_another_api_version_is_refused_in_one_line() {
     let pd = plugin_dir_with("api-v2-dir", &[("libold_router.so", &so)]);
     let (code, _, err) = pith(&["plugins", "list", "--plugin-dir", pd.to_str().unwrap()]);
     assert_eq!(code, 1);
-    let line = one_line_error(&err);
+    let line = pith_tests::one_line(&err);
     assert!(
         line.contains("libold_router.so")
             && line.contains("plugin-api 0.3.0")
@@ -273,7 +253,7 @@ fn files_that_are_not_plugins_are_refused_in_one_line() {
         let pd = plugin_dir_with("bad", &[(file.file_name().unwrap().to_str().unwrap(), file)]);
         let (code, _, err) = pith(&["plugins", "list", "--plugin-dir", pd.to_str().unwrap()]);
         assert_eq!(code, 1, "{err}");
-        let line = one_line_error(&err);
+        let line = pith_tests::one_line(&err);
         assert!(line.contains(file.file_name().unwrap().to_str().unwrap()) && line.contains(expect), "{line}");
     }
 }
@@ -284,7 +264,7 @@ fn two_plugins_with_one_name_are_refused() {
     let pd = plugin_dir_with("dup", &[("liba.so", so), ("libb.so", so)]);
     let (code, _, err) = pith(&["plugins", "list", "--plugin-dir", pd.to_str().unwrap()]);
     assert_eq!(code, 1);
-    let line = one_line_error(&err);
+    let line = pith_tests::one_line(&err);
     assert!(line.contains("test-router") && line.contains("liba.so") && line.contains("libb.so"), "{line}");
 }
 
@@ -302,7 +282,7 @@ fn panics_inside_a_plugin_are_reported_with_its_name() {
             &format!("panic = \"{place}\""),
         ]);
         assert_eq!(code, 1, "{place}: {out}{err}");
-        let line = one_line_error(&err);
+        let line = pith_tests::one_line(&err);
         assert!(line.contains("panicky") && line.contains(&format!("boom in {place}")), "{place}: {line}");
     }
 }
@@ -330,7 +310,7 @@ fn config_errors_name_file_line_and_valid_choices() {
         std::fs::write(&f, &text).unwrap();
         let (code, _, err) = pith(&["plan", f.to_str().unwrap()]);
         assert_eq!(code, 1, "{name}: {err}");
-        let line = one_line_error(&err);
+        let line = pith_tests::one_line(&err);
         let want = format!("{}:{}", f.display(), line_of(&text, bad_line));
         assert!(line.contains(&want) && line.contains(mention), "{name}: expected {want} and `{mention}` in: {line}");
     }

@@ -2,52 +2,17 @@
 //! reproduces the uninterrupted one exactly, bad runs fail clearly without touching existing
 //! checkpoints, and real text trains after `pith data prepare`.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use pith_tests::{command, metrics, out, snapshot, WORKSPACE};
+use std::path::Path;
 
-const PITH: &str = env!("CARGO_BIN_EXE_pith");
-const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("pith-train-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn tmp(name: &str) -> std::path::PathBuf {
+    pith_tests::tmp(&format!("train-{name}"))
 }
 
+/// Run pith; returns (exit code, stdout and stderr together).
 fn pith(args: &[&str]) -> (i32, String) {
-    let o = Command::new(PITH).args(args).env("PITH_PLUGIN_PATH", "").output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    (o.status.code().unwrap_or(-1), text)
-}
-
-fn metrics(run: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn out(dir: &Path) -> String {
-    format!("train.out=\"{}\"", dir.display())
-}
-
-/// Every file under `dir` with its bytes, to prove nothing was changed.
-fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut v = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            if e.path().is_dir() {
-                stack.push(e.path());
-            } else {
-                v.push((e.path(), std::fs::read(e.path()).unwrap()));
-            }
-        }
-    }
-    v.sort();
-    v
+    let (code, o, e) = pith_tests::pith(args);
+    (code, o + &e)
 }
 
 #[test]
@@ -212,7 +177,7 @@ fn routing_trace_records_the_first_tokens_of_every_layer() {
 fn ledger_gets_one_line_per_command() {
     let ledger = tmp("ledger").join("ledger.jsonl");
     for args in [&["plugins", "list"][..], &["plan", "/nonexistent.toml"][..]] {
-        Command::new(PITH).args(args).env("PITH_LEDGER", &ledger).output().unwrap();
+        command().args(args).env("PITH_LEDGER", &ledger).output().unwrap();
     }
     let lines: Vec<serde_json::Value> =
         std::fs::read_to_string(&ledger).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();

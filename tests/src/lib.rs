@@ -1,0 +1,104 @@
+//! What every end-to-end test needs: the `pith` binary (built once per test run, in the same
+//! profile and target directory as the tests), scratch directories, and running a command.
+//!
+//! Unit tests live beside their code in host/; the tests here drive the binary as a user does.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The workspace root.
+pub const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+
+/// The `pith` binary of this build profile: `cargo test` builds libraries and test binaries but
+/// not other packages' executables, so it is built here once (`cargo build -p pith --bin pith`,
+/// fast: the library is already compiled). `PITH_BIN=path` uses that binary instead (on the GPU
+/// machine, which has no cargo: scripts/gpu-tests.sh).
+pub fn pith_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("PITH_BIN") {
+            return PathBuf::from(bin);
+        }
+        // This test executable is <target>/<profile-dir>/deps/<name>-<hash>.
+        let exe = std::env::current_exe().unwrap();
+        let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
+        let target = profile_dir.parent().unwrap();
+        let profile = match profile_dir.file_name().and_then(|n| n.to_str()).unwrap() {
+            "debug" => "dev",
+            p => p,
+        }
+        .to_string();
+        let st = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "pith", "--bin", "pith", "--profile", &profile])
+            .current_dir(WORKSPACE)
+            .env("CARGO_TARGET_DIR", target)
+            .status()
+            .expect("running cargo to build pith");
+        assert!(st.success(), "cargo build -p pith failed");
+        profile_dir.join("pith")
+    })
+}
+
+/// A fresh, empty scratch directory unique to this process and `name`.
+pub fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("pith-e2e-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// `pith` with no plugin path from the environment and quiet logs unless asked for.
+pub fn command() -> Command {
+    let mut c = Command::new(pith_bin());
+    c.env("PITH_PLUGIN_PATH", "");
+    c
+}
+
+/// Run pith; returns (exit code, stdout, stderr). A signal death is code -1.
+pub fn pith(args: &[&str]) -> (i32, String, String) {
+    split(command().args(args).output().unwrap())
+}
+
+pub fn split(o: Output) -> (i32, String, String) {
+    let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (o.status.code().unwrap_or(-1), s(&o.stdout), s(&o.stderr))
+}
+
+/// `train.out="DIR"` for `--set`.
+pub fn out(dir: &Path) -> String {
+    format!("train.out=\"{}\"", dir.display())
+}
+
+/// The rows of a run's metrics.jsonl.
+pub fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Every file under `dir` with its bytes, to prove nothing was changed.
+pub fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut v = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.path().is_dir() {
+                stack.push(e.path());
+            } else {
+                v.push((e.path(), std::fs::read(e.path()).unwrap()));
+            }
+        }
+    }
+    v.sort();
+    v
+}
+
+/// The one non-empty line of an error output (fails the test if there are more).
+pub fn one_line(err: &str) -> String {
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got:\n{err}");
+    lines[0].to_string()
+}
