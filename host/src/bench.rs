@@ -45,12 +45,12 @@ fn gemm_peak(gpu: &Gpu) -> Result<f64, String> {
 fn step(run: &mut Run, data: &mut Dataset, step: u64) -> Result<f32, String> {
     let t = run.cfg.train.clone();
     let mut loss = 0.0;
-    for _ in 0..t.grad_accum {
+    for micro in 0..t.grad_accum {
         let (x, y) = data.next_batch(t.micro_batch, run.cfg.model.seq_len)?;
-        loss += run.micro_step(&x, &y, 1.0 / t.grad_accum as f32, false)?.loss / t.grad_accum as f32;
+        loss += run.micro_step(&x, &y, (step, micro), 1.0 / t.grad_accum as f32, false)?.loss / t.grad_accum as f32;
     }
-    run.clip_grads(t.clip)?;
-    run.optimizer_step(lr_at(&t, step), step)?;
+    let (_, clip_scale) = run.grad_norm(t.clip)?;
+    run.optimizer_step(lr_at(&t, step), step, clip_scale)?;
     if let Some(g) = run.gpu() {
         g.sync()?;
     }

@@ -26,7 +26,7 @@ use crate::params::Params;
 use crate::rng::Rng;
 use abi_stable::std_types::{RResult, RSlice, RString};
 use pith_plugin_api::abi::{BalanceLossBox, CommScheduleBox, Component, ExpertsBox, OptimizerBox, RouterBox};
-use pith_plugin_api::{DType, Init, ModelDims, ParamSpec, RouterOut, Tensor};
+use pith_plugin_api::{DType, Init, ModelDims, ParamSpec, RouterOut, Slot, Tensor, EMPTY};
 
 /// Finite-difference step: 1e-2 where the component is smooth (truncation error ~eps² ≈ 1e-4
 /// relative, and 10× less f32 round-off than 1e-3), 1e-3 for routers, whose top-k choice a
@@ -73,7 +73,8 @@ pub fn check_component(c: &Component, label: &str, dims: ModelDims, seed: u64) -
     let mut rng = Rng::new(seed);
     let lines = match c {
         Component::Router(r) => check_router(&cpu, r, dims, &mut rng),
-        Component::Experts(e) => check_experts(&cpu, e, dims, &mut rng),
+        Component::Experts(e) => check_experts(&cpu, e, dims.local_experts as usize, dims, &mut rng),
+        Component::Shared(e) => check_experts(&cpu, e, 1, dims, &mut rng),
         Component::BalanceLoss(l) => check_loss(&cpu, l, dims, &mut rng),
         Component::CommSchedule(s) => check_comm(&cpu, s, dims, &mut rng),
         Component::Optimizer(o) => check_optimizer(&cpu, o, &mut rng),
@@ -112,7 +113,7 @@ pub(crate) fn make_params(specs: Vec<ParamSpec>, rng: &mut Rng) -> Params {
         for w in &mut p.w {
             *w = match p.spec.init {
                 Init::Normal(_) => rng.normal() / fan.sqrt(),
-                Init::Zeros | Init::Ones => *w + 0.1 * rng.normal(),
+                Init::Zeros | Init::Ones | Init::Constant(_) => *w + 0.1 * rng.normal(),
             };
         }
     }
@@ -125,10 +126,25 @@ fn load(g: &[Tensor], init: &[Vec<f32>]) {
     g.iter().zip(init).for_each(|(t, v)| unsafe { t.f32s_mut() }.copy_from_slice(v));
 }
 
-/// Named params for `Case::wrt` (their grads accumulate).
-fn param_wrt(ps: &Params, w: &[Tensor]) -> Vec<(String, Tensor, Grad)> {
-    let name = |p: &crate::params::Param| format!("param {}", p.spec.name);
-    ps.list.iter().zip(w).map(|(p, &t)| (name(p), t, Grad::Accumulate)).collect()
+/// Named trained params for `Case::wrt` (their grads accumulate), and the lines saying which
+/// were left out: buffers and accumulators have no gradient, and a surrogate gradient
+/// (straight-through) is not a derivative, so finite differences would not match it.
+type Wrt = Vec<(String, Tensor, Grad)>;
+
+fn param_wrt(ps: &Params, w: &[Tensor], g: &[Tensor]) -> (Wrt, Vec<Tensor>, Vec<String>) {
+    let (mut wrt, mut grads, mut lines) = (Vec::new(), Vec::new(), Vec::new());
+    for ((p, &t), &gt) in ps.list.iter().zip(w).zip(g) {
+        let name = &p.spec.name;
+        if !p.trained() {
+            lines.push(format!("{name}: a {:?}, no gradient", p.spec.role));
+        } else if p.spec.surrogate {
+            lines.push(format!("param {name}: surrogate gradient, not checked by finite differences"));
+        } else {
+            wrt.push((format!("param {name}"), t, Grad::Accumulate));
+            grads.push(gt);
+        }
+    }
+    (wrt, grads, lines)
 }
 
 /// Determinism, the backward contract, then the finite-difference check of every `wrt` tensor.
@@ -267,16 +283,15 @@ fn check_router(cpu: &CpuOps, r: &RouterBox, dims: ModelDims, rng: &mut Rng) -> 
     let x = view_mut(&mut xv, &[t, h]);
     let fwd = || -> R<RouterOut> {
         let o = ok(r.forward(cpu.ops(), sl(&w), x))?;
-        let (k, dims) = (o.ids.dim(-1), [o.logits.dims(), o.ids.dims(), o.weights.dims()]);
-        if dims != [vec![t, e], vec![t, k], vec![t, k]] || o.ids.dtype != DType::I32 {
+        let k = o.ids.dim(-1);
+        let dims = [o.logits.dims(), o.probs.dims(), o.ids.dims(), o.weights.dims()];
+        if dims != [vec![t, e], vec![t, e], vec![t, k], vec![t, k]] || o.ids.dtype != DType::I32 {
             return Err(format!(
-                "forward: logits, ids, weights are {dims:?}; expected [[{t}, {e}], [{t}, k], [{t}, k]], ids i32"
+                "forward: logits, probs, ids, weights are {dims:?}; expected [[{t}, {e}], [{t}, {e}], [{t}, k], [{t}, k]], ids i32"
             ));
         }
-        match o.ids.i32s().iter().find(|&&i| i < 0 || i as usize >= e) {
-            Some(id) => Err(format!("forward: id {id} is not in 0..{e}")),
-            None => Ok(o),
-        }
+        crate::model::check_ids(o.ids.i32s(), e, "forward")?;
+        Ok(o)
     };
     // Redraw tokens whose k-th and (k+1)-th logits nearly tie, so ±EPS rarely flips the top-k set.
     for _ in 0..100 {
@@ -297,9 +312,11 @@ fn check_router(cpu: &CpuOps, r: &RouterBox, dims: ModelDims, rng: &mut Rng) -> 
             break;
         }
     }
-    let flat = |o: &RouterOut| [o.logits.f32s(), o.weights.f32s()].concat();
+    let flat = |o: &RouterOut| [o.logits.f32s(), o.probs.f32s(), o.weights.f32s()].concat();
     let mut wrt = vec![("input x".to_string(), x, Grad::Write)];
-    wrt.extend(param_wrt(&ps, &w));
+    let (pw, g, mut lines) = param_wrt(&ps, &w, &g);
+    wrt.extend(pw);
+    let (g, gall) = (g, ps.grads(0..ps.list.len()));
     let case = Case {
         wrt,
         fwd: Box::new(|| {
@@ -311,10 +328,12 @@ fn check_router(cpu: &CpuOps, r: &RouterBox, dims: ModelDims, rng: &mut Rng) -> 
         bwd: Box::new(|rv: &[f32], init: &[Vec<f32>]| {
             let o = fwd()?;
             let k = o.ids.dim(1);
-            let (mut dl, dw, mut dx) = (rv[..t * e].to_vec(), &rv[t * e..], init[0].clone());
+            let (dl, dp, dw) = (&rv[..t * e], &rv[t * e..2 * t * e], &rv[2 * t * e..]);
+            let mut dx = init[0].clone();
             load(&g, &init[1..]);
-            let (dw, dl, dxt) = (view(dw, &[t, k]), view_mut(&mut dl, &[t, e]), view_mut(&mut dx, &[t, h]));
-            ok(r.backward(cpu.ops(), sl(&w), sl(&g), x, &o, dw, dl, dxt))?;
+            let (dw, dp, dl, dxt) =
+                (view(dw, &[t, k]), view(dp, &[t, e]), view(dl, &[t, e]), view_mut(&mut dx, &[t, h]));
+            ok(r.backward(cpu.ops(), sl(&w), sl(&gall), x, &o, dw, dp, dl, dxt))?;
             let mut grads = vec![dx];
             grads.extend(g.iter().map(|t| t.f32s().to_vec()));
             let res = (flat(&o), grads);
@@ -322,11 +341,13 @@ fn check_router(cpu: &CpuOps, r: &RouterBox, dims: ModelDims, rng: &mut Rng) -> 
             Ok(res)
         }),
     };
-    run_case(case, rng, EPS_ROUTER)
+    lines.extend(run_case(case, rng, EPS_ROUTER)?);
+    Ok(lines)
 }
 
-fn check_experts(cpu: &CpuOps, ex: &ExpertsBox, dims: ModelDims, rng: &mut Rng) -> R<Vec<String>> {
-    let (e, h) = (dims.experts as usize, dims.hidden as usize);
+/// Experts over `e` groups (1 for a shared expert, which sees every token as one group).
+fn check_experts(cpu: &CpuOps, ex: &ExpertsBox, e: usize, dims: ModelDims, rng: &mut Rng) -> R<Vec<String>> {
+    let h = dims.hidden as usize;
     let n = 3 * e + 2;
     // Random group sizes, one group empty (when there are two or more).
     let mut off = vec![0i32; e + 1];
@@ -349,7 +370,9 @@ fn check_experts(cpu: &CpuOps, ex: &ExpertsBox, dims: ModelDims, rng: &mut Rng) 
         }
     };
     let mut wrt = vec![("input x".to_string(), x, Grad::Write)];
-    wrt.extend(param_wrt(&ps, &w));
+    let (pw, g, skipped) = param_wrt(&ps, &w, &g);
+    wrt.extend(pw);
+    let gall = ps.grads(0..ps.list.len());
     let case = Case {
         wrt,
         fwd: Box::new(|| {
@@ -362,7 +385,7 @@ fn check_experts(cpu: &CpuOps, ex: &ExpertsBox, dims: ModelDims, rng: &mut Rng) 
             let mut dx = init[0].clone();
             load(&g, &init[1..]);
             let (dy, dxt) = (view(rv, &[n, h]), view_mut(&mut dx, &[n, h]));
-            ok(ex.backward(cpu.ops(), sl(&w), sl(&g), x, offsets, &out, dy, dxt))?;
+            ok(ex.backward(cpu.ops(), sl(&w), sl(&gall), x, offsets, &out, dy, dxt))?;
             let mut grads = vec![dx];
             grads.extend(g.iter().map(|t| t.f32s().to_vec()));
             let res = (out.y.f32s().to_vec(), grads);
@@ -372,7 +395,13 @@ fn check_experts(cpu: &CpuOps, ex: &ExpertsBox, dims: ModelDims, rng: &mut Rng) 
     };
     let mut lines = run_case(case, rng, EPS)?;
     let sizes: Vec<i32> = off.windows(2).map(|p| p[1] - p[0]).collect();
-    lines.insert(0, format!("{n} rows in groups {sizes:?}"));
+    let rows: Vec<u64> = sizes.iter().map(|&s| s as u64).collect();
+    let flops = ex.flops(RSlice::from_slice(&rows));
+    if !flops.is_finite() || flops < 0.0 {
+        return Err(format!("flops({rows:?}) = {flops}: must be finite and >= 0"));
+    }
+    lines.insert(0, format!("{n} rows in groups {sizes:?}; forward {flops:.0} FLOPs by its own count"));
+    lines.extend(skipped);
     Ok(lines)
 }
 
@@ -389,14 +418,41 @@ pub(crate) fn random_ids(rng: &mut Rng, t: usize, k: usize, e: usize) -> Vec<i32
     ids
 }
 
+/// A route for `t` tokens as a router would give it: `logits`, their softmax, `ids` and `weights`.
+pub(crate) fn route_of(
+    logits: &mut [f32],
+    probs: &mut Vec<f32>,
+    ids: &[i32],
+    weights: &mut [f32],
+    e: usize,
+) -> RouterOut {
+    let (t, k) = (logits.len() / e, ids.len() / (logits.len() / e));
+    let softmax = |row: &[f32]| {
+        let m = row.iter().fold(f32::MIN, |a, &b| a.max(b));
+        let z: f32 = row.iter().map(|&v| (v - m).exp()).sum();
+        row.iter().map(|&v| (v - m).exp() / z).collect::<Vec<f32>>()
+    };
+    *probs = logits.chunks(e).flat_map(softmax).collect();
+    RouterOut {
+        logits: view_mut(logits, &[t, e]),
+        probs: view_mut(probs, &[t, e]),
+        ids: view_i32(ids, &[t, k]),
+        weights: view_mut(weights, &[t, k]),
+        saved: Default::default(),
+    }
+}
+
 fn check_comm(cpu: &CpuOps, s: &CommScheduleBox, dims: ModelDims, rng: &mut Rng) -> R<Vec<String>> {
     let (t, h, e) = (8, dims.hidden as usize, dims.experts as usize);
     let k = e.min(2);
-    let idv = random_ids(rng, t, k, e);
-    let ids = view_i32(&idv, &[t, k]);
+    // One empty slot (as a router using fewer than k experts leaves): it must cost and move nothing.
+    let mut idv = random_ids(rng, t, k, e);
+    idv[rng.below(t * k)] = EMPTY;
     let mut xv = randn(rng, t * h, 1.0);
-    let mut wv: Vec<f32> = (0..t * k).map(|_| 0.1 + rng.uniform()).collect();
-    let (x, wt) = (view_mut(&mut xv, &[t, h]), view_mut(&mut wv, &[t, k]));
+    let mut wv: Vec<f32> = idv.iter().map(|&i| if i == EMPTY { 0.0 } else { 0.1 + rng.uniform() }).collect();
+    let (mut lv, mut pv) = (randn(rng, t * e, 1.0), Vec::new());
+    let route = route_of(&mut lv, &mut pv, &idv, &mut wv, e);
+    let (x, wt) = (view_mut(&mut xv, &[t, h]), route.weights);
     // Stand-in experts: y = gain_e · x_sorted, a different gain per expert, so routing a row to
     // the wrong expert changes the result.
     let gain = |ex: usize| 1.0 + 0.5 * ex as f32;
@@ -409,12 +465,18 @@ fn check_comm(cpu: &CpuOps, s: &CommScheduleBox, dims: ModelDims, rng: &mut Rng)
         y
     };
     let dispatch = || -> R<(pith_plugin_api::Dispatched, Vec<f32>)> {
-        let d = ok(s.dispatch(cpu.ops(), x, ids, e as u32))?;
+        let d = ok(s.dispatch(cpu.ops(), x, &route, e as u32))?;
         let (off, n) = (d.offsets.i32s(), d.x.dim(0));
         let fits = off.len() == e + 1 && off[0] == 0 && off[e] as usize == n && d.x.dim(1) == h;
         if !fits || off.windows(2).any(|p| p[0] > p[1]) {
             let x = d.x.dims();
             return Err(format!("dispatch: offsets {off:?} do not split x {x:?} into {e} groups"));
+        }
+        if n >= t * k {
+            return Err(format!(
+                "dispatch: {n} rows for {} slots of which one is empty: empty slots must not move",
+                t * k
+            ));
         }
         let y = scale_rows(d.x.f32s(), off);
         Ok((d, y))
@@ -425,7 +487,7 @@ fn check_comm(cpu: &CpuOps, s: &CommScheduleBox, dims: ModelDims, rng: &mut Rng)
         fwd: Box::new(|| {
             let (d, y) = dispatch()?;
             let yt = view(&y, &[y.len() / h, h]);
-            let out = ok(s.combine(cpu.ops(), yt, wt, &d))?.f32s().to_vec();
+            let out = ok(s.combine(cpu.ops(), yt, &route, &d))?.f32s().to_vec();
             cpu.reset();
             Ok((out, vec![]))
         }),
@@ -433,12 +495,12 @@ fn check_comm(cpu: &CpuOps, s: &CommScheduleBox, dims: ModelDims, rng: &mut Rng)
             let (d, y) = dispatch()?;
             let n = y.len() / h;
             let yt = view(&y, &[n, h]);
-            let out = ok(s.combine(cpu.ops(), yt, wt, &d))?.f32s().to_vec();
+            let out = ok(s.combine(cpu.ops(), yt, &route, &d))?.f32s().to_vec();
             // dy is written by combine_backward: start it from noise too.
             let mut dy = randn(&mut Rng::new(noise_seed), n * h, 1.0);
             let (mut dx, mut dw) = (init[0].clone(), init[1].clone());
             let (dyt, dwt) = (view_mut(&mut dy, &[n, h]), view_mut(&mut dw, &[t, k]));
-            ok(s.combine_backward(cpu.ops(), view(rv, &[t, h]), yt, wt, &d, dyt, dwt))?;
+            ok(s.combine_backward(cpu.ops(), view(rv, &[t, h]), yt, &route, &d, dyt, dwt))?;
             let dxs = scale_rows(&dy, d.offsets.i32s());
             ok(s.dispatch_backward(cpu.ops(), view(&dxs, &[n, h]), &d, view_mut(&mut dx, &[t, h])))?;
             cpu.reset();
@@ -452,28 +514,37 @@ fn check_loss(cpu: &CpuOps, l: &BalanceLossBox, dims: ModelDims, rng: &mut Rng) 
     let (t, e) = (16, dims.experts as usize);
     let k = e.min(2);
     let mut lv = randn(rng, t * e, 2.0);
-    let logits = view_mut(&mut lv, &[t, e]);
-    // The ids a top-k router would pick for these logits (held fixed, like the counts they give).
+    // The ids a top-k router would pick for these logits (held fixed, like the counts they give),
+    // and one empty slot, which the loss must skip.
     let mut idv = Vec::with_capacity(t * k);
     for row in lv.chunks(e) {
         let mut order: Vec<usize> = (0..e).collect();
         order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
         idv.extend(order[..k].iter().map(|&i| i as i32));
     }
-    let ids = view_i32(&idv, &[t, k]);
+    idv[rng.below(t * k)] = EMPTY;
+    let (mut pv, mut wv) = (Vec::new(), vec![0.5f32; t * k]);
+    let route = route_of(&mut lv, &mut pv, &idv, &mut wv, e);
+    let ps = make_params(l.params().into_vec(), rng);
+    let p = ps.weights(0..ps.list.len());
+    // Logits and probs are independent inputs here: a loss's gradient reaches each separately.
     let case = Case {
-        wrt: vec![("input logits".into(), logits, Grad::Accumulate)],
+        wrt: vec![
+            ("input logits".into(), route.logits, Grad::Accumulate),
+            ("input probs".into(), route.probs, Grad::Accumulate),
+        ],
         fwd: Box::new(|| {
-            let v = ok(l.forward(cpu.ops(), logits, ids))?;
+            let v = ok(l.forward(cpu.ops(), sl(&p), &route))?;
             cpu.reset();
             Ok((vec![v], vec![]))
         }),
         bwd: Box::new(|rv: &[f32], init: &[Vec<f32>]| {
-            let v = ok(l.forward(cpu.ops(), logits, ids))?;
-            let mut dl = init[0].clone();
-            ok(l.backward(cpu.ops(), logits, ids, rv[0], view_mut(&mut dl, &[t, e])))?;
+            let v = ok(l.forward(cpu.ops(), sl(&p), &route))?;
+            let (mut dl, mut dp) = (init[0].clone(), init[1].clone());
+            let (dlt, dpt) = (view_mut(&mut dl, &[t, e]), view_mut(&mut dp, &[t, e]));
+            ok(l.backward(cpu.ops(), sl(&p), &route, rv[0], dpt, dlt))?;
             cpu.reset();
-            Ok((vec![v], vec![dl]))
+            Ok((vec![v], vec![dl, dp]))
         }),
     };
     run_case(case, rng, EPS)
@@ -485,16 +556,30 @@ fn check_optimizer(cpu: &CpuOps, o: &OptimizerBox, rng: &mut Rng) -> R<Vec<Strin
     let quad = |w: &[f32]| -> Vec<f32> { w.iter().zip(&target).map(|(a, b)| a - b).collect() };
     let f = |w: &[f32]| quad(w).iter().map(|&d| 0.5 * d as f64 * d as f64).sum::<f64>();
     // `steps` steps from `w` with grads from `grad`; returns the final weights.
-    let run = |spec: &ParamSpec, mut w: Vec<f32>, steps: u64, grad: &dyn Fn(&[f32]) -> Vec<f32>| -> R<Vec<f32>> {
-        let mut state: Vec<Vec<f32>> = o.state(spec).iter().map(|_| vec![0.0; n]).collect();
+    let run_scaled = |spec: &ParamSpec, mut w: Vec<f32>, steps: u64, grad: &dyn Fn(&[f32]) -> Vec<f32>, scale: f32| {
+        let mut state: Vec<Vec<f32>> = o.state("w".into(), spec).iter().map(|_| vec![0.0; n]).collect();
         let st: Vec<Tensor> = state.iter_mut().map(|s| view_mut(s, &[n])).collect();
         for step in 1..=steps {
             let mut g = grad(&w);
             let (wt, gt) = (view_mut(&mut w, &[n]), view_mut(&mut g, &[n]));
-            ok(o.step(cpu.ops(), spec, wt, gt, sl(&st), 1e-2, step))?;
+            let slot = Slot {
+                name: "w".into(),
+                spec: spec.clone(),
+                w: wt,
+                g: gt,
+                state: st.clone().into(),
+                w_lowp: view(&[], &[0]),
+            };
+            let done = ok(o.step(cpu.ops(), RSlice::from_slice(&[slot]), 1e-2, step, scale))?;
+            if done.zeroed_grads && g.iter().any(|&v| v != 0.0) {
+                return Err("step says it zeroed the gradients, but they are not zero".into());
+            }
             cpu.reset();
         }
-        Ok(w)
+        Ok::<_, String>(w)
+    };
+    let run = |spec: &ParamSpec, w: Vec<f32>, steps: u64, grad: &dyn Fn(&[f32]) -> Vec<f32>| {
+        run_scaled(spec, w, steps, grad, 1.0)
     };
     let zero = |_: &[f32]| vec![0.0f32; n];
     let plain = ParamSpec::new("w", &[n], Init::Normal(0.02), false);
@@ -513,6 +598,16 @@ fn check_optimizer(cpu: &CpuOps, o: &OptimizerBox, rng: &mut Rng) -> R<Vec<Strin
         format!("quadratic: f {f0:.4} -> {f1:.2e} in 200 steps at lr 1e-2"),
         "determinism: two 200-step runs bitwise identical".into(),
     ];
+    // grad_scale (the clip factor) multiplies the gradient: scale 0.25 on g == scale 1 on g/4.
+    let quarter = |w: &[f32]| quad(w).iter().map(|g| g * 0.25).collect::<Vec<f32>>();
+    let (s, q) = (run_scaled(&plain, w0.clone(), 5, &quad, 0.25)?, run(&plain, w0.clone(), 5, &quarter)?);
+    let diff = s.iter().zip(&q).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    if diff > 1e-5 * (1.0 + max_abs(&q)) {
+        return Err(format!(
+            "grad_scale 0.25 and gradients ÷4 differ by {diff:.2e} after 5 steps: grad_scale must scale the gradient"
+        ));
+    }
+    lines.push("grad_scale: scaling by 0.25 equals gradients ÷ 4".into());
     if bits(&run(&plain, w0.clone(), 1, &zero)?) != bits(&w0) {
         return Err("a zero-grad step changed a decay = false param (decay must skip it)".into());
     }
@@ -537,7 +632,7 @@ mod tests {
     use pith_plugin_api::{Host, Router};
     use std::sync::atomic::{AtomicU32, Ordering};
 
-    const DIMS: ModelDims = ModelDims { hidden: 16, experts: 4, expert_ffn: 12, layer: 0, layers: 1 };
+    const DIMS: ModelDims = ModelDims::new(16, 4, 12, 0, 1);
     const E: usize = DIMS.experts as usize;
 
     #[test]
@@ -573,15 +668,16 @@ mod tests {
         fn forward(&self, h: Host, p: &[Tensor], x: Tensor) -> Result<RouterOut, String> {
             let (t, e) = (x.dim(0), E);
             let (logits, weights) = (h.alloc_f32(&[t, e])?, h.alloc_f32(&[t, 1])?);
-            let ids = h.alloc(&[t, 1], DType::I32)?;
+            let (ids, probs) = (h.alloc(&[t, 1], DType::I32)?, h.alloc_f32(&[t, e])?);
             h.gemm(x, p[0], logits, false, true, 1.0, 0.0)?;
-            // SAFETY: logits and weights are this call's own allocations.
-            let (l, w) = unsafe { (logits.f32s_mut(), weights.f32s_mut()) };
+            // SAFETY: logits, probs and weights are this call's own allocations.
+            let (l, w, pr) = unsafe { (logits.f32s_mut(), weights.f32s_mut(), probs.f32s_mut()) };
             if self.bug == 3 {
                 l[0] += 1e-3 * self.calls.fetch_add(1, Ordering::Relaxed) as f32;
             }
             (0..t).for_each(|i| w[i] = l[i * e]);
-            Ok(RouterOut { logits, ids, weights, saved: RVec::new() })
+            pr.copy_from_slice(l); // "probs" = logits: the identity
+            Ok(RouterOut { logits, probs, ids, weights, saved: RVec::new() })
         }
         fn backward(
             &self,
@@ -591,13 +687,14 @@ mod tests {
             x: Tensor,
             _: &RouterOut,
             dw: Tensor,
+            dp: Tensor,
             dl: Tensor,
             dx: Tensor,
         ) -> Result<(), String> {
             let (t, e) = (x.dim(0), E);
             let d = h.alloc_f32(&[t, e])?;
             let dv = unsafe { d.f32s_mut() }; // SAFETY: this call's own allocation
-            dv.copy_from_slice(dl.f32s());
+            dv.iter_mut().zip(dl.f32s().iter().zip(dp.f32s())).for_each(|(d, (l, p))| *d = l + p);
             (0..t).for_each(|i| dv[i * e] += dw.f32s()[i]);
             // bug 1: dx is half what it should be; 2: the weight grad overwrites instead of adding;
             // 4: dx adds instead of overwriting.
@@ -651,6 +748,7 @@ mod tests {
     #[test]
     fn std_forward_semantics() {
         let cpu = CpuOps::default();
+        cpu.calls().set(pith_plugin_api::Context { training: true, ..Default::default() }, 1);
         let (t, h) = (4, DIMS.hidden as usize);
         let x: Vec<f32> = (0..t * h).map(|i| (i as f32 * 0.37).sin()).collect();
         // Zero router weights: uniform probs, so ties pick the lowest ids, gates renormalised.
@@ -661,28 +759,36 @@ mod tests {
         assert!(o.weights.f32s().iter().all(|&v| v == 0.5));
         assert!((cpu.take_metrics()["router_entropy"] - (E as f64).ln()).abs() < 1e-6);
         // Uniform logits and balanced ids: switch-aux = coef, z-loss = coef·ln(E)².
-        let logits = vec![0.0f32; 4 * E];
+        let (mut logits, mut probs, mut gates) = (vec![0.0f32; 4 * E], Vec::new(), vec![0.5f32; 8]);
         let ids = [0, 1, 2, 3, 1, 0, 3, 2];
-        let (lt, it) = (view(&logits, &[4, E]), view_i32(&ids, &[4, 2]));
+        let route = route_of(&mut logits, &mut probs, &ids, &mut gates, E);
         let Component::BalanceLoss(sa) = create("balance_loss", "switch-aux", "").unwrap() else { panic!() };
-        assert!((ok(sa.forward(cpu.ops(), lt, it)).unwrap() - 0.01).abs() < 1e-7);
+        assert!((ok(sa.forward(cpu.ops(), sl(&[]), &route)).unwrap() - 0.01).abs() < 1e-7);
         let Component::BalanceLoss(z) = create("balance_loss", "z-loss", "").unwrap() else { panic!() };
         let want = 0.001 * (E as f32).ln().powi(2);
-        assert!((ok(z.forward(cpu.ops(), lt, it)).unwrap() - want).abs() < 1e-7);
-        // local: a stable sort by expert, and a clear error for an id out of range.
+        assert!((ok(z.forward(cpu.ops(), sl(&[]), &route)).unwrap() - want).abs() < 1e-7);
+        // local: a stable sort by expert, empty slots skipped, a clear error for an id out of range.
         let Component::CommSchedule(c) = create("comm", "local", "").unwrap() else { panic!() };
         let xt = view(&x, &[4, h]);
-        let d = ok(c.dispatch(cpu.ops(), xt, it, E as u32)).unwrap();
-        assert_eq!((d.offsets.i32s(), d.saved[0].i32s()), (&[0, 2, 4, 6, 8][..], &[0, 5, 1, 4, 2, 7, 3, 6][..]));
+        let d = ok(c.dispatch(cpu.ops(), xt, &route, E as u32)).unwrap();
+        assert_eq!((d.offsets.i32s(), d.saved[0].i32s()), (&[0, 2, 4, 6, 8][..], &[0, 2, 4, 6, 3, 1, 7, 5][..]));
+        let some_empty = [0, EMPTY, 2, 3, EMPTY, 0, 3, 2];
+        let mut g2 = vec![0.5f32; 8];
+        let r2 = route_of(&mut logits, &mut probs, &some_empty, &mut g2, E);
+        let d = ok(c.dispatch(cpu.ops(), xt, &r2, E as u32)).unwrap();
+        assert_eq!((d.x.dim(0), d.offsets.i32s()), (6, &[0, 2, 2, 4, 6][..]));
         let bad = [0, 1, 2, 7, 1, 0, 3, 2];
-        let e = ok(c.dispatch(cpu.ops(), xt, view_i32(&bad, &[4, 2]), E as u32)).err().unwrap();
-        assert!(e.contains("ids[1, 1] = 7") && e.contains("0..4"), "{e}");
+        let r3 = route_of(&mut logits, &mut probs, &bad, &mut g2, E);
+        let e = ok(c.dispatch(cpu.ops(), xt, &r3, E as u32)).err().unwrap();
+        assert!(e.contains("7") && e.contains("0..4"), "{e}");
         // adamw, step 1: m̂ = g, v̂ = g², so w ← w·(1 − lr·wd) − lr·g/(|g| + eps).
         let Component::Optimizer(a) = create("optimizer", "adamw", "").unwrap() else { panic!() };
         let spec = ParamSpec::new("w", &[2], Init::Zeros, true);
         let (mut w, mut g, mut m, mut v) = (vec![1.0f32, -2.0], vec![0.5f32, -3.0], vec![0.0; 2], vec![0.0; 2]);
-        let st = [view_mut(&mut m, &[2]), view_mut(&mut v, &[2])];
-        ok(a.step(cpu.ops(), &spec, view_mut(&mut w, &[2]), view_mut(&mut g, &[2]), sl(&st), 0.1, 1)).unwrap();
+        let state = vec![view_mut(&mut m, &[2]), view_mut(&mut v, &[2])].into();
+        let (w_lowp, name) = (view(&[], &[0]), "w".into());
+        let slot = Slot { name, spec, w: view_mut(&mut w, &[2]), g: view_mut(&mut g, &[2]), state, w_lowp };
+        ok(a.step(cpu.ops(), RSlice::from_slice(&[slot]), 0.1, 1, 1.0)).unwrap();
         assert!((w[0] - (1.0 * 0.99 - 0.1)).abs() < 1e-6 && (w[1] - (-2.0 * 0.99 + 0.1)).abs() < 1e-6, "{w:?}");
     }
 }

@@ -7,6 +7,7 @@
 
 use crate::config::Config;
 use crate::params::Params;
+use pith_plugin_api::Role;
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -143,10 +144,9 @@ pub fn save(run: &Path, cfg: &Config, params: &Params, state: &TrainerState) -> 
 fn write_all(tmp: &Path, cfg: &Config, params: &Params, state: &TrainerState) -> Result<(), String> {
     std::fs::create_dir_all(tmp).map_err(io(tmp))?;
     let shape = |p: &crate::params::Param| p.spec.shape.iter().map(|&d| d as usize).collect::<Vec<_>>();
-    write_tensors(
-        &tmp.join("model.safetensors"),
-        params.list.iter().map(|p| (p.name.clone(), &p.w[..], shape(p))).collect(),
-    )?;
+    // Parameters and buffers; accumulators live for one step and are not saved.
+    let saved = params.list.iter().filter(|p| p.spec.role != Role::Accumulator);
+    write_tensors(&tmp.join("model.safetensors"), saved.map(|p| (p.name.clone(), &p.w[..], shape(p))).collect())?;
     let states = params
         .list
         .iter()
@@ -268,7 +268,7 @@ pub fn load(path: &Path, cfg: &Config, params: &mut Params) -> Result<TrainerSta
     let state = self::state(&dir)?;
     let weights = read_tensors(&dir.join("model.safetensors"))?;
     let opt = read_tensors(&dir.join("optimizer.safetensors"))?;
-    for p in &mut params.list {
+    for p in params.list.iter_mut().filter(|p| p.spec.role != Role::Accumulator) {
         let shape: Vec<usize> = p.spec.shape.iter().map(|&d| d as usize).collect();
         let (s, w) =
             weights.get(&p.name).ok_or_else(|| format!("{}: tensor `{}` is missing", dir.display(), p.name))?;

@@ -352,13 +352,7 @@ impl Config {
 
     pub fn dims(&self, layer: usize) -> ModelDims {
         let m = &self.model;
-        ModelDims {
-            hidden: m.hidden as u32,
-            experts: m.experts as u32,
-            expert_ffn: m.expert_ffn as u32,
-            layer: layer as u32,
-            layers: m.layers as u32,
-        }
+        ModelDims::new(m.hidden, m.experts, m.expert_ffn, layer, m.layers)
     }
 
     /// The resolved config as TOML (defaults filled in, overrides applied).

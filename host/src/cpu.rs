@@ -2,18 +2,58 @@
 //! f32 only; GEMMs through `matrixmultiply` (multithreaded), which takes strides, so a
 //! transpose is just a stride swap.
 
+use crate::gpu::ops::Metrics;
 use abi_stable::std_types::{RResult, RSlice, RStr, RString};
 use pith_plugin_api::abi::{Ops, OpsRef};
-use pith_plugin_api::{Arg, DType, Device, LaunchDims, Tensor};
+use pith_plugin_api::{Arg, Context, DType, Device, Group, LaunchDims, ReduceOp, Tensor};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-/// Host-owned memory for plugin allocations (freed by [`CpuOps::reset`] after each micro-batch)
-/// and the metrics plugins reported during the step.
+/// Host-owned memory for plugin allocations (freed by [`CpuOps::reset`] after each micro-batch),
+/// the metrics plugins reported during the step, and where the current call sits.
 #[derive(Default)]
 pub struct CpuOps {
     arena: Mutex<Vec<Vec<u32>>>,
-    metrics: Mutex<BTreeMap<String, (f64, u32)>>,
+    metrics: Metrics,
+    context: Calls,
+}
+
+/// The [`Context`] components see: the trainer sets the step's part, the model each layer's.
+#[derive(Default)]
+pub struct Calls(Mutex<(Context, u64)>);
+
+impl Calls {
+    /// Set by the trainer before a micro-batch (or eval: `training` false); `run_seed` is
+    /// `train.seed`. The layout is `batch` sequences of `seq` tokens.
+    pub fn set(&self, c: Context, run_seed: u64) {
+        *self.0.lock().unwrap() = (c, run_seed);
+    }
+    /// Set by the model before layer `layer`'s MoE block: its seed mixes (run seed, step,
+    /// micro-batch, layer), so a resumed run draws the same random numbers.
+    pub fn set_layer(&self, layer: usize) {
+        let mut g = self.0.lock().unwrap();
+        let (c, run) = &mut *g;
+        c.layer = layer as u32;
+        // splitmix64 over each part in turn: no two (run, step, micro-batch, layer) collide by shifting.
+        let mix = |z: u64, v: u64| {
+            let mut z = (z ^ v).wrapping_add(0x9e37_79b9_7f4a_7c15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        c.seed = [c.step, c.micro_batch as u64, layer as u64].into_iter().fold(mix(0, *run), mix);
+    }
+    pub fn get(&self) -> Context {
+        self.0.lock().unwrap().0
+    }
+}
+
+/// One rank's collectives (CPU runs and single-GPU runs): every group has one member.
+pub fn one_rank_collective(src: &Tensor, dst: &Tensor, what: &str) -> Result<bool, String> {
+    if src.numel() != dst.numel() || src.dtype != dst.dtype {
+        return Err(format!("{what} on one rank: src {:?} and dst {:?} must match", src.dims(), dst.dims()));
+    }
+    Ok(src.addr != dst.addr)
 }
 
 /// A CPU tensor view of a host slice that components only read (the slice must outlive
@@ -114,12 +154,13 @@ impl CpuOps {
     pub fn reset(&self) {
         self.arena.lock().unwrap().clear();
     }
-    /// Take the metrics reported since the last call, averaged per name.
+    /// Take the metrics reported since the last call (weighted means per name).
     pub fn take_metrics(&self) -> BTreeMap<String, f64> {
-        let mut m = self.metrics.lock().unwrap();
-        let out = m.iter().map(|(k, (s, n))| (k.clone(), s / *n as f64)).collect();
-        m.clear();
-        out
+        self.metrics.take()
+    }
+    /// Where the next calls sit (see [`Calls`]).
+    pub fn calls(&self) -> &Calls {
+        &self.context
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -272,11 +313,79 @@ impl Ops for CpuOps {
     fn launch(&self, _s: RStr<'_>, _n: RStr<'_>, _d: LaunchDims, _a: RSlice<'_, Arg>) -> RResult<(), RString> {
         RResult::RErr(NO_KERNELS.into())
     }
-    fn metric(&self, name: RStr<'_>, value: f64) {
-        let mut m = self.metrics.lock().unwrap();
-        let e = m.entry(name.to_string()).or_insert((0.0, 0));
-        e.0 += value;
-        e.1 += 1;
+    fn metric(&self, name: RStr<'_>, value: f64, weight: f64) {
+        if self.context.get().training {
+            self.metrics.add(name.as_str(), value, weight);
+        }
+    }
+    fn context(&self) -> Context {
+        self.context.get()
+    }
+    fn gemm_batched(
+        &self,
+        a: Tensor,
+        b: Tensor,
+        c: Tensor,
+        ta: bool,
+        tb: bool,
+        alpha: f32,
+        beta: f32,
+    ) -> RResult<(), RString> {
+        let batched = || -> Result<(), String> {
+            let (ad, bd, cd) = (a.dims(), b.dims(), c.dims());
+            if ad.len() != 3 || bd.len() != 3 || cd.len() != 3 || ad[0] != bd[0] || ad[0] != cd[0] {
+                return Err(format!("gemm_batched: a {ad:?}, b {bd:?}, c {cd:?} must be 3-D with one batch size"));
+            }
+            let at = |t: &Tensor, g: usize| {
+                let (r, c) = (t.dim(1), t.dim(2));
+                Tensor::new(t.addr + (g * r * c * 4) as u64, t.dtype, t.device, &[r, c])
+            };
+            (0..ad[0]).try_for_each(|g| self.gemm_impl(at(&a, g), at(&b, g), at(&c, g), ta, tb, alpha, beta))
+        };
+        batched().map_err(RString::from).into()
+    }
+    fn rank(&self, _group: Group) -> u32 {
+        0
+    }
+    fn size(&self, _group: Group) -> u32 {
+        1
+    }
+    fn all_reduce(&self, _t: Tensor, _op: ReduceOp, _group: Group) -> RResult<(), RString> {
+        RResult::ROk(())
+    }
+    fn all_gather(&self, src: Tensor, dst: Tensor, _group: Group) -> RResult<(), RString> {
+        self.collective_copy(src, dst, "all_gather")
+    }
+    fn reduce_scatter(&self, src: Tensor, dst: Tensor, _group: Group) -> RResult<(), RString> {
+        self.collective_copy(src, dst, "reduce_scatter")
+    }
+    fn all_to_all(
+        &self,
+        src: Tensor,
+        send: RSlice<'_, u64>,
+        dst: Tensor,
+        recv: RSlice<'_, u64>,
+        _g: Group,
+    ) -> RResult<(), RString> {
+        if send.as_slice() != [src.dim(0) as u64] || recv.as_slice() != [dst.dim(0) as u64] {
+            let e = format!(
+                "all_to_all on one rank: send {send:?} must be [{}], recv {recv:?} [{}]",
+                src.dim(0),
+                dst.dim(0)
+            );
+            return RResult::RErr(e.into());
+        }
+        self.collective_copy(src, dst, "all_to_all")
+    }
+}
+
+impl CpuOps {
+    fn collective_copy(&self, src: Tensor, dst: Tensor, what: &str) -> RResult<(), RString> {
+        match one_rank_collective(&src, &dst, what) {
+            Ok(true) => self.copy(src, dst),
+            Ok(false) => RResult::ROk(()),
+            Err(e) => RResult::RErr(e.into()),
+        }
     }
 }
 

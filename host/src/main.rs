@@ -247,7 +247,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 (None, _) => return Err(format!("several kinds are named `{name}`; add --kind").into()),
             };
             let kind = entry.info.kind;
-            let dims = pith_plugin_api::ModelDims { hidden: 16, experts: 6, expert_ffn: 12, layer: 0, layers: 1 };
+            let dims = pith_plugin_api::ModelDims::new(16, 6, 12, 0, 1);
             let c = reg.create(kind, &name, &config, dims)?;
             let label = format!("{} `{name}` ({})", kind.as_str(), entry.origin);
             let lines = pith::check::check_component(&c, &label, dims, 1)?;

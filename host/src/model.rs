@@ -5,8 +5,8 @@
 //!   a = attn_norm(x);  q = rope(q_norm(q_proj a));  k = rope(k_norm(k_proj a));  v = v_proj a
 //!   (`model.qk_norm`: per head (Qwen3-MoE), over the whole projection (OLMoE) or none (Mixtral))
 //!   h = x + o_proj(causal_gqa_attention(q, k, v))
-//!   m = moe_norm(h);   (logits, ids, weights) = router(m)
-//!   out = h + combine(experts(dispatch(m, ids)), weights) [+ shared_swiglu(m)]
+//!   m = moe_norm(h);   route = (logits, probs, ids, weights) = router(m)
+//!   out = h + combine(experts(dispatch(m, route)), route) [+ shared_swiglu(m)]
 //!
 //! then final_norm, an untied lm_head and cross-entropy; the loss adds every balance loss.
 //! Host weights use the PyTorch `Linear` layout [out, in]; the shared expert is SwiGLU.
@@ -17,7 +17,7 @@ use crate::layers::{self as ly, AttnDims, Rope};
 use crate::params::Params;
 use abi_stable::std_types::{RResult, RSlice, RString};
 use pith_plugin_api::abi::{BalanceLossBox, CommScheduleBox, ExpertsBox, RouterBox};
-use pith_plugin_api::{DType, Device, Dispatched, ExpertsOut, Init, ParamSpec, RouterOut, Tensor};
+use pith_plugin_api::{DType, Device, Dispatched, ExpertsOut, Init, ParamSpec, RouterOut, Tensor, EMPTY};
 use std::ops::Range;
 
 /// The components of one MoE layer, each with its plugin name.
@@ -35,7 +35,7 @@ pub struct StepOut {
     pub loss: f32,
     /// Each balance-loss plugin's value (coefficient included), summed over layers.
     pub aux: Vec<(String, f32)>,
-    /// Per layer, the number of (token, slot) pairs routed to each expert.
+    /// Per layer, the rows each expert computed (routed and kept: no empty or dropped slots).
     pub expert_counts: Vec<Vec<u32>>,
     /// Per layer, every token's expert ids [N,k] and gate weights [N,k] (row-major).
     pub routing: Vec<(Vec<i32>, Vec<f32>)>,
@@ -69,6 +69,8 @@ pub(crate) struct Layer {
     pub(crate) shared: Option<usize>,
     pub(crate) router: Range<usize>,
     pub(crate) experts: Range<usize>,
+    /// Each balance loss's own buffers and accumulators.
+    pub(crate) losses: Vec<Range<usize>>,
     pub(crate) moe: MoeComponents,
 }
 
@@ -153,6 +155,22 @@ pub(crate) fn check(t: &Tensor, dtype: DType, dims: &[usize], who: &str) -> Resu
     }
 }
 
+/// A CPU router output for `n` tokens and `ne` experts: shapes, dtypes, finite values.
+pub(crate) fn check_route(r: &RouterOut, n: usize, ne: usize, who: &str) -> Result<(), String> {
+    check(&r.logits, DType::F32, &[n, ne], who)?;
+    check(&r.probs, DType::F32, &[n, ne], who)?;
+    check(&r.ids, DType::I32, &[n, 0], who)?;
+    check(&r.weights, DType::F32, &[n, r.ids.dim(1)], who)
+}
+
+/// Every id of a host copy of a router's ids is an expert below `ne` or [`EMPTY`].
+pub(crate) fn check_ids(ids: &[i32], ne: usize, who: &str) -> Result<(), String> {
+    match ids.iter().find(|&&id| id != EMPTY && !(0..ne as i32).contains(&id)) {
+        Some(id) => Err(format!("{who}: chose expert {id} of {ne} (valid: 0..{ne}, or {EMPTY} for an empty slot)")),
+        None => Ok(()),
+    }
+}
+
 fn add(a: &mut [f32], b: &[f32]) {
     a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
 }
@@ -162,7 +180,8 @@ impl Model {
     /// `layers.{l}.attn_norm.weight`, `layers.{l}.attn.{q,k,v,o}_proj.weight`,
     /// `layers.{l}.attn.{q,k}_norm.weight` (of head_dim for `qk_norm = "head"`, of heads·head_dim
     /// and kv_heads·head_dim for `"full"`, absent for `"none"`), `layers.{l}.moe_norm.weight`,
-    /// `layers.{l}.moe.router.*` and `layers.{l}.moe.experts.*` (the components' own `params()`),
+    /// `layers.{l}.moe.router.*`, `layers.{l}.moe.experts.*` and `layers.{l}.moe.balance_loss.{i}.*`
+    /// (the components' own `params()`: parameters, buffers and accumulators),
     /// `layers.{l}.moe.shared.{w_gate,w_up,w_down}` (when shared_expert_ffn > 0); then
     /// `final_norm.weight`, `lm_head.weight`. Matrices are Normal(init_std), norm weights Ones
     /// without weight decay. `moe` has one entry per layer.
@@ -206,11 +225,14 @@ impl Model {
             let host = host.start;
             let router = add(&format!("layers.{l}.moe.router"), moe.router.1.params().into());
             let experts = add(&format!("layers.{l}.moe.experts"), moe.experts.1.params().into());
+            let losses = (moe.losses.iter().enumerate())
+                .map(|(i, (_, b))| add(&format!("layers.{l}.moe.balance_loss.{i}"), b.params().into()))
+                .collect();
             let shared = (f > 0).then(|| {
                 let specs = vec![mat("w_gate", &[f, h]), mat("w_up", &[f, h]), mat("w_down", &[h, f])];
                 add(&format!("layers.{l}.moe.shared"), specs).start
             });
-            layers.push(Layer { host, qk_norm, moe_norm, shared, router, experts, moe });
+            layers.push(Layer { host, qk_norm, moe_norm, shared, router, experts, losses, moe });
         }
         let final_norm = add("final_norm", vec![norm("weight", h)]).start;
         let lm_head = add("lm_head", vec![mat("weight", &[c.vocab, h])]).start;
@@ -418,34 +440,30 @@ impl<'a> Pass<'a> {
         finite(&xn2, &at("moe_norm"))?;
         let (m, xv) = (&lay.moe, view(&xn2, &[n, hd]));
         let (router, experts, comm) = (&m.router.1, &m.experts.1, &m.comm.1);
+        self.ops.calls().set_layer(l);
         let rw = self.p.weights(lay.router.clone());
         let ew = self.p.weights(lay.experts.clone());
         let who = at(&format!("router `{}`", m.router.0));
         let r = named(router.forward(o(), rs(&rw), xv), &who)?;
-        check(&r.logits, DType::F32, &[n, ne], &who)?;
-        check(&r.ids, DType::I32, &[n, 0], &who)?;
-        check(&r.weights, DType::F32, &[n, r.ids.dim(1)], &who)?;
-        let mut counts = vec![0u32; ne];
-        for &id in r.ids.i32s().iter() {
-            let bad = || format!("{who}: chose expert {id} of {ne}");
-            *counts.get_mut(id as usize).ok_or_else(bad)? += 1;
-        }
+        check_route(&r, n, ne, &who)?;
+        check_ids(r.ids.i32s(), ne, &who)?;
         let mut aux = Vec::new();
-        for (name, loss) in &m.losses {
+        for ((name, loss), lp) in m.losses.iter().zip(&lay.losses) {
             let who = at(&format!("balance_loss `{name}`"));
-            let v = named(loss.forward(o(), r.logits, r.ids), &who)?;
+            let v = named(loss.forward(o(), rs(&self.p.weights(lp.clone())), &r), &who)?;
             finite(&[v], &who)?;
             aux.push((name.clone(), v));
         }
         let who = at(&format!("comm `{}` dispatch", m.comm.0));
-        let d = named(comm.dispatch(o(), xv, r.ids, ne as u32), &who)?;
+        let d = named(comm.dispatch(o(), xv, &r, ne as u32), &who)?;
         check(&d.x, DType::F32, &[0, hd], &who)?;
         check(&d.offsets, DType::I32, &[ne + 1], &who)?;
+        let counts = d.offsets.i32s().windows(2).map(|w| (w[1] - w[0]) as u32).collect();
         let who = at(&format!("experts `{}`", m.experts.0));
         let e = named(experts.forward(o(), rs(&ew), d.x, d.offsets), &who)?;
         check(&e.y, DType::F32, &d.x.dims(), &who)?;
         let who = at(&format!("comm `{}` combine", m.comm.0));
-        let y = named(comm.combine(o(), e.y, r.weights, &d), &who)?;
+        let y = named(comm.combine(o(), e.y, &r, &d), &who)?;
         check(&y, DType::F32, &[n, hd], &who)?;
         let mut out = h.clone();
         add(&mut out, y.f32s());
@@ -526,7 +544,8 @@ impl<'a> Pass<'a> {
         let (rows, k) = (d.x.dim(0), r.ids.dim(1));
         let (mut dys, mut dw) = (vec![0.0; rows * hd], vec![0.0; n * k]);
         let (dyv, dwv) = (view_mut(&mut dys, &[rows, hd]), view_mut(&mut dw, &[n, k]));
-        let res = comm.combine_backward(o(), view(&dy, &[n, hd]), e.y, r.weights, d, dyv, dwv);
+        self.ops.calls().set_layer(l);
+        let res = comm.combine_backward(o(), view(&dy, &[n, hd]), e.y, r, d, dyv, dwv);
         named(res, &at(&format!("comm `{}` combine", m.comm.0)))?;
         let mut dxs = vec![0.0; rows * hd];
         let ew = self.p.weights(lay.experts.clone());
@@ -538,17 +557,18 @@ impl<'a> Pass<'a> {
         let (dxv, dxdv) = (view(&dxs, &[rows, hd]), view_mut(&mut dxd, &[n, hd]));
         let res = comm.dispatch_backward(o(), dxv, d, dxdv);
         named(res, &at(&format!("comm `{}` dispatch", m.comm.0)))?;
-        let mut dlog = vec![0.0; n * ne];
-        for (name, loss) in &m.losses {
-            let res = loss.backward(o(), r.logits, r.ids, scale, view_mut(&mut dlog, &[n, ne]));
+        let (mut dprob, mut dlog) = (vec![0.0; n * ne], vec![0.0; n * ne]);
+        for ((name, loss), lp) in m.losses.iter().zip(&lay.losses) {
+            let (dpv, dlv) = (view_mut(&mut dprob, &[n, ne]), view_mut(&mut dlog, &[n, ne]));
+            let res = loss.backward(o(), rs(&self.p.weights(lp.clone())), r, scale, dpv, dlv);
             named(res, &at(&format!("balance_loss `{name}`")))?;
         }
         let mut dxr = vec![0.0; n * hd];
         let rw = self.p.weights(lay.router.clone());
         let rg = self.grads(g, lay.router.clone());
         let (xv, dxv) = (view(&s.xn2, &[n, hd]), view_mut(&mut dxr, &[n, hd]));
-        let (dwv, dlv) = (view(&dw, &[n, k]), view(&dlog, &[n, ne]));
-        let res = router.backward(o(), rs(&rw), rs(&rg), xv, r, dwv, dlv, dxv);
+        let (dwv, dpv, dlv) = (view(&dw, &[n, k]), view(&dprob, &[n, ne]), view(&dlog, &[n, ne]));
+        let res = router.backward(o(), rs(&rw), rs(&rg), xv, r, dwv, dpv, dlv, dxv);
         named(res, &at(&format!("router `{}`", m.router.0)))?;
         add(&mut dxn2, &dxd);
         add(&mut dxn2, &dxr);
@@ -600,13 +620,7 @@ mod tests {
     fn model_with(c: &ModelConfig, seed: u64, coef: f32, router: &str) -> (Model, Params) {
         let m = pith_std::pith_root_module();
         let make = |kind, name: &str, toml: &str, l: usize| {
-            let dims = ModelDims {
-                hidden: c.hidden as u32,
-                experts: c.experts as u32,
-                expert_ffn: c.expert_ffn as u32,
-                layer: l as u32,
-                layers: c.layers as u32,
-            };
+            let dims = ModelDims::new(c.hidden, c.experts, c.expert_ffn, l, c.layers);
             (m.create())(kind, name.into(), toml.into(), dims).unwrap()
         };
         let layer = |l| {

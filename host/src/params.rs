@@ -1,10 +1,11 @@
-//! Every trainable tensor of a run, whoever declared it (the host's layers or a plugin): the
-//! weights, their gradients and the optimizer's state. One flat list, so checkpoints, the
+//! Every tensor a run declares, whoever declared it (the host's layers or a plugin): trained
+//! parameters with their gradients and optimizer state, and the components' buffers and
+//! accumulators (`ParamSpec::role`: no gradient, no state). One flat list, so checkpoints, the
 //! optimizer, clipping and `pith plan` all see the same thing.
 
 use crate::cpu::{view, view_mut};
 use crate::rng::Rng;
-use pith_plugin_api::{Init, ParamSpec, Tensor};
+use pith_plugin_api::{Init, ParamSpec, Role, Tensor};
 use std::ops::Range;
 
 pub struct Param {
@@ -12,6 +13,7 @@ pub struct Param {
     pub name: String,
     pub spec: ParamSpec,
     pub w: Vec<f32>,
+    /// The gradient (empty for buffers and accumulators).
     pub g: Vec<f32>,
     /// Optimizer state tensors, named by the optimizer, each shaped like `w`.
     pub state: Vec<(String, Vec<f32>)>,
@@ -23,12 +25,17 @@ impl Param {
         self.w = match self.spec.init {
             Init::Zeros => vec![0.0; n],
             Init::Ones => vec![1.0; n],
+            Init::Constant(c) => vec![c; n],
             Init::Normal(std) => {
                 let mut rng = Rng::for_name(seed, &self.name);
                 (0..n).map(|_| rng.normal() * std).collect()
             }
         };
-        self.g = vec![0.0; n];
+        self.g = if self.trained() { vec![0.0; n] } else { Vec::new() };
+    }
+    /// A trained parameter (not a buffer or accumulator).
+    pub fn trained(&self) -> bool {
+        self.spec.role == Role::Param
     }
 }
 
@@ -82,23 +89,30 @@ impl Params {
     pub fn weights(&self, r: Range<usize>) -> Vec<Tensor> {
         self.list[r].iter().map(|p| view(&p.w, &Self::shape(p))).collect()
     }
-    /// Views of the gradients in `r`, in declaration order.
+    /// Views of the gradients in `r`, in declaration order (numel 0 for buffers and accumulators).
     pub fn grads(&mut self, r: Range<usize>) -> Vec<Tensor> {
         self.list[r]
             .iter_mut()
             .map(|p| {
-                let shape = Self::shape(p);
+                let shape = if p.trained() { Self::shape(p) } else { vec![0] };
                 view_mut(&mut p.g, &shape)
             })
             .collect()
+    }
+    /// Zero every accumulator (after the step's `end_step` hooks read them).
+    pub fn zero_accumulators(&mut self) {
+        for p in self.list.iter_mut().filter(|p| p.spec.role == Role::Accumulator) {
+            p.w.iter_mut().for_each(|w| *w = 0.0);
+        }
     }
     pub fn zero_grads(&mut self) {
         for p in &mut self.list {
             p.g.iter_mut().for_each(|g| *g = 0.0);
         }
     }
+    /// Trained parameters (buffers and accumulators are not counted).
     pub fn count(&self) -> usize {
-        self.list.iter().map(|p| p.spec.numel()).sum()
+        self.list.iter().filter(|p| p.trained()).map(|p| p.spec.numel()).sum()
     }
     /// Global L2 norm of all gradients.
     pub fn grad_norm(&self) -> f32 {

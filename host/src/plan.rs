@@ -101,10 +101,9 @@ pub fn plan(cfg: &Config, reg: &Registry) -> Result<String, String> {
         "\ntraining FLOPs/token: {:.4} GFLOP = 6 × {matmul} active matmul params + 6 × layers × heads × head_dim × seq_len ({attn})",
         flops / 1e9
     );
-    let bytes = params
-        .list
-        .iter()
-        .fold(0u128, |a, p| a.saturating_add(numel(p).saturating_mul(4 * (2 + opt.1.state(&p.spec).len() as u128))));
+    let bytes = params.list.iter().fold(0u128, |a, p| {
+        a.saturating_add(numel(p).saturating_mul(4 * (2 + opt.1.state(p.name.as_str().into(), &p.spec).len() as u128)))
+    });
     let mib = |b: u128| b as f64 / (1 << 20) as f64;
     let _ = writeln!(s, "parameter memory (f32 weights, grads, `{}` state): {:.1} MiB", opt.0, mib(bytes));
     if cfg.train.device == "cuda" {

@@ -4,7 +4,7 @@
 
 use crate::checkpoint::{self, TrainerState};
 use crate::config::{ComponentTable, Config};
-use crate::cpu::{view, view_mut, CpuOps};
+use crate::cpu::{view, view_mut, Calls, CpuOps};
 use crate::data::{Dataset, Split, Synthetic};
 use crate::gpu::model::{GpuParams, GpuPass, RopeTables};
 use crate::gpu::ops::GpuOps;
@@ -16,7 +16,7 @@ use crate::rundir::RunDir;
 use crate::trace::RoutingTrace;
 use abi_stable::std_types::RSlice;
 use pith_plugin_api::abi::{Component, OptimizerBox};
-use pith_plugin_api::{DType, Kind};
+use pith_plugin_api::{Context, DType, Kind, Slot};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -157,8 +157,8 @@ impl Run {
         let (moe, opt) = components(&cfg, reg)?;
         let mut params = Params::default();
         let model = Model::new(&cfg.model, &mut params, t.seed, moe)?;
-        for p in &mut params.list {
-            let names = opt.1.state(&p.spec);
+        for p in params.list.iter_mut().filter(|p| p.trained()) {
+            let names = opt.1.state(p.name.as_str().into(), &p.spec);
             p.state = names.iter().map(|n| (n.to_string(), vec![0.0; p.w.len()])).collect();
         }
         Ok(Run { cfg, model, params, opt, backend: Backend::Cpu(CpuOps::default()), opened })
@@ -182,8 +182,41 @@ impl Run {
         }
     }
 
-    /// Forward + backward of one micro-batch, gradients scaled by `scale` and accumulated.
-    pub(crate) fn micro_step(&mut self, x: &[u32], y: &[u32], scale: f32, routing: bool) -> Result<StepOut, String> {
+    /// What the components' `h.context()` says for the next calls: micro-batch `micro` of the
+    /// step's `grad_accum` in step `step` (0 and `training` false for eval).
+    fn set_context(&self, step: u64, micro: usize, training: bool) {
+        let (t, m) = (&self.cfg.train, &self.cfg.model);
+        let c = Context {
+            step,
+            micro_batch: micro as u32,
+            micro_batches: t.grad_accum as u32,
+            batch: t.micro_batch as u32,
+            seq: m.seq_len as u32,
+            layer: 0,
+            training,
+            seed: 0,
+        };
+        self.calls().set(c, t.seed);
+    }
+
+    fn calls(&self) -> &Calls {
+        match &self.backend {
+            Backend::Cpu(ops) => ops.calls(),
+            Backend::Gpu(g) => g.ops.calls(),
+        }
+    }
+
+    /// Forward + backward of micro-batch `micro` of step `step`, gradients scaled by `scale` and
+    /// accumulated.
+    pub(crate) fn micro_step(
+        &mut self,
+        x: &[u32],
+        y: &[u32],
+        (step, micro): (u64, usize),
+        scale: f32,
+        routing: bool,
+    ) -> Result<StepOut, String> {
+        self.set_context(step, micro, true);
         let b = self.cfg.train.micro_batch;
         match &self.backend {
             Backend::Cpu(ops) => self.model.forward_backward(ops, &mut self.params, x, y, b, scale),
@@ -201,6 +234,7 @@ impl Run {
         let m = &self.cfg.model;
         let b = self.cfg.train.micro_batch;
         let mut val = Dataset::open(&self.cfg.data, m.vocab, seed, Split::Val)?;
+        self.set_context(0, 0, false);
         let mut sum = 0.0;
         for _ in 0..self.cfg.train.eval_batches {
             let (x, y) = val.next_batch(b, m.seq_len)?;
@@ -217,63 +251,99 @@ impl Run {
         Ok(sum / self.cfg.train.eval_batches.max(1) as f32)
     }
 
-    /// The global gradient norm, clipped to `clip` (> 0); names the first non-finite gradient.
-    pub(crate) fn clip_grads(&mut self, clip: f32) -> Result<f32, String> {
-        let sumsq: Vec<f32> = match &self.backend {
-            Backend::Cpu(_) => self.params.list.iter().map(|p| p.g.iter().map(|g| g * g).sum()).collect(),
-            Backend::Gpu(g) => g.params.grad_sumsq(&g.gpu)?,
+    /// The global gradient norm and the factor that clips it to `clip` (> 0; 1 when no clipping
+    /// is needed — the optimizer applies it); names the first non-finite gradient.
+    pub(crate) fn grad_norm(&mut self, clip: f32) -> Result<(f32, f32), String> {
+        let sumsq: Vec<f64> = match &self.backend {
+            Backend::Cpu(_) => {
+                self.params.list.iter().map(|p| p.g.iter().map(|&g| (g as f64) * (g as f64)).sum()).collect()
+            }
+            Backend::Gpu(g) => g.params.grad_sumsq(&g.gpu)?.into_iter().map(f64::from).collect(),
         };
         if let Some(i) = sumsq.iter().position(|s| !s.is_finite()) {
             return Err(format!("non-finite gradient, first in `{}`", self.params.list[i].name));
         }
-        let gnorm = match &self.backend {
-            Backend::Cpu(_) => self.params.grad_norm(),
-            Backend::Gpu(_) => sumsq.iter().map(|&s| s as f64).sum::<f64>().sqrt() as f32,
-        };
-        if clip > 0.0 && gnorm > clip {
-            let s = clip / gnorm;
-            match &self.backend {
-                Backend::Cpu(_) => self.params.list.iter_mut().for_each(|p| p.g.iter_mut().for_each(|g| *g *= s)),
-                Backend::Gpu(g) => g.params.scale_grads(&g.gpu, s)?,
-            }
-        }
-        Ok(gnorm)
+        let gnorm = sumsq.iter().sum::<f64>().sqrt() as f32;
+        Ok((gnorm, if clip > 0.0 && gnorm > clip { clip / gnorm } else { 1.0 }))
     }
 
-    /// One optimizer step over every parameter, then zero the gradients.
-    pub(crate) fn optimizer_step(&mut self, lr: f32, step: u64) -> Result<(), String> {
+    /// One optimizer step over every parameter (gradients times `grad_scale`), the bf16 working
+    /// copies and zero gradients unless the optimizer did those, then the components' `end_step`
+    /// hooks, after which the step's accumulators are zeroed.
+    pub(crate) fn optimizer_step(&mut self, lr: f32, step: u64, grad_scale: f32) -> Result<(), String> {
         let (name, opt) = &self.opt;
-        let fail = |p: &crate::params::Param, e: abi_stable::std_types::RString| {
-            format!("optimizer `{name}` on {}: {e}", p.name)
-        };
+        let fail = |e: abi_stable::std_types::RString| format!("optimizer `{name}`: {e}");
         match &self.backend {
             Backend::Cpu(ops) => {
-                // The optimizer's scratch allocations are released on the error path too.
-                let stepped = self.params.list.iter_mut().try_for_each(|p| {
-                    let shape: Vec<usize> = p.spec.shape.iter().map(|&d| d as usize).collect();
-                    let state: Vec<_> = p.state.iter_mut().map(|(_, v)| view_mut(v, &shape)).collect();
-                    let (w, g) = (view_mut(&mut p.w, &shape), view(&p.g, &shape));
-                    let r = opt.step(ops.ops(), &p.spec, w, g, RSlice::from_slice(&state), lr, step);
-                    r.into_result().map_err(|e| fail(p, e))
-                });
-                ops.reset();
-                stepped?;
-                self.params.zero_grads();
+                let slots: Vec<Slot> = (self.params.list.iter_mut().filter(|p| p.trained()))
+                    .map(|p| {
+                        let shape: Vec<usize> = p.spec.shape.iter().map(|&d| d as usize).collect();
+                        let state = p.state.iter_mut().map(|(_, v)| view_mut(v, &shape)).collect();
+                        let (w, g) = (view_mut(&mut p.w, &shape), view(&p.g, &shape));
+                        let w_lowp = view(&[], &[0]);
+                        Slot { name: p.name.as_str().into(), spec: p.spec.clone(), w, g, state, w_lowp }
+                    })
+                    .collect();
+                let done = opt.step(ops.ops(), RSlice::from_slice(&slots), lr, step, grad_scale);
+                ops.reset(); // the optimizer's scratch, on the error path too
+                if !done.into_result().map_err(fail)?.zeroed_grads {
+                    self.params.zero_grads();
+                }
             }
             Backend::Gpu(g) => {
                 let GpuBackend { gpu, ops, params, .. } = &**g;
-                let stepped = self.params.list.iter().zip(&params.list).try_for_each(|(p, d)| {
-                    let state: Vec<_> = d.state.iter().map(|s| s.t).collect();
-                    let r = opt.step(ops.ops(), &p.spec, d.w.t, d.g.t, RSlice::from_slice(&state), lr, step);
-                    r.into_result().map_err(|e| fail(p, e))
-                });
+                let slots = params.slots(&self.params);
+                let done = opt.step(ops.ops(), RSlice::from_slice(&slots), lr, step, grad_scale);
                 ops.reset();
-                stepped?;
-                params.refresh_bf16(gpu)?;
-                params.zero_grads(gpu)?;
+                let done = done.into_result().map_err(fail)?;
+                if !done.wrote_lowp {
+                    params.refresh_bf16(gpu)?;
+                }
+                if !done.zeroed_grads {
+                    params.zero_grads(gpu)?;
+                }
             }
         }
-        Ok(())
+        self.end_step(step)
+    }
+
+    /// Every component's `end_step` hook (its parameters, buffers and accumulators in `p`), then
+    /// zero the accumulators. (With several ranks the accumulators are summed over the
+    /// data-parallel group first; with one there is nothing to sum.)
+    fn end_step(&mut self, step: u64) -> Result<(), String> {
+        self.set_context(step, 0, true);
+        for (l, lay) in self.model.layers.iter().enumerate() {
+            self.calls().set_layer(l);
+            let p = |r: std::ops::Range<usize>| match &self.backend {
+                Backend::Cpu(_) => self.params.weights(r),
+                Backend::Gpu(g) => g.params.weights(r),
+            };
+            let ops = || match &self.backend {
+                Backend::Cpu(ops) => ops.ops(),
+                Backend::Gpu(g) => g.ops.ops(),
+            };
+            let m = &lay.moe;
+            let at = |what: &str, name: &str| format!("layer {l} {what} `{name}` end_step");
+            let r = m.router.1.end_step(ops(), RSlice::from_slice(&p(lay.router.clone())));
+            r.into_result().map_err(|e| format!("{}: {e}", at("router", &m.router.0)))?;
+            let r = m.experts.1.end_step(ops(), RSlice::from_slice(&p(lay.experts.clone())));
+            r.into_result().map_err(|e| format!("{}: {e}", at("experts", &m.experts.0)))?;
+            for ((name, loss), lp) in m.losses.iter().zip(&lay.losses) {
+                let r = loss.end_step(ops(), RSlice::from_slice(&p(lp.clone())));
+                r.into_result().map_err(|e| format!("{}: {e}", at("balance_loss", name)))?;
+            }
+        }
+        match &self.backend {
+            Backend::Cpu(ops) => {
+                ops.reset();
+                self.params.zero_accumulators();
+                Ok(())
+            }
+            Backend::Gpu(g) => {
+                g.ops.reset();
+                g.params.zero_accumulators(&g.gpu)
+            }
+        }
     }
 
     pub(crate) fn take_metrics(&self) -> std::collections::BTreeMap<String, f64> {
@@ -352,11 +422,11 @@ pub fn train(
         let t0 = Instant::now();
         let lr = lr_at(&t, step);
         let (mut loss, mut aux, mut counts) = (0.0f32, Vec::<(String, f32)>::new(), Vec::<Vec<u32>>::new());
-        for _ in 0..t.grad_accum {
+        for micro in 0..t.grad_accum {
             let (x, y) = data.next_batch(t.micro_batch, m.seq_len)?;
             let tracing_now = trace.as_ref().is_some_and(|tr| !tr.done());
             let o = run
-                .micro_step(&x, &y, 1.0 / t.grad_accum as f32, tracing_now)
+                .micro_step(&x, &y, (step, micro), 1.0 / t.grad_accum as f32, tracing_now)
                 .map_err(|e| format!("step {step}: {e}"))?;
             if let Some(tr) = trace.as_mut().filter(|tr| !tr.done()) {
                 tr.add(&x, &o);
@@ -382,8 +452,8 @@ pub fn train(
         if !loss.is_finite() {
             return Err(format!("step {step}: the loss is non-finite ({loss})"));
         }
-        let gnorm = run.clip_grads(t.clip).map_err(|e| format!("step {step}: {e}"))?;
-        run.optimizer_step(lr, step).map_err(|e| format!("step {step}: {e}"))?;
+        let (gnorm, clip_scale) = run.grad_norm(t.clip).map_err(|e| format!("step {step}: {e}"))?;
+        run.optimizer_step(lr, step, clip_scale).map_err(|e| format!("step {step}: {e}"))?;
         if let Some(g) = run.gpu() {
             g.sync()?;
         }
@@ -593,8 +663,8 @@ mod tests {
                 if let Backend::Gpu(gb) = &gpu.backend {
                     gb.params.zero_grads(&gb.gpu).unwrap();
                 }
-                let a = cpu.micro_step(&x, &y, 1.0, true).unwrap();
-                let b = gpu.micro_step(&x, &y, 1.0, true).unwrap();
+                let a = cpu.micro_step(&x, &y, (1, 0), 1.0, true).unwrap();
+                let b = gpu.micro_step(&x, &y, (1, 0), 1.0, true).unwrap();
                 let flips = chosen(&a).iter().zip(chosen(&b)).filter(|(i, j)| **i != *j).count();
                 println!("{what}: data seed {seed}: {flips} of {} tokens routed differently", x.len() * c.model.layers);
                 if flips == 0 {

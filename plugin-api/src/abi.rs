@@ -13,24 +13,29 @@ use abi_stable::{
     StableAbi,
 };
 
-/// The five kinds of component a plugin can provide.
+/// The six kinds of component a plugin can provide.
 #[repr(u8)]
 #[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
     Router,
     Experts,
+    /// Runs on every token beside the routed experts (shared experts, gated or not); its output
+    /// is added to the MoE block's. Same object as `Experts`, called with one group of all rows.
+    Shared,
     BalanceLoss,
     Optimizer,
     CommSchedule,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [Kind::Router, Kind::Experts, Kind::BalanceLoss, Kind::Optimizer, Kind::CommSchedule];
+    pub const ALL: [Kind; 6] =
+        [Kind::Router, Kind::Experts, Kind::Shared, Kind::BalanceLoss, Kind::Optimizer, Kind::CommSchedule];
     /// The name used in TOML (`[router]`, `[[balance_loss]]`, ...) and on the command line.
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Router => "router",
             Kind::Experts => "experts",
+            Kind::Shared => "shared",
             Kind::BalanceLoss => "balance_loss",
             Kind::Optimizer => "optimizer",
             Kind::CommSchedule => "comm",
@@ -79,16 +84,34 @@ pub struct Tensor {
     pub shape: [u64; 4],
 }
 
-/// How the host initialises a parameter. Normal draws from N(0, std²).
+/// How the host initialises a declared tensor. Normal draws from N(0, std²).
 #[repr(u8)]
 #[derive(StableAbi, Debug, Clone, Copy, PartialEq)]
 pub enum Init {
     Zeros,
     Ones,
     Normal(f32),
+    Constant(f32),
 }
 
-/// A parameter a component asks the host to allocate, initialise, checkpoint and optimise.
+/// What the host does with a tensor a component declares.
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Trained: a gradient, optimizer state, checkpointed.
+    Param,
+    /// Persistent state the component updates itself (e.g. an aux-loss-free bias): checkpointed
+    /// and resumed, shown by `pith plan`, no gradient, never touched by the optimizer.
+    Buffer,
+    /// Statistics of one optimizer step: zeroed before the step, ACCUMULATED by the component
+    /// over the step's micro-batches, summed over the data-parallel group, then read in
+    /// `end_step`; not checkpointed.
+    Accumulator,
+}
+
+/// A tensor a component asks the host to allocate, initialise, checkpoint and (for
+/// `Role::Param`) optimise. Its full name is `layers.{l}.moe.{kind}.{name}` (balance losses:
+/// `layers.{l}.moe.balance_loss.{i}.{name}`).
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone)]
 pub struct ParamSpec {
@@ -97,9 +120,15 @@ pub struct ParamSpec {
     pub init: Init,
     /// Whether the optimizer applies weight decay (false for norms and biases).
     pub decay: bool,
+    pub role: Role,
+    /// The backward gives a surrogate gradient (straight-through, ...), not the derivative:
+    /// `pith plugins check` does not hold it to finite differences.
+    pub surrogate: bool,
 }
 
 /// Model sizes a component is built for. `layer` is the index of the MoE layer it serves.
+/// Experts are sharded over the expert-parallel group: this rank holds experts
+/// `first_expert .. first_expert + local_experts` (all of them on one rank).
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ModelDims {
@@ -108,18 +137,88 @@ pub struct ModelDims {
     pub expert_ffn: u32,
     pub layer: u32,
     pub layers: u32,
+    pub first_expert: u32,
+    pub local_experts: u32,
 }
 
-/// Router output for T tokens, E experts, top-k: logits [T,E] f32, ids [T,k] i32,
-/// weights [T,k] f32 (the gates the combine step multiplies by), and whatever the router
-/// saved for its backward (allocated with `Host::alloc`).
+/// The id of an empty routing slot: dispatch, combine, load metrics and balance losses skip it
+/// at no cost (a token may use fewer than k experts, or none).
+pub const EMPTY: i32 = -1;
+
+/// Router output for T tokens, E experts and k slots: logits [T,E] f32 (raw scores), probs
+/// [T,E] f32 (the router's probabilities — softmax, sigmoid, ... — what balance losses use),
+/// ids [T,k] i32 (an expert or [`EMPTY`]), weights [T,k] f32 (the gates combine multiplies by;
+/// 0 for empty slots), and whatever the router saved for its backward (from `Host::alloc`).
+/// Expert-choice routers fill the slots from the experts' side (k = the most experts a token
+/// can get). Dispatch sees all of it, so it can drop by gate before the experts run.
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone)]
 pub struct RouterOut {
     pub logits: Tensor,
+    pub probs: Tensor,
     pub ids: Tensor,
     pub weights: Tensor,
     pub saved: RVec<Tensor>,
+}
+
+/// Where a call sits in training: the step (from 1; 0 outside training), the micro-batch
+/// (0-based) of `micro_batches`, the tokens as `batch` sequences of `seq`, the layer, whether
+/// gradients follow (false in eval), and a seed for this (run seed, step, micro-batch, layer):
+/// derive random numbers from it (`kit::Rng`) and a resumed run draws the same ones.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Context {
+    pub step: u64,
+    pub micro_batch: u32,
+    pub micro_batches: u32,
+    pub batch: u32,
+    pub seq: u32,
+    pub layer: u32,
+    pub training: bool,
+    pub seed: u64,
+}
+
+/// A process group for collectives. With one rank every collective is the identity.
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group {
+    World,
+    /// Ranks holding the same experts, training on different data.
+    DataParallel,
+    /// Ranks sharing one MoE layer's experts (`ModelDims::first_expert` / `local_experts`).
+    ExpertParallel,
+}
+
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum,
+    Max,
+    Min,
+}
+
+/// One parameter as the optimizer sees it: its full name (`layers.0.moe.experts.w_up`), spec,
+/// master weight `w` and gradient `g` (f32), state tensors (in `Optimizer::state` order) and
+/// `w_lowp`, the bf16 working copy on CUDA (numel 0 on the CPU).
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone)]
+pub struct Slot {
+    pub name: RString,
+    pub spec: ParamSpec,
+    pub w: Tensor,
+    pub g: Tensor,
+    pub state: RVec<Tensor>,
+    pub w_lowp: Tensor,
+}
+
+/// What an optimizer step did beyond updating `w`: the host skips what it already did.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StepDone {
+    /// `w_lowp` holds bf16(w) for every slot.
+    pub wrote_lowp: bool,
+    /// every `g` is zero.
+    pub zeroed_grads: bool,
 }
 
 /// Experts output: y [N,H] for the N expert-sorted rows, and what backward needs.
@@ -130,8 +229,9 @@ pub struct ExpertsOut {
     pub saved: RVec<Tensor>,
 }
 
-/// Dispatched tokens: x [N,H] sorted by expert, offsets [E+1] i32 (rows of expert e are
-/// offsets[e]..offsets[e+1]), and the schedule's own bookkeeping (e.g. the permutation).
+/// Dispatched tokens: x [N,H] sorted by this rank's (local) expert, offsets [E_local+1] i32
+/// (rows of local expert e are offsets[e]..offsets[e+1]; N counts only the assignments kept:
+/// no empty slots, no dropped ones), and the schedule's own bookkeeping (e.g. the permutation).
 /// `offsets` is a host (CPU) tensor on every device: grouped GEMMs need the group sizes there.
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone)]
@@ -205,9 +305,43 @@ pub trait Ops {
     /// kernel's parameter order). Errors on the CPU: there the plugin runs its own CPU code.
     fn launch(&self, source: RStr<'_>, name: RStr<'_>, dims: LaunchDims, args: RSlice<'_, Arg>)
         -> RResult<(), RString>;
-    /// Record a scalar for this step's metrics line (averaged over the layers that report it).
+    /// Record a scalar for this step's metrics line: averaged over every call in the step
+    /// (layers and micro-batches), weighted by `weight`; eval passes are not recorded.
+    fn metric(&self, name: RStr<'_>, value: f64, weight: f64);
+    /// Where this call sits: step, micro-batch, batch × seq layout, layer, seed.
+    fn context(&self) -> Context;
+    /// G independent GEMMs over the leading dimension: c[g] = alpha · op(a[g]) · op(b[g]) +
+    /// beta · c[g] (3-D tensors; dtypes as for `gemm`).
+    fn gemm_batched(
+        &self,
+        a: Tensor,
+        b: Tensor,
+        c: Tensor,
+        trans_a: bool,
+        trans_b: bool,
+        alpha: f32,
+        beta: f32,
+    ) -> RResult<(), RString>;
+    /// This rank's index in `group` and the group's size.
+    fn rank(&self, group: Group) -> u32;
+    fn size(&self, group: Group) -> u32;
+    /// In place over `group`.
+    fn all_reduce(&self, t: Tensor, op: ReduceOp, group: Group) -> RResult<(), RString>;
+    /// dst = the ranks' `src` concatenated along dimension 0, in rank order.
+    fn all_gather(&self, src: Tensor, dst: Tensor, group: Group) -> RResult<(), RString>;
+    /// dst = this rank's slice (dimension 0) of the sum of the ranks' `src`.
+    fn reduce_scatter(&self, src: Tensor, dst: Tensor, group: Group) -> RResult<(), RString>;
+    /// Rows (dimension 0) of `src`, `send[r]` of them in order to rank r, land in `dst`,
+    /// `recv[r]` of them from rank r in rank order. Counts are on the host.
     #[sabi(last_prefix_field)]
-    fn metric(&self, name: RStr<'_>, value: f64);
+    fn all_to_all(
+        &self,
+        src: Tensor,
+        send: RSlice<'_, u64>,
+        dst: Tensor,
+        recv: RSlice<'_, u64>,
+        group: Group,
+    ) -> RResult<(), RString>;
 }
 
 /// How a plugin holds the host's ops during one call.
@@ -223,8 +357,8 @@ pub type Res<T> = RResult<T, RString>;
 pub trait DynRouter: Send + Sync {
     fn params(&self) -> RVec<ParamSpec>;
     fn forward(&self, ops: OpsRef<'_>, params: RSlice<'_, Tensor>, x: Tensor) -> Res<RouterOut>;
+    /// `d_probs` and `d_logits` hold what the balance losses put there.
     #[allow(clippy::too_many_arguments)]
-    #[sabi(last_prefix_field)]
     fn backward(
         &self,
         ops: OpsRef<'_>,
@@ -233,17 +367,23 @@ pub trait DynRouter: Send + Sync {
         x: Tensor,
         out: &RouterOut,
         d_weights: Tensor,
+        d_probs: Tensor,
         d_logits: Tensor,
         dx: Tensor,
     ) -> Res<()>;
+    /// Once per optimizer step, after the accumulators are summed over the data-parallel group.
+    #[sabi(last_prefix_field)]
+    fn end_step(&self, ops: OpsRef<'_>, params: RSlice<'_, Tensor>) -> Res<()>;
 }
 
+/// Experts (and shared experts: `Kind::Shared`, called with one group of all T rows).
 #[sabi_trait]
 pub trait DynExperts: Send + Sync {
     fn params(&self) -> RVec<ParamSpec>;
+    /// Forward FLOPs for these rows per local expert (for plan, bench and MFU).
+    fn flops(&self, rows: RSlice<'_, u64>) -> f64;
     fn forward(&self, ops: OpsRef<'_>, params: RSlice<'_, Tensor>, x: Tensor, offsets: Tensor) -> Res<ExpertsOut>;
     #[allow(clippy::too_many_arguments)]
-    #[sabi(last_prefix_field)]
     fn backward(
         &self,
         ops: OpsRef<'_>,
@@ -255,43 +395,46 @@ pub trait DynExperts: Send + Sync {
         dy: Tensor,
         dx: Tensor,
     ) -> Res<()>;
+    #[sabi(last_prefix_field)]
+    fn end_step(&self, ops: OpsRef<'_>, params: RSlice<'_, Tensor>) -> Res<()>;
 }
 
 #[sabi_trait]
 pub trait DynBalanceLoss: Send + Sync {
-    fn forward(&self, ops: OpsRef<'_>, logits: Tensor, ids: Tensor) -> Res<f32>;
+    fn params(&self) -> RVec<ParamSpec>;
+    fn forward(&self, ops: OpsRef<'_>, params: RSlice<'_, Tensor>, route: &RouterOut) -> Res<f32>;
+    fn backward(
+        &self,
+        ops: OpsRef<'_>,
+        params: RSlice<'_, Tensor>,
+        route: &RouterOut,
+        scale: f32,
+        d_probs: Tensor,
+        d_logits: Tensor,
+    ) -> Res<()>;
     #[sabi(last_prefix_field)]
-    fn backward(&self, ops: OpsRef<'_>, logits: Tensor, ids: Tensor, scale: f32, d_logits: Tensor) -> Res<()>;
+    fn end_step(&self, ops: OpsRef<'_>, params: RSlice<'_, Tensor>) -> Res<()>;
 }
 
 #[sabi_trait]
 pub trait DynOptimizer: Send + Sync {
-    fn state(&self, param: &ParamSpec) -> RVec<RString>;
-    #[allow(clippy::too_many_arguments)]
+    fn state(&self, name: RStr<'_>, param: &ParamSpec) -> RVec<RString>;
+    /// Every parameter in one call; gradients are to be multiplied by `grad_scale` (the clip).
     #[sabi(last_prefix_field)]
-    fn step(
-        &self,
-        ops: OpsRef<'_>,
-        param: &ParamSpec,
-        w: Tensor,
-        g: Tensor,
-        state: RSlice<'_, Tensor>,
-        lr: f32,
-        step: u64,
-    ) -> Res<()>;
+    fn step(&self, ops: OpsRef<'_>, slots: RSlice<'_, Slot>, lr: f32, step: u64, grad_scale: f32) -> Res<StepDone>;
 }
 
 #[sabi_trait]
 pub trait DynCommSchedule: Send + Sync {
-    fn dispatch(&self, ops: OpsRef<'_>, x: Tensor, ids: Tensor, experts: u32) -> Res<Dispatched>;
-    fn combine(&self, ops: OpsRef<'_>, y: Tensor, weights: Tensor, d: &Dispatched) -> Res<Tensor>;
+    fn dispatch(&self, ops: OpsRef<'_>, x: Tensor, route: &RouterOut, experts: u32) -> Res<Dispatched>;
+    fn combine(&self, ops: OpsRef<'_>, y: Tensor, route: &RouterOut, d: &Dispatched) -> Res<Tensor>;
     #[allow(clippy::too_many_arguments)]
     fn combine_backward(
         &self,
         ops: OpsRef<'_>,
         dout: Tensor,
         y: Tensor,
-        weights: Tensor,
+        route: &RouterOut,
         d: &Dispatched,
         dy: Tensor,
         d_weights: Tensor,
@@ -312,6 +455,7 @@ pub type CommScheduleBox = DynCommSchedule_TO<'static, RBox<()>>;
 pub enum Component {
     Router(RouterBox),
     Experts(ExpertsBox),
+    Shared(ExpertsBox),
     BalanceLoss(BalanceLossBox),
     Optimizer(OptimizerBox),
     CommSchedule(CommScheduleBox),

@@ -76,16 +76,26 @@ impl<T: crate::Router> DynRouter for Wrap<T> {
         x: Tensor,
         out: &RouterOut,
         d_weights: Tensor,
+        d_probs: Tensor,
         d_logits: Tensor,
         dx: Tensor,
     ) -> Res<()> {
-        guarded(|| self.t.backward(Host(&ops), &p, &g, x, out, d_weights, d_logits, dx))
+        guarded(|| self.t.backward(Host(&ops), &p, &g, x, out, d_weights, d_probs, d_logits, dx))
+    }
+    fn end_step(&self, ops: OpsRef<'_>, p: RSlice<'_, Tensor>) -> Res<()> {
+        guarded(|| self.t.end_step(Host(&ops), &p))
     }
 }
 
 impl<T: crate::Experts> DynExperts for Wrap<T> {
     fn params(&self) -> RVec<ParamSpec> {
         self.params.clone()
+    }
+    fn flops(&self, rows: RSlice<'_, u64>) -> f64 {
+        caught(|| self.t.flops(&rows)).unwrap_or_else(|e| {
+            tracing::error!("flops() {e}");
+            f64::NAN
+        })
     }
     fn forward(&self, ops: OpsRef<'_>, p: RSlice<'_, Tensor>, x: Tensor, offsets: Tensor) -> Res<ExpertsOut> {
         guarded(|| self.t.forward(Host(&ops), &p, x, offsets))
@@ -103,64 +113,72 @@ impl<T: crate::Experts> DynExperts for Wrap<T> {
     ) -> Res<()> {
         guarded(|| self.t.backward(Host(&ops), &p, &g, x, offsets, out, dy, dx))
     }
+    fn end_step(&self, ops: OpsRef<'_>, p: RSlice<'_, Tensor>) -> Res<()> {
+        guarded(|| self.t.end_step(Host(&ops), &p))
+    }
 }
 
 impl<T: crate::BalanceLoss> DynBalanceLoss for Wrap<T> {
-    fn forward(&self, ops: OpsRef<'_>, logits: Tensor, ids: Tensor) -> Res<f32> {
-        guarded(|| self.t.forward(Host(&ops), logits, ids))
+    fn params(&self) -> RVec<ParamSpec> {
+        self.params.clone()
     }
-    fn backward(&self, ops: OpsRef<'_>, logits: Tensor, ids: Tensor, scale: f32, d_logits: Tensor) -> Res<()> {
-        guarded(|| self.t.backward(Host(&ops), logits, ids, scale, d_logits))
+    fn forward(&self, ops: OpsRef<'_>, p: RSlice<'_, Tensor>, route: &RouterOut) -> Res<f32> {
+        guarded(|| self.t.forward(Host(&ops), &p, route))
+    }
+    fn backward(
+        &self,
+        ops: OpsRef<'_>,
+        p: RSlice<'_, Tensor>,
+        route: &RouterOut,
+        scale: f32,
+        d_probs: Tensor,
+        d_logits: Tensor,
+    ) -> Res<()> {
+        guarded(|| self.t.backward(Host(&ops), &p, route, scale, d_probs, d_logits))
+    }
+    fn end_step(&self, ops: OpsRef<'_>, p: RSlice<'_, Tensor>) -> Res<()> {
+        guarded(|| self.t.end_step(Host(&ops), &p))
     }
 }
 
 impl<T: crate::Optimizer> DynOptimizer for Wrap<T> {
-    fn state(&self, param: &ParamSpec) -> RVec<RString> {
-        match caught(|| self.t.state(param)) {
+    fn state(&self, name: RStr<'_>, param: &ParamSpec) -> RVec<RString> {
+        match caught(|| self.t.state(name.as_str(), param)) {
             Ok(names) => names.into_iter().map(RString::from).collect(),
             Err(e) => {
-                tracing::error!("optimizer state for `{}` {e}; its steps will fail", param.name);
-                *self.failed() = Some(format!("state(`{}`) {e}", param.name));
+                tracing::error!("optimizer state for `{name}` {e}; its steps will fail");
+                *self.failed() = Some(format!("state(`{name}`) {e}"));
                 RVec::new()
             }
         }
     }
-    fn step(
-        &self,
-        ops: OpsRef<'_>,
-        param: &ParamSpec,
-        w: Tensor,
-        g: Tensor,
-        state: RSlice<'_, Tensor>,
-        lr: f32,
-        step: u64,
-    ) -> Res<()> {
+    fn step(&self, ops: OpsRef<'_>, slots: RSlice<'_, Slot>, lr: f32, step: u64, grad_scale: f32) -> Res<StepDone> {
         let failed = self.failed().clone();
         guarded(|| match failed {
             Some(e) => Err(e),
-            None => self.t.step(Host(&ops), param, w, g, &state, lr, step),
+            None => self.t.step(Host(&ops), &slots, lr, step, grad_scale),
         })
     }
 }
 
 impl<T: crate::CommSchedule> DynCommSchedule for Wrap<T> {
-    fn dispatch(&self, ops: OpsRef<'_>, x: Tensor, ids: Tensor, experts: u32) -> Res<Dispatched> {
-        guarded(|| self.t.dispatch(Host(&ops), x, ids, experts))
+    fn dispatch(&self, ops: OpsRef<'_>, x: Tensor, route: &RouterOut, experts: u32) -> Res<Dispatched> {
+        guarded(|| self.t.dispatch(Host(&ops), x, route, experts))
     }
-    fn combine(&self, ops: OpsRef<'_>, y: Tensor, weights: Tensor, d: &Dispatched) -> Res<Tensor> {
-        guarded(|| self.t.combine(Host(&ops), y, weights, d))
+    fn combine(&self, ops: OpsRef<'_>, y: Tensor, route: &RouterOut, d: &Dispatched) -> Res<Tensor> {
+        guarded(|| self.t.combine(Host(&ops), y, route, d))
     }
     fn combine_backward(
         &self,
         ops: OpsRef<'_>,
         dout: Tensor,
         y: Tensor,
-        weights: Tensor,
+        route: &RouterOut,
         d: &Dispatched,
         dy: Tensor,
         d_weights: Tensor,
     ) -> Res<()> {
-        guarded(|| self.t.combine_backward(Host(&ops), dout, y, weights, d, dy, d_weights))
+        guarded(|| self.t.combine_backward(Host(&ops), dout, y, route, d, dy, d_weights))
     }
     fn dispatch_backward(&self, ops: OpsRef<'_>, dx_sorted: Tensor, d: &Dispatched, dx: Tensor) -> Res<()> {
         guarded(|| self.t.dispatch_backward(Host(&ops), dx_sorted, d, dx))
@@ -181,8 +199,14 @@ pub mod wrap {
         let p = t.params();
         Component::Experts(DynExperts_TO::from_value(Wrap::new(t, p), TD_Opaque))
     }
+    /// An always-on expert (`Kind::Shared`): the experts trait, called with one group.
+    pub fn Shared<T: crate::Experts>(t: T) -> Component {
+        let p = t.params();
+        Component::Shared(DynExperts_TO::from_value(Wrap::new(t, p), TD_Opaque))
+    }
     pub fn BalanceLoss<T: crate::BalanceLoss>(t: T) -> Component {
-        Component::BalanceLoss(DynBalanceLoss_TO::from_value(Wrap::new(t, vec![]), TD_Opaque))
+        let p = t.params();
+        Component::BalanceLoss(DynBalanceLoss_TO::from_value(Wrap::new(t, p), TD_Opaque))
     }
     pub fn Optimizer<T: crate::Optimizer>(t: T) -> Component {
         Component::Optimizer(DynOptimizer_TO::from_value(Wrap::new(t, vec![]), TD_Opaque))
@@ -248,10 +272,109 @@ pub fn root_set_logger(pack: &str, f: LogFn) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kit::TestHost;
     use crate::{register, Result};
 
-    /// A router whose `params()` panics, an optimizer whose `state()` panics for "bad" and whose
-    /// step panics, and a constructor that panics.
+    /// A component of every kind whose every call panics with "boom in <call>" (and whose
+    /// optimizer `state` panics for the parameter "bad").
+    struct Boom;
+    impl crate::Router for Boom {
+        fn params(&self) -> Vec<ParamSpec> {
+            vec![]
+        }
+        fn forward(&self, _: Host, _: &[Tensor], _: Tensor) -> Result<RouterOut> {
+            panic!("boom in forward")
+        }
+        fn backward(
+            &self,
+            _: Host,
+            _: &[Tensor],
+            _: &[Tensor],
+            _: Tensor,
+            _: &RouterOut,
+            _: Tensor,
+            _: Tensor,
+            _: Tensor,
+            _: Tensor,
+        ) -> Result<()> {
+            panic!("boom in backward")
+        }
+        fn end_step(&self, _: Host, _: &[Tensor]) -> Result<()> {
+            panic!("boom in end_step")
+        }
+    }
+    impl crate::Experts for Boom {
+        fn params(&self) -> Vec<ParamSpec> {
+            vec![]
+        }
+        fn flops(&self, _: &[u64]) -> f64 {
+            panic!("boom in flops")
+        }
+        fn forward(&self, _: Host, _: &[Tensor], _: Tensor, _: Tensor) -> Result<ExpertsOut> {
+            panic!("boom in forward")
+        }
+        fn backward(
+            &self,
+            _: Host,
+            _: &[Tensor],
+            _: &[Tensor],
+            _: Tensor,
+            _: Tensor,
+            _: &ExpertsOut,
+            _: Tensor,
+            _: Tensor,
+        ) -> Result<()> {
+            panic!("boom in backward")
+        }
+        fn end_step(&self, _: Host, _: &[Tensor]) -> Result<()> {
+            panic!("boom in end_step")
+        }
+    }
+    impl crate::BalanceLoss for Boom {
+        fn forward(&self, _: Host, _: &[Tensor], _: &RouterOut) -> Result<f32> {
+            panic!("boom in forward")
+        }
+        fn backward(&self, _: Host, _: &[Tensor], _: &RouterOut, _: f32, _: Tensor, _: Tensor) -> Result<()> {
+            panic!("boom in backward")
+        }
+        fn end_step(&self, _: Host, _: &[Tensor]) -> Result<()> {
+            panic!("boom in end_step")
+        }
+    }
+    impl crate::Optimizer for Boom {
+        fn state(&self, name: &str, _: &ParamSpec) -> Vec<String> {
+            assert!(name != "bad", "state of bad");
+            vec!["m".into()]
+        }
+        fn step(&self, _: Host, _: &[Slot], _: f32, _: u64, _: f32) -> Result<StepDone> {
+            panic!("boom in step")
+        }
+    }
+    impl crate::CommSchedule for Boom {
+        fn dispatch(&self, _: Host, _: Tensor, _: &RouterOut, _: u32) -> Result<Dispatched> {
+            panic!("boom in dispatch")
+        }
+        fn combine(&self, _: Host, _: Tensor, _: &RouterOut, _: &Dispatched) -> Result<Tensor> {
+            panic!("boom in combine")
+        }
+        fn combine_backward(
+            &self,
+            _: Host,
+            _: Tensor,
+            _: Tensor,
+            _: &RouterOut,
+            _: &Dispatched,
+            _: Tensor,
+            _: Tensor,
+        ) -> Result<()> {
+            panic!("boom in combine_backward")
+        }
+        fn dispatch_backward(&self, _: Host, _: Tensor, _: &Dispatched, _: Tensor) -> Result<()> {
+            panic!("boom in dispatch_backward")
+        }
+    }
+
+    /// A router whose `params()` panics.
     struct BadParams;
     impl crate::Router for BadParams {
         fn params(&self) -> Vec<ParamSpec> {
@@ -270,58 +393,30 @@ mod tests {
             _: Tensor,
             _: Tensor,
             _: Tensor,
+            _: Tensor,
         ) -> Result<()> {
             unreachable!()
         }
     }
-    struct BadOpt;
-    impl crate::Optimizer for BadOpt {
-        fn state(&self, p: &ParamSpec) -> Vec<String> {
-            assert!(p.name != "bad", "state of bad");
-            vec!["m".into()]
-        }
-        fn step(&self, _: Host, _: &ParamSpec, _: Tensor, _: Tensor, _: &[Tensor], _: f32, _: u64) -> Result<()> {
-            panic!("step {}", 7)
-        }
-    }
     register!(Router, "test-bad-params", "", "", |_: &str, _: ModelDims| Ok::<_, String>(BadParams));
     register!(Router, "test-bad-create", "", "", |_: &str, _: ModelDims| -> Result<BadParams> { panic!("ctor") });
-    register!(Optimizer, "test-bad-opt", "", "", |_: &str, _: ModelDims| Ok::<_, String>(BadOpt));
+    register!(Optimizer, "test-boom", "", "", |_: &str, _: ModelDims| Ok::<_, String>(Boom));
 
-    /// Host services that are never reached.
-    struct NoOps;
-    impl Ops for NoOps {
-        fn device(&self) -> Device {
-            Device::Cpu
-        }
-        fn alloc(&self, _: RSlice<'_, u64>, _: DType, _: Device, _: bool) -> Res<Tensor> {
-            unreachable!()
-        }
-        fn gemm(&self, _: Tensor, _: Tensor, _: Tensor, _: bool, _: bool, _: f32, _: f32) -> Res<()> {
-            unreachable!()
-        }
-        fn grouped_gemm(&self, _: Tensor, _: Tensor, _: Tensor, _: Tensor, _: bool, _: bool) -> Res<()> {
-            unreachable!()
-        }
-        fn grouped_gemm_wgrad(&self, _: Tensor, _: Tensor, _: Tensor, _: Tensor) -> Res<()> {
-            unreachable!()
-        }
-        fn copy(&self, _: Tensor, _: Tensor) -> Res<()> {
-            unreachable!()
-        }
-        fn compile(&self, _: RStr<'_>) -> Res<()> {
-            unreachable!()
-        }
-        fn launch(&self, _: RStr<'_>, _: RStr<'_>, _: LaunchDims, _: RSlice<'_, Arg>) -> Res<()> {
-            unreachable!()
-        }
-        fn metric(&self, _: RStr<'_>, _: f64) {}
-    }
-
-    const DIMS: ModelDims = ModelDims { hidden: 4, experts: 2, expert_ffn: 4, layer: 0, layers: 1 };
+    const DIMS: ModelDims =
+        ModelDims { hidden: 4, experts: 2, expert_ffn: 4, layer: 0, layers: 1, first_expert: 0, local_experts: 2 };
 
     fn create(kind: Kind, name: &str) -> std::result::Result<Component, String> {
         ffi_create(kind, name.into(), "".into(), DIMS).into_result().map_err(|e| e.to_string())
+    }
+
+    /// `r` is the error of a panic in `call`, located in this file (the plugin's source).
+    #[track_caller]
+    fn boom<T>(r: Res<T>, call: &str) {
+        let e = r.into_result().err().map(|e| e.to_string()).unwrap_or_else(|| panic!("{call}: Ok from a panic"));
+        assert!(
+            e.starts_with("panicked at ") && e.contains("adapt.rs:") && e.ends_with(&format!(": boom in {call}")),
+            "{e}"
+        );
     }
 
     #[test]
@@ -333,23 +428,57 @@ mod tests {
         assert!(e.contains("panicked") && e.ends_with("no params today"), "{e}");
         assert!(err(create(Kind::Router, "nope")).contains("no router named `nope`"));
         let names: Vec<String> = root_components("test-pack").iter().map(|c| c.name.to_string()).collect();
-        assert!(names.contains(&"test-bad-opt".to_string()), "{names:?}");
+        assert!(names.contains(&"test-boom".to_string()), "{names:?}");
         assert_eq!(caught(|| 3), Ok(3));
         assert!(caught(|| panic!("boom")).unwrap_err().ends_with(": boom"));
     }
 
     #[test]
-    fn panics_in_component_calls_are_errors() {
-        let Ok(Component::Optimizer(o)) = create(Kind::Optimizer, "test-bad-opt") else { panic!("an optimizer") };
-        let (good, bad) =
-            (ParamSpec::new("w", &[1], Init::Zeros, true), ParamSpec::new("bad", &[1], Init::Zeros, true));
-        let mut v = [0f32; 1];
-        let t = Tensor::new(v.as_mut_ptr() as u64, DType::F32, Device::Cpu, &[1]);
-        let step = |p: &ParamSpec| o.step(ops_ref(&NoOps), p, t, t, RSlice::from_slice(&[t]), 0.1, 1).into_result();
-        assert_eq!(o.state(&good).len(), 1);
-        assert!(step(&good).unwrap_err().ends_with("step 7"));
-        assert!(o.state(&bad).is_empty(), "a panicking state() returns nothing");
-        let e = step(&good).unwrap_err();
-        assert!(e.starts_with("state(`bad`) panicked") && e.ends_with("state of bad"), "{e}");
+    fn panics_in_every_component_call_are_errors_naming_where() {
+        // The hook a plugin library installs (restored after: the hook is global).
+        let previous = std::panic::take_hook();
+        quiet_panics();
+        let th = TestHost::new(2);
+        let ops = || ops_ref(&th);
+        let (t, none) = (th.zeros(&[2, 2], DType::F32), RSlice::<Tensor>::from_slice(&[]));
+        let route = RouterOut { logits: t, probs: t, ids: t, weights: t, saved: RVec::new() };
+
+        let Component::Router(r) = wrap::Router(Boom) else { unreachable!() };
+        boom(r.forward(ops(), none, t), "forward");
+        boom(r.backward(ops(), none, none, t, &route, t, t, t, t), "backward");
+        boom(r.end_step(ops(), none), "end_step");
+
+        let out = ExpertsOut { y: t, saved: RVec::new() };
+        for c in [wrap::Experts(Boom), wrap::Shared(Boom)] {
+            let (Component::Experts(e) | Component::Shared(e)) = c else { unreachable!() };
+            assert!(e.flops(RSlice::from_slice(&[1, 2])).is_nan(), "a panicking flops() is NaN");
+            boom(e.forward(ops(), none, t, t), "forward");
+            boom(e.backward(ops(), none, none, t, t, &out, t, t), "backward");
+            boom(e.end_step(ops(), none), "end_step");
+        }
+
+        let Component::BalanceLoss(b) = wrap::BalanceLoss(Boom) else { unreachable!() };
+        boom(b.forward(ops(), none, &route), "forward");
+        boom(b.backward(ops(), none, &route, 1.0, t, t), "backward");
+        boom(b.end_step(ops(), none), "end_step");
+
+        let Component::CommSchedule(c) = wrap::CommSchedule(Boom) else { unreachable!() };
+        let d = Dispatched { x: t, offsets: t, saved: RVec::new() };
+        boom(c.dispatch(ops(), t, &route, 2), "dispatch");
+        boom(c.combine(ops(), t, &route, &d), "combine");
+        boom(c.combine_backward(ops(), t, t, &route, &d, t, t), "combine_backward");
+        boom(c.dispatch_backward(ops(), t, &d, t), "dispatch_backward");
+
+        // The optimizer, built through the root module; a panic in `state` fails the next step.
+        let Ok(Component::Optimizer(o)) = create(Kind::Optimizer, "test-boom") else { panic!("an optimizer") };
+        let spec = ParamSpec::new("w", &[1], Init::Zeros, true);
+        let slots = [Slot { name: "w".into(), spec: spec.clone(), w: t, g: t, state: RVec::new(), w_lowp: t }];
+        let step = || o.step(ops(), RSlice::from_slice(&slots), 0.1, 1, 1.0);
+        assert_eq!(o.state("w".into(), &spec).len(), 1);
+        boom(step(), "step");
+        assert!(o.state("bad".into(), &spec).is_empty(), "a panicking state() returns nothing");
+        let e = step().into_result().unwrap_err().to_string();
+        std::panic::set_hook(previous);
+        assert!(e.starts_with("state(`bad`) panicked at ") && e.ends_with("state of bad"), "{e}");
     }
 }

@@ -4,15 +4,17 @@
 //! ([`Router`], [`Experts`], [`BalanceLoss`], [`Optimizer`], [`CommSchedule`]), registers it with
 //! [`register!`] and exports its library once with [`export_plugin!`]. This crate turns those
 //! into the `#[repr(C)]` objects of [`abi`], catching every panic at the boundary.
-//! See `plugin-api/templates/` for a complete plugin of each kind.
+//! See `plugin-api/templates/` for a complete plugin of each kind. [`kit`] has what most
+//! components need beside the traits, and [`kit::TestHost`] for a plugin's own unit tests.
 
 pub mod abi;
 mod adapt;
+pub mod kit;
 mod log;
 
 pub use abi::{
-    Arg, ComponentInfo, DType, Device, Dispatched, ExpertsOut, Init, Kind, LaunchDims, ModelDims, ParamSpec, RouterOut,
-    Tensor,
+    Arg, ComponentInfo, Context, DType, Device, Dispatched, ExpertsOut, Group, Init, Kind, LaunchDims, ModelDims,
+    ParamSpec, ReduceOp, Role, RouterOut, Slot, StepDone, Tensor, EMPTY,
 };
 pub use abi_stable;
 #[doc(hidden)]
@@ -92,9 +94,34 @@ impl Tensor {
     }
 }
 
+impl ModelDims {
+    /// Sizes for layer `layer` of `layers` on one rank (all experts local).
+    pub const fn new(hidden: usize, experts: usize, expert_ffn: usize, layer: usize, layers: usize) -> ModelDims {
+        let e = experts as u32;
+        let (hidden, expert_ffn, layer, layers) = (hidden as u32, expert_ffn as u32, layer as u32, layers as u32);
+        ModelDims { hidden, experts: e, expert_ffn, layer, layers, first_expert: 0, local_experts: e }
+    }
+}
+
 impl ParamSpec {
+    /// A trained parameter.
     pub fn new(name: &str, shape: &[usize], init: Init, decay: bool) -> ParamSpec {
-        ParamSpec { name: name.into(), shape: shape.iter().map(|&d| d as u64).collect(), init, decay }
+        let shape = shape.iter().map(|&d| d as u64).collect();
+        ParamSpec { name: name.into(), shape, init, decay, role: Role::Param, surrogate: false }
+    }
+    /// Persistent state the component updates itself in `end_step` (checkpointed, no gradient).
+    pub fn buffer(name: &str, shape: &[usize], init: Init) -> ParamSpec {
+        ParamSpec { role: Role::Buffer, ..ParamSpec::new(name, shape, init, false) }
+    }
+    /// Per-step statistics: zeroed before each step, accumulated by the component, summed over
+    /// the data-parallel group before `end_step`.
+    pub fn accumulator(name: &str, shape: &[usize]) -> ParamSpec {
+        ParamSpec { role: Role::Accumulator, ..ParamSpec::new(name, shape, Init::Zeros, false) }
+    }
+    /// Mark this parameter's gradient a surrogate (straight-through): checked by sign, not by
+    /// finite differences.
+    pub fn surrogate(self) -> ParamSpec {
+        ParamSpec { surrogate: true, ..self }
     }
     pub fn numel(&self) -> usize {
         self.shape.iter().product::<u64>() as usize
@@ -195,19 +222,64 @@ impl<'a> Host<'a> {
     pub fn grouped_gemm_wgrad(&self, x: Tensor, dy: Tensor, dw: Tensor, offsets: Tensor) -> Result<()> {
         self.0.grouped_gemm_wgrad(x, dy, dw, offsets).into_result().map_err(Into::into)
     }
+    /// Add `value` to this step's metrics line (averaged over the step's calls, weight 1).
     pub fn metric(&self, name: &str, value: f64) {
-        self.0.metric(RStr::from_str(name), value)
+        self.0.metric(RStr::from_str(name), value, 1.0)
+    }
+    /// Like [`Host::metric`], weighted (e.g. by the tokens the value was measured over).
+    pub fn metric_weighted(&self, name: &str, value: f64, weight: f64) {
+        self.0.metric(RStr::from_str(name), value, weight)
+    }
+    /// Step, micro-batch, batch × seq layout, layer and the seed of this call.
+    pub fn context(&self) -> Context {
+        self.0.context()
+    }
+    /// c[g] = alpha · op(a[g]) · op(b[g]) + beta · c[g] for each g of the leading dimension.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_batched(
+        &self,
+        a: Tensor,
+        b: Tensor,
+        c: Tensor,
+        trans_a: bool,
+        trans_b: bool,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        self.0.gemm_batched(a, b, c, trans_a, trans_b, alpha, beta).into_result().map_err(Into::into)
+    }
+    /// This rank's index in `group`.
+    pub fn rank(&self, group: Group) -> usize {
+        self.0.rank(group) as usize
+    }
+    /// How many ranks `group` has (1 on a single GPU or the CPU).
+    pub fn size(&self, group: Group) -> usize {
+        self.0.size(group) as usize
+    }
+    pub fn all_reduce(&self, t: Tensor, op: ReduceOp, group: Group) -> Result<()> {
+        self.0.all_reduce(t, op, group).into_result().map_err(Into::into)
+    }
+    pub fn all_gather(&self, src: Tensor, dst: Tensor, group: Group) -> Result<()> {
+        self.0.all_gather(src, dst, group).into_result().map_err(Into::into)
+    }
+    pub fn reduce_scatter(&self, src: Tensor, dst: Tensor, group: Group) -> Result<()> {
+        self.0.reduce_scatter(src, dst, group).into_result().map_err(Into::into)
+    }
+    /// `send[r]` rows of `src` to rank r; `recv[r]` rows from rank r into `dst`, in rank order.
+    pub fn all_to_all(&self, src: Tensor, send: &[u64], dst: Tensor, recv: &[u64], group: Group) -> Result<()> {
+        let (s, r) = (RSlice::from_slice(send), RSlice::from_slice(recv));
+        self.0.all_to_all(src, s, dst, r, group).into_result().map_err(Into::into)
     }
 }
 
 /// Chooses which experts each token goes to, with what weight.
 pub trait Router: Send + Sync + 'static {
-    /// The parameters to allocate; called once, when the component is created.
+    /// Parameters, buffers and accumulators, in the order `p` and `g` pass them.
     fn params(&self) -> Vec<ParamSpec>;
-    /// x [T,H] → logits [T,E], ids [T,k], weights [T,k].
+    /// x [T,H] → logits [T,E], probs [T,E], ids [T,k] (an expert or [`EMPTY`]), weights [T,k].
     fn forward(&self, h: Host, p: &[Tensor], x: Tensor) -> Result<RouterOut>;
-    /// Accumulate parameter grads into `g` and WRITE the input grad into `dx`. `d_logits`
-    /// holds gradient the balance losses already put on the logits.
+    /// Accumulate parameter grads into `g` and WRITE the input grad into `dx`. `d_probs` and
+    /// `d_logits` hold the gradient the balance losses already put there.
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
@@ -217,16 +289,24 @@ pub trait Router: Send + Sync + 'static {
         x: Tensor,
         out: &RouterOut,
         d_weights: Tensor,
+        d_probs: Tensor,
         d_logits: Tensor,
         dx: Tensor,
     ) -> Result<()>;
+    /// Once per optimizer step, after the step's accumulators are summed over the data-parallel
+    /// group: update buffers (e.g. an aux-free bias from the step's load).
+    fn end_step(&self, _h: Host, _p: &[Tensor]) -> Result<()> {
+        Ok(())
+    }
 }
 
-/// All experts of one MoE layer, applied to expert-sorted rows.
+/// All experts of one MoE layer on this rank, applied to expert-sorted rows; or, as
+/// `Kind::Shared`, an always-on expert applied to every token (one group of T rows).
 pub trait Experts: Send + Sync + 'static {
-    /// The parameters to allocate; called once, when the component is created.
     fn params(&self) -> Vec<ParamSpec>;
-    /// x [N,H] sorted by expert, offsets [E+1] → y [N,H].
+    /// Forward FLOPs for `rows[e]` rows of each local expert (plan, bench and MFU count these).
+    fn flops(&self, rows: &[u64]) -> f64;
+    /// x [N,H] sorted by expert, offsets [E_local+1] (on the host) → y [N,H].
     fn forward(&self, h: Host, p: &[Tensor], x: Tensor, offsets: Tensor) -> Result<ExpertsOut>;
     /// Accumulate parameter grads into `g`, WRITE the input grad into `dx`.
     #[allow(clippy::too_many_arguments)]
@@ -241,49 +321,62 @@ pub trait Experts: Send + Sync + 'static {
         dy: Tensor,
         dx: Tensor,
     ) -> Result<()>;
+    fn end_step(&self, _h: Host, _p: &[Tensor]) -> Result<()> {
+        Ok(())
+    }
 }
 
-/// An auxiliary loss on the router's logits and choices (load balancing, z-loss, ...).
+/// An auxiliary loss on the routing (load balancing, z-loss, ...). It sees everything the router
+/// returned (probs, ids, gates) and `h.context()` (batch × seq layout, micro-batch).
 pub trait BalanceLoss: Send + Sync + 'static {
+    /// Buffers and accumulators (e.g. the load of the whole global batch); no trained parameters.
+    fn params(&self) -> Vec<ParamSpec> {
+        Vec::new()
+    }
     /// The loss value, coefficient included.
-    fn forward(&self, h: Host, logits: Tensor, ids: Tensor) -> Result<f32>;
-    /// ACCUMULATE scale · ∂loss/∂logits into `d_logits`.
-    fn backward(&self, h: Host, logits: Tensor, ids: Tensor, scale: f32, d_logits: Tensor) -> Result<()>;
-}
-
-/// Updates one parameter tensor from its gradient.
-pub trait Optimizer: Send + Sync + 'static {
-    /// Names of the state tensors this optimizer keeps per parameter (each shaped like it,
-    /// zero-initialised, checkpointed by the host). A panic here fails the next `step`.
-    fn state(&self, param: &ParamSpec) -> Vec<String>;
-    /// `step` counts from 1.
+    fn forward(&self, h: Host, p: &[Tensor], route: &RouterOut) -> Result<f32>;
+    /// ACCUMULATE scale · ∂loss/∂probs into `d_probs` and scale · ∂loss/∂logits into `d_logits`.
     #[allow(clippy::too_many_arguments)]
-    fn step(
+    fn backward(
         &self,
         h: Host,
-        param: &ParamSpec,
-        w: Tensor,
-        g: Tensor,
-        state: &[Tensor],
-        lr: f32,
-        step: u64,
+        p: &[Tensor],
+        route: &RouterOut,
+        scale: f32,
+        d_probs: Tensor,
+        d_logits: Tensor,
     ) -> Result<()>;
+    fn end_step(&self, _h: Host, _p: &[Tensor]) -> Result<()> {
+        Ok(())
+    }
 }
 
-/// Moves tokens to their experts and back (within a rank, or across ranks).
+/// Updates every parameter from its gradient, in one call per step.
+pub trait Optimizer: Send + Sync + 'static {
+    /// Names of the state tensors this optimizer keeps for the parameter `name` (full name,
+    /// e.g. `layers.0.moe.experts.w_up`; each shaped like it, zero-initialised, checkpointed).
+    fn state(&self, name: &str, param: &ParamSpec) -> Vec<String>;
+    /// `step` counts from 1. Gradients are to be scaled by `grad_scale` (global-norm clipping).
+    /// Return what else was done (the bf16 working copies written, the gradients zeroed) so the
+    /// host skips it.
+    fn step(&self, h: Host, slots: &[Slot], lr: f32, step: u64, grad_scale: f32) -> Result<StepDone>;
+}
+
+/// Moves tokens to their experts and back (within a rank, or across the expert-parallel group).
 pub trait CommSchedule: Send + Sync + 'static {
-    /// x [T,H], ids [T,k] → rows sorted by expert with offsets [E+1].
-    fn dispatch(&self, h: Host, x: Tensor, ids: Tensor, experts: u32) -> Result<Dispatched>;
-    /// y [N,H] expert outputs, weights [T,k] → out [T,H] = Σ_k weight · y.
-    fn combine(&self, h: Host, y: Tensor, weights: Tensor, d: &Dispatched) -> Result<Tensor>;
-    /// dout [T,H] → WRITE dy [N,H] and d_weights [T,k].
+    /// x [T,H] and the routing → rows sorted by local expert with offsets [E_local+1]; empty
+    /// slots never move; a schedule may drop assignments (capacity) before the experts run.
+    fn dispatch(&self, h: Host, x: Tensor, route: &RouterOut, experts: u32) -> Result<Dispatched>;
+    /// y [N,H] expert outputs → out [T,H] = Σ over kept slots of weight · y.
+    fn combine(&self, h: Host, y: Tensor, route: &RouterOut, d: &Dispatched) -> Result<Tensor>;
+    /// dout [T,H] → WRITE dy [N,H] and d_weights [T,k] (0 for empty or dropped slots).
     #[allow(clippy::too_many_arguments)]
     fn combine_backward(
         &self,
         h: Host,
         dout: Tensor,
         y: Tensor,
-        weights: Tensor,
+        route: &RouterOut,
         d: &Dispatched,
         dy: Tensor,
         d_weights: Tensor,

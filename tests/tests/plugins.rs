@@ -189,12 +189,18 @@ fn plugin_built_against_another_api_version_is_refused_in_one_line() {
     let root = tmp("api-v2");
     // A copy of plugin-api with a bumped version, and a router built against it.
     let api = root.join("plugin-api");
-    std::fs::create_dir_all(api.join("src")).unwrap();
-    for f in ["src/lib.rs", "src/abi.rs", "src/adapt.rs", "src/log.rs"] {
-        std::fs::copy(Path::new(WORKSPACE).join("plugin-api").join(f), api.join(f)).unwrap();
+    let v = pith_plugin_api::VERSION;
+    let ours = &v[..v.rfind('.').unwrap()]; // e.g. "0.3": a 0.x plugin must match the minor version
+    for dir in ["src", "kernels"] {
+        std::fs::create_dir_all(api.join(dir)).unwrap();
+        for f in std::fs::read_dir(Path::new(WORKSPACE).join("plugin-api").join(dir)).unwrap().flatten() {
+            std::fs::copy(f.path(), api.join(dir).join(f.file_name())).unwrap();
+        }
     }
     let manifest = std::fs::read_to_string(Path::new(WORKSPACE).join("plugin-api/Cargo.toml")).unwrap();
-    std::fs::write(api.join("Cargo.toml"), manifest.replace("version = \"0.2.0\"", "version = \"0.3.0\"")).unwrap();
+    let (theirs, bumped) = (format!("version = \"{ours}.0\""), "version = \"0.99.0\"");
+    assert!(manifest.contains(&theirs), "plugin-api/Cargo.toml has no `{theirs}`");
+    std::fs::write(api.join("Cargo.toml"), manifest.replace(&theirs, bumped)).unwrap();
     let (code, _, err) =
         pith(&["plugins", "new", "--kind", "router", "--name", "old-router", "--dir", root.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
@@ -219,8 +225,8 @@ fn plugin_built_against_another_api_version_is_refused_in_one_line() {
     let line = pith_tests::one_line(&err);
     assert!(
         line.contains("libold_router.so")
-            && line.contains("plugin-api 0.3.0")
-            && line.contains("rebuild the plugin against plugin-api 0.2"),
+            && line.contains("plugin-api 0.99.0")
+            && line.contains(&format!("rebuild the plugin against plugin-api {ours}")),
         "{line}"
     );
 }

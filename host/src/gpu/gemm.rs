@@ -1,5 +1,5 @@
-//! cuBLAS on the device's stream: a row-major GEMM over tensor views (`cublasGemmEx`) and the
-//! experts' grouped GEMMs (`cublasGemmGroupedBatchedEx`, pointer arrays on the device; cudarc's
+//! cuBLAS on the device's stream: a row-major GEMM over tensor views (`cublasGemmEx`), its
+//! batched form (`cublasGemmStridedBatchedEx`) and the experts' grouped GEMMs (`cublasGemmGroupedBatchedEx`, pointer arrays on the device; cudarc's
 //! safe `GroupedGemm` wrapper passes host arrays and faults on the H200).
 
 use super::Gpu;
@@ -36,6 +36,81 @@ impl Gpu {
         // Row-major c = op(a)·op(b) is column-major cᵀ = op(b)ᵀ·op(a)ᵀ.
         let p = Problem { m: n, n: m, k, a: b.addr, b: a.addr, c: c.addr };
         self.timed("cuBLAS gemm", || self.gemm_cm((tb, ta), &p, (bc, ac, n), (b.dtype, a.dtype, c.dtype), alpha, beta))
+    }
+
+    /// c[g] = alpha · op(a[g]) · op(b[g]) + beta · c[g] for each g of the leading dimension of 3-D
+    /// row-major views (a [G,M,K] or [G,K,M] when `ta`, b [G,K,N] or [G,N,K] when `tb`, c [G,M,N]);
+    /// dtypes as for [`Gpu::gemm`]. One cublasGemmStridedBatchedEx.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_batched(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        ta: bool,
+        tb: bool,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<(), String> {
+        if a.rank != 3 || b.rank != 3 || c.rank != 3 {
+            let (da, db, dc) = (a.dims(), b.dims(), c.dims());
+            return Err(format!("gemm_batched: a {da:?}, b {db:?}, c {dc:?}: expected 3-D [G, rows, cols] tensors"));
+        }
+        let g = a.dim(0);
+        let (m, k) = if ta { (a.dim(2), a.dim(1)) } else { (a.dim(1), a.dim(2)) };
+        let (kb, n) = if tb { (b.dim(2), b.dim(1)) } else { (b.dim(1), b.dim(2)) };
+        if b.dim(0) != g || c.dim(0) != g || k != kb || c.dim(1) != m || c.dim(2) != n || a.dtype != b.dtype {
+            return Err(format!(
+                "gemm_batched: {g} × op(a) {m}x{k} ({:?}) · {} × op(b) {kb}x{n} ({:?}) into c {:?} ({:?}): shapes or \
+                 dtypes do not fit",
+                a.dtype,
+                b.dim(0),
+                b.dtype,
+                c.dims(),
+                c.dtype
+            ));
+        }
+        if [g, m, n, k].iter().any(|&d| d > i32::MAX as usize) {
+            return Err(format!("gemm_batched: {g} × {m}x{k}x{n} exceeds cuBLAS's 32-bit sizes"));
+        }
+        if g == 0 || m == 0 || n == 0 {
+            return Ok(());
+        }
+        // Row-major c[g] = op(a[g])·op(b[g]) is column-major c[g]ᵀ = op(b[g])ᵀ·op(a[g])ᵀ.
+        let (lda, ldb, ldc) = (b.dim(2) as i32, a.dim(2) as i32, n as i32);
+        let (sa, sb, sc) = ((k * n) as i64, (m * k) as i64, (m * n) as i64);
+        let types = (a.dtype, b.dtype, c.dtype);
+        // cuBLAS's A is our b, its B our a.
+        let (at, bt, ct) = (cuda_type(b.dtype)?, cuda_type(a.dtype)?, cuda_type(c.dtype)?);
+        self.timed("cuBLAS batched gemm", || unsafe {
+            blas::cublasGemmStridedBatchedEx(
+                *self.blas.handle(),
+                op(tb),
+                op(ta),
+                n as i32,
+                m as i32,
+                k as i32,
+                &alpha as *const f32 as _,
+                b.addr as _,
+                at,
+                lda,
+                sa,
+                a.addr as _,
+                bt,
+                ldb,
+                sb,
+                &beta as *const f32 as _,
+                c.addr as _,
+                ct,
+                ldc,
+                sc,
+                g as i32,
+                blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+            .result()
+            .map_err(|e| format!("cublasGemmStridedBatchedEx {g} × {m}x{k}x{n} ta={ta} tb={tb} {types:?}: {e:?}"))
+        })
     }
 
     /// One column-major cublasGemmEx: c = alpha·op(a)·op(b) + beta·c.

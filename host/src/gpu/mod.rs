@@ -9,7 +9,8 @@
 //! - Memory: every buffer comes from [`Pool`], which keeps freed blocks by size and hands them out
 //!   again, so the steady-state step calls no cudaMalloc. All work runs on one stream, so reusing a
 //!   block freed by an earlier op is ordered after that op (PyTorch's caching allocator rule).
-//! - GEMMs: gemm.rs (cuBLAS `cublasGemmEx` and the experts' `cublasGemmGroupedBatchedEx`).
+//! - GEMMs: gemm.rs (cuBLAS `cublasGemmEx`, `cublasGemmStridedBatchedEx` and the experts'
+//!   `cublasGemmGroupedBatchedEx`).
 
 pub mod gemm;
 pub mod kernels;
@@ -668,6 +669,50 @@ pub(crate) mod tests {
             println!("gemm ta={ta} tb={tb}: max relative error {err:.2e}");
             assert!(err < 1e-3, "{err}");
         }
+    }
+
+    /// The strided-batched GEMM against one plain GEMM per batch, for every transpose, bf16 and f32
+    /// inputs, f32 and bf16 outputs, alpha 1.5 and beta 0.5 onto a random c. Same cuBLAS math, so
+    /// only the summation order may differ: 1e-5 for f32 outputs, one bf16 ulp for bf16 ones.
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn gemm_batched_matches_a_loop_of_gemms() {
+        let g = gpu();
+        let (b, m, k, n) = (5, 19, 40, 13);
+        let mut rng = Rng::new(4);
+        for (ab, ct) in [(DType::BF16, DType::F32), (DType::BF16, DType::BF16), (DType::F32, DType::F32)] {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let sa = if ta { [b, k, m] } else { [b, m, k] };
+                let sb = if tb { [b, n, k] } else { [b, k, n] };
+                let (a, da) = rand_bf16(&g, &mut rng, &sa, 1.0);
+                let (bv, db) = rand_bf16(&g, &mut rng, &sb, 1.0);
+                let (c0, _) = rand_bf16(&g, &mut rng, &[b, m, n], 1.0);
+                let as_ = |v: &[f32], shape: &[usize], d: DType| match d {
+                    DType::BF16 => g.upload(&v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>(), shape, d),
+                    _ => g.upload(v, shape, d),
+                };
+                let (da, db) = match ab {
+                    DType::F32 => (as_(&a, &sa, ab).unwrap(), as_(&bv, &sb, ab).unwrap()),
+                    _ => (da, db),
+                };
+                let (c, want) = (as_(&c0, &[b, m, n], ct).unwrap(), as_(&c0, &[b, m, n], ct).unwrap());
+                g.gemm_batched(&da, &db, &c, ta, tb, 1.5, 0.5).unwrap();
+                let at = |t: &Tensor, i: usize, r: usize, cl: usize| {
+                    Tensor::new(t.addr + (i * r * cl * t.dtype.size()) as u64, t.dtype, Device::Cuda, &[r, cl])
+                };
+                for i in 0..b {
+                    let (ai, bi, ci) = (at(&da, i, sa[1], sa[2]), at(&db, i, sb[1], sb[2]), at(&want, i, m, n));
+                    g.gemm(&ai, &bi, &ci, ta, tb, 1.5, 0.5).unwrap();
+                }
+                let err = rel_err(&g.to_f32(&c).unwrap(), &g.to_f32(&want).unwrap());
+                println!("gemm_batched {ab:?}->{ct:?} ta={ta} tb={tb}: max relative error vs gemm loop {err:.2e}");
+                assert!(err <= if ct == DType::BF16 { 1.0 / 128.0 } else { 1e-5 }, "{err}");
+            }
+        }
+        let (x, y) = (g.zeros(&[2, 3, 4], DType::F32).unwrap(), g.zeros(&[3, 4, 5], DType::F32).unwrap());
+        let c = g.zeros(&[2, 3, 5], DType::F32).unwrap();
+        let e = g.gemm_batched(&x, &y, &c, false, false, 1.0, 0.0).unwrap_err();
+        assert!(e.starts_with("gemm_batched: 2 × op(a) 3x4"), "{e}");
     }
 
     /// The grouped GEMM (plain, transposed weights, accumulate) and its weight gradient against

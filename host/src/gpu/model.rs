@@ -15,35 +15,60 @@ use crate::params::Params;
 use abi_stable::std_types::RSlice;
 use pith_plugin_api::{Arg, DType, Device, Dispatched, ExpertsOut, RouterOut, Tensor};
 
-/// One parameter on the device: fp32 master, bf16 working copy, fp32 gradient, optimizer state.
+/// One declared tensor on the device. `Role::Param`: fp32 master `w`, bf16 working copy `w16`,
+/// fp32 gradient `g`, optimizer state. `Role::Buffer` / `Role::Accumulator`: `w` only, fp32,
+/// passed to components in place of the working copy; `w16` and `g` are zero-numel, no state.
 pub struct GpuParam {
+    pub role: pith_plugin_api::Role,
     pub w: DTensor,
     pub w16: DTensor,
     pub g: DTensor,
     pub state: Vec<DTensor>,
 }
 
-/// Every parameter of `Params`, in the same order.
+impl GpuParam {
+    pub fn is_param(&self) -> bool {
+        self.role == pith_plugin_api::Role::Param
+    }
+    /// What components get for this tensor: the bf16 copy of a parameter, a buffer's f32 self.
+    pub fn working(&self) -> Tensor {
+        if self.is_param() {
+            self.w16.t
+        } else {
+            self.w.t
+        }
+    }
+}
+
+/// Every parameter, buffer and accumulator of `Params`, in the same order.
 pub struct GpuParams {
     pub list: Vec<GpuParam>,
 }
 
 impl GpuParams {
-    /// Copy weights and optimizer state from the host (after init or a checkpoint load).
+    /// Copy weights, buffers, accumulators and optimizer state from the host (after init or a
+    /// checkpoint load).
     pub fn upload(gpu: &Gpu, params: &Params) -> Result<GpuParams, String> {
         let mut list = Vec::new();
         for p in &params.list {
             let shape: Vec<usize> = p.spec.shape.iter().map(|&d| d as usize).collect();
+            let role = p.spec.role;
             let w = gpu.upload(&p.w, &shape, DType::F32)?;
+            if role != pith_plugin_api::Role::Param {
+                let (w16, g) = (gpu.tensor(&[0], DType::BF16)?, gpu.tensor(&[0], DType::F32)?);
+                list.push(GpuParam { role, w, w16, g, state: Vec::new() });
+                continue;
+            }
             let w16 = gpu.tensor(&shape, DType::BF16)?;
             gpu.cast(&w, &w16)?;
             let g = gpu.zeros(&shape, DType::F32)?;
             let state = p.state.iter().map(|(_, s)| gpu.upload(s, &shape, DType::F32)).collect::<Result<_, _>>()?;
-            list.push(GpuParam { w, w16, g, state });
+            list.push(GpuParam { role, w, w16, g, state });
         }
         Ok(GpuParams { list })
     }
-    /// Copy weights and optimizer state back to the host (for checkpoints and export).
+    /// Copy weights, buffers, accumulators and optimizer state back to the host (for
+    /// checkpoints and export).
     pub fn download(&self, gpu: &Gpu, params: &mut Params) -> Result<(), String> {
         for (d, p) in self.list.iter().zip(&mut params.list) {
             p.w.resize(d.w.numel(), 0.0);
@@ -55,27 +80,57 @@ impl GpuParams {
         }
         Ok(())
     }
-    /// The bf16 copies follow the fp32 masters (after each optimizer step).
+    fn params(&self) -> impl Iterator<Item = &GpuParam> {
+        self.list.iter().filter(|p| p.is_param())
+    }
+    /// The bf16 copies follow the fp32 masters (after an optimizer step that did not write them).
     pub fn refresh_bf16(&self, gpu: &Gpu) -> Result<(), String> {
-        self.list.iter().try_for_each(|p| gpu.cast(&p.w, &p.w16))
+        self.params().try_for_each(|p| gpu.cast(&p.w, &p.w16))
     }
     pub fn zero_grads(&self, gpu: &Gpu) -> Result<(), String> {
-        self.list.iter().try_for_each(|p| gpu.zero(&p.g))
+        self.params().try_for_each(|p| gpu.zero(&p.g))
     }
-    /// Each gradient's squared L2 norm (one read back for all of them).
+    /// Zero every `Role::Accumulator` (before each optimizer step's first micro-batch).
+    pub fn zero_accumulators(&self, gpu: &Gpu) -> Result<(), String> {
+        let mut acc = self.list.iter().filter(|p| p.role == pith_plugin_api::Role::Accumulator);
+        acc.try_for_each(|p| gpu.zero(&p.w))
+    }
+    /// Each gradient's squared L2 norm, indexed like `list` (0 for buffers and accumulators; one
+    /// read back for all of them).
     pub fn grad_sumsq(&self, gpu: &Gpu) -> Result<Vec<f32>, String> {
         let out = gpu.zeros(&[self.list.len()], DType::F32)?;
-        for (i, p) in self.list.iter().enumerate() {
+        for (i, p) in self.list.iter().enumerate().filter(|(_, p)| p.is_param()) {
             gpu.sum_squares(&p.g, &out, i)?;
         }
         gpu.to_f32(&out)
     }
     pub fn scale_grads(&self, gpu: &Gpu, s: f32) -> Result<(), String> {
-        self.list.iter().try_for_each(|p| gpu.scale(&p.g, s))
+        self.params().try_for_each(|p| gpu.scale(&p.g, s))
     }
+    /// The optimizer's slots: every `Role::Param` (`params` is the host list this was uploaded
+    /// from: names and specs), with its f32 master and grad, state and bf16 working copy.
+    pub fn slots(&self, params: &Params) -> Vec<pith_plugin_api::Slot> {
+        let both = self.list.iter().zip(&params.list).filter(|(d, _)| d.is_param());
+        both.map(|(d, p)| pith_plugin_api::Slot {
+            name: p.name.as_str().into(),
+            spec: p.spec.clone(),
+            w: d.w.t,
+            g: d.g.t,
+            state: d.state.iter().map(|s| s.t).collect(),
+            w_lowp: d.w16.t,
+        })
+        .collect()
+    }
+    /// What components get for the tensors in `r`: bf16 copies of parameters, f32 buffers and
+    /// accumulators.
+    pub fn weights(&self, r: std::ops::Range<usize>) -> Vec<Tensor> {
+        self.list[r].iter().map(GpuParam::working).collect()
+    }
+    /// The same as [`GpuParams::weights`] (the name GpuPass uses).
     fn w16(&self, r: std::ops::Range<usize>) -> Vec<Tensor> {
-        self.list[r].iter().map(|p| p.w16.t).collect()
+        self.weights(r)
     }
+    /// Gradients of the tensors in `r` (zero-numel for buffers and accumulators).
     fn grads(&self, r: std::ops::Range<usize>) -> Vec<Tensor> {
         self.list[r].iter().map(|p| p.g.t).collect()
     }
@@ -286,23 +341,25 @@ impl GpuPass<'_> {
         let mark = self.ops.mark();
         let moe = &lay.moe;
         let (router, experts, comm) = (&moe.router.1, &moe.experts.1, &moe.comm.1);
+        self.ops.calls().set_layer(l);
         let (rw, ew) = (self.p.w16(lay.router.clone()), self.p.w16(lay.experts.clone()));
         let who = at(&format!("router `{}`", moe.router.0));
         let r = named(router.forward(o(), RSlice::from_slice(&rw), m.t), &who)?;
         check(&r.logits, DType::F32, &[n, ne], Device::Cuda, &who)?;
+        check(&r.probs, DType::F32, &[n, ne], Device::Cuda, &who)?;
         check(&r.ids, DType::I32, &[n, 0], Device::Cuda, &who)?;
         check(&r.weights, DType::F32, &[n, r.ids.dim(1)], Device::Cuda, &who)?;
         let mut aux = Vec::new();
-        for (name, loss) in &moe.losses {
+        for ((name, loss), lp) in moe.losses.iter().zip(&lay.losses) {
             let who = at(&format!("balance_loss `{name}`"));
-            let v = named(loss.forward(o(), r.logits, r.ids), &who)?;
+            let v = named(loss.forward(o(), RSlice::from_slice(&self.p.w16(lp.clone())), &r), &who)?;
             if !v.is_finite() {
                 return Err(format!("{who}: non-finite value {v}"));
             }
             aux.push((name.clone(), v));
         }
         let who = at(&format!("comm `{}` dispatch", moe.comm.0));
-        let d = named(comm.dispatch(o(), m.t, r.ids, ne as u32), &who)?;
+        let d = named(comm.dispatch(o(), m.t, &r, ne as u32), &who)?;
         check(&d.x, DType::BF16, &[0, hd], Device::Cuda, &who)?;
         check(&d.offsets, DType::I32, &[ne + 1], Device::Cpu, &who)?;
         let offs = d.offsets.i32s();
@@ -311,7 +368,7 @@ impl GpuPass<'_> {
         let e = named(experts.forward(o(), RSlice::from_slice(&ew), d.x, d.offsets), &who)?;
         check(&e.y, DType::BF16, &d.x.dims(), Device::Cuda, &who)?;
         let who = at(&format!("comm `{}` combine", moe.comm.0));
-        let y = named(comm.combine(o(), e.y, r.weights, &d), &who)?;
+        let y = named(comm.combine(o(), e.y, &r, &d), &who)?;
         check(&y, DType::BF16, &[n, hd], Device::Cuda, &who)?;
         let out = self.tensor(&[n, hd], DType::F32)?;
         self.gpu.sum_into(&out, &h, &y)?;
@@ -358,7 +415,8 @@ impl GpuPass<'_> {
         let (rows, k) = (d.x.dim(0), r.ids.dim(1));
         // Outputs the components WRITE in full need no zeroing; d_logits accumulates.
         let (dys, dw) = (self.tensor(&[rows, hd], DType::BF16)?, self.tensor(&[n, k], DType::F32)?);
-        let res = comm.combine_backward(o(), dy16.t, e.y, r.weights, d, dys.t, dw.t);
+        self.ops.calls().set_layer(l);
+        let res = comm.combine_backward(o(), dy16.t, e.y, r, d, dys.t, dw.t);
         named(res, &at(&format!("comm `{}` combine", moe.comm.0)))?;
         let dxs = self.tensor(&[rows, hd], DType::BF16)?;
         let (ew, eg) = (self.p.w16(lay.experts.clone()), self.p.grads(lay.experts.clone()));
@@ -370,15 +428,15 @@ impl GpuPass<'_> {
         let res = comm.dispatch_backward(o(), dxs.t, d, dxd.t);
         named(res, &at(&format!("comm `{}` dispatch", moe.comm.0)))?;
         drop(dxs);
-        let dlog = self.gpu.zeros(&[n, ne], DType::F32)?;
-        for (name, loss) in &moe.losses {
-            let res = loss.backward(o(), r.logits, r.ids, scale, dlog.t);
+        let (dprob, dlog) = (self.gpu.zeros(&[n, ne], DType::F32)?, self.gpu.zeros(&[n, ne], DType::F32)?);
+        for ((name, loss), lp) in moe.losses.iter().zip(&lay.losses) {
+            let res = loss.backward(o(), RSlice::from_slice(&self.p.w16(lp.clone())), r, scale, dprob.t, dlog.t);
             named(res, &at(&format!("balance_loss `{name}`")))?;
         }
         let dxr = self.tensor(&[n, hd], DType::BF16)?;
         let (rw, rg) = (self.p.w16(lay.router.clone()), self.p.grads(lay.router.clone()));
         let (rw, rg) = (RSlice::from_slice(&rw), RSlice::from_slice(&rg));
-        let res = router.backward(o(), rw, rg, s.m.t, r, dw.t, dlog.t, dxr.t);
+        let res = router.backward(o(), rw, rg, s.m.t, r, dw.t, dprob.t, dlog.t, dxr.t);
         named(res, &at(&format!("router `{}`", moe.router.0)))?;
         let dm = self.tensor(&[n, hd], DType::F32)?;
         self.gpu.sum_into(&dm, &dxd, &dxr)?;
@@ -516,6 +574,7 @@ mod tests {
             _: Tensor,
             _: Tensor,
             _: Tensor,
+            _: Tensor,
         ) -> Result<(), String> {
             unreachable!()
         }
@@ -529,8 +588,7 @@ mod tests {
         let text = "vocab = 64\nhidden = 64\nlayers = 1\nheads = 2\nkv_heads = 1\nhead_dim = 32\nseq_len = 16\n\
                     experts = 4\nexpert_ffn = 32";
         let c: ModelConfig = toml::from_str(text).unwrap();
-        let (m, dims) =
-            (pith_std::pith_root_module(), ModelDims { hidden: 64, experts: 4, expert_ffn: 32, layer: 0, layers: 1 });
+        let (m, dims) = (pith_std::pith_root_module(), ModelDims::new(64, 4, 32, 0, 1));
         let make = |kind, name: &str| (m.create())(kind, name.into(), "".into(), dims).into_result().unwrap();
         let (Component::Router(r), Component::Experts(e), Component::CommSchedule(cm)) =
             (wrap::Router(Failing), make(Kind::Experts, "swiglu"), make(Kind::CommSchedule, "local"))

@@ -1,19 +1,47 @@
 //! The host's ops table on CUDA: what a plugin's `Host` calls reach when the run is on the GPU.
 //! Plugin allocations (device and host) live until [`GpuOps::reset`] at the end of the
-//! micro-batch, like the CPU backend's arena.
+//! micro-batch, like the CPU backend's arena. Collectives are those of one process (rank 0 of
+//! 1 in every group): the identity, with the checks a real group would make.
 
 use super::{DTensor, Gpu};
+use crate::cpu::Calls;
 use abi_stable::std_types::{RResult, RSlice, RStr, RString};
 use pith_plugin_api::abi::{Ops, OpsRef};
-use pith_plugin_api::{Arg, DType, Device, LaunchDims, Tensor};
+use pith_plugin_api::{Arg, Context, DType, Device, Group, LaunchDims, ReduceOp, Tensor};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
+
+/// The context outside a training step (and before the host sets one).
+pub(crate) const DEFAULT_CONTEXT: Context =
+    Context { step: 0, micro_batch: 0, micro_batches: 1, batch: 1, seq: 1, layer: 0, training: false, seed: 0 };
+
+/// Plugins' metrics of one step: Σ value·weight and Σ weight per name. Shared by both backends'
+/// ops tables (cpu.rs too), which call [`Metrics::add`] only while `Context::training` is set.
+#[derive(Default)]
+pub(crate) struct Metrics(Mutex<BTreeMap<String, (f64, f64)>>);
+
+impl Metrics {
+    /// Count `v` with weight `w`; a weight that is not > 0 (0, negative, NaN) counts nothing.
+    pub(crate) fn add(&self, name: &str, v: f64, w: f64) {
+        if w > 0.0 {
+            let mut m = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            let e = m.entry(name.to_string()).or_insert((0.0, 0.0));
+            (e.0, e.1) = (e.0 + v * w, e.1 + w);
+        }
+    }
+    /// The weighted mean of each name since the last call, and clear.
+    pub(crate) fn take(&self) -> BTreeMap<String, f64> {
+        let m = std::mem::take(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner));
+        m.into_iter().map(|(k, (s, w))| (k, s / w)).collect()
+    }
+}
 
 pub struct GpuOps {
     pub gpu: Arc<Gpu>,
     device: Mutex<Vec<DTensor>>,
     host: Mutex<Vec<Vec<u32>>>,
-    metrics: Mutex<BTreeMap<String, (f64, usize)>>,
+    metrics: Metrics,
+    calls: Calls,
 }
 
 /// See [`GpuOps::reset_on_drop`].
@@ -55,7 +83,24 @@ fn on_gpu(ts: &[&Tensor], what: &str) -> Result<(), String> {
 
 impl GpuOps {
     pub fn new(gpu: Arc<Gpu>) -> GpuOps {
-        GpuOps { gpu, device: Mutex::default(), host: Mutex::default(), metrics: Mutex::default() }
+        let ops = GpuOps {
+            gpu,
+            device: Mutex::default(),
+            host: Mutex::default(),
+            metrics: Metrics::default(),
+            calls: Calls::default(),
+        };
+        ops.set_context(DEFAULT_CONTEXT);
+        ops
+    }
+    /// What [`Ops::context`] answers from now on, exactly `c` (until `calls().set_layer`, which
+    /// derives the layer's seed from `c.seed` as the run seed).
+    pub fn set_context(&self, c: Context) {
+        self.calls.set(c, c.seed);
+    }
+    /// Where the next calls sit, as on the CPU ([`Calls`]).
+    pub fn calls(&self) -> &Calls {
+        &self.calls
     }
     pub fn ops(&self) -> OpsRef<'_> {
         pith_plugin_api::abi::ops_ref(self)
@@ -79,12 +124,9 @@ impl GpuOps {
     pub fn release_to(&self, mark: usize) {
         self.device.lock().unwrap().truncate(mark);
     }
-    /// Take the metrics reported since the last call, averaged per name.
+    /// Take the metrics reported (in training) since the last call: each name's weighted mean.
     pub fn take_metrics(&self) -> BTreeMap<String, f64> {
-        let mut m = self.metrics.lock().unwrap();
-        let out = m.iter().map(|(k, (s, n))| (k.clone(), s / *n as f64)).collect();
-        m.clear();
-        out
+        self.metrics.take()
     }
     fn alloc_impl(&self, shape: &[usize], dtype: DType, device: Device, zeroed: bool) -> Result<Tensor, String> {
         if shape.len() > 4 {
@@ -127,6 +169,33 @@ impl GpuOps {
             }
         }
     }
+    /// dst = src for a collective of one rank: both on this device, same dtype and size.
+    fn identity(&self, what: &str, src: &Tensor, dst: &Tensor) -> Result<(), String> {
+        on_gpu(&[src, dst], what)?;
+        if src.dtype != dst.dtype || src.numel() != dst.numel() {
+            let (a, b) = ((src.dtype, src.dims()), (dst.dtype, dst.dims()));
+            return Err(format!("{what}: src {a:?} into dst {b:?}: with one rank dst is src (same dtype and size)"));
+        }
+        if src.numel() == 0 || src.addr == dst.addr {
+            return Ok(());
+        }
+        self.gpu.copy_d2d(src, dst)
+    }
+    fn all_to_all_impl(&self, src: &Tensor, send: &[u64], dst: &Tensor, recv: &[u64]) -> Result<(), String> {
+        if send.len() != 1 || recv.len() != 1 {
+            let (s, r) = (send.len(), recv.len());
+            return Err(format!("all_to_all: {s} send and {r} recv counts for a group of 1 rank; expected one each"));
+        }
+        let rows = |t: &Tensor| (t.rank > 0).then(|| t.dim(0) as u64);
+        if send[0] != recv[0] || rows(src) != Some(send[0]) || rows(dst) != Some(recv[0]) {
+            let (a, b) = (src.dims(), dst.dims());
+            return Err(format!(
+                "all_to_all: send {send:?}, recv {recv:?}, src {a:?}, dst {b:?}: with one rank every row stays, so \
+                 send = recv = the rows of src and of dst"
+            ));
+        }
+        self.identity("all_to_all", src, dst)
+    }
 }
 
 impl Ops for GpuOps {
@@ -167,10 +236,96 @@ impl Ops for GpuOps {
     fn launch(&self, source: RStr<'_>, name: RStr<'_>, d: LaunchDims, args: RSlice<'_, Arg>) -> RResult<(), RString> {
         res(self.gpu.launch(source.as_str(), name.as_str(), (d.grid, d.block, d.shared_mem), &args))
     }
-    fn metric(&self, name: RStr<'_>, value: f64) {
-        let mut m = self.metrics.lock().unwrap();
-        let e = m.entry(name.to_string()).or_insert((0.0, 0));
-        e.0 += value;
-        e.1 += 1;
+    fn metric(&self, name: RStr<'_>, value: f64, weight: f64) {
+        if self.context().training {
+            self.metrics.add(name.as_str(), value, weight);
+        }
+    }
+    fn context(&self) -> Context {
+        self.calls.get()
+    }
+    fn gemm_batched(&self, a: Tensor, b: Tensor, c: Tensor, ta: bool, tb: bool, alpha: f32, beta: f32) -> Res<()> {
+        res(on_gpu(&[&a, &b, &c], "gemm_batched").and_then(|_| self.gpu.gemm_batched(&a, &b, &c, ta, tb, alpha, beta)))
+    }
+    fn rank(&self, _: Group) -> u32 {
+        0
+    }
+    fn size(&self, _: Group) -> u32 {
+        1
+    }
+    fn all_reduce(&self, t: Tensor, _: ReduceOp, _: Group) -> Res<()> {
+        res(on_gpu(&[&t], "all_reduce"))
+    }
+    fn all_gather(&self, src: Tensor, dst: Tensor, _: Group) -> Res<()> {
+        res(self.identity("all_gather", &src, &dst))
+    }
+    fn reduce_scatter(&self, src: Tensor, dst: Tensor, _: Group) -> Res<()> {
+        res(self.identity("reduce_scatter", &src, &dst))
+    }
+    fn all_to_all(&self, src: Tensor, send: RSlice<'_, u64>, dst: Tensor, recv: RSlice<'_, u64>, _: Group) -> Res<()> {
+        res(self.all_to_all_impl(&src, &send, &dst, &recv))
+    }
+}
+
+type Res<T> = RResult<T, RString>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_weighted_means_and_taken_once() {
+        let m = Metrics::default();
+        m.add("load", 1.0, 1.0);
+        m.add("load", 4.0, 3.0);
+        m.add("drop", 0.5, 2.0);
+        m.add("none", 7.0, 0.0);
+        m.add("load", 9.0, -1.0);
+        let got = m.take();
+        assert_eq!(got.into_iter().collect::<Vec<_>>(), [("drop".into(), 0.5), ("load".to_string(), 13.0 / 4.0)]);
+        assert!(m.take().is_empty(), "take clears");
+    }
+
+    /// Context, metrics only in training, and the one-rank collectives with their errors.
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn one_rank_collectives_context_and_metrics() {
+        let ops = GpuOps::new(Arc::new(crate::gpu::tests::gpu()));
+        let h = pith_plugin_api::Host::new(&ops);
+        assert_eq!(h.context(), DEFAULT_CONTEXT);
+        h.metric_weighted("eval", 1.0, 1.0);
+        let train =
+            Context { step: 3, micro_batch: 1, micro_batches: 2, batch: 4, seq: 8, layer: 2, training: true, seed: 9 };
+        ops.set_context(train);
+        assert_eq!(h.context(), train);
+        h.metric_weighted("x", 2.0, 1.0);
+        h.metric_weighted("x", 5.0, 2.0);
+        assert_eq!(ops.take_metrics().into_iter().collect::<Vec<_>>(), [("x".to_string(), 4.0)]);
+        for g in [Group::World, Group::DataParallel, Group::ExpertParallel] {
+            assert_eq!((h.rank(g), h.size(g)), (0, 1));
+        }
+        let src = ops.gpu.upload(&[1f32, 2., 3., 4., 5., 6.], &[3, 2], DType::F32).unwrap();
+        let dst = ops.gpu.zeros(&[3, 2], DType::F32).unwrap();
+        h.all_reduce(src.t, ReduceOp::Sum, Group::DataParallel).unwrap();
+        assert_eq!(ops.gpu.to_f32(&src).unwrap(), [1., 2., 3., 4., 5., 6.]);
+        let host = Tensor::new(8, DType::F32, Device::Cpu, &[1]);
+        assert!(h.all_reduce(host, ReduceOp::Max, Group::World).unwrap_err().contains("expected device tensors"));
+        type Coll<'a> = &'a dyn Fn(Tensor, Tensor) -> Result<(), String>;
+        let (gather, scatter) =
+            (|s, d| h.all_gather(s, d, Group::World), |s, d| h.reduce_scatter(s, d, Group::DataParallel));
+        for f in [&gather as Coll, &scatter] {
+            ops.gpu.zero(&dst).unwrap();
+            f(src.t, dst.t).unwrap();
+            assert_eq!(ops.gpu.to_f32(&dst).unwrap(), [1., 2., 3., 4., 5., 6.]);
+        }
+        let short = ops.gpu.zeros(&[2, 2], DType::F32).unwrap();
+        assert!(h.all_gather(src.t, short.t, Group::World).unwrap_err().contains("same dtype and size"));
+        ops.gpu.zero(&dst).unwrap();
+        h.all_to_all(src.t, &[3], dst.t, &[3], Group::ExpertParallel).unwrap();
+        assert_eq!(ops.gpu.to_f32(&dst).unwrap(), [1., 2., 3., 4., 5., 6.]);
+        for (send, recv) in [(&[3u64][..], &[2u64][..]), (&[2], &[2]), (&[3, 0], &[3, 0])] {
+            let e = h.all_to_all(src.t, send, dst.t, recv, Group::ExpertParallel).unwrap_err();
+            assert!(e.starts_with("all_to_all: "), "{e}");
+        }
     }
 }

@@ -162,7 +162,8 @@ pub fn import(src: &Path, out: &Path, seq_len: Option<usize>, reg: &Registry) ->
     let (_model, mut params, (_, opt)) = build(&cfg, reg)?;
     load_weights(src, &hf, &mut params)?;
     for p in &mut params.list {
-        p.state = opt.state(&p.spec).iter().map(|n| (n.to_string(), vec![0.0; p.w.len()])).collect();
+        p.state =
+            opt.state(p.name.as_str().into(), &p.spec).iter().map(|n| (n.to_string(), vec![0.0; p.w.len()])).collect();
     }
     let state = TrainerState { step: 0, data_position: 0, plugin_api: pith_plugin_api::VERSION.into() };
     atomically(out, |tmp| {

@@ -1,17 +1,19 @@
-// local comm schedule (see src/local.rs). rows[i] = the sorted row of pair i = t·k + slot;
-// within an expert, rows keep (token, slot) order. bf16 rows, fp32 math, no float atomics.
-// One block of 1024 threads per expert e (grid-stride over experts) walks ids [n] in chunks;
-// a ballot and a block prefix sum rank the pairs routed to e: rank[i] = the position of pair i
-// within its expert, counts[e] = the pairs routed to e. Ids outside 0..E are in no count.
+// local comm schedule (see src/local.rs). rows[i] = the sorted row of pair i = t·k + slot, or -1
+// for an EMPTY slot (id -1), which every kernel skips; within an expert, rows keep (token, slot)
+// order. bf16 rows, fp32 math, no float atomics.
+// One block of 1024 threads per class e in 0..E (grid-stride over classes) walks ids [n] in
+// chunks; a ballot and a block prefix sum rank the pairs routed to e: rank[i] = the position of
+// pair i within its expert, counts[e] = the pairs routed to e. Class E counts the ids that are
+// neither experts nor EMPTY (an error); EMPTY ids are in no count.
 extern "C" __global__ void local_rank(const int* ids, int* rank, int* counts, int n, int E) {
     __shared__ int warp_prefix[32];
     __shared__ int chunk_total;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    for (int e = blockIdx.x; e < E; e += gridDim.x) {
+    for (int e = blockIdx.x; e <= E; e += gridDim.x) {
         int base = 0;
         for (int start = 0; start < n; start += blockDim.x) {
-            int i = start + threadIdx.x;
-            bool mine = i < n && ids[i] == e;
+            int i = start + threadIdx.x, id = i < n ? ids[i] : -1;
+            bool mine = e < E ? id == e : id < -1 || id >= E;
             unsigned ballot = __ballot_sync(FULL, mine);
             if (lane == 0) warp_prefix[warp] = __popc(ballot);
             __syncthreads();
@@ -62,7 +64,12 @@ __device__ void gather_rows(const __nv_bfloat16* x, const int* ids, const int* r
                             __nv_bfloat16* xs, int n, int k, int H) {
     int lane = threadIdx.x & 31;
     for (int step = 0, i; (i = warp_row(step, n)) >= 0; step++) {
-        int r = offsets[ids[i]] + rank[i];
+        int id = ids[i];
+        if (id < 0) {
+            if (lane == 0) rows[i] = -1;
+            continue;
+        }
+        int r = offsets[id] + rank[i];
         if (lane == 0) rows[i] = r;
         const __nv_bfloat16* src = x + (long long)(i / k) * H;
         __nv_bfloat16* dst = xs + (long long)r * H;
@@ -74,14 +81,15 @@ __device__ void gather_rows(const __nv_bfloat16* x, const int* ids, const int* r
     }
 }
 
-// Warp per pair i: rows[i] = offsets[ids[i]] + rank[i];  xs[rows[i]] = x[i / k].
+// Warp per pair i: rows[i] = offsets[ids[i]] + rank[i];  xs[rows[i]] = x[i / k] (rows[i] = -1 if EMPTY).
 extern "C" __global__ void local_gather(const __nv_bfloat16* x, const int* ids, const int* rank, const int* offsets,
                                         int* rows, __nv_bfloat16* xs, int n, int k, int H) {
     if (H % 8 == 0) gather_rows<8>(x, ids, rank, offsets, rows, xs, n, k, H);
     else gather_rows<1>(x, ids, rank, offsets, rows, xs, n, k, H);
 }
 
-// out[t] = Σ_slot (w ? w[t,slot] : 1) · y[rows[t·k + slot]], one block per token.
+// out[t] = Σ_slot (w ? w[t,slot] : 1) · y[rows[t·k + slot]] over non-empty slots, in slot order,
+// one block per token.
 template <int W>
 __device__ void sum_rows(const __nv_bfloat16* y, const float* w, const int* rows, __nv_bfloat16* out, int T, int k,
                          int H) {
@@ -91,6 +99,7 @@ __device__ void sum_rows(const __nv_bfloat16* y, const float* w, const int* rows
             for (int j = 0; j < W; j++) acc[j] = 0.f;
             for (int s = 0; s < k; s++) {
                 int i = t * k + s;
+                if (rows[i] < 0) continue;
                 float g = w ? w[i] : 1.f;
                 load_n<W>(y + (long long)rows[i] * H + c, f);
                 for (int j = 0; j < W; j++) acc[j] += g * f[j];
@@ -115,12 +124,16 @@ extern "C" __global__ void local_dispatch_bwd(const __nv_bfloat16* dxs, const in
 }
 
 // Warp per pair i = t·k + slot: dy[rows[i]] = w[i] · dout[t];  dw[i] = ⟨dout[t], y[rows[i]]⟩
-// (a fixed-order warp sum, so the result is reproducible).
+// (a fixed-order warp sum, so the result is reproducible); dw[i] = 0 for an EMPTY slot.
 template <int W>
 __device__ void combine_bwd_rows(const __nv_bfloat16* dout, const __nv_bfloat16* y, const float* w, const int* rows,
                                  __nv_bfloat16* dy, float* dw, int n, int k, int H) {
     int lane = threadIdx.x & 31;
     for (int step = 0, i; (i = warp_row(step, n)) >= 0; step++) {
+        if (rows[i] < 0) {
+            if (lane == 0) dw[i] = 0.f;
+            continue;
+        }
         const __nv_bfloat16* g = dout + (long long)(i / k) * H;
         long long r = (long long)rows[i] * H;
         float dot = 0.f, gf[W], yf[W];

@@ -49,30 +49,34 @@ extern "C" __global__ void topk_softmax_fwd(const float* logits, float* probs, i
     }
 }
 
-// dl [T,E] (bf16, for the GEMMs) = d_logits + p ⊙ (dp − ⟨dp, p⟩), dp nonzero only on the chosen
-// ids (from d_weights, through the renormalisation when `normalize`). Same launch as the forward.
+// dl [T,E] (bf16, for the GEMMs) = d_logits + p ⊙ (dp − ⟨dp, p⟩) with dp = d_probs plus, on the
+// chosen ids, d_weights (through the renormalisation when `normalize`); EMPTY slots (id < 0)
+// add nothing. Same launch as the forward.
 extern "C" __global__ void topk_softmax_bwd(const float* probs, const int* ids, const float* weights,
-                                            const float* d_weights, const float* d_logits, __nv_bfloat16* dl,
-                                            int T, int E, int k, int normalize) {
+                                            const float* d_weights, const float* d_probs, const float* d_logits,
+                                            __nv_bfloat16* dl, int T, int E, int k, int normalize) {
     __shared__ float dp_rows[8][1024];
     int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     float* dp = dp_rows[threadIdx.x >> 5];
     for (int r = blockIdx.x * warps + (threadIdx.x >> 5); r < T; r += gridDim.x * warps) {
         const float* p = probs + (long long)r * E;
-        long long i = (long long)r * k + lane;
-        int id = lane < k ? ids[i] : 0;
-        float pj = lane < k ? p[id] : 0.f, w = lane < k ? weights[i] : 0.f, dw = lane < k ? d_weights[i] : 0.f;
+        long long i = (long long)r * k + lane, row = (long long)r * E;
+        int id = lane < k ? ids[i] : -1;
+        bool on = id >= 0;
+        float pj = on ? p[id] : 0.f, w = on ? weights[i] : 0.f, dw = on ? d_weights[i] : 0.f;
         float d = dw;
-        if (normalize) d = (dw - warp_sum(dw * w)) / warp_sum(pj);
-        float pd = warp_sum(lane < k ? pj * d : 0.f);
-        for (int j = lane; j < E; j += 32) dp[j] = 0.f;
-        __syncwarp();
-        if (lane < k) dp[id] = d;
-        __syncwarp();
-        for (int j = lane; j < E; j += 32) {
-            long long o = (long long)r * E + j;
-            dl[o] = __float2bfloat16(d_logits[o] + p[j] * (dp[j] - pd));
+        if (normalize) {
+            float s = warp_sum(pj), dot = warp_sum(dw * w);
+            d = s > 0.f ? (dw - dot) / s : 0.f;
         }
+        for (int j = lane; j < E; j += 32) dp[j] = d_probs[row + j];
+        __syncwarp();
+        if (on) dp[id] += d;  // ids of a row are distinct
+        __syncwarp();
+        float pd = 0.f;
+        for (int j = lane; j < E; j += 32) pd += p[j] * dp[j];
+        pd = warp_sum(pd);
+        for (int j = lane; j < E; j += 32) dl[row + j] = __float2bfloat16(d_logits[row + j] + p[j] * (dp[j] - pd));
         __syncwarp();
     }
 }

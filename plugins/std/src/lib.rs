@@ -5,14 +5,14 @@
 //!
 //! Every component runs on both devices: on `Device::Cpu` plain Rust over f32 host memory (the
 //! reference), on `Device::Cuda` the kernels of `kernels/<file>.cu` (one file per component,
-//! after the shared helpers of `kernels/common.cuh`, compiled by the host with NVRTC) plus the
+//! after the kit's helpers (`plugin-api/kernels/common.cuh`), compiled by the host with NVRTC) plus the
 //! host's GEMMs, with bf16 activations and working weights and f32 logits, gates, gradients and
 //! optimizer state.
 
-/// A component's CUDA source: the shared helpers of kernels/common.cuh, then kernels/`$file`.
+/// A component's CUDA source: the kit's helpers (plugin-api/kernels/common.cuh, `kit::COMMON_CUH`), then kernels/`$file`.
 macro_rules! kernel_source {
     ($file:literal) => {
-        concat!(include_str!("../kernels/common.cuh"), include_str!(concat!("../kernels/", $file)))
+        concat!(include_str!("../../../plugin-api/kernels/common.cuh"), include_str!(concat!("../kernels/", $file)))
     };
 }
 
@@ -25,7 +25,7 @@ mod z_loss;
 
 pith_plugin_api::export_plugin!("pith-std");
 
-use pith_plugin_api::{Arg, DType, Device, Result, Tensor};
+use pith_plugin_api::{Arg, DType, Device, Result, Tensor, EMPTY};
 
 /// Threads per block of every std kernel launch (8 warps; the warp-per-row kernels rely on it).
 pub(crate) const BLOCK: [u32; 3] = [256, 1, 1];
@@ -91,15 +91,58 @@ pub(crate) fn parse_coef(config: &str, default: f32) -> Result<f32> {
     Ok(coef)
 }
 
-/// Check that every id is an expert of the model: `ids` [T,k] in 0..experts.
+/// Check that every id is an expert of the model or EMPTY: `ids` [T,k] in 0..experts or -1.
 pub(crate) fn check_ids(ids: &[i32], k: usize, experts: usize, who: &str) -> Result<()> {
-    match ids.iter().position(|&i| i < 0 || i as usize >= experts) {
+    match ids.iter().position(|&i| i != EMPTY && (i < 0 || i as usize >= experts)) {
         None => Ok(()),
         Some(p) => Err(format!(
-            "{who}: ids[{}, {}] = {} but the model has {experts} experts; ids must be in 0..{experts}",
+            "{who}: ids[{}, {}] = {} but the model has {experts} experts; ids must be in 0..{experts} or EMPTY (-1)",
             p / k,
             p % k,
             ids[p]
         )),
+    }
+}
+
+/// Helpers of the components' unit tests (on the plugin kit's CPU `TestHost`).
+#[cfg(test)]
+pub(crate) mod testing {
+    use pith_plugin_api::{kit::Rng, ModelDims, Tensor};
+
+    /// A model of hidden 6, expert FFN 5 and `experts` experts, all on this rank.
+    pub fn dims(experts: u32) -> ModelDims {
+        ModelDims { hidden: 6, experts, expert_ffn: 5, layer: 0, layers: 1, first_expert: 0, local_experts: experts }
+    }
+
+    /// n standard normal values of stream `seed`, times `scale`.
+    pub fn randn(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut r = Rng::new(seed);
+        (0..n).map(|_| scale * r.normal()).collect()
+    }
+
+    pub fn dot(a: &[f32], b: &[f32]) -> f64 {
+        a.iter().zip(b).map(|(&a, &b)| a as f64 * b as f64).sum()
+    }
+
+    /// Central differences of `loss` over every element of `t` (a CPU f32 tensor the loss reads)
+    /// against the analytic `grad`: max error ≤ 1e-2 of the largest derivative.
+    pub fn check_grad(what: &str, t: Tensor, grad: &[f32], loss: impl Fn() -> f64) {
+        let eps = 1e-2f32;
+        let num: Vec<f64> = (0..t.numel())
+            .map(|i| {
+                // SAFETY: the loss reads t only while no slice from here is alive.
+                let at = |v: f32| unsafe { t.f32s_mut()[i] = v };
+                let v = t.f32s()[i];
+                at(v + eps);
+                let up = loss();
+                at(v - eps);
+                let down = loss();
+                at(v);
+                (up - down) / (2.0 * eps as f64)
+            })
+            .collect();
+        let big = num.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
+        let err = num.iter().zip(grad).fold(0.0f64, |m, (n, &g)| m.max((n - g as f64).abs()));
+        assert!(err <= 1e-2 * big, "{what}: max error {err} of max |d| {big}\nnumeric {num:?}\nanalytic {grad:?}");
     }
 }

@@ -3,10 +3,12 @@
 //! Forward, for x [T,H] and W [E,H]:
 //!   logits = x·Wᵀ [T,E];  p = softmax(logits);  S_t = the top_k ids by p (ties: lower id first);
 //!   weights_tj = p_tj / Σ_{i∈S_t} p_ti when `normalize`, else p_tj   (j ∈ S_t).
-//! Backward, per token with s = Σ_{i∈S} p_i and gates w_j:
-//!   dp_j = (dw_j − Σ_{i∈S} dw_i·w_i) / s for j ∈ S when `normalize` (else dp_j = dw_j), 0 off S;
+//! Returns probs = p (what balance losses use); every slot is filled (no EMPTY ids).
+//! Backward, per token with s = Σ_{i∈S} p_i, gates w_j and d_probs from the balance losses:
+//!   dp = d_probs + (dw_j − Σ_{i∈S} dw_i·w_i) / s on j ∈ S when `normalize` (else + dw_j on S);
 //!   dlogits = d_logits + p ⊙ (dp − ⟨dp, p⟩);   dW += dlogitsᵀ·x;   dx = dlogits·W.
-//! Reports the mean entropy of p as the metric `router_entropy`.
+//! Slots with id EMPTY (none from this forward) are skipped. Reports the mean entropy of p as the
+//! metric `router_entropy` (weighted by tokens).
 //!
 //! CUDA (kernels/router.cu; x and W bf16, logits, p, gates and their grads f32): the GEMMs go
 //! through the host; `topk_softmax_fwd` does softmax, entropy and top-k with one warp per token,
@@ -131,15 +133,15 @@ impl Router for TopKSoftmax {
         let (t, e, k) = (x.dim(0), self.experts, self.top_k);
         let logits = h.alloc_f32(&[t, e])?;
         h.gemm(x, *wt, logits, false, true, 1.0, 0.0)?;
-        let probs = h.alloc_f32(&[t, e])?;
-        let ids = h.alloc(&[t, k], DType::I32)?;
-        let weights = h.alloc_f32(&[t, k])?;
+        let probs = h.alloc_uninit(&[t, e], DType::F32)?;
+        let ids = h.alloc_uninit(&[t, k], DType::I32)?;
+        let weights = h.alloc_uninit(&[t, k], DType::F32)?;
         let entropy = match dev {
             Device::Cpu => self.topk_cpu(t, logits, probs, ids, weights),
             Device::Cuda => self.topk_cuda(h, t, logits, probs, ids, weights)?,
         };
-        h.metric("router_entropy", entropy / t.max(1) as f64);
-        Ok(RouterOut { logits, ids, weights, saved: vec![probs].into() })
+        h.metric_weighted("router_entropy", entropy / t.max(1) as f64, t as f64);
+        Ok(RouterOut { logits, probs, ids, weights, saved: Default::default() })
     }
 
     fn backward(
@@ -150,6 +152,7 @@ impl Router for TopKSoftmax {
         x: Tensor,
         out: &RouterOut,
         d_weights: Tensor,
+        d_probs: Tensor,
         d_logits: Tensor,
         dx: Tensor,
     ) -> Result<()> {
@@ -159,43 +162,73 @@ impl Router for TopKSoftmax {
         };
         let (t, e, k) = (x.dim(0), self.experts, self.top_k);
         expect(&d_weights, DType::F32, dev, &[t, k], "topk-softmax: d_weights")?;
-        expect(&d_logits, DType::F32, dev, &[t, e], "topk-softmax: d_logits")?;
-        let probs = out.saved.first().ok_or("topk-softmax: backward needs the probabilities forward saved")?;
+        for (d, what) in [(&out.probs, "probs"), (&d_probs, "d_probs"), (&d_logits, "d_logits")] {
+            expect(d, DType::F32, dev, &[t, e], &format!("topk-softmax: {what}"))?;
+        }
         let dl = match dev {
             Device::Cpu => {
                 let dl = h.alloc_f32(&[t, e])?;
-                let (pr, id, w, dw) = (probs.f32s(), out.ids.i32s(), out.weights.f32s(), d_weights.f32s());
+                let (pr, id, w, dw) = (out.probs.f32s(), out.ids.i32s(), out.weights.f32s(), d_weights.f32s());
                 // SAFETY: dl is this call's own allocation.
                 let d = unsafe { dl.f32s_mut() };
                 d.copy_from_slice(d_logits.f32s());
                 let mut dp = vec![0.0f32; e];
                 for r in 0..t {
-                    let (pt, sel) = (&pr[r * e..(r + 1) * e], r * k..(r + 1) * k);
-                    dp.iter_mut().for_each(|v| *v = 0.0);
-                    if self.normalize {
-                        let s: f32 = id[sel.clone()].iter().map(|&j| pt[j as usize]).sum();
-                        let dot: f32 = sel.clone().map(|i| dw[i] * w[i]).sum();
-                        sel.for_each(|i| dp[id[i] as usize] = (dw[i] - dot) / s);
-                    } else {
-                        sel.for_each(|i| dp[id[i] as usize] = dw[i]);
-                    }
+                    let (pt, row) = (&pr[r * e..(r + 1) * e], r * e..(r + 1) * e);
+                    let sel: Vec<usize> = (r * k..(r + 1) * k).filter(|&i| id[i] >= 0).collect();
+                    dp.copy_from_slice(&d_probs.f32s()[row.clone()]);
+                    let s: f32 = if self.normalize { sel.iter().map(|&i| pt[id[i] as usize]).sum() } else { 1.0 };
+                    let dot: f32 = if self.normalize { sel.iter().map(|&i| dw[i] * w[i]).sum() } else { 0.0 };
+                    sel.iter().for_each(|&i| dp[id[i] as usize] += (dw[i] - dot) / s);
                     let dot: f32 = pt.iter().zip(&dp).map(|(a, b)| a * b).sum();
-                    for j in 0..e {
-                        d[r * e + j] += pt[j] * (dp[j] - dot);
-                    }
+                    d[row].iter_mut().zip(pt.iter().zip(&dp)).for_each(|(d, (&p, &g))| *d += p * (g - dot));
                 }
                 dl
             }
             Device::Cuda => {
                 self.cuda_limits()?;
-                expect(probs, DType::F32, dev, &[t, e], "topk-softmax: saved probabilities")?;
-                let dl = h.alloc(&[t, e], DType::BF16)?;
-                let ptrs = [probs.arg(), out.ids.arg(), out.weights.arg(), d_weights.arg(), d_logits.arg(), dl.arg()];
+                let dl = h.alloc_uninit(&[t, e], DType::BF16)?;
+                let ptrs = [out.probs, out.ids, out.weights, d_weights, d_probs, d_logits, dl].map(|t| t.arg());
                 h.launch(SRC, "topk_softmax_bwd", grid(t, 8), BLOCK, 0, &[&ptrs[..], &self.sizes(t)].concat())?;
                 dl
             }
         };
         h.gemm(dl, x, *gw, true, false, 1.0, 1.0)?;
         h.gemm(dl, *wt, dx, false, false, 1.0, 0.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{check_grad, dims, dot, randn};
+    use pith_plugin_api::kit::TestHost;
+
+    /// L = ⟨a, weights⟩ + ⟨b, probs⟩ + ⟨c, logits⟩: backward gets (a, b, c) as (d_weights, d_probs,
+    /// d_logits) and must give dL/dx and dL/dW.
+    #[test]
+    fn backward_chains_gates_probs_and_logits() {
+        let (t, hd, e, k) = (5, 6, 7, 3);
+        for normalize in [true, false] {
+            let r = create(&format!("top_k = {k}\nnormalize = {normalize}"), dims(e as u32)).unwrap();
+            let data = TestHost::new(t);
+            let (x, w) =
+                (data.tensor_f32(&randn(t * hd, 1, 1.0), &[t, hd]), data.tensor_f32(&randn(e * hd, 2, 0.5), &[e, hd]));
+            let (a, b, c) = (randn(t * k, 3, 1.0), randn(t * e, 4, 1.0), randn(t * e, 5, 1.0));
+            let loss = || {
+                let th = TestHost::new(t);
+                let o = r.forward(th.host(), &[w], x).unwrap();
+                dot(&a, o.weights.f32s()) + dot(&b, o.probs.f32s()) + dot(&c, o.logits.f32s())
+            };
+            let th = TestHost::new(t);
+            let o = r.forward(th.host(), &[w], x).unwrap();
+            let sums: Vec<f32> = o.probs.f32s().chunks(e).map(|p| p.iter().sum()).collect();
+            assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5), "probs are a softmax: {sums:?}");
+            let (gw, dx) = (th.zeros(&[e, hd], DType::F32), th.zeros(&[t, hd], DType::F32));
+            let [da, db, dc] = [(&a, k), (&b, e), (&c, e)].map(|(v, n)| th.tensor_f32(v, &[t, n]));
+            r.backward(th.host(), &[w], &[gw], x, &o, da, db, dc, dx).unwrap();
+            check_grad(&format!("dx (normalize {normalize})"), x, dx.f32s(), loss);
+            check_grad(&format!("dW (normalize {normalize})"), w, gw.f32s(), loss);
+        }
     }
 }

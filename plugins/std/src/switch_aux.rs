@@ -1,17 +1,18 @@
-//! `switch-aux`: the Switch Transformer / GShard load-balancing loss.
+//! `switch-aux`: the Switch Transformer / GShard load-balancing loss, on the router's probs
+//! (softmax, sigmoid, ...: whatever the router returns; the router chains d_probs to its logits).
 //!
-//! For logits [T,E] and the chosen ids [T,k]:
-//!   f_e = (assignments to e) / (T·k);  P_e = (1/T)·Σ_t p_te, p = softmax(logits);
-//!   loss = coef · E · Σ_e f_e·P_e   (= coef when routing is perfectly uniform).
-//! Backward (f is a count, so constant): with c_e = coef·E·f_e / T = ∂loss/∂p_te,
-//!   d_logits_t += scale · p_t ⊙ (c − ⟨c, p_t⟩).
+//! For probs p [T,E] and the ids [T,k], of which N are not EMPTY:
+//!   f_e = (assignments to e) / N;  P_e = (1/T)·Σ_t p_te;
+//!   loss = coef · E · Σ_e f_e·P_e   (= coef when a softmax routing is perfectly uniform).
+//! Backward (f is a count, so constant): d_probs_te += scale · c_e, c_e = coef·E·f_e / T = ∂loss/∂p_te.
 //!
 //! CUDA (kernels/switch_aux.cu): `switch_aux_count` counts assignments (integer atomics, exact),
-//! `switch_aux_fwd` / `switch_aux_bwd` work on one token row per warp, `switch_aux_sum` adds
-//! the rows' ⟨c, p_t⟩ in a fixed order and reports ids outside 0..E (forward only).
+//! `switch_aux_coef` turns them into c, `switch_aux_fwd` does ⟨c, p_t⟩ with one warp per token
+//! row, `switch_aux_sum` adds the rows in a fixed order and reports ids that are neither experts
+//! nor EMPTY (forward only); `switch_aux_bwd` adds scale·c to every row of d_probs.
 
-use crate::{check_ids, expect, grid, ints, parse_coef, softmax, BLOCK};
-use pith_plugin_api::{register, Arg, BalanceLoss, DType, Device, Host, ModelDims, Result, Tensor};
+use crate::{check_ids, expect, grid, ints, parse_coef, BLOCK};
+use pith_plugin_api::{register, Arg, BalanceLoss, DType, Device, Host, ModelDims, Result, RouterOut, Tensor, EMPTY};
 
 struct SwitchAux {
     experts: usize,
@@ -34,102 +35,144 @@ const WHO: &str = "switch-aux";
 const SRC: &str = kernel_source!("switch_aux.cu");
 
 impl SwitchAux {
-    /// Check logits [T,E] f32 and ids [T,k] i32 on `dev`; returns (T, k, c_e / count_e).
-    fn check(&self, dev: Device, logits: &Tensor, ids: &Tensor) -> Result<(usize, usize, f32)> {
-        let e = self.experts;
-        expect(logits, DType::F32, dev, &[0, e], "switch-aux: logits")?;
-        let t = logits.dim(0);
-        expect(ids, DType::I32, dev, &[t, 0], "switch-aux: ids")?;
-        let k = ids.dim(1);
-        Ok((t, k, self.coef * e as f32 / ((t * k).max(1) as f32 * t.max(1) as f32)))
+    /// Check probs [T,E] f32 and ids [T,k] i32 on `dev`; returns T.
+    fn check(&self, dev: Device, route: &RouterOut) -> Result<usize> {
+        expect(&route.probs, DType::F32, dev, &[0, self.experts], "switch-aux: probs")?;
+        let t = route.probs.dim(0);
+        expect(&route.ids, DType::I32, dev, &[t, 0], "switch-aux: ids")?;
+        Ok(t)
     }
 
-    /// On the device: the assignment counts [E+1] (the last counts ids outside 0..E).
-    fn counts_cuda(&self, h: &Host, ids: &Tensor) -> Result<Tensor> {
-        let (n, e) = (ids.numel(), self.experts);
-        let counts = h.alloc(&[e + 1], DType::I32)?;
-        let [n32, e32] = ints([n, e]);
-        h.launch(SRC, "switch_aux_count", grid(n, 256), BLOCK, 0, &[ids.arg(), counts.arg(), n32, e32])?;
-        Ok(counts)
-    }
-
-    /// Softmax of every row, and c_e = ∂loss/∂p_te (the same for every token).
-    fn probs_and_c(&self, logits: &Tensor, ids: &Tensor) -> Result<(Vec<f32>, Vec<f32>)> {
-        let e = self.experts;
-        let (t, k, scale) = self.check(Device::Cpu, logits, ids)?;
-        let id = ids.i32s();
-        check_ids(id, k, e, WHO)?;
+    /// c_e = ∂loss/∂p_te (the same for every token), on the CPU.
+    fn c_cpu(&self, route: &RouterOut) -> Result<Vec<f32>> {
+        let (t, e, ids) = (self.check(Device::Cpu, route)?, self.experts, route.ids.i32s());
+        check_ids(ids, route.ids.dim(1), e, WHO)?;
         let mut c = vec![0.0f32; e];
-        id.iter().for_each(|&i| c[i as usize] += 1.0);
+        ids.iter().filter(|&&i| i != EMPTY).for_each(|&i| c[i as usize] += 1.0);
+        let n = c.iter().sum::<f32>().max(1.0);
+        let scale = self.coef * e as f32 / (n * t.max(1) as f32);
         c.iter_mut().for_each(|v| *v *= scale);
-        let mut p = vec![0.0f32; t * e];
-        for (row, out) in logits.f32s().chunks(e).zip(p.chunks_mut(e)) {
-            softmax(row, out);
-        }
-        Ok((p, c))
+        Ok(c)
+    }
+
+    /// c [E] on the device and the count of ids that are neither experts nor EMPTY ([1] i32).
+    fn c_cuda(&self, h: &Host, route: &RouterOut) -> Result<(Tensor, Tensor)> {
+        let (t, e, ids) = (self.check(Device::Cuda, route)?, self.experts, route.ids);
+        let (counts, c) = (h.alloc(&[e + 1], DType::I32)?, h.alloc_uninit(&[e], DType::F32)?);
+        let [n32, e32] = ints([ids.numel(), e]);
+        h.launch(SRC, "switch_aux_count", grid(ids.numel(), 256), BLOCK, 0, &[ids.arg(), counts.arg(), n32, e32])?;
+        let cscale = Arg::F32(self.coef * e as f32 / t.max(1) as f32);
+        h.launch(SRC, "switch_aux_coef", [1, 1, 1], BLOCK, 0, &[counts.arg(), c.arg(), e32, cscale])?;
+        Ok((c, counts))
     }
 }
 
 impl BalanceLoss for SwitchAux {
-    fn forward(&self, h: Host, logits: Tensor, ids: Tensor) -> Result<f32> {
+    fn forward(&self, h: Host, _p: &[Tensor], route: &RouterOut) -> Result<f32> {
+        let e = self.experts;
         match h.device() {
             Device::Cpu => {
-                let (p, c) = self.probs_and_c(&logits, &ids)?;
+                let c = self.c_cpu(route)?;
                 // Σ_t Σ_e c_e·p_te = coef·E·Σ_e f_e·P_e.
-                let loss: f64 =
-                    p.chunks(self.experts).flat_map(|pt| pt.iter().zip(&c)).map(|(&a, &b)| a as f64 * b as f64).sum();
-                Ok(loss as f32)
+                let rows = route.probs.f32s().chunks(e);
+                Ok(rows.flat_map(|pt| pt.iter().zip(&c)).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() as f32)
             }
             Device::Cuda => {
-                let (t, _, cscale) = self.check(Device::Cuda, &logits, &ids)?;
-                let (e, counts) = (self.experts, self.counts_cuda(&h, &ids)?);
-                let (row_loss, out) = (h.alloc_f32(&[t])?, h.alloc_f32(&[2])?);
+                let ((c, counts), t) = (self.c_cuda(&h, route)?, route.probs.dim(0));
+                let (row_loss, out) = (h.alloc_uninit(&[t], DType::F32)?, h.alloc_f32(&[2])?);
                 let [t32, e32] = ints([t, e]);
-                let args = [logits.arg(), counts.arg(), row_loss.arg(), t32, e32, Arg::F32(cscale)];
-                h.launch(SRC, "switch_aux_fwd", grid(t, 8), BLOCK, 0, &args)?;
                 h.launch(
                     SRC,
-                    "switch_aux_sum",
-                    [1, 1, 1],
+                    "switch_aux_fwd",
+                    grid(t, 8),
                     BLOCK,
                     0,
-                    &[row_loss.arg(), counts.arg(), out.arg(), t32, e32],
+                    &[route.probs.arg(), c.arg(), row_loss.arg(), t32, e32],
                 )?;
-                let (loss, bad) = match h.read_f32(out)?[..] {
-                    [loss, bad] => (loss, bad),
-                    _ => return Err(format!("{WHO}: reading the loss back")),
-                };
+                let args = [row_loss.arg(), counts.arg(), out.arg(), t32, e32];
+                h.launch(SRC, "switch_aux_sum", [1, 1, 1], BLOCK, 0, &args)?;
+                let [loss, bad] = h.read_f32(out)?[..] else { return Err(format!("{WHO}: reading the loss back")) };
                 if bad != 0.0 {
-                    return Err(format!("{WHO}: {bad} of the ids are not experts of the model; ids must be in 0..{e}"));
+                    return Err(format!(
+                        "{WHO}: {bad} of the ids are not experts of the model; ids must be in 0..{e} or EMPTY (-1)"
+                    ));
                 }
                 Ok(loss)
             }
         }
     }
 
-    fn backward(&self, h: Host, logits: Tensor, ids: Tensor, scale: f32, d_logits: Tensor) -> Result<()> {
-        match h.device() {
+    fn backward(
+        &self,
+        h: Host,
+        _p: &[Tensor],
+        route: &RouterOut,
+        scale: f32,
+        d_probs: Tensor,
+        _d_logits: Tensor,
+    ) -> Result<()> {
+        let (dev, e) = (h.device(), self.experts);
+        expect(&d_probs, DType::F32, dev, &route.probs.dims(), "switch-aux: d_probs")?;
+        match dev {
             Device::Cpu => {
-                let (p, c) = self.probs_and_c(&logits, &ids)?;
-                expect(&d_logits, DType::F32, Device::Cpu, &logits.dims(), "switch-aux: d_logits")?;
-                // SAFETY: d_logits is the output; the host passes it apart from logits.
-                let dl = unsafe { d_logits.f32s_mut() };
-                for (pt, dt) in p.chunks(self.experts).zip(dl.chunks_mut(self.experts)) {
-                    let dot: f32 = pt.iter().zip(&c).map(|(a, b)| a * b).sum();
-                    for ((d, &pe), &ce) in dt.iter_mut().zip(pt).zip(&c) {
-                        *d += scale * pe * (ce - dot);
-                    }
-                }
+                let c = self.c_cpu(route)?;
+                // SAFETY: d_probs is the output; the host passes it apart from the route.
+                let dp = unsafe { d_probs.f32s_mut() };
+                dp.chunks_mut(e).for_each(|row| row.iter_mut().zip(&c).for_each(|(d, &ce)| *d += scale * ce));
             }
             Device::Cuda => {
-                let (t, _, cscale) = self.check(Device::Cuda, &logits, &ids)?;
-                expect(&d_logits, DType::F32, Device::Cuda, &logits.dims(), "switch-aux: d_logits")?;
-                let counts = self.counts_cuda(&h, &ids)?;
-                let [t32, e32] = ints([t, self.experts]);
-                let args = [logits.arg(), counts.arg(), d_logits.arg(), t32, e32, Arg::F32(cscale), Arg::F32(scale)];
-                h.launch(SRC, "switch_aux_bwd", grid(t, 8), BLOCK, 0, &args)?;
+                let (c, _) = self.c_cuda(&h, route)?;
+                let n = d_probs.numel();
+                let args = [c.arg(), d_probs.arg(), Arg::I64(n as i64), Arg::I32(e as i32), Arg::F32(scale)];
+                h.launch(SRC, "switch_aux_bwd", grid(n, 256), BLOCK, 0, &args)?;
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{dims, randn};
+    use pith_plugin_api::kit::TestHost;
+
+    fn route(th: &TestHost, probs: &[f32], ids: &[i32], e: usize) -> RouterOut {
+        let (t, k) = (probs.len() / e, ids.len() * e / probs.len());
+        RouterOut {
+            logits: th.zeros(&[t, e], DType::F32),
+            probs: th.tensor_f32(probs, &[t, e]),
+            ids: th.tensor_i32(ids, &[t, k]),
+            weights: th.zeros(&[t, k], DType::F32),
+            saved: Default::default(),
+        }
+    }
+
+    #[test]
+    fn loss_on_probs_skips_empty_slots() {
+        let (t, e) = (4, 4);
+        let s = create("coef = 0.01", dims(e as u32)).unwrap();
+        let th = TestHost::new(t);
+        // Uniform probs, balanced ids: coef.
+        let uniform = route(&th, &[0.25; 16], &[0, 1, 2, 3, 1, 0, 3, 2], e);
+        assert!((s.forward(th.host(), &[], &uniform).unwrap() - 0.01).abs() < 1e-8);
+        // Sigmoid-like probs (rows need not sum to 1) and EMPTY slots: N = 5 assignments.
+        let probs: Vec<f32> = randn(t * e, 3, 1.0).iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect();
+        let ids = [0, 1, 2, EMPTY, 3, 0, EMPTY, EMPTY];
+        let r = route(&th, &probs, &ids, e);
+        let count = [2.0, 1.0, 1.0, 1.0];
+        let p_mean: Vec<f32> = (0..e).map(|j| (0..t).map(|i| probs[i * e + j]).sum::<f32>() / t as f32).collect();
+        let want: f32 = 0.01 * e as f32 * (0..e).map(|j| count[j] / 5.0 * p_mean[j]).sum::<f32>();
+        assert!((s.forward(th.host(), &[], &r).unwrap() - want).abs() < 1e-7);
+        let (dp, dl) = (th.tensor_f32(&[1.0; 16], &[t, e]), th.zeros(&[t, e], DType::F32));
+        s.backward(th.host(), &[], &r, 2.0, dp, dl).unwrap();
+        for (i, &v) in dp.f32s().iter().enumerate() {
+            let want = 1.0 + 2.0 * 0.01 * e as f32 * count[i % e] / (5.0 * t as f32);
+            assert!((v - want).abs() < 1e-7, "d_probs[{i}] = {v}, want {want} (accumulated)");
+        }
+        assert!(dl.f32s().iter().all(|&v| v == 0.0), "switch-aux leaves d_logits to the router");
+        let bad = route(&th, &probs, &[0, 1, 2, -2, 3, 0, 9, 1], e);
+        let err = s.forward(th.host(), &[], &bad).unwrap_err();
+        assert!(err.contains("ids[1, 1] = -2") && err.contains("EMPTY"), "{err}");
     }
 }

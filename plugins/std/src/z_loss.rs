@@ -1,13 +1,14 @@
 //! `z-loss`: keeps router logits small (ST-MoE).
 //!
-//! For logits [T,E], with lse_t = logsumexp(logits_t) and p_t = softmax(logits_t):
+//! On the router's raw logits [T,E] (whatever its probs are), with lse_t = logsumexp(logits_t)
+//! and p_t = softmax(logits_t):
 //!   loss = coef · (1/T)·Σ_t lse_t²;   d_logits_t += scale · coef · 2·lse_t·p_t / T.
 //!
 //! CUDA (kernels/z_loss.cu): `z_loss_fwd` / `z_loss_bwd` work on one token row per warp,
 //! `z_loss_sum` adds the rows' lse_t² in a fixed order.
 
 use crate::{expect, grid, ints, parse_coef, softmax, BLOCK};
-use pith_plugin_api::{register, Arg, BalanceLoss, DType, Device, Host, ModelDims, Result, Tensor};
+use pith_plugin_api::{register, Arg, BalanceLoss, DType, Device, Host, ModelDims, Result, RouterOut, Tensor};
 
 struct ZLoss {
     experts: usize,
@@ -29,8 +30,8 @@ register!(
 const SRC: &str = kernel_source!("z_loss.cu");
 
 impl BalanceLoss for ZLoss {
-    fn forward(&self, h: Host, logits: Tensor, _ids: Tensor) -> Result<f32> {
-        let dev = h.device();
+    fn forward(&self, h: Host, _p: &[Tensor], route: &RouterOut) -> Result<f32> {
+        let (dev, logits) = (h.device(), route.logits);
         expect(&logits, DType::F32, dev, &[0, self.experts], "z-loss: logits")?;
         let t = logits.dim(0).max(1) as f64;
         let sum: f64 = match dev {
@@ -49,8 +50,16 @@ impl BalanceLoss for ZLoss {
         Ok((self.coef as f64 * sum / t) as f32)
     }
 
-    fn backward(&self, h: Host, logits: Tensor, _ids: Tensor, scale: f32, d_logits: Tensor) -> Result<()> {
-        let dev = h.device();
+    fn backward(
+        &self,
+        h: Host,
+        _p: &[Tensor],
+        route: &RouterOut,
+        scale: f32,
+        _d_probs: Tensor,
+        d_logits: Tensor,
+    ) -> Result<()> {
+        let (dev, logits) = (h.device(), route.logits);
         expect(&logits, DType::F32, dev, &[0, self.experts], "z-loss: logits")?;
         expect(&d_logits, DType::F32, dev, &logits.dims(), "z-loss: d_logits")?;
         let c = scale * self.coef * 2.0 / logits.dim(0).max(1) as f32;
@@ -72,5 +81,36 @@ impl BalanceLoss for ZLoss {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{check_grad, dims};
+    use pith_plugin_api::kit::TestHost;
+
+    #[test]
+    fn value_and_gradient_on_the_logits() {
+        let (t, e) = (4, 5);
+        let z = create("coef = 0.5", dims(e as u32)).unwrap();
+        let data = TestHost::new(t);
+        let route = |logits: Tensor| RouterOut {
+            logits,
+            probs: data.zeros(&[t, e], DType::F32),
+            ids: data.zeros(&[t, 2], DType::I32),
+            weights: data.zeros(&[t, 2], DType::F32),
+            saved: Default::default(),
+        };
+        // Zero logits: lse = ln E on every row.
+        let r0 = route(data.zeros(&[t, e], DType::F32));
+        let want = 0.5 * (e as f32).ln().powi(2);
+        assert!((z.forward(data.host(), &[], &r0).unwrap() - want).abs() < 1e-6);
+        let r = route(data.tensor_f32(&crate::testing::randn(t * e, 7, 2.0), &[t, e]));
+        let loss = || z.forward(TestHost::new(t).host(), &[], &r).unwrap() as f64 * 3.0;
+        let (dp, dl) = (data.zeros(&[t, e], DType::F32), data.zeros(&[t, e], DType::F32));
+        z.backward(data.host(), &[], &r, 3.0, dp, dl).unwrap();
+        assert!(dp.f32s().iter().all(|&v| v == 0.0), "z-loss leaves d_probs alone");
+        check_grad("d_logits", r.logits, dl.f32s(), loss);
     }
 }

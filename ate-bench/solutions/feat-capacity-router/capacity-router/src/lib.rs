@@ -1,16 +1,18 @@
 //! `capacity-router`: top-k softmax routing with a per-expert capacity (GShard / Switch
-//! Transformer "capacity factor"), as far as a dropless host allows: an assignment over capacity
-//! keeps its slot but gets gate weight 0, so it contributes nothing and gets no gradient.
+//! Transformer "capacity factor"). An assignment over capacity is dropped: its slot becomes
+//! `EMPTY` (gate 0), so the comm schedule never dispatches it, no expert computes it, it
+//! contributes nothing and gets no gradient.
 //!
-//! Forward, for x [T,H], W [E,H]: logits = x·Wᵀ, p = softmax(logits), S_t = top_k ids by p.
+//! Forward, for x [T,H], W [E,H]: logits = x·Wᵀ, p = softmax(logits) (returned as probs, what
+//!   the balance losses use), S_t = top_k ids by p.
 //!   C = ceil(capacity_factor · T · top_k / E). Assignments are granted slot-major (every token's
 //!   first choice, in token order, then every second choice, ...) while the expert has room:
-//!   w_tj = p_tj if granted, else 0. Reports `dropped_frac` = dropped / (T·top_k).
-//! Backward: dp_j = d_weights for granted slots only; dlogits = d_logits + p ⊙ (dp − ⟨dp, p⟩);
-//!   dW += dlogitsᵀ·x; dx = dlogits·W.
+//!   granted: id = j, w_tj = p_tj; else id = EMPTY, w = 0. Reports `dropped_frac` = dropped / (T·top_k).
+//! Backward: dp = d_probs + d_weights on the granted (non-EMPTY) slots;
+//!   dlogits = d_logits + p ⊙ (dp − ⟨dp, p⟩);  dW += dlogitsᵀ·x;  dx = dlogits·W.  CPU only.
 
 use pith_plugin_api::{
-    parse_config, register, DType, Host, Init, ModelDims, ParamSpec, Result, Router, RouterOut, Tensor,
+    kit, parse_config, register, DType, Host, Init, ModelDims, ParamSpec, Result, Router, RouterOut, Tensor, EMPTY,
 };
 use serde::Deserialize;
 
@@ -56,7 +58,7 @@ fn create(config: &str, dims: ModelDims) -> Result<CapacityRouter> {
 register!(
     Router,
     "capacity-router",
-    "top-k softmax with a per-expert capacity; over-capacity assignments get weight 0",
+    "top-k softmax with a per-expert capacity; over-capacity assignments are dropped (EMPTY slots)",
     "[router]\nplugin = \"capacity-router\"\ntop_k = 2\ncapacity_factor = 1.25",
     create
 );
@@ -67,17 +69,17 @@ impl Router for CapacityRouter {
     }
 
     fn forward(&self, h: Host, p: &[Tensor], x: Tensor) -> Result<RouterOut> {
+        kit::require_cpu(&h, "capacity-router")?;
         if p.len() != 1 || x.dims().len() != 2 || x.dim(1) != self.hidden {
             return Err(format!("capacity-router: expected 1 parameter and x [T,{}]", self.hidden));
         }
         let (t, e, k) = (x.dim(0), self.experts, self.top_k);
         let logits = h.alloc_f32(&[t, e])?;
         h.gemm(x, p[0], logits, false, true, 1.0, 0.0)?;
-        let (probs, kept) = (h.alloc_f32(&[t, e])?, h.alloc_f32(&[t, k])?);
-        let (ids, weights) = (h.alloc(&[t, k], DType::I32)?, h.alloc_f32(&[t, k])?);
-        // SAFETY: probs, ids, weights and kept are this call's own allocations, apart from logits.
-        let (l, pr, id, w, kp) =
-            unsafe { (logits.f32s(), probs.f32s_mut(), ids.i32s_mut(), weights.f32s_mut(), kept.f32s_mut()) };
+        let (probs, ids, weights) = (h.alloc_f32(&[t, e])?, h.alloc(&[t, k], DType::I32)?, h.alloc_f32(&[t, k])?);
+        // SAFETY: probs, ids and weights are this call's own allocations, apart from logits.
+        let (l, pr, id, w) = unsafe { (logits.f32s(), probs.f32s_mut(), ids.i32s_mut(), weights.f32s_mut()) };
+        let mut choice = vec![0usize; t * k];
         for r in 0..t {
             let row = &l[r * e..(r + 1) * e];
             let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
@@ -87,26 +89,24 @@ impl Router for CapacityRouter {
             }
             let mut order: Vec<usize> = (0..e).collect();
             order.sort_by(|&a, &b| pr[r * e + b].total_cmp(&pr[r * e + a]).then(a.cmp(&b)));
-            for s in 0..k {
-                id[r * k + s] = order[s] as i32;
-            }
+            choice[r * k..(r + 1) * k].copy_from_slice(&order[..k]);
         }
         let capacity = (self.capacity_factor as f64 * (t * k) as f64 / e as f64).ceil() as usize;
         let (mut load, mut dropped) = (vec![0usize; e], 0usize);
         for s in 0..k {
             for r in 0..t {
-                let j = id[r * k + s] as usize;
+                let (i, j) = (r * k + s, choice[r * k + s]);
                 if load[j] < capacity {
                     load[j] += 1;
-                    kp[r * k + s] = 1.0;
-                    w[r * k + s] = pr[r * e + j];
+                    (id[i], w[i]) = (j as i32, pr[r * e + j]);
                 } else {
+                    (id[i], w[i]) = (EMPTY, 0.0);
                     dropped += 1;
                 }
             }
         }
         h.metric("dropped_frac", dropped as f64 / (t * k).max(1) as f64);
-        Ok(RouterOut { logits, ids, weights, saved: vec![probs, kept].into() })
+        Ok(RouterOut { logits, probs, ids, weights, saved: Vec::new().into() })
     }
 
     fn backward(
@@ -117,22 +117,25 @@ impl Router for CapacityRouter {
         x: Tensor,
         out: &RouterOut,
         d_weights: Tensor,
+        d_probs: Tensor,
         d_logits: Tensor,
         dx: Tensor,
     ) -> Result<()> {
-        let [probs, kept] = &out.saved[..] else {
-            return Err("capacity-router: backward needs the probabilities and mask forward saved".into());
-        };
+        kit::require_cpu(&h, "capacity-router")?;
         let (t, e, k) = (x.dim(0), self.experts, self.top_k);
+        if p.len() != 1 || g.len() != 1 || d_weights.numel() != t * k || d_probs.numel() != t * e {
+            return Err("capacity-router: expected 1 parameter, 1 grad, d_weights [T,k] and d_probs [T,E]".into());
+        }
         let dl = h.alloc_f32(&[t, e])?;
-        let (pr, kp, id) = (probs.f32s(), kept.f32s(), out.ids.i32s());
+        let (pr, id, dw, dpr, extra) =
+            (out.probs.f32s(), out.ids.i32s(), d_weights.f32s(), d_probs.f32s(), d_logits.f32s());
         // SAFETY: dl is this call's own allocation.
-        let (dw, extra, d) = (d_weights.f32s(), d_logits.f32s(), unsafe { dl.f32s_mut() });
+        let d = unsafe { dl.f32s_mut() };
         let mut dp = vec![0.0f32; e];
         for r in 0..t {
-            dp.iter_mut().for_each(|v| *v = 0.0);
-            for s in 0..k {
-                dp[id[r * k + s] as usize] += kp[r * k + s] * dw[r * k + s];
+            dp.copy_from_slice(&dpr[r * e..(r + 1) * e]);
+            for i in (r * k..(r + 1) * k).filter(|&i| id[i] != EMPTY) {
+                dp[id[i] as usize] += dw[i];
             }
             let dot: f32 = (0..e).map(|j| pr[r * e + j] * dp[j]).sum();
             for j in 0..e {

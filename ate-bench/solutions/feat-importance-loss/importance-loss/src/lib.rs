@@ -1,12 +1,17 @@
-//! `importance-loss`: the importance loss of Shazeer et al. 2017 (sparsely-gated MoE).
+//! `importance-loss`: the importance loss of Shazeer et al. 2017 (sparsely-gated MoE), on the
+//! router's probabilities (`route.probs`: the softmax of the logits for `topk-softmax`).
 //!
-//! For logits [T,E]: p = softmax(logits); Imp_e = Σ_t p_te; μ = (1/E)·Σ_e Imp_e (= T/E);
+//! For probs p [T,E]: Imp_e = Σ_t p_te; μ = (1/E)·Σ_e Imp_e;
 //!   CV² = (1/E)·Σ_e (Imp_e − μ)² / μ²;  loss = coef · CV².
-//! Backward: Σ_e Imp_e = T is constant, so ∂CV²/∂Imp_e = 2(Imp_e − μ)/(E·μ²) = c_e/coef, and
-//!   d_logits_t += scale · p_t ⊙ (c − ⟨c, p_t⟩).
-//! Reports `importance_cv2` (CV², without the coefficient).
+//! Backward, exact in p (μ depends on p too; rows need not sum to 1, e.g. a sigmoid router):
+//!   ∂CV²/∂Imp_j = 2(Imp_j − μ)/(E·μ²) − 2·CV²/(E·μ), so
+//!   d_probs_tj += scale · c_j with c_j = coef · ∂CV²/∂Imp_j; the router chains d_probs to its
+//!   logits (d_logits is left alone).
+//! Reports `importance_cv2` (CV², without the coefficient). CPU only.
 
-use pith_plugin_api::{parse_config, register, BalanceLoss, Host, ModelDims, Result, Tensor};
+use pith_plugin_api::{
+    kit, parse_config, register, BalanceLoss, DType, Device, Host, ModelDims, Result, RouterOut, Tensor,
+};
 use serde::Deserialize;
 
 pith_plugin_api::export_plugin!("importance-loss");
@@ -43,51 +48,55 @@ register!(
 );
 
 impl Importance {
-    /// Softmax rows, CV², and c_e = ∂loss/∂p_te.
-    fn parts(&self, logits: &Tensor) -> Result<(Vec<f32>, f64, Vec<f32>)> {
+    /// CV² of the importance, and c_e = ∂loss/∂p_te (the same for every token).
+    fn parts(&self, h: &Host, probs: &Tensor) -> Result<(f64, Vec<f32>)> {
+        kit::require_cpu(h, "importance-loss")?;
         let e = self.experts;
-        if logits.dims().len() != 2 || logits.dim(1) != e {
-            return Err(format!("importance-loss: logits must be [T,{e}], got {:?}", logits.dims()));
+        if probs.dims().len() != 2 || probs.dim(1) != e || probs.dtype != DType::F32 || probs.device != Device::Cpu {
+            return Err(format!(
+                "importance-loss: probs must be f32 [T,{e}], got {:?} {:?}",
+                probs.dtype,
+                probs.dims()
+            ));
         }
-        let mut p = logits.f32s().to_vec();
         let mut imp = vec![0.0f64; e];
-        for row in p.chunks_mut(e) {
-            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            row.iter_mut().for_each(|v| *v = (*v - max).exp());
-            let s: f32 = row.iter().sum();
-            row.iter_mut().zip(imp.iter_mut()).for_each(|(v, i)| {
-                *v /= s;
-                *i += *v as f64;
-            });
+        for row in probs.f32s().chunks(e) {
+            imp.iter_mut().zip(row).for_each(|(i, &p)| *i += p as f64);
         }
         let mu = imp.iter().sum::<f64>() / e as f64;
         if mu <= 0.0 {
-            return Ok((p, 0.0, vec![0.0; e]));
+            return Ok((0.0, vec![0.0; e]));
         }
         let cv2 = imp.iter().map(|i| (i - mu) * (i - mu)).sum::<f64>() / e as f64 / (mu * mu);
-        let c = imp.iter().map(|i| (self.coef as f64 * 2.0 * (i - mu) / (e as f64 * mu * mu)) as f32).collect();
-        Ok((p, cv2, c))
+        let (ef, coef) = (e as f64, self.coef as f64);
+        let c = imp.iter().map(|i| (coef * (2.0 * (i - mu) / (ef * mu * mu) - 2.0 * cv2 / (ef * mu))) as f32).collect();
+        Ok((cv2, c))
     }
 }
 
 impl BalanceLoss for Importance {
-    fn forward(&self, h: Host, logits: Tensor, _ids: Tensor) -> Result<f32> {
-        let (_, cv2, _) = self.parts(&logits)?;
+    fn forward(&self, h: Host, _p: &[Tensor], route: &RouterOut) -> Result<f32> {
+        let (cv2, _) = self.parts(&h, &route.probs)?;
         h.metric("importance_cv2", cv2);
         Ok((self.coef as f64 * cv2) as f32)
     }
 
-    fn backward(&self, _h: Host, logits: Tensor, _ids: Tensor, scale: f32, d_logits: Tensor) -> Result<()> {
-        let (p, _, c) = self.parts(&logits)?;
-        let e = self.experts;
-        // SAFETY: d_logits is the output, apart from logits; nothing else views it.
-        let dl = unsafe { d_logits.f32s_mut() };
-        for (pt, dt) in p.chunks(e).zip(dl.chunks_mut(e)) {
-            let dot: f32 = pt.iter().zip(&c).map(|(a, b)| a * b).sum();
-            for ((d, &pe), &ce) in dt.iter_mut().zip(pt).zip(&c) {
-                *d += scale * pe * (ce - dot);
-            }
+    fn backward(
+        &self,
+        h: Host,
+        _p: &[Tensor],
+        route: &RouterOut,
+        scale: f32,
+        d_probs: Tensor,
+        _d_logits: Tensor,
+    ) -> Result<()> {
+        let (_, c) = self.parts(&h, &route.probs)?;
+        if d_probs.dims() != route.probs.dims() {
+            return Err(format!("importance-loss: d_probs is {:?}, probs {:?}", d_probs.dims(), route.probs.dims()));
         }
+        // SAFETY: d_probs is the output, apart from the route; nothing else views it.
+        let dp = unsafe { d_probs.f32s_mut() };
+        dp.chunks_mut(self.experts).for_each(|row| row.iter_mut().zip(&c).for_each(|(d, &ce)| *d += scale * ce));
         Ok(())
     }
 }

@@ -1,11 +1,15 @@
 //! `lion`: the Lion optimizer (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms").
 //!
-//! Per element, with one state m (`exp_avg`, zero-initialised):
+//! Per element of every trained parameter, with one state m (`exp_avg`, zero-initialised) and
+//! g = grad_scale · gradient (the host's global-norm clip):
 //!   c = β1·m + (1−β1)·g;  w ← w − lr·(sign(c) + wd·w)   (wd only for decay = true params);
 //!   m ← β2·m + (1−β2)·g.   sign(0) = 0, so a zero gradient on a zero state moves nothing.
-//! Reports `update_rms` = sqrt(mean(sign(c)²)) over the parameter (≤ 1; averaged over tensors).
+//! Reports `update_rms` = sqrt(mean(sign(c)²)) per parameter tensor (≤ 1; the step's metric is
+//! the mean over tensors). The host writes the bf16 copies and zeroes the gradients. CPU only.
 
-use pith_plugin_api::{parse_config, register, Host, ModelDims, Optimizer, ParamSpec, Result, Tensor};
+use pith_plugin_api::{
+    kit, parse_config, register, Host, ModelDims, Optimizer, ParamSpec, Result, Role, Slot, StepDone,
+};
 use serde::Deserialize;
 
 pith_plugin_api::export_plugin!("lion");
@@ -65,35 +69,33 @@ fn sign(x: f32) -> f32 {
 }
 
 impl Optimizer for Lion {
-    fn state(&self, _param: &ParamSpec) -> Vec<String> {
+    fn state(&self, _name: &str, _param: &ParamSpec) -> Vec<String> {
         vec!["exp_avg".into()]
     }
 
-    fn step(
-        &self,
-        h: Host,
-        param: &ParamSpec,
-        w: Tensor,
-        g: Tensor,
-        state: &[Tensor],
-        lr: f32,
-        _step: u64,
-    ) -> Result<()> {
-        let [m] = state else {
-            return Err(format!("lion: expected 1 state tensor for {}, got {}", param.name, state.len()));
-        };
-        let wd = if param.decay { self.weight_decay } else { 0.0 };
+    fn step(&self, h: Host, slots: &[Slot], lr: f32, _step: u64, grad_scale: f32) -> Result<StepDone> {
+        kit::require_cpu(&h, "lion")?;
         let (b1, b2) = (self.beta1, self.beta2);
-        let mut sq = 0.0f64;
-        // SAFETY: w and m are distinct host buffers, apart from g; nothing else views them.
-        let (wv, mv) = unsafe { (w.f32s_mut(), m.f32s_mut()) };
-        for ((w, &g), m) in wv.iter_mut().zip(g.f32s()).zip(mv) {
-            let u = sign(b1 * *m + (1.0 - b1) * g);
-            sq += (u * u) as f64;
-            *w -= lr * (u + wd * *w);
-            *m = b2 * *m + (1.0 - b2) * g;
+        for s in slots.iter().filter(|s| s.spec.role == Role::Param) {
+            let [m] = &s.state[..] else {
+                return Err(format!("lion: expected 1 state tensor for {}, got {}", s.name, s.state.len()));
+            };
+            if s.g.numel() != s.w.numel() || m.numel() != s.w.numel() {
+                return Err(format!("lion: {}: weight, grad and exp_avg differ in size", s.name));
+            }
+            let wd = if s.spec.decay { self.weight_decay } else { 0.0 };
+            let mut sq = 0.0f64;
+            // SAFETY: w and m are distinct host buffers, apart from g; nothing else views them.
+            let (wv, mv) = unsafe { (s.w.f32s_mut(), m.f32s_mut()) };
+            for ((w, &g), m) in wv.iter_mut().zip(s.g.f32s()).zip(mv) {
+                let g = grad_scale * g;
+                let u = sign(b1 * *m + (1.0 - b1) * g);
+                sq += (u * u) as f64;
+                *w -= lr * (u + wd * *w);
+                *m = b2 * *m + (1.0 - b2) * g;
+            }
+            h.metric("update_rms", (sq / s.w.numel().max(1) as f64).sqrt());
         }
-        h.metric("update_rms", (sq / w.numel().max(1) as f64).sqrt());
-        Ok(())
+        Ok(StepDone::default())
     }
 }

@@ -1,13 +1,17 @@
 //! `relu2`: squared-ReLU experts (So et al. 2021, "Primer"): two matrices per expert, no gate.
 //!
-//! Forward, for the rows x_e of expert e (x [N,H], groups from offsets [E+1]):
+//! This rank's experts only (`local_experts`; all of them on one rank), each parameter [E_local, ..].
+//! Forward, for the rows x_e of local expert e (x [N,H], groups from offsets [E_local+1]):
 //!   a = x_e·Wu[e] [n_e,F];  u = act(a);  y_e = u·Wd[e] [n_e,H],
 //!   act = relu(a)² (`variant = "relu2"`) or relu(a) (`variant = "relu"`).
+//!   FLOPs: 4·H·F per row (two GEMMs).
 //! Backward: du = dy·Wd[e]ᵀ;  dWd[e] += uᵀ·dy;  da = du ⊙ act'(a) (2·relu(a), or [a > 0]);
 //!   dWu[e] += x_eᵀ·da;  dx_e = da·Wu[e]ᵀ.
-//! Reports `act_sparsity`: the fraction of a ≤ 0 (activations that are exactly zero).
+//! Reports `act_sparsity`: the fraction of a ≤ 0 (activations that are exactly zero). CPU only.
 
-use pith_plugin_api::{parse_config, register, Experts, ExpertsOut, Host, Init, ModelDims, ParamSpec, Result, Tensor};
+use pith_plugin_api::{
+    kit, parse_config, register, DType, Device, Experts, ExpertsOut, Host, Init, ModelDims, ParamSpec, Result, Tensor,
+};
 use serde::Deserialize;
 
 pith_plugin_api::export_plugin!("relu2");
@@ -24,6 +28,7 @@ fn default_variant() -> String {
 
 struct Relu2 {
     hidden: usize,
+    /// This rank's experts (`ModelDims::local_experts`).
     experts: usize,
     ffn: usize,
     squared: bool,
@@ -36,9 +41,9 @@ fn create(config: &str, dims: ModelDims) -> Result<Relu2> {
         "relu" => false,
         v => return Err(format!("`variant` = \"{v}\"; valid: \"relu2\" (squared ReLU), \"relu\"")),
     };
-    let (hidden, experts, ffn) = (dims.hidden as usize, dims.experts as usize, dims.expert_ffn as usize);
+    let (hidden, experts, ffn) = (dims.hidden as usize, dims.local_experts as usize, dims.expert_ffn as usize);
     if hidden == 0 || experts == 0 || ffn == 0 {
-        return Err("model.hidden, model.experts and model.expert_ffn must all be at least 1".into());
+        return Err("model.hidden, the local experts and model.expert_ffn must all be at least 1".into());
     }
     Ok(Relu2 { hidden, experts, ffn, squared })
 }
@@ -51,6 +56,19 @@ register!(
     create
 );
 
+impl Relu2 {
+    fn check(&self, h: &Host, p: &[Tensor], x: &Tensor, offsets: &Tensor) -> Result<()> {
+        kit::require_cpu(h, "relu2")?;
+        if p.len() != 2 || x.dims().len() != 2 || x.dim(1) != self.hidden {
+            return Err(format!("relu2: expected 2 parameters and x [N,{}]", self.hidden));
+        }
+        if offsets.dtype != DType::I32 || offsets.device != Device::Cpu || offsets.numel() != self.experts + 1 {
+            return Err(format!("relu2: offsets must be {} i32 on the host", self.experts + 1));
+        }
+        Ok(())
+    }
+}
+
 impl Experts for Relu2 {
     fn params(&self) -> Vec<ParamSpec> {
         let (e, h, f) = (self.experts, self.hidden, self.ffn);
@@ -60,10 +78,12 @@ impl Experts for Relu2 {
         ]
     }
 
+    fn flops(&self, rows: &[u64]) -> f64 {
+        4.0 * (self.hidden * self.ffn) as f64 * rows.iter().sum::<u64>() as f64
+    }
+
     fn forward(&self, h: Host, p: &[Tensor], x: Tensor, offsets: Tensor) -> Result<ExpertsOut> {
-        if p.len() != 2 || x.dims().len() != 2 || x.dim(1) != self.hidden {
-            return Err(format!("relu2: expected 2 parameters and x [N,{}]", self.hidden));
-        }
+        self.check(&h, p, &x, &offsets)?;
         let n = x.dim(0);
         let (a, u) = (h.alloc_f32(&[n, self.ffn])?, h.alloc_f32(&[n, self.ffn])?);
         h.grouped_gemm(x, p[0], a, offsets, false, false)?;
@@ -93,6 +113,7 @@ impl Experts for Relu2 {
         dy: Tensor,
         dx: Tensor,
     ) -> Result<()> {
+        self.check(&h, p, &x, &offsets)?;
         let ([gu, gd], [a, u]) = (g, &out.saved[..]) else {
             return Err("relu2: expected 2 grads and the 2 tensors forward saved".into());
         };

@@ -1,5 +1,5 @@
-// Device helpers shared by the std components' kernels; each component's source is compiled as
-// this header followed by its own .cu file (src/lib.rs `kernel_source!`).
+// Device helpers for plugin kernels (`pith_plugin_api::kit::COMMON_CUH`): a component's CUDA
+// source is compiled as this header followed by its own kernels (`pith_plugin_api::kernel_source!`).
 #include <cuda_bf16.h>
 
 #define FULL 0xffffffffu
