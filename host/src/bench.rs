@@ -41,27 +41,30 @@ fn gemm_peak(gpu: &Gpu) -> Result<f64, String> {
     Ok(10.0 * 2.0 * (n as f64).powi(3) / (ms / 1e3))
 }
 
-/// One optimizer step (all micro-batches); returns the loss.
-fn step(run: &mut Run, data: &mut Dataset, step: u64) -> Result<f32, String> {
+/// One optimizer step (all micro-batches); returns the loss and the experts' forward FLOPs by
+/// their own count (`Experts::flops`) over the rows they computed.
+fn step(run: &mut Run, data: &mut Dataset, step: u64) -> Result<(f32, f64), String> {
     let t = run.cfg.train.clone();
-    let mut loss = 0.0;
+    let (mut loss, mut experts) = (0.0, 0.0);
     for micro in 0..t.grad_accum {
         let (x, y) = data.next_batch(t.micro_batch, run.cfg.model.seq_len)?;
-        loss += run.micro_step(&x, &y, (step, micro), 1.0 / t.grad_accum as f32, false)?.loss / t.grad_accum as f32;
+        let o = run.micro_step(&x, &y, (step, micro), 1.0 / t.grad_accum as f32, false)?;
+        loss += o.loss / t.grad_accum as f32;
+        experts += run.experts_flops(&o.expert_counts);
     }
     let (_, clip_scale) = run.grad_norm(t.clip)?;
     run.optimizer_step(lr_at(&t, step), step, clip_scale)?;
     if let Some(g) = run.gpu() {
         g.sync()?;
     }
-    Ok(loss)
+    Ok((loss, experts))
 }
 
 pub fn bench(cfg: Config, reg: &Registry, o: BenchOpts) -> Result<(), String> {
     crate::config::check_memory(&cfg)?;
     let (m, t) = (cfg.model.clone(), cfg.train.clone());
-    let top_k = cfg.router.get("top_k").and_then(|v| v.as_integer()).unwrap_or(2) as usize;
-    let flops_per_token = Model::counts(&m, top_k).flops_per_token;
+    // The dense part here; the experts' part from their own count of the rows they computed.
+    let dense_per_token = Model::counts(&m, 0).flops_per_token;
     let tokens = t.micro_batch * m.seq_len * t.grad_accum;
     let mut data = Dataset::open(&cfg.data, m.vocab, t.seed, Split::Train)?;
     let t0 = Instant::now();
@@ -77,7 +80,7 @@ pub fn bench(cfg: Config, reg: &Registry, o: BenchOpts) -> Result<(), String> {
         }
         None => None,
     };
-    let mut times = Vec::new();
+    let (mut times, mut experts_flops) = (Vec::new(), 0.0);
     let mut loss = f32::NAN;
     let mut mallocs = 0;
     for i in 0..o.warmup + o.steps {
@@ -85,7 +88,8 @@ pub fn bench(cfg: Config, reg: &Registry, o: BenchOpts) -> Result<(), String> {
             mallocs = run.gpu().map_or(0, |g| g.pool.stats().mallocs);
         }
         let s = Instant::now();
-        loss = step(&mut run, &mut data, i as u64 + 1)?;
+        let (l, experts_fwd) = step(&mut run, &mut data, i as u64 + 1)?;
+        loss = l;
         let dt = s.elapsed().as_secs_f64();
         eprintln!(
             "bench: step {:>2} {:>8.1} ms  loss {loss:.4}{}",
@@ -95,12 +99,13 @@ pub fn bench(cfg: Config, reg: &Registry, o: BenchOpts) -> Result<(), String> {
         );
         if i >= o.warmup {
             times.push(dt);
+            experts_flops += 3.0 * experts_fwd / o.steps as f64; // forward + backward
         }
     }
     times.sort_by(f64::total_cmp);
     let median = times.get(times.len() / 2).copied().ok_or("bench: --steps must be at least 1")?;
     let tps = tokens as f64 / median;
-    let achieved = flops_per_token * tps;
+    let achieved = (dense_per_token * tokens as f64 + experts_flops) / median;
     let mut line = serde_json::json!({
         "config": run.cfg.source.file, "device": t.device, "tokens_per_step": tokens,
         "median_step_ms": median * 1e3, "tokens_per_s": tps, "tflops": achieved / 1e12, "loss": loss,

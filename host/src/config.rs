@@ -93,6 +93,10 @@ pub struct TrainConfig {
     /// Print the console summary line every N steps (the metrics file gets every step).
     #[serde(default = "d_one_u")]
     pub log_every: u64,
+    /// Plugin metrics to show on the console line too (e.g. ["dropped_frac"]); all of them are
+    /// in metrics.jsonl.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub show_metrics: Vec<String>,
     /// Start from these weights instead of a random init: a Hugging Face folder (config.json +
     /// safetensors, see docs/interop.md) or a Pith checkpoint (a step or run directory; weights
     /// only). Ignored with `--resume`.
@@ -407,6 +411,8 @@ fn qualify(text: &str, line: usize, msg: String) -> String {
 
 /// The top-level tables of a config; `--set` creates a missing one (but no `[[balance_loss]]`).
 const TABLES: [&str; 8] = ["model", "train", "data", "router", "experts", "balance_loss", "optimizer", "comm"];
+/// The tables that name a plugin.
+const COMPONENTS: [&str; 5] = ["router", "experts", "balance_loss", "optimizer", "comm"];
 
 /// Apply `table.key=value` overrides (`table.N.key`: the N-th `[[table]]`) to the TOML text. Only
 /// the lines of overridden keys change (keeping their comments); a new key takes a new line,
@@ -467,6 +473,14 @@ fn apply_overrides(file: &str, text: &str, overrides: &[String]) -> Result<Sourc
                 item => item.as_table_like_mut().ok_or_else(|| bad(format!("`{name}` is a value, not a table")))?,
             };
             i += 1;
+        }
+        // Choosing another plugin starts its table afresh: the old plugin's keys mean nothing to
+        // it (`--set router.plugin=top-any --set router.max_k=3`: the plugin first).
+        let switching =
+            *key == "plugin" && COMPONENTS.contains(&table[0]) && t.get(key).and_then(|i| i.as_str()) != value.as_str();
+        if switching {
+            let others: Vec<String> = t.iter().map(|(k, _)| k.to_string()).filter(|k| k != "plugin").collect();
+            others.iter().for_each(|k| drop(t.remove(k)));
         }
         match t.get_mut(key) {
             Some(Item::Value(old)) => {
@@ -816,10 +830,25 @@ mod tests {
     }
 
     #[test]
+    fn setting_another_plugin_starts_its_table_afresh() {
+        // The quickstart's [router] has top_k = 2; another router must not inherit it.
+        let c = parse(&["router.plugin=\"my-router\"", "router.max_k=3"]).unwrap();
+        assert_eq!(c.router.get("plugin").and_then(|v| v.as_str()), Some("my-router"));
+        assert_eq!(c.router.len(), 2, "{:?}", c.router);
+        // The same plugin again keeps its keys; so do other tables.
+        let c = parse(&["router.plugin=\"topk-softmax\"", "balance_loss.1.plugin=\"z-loss\""]).unwrap();
+        assert_eq!(c.router.get("top_k").and_then(|v| v.as_integer()), Some(2));
+        assert!(c.balance_loss[1].get("coef").is_some());
+        let c = parse(&["balance_loss.0.plugin=\"other\""]).unwrap();
+        assert_eq!(c.balance_loss[0].len(), 1);
+        assert_eq!(c.experts.get("plugin").and_then(|v| v.as_str()), Some("swiglu"));
+    }
+
+    #[test]
     fn set_reaches_the_tables_of_an_array_and_points_at_their_lines() {
-        let c = parse(&["balance_loss.1.coef=0.5", "balance_loss.0.plugin=\"z-loss\""]).unwrap();
+        let c = parse(&["balance_loss.1.coef=0.5", "balance_loss.0.plugin=\"switch-aux\""]).unwrap();
         assert_eq!(c.balance_loss[1]["coef"].as_float(), Some(0.5));
-        assert_eq!(c.balance_loss[0]["plugin"].as_str(), Some("z-loss"));
+        assert_eq!(c.balance_loss[0]["plugin"].as_str(), Some("switch-aux"));
         let at = format!("q.toml:{} (--set balance_loss.1.coef=0.5)", line("coef", 1));
         assert_eq!(c.at("balance_loss", 1, "coef"), at);
         assert_eq!(c.at("balance_loss", 0, "coef"), format!("q.toml:{}", line("coef", 0)));

@@ -18,8 +18,12 @@ use std::fmt::Write;
 /// weights (experts × hidden) small whatever the model's size.
 const PROBE_HIDDEN: usize = 64;
 
-/// Experts per token, measured by running layer 0's router on one token.
-fn measured_top_k(cfg: &Config, reg: &Registry) -> Result<usize, String> {
+/// Tokens the router probe routes.
+const PROBE_TOKENS: usize = 16;
+
+/// Experts per token (non-empty slots; a router may use fewer than its k), measured by running
+/// layer 0's router on a few tokens.
+fn measured_top_k(cfg: &Config, reg: &Registry) -> Result<f64, String> {
     let mut small = cfg.clone();
     small.model.hidden = cfg.model.hidden.min(PROBE_HIDDEN);
     let Component::Router(r) = crate::train::create(&small, reg, Kind::Router, 0, &cfg.router, 0)? else {
@@ -34,10 +38,11 @@ fn measured_top_k(cfg: &Config, reg: &Registry) -> Result<usize, String> {
     }
     let mut p = Params::default();
     let range = p.add("probe", specs, 1);
-    let (ops, h) = (CpuOps::default(), small.model.hidden);
-    let x: Vec<f32> = (0..h).map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.5).collect();
-    let out = r.forward(ops.ops(), RSlice::from_slice(&p.weights(range)), view(&x, &[1, h])).into_result()?;
-    Ok(out.ids.dim(1))
+    let (ops, h, t) = (CpuOps::default(), small.model.hidden, PROBE_TOKENS);
+    let x: Vec<f32> = (0..t * h).map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.5).collect();
+    let out = r.forward(ops.ops(), RSlice::from_slice(&p.weights(range)), view(&x, &[t, h])).into_result()?;
+    let used = out.ids.i32s().iter().filter(|&&id| id != pith_plugin_api::EMPTY).count();
+    Ok(used as f64 / t as f64)
 }
 
 /// Group key of a parameter name: `layers.3.moe.experts.w_up` → `moe.experts`.
@@ -61,11 +66,15 @@ pub fn plan(cfg: &Config, reg: &Registry) -> Result<String, String> {
         })?;
         let _ = writeln!(s, "  {:<13} {:<14} {}  [{}]", kind.as_str(), name, e.origin, e.info.source);
     }
-    let top_k = measured_top_k(cfg, reg)? as u128;
+    let top_k = measured_top_k(cfg, reg)?;
     // One layer, counted `layers` times; seq_len 0 leaves the RoPE table empty.
     let mut one = cfg.clone();
     (one.model.layers, one.model.seq_len) = (1, 0);
     let (moe, opt) = crate::train::components(&one, reg)?;
+    let Component::Experts(one_layer_experts) = crate::train::create(&one, reg, Kind::Experts, 0, &cfg.experts, 0)?
+    else {
+        unreachable!()
+    };
     let mut params = Params { shapes_only: true, ..Default::default() };
     Model::new(&one.model, &mut params, cfg.train.seed, moe)?;
     let (layers, experts) = (m.layers as u128, m.experts as u128);
@@ -74,16 +83,21 @@ pub fn plan(cfg: &Config, reg: &Registry) -> Result<String, String> {
         n.saturating_mul(if p.name.starts_with("layers.") { layers } else { 1 })
     };
     let active = |p: &Param, n: u128| match group(&p.name) == "moe.experts" {
-        true => n.saturating_mul(top_k) / experts,
+        true => (n as f64 * top_k / experts as f64) as u128,
         false => n,
     };
+    let (buffers, accumulators) =
+        params.list.iter().filter(|p| !p.trained()).fold((0u128, 0u128), |a, p| match p.spec.role {
+            pith_plugin_api::Role::Buffer => (a.0.saturating_add(numel(p)), a.1),
+            _ => (a.0, a.1.saturating_add(numel(p))),
+        });
     let mut groups: BTreeMap<String, (u128, u128)> = BTreeMap::new();
-    for p in &params.list {
+    for p in params.list.iter().filter(|p| p.trained()) {
         let n = numel(p);
         let e = groups.entry(group(&p.name)).or_default();
         (e.0, e.1) = (e.0.saturating_add(n), e.1.saturating_add(active(p, n)));
     }
-    let _ = writeln!(s, "\nparameters (experts active: top-{top_k} of {}):", m.experts);
+    let _ = writeln!(s, "\nparameters (experts active: {top_k:.2} of {} per token, probed):", m.experts);
     let _ = writeln!(s, "  {:<16} {:>14} {:>14}", "group", "total", "active/token");
     for (g, (n, a)) in &groups {
         let _ = writeln!(s, "  {g:<16} {n:>14} {a:>14}");
@@ -91,14 +105,23 @@ pub fn plan(cfg: &Config, reg: &Registry) -> Result<String, String> {
     let total = groups.values().fold(0u128, |a, v| a.saturating_add(v.0));
     let all_active = groups.values().fold(0u128, |a, v| a.saturating_add(v.1));
     let _ = writeln!(s, "  {:<16} {total:>14} {all_active:>14}", "all");
-    // Matmul params exclude the embedding lookup and the norm weights.
-    let matmul = params.list.iter().filter(|p| p.spec.shape.len() >= 2 && !p.name.starts_with("embed"));
-    let matmul = matmul.fold(0u128, |a, p| a.saturating_add(active(p, numel(p))));
+    if buffers + accumulators > 0 {
+        let _ =
+            writeln!(s, "  + {buffers} buffer and {accumulators} accumulator floats (components' state, no gradient)");
+    }
+    // Matmul params exclude the embedding lookup and the norm weights; the experts' FLOPs are
+    // their own count (`Experts::flops`) at an even load of `top_k` experts per token.
+    let dense = params.list.iter().filter(|p| p.trained() && p.spec.shape.len() >= 2 && !p.name.starts_with("embed"));
+    let dense = dense.filter(|p| group(&p.name) != "moe.experts");
+    let matmul = dense.fold(0u128, |a, p| a.saturating_add(numel(p)));
+    let per_expert = (1e6 * top_k / experts as f64).round() as u64;
+    let experts_fwd = one_layer_experts.flops(RSlice::from_slice(&vec![per_expert; m.experts])) / 1e6 * layers as f64;
     let attn = 6.0 * [m.layers, m.heads, m.head_dim, m.seq_len].iter().map(|&x| x as f64).product::<f64>();
-    let flops = 6.0 * matmul as f64 + attn;
+    let flops = 6.0 * matmul as f64 + 3.0 * experts_fwd + attn;
     let _ = writeln!(
         s,
-        "\ntraining FLOPs/token: {:.4} GFLOP = 6 × {matmul} active matmul params + 6 × layers × heads × head_dim × seq_len ({attn})",
+        "\ntraining FLOPs/token: {:.4} GFLOP = 6 × {matmul} active dense matmul params + 3 × {experts_fwd:.0} experts \
+         forward (the plugin's count) + 6 × layers × heads × head_dim × seq_len ({attn})",
         flops / 1e9
     );
     let bytes = params.list.iter().fold(0u128, |a, p| {

@@ -199,6 +199,14 @@ impl Run {
         self.calls().set(c, t.seed);
     }
 
+    /// The experts' forward FLOPs for per-layer row counts (`StepOut::expert_counts`), by each
+    /// layer's experts component's own count.
+    pub(crate) fn experts_flops(&self, counts: &[Vec<u32>]) -> f64 {
+        let rows = |c: &Vec<u32>| c.iter().map(|&r| r as u64).collect::<Vec<u64>>();
+        let layers = self.model.layers.iter().zip(counts);
+        layers.map(|(l, c)| l.moe.experts.1.flops(RSlice::from_slice(&rows(c)))).sum()
+    }
+
     fn calls(&self) -> &Calls {
         match &self.backend {
             Backend::Cpu(ops) => ops.calls(),
@@ -499,7 +507,12 @@ pub fn train(
         }
         writeln!(metrics, "{line}").map_err(|e| format!("metrics.jsonl: {e}"))?;
         if step % t.log_every.max(1) == 0 || is_last || step == start + 1 {
-            let aux_s: String = aux.iter().map(|(n, v)| format!(" {n} {v:.4}")).collect();
+            let mut aux_s: String = aux.iter().map(|(n, v)| format!(" {n} {v:.4}")).collect();
+            for n in &t.show_metrics {
+                if let Some(v) = plugin_metrics.get(n) {
+                    aux_s += &format!(" {n} {v:.4}");
+                }
+            }
             let val_s = line.get("val_loss").map(|v| format!(" | val {:.4}", v.as_f64().unwrap())).unwrap_or_default();
             say(format!(
                 "step {step:>5}/{} | loss {loss:.4}{val_s} |{aux_s} | lr {lr:.2e} | gnorm {gnorm:.3} | {:.1}K tok/s | load max/mean {load_max:.2}",

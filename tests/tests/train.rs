@@ -197,7 +197,7 @@ fn plan_of_the_benchmark_model_matches_the_reference_flops() {
     let line = text.lines().find(|l| l.starts_with("training FLOPs/token")).unwrap();
     let gflop: f64 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
     assert!((gflop - 1.603).abs() < 5e-4, "{line}");
-    assert!(text.contains("top-8 of 64"), "{text}");
+    assert!(text.contains("experts active: 8.00 of 64 per token"), "{text}");
     // device = "cuda": f32 weights, grads and two AdamW states plus a bf16 copy, 18 B a parameter.
     let all: f64 = text
         .lines()
