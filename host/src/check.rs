@@ -66,17 +66,25 @@ struct Case<'a> {
     bwd: Bwd<'a>,
 }
 
-/// Check component `c` for a model of size `dims`; `label` (e.g. "router topk-softmax")
-/// prefixes every line. Returns the PASS lines, or the first failure.
-pub fn check_component(c: &Component, label: &str, dims: ModelDims, seed: u64) -> R<Vec<String>> {
+/// Check component `c` for a model of size `dims` on `tokens` tokens (routers, comm schedules,
+/// losses; 0: 8, or 16 for losses); `label` (e.g. "router topk-softmax") prefixes every line.
+/// Returns the PASS lines (what was exercised among them), or the first failure.
+pub fn check_component(c: &Component, label: &str, dims: ModelDims, seed: u64, tokens: usize) -> R<Vec<String>> {
     let cpu = CpuOps::default();
+    let ctx =
+        pith_plugin_api::Context { step: 1, micro_batches: 1, batch: 1, training: true, seed, ..Default::default() };
     let mut rng = Rng::new(seed);
+    let t = |default: usize| if tokens == 0 { default } else { tokens };
+    cpu.calls().set(pith_plugin_api::Context { seq: t(8) as u32, ..ctx }, seed);
     let lines = match c {
-        Component::Router(r) => check_router(&cpu, r, dims, &mut rng),
+        Component::Router(r) => check_router(&cpu, r, dims, t(8), &mut rng),
         Component::Experts(e) => check_experts(&cpu, e, dims.local_experts as usize, dims, &mut rng),
         Component::Shared(e) => check_experts(&cpu, e, 1, dims, &mut rng),
-        Component::BalanceLoss(l) => check_loss(&cpu, l, dims, &mut rng),
-        Component::CommSchedule(s) => check_comm(&cpu, s, dims, &mut rng),
+        Component::BalanceLoss(l) => {
+            cpu.calls().set(pith_plugin_api::Context { seq: t(16) as u32, ..ctx }, seed);
+            check_loss(&cpu, l, dims, t(16), &mut rng)
+        }
+        Component::CommSchedule(s) => check_comm(&cpu, s, dims, t(8), &mut rng),
         Component::Optimizer(o) => check_optimizer(&cpu, o, &mut rng),
     };
     cpu.reset();
@@ -275,8 +283,8 @@ fn grad_check(
     Ok(format!("grad {name}: {m} coords, max rel err {raw:.1e} ({beyond}) < {TOL:.0e}{skip}"))
 }
 
-fn check_router(cpu: &CpuOps, r: &RouterBox, dims: ModelDims, rng: &mut Rng) -> R<Vec<String>> {
-    let (t, h, e) = (8, dims.hidden as usize, dims.experts as usize);
+fn check_router(cpu: &CpuOps, r: &RouterBox, dims: ModelDims, t: usize, rng: &mut Rng) -> R<Vec<String>> {
+    let (h, e) = (dims.hidden as usize, dims.experts as usize);
     let mut ps = make_params(r.params().into_vec(), rng);
     let (w, g) = (ps.weights(0..ps.list.len()), ps.grads(0..ps.list.len()));
     let mut xv = randn(rng, t * h, 1.0);
@@ -341,6 +349,14 @@ fn check_router(cpu: &CpuOps, r: &RouterBox, dims: ModelDims, rng: &mut Rng) -> 
             Ok(res)
         }),
     };
+    // What the check exercised: slots used per token and experts chosen.
+    let o = fwd()?;
+    let (k, ids) = (o.ids.dim(1), o.ids.i32s().to_vec());
+    cpu.reset();
+    let used: Vec<usize> = ids.chunks(k).map(|r| r.iter().filter(|&&i| i != EMPTY).count()).collect();
+    let hit = (0..e as i32).filter(|x| ids.contains(x)).count();
+    let (lo, hi) = (used.iter().min().unwrap_or(&0), used.iter().max().unwrap_or(&0));
+    lines.push(format!("routes {t} tokens: {lo}..={hi} of {k} slots used per token, {hit} of {e} experts chosen"));
     lines.extend(run_case(case, rng, EPS_ROUTER)?);
     Ok(lines)
 }
@@ -442,8 +458,8 @@ pub(crate) fn route_of(
     }
 }
 
-fn check_comm(cpu: &CpuOps, s: &CommScheduleBox, dims: ModelDims, rng: &mut Rng) -> R<Vec<String>> {
-    let (t, h, e) = (8, dims.hidden as usize, dims.experts as usize);
+fn check_comm(cpu: &CpuOps, s: &CommScheduleBox, dims: ModelDims, t: usize, rng: &mut Rng) -> R<Vec<String>> {
+    let (h, e) = (dims.hidden as usize, dims.experts as usize);
     let k = e.min(2);
     // One empty slot (as a router using fewer than k experts leaves): it must cost and move nothing.
     let mut idv = random_ids(rng, t, k, e);
@@ -507,11 +523,20 @@ fn check_comm(cpu: &CpuOps, s: &CommScheduleBox, dims: ModelDims, rng: &mut Rng)
             Ok((out, vec![dx, dw]))
         }),
     };
-    run_case(case, rng, EPS)
+    let (d, _) = dispatch()?;
+    let sizes: Vec<i32> = d.offsets.i32s().windows(2).map(|w| w[1] - w[0]).collect();
+    let (kept, slots) = (d.x.dim(0), t * k - 1);
+    cpu.reset();
+    let mut lines = vec![format!(
+        "dispatch: rows per expert {sizes:?}; {kept} of {slots} non-empty slots kept ({} dropped), 1 empty slot skipped",
+        slots - kept
+    )];
+    lines.extend(run_case(case, rng, EPS)?);
+    Ok(lines)
 }
 
-fn check_loss(cpu: &CpuOps, l: &BalanceLossBox, dims: ModelDims, rng: &mut Rng) -> R<Vec<String>> {
-    let (t, e) = (16, dims.experts as usize);
+fn check_loss(cpu: &CpuOps, l: &BalanceLossBox, dims: ModelDims, t: usize, rng: &mut Rng) -> R<Vec<String>> {
+    let e = dims.experts as usize;
     let k = e.min(2);
     let mut lv = randn(rng, t * e, 2.0);
     // The ids a top-k router would pick for these logits (held fixed, like the counts they give),
@@ -648,7 +673,7 @@ mod tests {
         for info in infos.iter() {
             let c = ok((m.create())(info.kind, info.name.as_rstr(), "".into(), DIMS)).unwrap();
             for seed in [1, 2] {
-                let lines = check_component(&c, &label(info), DIMS, seed).unwrap_or_else(|e| panic!("{e}"));
+                let lines = check_component(&c, &label(info), DIMS, seed, 0).unwrap_or_else(|e| panic!("{e}"));
                 lines.iter().for_each(|l| println!("{l}"));
             }
         }
@@ -709,7 +734,7 @@ mod tests {
     fn a_wrong_router_fails() {
         let check = |bug| {
             let c = pith_plugin_api::wrap::Router(Linear { bug, calls: AtomicU32::new(0) });
-            check_component(&c, "router linear", DIMS, 7)
+            check_component(&c, "router linear", DIMS, 7, 0)
         };
         let good = check(0).unwrap();
         assert!(good.iter().all(|l| l.starts_with("PASS")), "{good:?}");

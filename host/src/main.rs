@@ -139,9 +139,24 @@ enum PluginsCmd {
         /// Needed only when several kinds share the name.
         #[arg(long)]
         kind: Option<String>,
-        /// The component's TOML keys, e.g. --config 'top_k = 1'.
-        #[arg(long, default_value = "")]
-        config: String,
+        /// A TOML key of the component, e.g. --config 'top_k = 1' (repeatable).
+        #[arg(long)]
+        config: Vec<String>,
+        /// The check's model: experts (CPU check; the CUDA check keeps its own sizes).
+        #[arg(long, default_value_t = 6)]
+        experts: usize,
+        /// The check's hidden size.
+        #[arg(long, default_value_t = 16)]
+        hidden: usize,
+        /// The check's expert FFN size.
+        #[arg(long, default_value_t = 12)]
+        expert_ffn: usize,
+        /// Tokens for routers, comm schedules and balance losses (default 8; 16 for losses).
+        #[arg(long, default_value_t = 0)]
+        tokens: usize,
+        /// Seed of the random inputs and parameters.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
         /// cpu: the CPU checks. cuda: the CPU checks (the reference must hold), then the CUDA path
         /// against the CPU's on GPU 0 (host/src/check_cuda.rs).
         #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
@@ -230,7 +245,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 name.replace('-', "_")
             );
         }
-        Cmd::Plugins(PluginsCmd::Check { name, kind, config, device }) => {
+        Cmd::Plugins(PluginsCmd::Check { name, kind, config, device, experts, hidden, expert_ffn, tokens, seed }) => {
+            let config = config.join("\n");
             let reg = registry()?;
             let found = reg.find_any(&name);
             let entry = match (kind, found.len()) {
@@ -247,17 +263,17 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 (None, _) => return Err(format!("several kinds are named `{name}`; add --kind").into()),
             };
             let kind = entry.info.kind;
-            let dims = pith_plugin_api::ModelDims::new(16, 6, 12, 0, 1);
+            let dims = pith_plugin_api::ModelDims::new(hidden, experts, expert_ffn, 0, 1);
             let c = reg.create(kind, &name, &config, dims)?;
             let label = format!("{} `{name}` ({})", kind.as_str(), entry.origin);
-            let lines = pith::check::check_component(&c, &label, dims, 1)?;
+            let lines = pith::check::check_component(&c, &label, dims, seed, tokens)?;
             lines.iter().for_each(|l| println!("{l}"));
             if device == "cuda" {
                 let gpu = pith::gpu::Gpu::open(0).map_err(|e| format!("--device cuda: {e}"))?;
                 let gpu = std::sync::Arc::new(gpu);
                 let dims = pith::check_cuda::DIMS;
                 let c = reg.create(kind, &name, &config, dims)?;
-                let lines = pith::check_cuda::check_component(&c, &label, &gpu, dims, 1)?;
+                let lines = pith::check_cuda::check_component(&c, &label, &gpu, dims, seed)?;
                 lines.iter().for_each(|l| println!("{l}"));
             }
             println!("PASS {label}");
