@@ -1,22 +1,33 @@
 #!/usr/bin/env bash
 # Every GPU test (the `#[ignore]`d ones): `scripts/gpu-tests.sh pack` here builds the test
-# binaries and the `pith` binary into .device/ (git-ignored); `bash scripts/gpu-tests.sh run`
-# runs them on the GPU machine (device tool: carry [".device"]). Fails if any test fails.
+# binaries, `pith` and the plugins/* libraries into .device/ (git-ignored); `bash
+# scripts/gpu-tests.sh run` runs them on the GPU machine (device tool: carry [".device"]): the
+# library's GPU tests, the transformers parity, each plugin's CUDA check and its ignored tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
 pack)
-  mkdir -p .device
-  cargo build --release -p pith --bin pith
+  rm -rf .device && mkdir -p .device
+  cargo build --release --workspace
   cp target/release/pith .device/pith
+  for so in target/release/lib*.so; do cp "$so" .device/; done # loaded from pith's own directory
   exe() { cargo test --release "$@" --no-run --message-format=json 2>/dev/null |
     python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])'; }
   cp "$(exe -p pith --lib)" .device/lib-tests
   cp "$(exe -p pith-tests --test hf)" .device/hf-tests
+  for t in tests/tests/plugin_*.rs; do
+    n=$(basename "$t" .rs)
+    cp "$(exe -p pith-tests --test "$n")" ".device/$n-tests"
+  done
   ls -la .device ;;
 run)
-  export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/lib/x86_64-linux-gnu
+  export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/lib/x86_64-linux-gnu PITH_PLUGIN_PATH=
   .device/lib-tests --ignored --test-threads=1
-  PITH_BIN=.device/pith .device/hf-tests --ignored ;;
+  PITH_BIN=.device/pith .device/hf-tests --ignored
+  for so in .device/lib*.so; do
+    n=$(basename "$so" .so); n=${n#lib}; n=${n//_/-}
+    .device/pith plugins check "$n" --device cuda | tail -1
+  done
+  for t in .device/plugin_*-tests; do PITH_BIN=.device/pith "$t" --ignored --test-threads=1; done ;;
 *) echo "usage: scripts/gpu-tests.sh pack|run"; exit 2 ;;
 esac

@@ -355,8 +355,12 @@ impl<'a> Pass<'a> {
         &self.p.list[i].w
     }
     /// Views of the grads `g[r]` a component may write, shaped like the parameters.
+    /// Gradient views of the parameters in `r` (numel 0 for buffers and accumulators).
     fn grads(&self, g: &mut Grads, r: Range<usize>) -> Vec<Tensor> {
-        let shape = |i: usize| self.p.weights(i..i + 1)[0].dims();
+        let shape = |i: usize| match self.p.list[i].trained() {
+            true => self.p.weights(i..i + 1)[0].dims(),
+            false => vec![0],
+        };
         r.map(|i| view_mut(&mut g[i], &shape(i))).collect()
     }
     fn attn_dims(&self) -> AttnDims {

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 /// The workspace root.
 pub const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
@@ -16,28 +16,44 @@ pub const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 /// machine, which has no cargo: scripts/gpu-tests.sh).
 pub fn pith_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(bin) = std::env::var_os("PITH_BIN") {
-            return PathBuf::from(bin);
-        }
-        // This test executable is <target>/<profile-dir>/deps/<name>-<hash>.
-        let exe = std::env::current_exe().unwrap();
-        let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-        let target = profile_dir.parent().unwrap();
-        let profile = match profile_dir.file_name().and_then(|n| n.to_str()).unwrap() {
-            "debug" => "dev",
-            p => p,
-        }
-        .to_string();
-        let st = Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", "pith", "--bin", "pith", "--profile", &profile])
-            .current_dir(WORKSPACE)
-            .env("CARGO_TARGET_DIR", target)
-            .status()
-            .expect("running cargo to build pith");
-        assert!(st.success(), "cargo build -p pith failed");
-        profile_dir.join("pith")
+    BIN.get_or_init(|| match std::env::var_os("PITH_BIN") {
+        Some(bin) => PathBuf::from(bin),
+        None => cargo_build(&["-p", "pith", "--bin", "pith"]).join("pith"),
     })
+}
+
+/// The plugin crate `package` (plugins/<package>) built beside `pith`, where pith always loads
+/// plugins from; returns the .so. With `PITH_BIN` the library must already be there.
+pub fn plugin(package: &str) -> PathBuf {
+    static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let so = pith_bin().parent().unwrap().join(format!("lib{}.so", package.replace('-', "_")));
+    let mut built = BUILT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if std::env::var_os("PITH_BIN").is_none() && !built.iter().any(|b| b == package) {
+        cargo_build(&["-p", package]);
+        built.push(package.to_string());
+    }
+    assert!(so.is_file(), "{} is missing", so.display());
+    so
+}
+
+/// `cargo build ARGS` in this test executable's profile and target directory; returns the
+/// profile directory (the test executable is <target>/<profile-dir>/deps/<name>-<hash>).
+fn cargo_build(args: &[&str]) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()).unwrap() {
+        "debug" => "dev".to_string(),
+        p => p.to_string(),
+    };
+    let st = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "--profile", &profile])
+        .args(args)
+        .current_dir(WORKSPACE)
+        .env("CARGO_TARGET_DIR", profile_dir.parent().unwrap())
+        .status()
+        .expect("running cargo");
+    assert!(st.success(), "cargo build {args:?} failed");
+    profile_dir
 }
 
 /// A fresh, empty scratch directory unique to this process and `name`.
