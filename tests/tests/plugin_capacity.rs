@@ -4,7 +4,7 @@
 //! bit for bit at a factor that drops nothing (CPU), and a bad factor is one line naming the file,
 //! line and key.
 
-use pith_tests::{metrics, out, pith, tmp, WORKSPACE};
+use pith_tests::{metrics, out, pith, tmp};
 use std::path::{Path, PathBuf};
 
 /// The `pith` binary with libcapacity.so beside it, where pith always looks for plugins.
@@ -22,7 +22,7 @@ fn run(args: &[&str]) -> (i32, String, String) {
 /// configs/quickstart.toml with its `[comm]` table replaced by `comm` (the table's body), written
 /// into `dir`; returns the file.
 fn quickstart_with(dir: &Path, name: &str, comm: &str) -> PathBuf {
-    let q = std::fs::read_to_string(Path::new(WORKSPACE).join("configs/quickstart.toml")).unwrap();
+    let q = include_str!("../../configs/quickstart.toml");
     let local = "[comm]\nplugin = \"local\"\n";
     assert!(q.contains(local), "configs/quickstart.toml has no `{local}` table");
     let f = dir.join(name);

@@ -7,7 +7,7 @@
 //! the `pith` under test (the executable's directory is always searched). With `PITH_BIN` (a
 //! prebuilt pith, e.g. on the GPU machine) it must already lie next to that binary.
 
-use pith_tests::{metrics, out, pith, tmp, WORKSPACE};
+use pith_tests::{metrics, out, pith, tmp};
 use std::path::{Path, PathBuf};
 
 /// libsigmoid_bias.so beside the `pith` under test.
@@ -24,7 +24,7 @@ fn run(args: &[&str]) -> (i32, String, String) {
 /// configs/quickstart.toml with its [router] table replaced by `sigmoid-bias` (top_k 2), written
 /// into `dir`; every other table (switch-aux and z-loss included) as it is.
 fn config(dir: &Path) -> PathBuf {
-    let text = std::fs::read_to_string(Path::new(WORKSPACE).join("configs/quickstart.toml")).unwrap();
+    let text = include_str!("../../configs/quickstart.toml");
     let (old, new) =
         ("[router]\nplugin = \"topk-softmax\"\ntop_k = 2\n", "[router]\nplugin = \"sigmoid-bias\"\ntop_k = 2\n");
     assert!(text.contains(old), "configs/quickstart.toml's [router] table changed:\n{text}");
@@ -166,4 +166,26 @@ fn resumed_run_reproduces_the_uninterrupted_one_exactly() {
     let (wa, wb) =
         (std::fs::read(fa.join("model.safetensors")).unwrap(), std::fs::read(fb.join("model.safetensors")).unwrap());
     assert!(wa == wb, "final weights differ");
+}
+
+/// The CUDA path against the CPU path (two configs), then the quickstart on the GPU: the loss
+/// falls and the bias moves.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_matches_the_cpu_and_trains() {
+    for config in ["", "top_k = 3\nnormalize = false\nrouted_scaling_factor = 2.5"] {
+        let (code, o, e) = run(&["plugins", "check", "sigmoid-bias", "--device", "cuda", "--config", config]);
+        assert_eq!(code, 0, "--config '{config}':\n{o}{e}");
+    }
+    let dir = tmp("sb-cuda");
+    let out = out(&dir.join("run"));
+    let sets = ["train.device=\"cuda\"", "router.plugin=\"sigmoid-bias\"", "router.top_k=2", "train.steps=100"];
+    let mut args = vec!["train", "--set", &out];
+    sets.iter().for_each(|s| args.extend(["--set", s]));
+    let (code, o, e) = run(&args);
+    assert_eq!(code, 0, "{o}{e}");
+    let m = metrics(&dir.join("run"));
+    let bias = m[99]["bias_absmax"].as_f64().unwrap();
+    println!("cuda: loss {} -> {}, bias_absmax {bias}", m[0]["loss"], m[99]["loss"]);
+    assert!(bias > 0.0 && m[99]["loss"].as_f64() < m[0]["loss"].as_f64());
 }
