@@ -668,10 +668,11 @@ mod tests {
         let mut names: Vec<String> = infos.iter().map(label).collect();
         names.sort();
         let want = ["balance_loss switch-aux", "balance_loss z-loss", "comm local"];
-        let want = [&want[..], &["experts swiglu", "optimizer adamw", "router topk-softmax"]].concat();
+        let want =
+            [&want[..], &["experts swiglu", "optimizer adamw", "router topk-softmax", "shared shared-swiglu"]].concat();
         assert_eq!(names, want);
         for info in infos.iter() {
-            let c = ok((m.create())(info.kind, info.name.as_rstr(), "".into(), DIMS)).unwrap();
+            let c = ok((m.create())(info.kind, info.name.as_rstr(), "".into(), DIMS.for_kind(info.kind))).unwrap();
             for seed in [1, 2] {
                 let lines = check_component(&c, &label(info), DIMS, seed, 0).unwrap_or_else(|e| panic!("{e}"));
                 lines.iter().for_each(|l| println!("{l}"));
@@ -765,7 +766,8 @@ mod tests {
         assert!(err("router", "topk-softmax", "topk = 2").contains("topk"));
         assert!(err("optimizer", "adamw", "beta2 = 1.0").contains("`beta2`"));
         assert!(err("balance_loss", "z-loss", "coef = -1.0").contains("`coef`"));
-        assert!(err("experts", "swiglu", "ffn = 3").contains("ffn"));
+        assert!(err("experts", "swiglu", "ffn = 0").contains("`ffn`"));
+        assert!(err("experts", "swiglu", "fnn = 3").contains("fnn"));
         assert!(create("router", "topk-softmax", "top_k = 4\nnormalize = false").is_ok());
     }
 

@@ -569,7 +569,7 @@ mod tests {
         let m = pith_std::pith_root_module();
         for info in (m.components())().iter() {
             let label = format!("{} {}", info.kind.as_str(), info.name);
-            let c = ok((m.create())(info.kind, info.name.as_rstr(), "".into(), DIMS)).unwrap();
+            let c = ok((m.create())(info.kind, info.name.as_rstr(), "".into(), DIMS.for_kind(info.kind))).unwrap();
             for seed in [1, 2] {
                 let lines = check_component(&c, &label, &gpu, DIMS, seed).unwrap_or_else(|e| panic!("{e}"));
                 lines.iter().for_each(|l| println!("{l}"));

@@ -230,7 +230,7 @@ fn incompatibilities(saved: &Config, cfg: &Config) -> Vec<String> {
     let a = toml::Value::try_from(saved).unwrap();
     let b = toml::Value::try_from(cfg).unwrap();
     let mut diffs = Vec::new();
-    for section in ["model", "router", "experts", "balance_loss", "optimizer", "comm"] {
+    for section in ["model", "router", "experts", "balance_loss", "optimizer", "comm", "shared"] {
         let (x, y) = (a.get(section), b.get(section));
         if x != y {
             let show = |v: Option<&toml::Value>| {

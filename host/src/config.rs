@@ -26,8 +26,9 @@ pub struct ModelConfig {
     pub rope_theta: f32,
     pub experts: usize,
     pub expert_ffn: usize,
-    /// Hidden size of an always-on shared expert (SwiGLU); 0 = none.
-    #[serde(default)]
+    /// Moved to a plugin: `[shared] plugin = "shared-swiglu", ffn = N`. Only 0 (old configs and
+    /// checkpoints) is accepted; it is not written back.
+    #[serde(default, skip_serializing)]
     pub shared_expert_ffn: usize,
     #[serde(default = "d_norm_eps")]
     pub norm_eps: f32,
@@ -132,6 +133,9 @@ pub struct Config {
     pub optimizer: ComponentTable,
     #[serde(default = "d_comm")]
     pub comm: ComponentTable,
+    /// An always-on expert beside the routed ones (`Kind::Shared`), when the table is there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared: Option<ComponentTable>,
     /// Where this config came from (file name or `<built-in quickstart>`) and its text after
     /// overrides; used to point errors at file:line.
     #[serde(skip)]
@@ -276,7 +280,7 @@ impl Config {
         const MAX: usize = u32::MAX as usize;
         let size = |v: usize, min: usize| (min..=MAX).contains(&v);
         let sizes = |min: usize| format!("an integer in {min}..={MAX}");
-        let (s0, s1, s2) = (sizes(0) + " (0 = none)", sizes(1), sizes(2));
+        let (s1, s2) = (sizes(1), sizes(2));
         let (n, f, q) = (|x: usize| x.to_string(), |x: f32| x.to_string(), |s: &str| format!("{s:?}"));
         let opt = |s: &Option<String>| s.as_deref().map_or("none".into(), q);
         let (pos, named) = (|x: f32| x.is_finite() && x > 0.0, |s: &str| !s.trim().is_empty());
@@ -297,7 +301,13 @@ impl Config {
             ("model", "rope_theta", f(m.rope_theta), pos(m.rope_theta), "finite and > 0, e.g. 10000"),
             ("model", "experts", n(m.experts), size(m.experts, 1), &s1),
             ("model", "expert_ffn", n(m.expert_ffn), size(m.expert_ffn, 1), &s1),
-            ("model", "shared_expert_ffn", n(m.shared_expert_ffn), size(m.shared_expert_ffn, 0), &s0),
+            (
+                "model",
+                "shared_expert_ffn",
+                n(m.shared_expert_ffn),
+                m.shared_expert_ffn == 0,
+                "0: a shared expert is a plugin now, [shared] plugin = \"shared-swiglu\", ffn = N",
+            ),
             ("model", "norm_eps", f(m.norm_eps), pos(m.norm_eps), "finite and > 0, e.g. 1e-6"),
             ("model", "init_std", f(m.init_std), pos(m.init_std), "finite and > 0, e.g. 0.02"),
             ("train", "device", q(&t.device), device, "one of \"cpu\", \"cuda\""),
@@ -351,7 +361,14 @@ impl Config {
         v.extend(self.balance_loss.iter().enumerate().map(|(i, t)| (Kind::BalanceLoss, i, t)));
         v.push((Kind::Optimizer, 0, &self.optimizer));
         v.push((Kind::CommSchedule, 0, &self.comm));
+        v.extend(self.shared.iter().map(|t| (Kind::Shared, 0, t)));
         v
+    }
+
+    /// The shared expert's hidden size: its table's `ffn`, else `model.expert_ffn`; 0 without one.
+    pub fn shared_ffn(&self) -> usize {
+        let ffn = |t: &ComponentTable| t.get("ffn").and_then(|v| v.as_integer()).map(|f| f.max(0) as usize);
+        self.shared.as_ref().map_or(0, |t| ffn(t).unwrap_or(self.model.expert_ffn))
     }
 
     pub fn dims(&self, layer: usize) -> ModelDims {
@@ -410,9 +427,10 @@ fn qualify(text: &str, line: usize, msg: String) -> String {
 }
 
 /// The top-level tables of a config; `--set` creates a missing one (but no `[[balance_loss]]`).
-const TABLES: [&str; 8] = ["model", "train", "data", "router", "experts", "balance_loss", "optimizer", "comm"];
+const TABLES: [&str; 9] =
+    ["model", "train", "data", "router", "experts", "shared", "balance_loss", "optimizer", "comm"];
 /// The tables that name a plugin.
-const COMPONENTS: [&str; 5] = ["router", "experts", "balance_loss", "optimizer", "comm"];
+const COMPONENTS: [&str; 6] = ["router", "experts", "shared", "balance_loss", "optimizer", "comm"];
 
 /// Apply `table.key=value` overrides (`table.N.key`: the N-th `[[table]]`) to the TOML text. Only
 /// the lines of overridden keys change (keeping their comments); a new key takes a new line,
@@ -583,7 +601,7 @@ impl MemEstimate {
     pub fn of(cfg: &Config, per_param: u128, step: bool) -> MemEstimate {
         let (m, t, u) = (&cfg.model, &cfg.train, |x: usize| x as u128);
         let (v, h, l, d, s) = (u(m.vocab), u(m.hidden), u(m.layers), u(m.head_dim), u(m.seq_len));
-        let (hq, hkv, e, f, fs) = (u(m.heads), u(m.kv_heads), u(m.experts), u(m.expert_ffn), u(m.shared_expert_ffn));
+        let (hq, hkv, e, f, fs) = (u(m.heads), u(m.kv_heads), u(m.experts), u(m.expert_ffn), u(cfg.shared_ffn()));
         let k = cfg.router.get("top_k").and_then(|k| k.as_integer()).map_or(2, |k| k.max(1) as u128).min(e);
         let (qd, kd, b) = (hq * d, hkv * d, u(t.micro_batch));
         let attention = sum(&[prod(&[2, h, qd + kd]), 2 * h, qd + kd]);
@@ -893,7 +911,7 @@ mod tests {
             "{e}"
         );
         let e = parse(&["trian.steps=5"]).unwrap_err();
-        assert_eq!(e, "--set trian.steps=5: there is no table `trian`; valid: model, train, data, router, experts, balance_loss, optimizer, comm");
+        assert_eq!(e, "--set trian.steps=5: there is no table `trian`; valid: model, train, data, router, experts, shared, balance_loss, optimizer, comm");
         for bad in ["steps=5", "train.=5", "train.steps"] {
             assert!(parse(&[bad]).unwrap_err().contains("expected table.key=value"), "{bad}");
         }
@@ -934,7 +952,6 @@ mod tests {
             "model.seq_len=4294967295",
             "model.experts=4294967295",
             "model.expert_ffn=4294967295",
-            "model.shared_expert_ffn=4294967295",
             "train.micro_batch=4294967295",
         ];
         let c = parse(&max).unwrap();

@@ -264,7 +264,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             };
             let kind = entry.info.kind;
             let dims = pith_plugin_api::ModelDims::new(hidden, experts, expert_ffn, 0, 1);
-            let c = reg.create(kind, &name, &config, dims)?;
+            let c = reg.create(kind, &name, &config, dims.for_kind(kind))?;
             let label = format!("{} `{name}` ({})", kind.as_str(), entry.origin);
             let lines = pith::check::check_component(&c, &label, dims, seed, tokens)?;
             lines.iter().for_each(|l| println!("{l}"));
@@ -272,7 +272,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 let gpu = pith::gpu::Gpu::open(0).map_err(|e| format!("--device cuda: {e}"))?;
                 let gpu = std::sync::Arc::new(gpu);
                 let dims = pith::check_cuda::DIMS;
-                let c = reg.create(kind, &name, &config, dims)?;
+                let c = reg.create(kind, &name, &config, dims.for_kind(kind))?;
                 let lines = pith::check_cuda::check_component(&c, &label, &gpu, dims, seed)?;
                 lines.iter().for_each(|l| println!("{l}"));
             }

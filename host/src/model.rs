@@ -6,10 +6,10 @@
 //!   (`model.qk_norm`: per head (Qwen3-MoE), over the whole projection (OLMoE) or none (Mixtral))
 //!   h = x + o_proj(causal_gqa_attention(q, k, v))
 //!   m = moe_norm(h);   route = (logits, probs, ids, weights) = router(m)
-//!   out = h + combine(experts(dispatch(m, route)), route) [+ shared_swiglu(m)]
+//!   out = h + combine(experts(dispatch(m, route)), route) [+ shared(m): the `[shared]` plugin]
 //!
 //! then final_norm, an untied lm_head and cross-entropy; the loss adds every balance loss.
-//! Host weights use the PyTorch `Linear` layout [out, in]; the shared expert is SwiGLU.
+//! Host weights use the PyTorch `Linear` layout [out, in].
 
 use crate::config::{ModelConfig, QkNorm};
 use crate::cpu::{view, view_mut, CpuOps};
@@ -24,6 +24,8 @@ use std::ops::Range;
 pub struct MoeComponents {
     pub router: (String, RouterBox),
     pub experts: (String, ExpertsBox),
+    /// An always-on expert on every token (`[shared]`), if the config has one.
+    pub shared: Option<(String, ExpertsBox)>,
     pub losses: Vec<(String, BalanceLossBox)>,
     pub comm: (String, CommScheduleBox),
 }
@@ -51,22 +53,20 @@ pub struct Counts {
 }
 
 // A layer's host parameters, as offsets from `Layer::host` (declaration order: then q_norm and
-// k_norm when the model has them, then moe_norm); the shared expert's from `Layer::shared`.
+// k_norm when the model has them, then moe_norm).
 pub(crate) const ATTN_NORM: usize = 0;
 pub(crate) const Q: usize = 1;
 pub(crate) const K: usize = 2;
 pub(crate) const V: usize = 3;
 pub(crate) const O: usize = 4;
-pub(crate) const SH_GATE: usize = 0;
-pub(crate) const SH_UP: usize = 1;
-pub(crate) const SH_DOWN: usize = 2;
 
 pub(crate) struct Layer {
     pub(crate) host: usize,
     /// q_norm's index (k_norm's is the next), when `model.qk_norm` is not `none`.
     pub(crate) qk_norm: Option<usize>,
     pub(crate) moe_norm: usize,
-    pub(crate) shared: Option<usize>,
+    /// The shared expert's parameters (its component's own `params()`).
+    pub(crate) shared: Range<usize>,
     pub(crate) router: Range<usize>,
     pub(crate) experts: Range<usize>,
     /// Each balance loss's own buffers and accumulators.
@@ -107,8 +107,9 @@ struct Saved {
     r: RouterOut,
     d: Dispatched,
     e: ExpertsOut,
-    /// Shared expert: gate, up, activation [N,F].
-    shared: Option<[Vec<f32>; 3]>,
+    /// The shared expert's output (its saved tensors live until `CpuOps::reset`) and its one
+    /// group's offsets [0, N].
+    shared: Option<(ExpertsOut, [i32; 2])>,
     counts: Vec<u32>,
     aux: Vec<(String, f32)>,
 }
@@ -182,7 +183,7 @@ impl Model {
     /// and kv_heads·head_dim for `"full"`, absent for `"none"`), `layers.{l}.moe_norm.weight`,
     /// `layers.{l}.moe.router.*`, `layers.{l}.moe.experts.*` and `layers.{l}.moe.balance_loss.{i}.*`
     /// (the components' own `params()`: parameters, buffers and accumulators),
-    /// `layers.{l}.moe.shared.{w_gate,w_up,w_down}` (when shared_expert_ffn > 0); then
+    /// `layers.{l}.moe.shared.*` (the `[shared]` component's, when there is one); then
     /// `final_norm.weight`, `lm_head.weight`. Matrices are Normal(init_std), norm weights Ones
     /// without weight decay. `moe` has one entry per layer.
     pub fn new(cfg: &ModelConfig, params: &mut Params, seed: u64, moe: Vec<MoeComponents>) -> Result<Model, String> {
@@ -196,7 +197,7 @@ impl Model {
             return Err("model: heads must be a multiple of kv_heads, head_dim even".into());
         }
         let (h, qd, kd) = (c.hidden, c.heads * c.head_dim, c.kv_heads * c.head_dim);
-        let (f, std) = (c.shared_expert_ffn, Init::Normal(c.init_std));
+        let std = Init::Normal(c.init_std);
         let mat = |name: &str, shape: &[usize]| ParamSpec::new(name, shape, std, true);
         let norm = |name: &str, n: usize| ParamSpec::new(name, &[n], Init::Ones, false);
         params.defer = true;
@@ -228,10 +229,8 @@ impl Model {
             let losses = (moe.losses.iter().enumerate())
                 .map(|(i, (_, b))| add(&format!("layers.{l}.moe.balance_loss.{i}"), b.params().into()))
                 .collect();
-            let shared = (f > 0).then(|| {
-                let specs = vec![mat("w_gate", &[f, h]), mat("w_up", &[f, h]), mat("w_down", &[h, f])];
-                add(&format!("layers.{l}.moe.shared"), specs).start
-            });
+            let specs = moe.shared.as_ref().map_or(Vec::new(), |s| s.1.params().into_vec());
+            let shared = add(&format!("layers.{l}.moe.shared"), specs);
             layers.push(Layer { host, qk_norm, moe_norm, shared, router, experts, losses, moe });
         }
         let final_norm = add("final_norm", vec![norm("weight", h)]).start;
@@ -249,7 +248,7 @@ impl Model {
     pub fn counts(cfg: &ModelConfig, top_k: usize) -> Counts {
         let c = cfg;
         let (h, qd, kd) = (c.hidden, c.heads * c.head_dim, c.kv_heads * c.head_dim);
-        let dense = 2 * h * qd + 2 * h * kd + h * c.experts + 3 * h * c.shared_expert_ffn;
+        let dense = 2 * h * qd + 2 * h * kd + h * c.experts;
         let (expert, embedding) = (3 * h * c.expert_ffn, c.vocab * h);
         let total = c.layers * (dense + c.experts * expert) + embedding;
         let active = c.layers * (dense + top_k * expert) + embedding;
@@ -472,14 +471,14 @@ impl<'a> Pass<'a> {
         let mut out = h.clone();
         add(&mut out, y.f32s());
         let mut shared = None;
-        if let Some(s) = lay.shared {
-            let (gate, up) = (self.linear(s + SH_GATE, &xn2), self.linear(s + SH_UP, &xn2));
-            let mut act = vec![0.0; gate.len()];
-            ly::swiglu_fwd(&gate, &up, &mut act);
-            let y = self.linear(s + SH_DOWN, &act);
-            finite(&y, &at("shared expert"))?;
-            add(&mut out, &y);
-            shared = Some([gate, up, act]);
+        if let Some((name, sh)) = &m.shared {
+            let who = at(&format!("shared `{name}`"));
+            let off = [0, n as i32];
+            let sw = self.p.weights(lay.shared.clone());
+            let so = named(sh.forward(o(), rs(&sw), xv, crate::cpu::view_i32(&off, &[2])), &who)?;
+            check(&so.y, DType::F32, &[n, hd], &who)?;
+            add(&mut out, so.y.f32s());
+            shared = Some((so, off));
         }
         let saved = Saved {
             x,
@@ -537,13 +536,12 @@ impl<'a> Pass<'a> {
         let (router, experts, comm) = (&m.router.1, &m.experts.1, &m.comm.1);
         // MoE block; ∂/∂(moe_norm's output) sums the shared expert, dispatch and router paths.
         let mut dxn2 = vec![0.0; n * hd];
-        if let (Some(si), Some([gate, up, act])) = (lay.shared, &s.shared) {
-            let mut da = vec![0.0; act.len()];
-            self.linear_bwd(g, si + SH_DOWN, act, &dy, &mut da, false);
-            let (mut dg, mut du) = (vec![0.0; da.len()], vec![0.0; da.len()]);
-            ly::swiglu_bwd(gate, up, &da, &mut dg, &mut du);
-            self.linear_bwd(g, si + SH_GATE, &s.xn2, &dg, &mut dxn2, true);
-            self.linear_bwd(g, si + SH_UP, &s.xn2, &du, &mut dxn2, true);
+        if let (Some((name, sh)), Some((so, off))) = (&m.shared, &s.shared) {
+            let (sw, sg) = (self.p.weights(lay.shared.clone()), self.grads(g, lay.shared.clone()));
+            let (xv, offv) = (view(&s.xn2, &[n, hd]), crate::cpu::view_i32(off, &[2]));
+            let (dyv, dxv) = (view(&dy, &[n, hd]), view_mut(&mut dxn2, &[n, hd]));
+            let res = sh.backward(o(), rs(&sw), rs(&sg), xv, offv, so, dyv, dxv);
+            named(res, &at(&format!("shared `{name}`")))?;
         }
         let (rows, k) = (d.x.dim(0), r.ids.dim(1));
         let (mut dys, mut dw) = (vec![0.0; rows * hd], vec![0.0; n * k]);
@@ -608,23 +606,23 @@ mod tests {
     use pith_plugin_api::{abi::Component, Kind, ModelDims};
 
     /// vocab 11, hidden 8, 2 layers, 2 heads, 1 kv head, head_dim 4, seq 5, 4 experts of ffn 6.
-    fn cfg(shared_expert_ffn: usize) -> ModelConfig {
+    fn cfg() -> ModelConfig {
         let text = "vocab = 11\nhidden = 8\nlayers = 2\nheads = 2\nkv_heads = 1\nhead_dim = 4\n\
                     seq_len = 5\nexperts = 4\nexpert_ffn = 6";
-        ModelConfig { shared_expert_ffn, ..toml::from_str(text).unwrap() }
+        toml::from_str(text).unwrap()
     }
 
     /// A model with the std pack's topk-softmax (top-2), swiglu, switch-aux and z-loss (both
-    /// with `coef`) and local in every layer.
-    fn model(c: &ModelConfig, seed: u64, coef: f32) -> (Model, Params) {
-        model_with(c, seed, coef, "top_k = 2")
+    /// with `coef`) and local in every layer, and a shared-swiglu of FFN `shared` (0: none).
+    fn model(c: &ModelConfig, seed: u64, coef: f32, shared: usize) -> (Model, Params) {
+        model_with(c, seed, coef, "top_k = 2", shared)
     }
 
     /// [`model`] with the router's TOML keys `router`.
-    fn model_with(c: &ModelConfig, seed: u64, coef: f32, router: &str) -> (Model, Params) {
+    fn model_with(c: &ModelConfig, seed: u64, coef: f32, router: &str, shared: usize) -> (Model, Params) {
         let m = pith_std::pith_root_module();
         let make = |kind, name: &str, toml: &str, l: usize| {
-            let dims = ModelDims::new(c.hidden, c.experts, c.expert_ffn, l, c.layers);
+            let dims = ModelDims::new(c.hidden, c.experts, c.expert_ffn, l, c.layers).for_kind(kind);
             (m.create())(kind, name.into(), toml.into(), dims).unwrap()
         };
         let layer = |l| {
@@ -641,7 +639,12 @@ mod tests {
             };
             let (router, experts, comm) = (("topk-softmax".into(), r), ("swiglu".into(), e), ("local".into(), cm));
             let losses = vec![loss("switch-aux"), loss("z-loss")];
-            MoeComponents { router, experts, losses, comm }
+            let shared =
+                (shared > 0).then(|| match make(Kind::Shared, "shared-swiglu", &format!("ffn = {shared}"), l) {
+                    Component::Shared(s) => ("shared-swiglu".to_string(), s),
+                    _ => unreachable!(),
+                });
+            MoeComponents { router, experts, shared, losses, comm }
         };
         let mut params = Params::default();
         let model = Model::new(c, &mut params, seed, (0..c.layers).map(layer).collect());
@@ -661,8 +664,8 @@ mod tests {
     /// tensors, its largest-|grad| coordinate and one random coordinate: central differences
     /// (eps 1e-2) of the total loss (CE + balance losses, f32 forward summed in f64) must match
     /// backward within 1e-3 + 1e-2·|grad| (the worst seen is 15% of that). A coordinate whose
-    /// perturbation changes an expert count (a top-k flip: the loss jumps) is skipped; with this
-    /// seed none is, and at most 6 may be. Run for each family's attention and router: per-head
+    /// perturbation changes any token's chosen experts (a top-k flip: the loss jumps) is skipped;
+    /// at most 6 may be. Run for each family's attention and router: per-head
     /// qk-norm (Qwen3-MoE), full-projection qk-norm with un-renormalised gates (OLMoE), and no
     /// qk-norm (Mixtral: 4 fewer tensors).
     #[test]
@@ -673,8 +676,8 @@ mod tests {
     }
 
     fn gradient_check(qk_norm: QkNorm, router: &str, tensors: usize) {
-        let c = ModelConfig { qk_norm, ..cfg(5) };
-        let ((model, mut params), ops) = (model_with(&c, 3, 0.1, router), CpuOps::default());
+        let c = ModelConfig { qk_norm, ..cfg() };
+        let ((model, mut params), ops) = (model_with(&c, 3, 0.1, router, 5), CpuOps::default());
         assert_eq!(params.list.len(), tensors);
         if qk_norm == QkNorm::Full {
             let q = params.list.iter().find(|p| p.name == "layers.0.attn.q_norm.weight").unwrap();
@@ -685,7 +688,7 @@ mod tests {
             let (base, std) = if p.name.ends_with("norm.weight") { (1.0, 0.2) } else { (0.0, 0.5) };
             p.w.iter_mut().for_each(|w| *w = base + std * rng.normal());
         }
-        let (x, y) = data(&c, 2, 9);
+        let (x, y) = data(&c, 2, 6);
         let run = |params: &mut Params, scale| {
             let o = model.forward_backward(&ops, params, &x, &y, 2, scale).unwrap();
             let total = o.loss as f64 + o.aux.iter().map(|a| a.1 as f64).sum::<f64>();
@@ -693,6 +696,8 @@ mod tests {
         };
         let (_, out) = run(&mut params, 1.0);
         assert!(out.aux.iter().all(|a| a.1 > 1e-3), "balance losses take part: {:?}", out.aux);
+        // Every token's chosen experts: a perturbation that changes any of them is a top-k flip.
+        let ids = |o: &StepOut| o.routing.iter().map(|r| r.0.clone()).collect::<Vec<_>>();
         let grads: Vec<Vec<f32>> = params.list.iter().map(|p| p.g.clone()).collect();
         let (eps, mut checked, mut skipped) = (1e-2f32, 0, Vec::new());
         for (i, g) in grads.iter().enumerate() {
@@ -703,10 +708,10 @@ mod tests {
                     params.list[i].w[j] = w0 + delta;
                     let (total, o) = run(&mut params, 0.0);
                     params.list[i].w[j] = w0;
-                    (total, o.expert_counts)
+                    (total, ids(&o))
                 };
                 let ((up, cu), (down, cd), name) = (at(eps), at(-eps), &params.list[i].name);
-                if cu != out.expert_counts || cd != out.expert_counts {
+                if cu != ids(&out) || cd != ids(&out) {
                     skipped.push(name.clone());
                     continue;
                 }
@@ -723,8 +728,8 @@ mod tests {
     /// Default init: the first loss is ln(vocab) ± 0.05; eval's loss is the same number.
     #[test]
     fn initial_loss_is_ln_vocab_and_eval_agrees() {
-        let c = ModelConfig { vocab: 64, hidden: 32, seq_len: 16, ..cfg(0) };
-        let ((model, mut params), ops) = (model(&c, 1, 0.01), CpuOps::default());
+        let c = ModelConfig { vocab: 64, hidden: 32, seq_len: 16, ..cfg() };
+        let ((model, mut params), ops) = (model(&c, 1, 0.01, 0), CpuOps::default());
         let (x, y) = data(&c, 3, 2);
         let out = model.forward_backward(&ops, &mut params, &x, &y, 3, 1.0).unwrap();
         assert!((out.loss - 64f32.ln()).abs() < 0.05, "initial loss {} vs ln 64", out.loss);
@@ -743,8 +748,8 @@ mod tests {
     /// threads (40 sequences: the row reductions span several chunks).
     #[test]
     fn forward_backward_is_deterministic() {
-        let c = cfg(5);
-        let ((model, mut params), ops) = (model(&c, 4, 0.01), CpuOps::default());
+        let c = cfg();
+        let ((model, mut params), ops) = (model(&c, 4, 0.01, 5), CpuOps::default());
         let (x, y) = data(&c, 40, 6);
         let mut run = |threads: usize| {
             params.zero_grads();
@@ -761,8 +766,8 @@ mod tests {
 
     #[test]
     fn bad_tokens_and_non_finite_values_are_named() {
-        let c = cfg(0);
-        let ((model, mut params), ops) = (model(&c, 4, 0.01), CpuOps::default());
+        let c = cfg();
+        let ((model, mut params), ops) = (model(&c, 4, 0.01, 0), CpuOps::default());
         let (mut x, y) = data(&c, 1, 6);
         x[3] = 11;
         let e = model.forward_backward(&ops, &mut params, &x, &y, 1, 1.0).unwrap_err();

@@ -42,7 +42,7 @@ pub fn create(
     let mut own = table.clone();
     own.remove("plugin");
     let text = toml::to_string(&own).map_err(|e| e.to_string())?;
-    reg.create(kind, name, &text, cfg.dims(layer)).map_err(|msg| {
+    reg.create(kind, name, &text, cfg.dims(layer).for_kind(kind)).map_err(|msg| {
         let unknown = msg.split("unknown field `").nth(1).and_then(|r| r.split('`').next());
         let key = unknown
             .or_else(|| own.keys().map(|k| k.as_str()).find(|k| msg.contains(&format!("`{k}`"))))
@@ -66,9 +66,17 @@ pub fn components(cfg: &Config, reg: &Registry) -> Result<(Vec<MoeComponents>, (
             let Component::BalanceLoss(b) = create(cfg, reg, Kind::BalanceLoss, i, t, l)? else { unreachable!() };
             losses.push((name(t), b));
         }
+        let shared = match &cfg.shared {
+            Some(t) => match create(cfg, reg, Kind::Shared, 0, t, l)? {
+                Component::Shared(s) => Some((name(t), s)),
+                _ => unreachable!(),
+            },
+            None => None,
+        };
         layers.push(MoeComponents {
             router: (name(&cfg.router), router),
             experts: (name(&cfg.experts), experts),
+            shared,
             losses,
             comm: (name(&cfg.comm), comm),
         });
@@ -645,7 +653,10 @@ mod tests {
             ("head_dim 64, qk_norm head", vec!["model.head_dim=64", "model.qk_norm=\"head\""]),
             ("head_dim 128, qk_norm full", vec!["model.head_dim=128", "model.qk_norm=\"full\""]),
             ("head_dim 32, qk_norm none, seq 100", vec!["model.qk_norm=\"none\"", "model.seq_len=100"]),
-            ("head_dim 64, shared expert 96", vec!["model.head_dim=64", "model.shared_expert_ffn=96"]),
+            (
+                "head_dim 64, shared expert 96",
+                vec!["model.head_dim=64", "shared.plugin=\"shared-swiglu\"", "shared.ffn=96"],
+            ),
         ] {
             let mut sets = sets.clone();
             sets.push("train.micro_batch=2");

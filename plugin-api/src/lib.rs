@@ -101,6 +101,14 @@ impl ModelDims {
         let (hidden, expert_ffn, layer, layers) = (hidden as u32, expert_ffn as u32, layer as u32, layers as u32);
         ModelDims { hidden, experts: e, expert_ffn, layer, layers, first_expert: 0, local_experts: e }
     }
+    /// The sizes a component of `kind` is built with: a shared expert (`Kind::Shared`) is one
+    /// expert that sees every token.
+    pub const fn for_kind(self, kind: Kind) -> ModelDims {
+        match kind {
+            Kind::Shared => ModelDims { experts: 1, first_expert: 0, local_experts: 1, ..self },
+            _ => self,
+        }
+    }
 }
 
 impl ParamSpec {

@@ -5,12 +5,12 @@
 //! Per layer (T tokens): x f32 → a = attn_norm(x) bf16 → q,k,v = a·Wᵀ → qk-norm → RoPE →
 //! flash attention → o_proj → h = x + o (f32) → m = moe_norm(h) bf16 → router, balance losses,
 //! dispatch, experts, combine (plugins, through GpuOps) → x' = h + combine.
-//! With `model.shared_expert_ffn > 0` a shared SwiGLU expert on m is added to x' as on the CPU.
+//! With a `[shared]` component its output on m is added to x' as on the CPU.
 
 use super::ops::GpuOps;
 use super::{src, DTensor, Gpu};
 use crate::config::QkNorm;
-use crate::model::{named, Model, StepOut, ATTN_NORM, K, O, Q, SH_DOWN, SH_GATE, SH_UP, V};
+use crate::model::{named, Model, StepOut, ATTN_NORM, K, O, Q, V};
 use crate::params::Params;
 use abi_stable::std_types::RSlice;
 use pith_plugin_api::{Arg, DType, Device, Dispatched, ExpertsOut, RouterOut, Tensor};
@@ -165,8 +165,8 @@ struct Saved {
     r: RouterOut,
     d: Dispatched,
     e: ExpertsOut,
-    /// Shared expert: gate, up, activation [T,F].
-    shared: Option<[DTensor; 3]>,
+    /// The shared expert's output and its one group's offsets [0, T] (on the host).
+    shared: Option<(ExpertsOut, [i32; 2])>,
     counts: Vec<u32>,
     aux: Vec<(String, f32)>,
     /// The plugins' device allocations before this layer's (see `GpuOps::release_to`).
@@ -373,13 +373,15 @@ impl GpuPass<'_> {
         let out = self.tensor(&[n, hd], DType::F32)?;
         self.gpu.sum_into(&out, &h, &y)?;
         let mut shared = None;
-        if let Some(si) = lay.shared {
-            let (gate, up) = (self.linear(si + SH_GATE, &m)?, self.linear(si + SH_UP, &m)?);
-            let act = self.tensor(&gate.dims(), DType::BF16)?;
-            self.gpu.swiglu_fwd(&gate, &up, &act)?;
-            let y2 = self.linear(si + SH_DOWN, &act)?;
-            self.gpu.add_into(&out, &y2)?;
-            shared = Some([gate, up, act]);
+        if let Some((name, sh)) = &moe.shared {
+            let who = at(&format!("shared `{name}`"));
+            let off = [0, n as i32];
+            let sw = self.p.w16(lay.shared.clone());
+            let offv = crate::cpu::view_i32(&off, &[2]);
+            let so = named(sh.forward(o(), RSlice::from_slice(&sw), m.t, offv), &who)?;
+            check(&so.y, DType::BF16, &[n, hd], Device::Cuda, &who)?;
+            self.gpu.add_into(&out, &so.y)?;
+            shared = Some((so, off));
         }
         let saved =
             Saved { x, rstd1, a, q_pre, k_pre, q, k, v, att, lse, h, rstd2, m, r, d, e, shared, counts, aux, mark };
@@ -440,13 +442,13 @@ impl GpuPass<'_> {
         named(res, &at(&format!("router `{}`", moe.router.0)))?;
         let dm = self.tensor(&[n, hd], DType::F32)?;
         self.gpu.sum_into(&dm, &dxd, &dxr)?;
-        if let (Some(si), Some([gate, up, act])) = (lay.shared, &s.shared) {
-            let dact = self.tensor(&act.dims(), DType::BF16)?;
-            self.linear_bwd(si + SH_DOWN, act, &dy16, &dact, false)?;
-            let (dg, du) = (self.tensor(&act.dims(), DType::BF16)?, self.tensor(&act.dims(), DType::BF16)?);
-            self.gpu.swiglu_bwd(gate, up, &dact, &dg, &du)?;
-            self.linear_bwd(si + SH_GATE, &s.m, &dg, &dm, true)?;
-            self.linear_bwd(si + SH_UP, &s.m, &du, &dm, true)?;
+        if let (Some((name, sh)), Some((so, off))) = (&moe.shared, &s.shared) {
+            let dxs = self.tensor(&[n, hd], DType::BF16)?;
+            let (sw, sg) = (self.p.w16(lay.shared.clone()), self.p.grads(lay.shared.clone()));
+            let (sw, sg, offv) = (RSlice::from_slice(&sw), RSlice::from_slice(&sg), crate::cpu::view_i32(off, &[2]));
+            let res = sh.backward(o(), sw, sg, s.m.t, offv, so, dy16.t, dxs.t);
+            named(res, &at(&format!("shared `{name}`")))?;
+            self.gpu.add_into(&dm, &dxs)?;
         }
         drop((dxd, dxr, dlog, dw));
         self.norm_bwd(lay.moe_norm, &s.h, &s.rstd2, &dm, dy)?;
@@ -598,6 +600,7 @@ mod tests {
         let moe = MoeComponents {
             router: ("failing".into(), r),
             experts: ("swiglu".into(), e),
+            shared: None,
             losses: vec![],
             comm: ("local".into(), cm),
         };

@@ -88,12 +88,9 @@ pub fn export(src: &Path, out: &Path, opts: &ExportOptions) -> Result<Exported, 
         ));
     }
     let m = &cfg.model;
-    if m.shared_expert_ffn > 0 {
-        return Err(format!(
-            "{} = {}: the exported families have no ungated shared expert",
-            at("model.shared_expert_ffn"),
-            m.shared_expert_ffn
-        ));
+    if let Some(t) = &cfg.shared {
+        let name = t.get("plugin").and_then(|v| v.as_str()).unwrap_or("?");
+        return Err(format!("{}: [shared] `{name}`: the exported families have no shared expert", file.display()));
     }
     let top_k = cfg.router.get("top_k").and_then(|v| v.as_integer()).unwrap_or(2) as usize;
     let normalize = cfg.router.get("normalize").and_then(|v| v.as_bool()).unwrap_or(true);

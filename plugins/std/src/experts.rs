@@ -18,10 +18,13 @@ use pith_plugin_api::{
 };
 use serde::Deserialize;
 
-/// No settings yet (an empty table is fine).
+/// `ffn`: the hidden size of each expert (default `model.expert_ffn`; set it for a shared expert).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Config {}
+struct Config {
+    #[serde(default)]
+    ffn: Option<usize>,
+}
 
 struct SwiGlu {
     hidden: usize,
@@ -31,8 +34,12 @@ struct SwiGlu {
 }
 
 fn create(config: &str, dims: ModelDims) -> Result<SwiGlu> {
-    let _: Config = parse_config(config)?;
-    let (hidden, experts, ffn) = (dims.hidden as usize, dims.local_experts as usize, dims.expert_ffn as usize);
+    let c: Config = parse_config(config)?;
+    let ffn = c.ffn.unwrap_or(dims.expert_ffn as usize);
+    if c.ffn == Some(0) {
+        return Err("`ffn` = 0: an expert's hidden size must be at least 1".into());
+    }
+    let (hidden, experts) = (dims.hidden as usize, dims.local_experts as usize);
     if hidden == 0 || experts == 0 || ffn == 0 {
         return Err(format!(
             "model.hidden ({hidden}), the local experts ({experts}) and model.expert_ffn ({ffn}) must all be at least 1"
@@ -53,6 +60,14 @@ register!(
     "swiglu",
     "SwiGLU experts (silu(x·Wg) ⊙ x·Wu)·Wd via grouped GEMM, dropless",
     "[experts]\nplugin = \"swiglu\"",
+    create
+);
+
+register!(
+    Shared,
+    "shared-swiglu",
+    "an always-on SwiGLU expert on every token (DeepSeek-style, ungated), beside the routed ones",
+    "[shared]\nplugin = \"shared-swiglu\"\nffn = 256",
     create
 );
 
