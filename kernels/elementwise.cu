@@ -91,27 +91,6 @@ __device__ void sum2(float* out, const A* a, const B* b, long long n) {
 extern "C" __global__ void sum2_f32_bf16(float* out, const float* a, const bf16* b, long long n) { sum2(out, a, b, n); }
 extern "C" __global__ void sum2_bf16_bf16(float* out, const bf16* a, const bf16* b, long long n) { sum2(out, a, b, n); }
 
-// The shared expert's SwiGLU (the routed experts' is the swiglu plugin's own kernel):
-// a = silu(g) ⊙ u;  backward dg = da ⊙ u ⊙ silu'(g), du = da ⊙ silu(g), silu'(g) = σ(1 + g(1 − σ)).
-extern "C" __global__ void swiglu_fwd(const bf16* g, const bf16* u, bf16* a, long long n) {
-    packs(n, al4(g) && al4(u) && al4(a), [&](long long i, bool v) {
-        for (int j = 0; j < (v ? 4 : 1); j++) {
-            float gv = ld1(g + i + j), s = 1.f / (1.f + __expf(-gv));
-            st1(a + i + j, gv * s * ld1(u + i + j));
-        }
-    });
-}
-
-extern "C" __global__ void swiglu_bwd(const bf16* g, const bf16* u, const bf16* da, bf16* dg, bf16* du, long long n) {
-    packs(n, true, [&](long long i, bool v) {
-        for (int j = 0; j < (v ? 4 : 1); j++) {
-            float gv = ld1(g + i + j), s = 1.f / (1.f + __expf(-gv)), d = ld1(da + i + j);
-            st1(dg + i + j, d * ld1(u + i + j) * s * (1.f + gv * (1.f - s)));
-            st1(du + i + j, d * gv * s);
-        }
-    });
-}
-
 // x *= s.
 extern "C" __global__ void scale_f32(float* x, long long n, float s) {
     packs(n, al4(x), [&](long long i, bool v) {

@@ -363,26 +363,6 @@ impl Gpu {
         self.launch(src::ELEMENTWISE, name, shape(pack_grid(n), BLOCK, 0), &args)
     }
 
-    /// a = silu(g) ⊙ u (bf16, one size): the shared expert's activation.
-    pub fn swiglu_fwd(&self, g: &Tensor, u: &Tensor, a: &Tensor) -> Result<(), String> {
-        self.swiglu("swiglu_fwd", &[g, u, a])
-    }
-    /// Backward of [`Gpu::swiglu_fwd`]: WRITES dg and du from da.
-    pub fn swiglu_bwd(&self, g: &Tensor, u: &Tensor, da: &Tensor, dg: &Tensor, du: &Tensor) -> Result<(), String> {
-        self.swiglu("swiglu_bwd", &[g, u, da, dg, du])
-    }
-    fn swiglu(&self, op: &str, ts: &[&Tensor]) -> Result<(), String> {
-        on_device(op, ts)?;
-        let n = ts[0].numel();
-        if ts.iter().any(|t| t.dtype != DType::BF16 || t.numel() != n) {
-            let got: Vec<String> = ts.iter().map(|t| desc(t)).collect();
-            return Err(format!("{op}: {}: expected bf16 tensors of one size", got.join(", ")));
-        }
-        let mut args: Vec<Arg> = ts.iter().map(|t| t.arg()).collect();
-        args.push(Arg::I64(n as i64));
-        self.launch(src::ELEMENTWISE, op, shape(pack_grid(n), BLOCK, 0), &args)
-    }
-
     /// x (f32) *= s.
     pub fn scale(&self, x: &Tensor, s: f32) -> Result<(), String> {
         on_device("scale", &[x])?;
