@@ -21,13 +21,17 @@ pack)
   done
   ls -la .device ;;
 run)
+  # Every suite runs even when one fails; the exit status says whether any did.
+  set +e
   export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/lib/x86_64-linux-gnu PITH_PLUGIN_PATH=
-  .device/lib-tests --ignored --test-threads=1
-  PITH_BIN=.device/pith .device/hf-tests --ignored
+  fail=0
+  .device/lib-tests --ignored --test-threads=1 || fail=1
+  PITH_BIN=.device/pith .device/hf-tests --ignored || fail=1
   for so in .device/lib*.so; do
     n=$(basename "$so" .so); n=${n#lib}; n=${n//_/-}
-    .device/pith plugins check "$n" --device cuda | tail -1
+    .device/pith plugins check "$n" --device cuda | tail -1; [ "${PIPESTATUS[0]}" = 0 ] || fail=1
   done
-  for t in .device/plugin_*-tests; do PITH_BIN=.device/pith "$t" --ignored --test-threads=1; done ;;
+  for t in .device/plugin_*-tests; do PITH_BIN=.device/pith "$t" --ignored --test-threads=1 || fail=1; done
+  exit $fail ;;
 *) echo "usage: scripts/gpu-tests.sh pack|run"; exit 2 ;;
 esac

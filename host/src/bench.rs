@@ -8,9 +8,11 @@ use crate::config::Config;
 use crate::data::{Dataset, Split};
 use crate::gpu::{gib, Gpu};
 use crate::model::Model;
+use crate::parallel::Parallel;
 use crate::registry::Registry;
 use crate::train::{lr_at, Run};
 use pith_plugin_api::DType;
+use std::sync::Arc;
 use std::time::Instant;
 
 pub struct BenchOpts {
@@ -41,23 +43,12 @@ fn gemm_peak(gpu: &Gpu) -> Result<f64, String> {
     Ok(10.0 * 2.0 * (n as f64).powi(3) / (ms / 1e3))
 }
 
-/// One optimizer step (all micro-batches); returns the loss and the experts' forward FLOPs by
-/// their own count (`Experts::flops`) over the rows they computed.
+/// One optimizer step (all micro-batches, every rank); returns the loss and this rank's
+/// experts' forward FLOPs by their own count (`Experts::flops`) over the rows they computed.
 fn step(run: &mut Run, data: &mut Dataset, step: u64) -> Result<(f32, f64), String> {
-    let t = run.cfg.train.clone();
-    let (mut loss, mut experts) = (0.0, 0.0);
-    for micro in 0..t.grad_accum {
-        let (x, y) = data.next_batch(t.micro_batch, run.cfg.model.seq_len)?;
-        let o = run.micro_step(&x, &y, (step, micro), 1.0 / t.grad_accum as f32, false)?;
-        loss += o.loss / t.grad_accum as f32;
-        experts += run.experts_flops(&o.expert_counts);
-    }
-    let (_, clip_scale) = run.grad_norm(t.clip)?;
-    run.optimizer_step(lr_at(&t, step), step, clip_scale)?;
-    if let Some(g) = run.gpu() {
-        g.sync()?;
-    }
-    Ok((loss, experts))
+    let lr = lr_at(&run.cfg.train, step);
+    let (st, _) = run.train_step(data, step, lr, None)?;
+    Ok((st.loss, st.experts_flops))
 }
 
 pub fn bench(cfg: Config, reg: &Registry, o: BenchOpts) -> Result<(), String> {
@@ -65,12 +56,20 @@ pub fn bench(cfg: Config, reg: &Registry, o: BenchOpts) -> Result<(), String> {
     let (m, t) = (cfg.model.clone(), cfg.train.clone());
     // The dense part here; the experts' part from their own count of the rows they computed.
     let dense_per_token = Model::counts(&m, 0).flops_per_token;
-    let tokens = t.micro_batch * m.seq_len * t.grad_accum;
     let mut data = Dataset::open(&cfg.data, m.vocab, t.seed, Split::Train)?;
     let t0 = Instant::now();
-    let mut run = Run::new(cfg, reg)?;
+    let par = Arc::new(Parallel::init(&cfg)?);
+    // Per rank: this rank's tokens and its own FLOPs, so MFU and tokens/s are per GPU.
+    let tokens = t.micro_batch / par.dp_size() * m.seq_len * t.grad_accum;
+    let mut run = Run::new(cfg, reg, par.clone())?;
     run.place()?;
-    eprintln!("bench: model ready in {:.1} s on {}", t0.elapsed().as_secs_f64(), t.device);
+    eprintln!(
+        "bench: model ready in {:.1} s on {} (rank {} of {})",
+        t0.elapsed().as_secs_f64(),
+        t.device,
+        par.rank,
+        par.size
+    );
     let peak = match run.gpu() {
         Some(g) => {
             let p = gemm_peak(g)?;

@@ -53,6 +53,9 @@ type Bwd<'a> = Box<dyn Fn(&[f32], &[Vec<f32>]) -> R<(Vec<f32>, Vec<Vec<f32>>)> +
 enum Grad {
     Write,
     Accumulate,
+    /// Accumulated, but not a derivative (straight-through): checked for the contract,
+    /// finiteness and determinism, not by finite differences.
+    Surrogate,
 }
 
 /// A differentiable component, reduced to what the generic checks need.
@@ -135,8 +138,8 @@ fn load(g: &[Tensor], init: &[Vec<f32>]) {
 }
 
 /// Named trained params for `Case::wrt` (their grads accumulate), and the lines saying which
-/// were left out: buffers and accumulators have no gradient, and a surrogate gradient
-/// (straight-through) is not a derivative, so finite differences would not match it.
+/// were left out: buffers and accumulators have no gradient. A surrogate gradient
+/// (straight-through) is not a derivative, so it is checked for all but finite differences.
 type Wrt = Vec<(String, Tensor, Grad)>;
 
 fn param_wrt(ps: &Params, w: &[Tensor], g: &[Tensor]) -> (Wrt, Vec<Tensor>, Vec<String>) {
@@ -145,10 +148,9 @@ fn param_wrt(ps: &Params, w: &[Tensor], g: &[Tensor]) -> (Wrt, Vec<Tensor>, Vec<
         let name = &p.spec.name;
         if !p.trained() {
             lines.push(format!("{name}: a {:?}, no gradient", p.spec.role));
-        } else if p.spec.surrogate {
-            lines.push(format!("param {name}: surrogate gradient, not checked by finite differences"));
         } else {
-            wrt.push((format!("param {name}"), t, Grad::Accumulate));
+            let how = if p.spec.surrogate { Grad::Surrogate } else { Grad::Accumulate };
+            wrt.push((format!("param {name}"), t, how));
             grads.push(gt);
         }
     }
@@ -178,19 +180,20 @@ fn run_case(case: Case, rng: &mut Rng, eps: f32) -> R<Vec<String>> {
         if let Some(j) = clean.iter().position(|v| !v.is_finite()) {
             return Err(format!("grad of {name}[{j}] is {}", clean[j]));
         }
-        let base = |j: usize| if *how == Grad::Accumulate { z[j] } else { 0.0 };
+        let base = |j: usize| if *how == Grad::Write { 0.0 } else { z[j] };
         let tol = CONTRACT * max_abs(z) as f64;
         if let Some(j) = (0..a.len()).find(|&j| ((a[j] - base(j)) as f64 - clean[j] as f64).abs() > tol) {
             let rule = match how {
-                Grad::Accumulate => "ADD to its buffer (it overwrote or ignored what was there)",
                 Grad::Write => "OVERWRITE its buffer (it added to or kept what was there)",
+                _ => "ADD to its buffer (it overwrote or ignored what was there)",
             };
             let (a, z, c) = (a[j], z[j], clean[j]);
             return Err(format!("backward contract: grad of {name} must {rule}; [{j}] is {a} from {z}, {c} from 0"));
         }
     }
     let names = |g| case.wrt.iter().filter(|w| w.2 == g).map(|w| &w.0).collect::<Vec<_>>();
-    let (n, (wr, ac)) = (o1.len(), (names(Grad::Write), names(Grad::Accumulate)));
+    let (n, wr) = (o1.len(), names(Grad::Write));
+    let ac = [names(Grad::Accumulate), names(Grad::Surrogate)].concat();
     let mut lines = vec![
         format!("determinism: {n} outputs and all grads bitwise identical over repeated runs"),
         format!("backward contract: overwrites {wr:?}, adds to {ac:?}"),
@@ -199,8 +202,17 @@ fn run_case(case: Case, rng: &mut Rng, eps: f32) -> R<Vec<String>> {
         let (o, ids) = (case.fwd)()?;
         Ok((ids == ids0).then_some(o))
     };
-    for ((name, t, _), ana) in case.wrt.iter().zip(&g1) {
-        lines.push(grad_check(name, *t, ana, &r, rng, eps, &outputs)?);
+    for ((name, t, how), ana) in case.wrt.iter().zip(&g1) {
+        lines.push(if *how == Grad::Surrogate {
+            let nonzero = ana.iter().filter(|&&v| v != 0.0).count();
+            format!(
+                "{name}: surrogate gradient, finite, nonzero on {nonzero} of {} (not a derivative: no finite \
+                 differences)",
+                ana.len()
+            )
+        } else {
+            grad_check(name, *t, ana, &r, rng, eps, &outputs)?
+        });
     }
     Ok(lines)
 }
@@ -535,6 +547,13 @@ fn check_comm(cpu: &CpuOps, s: &CommScheduleBox, dims: ModelDims, t: usize, rng:
     Ok(lines)
 }
 
+/// A balance loss's forward accumulated onto `start`.
+fn loss_value(cpu: &CpuOps, l: &BalanceLossBox, p: &[Tensor], route: &RouterOut, start: f32) -> R<f32> {
+    let mut v = [start];
+    ok(l.forward(cpu.ops(), sl(p), route, view_mut(&mut v, &[1])))?;
+    Ok(v[0])
+}
+
 fn check_loss(cpu: &CpuOps, l: &BalanceLossBox, dims: ModelDims, t: usize, rng: &mut Rng) -> R<Vec<String>> {
     let e = dims.experts as usize;
     let k = e.min(2);
@@ -552,6 +571,11 @@ fn check_loss(cpu: &CpuOps, l: &BalanceLossBox, dims: ModelDims, t: usize, rng: 
     let route = route_of(&mut lv, &mut pv, &idv, &mut wv, e);
     let ps = make_params(l.params().into_vec(), rng);
     let p = ps.weights(0..ps.list.len());
+    let (v, on_one) = (loss_value(cpu, l, &p, &route, 0.0)?, loss_value(cpu, l, &p, &route, 1.0)?);
+    cpu.reset();
+    if (on_one - 1.0 - v).abs() > 1e-5 * (1.0 + v.abs()) {
+        return Err(format!("forward must ACCUMULATE into `loss`: onto 0 it gave {v}, onto 1 it gave {on_one}"));
+    }
     // Logits and probs are independent inputs here: a loss's gradient reaches each separately.
     let case = Case {
         wrt: vec![
@@ -559,12 +583,12 @@ fn check_loss(cpu: &CpuOps, l: &BalanceLossBox, dims: ModelDims, t: usize, rng: 
             ("input probs".into(), route.probs, Grad::Accumulate),
         ],
         fwd: Box::new(|| {
-            let v = ok(l.forward(cpu.ops(), sl(&p), &route))?;
+            let v = loss_value(cpu, l, &p, &route, 0.0)?;
             cpu.reset();
             Ok((vec![v], vec![]))
         }),
         bwd: Box::new(|rv: &[f32], init: &[Vec<f32>]| {
-            let v = ok(l.forward(cpu.ops(), sl(&p), &route))?;
+            let v = loss_value(cpu, l, &p, &route, 0.0)?;
             let (mut dl, mut dp) = (init[0].clone(), init[1].clone());
             let (dlt, dpt) = (view_mut(&mut dl, &[t, e]), view_mut(&mut dp, &[t, e]));
             ok(l.backward(cpu.ops(), sl(&p), &route, rv[0], dpt, dlt))?;
@@ -790,10 +814,10 @@ mod tests {
         let ids = [0, 1, 2, 3, 1, 0, 3, 2];
         let route = route_of(&mut logits, &mut probs, &ids, &mut gates, E);
         let Component::BalanceLoss(sa) = create("balance_loss", "switch-aux", "").unwrap() else { panic!() };
-        assert!((ok(sa.forward(cpu.ops(), sl(&[]), &route)).unwrap() - 0.01).abs() < 1e-7);
+        assert!((loss_value(&cpu, &sa, &[], &route, 0.0).unwrap() - 0.01).abs() < 1e-7);
         let Component::BalanceLoss(z) = create("balance_loss", "z-loss", "").unwrap() else { panic!() };
         let want = 0.001 * (E as f32).ln().powi(2);
-        assert!((ok(z.forward(cpu.ops(), sl(&[]), &route)).unwrap() - want).abs() < 1e-7);
+        assert!((loss_value(&cpu, &z, &[], &route, 0.0).unwrap() - want).abs() < 1e-7);
         // local: a stable sort by expert, empty slots skipped, a clear error for an id out of range.
         let Component::CommSchedule(c) = create("comm", "local", "").unwrap() else { panic!() };
         let xt = view(&x, &[4, h]);

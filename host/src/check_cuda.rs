@@ -442,8 +442,13 @@ fn check_loss(cx: &mut Cx, l: &BalanceLossBox, dims: ModelDims) -> R<()> {
     let (route, rd) = cx.route(e, |_, p| p)?;
     let rc = route.cpu(e);
     let wd = tv(&d.wd);
-    let (v, vd) = (ok(l.forward(cx.cpu.ops(), sl(&d.w), &rc))?, ok(l.forward(cx.dev.ops(), sl(&wd), &rd))?);
-    cx.close("forward loss", &[vd], &[v], TOL_F32)?;
+    let added = |got: Vec<f32>, start: &[f32]| -> Vec<f32> { got.iter().zip(start).map(|(a, b)| a - b).collect() };
+    let mut v = [0.0f32];
+    ok(l.forward(cx.cpu.ops(), sl(&d.w), &rc, view_mut(&mut v, &[1])))?;
+    let start = randn(&mut cx.rng, 1, v[0].abs().max(1e-30));
+    let vd = cx.up(&start, &[1], DType::F32)?;
+    ok(l.forward(cx.dev.ops(), sl(&wd), &rd, vd.t))?;
+    cx.close("forward loss (added onto a random value)", &added(cx.down(&vd)?, &start), &v, TOL_F32)?;
     let scale = 0.5 + cx.rng.uniform();
     let (mut dp, mut dl) = (vec![0.0; T * e], vec![0.0; T * e]);
     ok(l.backward(cx.cpu.ops(), sl(&d.w), &rc, scale, view_mut(&mut dp, &[T, e]), view_mut(&mut dl, &[T, e])))?;
@@ -452,7 +457,6 @@ fn check_loss(cx: &mut Cx, l: &BalanceLossBox, dims: ModelDims) -> R<()> {
         (randn(&mut cx.rng, T * e, max_abs(&dp).max(1e-30)), randn(&mut cx.rng, T * e, max_abs(&dl).max(1e-30)));
     let (dpd, dld) = (cx.up(&sp, &[T, e], DType::F32)?, cx.up(&sg, &[T, e], DType::F32)?);
     ok(l.backward(cx.dev.ops(), sl(&wd), &rd, scale, dpd.t, dld.t))?;
-    let added = |got: Vec<f32>, start: &[f32]| -> Vec<f32> { got.iter().zip(start).map(|(a, b)| a - b).collect() };
     let (ap, al) = (added(cx.down(&dpd)?, &sp), added(cx.down(&dld)?, &sg));
     cx.close("backward d_probs (added onto random values)", &ap, &dp, TOL_F32)?;
     cx.close("backward d_logits (added onto random values)", &al, &dl, TOL_F32)?;
@@ -582,11 +586,17 @@ mod tests {
     /// to it) or bug 3 (CUDA's backward leaves d_probs out).
     struct Square(u8);
 
+    /// loss[0] += v, on either device.
+    fn add_to(h: &Host, loss: Tensor, v: f32) -> Result<(), String> {
+        let sum = [h.read_f32(loss)?[0] + v];
+        h.copy(Tensor::new(sum.as_ptr() as u64, DType::F32, Device::Cpu, &[1]), loss)
+    }
+
     impl BalanceLoss for Square {
-        fn forward(&self, h: Host, _: &[Tensor], r: &RouterOut) -> Result<f32, String> {
+        fn forward(&self, h: Host, _: &[Tensor], r: &RouterOut, loss: Tensor) -> Result<(), String> {
             let sq = |t| h.read_f32(t).map(|v| v.iter().map(|x| x * x).sum::<f32>());
             let v = 1e-3 * (sq(r.logits)? + sq(r.probs)?);
-            Ok(if h.device() == Device::Cuda && self.0 == 1 { v * 1.01 } else { v })
+            add_to(&h, loss, if h.device() == Device::Cuda && self.0 == 1 { v * 1.01 } else { v })
         }
         fn backward(
             &self,
@@ -619,12 +629,11 @@ mod tests {
             let e = DIMS.experts as usize;
             vec![ParamSpec::buffer("bias", &[e], Init::Zeros), ParamSpec::accumulator("load", &[e])]
         }
-        fn forward(&self, h: Host, p: &[Tensor], r: &RouterOut) -> Result<f32, String> {
+        fn forward(&self, h: Host, p: &[Tensor], r: &RouterOut, _: Tensor) -> Result<(), String> {
             let (probs, mut load) = (h.read_f32(r.probs)?, h.read_f32(p[1])?);
             let e = load.len();
             probs.chunks(e).for_each(|row| load.iter_mut().zip(row).for_each(|(l, p)| *l += p));
-            h.copy(Tensor::new(load.as_ptr() as u64, DType::F32, Device::Cpu, &[e]), p[1])?;
-            Ok(0.0)
+            h.copy(Tensor::new(load.as_ptr() as u64, DType::F32, Device::Cpu, &[e]), p[1])
         }
         fn backward(&self, _: Host, _: &[Tensor], _: &RouterOut, _: f32, _: Tensor, _: Tensor) -> Result<(), String> {
             Ok(())
@@ -661,7 +670,11 @@ mod tests {
         let gpu = gpu();
         let check = |bug| check_component(&pith_plugin_api::wrap::BalanceLoss(Square(bug)), "sq", &gpu, DIMS, 1);
         check(0).unwrap();
-        let bugs = [(1, "forward loss: relative L2 error"), (2, "backward d_logits"), (3, "backward d_probs")];
+        let bugs = [
+            (1, "forward loss (added onto a random value): relative L2 error"),
+            (2, "backward d_logits"),
+            (3, "backward d_probs"),
+        ];
         for (bug, what) in bugs {
             let e = check(bug).expect_err("a CUDA path that differs must fail");
             println!("bug {bug}: {e}");

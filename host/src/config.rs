@@ -116,6 +116,24 @@ pub struct DataConfig {
     pub val: Option<String>,
 }
 
+/// How the ranks of a multi-process job split the work (docs/distributed.md).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelConfig {
+    /// Data-parallel ranks; 0: the world size / ep.
+    #[serde(default)]
+    pub dp: usize,
+    /// Expert-parallel ranks per group (1: every rank holds every expert).
+    #[serde(default = "d_one")]
+    pub ep: usize,
+}
+
+impl ParallelConfig {
+    fn is_default(&self) -> bool {
+        self.dp == 0 && self.ep <= 1
+    }
+}
+
 /// A component table: `plugin = "name"` plus the plugin's own keys.
 pub type ComponentTable = toml::Table;
 
@@ -126,6 +144,8 @@ pub struct Config {
     pub train: TrainConfig,
     #[serde(default = "d_data")]
     pub data: DataConfig,
+    #[serde(default, skip_serializing_if = "ParallelConfig::is_default")]
+    pub parallel: ParallelConfig,
     pub router: ComponentTable,
     pub experts: ComponentTable,
     #[serde(default)]

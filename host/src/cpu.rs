@@ -3,11 +3,12 @@
 //! transpose is just a stride swap.
 
 use crate::gpu::ops::Metrics;
+use crate::parallel::Parallel;
 use abi_stable::std_types::{RResult, RSlice, RStr, RString};
 use pith_plugin_api::abi::{Ops, OpsRef};
 use pith_plugin_api::{Arg, Context, DType, Device, Group, LaunchDims, ReduceOp, Tensor};
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Host-owned memory for plugin allocations (freed by [`CpuOps::reset`] after each micro-batch),
 /// the metrics plugins reported during the step, and where the current call sits.
@@ -16,6 +17,8 @@ pub struct CpuOps {
     arena: Mutex<Vec<Vec<u32>>>,
     metrics: Metrics,
     context: Calls,
+    /// The job's ranks, when there are several (collectives go over the process group).
+    parallel: Option<Arc<Parallel>>,
 }
 
 /// The [`Context`] components see: the trainer sets the step's part, the model each layer's.
@@ -321,6 +324,11 @@ impl Ops for CpuOps {
     fn context(&self) -> Context {
         self.context.get()
     }
+    fn metric_sum(&self, name: RStr<'_>, sum: Tensor, count: f64) {
+        if count > 0.0 && sum.device == Device::Cpu && sum.dtype == DType::F32 && sum.numel() > 0 {
+            self.metric(name, sum.f32s()[0] as f64 / count, count)
+        }
+    }
     fn gemm_batched(
         &self,
         a: Tensor,
@@ -344,20 +352,43 @@ impl Ops for CpuOps {
         };
         batched().map_err(RString::from).into()
     }
-    fn rank(&self, _group: Group) -> u32 {
-        0
+    fn rank(&self, group: Group) -> u32 {
+        self.parallel.as_ref().map_or(0, |p| p.rank_in(group).0 as u32)
     }
-    fn size(&self, _group: Group) -> u32 {
-        1
+    fn size(&self, group: Group) -> u32 {
+        self.parallel.as_ref().map_or(1, |p| p.rank_in(group).1 as u32)
     }
-    fn all_reduce(&self, _t: Tensor, _op: ReduceOp, _group: Group) -> RResult<(), RString> {
-        RResult::ROk(())
+    fn all_reduce(&self, t: Tensor, op: ReduceOp, group: Group) -> RResult<(), RString> {
+        let Some(p) = self.parallel.as_ref().filter(|_| self.size(group) > 1) else { return RResult::ROk(()) };
+        let r = match (t.dtype, op) {
+            // SAFETY: `t` is the collective's in-place buffer; nothing else views it during the call.
+            (DType::F32, ReduceOp::Sum) => p.sum_f32(group, unsafe { t.f32s_mut() }),
+            (DType::F32, ReduceOp::Max) => p.max_f32(group, unsafe { t.f32s_mut() }),
+            (DType::F32, ReduceOp::Min) => p.min_f32(group, unsafe { t.f32s_mut() }),
+            (DType::I32, ReduceOp::Sum) => p.sum_i32(group, unsafe { t.i32s_mut() }),
+            (d, o) => Err(format!("all_reduce: {o:?} of {d:?} on the CPU; f32 (sum, max, min) or i32 (sum)")),
+        };
+        r.map_err(RString::from).into()
     }
-    fn all_gather(&self, src: Tensor, dst: Tensor, _group: Group) -> RResult<(), RString> {
-        self.collective_copy(src, dst, "all_gather")
+    fn all_gather(&self, src: Tensor, dst: Tensor, group: Group) -> RResult<(), RString> {
+        match self.parallel.as_ref().filter(|_| self.size(group) > 1) {
+            // SAFETY: dst is the output, apart from src.
+            Some(p) => f32_pair(&src, &dst, "all_gather")
+                .and_then(|_| p.all_gather_f32(group, src.f32s(), unsafe { dst.f32s_mut() }))
+                .map_err(RString::from)
+                .into(),
+            None => self.collective_copy(src, dst, "all_gather"),
+        }
     }
-    fn reduce_scatter(&self, src: Tensor, dst: Tensor, _group: Group) -> RResult<(), RString> {
-        self.collective_copy(src, dst, "reduce_scatter")
+    fn reduce_scatter(&self, src: Tensor, dst: Tensor, group: Group) -> RResult<(), RString> {
+        match self.parallel.as_ref().filter(|_| self.size(group) > 1) {
+            // SAFETY: dst is the output, apart from src.
+            Some(p) => f32_pair(&src, &dst, "reduce_scatter")
+                .and_then(|_| p.reduce_scatter_f32(group, src.f32s(), unsafe { dst.f32s_mut() }))
+                .map_err(RString::from)
+                .into(),
+            None => self.collective_copy(src, dst, "reduce_scatter"),
+        }
     }
     fn all_to_all(
         &self,
@@ -365,8 +396,18 @@ impl Ops for CpuOps {
         send: RSlice<'_, u64>,
         dst: Tensor,
         recv: RSlice<'_, u64>,
-        _g: Group,
+        g: Group,
     ) -> RResult<(), RString> {
+        if let Some(p) = self.parallel.as_ref().filter(|_| self.size(g) > 1) {
+            let row = |t: &Tensor| if t.rank == 0 || t.dim(0) == 0 { 0 } else { t.numel() / t.dim(0) };
+            let width = row(&src).max(row(&dst));
+            let elems = |c: &[u64]| c.iter().map(|&r| r as usize * width).collect::<Vec<_>>();
+            let (s, r) = (elems(send.as_slice()), elems(recv.as_slice()));
+            // SAFETY: dst is the output, apart from src.
+            let res = f32_pair(&src, &dst, "all_to_all")
+                .and_then(|_| p.all_to_all_f32(g, src.f32s(), &s, unsafe { dst.f32s_mut() }, &r));
+            return res.map_err(RString::from).into();
+        }
         if send.as_slice() != [src.dim(0) as u64] || recv.as_slice() != [dst.dim(0) as u64] {
             let e = format!(
                 "all_to_all on one rank: send {send:?} must be [{}], recv {recv:?} [{}]",
@@ -379,7 +420,20 @@ impl Ops for CpuOps {
     }
 }
 
+/// Collectives across processes on the CPU move f32 host tensors.
+fn f32_pair(src: &Tensor, dst: &Tensor, what: &str) -> Result<(), String> {
+    let ok = |t: &Tensor| t.dtype == DType::F32 && t.device == Device::Cpu;
+    if ok(src) && ok(dst) {
+        return Ok(());
+    }
+    Err(format!("{what}: f32 host tensors on the CPU, got {:?} and {:?}", src.dtype, dst.dtype))
+}
+
 impl CpuOps {
+    /// The ops of one rank of a multi-process job.
+    pub fn with_parallel(parallel: Arc<Parallel>) -> CpuOps {
+        CpuOps { parallel: (parallel.size > 1).then_some(parallel), ..CpuOps::default() }
+    }
     fn collective_copy(&self, src: Tensor, dst: Tensor, what: &str) -> RResult<(), RString> {
         match one_rank_collective(&src, &dst, what) {
             Ok(true) => self.copy(src, dst),

@@ -34,6 +34,19 @@ enum Cmd {
         #[arg(long, default_value_t = 4096)]
         trace_tokens: usize,
     },
+    /// Train on N ranks of this machine: N processes of `pith train CONFIG [FLAGS…]` (one per GPU,
+    /// or CPU ranks: the config decides), with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set.
+    Launch {
+        /// How many ranks (processes) to start.
+        #[arg(long)]
+        gpus: u32,
+        /// MASTER_PORT of the rendezvous (default: a free port).
+        #[arg(long)]
+        port: Option<u16>,
+        /// The config and any `pith train` flags, passed to every rank.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        train: Vec<std::ffi::OsString>,
+    },
     /// Time training steps: median step time, tokens/s, MFU and peak GPU memory (docs/performance.md).
     Bench {
         config: Option<PathBuf>,
@@ -214,6 +227,21 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let summary = pith::train::train(cfg, &registry()?, resume.as_deref(), trace)?;
             if let Some(sig) = summary.interrupted {
                 return Err(Exit(128 + sig));
+            }
+        }
+        Cmd::Launch { gpus, port, train } => {
+            let exe = std::env::current_exe().map_err(|e| format!("finding the pith executable: {e}"))?;
+            let mut args: Vec<std::ffi::OsString> = vec![];
+            for d in &cli.plugin_dirs {
+                args.extend(["--plugin-dir".into(), d.into()]);
+            }
+            args.push("train".into());
+            args.extend(train);
+            let opts = pith::dist::launch::LaunchOpts { ranks: gpus, port, grace: std::time::Duration::from_secs(5) };
+            let stop = pith::dist::launch::signals()?;
+            let code = pith::dist::launch::launch(&exe, &args, &opts, &stop)?;
+            if code != 0 {
+                return Err(Exit(code));
             }
         }
         Cmd::Bench { config, set, warmup, steps, profile } => {

@@ -453,9 +453,10 @@ impl<'a> Pass<'a> {
         let mut aux = Vec::new();
         for ((name, loss), lp) in m.losses.iter().zip(&lay.losses) {
             let who = at(&format!("balance_loss `{name}`"));
-            let v = named(loss.forward(o(), rs(&self.p.weights(lp.clone())), &r), &who)?;
-            finite(&[v], &who)?;
-            aux.push((name.clone(), v));
+            let mut v = [0.0f32];
+            named(loss.forward(o(), rs(&self.p.weights(lp.clone())), &r, view_mut(&mut v, &[1])), &who)?;
+            finite(&v, &who)?;
+            aux.push((name.clone(), v[0]));
         }
         let who = at(&format!("comm `{}` dispatch", m.comm.0));
         let d = named(comm.dispatch(o(), xv, &r, ne as u32), &who)?;

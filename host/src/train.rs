@@ -7,16 +7,18 @@ use crate::config::{ComponentTable, Config};
 use crate::cpu::{view, view_mut, Calls, CpuOps};
 use crate::data::{Dataset, Split, Synthetic};
 use crate::gpu::model::{GpuParams, GpuPass, RopeTables};
+use crate::gpu::nccl::Nccl;
 use crate::gpu::ops::GpuOps;
 use crate::gpu::Gpu;
 use crate::model::{Model, MoeComponents, StepOut};
+use crate::parallel::Parallel;
 use crate::params::Params;
 use crate::registry::Registry;
 use crate::rundir::RunDir;
 use crate::trace::RoutingTrace;
 use abi_stable::std_types::RSlice;
 use pith_plugin_api::abi::{Component, OptimizerBox};
-use pith_plugin_api::{Context, DType, Kind, Slot};
+use pith_plugin_api::{Context, DType, Group, Kind, Role, Slot, Tensor};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -141,6 +143,8 @@ struct GpuBackend {
     ops: GpuOps,
     params: GpuParams,
     rope: RopeTables,
+    /// The world's communicator when the job has several ranks.
+    nccl: Option<Arc<Nccl>>,
 }
 
 pub(crate) struct Run {
@@ -151,15 +155,30 @@ pub(crate) struct Run {
     backend: Backend,
     /// The GPU, opened before the (slow) host-side init so a missing one fails at once.
     opened: Option<Arc<Gpu>>,
+    /// This rank's place in the job (one rank: [`Parallel::single`]).
+    pub(crate) par: Arc<Parallel>,
+}
+
+/// What one optimizer step did, over every data-parallel rank.
+pub(crate) struct StepStats {
+    /// Mean cross-entropy of the global batch, and each balance loss's mean.
+    pub loss: f32,
+    pub aux: Vec<(String, f32)>,
+    /// Rows per expert per layer, summed over micro-batches and ranks.
+    pub counts: Vec<Vec<u32>>,
+    pub gnorm: f32,
+    /// This rank's experts' forward FLOPs by their own count.
+    pub experts_flops: f64,
 }
 
 impl Run {
     /// Build the model, its parameters (initialised on the host, so CPU and CUDA runs start
     /// from the same weights) and the optimizer state; move them to the GPU for device = "cuda".
-    pub(crate) fn new(cfg: Config, reg: &Registry) -> Result<Run, String> {
+    pub(crate) fn new(cfg: Config, reg: &Registry, par: Arc<Parallel>) -> Result<Run, String> {
         let t = &cfg.train;
+        let gpu = par.local_rank as usize;
         let opened = match t.device.as_str() {
-            "cuda" => Some(Arc::new(Gpu::open(0).map_err(|e| format!("{}: {e}", cfg.at("train", 0, "device")))?)),
+            "cuda" => Some(Arc::new(Gpu::open(gpu).map_err(|e| format!("{}: {e}", cfg.at("train", 0, "device")))?)),
             _ => None,
         };
         let (moe, opt) = components(&cfg, reg)?;
@@ -169,7 +188,8 @@ impl Run {
             let names = opt.1.state(p.name.as_str().into(), &p.spec);
             p.state = names.iter().map(|n| (n.to_string(), vec![0.0; p.w.len()])).collect();
         }
-        Ok(Run { cfg, model, params, opt, backend: Backend::Cpu(CpuOps::default()), opened })
+        let backend = Backend::Cpu(CpuOps::with_parallel(par.clone()));
+        Ok(Run { cfg, model, params, opt, backend, opened, par })
     }
 
     /// Move to the GPU when the config says so (after any weights were loaded on the host).
@@ -179,7 +199,12 @@ impl Run {
         // The host copies are refreshed from the device when a checkpoint is written.
         self.params.list.iter_mut().for_each(|p| p.g = Vec::new());
         let rope = RopeTables::new(&gpu, &self.model)?;
-        self.backend = Backend::Gpu(Box::new(GpuBackend { ops: GpuOps::new(gpu.clone()), gpu, params, rope }));
+        let nccl = Nccl::init(&gpu, &self.par)?.map(Arc::new);
+        let ops = match &nccl {
+            Some(n) => GpuOps::with_parallel(gpu.clone(), self.par.clone(), n.clone()),
+            None => GpuOps::new(gpu.clone()),
+        };
+        self.backend = Backend::Gpu(Box::new(GpuBackend { ops, gpu, params, rope, nccl }));
         Ok(())
     }
 
@@ -198,7 +223,7 @@ impl Run {
             step,
             micro_batch: micro as u32,
             micro_batches: t.grad_accum as u32,
-            batch: t.micro_batch as u32,
+            batch: self.local_batch() as u32,
             seq: m.seq_len as u32,
             layer: 0,
             training,
@@ -213,6 +238,111 @@ impl Run {
         let rows = |c: &Vec<u32>| c.iter().map(|&r| r as u64).collect::<Vec<u64>>();
         let layers = self.model.layers.iter().zip(counts);
         layers.map(|(l, c)| l.moe.experts.1.flops(RSlice::from_slice(&rows(c)))).sum()
+    }
+
+    /// Sequences per micro-batch on this rank (`train.micro_batch` over the data-parallel ranks).
+    pub(crate) fn local_batch(&self) -> usize {
+        self.cfg.train.micro_batch / self.par.dp_size()
+    }
+
+    /// This rank's rows of a global micro-batch of `tokens`.
+    fn my_rows<'a>(&self, tokens: &'a [u32]) -> &'a [u32] {
+        let n = tokens.len() / self.par.dp_size();
+        &tokens[self.par.dp_rank() * n..][..n]
+    }
+
+    /// One optimizer step: every micro-batch of the global batch (this rank's rows of each),
+    /// the gradients summed over the data-parallel ranks, clipping, the optimizer and the
+    /// components' end_step. `trace` records the routing of the first tokens (rank 0's rows);
+    /// it says when it has just been written.
+    pub(crate) fn train_step(
+        &mut self,
+        data: &mut Dataset,
+        step: u64,
+        lr: f32,
+        mut trace: Option<&mut RoutingTrace>,
+    ) -> Result<(StepStats, bool), String> {
+        let (t, seq) = (self.cfg.train.clone(), self.cfg.model.seq_len);
+        let (dp, ga) = (self.par.dp_size(), t.grad_accum);
+        let (mut loss, mut aux, mut counts) = (0.0f32, Vec::<(String, f32)>::new(), Vec::<Vec<u32>>::new());
+        let (mut experts_flops, mut traced) = (0.0, false);
+        for micro in 0..ga {
+            let (x, y) = data.next_batch(t.micro_batch, seq)?;
+            let (x, y) = (self.my_rows(&x), self.my_rows(&y));
+            let tracing_now = trace.as_ref().is_some_and(|tr| !tr.done());
+            let o = self.micro_step(x, y, (step, micro), 1.0 / (ga * dp) as f32, tracing_now)?;
+            if let Some(tr) = trace.as_mut().filter(|tr| !tr.done()) {
+                tr.add(x, &o);
+                if tr.done() {
+                    tr.write()?;
+                    traced = true;
+                }
+            }
+            loss += o.loss / ga as f32;
+            for (i, (n, v)) in o.aux.into_iter().enumerate() {
+                match aux.get_mut(i) {
+                    Some(a) => a.1 += v / ga as f32,
+                    None => aux.push((n, v / ga as f32)),
+                }
+            }
+            experts_flops += self.experts_flops(&o.expert_counts);
+            for (l, c) in o.expert_counts.into_iter().enumerate() {
+                match counts.get_mut(l) {
+                    Some(a) => a.iter_mut().zip(c).for_each(|(a, c)| *a += c),
+                    None => counts.push(c),
+                }
+            }
+        }
+        self.sum_over_dp(Role::Param)?;
+        if dp > 1 {
+            // The step's numbers over the global batch: means of the losses, sums of the counts.
+            let mut v: Vec<f32> = std::iter::once(loss).chain(aux.iter().map(|a| a.1)).collect();
+            self.par.sum_f32(Group::DataParallel, &mut v)?;
+            loss = v[0] / dp as f32;
+            aux.iter_mut().zip(&v[1..]).for_each(|(a, s)| a.1 = s / dp as f32);
+            let mut c: Vec<i32> = counts.iter().flatten().map(|&c| c as i32).collect();
+            self.par.sum_i32(Group::DataParallel, &mut c)?;
+            counts.iter_mut().flatten().zip(c).for_each(|(a, s)| *a = s as u32);
+        }
+        if !loss.is_finite() {
+            return Err(format!("the loss is non-finite ({loss})"));
+        }
+        let (gnorm, clip_scale) = self.grad_norm(t.clip)?;
+        self.optimizer_step(lr, step, clip_scale)?;
+        if let Some(g) = self.gpu() {
+            g.sync()?;
+        }
+        Ok((StepStats { loss, aux, counts, gnorm, experts_flops }, traced))
+    }
+
+    /// Sum the gradients (`Role::Param`) or the accumulators over the data-parallel ranks: one
+    /// collective for all of them (one rank: nothing to do).
+    fn sum_over_dp(&mut self, role: Role) -> Result<(), String> {
+        if self.par.dp_size() == 1 {
+            return Ok(());
+        }
+        match &self.backend {
+            Backend::Cpu(_) => {
+                let list = self.params.list.iter_mut().filter(|p| p.spec.role == role);
+                let mut bufs: Vec<&mut Vec<f32>> =
+                    list.map(|p| if role == Role::Param { &mut p.g } else { &mut p.w }).collect();
+                let mut flat: Vec<f32> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+                self.par.sum_f32(Group::DataParallel, &mut flat)?;
+                let mut rest = &flat[..];
+                for b in bufs.iter_mut() {
+                    let (mine, more) = rest.split_at(b.len());
+                    b.copy_from_slice(mine);
+                    rest = more;
+                }
+                Ok(())
+            }
+            Backend::Gpu(g) => {
+                let nccl = g.nccl.as_ref().ok_or("data parallel on CUDA without NCCL")?;
+                let list = g.params.list.iter().filter(|p| p.role == role);
+                let ts: Vec<Tensor> = list.map(|p| if role == Role::Param { p.g.t } else { p.w.t }).collect();
+                nccl.sum_all(&g.gpu, &ts)
+            }
+        }
     }
 
     fn calls(&self) -> &Calls {
@@ -233,11 +363,11 @@ impl Run {
         routing: bool,
     ) -> Result<StepOut, String> {
         self.set_context(step, micro, true);
-        let b = self.cfg.train.micro_batch;
+        let b = self.local_batch();
         match &self.backend {
             Backend::Cpu(ops) => self.model.forward_backward(ops, &mut self.params, x, y, b, scale),
             Backend::Gpu(g) => {
-                let GpuBackend { gpu, ops, params, rope } = &**g;
+                let GpuBackend { gpu, ops, params, rope, .. } = &**g;
                 self.model.check_tokens(x, y, b)?;
                 let (xt, yt) = (gpu.upload(x, &[x.len()], DType::I32)?, gpu.upload(y, &[y.len()], DType::I32)?);
                 let pass = GpuPass { m: &self.model, gpu, ops, p: params, rope, batch: b };
@@ -246,25 +376,29 @@ impl Run {
         }
     }
 
+    /// The mean loss of `train.eval_batches` held-out micro-batches (each rank its rows).
     fn eval(&mut self, seed: u64) -> Result<f32, String> {
         let m = &self.cfg.model;
-        let b = self.cfg.train.micro_batch;
+        let b = self.local_batch();
         let mut val = Dataset::open(&self.cfg.data, m.vocab, seed, Split::Val)?;
         self.set_context(0, 0, false);
         let mut sum = 0.0;
         for _ in 0..self.cfg.train.eval_batches {
-            let (x, y) = val.next_batch(b, m.seq_len)?;
+            let (x, y) = val.next_batch(self.cfg.train.micro_batch, m.seq_len)?;
+            let (x, y) = (self.my_rows(&x), self.my_rows(&y));
             sum += match &self.backend {
-                Backend::Cpu(ops) => self.model.loss(ops, &self.params, &x, &y, b)?,
+                Backend::Cpu(ops) => self.model.loss(ops, &self.params, x, y, b)?,
                 Backend::Gpu(g) => {
-                    let GpuBackend { gpu, ops, params, rope } = &**g;
-                    self.model.check_tokens(&x, &y, b)?;
-                    let (xt, yt) = (gpu.upload(&x, &[x.len()], DType::I32)?, gpu.upload(&y, &[y.len()], DType::I32)?);
+                    let GpuBackend { gpu, ops, params, rope, .. } = &**g;
+                    self.model.check_tokens(x, y, b)?;
+                    let (xt, yt) = (gpu.upload(x, &[x.len()], DType::I32)?, gpu.upload(y, &[y.len()], DType::I32)?);
                     GpuPass { m: &self.model, gpu, ops, p: params, rope, batch: b }.loss(&xt, &yt)?
                 }
             };
         }
-        Ok(sum / self.cfg.train.eval_batches.max(1) as f32)
+        let mut mean = [sum / self.cfg.train.eval_batches.max(1) as f32];
+        self.par.sum_f32(Group::DataParallel, &mut mean)?;
+        Ok(mean[0] / self.par.dp_size() as f32)
     }
 
     /// The global gradient norm and the factor that clips it to `clip` (> 0; 1 when no clipping
@@ -324,9 +458,9 @@ impl Run {
     }
 
     /// Every component's `end_step` hook (its parameters, buffers and accumulators in `p`), then
-    /// zero the accumulators. (With several ranks the accumulators are summed over the
-    /// data-parallel group first; with one there is nothing to sum.)
+    /// zero the accumulators. The accumulators are summed over the data-parallel ranks first.
     fn end_step(&mut self, step: u64) -> Result<(), String> {
+        self.sum_over_dp(Role::Accumulator)?;
         self.set_context(step, 0, true);
         for (l, lay) in self.model.layers.iter().enumerate() {
             self.calls().set_layer(l);
@@ -386,7 +520,7 @@ pub fn train(
     cfg: Config,
     reg: &Registry,
     resume: Option<&Path>,
-    mut trace: Option<RoutingTrace>,
+    trace: Option<RoutingTrace>,
 ) -> Result<Summary, String> {
     let t = cfg.train.clone();
     let m = cfg.model.clone();
@@ -397,10 +531,14 @@ pub fn train(
         tr.check()?;
     }
     components(&cfg, reg)?; // every plugin's config, checked before the run directory is touched
+    let par = Arc::new(Parallel::init(&cfg)?);
+    // Rank 0 owns the run directory: the lock, config.toml, metrics.jsonl and the checkpoints.
+    let first = par.is_first();
     let out = PathBuf::from(&t.out);
-    let dir = RunDir::open(&out, &cfg.at("train", 0, "out"), resume)?;
+    let dir = if first { Some(RunDir::open(&out, &cfg.at("train", 0, "out"), resume)?) } else { None };
+    let mut trace = trace.filter(|_| first);
     let stop = Interrupt::install()?;
-    let mut run = Run::new(cfg, reg)?;
+    let mut run = Run::new(cfg, reg, par.clone())?;
     if let (None, Some(src)) = (resume, &t.init_from) {
         crate::hf::init_weights(Path::new(src), &run.cfg, &mut run.params)
             .map_err(|e| format!("{}: train.init_from: {e}", run.cfg.at("train", 0, "init_from")))?;
@@ -415,15 +553,22 @@ pub fn train(
         tracing::info!("resumed from {} at step {start}", checkpoint::resolve(r)?.display());
     }
     run.place()?;
-    dir.trim_metrics(start)?;
-    std::fs::write(out.join("config.toml"), run.cfg.to_toml()).map_err(|e| format!("{}: {e}", out.display()))?;
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(out.join("metrics.jsonl"))
-        .map_err(|e| format!("{}: {e}", out.display()))?;
+    let mut metrics = match &dir {
+        Some(dir) => {
+            dir.trim_metrics(start)?;
+            let cfg_path = out.join("config.toml");
+            std::fs::write(&cfg_path, run.cfg.to_toml()).map_err(|e| format!("{}: {e}", out.display()))?;
+            let f = std::fs::OpenOptions::new().create(true).append(true).open(out.join("metrics.jsonl"));
+            Some(f.map_err(|e| format!("{}: {e}", out.display()))?)
+        }
+        None => None,
+    };
+    let mut write_line = |line: &serde_json::Value| match metrics.as_mut() {
+        Some(f) => writeln!(f, "{line}").map_err(|e| format!("metrics.jsonl: {e}")),
+        None => Ok(()),
+    };
     let tokens_per_step = t.micro_batch * m.seq_len * t.grad_accum;
-    let bar = std::io::stderr().is_terminal().then(|| {
+    let bar = (first && std::io::stderr().is_terminal()).then(|| {
         let b = indicatif::ProgressBar::new(t.steps);
         b.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").unwrap());
         b.set_position(start);
@@ -431,48 +576,19 @@ pub fn train(
     });
     let say = |line: String| match &bar {
         Some(b) => b.println(line),
-        None => eprintln!("{line}"),
+        None if first => eprintln!("{line}"),
+        None => {}
     };
     let (mut last_loss, mut val_loss) = (f32::NAN, None);
     for step in start + 1..=t.steps {
         let t0 = Instant::now();
         let lr = lr_at(&t, step);
-        let (mut loss, mut aux, mut counts) = (0.0f32, Vec::<(String, f32)>::new(), Vec::<Vec<u32>>::new());
-        for micro in 0..t.grad_accum {
-            let (x, y) = data.next_batch(t.micro_batch, m.seq_len)?;
-            let tracing_now = trace.as_ref().is_some_and(|tr| !tr.done());
-            let o = run
-                .micro_step(&x, &y, (step, micro), 1.0 / t.grad_accum as f32, tracing_now)
-                .map_err(|e| format!("step {step}: {e}"))?;
-            if let Some(tr) = trace.as_mut().filter(|tr| !tr.done()) {
-                tr.add(&x, &o);
-                if tr.done() {
-                    tr.write()?;
-                    say(format!("routing trace of {} tokens written to {}", tr.want, tr.path.display()));
-                }
-            }
-            loss += o.loss / t.grad_accum as f32;
-            for (i, (n, v)) in o.aux.into_iter().enumerate() {
-                match aux.get_mut(i) {
-                    Some(a) => a.1 += v / t.grad_accum as f32,
-                    None => aux.push((n, v / t.grad_accum as f32)),
-                }
-            }
-            for (l, c) in o.expert_counts.into_iter().enumerate() {
-                match counts.get_mut(l) {
-                    Some(a) => a.iter_mut().zip(c).for_each(|(a, c)| *a += c),
-                    None => counts.push(c),
-                }
-            }
+        let (st, traced) =
+            run.train_step(&mut data, step, lr, trace.as_mut()).map_err(|e| format!("step {step}: {e}"))?;
+        if let Some(tr) = trace.as_ref().filter(|_| traced) {
+            say(format!("routing trace of {} tokens written to {}", tr.want, tr.path.display()));
         }
-        if !loss.is_finite() {
-            return Err(format!("step {step}: the loss is non-finite ({loss})"));
-        }
-        let (gnorm, clip_scale) = run.grad_norm(t.clip).map_err(|e| format!("step {step}: {e}"))?;
-        run.optimizer_step(lr, step, clip_scale).map_err(|e| format!("step {step}: {e}"))?;
-        if let Some(g) = run.gpu() {
-            g.sync()?;
-        }
+        let StepStats { loss, aux, counts, gnorm, .. } = st;
         let dt = t0.elapsed().as_secs_f64();
         let plugin_metrics = run.take_metrics();
         let loads: Vec<(f64, f64)> = counts.iter().map(|c| load_stats(c)).collect();
@@ -493,13 +609,20 @@ pub fn train(
         }
         last_loss = loss;
         let is_last = step == t.steps;
-        let signal = stop.received();
+        // A signal on any rank ends the step on every rank.
+        let mut sig = [stop.received().unwrap_or(0) as f32];
+        par.max_f32(Group::World, &mut sig)?;
+        let signal = (sig[0] > 0.0).then_some(sig[0] as i32);
         // The checkpoint comes before the eval, so a failing eval never costs the trained steps.
         if (t.checkpoint_every > 0 && step % t.checkpoint_every == 0) || is_last || signal.is_some() {
-            let st = TrainerState { step, data_position: data.position(), plugin_api: pith_plugin_api::VERSION.into() };
-            run.sync_to_host()?;
-            let dir = checkpoint::save(&out, &run.cfg, &run.params, &st)?;
-            tracing::debug!("checkpoint {}", dir.display());
+            if first {
+                let st =
+                    TrainerState { step, data_position: data.position(), plugin_api: pith_plugin_api::VERSION.into() };
+                run.sync_to_host()?;
+                let dir = checkpoint::save(&out, &run.cfg, &run.params, &st)?;
+                tracing::debug!("checkpoint {}", dir.display());
+            }
+            par.barrier()?; // complete when every rank is past it
         }
         if (t.eval_every > 0 && step % t.eval_every == 0) || is_last {
             match run.eval(t.seed) {
@@ -508,12 +631,12 @@ pub fn train(
                     val_loss = Some(v);
                 }
                 Err(e) => {
-                    writeln!(metrics, "{line}").map_err(|e| format!("metrics.jsonl: {e}"))?;
+                    write_line(&line)?;
                     return Err(format!("step {step}: eval: {e} (the checkpoint of step {step} is saved)"));
                 }
             }
         }
-        writeln!(metrics, "{line}").map_err(|e| format!("metrics.jsonl: {e}"))?;
+        write_line(&line)?;
         if step % t.log_every.max(1) == 0 || is_last || step == start + 1 {
             let mut aux_s: String = aux.iter().map(|(n, v)| format!(" {n} {v:.4}")).collect();
             for n in &t.show_metrics {
@@ -560,6 +683,7 @@ pub fn train(
             reached - floor
         ));
     }
+    drop(dir);
     Ok(Summary { steps: t.steps, final_loss: last_loss, val_loss, out, interrupted: None })
 }
 
@@ -621,6 +745,10 @@ mod tests {
 
     /// The GPU tests are `#[ignore]`d: run them on the GPU machine with `--ignored`, where a
     /// missing GPU is a failure.
+    fn one() -> Arc<Parallel> {
+        Arc::new(Parallel::single())
+    }
+
     fn need_gpu() {
         if let Err(e) = Gpu::open(0) {
             panic!("this test needs a CUDA GPU: {e}");
@@ -660,8 +788,10 @@ mod tests {
         ] {
             let mut sets = sets.clone();
             sets.push("train.micro_batch=2");
-            let (mut cpu, mut gpu) =
-                (Run::new(config("cpu", &sets), &reg).unwrap(), Run::new(config("cuda", &sets), &reg).unwrap());
+            let (mut cpu, mut gpu) = (
+                Run::new(config("cpu", &sets), &reg, one()).unwrap(),
+                Run::new(config("cuda", &sets), &reg, one()).unwrap(),
+            );
             // Decisive routers: at the init scale the top-k logits nearly tie, and bf16 rounding
             // would send many tokens to other experts, which is a different step, not an error.
             for run in [&mut cpu, &mut gpu] {

@@ -333,7 +333,6 @@ pub trait Ops {
     fn reduce_scatter(&self, src: Tensor, dst: Tensor, group: Group) -> RResult<(), RString>;
     /// Rows (dimension 0) of `src`, `send[r]` of them in order to rank r, land in `dst`,
     /// `recv[r]` of them from rank r in rank order. Counts are on the host.
-    #[sabi(last_prefix_field)]
     fn all_to_all(
         &self,
         src: Tensor,
@@ -342,6 +341,11 @@ pub trait Ops {
         recv: RSlice<'_, u64>,
         group: Group,
     ) -> RResult<(), RString>;
+    /// Like `metric`, for a value still on the device: `sum[0]` (f32) is a sum over `count` items
+    /// (tokens, assignments); the line shows Σ sum / Σ count. The host reads it once per step,
+    /// so recording it costs no synchronisation.
+    #[sabi(last_prefix_field)]
+    fn metric_sum(&self, name: RStr<'_>, sum: Tensor, count: f64);
 }
 
 /// How a plugin holds the host's ops during one call.
@@ -402,7 +406,7 @@ pub trait DynExperts: Send + Sync {
 #[sabi_trait]
 pub trait DynBalanceLoss: Send + Sync {
     fn params(&self) -> RVec<ParamSpec>;
-    fn forward(&self, ops: OpsRef<'_>, params: RSlice<'_, Tensor>, route: &RouterOut) -> Res<f32>;
+    fn forward(&self, ops: OpsRef<'_>, params: RSlice<'_, Tensor>, route: &RouterOut, loss: Tensor) -> Res<()>;
     fn backward(
         &self,
         ops: OpsRef<'_>,

@@ -122,8 +122,8 @@ impl<T: crate::BalanceLoss> DynBalanceLoss for Wrap<T> {
     fn params(&self) -> RVec<ParamSpec> {
         self.params.clone()
     }
-    fn forward(&self, ops: OpsRef<'_>, p: RSlice<'_, Tensor>, route: &RouterOut) -> Res<f32> {
-        guarded(|| self.t.forward(Host(&ops), &p, route))
+    fn forward(&self, ops: OpsRef<'_>, p: RSlice<'_, Tensor>, route: &RouterOut, loss: Tensor) -> Res<()> {
+        guarded(|| self.t.forward(Host(&ops), &p, route, loss))
     }
     fn backward(
         &self,
@@ -331,7 +331,7 @@ mod tests {
         }
     }
     impl crate::BalanceLoss for Boom {
-        fn forward(&self, _: Host, _: &[Tensor], _: &RouterOut) -> Result<f32> {
+        fn forward(&self, _: Host, _: &[Tensor], _: &RouterOut, _: Tensor) -> Result<()> {
             panic!("boom in forward")
         }
         fn backward(&self, _: Host, _: &[Tensor], _: &RouterOut, _: f32, _: Tensor, _: Tensor) -> Result<()> {
@@ -458,7 +458,7 @@ mod tests {
         }
 
         let Component::BalanceLoss(b) = wrap::BalanceLoss(Boom) else { unreachable!() };
-        boom(b.forward(ops(), none, &route), "forward");
+        boom(b.forward(ops(), none, &route, t), "forward");
         boom(b.backward(ops(), none, &route, 1.0, t, t), "backward");
         boom(b.end_step(ops(), none), "end_step");
 

@@ -3,7 +3,7 @@
 //! services on the CPU, so a plugin's own `cargo test` runs its forward, backward and step
 //! without Pith.
 
-use crate::abi::{self, Arg, Context, DType, Device, Group, LaunchDims, ModelDims, ReduceOp, Res, Tensor};
+use crate::abi::{self, Arg, Context, DType, Device, Group, LaunchDims, ModelDims, ReduceOp, Res, RouterOut, Tensor};
 use crate::{Host, Result};
 use abi_stable::std_types::{RSlice, RStr, RString};
 use std::collections::BTreeMap;
@@ -98,6 +98,14 @@ impl Rng {
         let (u1, u2) = (1.0 - unit(self), unit(self));
         ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
     }
+}
+
+/// A balance loss's value: its `forward` accumulated into a zeroed [1] scalar, read back (a test
+/// or check helper; the host itself reads the scalars once per micro-batch).
+pub fn loss_value<L: crate::BalanceLoss + ?Sized>(l: &L, h: Host, p: &[Tensor], route: &RouterOut) -> Result<f32> {
+    let loss = h.alloc_f32(&[1])?;
+    l.forward(h, p, route, loss)?;
+    Ok(h.read_f32(loss)?[0])
 }
 
 /// Model sizes for a unit test: one rank holding all `experts`, layer 0 of 1.
@@ -391,6 +399,11 @@ impl abi::Ops for TestHost {
     }
     fn context(&self) -> Context {
         *lock(&self.context)
+    }
+    fn metric_sum(&self, name: RStr<'_>, sum: Tensor, count: f64) {
+        if count > 0.0 {
+            self.metric(name, sum.f32s()[0] as f64 / count, count)
+        }
     }
     fn gemm_batched(&self, a: Tensor, b: Tensor, c: Tensor, ta: bool, tb: bool, alpha: f32, beta: f32) -> Res<()> {
         res(self.batched_impl(a, b, c, ta, tb, alpha, beta))

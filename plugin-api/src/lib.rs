@@ -48,6 +48,17 @@ impl Tensor {
     pub fn numel(&self) -> usize {
         self.dims().iter().product()
     }
+    /// Rows `start .. start + n` (dimension 0) of this view.
+    pub fn rows(&self, start: usize, n: usize) -> Tensor {
+        let rows = if self.rank == 0 { 1 } else { self.dim(0) };
+        assert!(start + n <= rows, "rows {start}..{} of a tensor with {rows}", start + n);
+        let row_bytes = self.numel() / rows.max(1) * self.dtype.size();
+        let mut t = Tensor { addr: self.addr + (start * row_bytes) as u64, ..*self };
+        if t.rank > 0 {
+            t.shape[0] = n as u64;
+        }
+        t
+    }
     /// This tensor's address as a kernel argument.
     pub fn arg(&self) -> Arg {
         Arg::Ptr(self.addr)
@@ -238,6 +249,11 @@ impl<'a> Host<'a> {
     pub fn metric_weighted(&self, name: &str, value: f64, weight: f64) {
         self.0.metric(RStr::from_str(name), value, weight)
     }
+    /// A metric still on the device: `sum[0]` (f32) summed over `count` items (e.g. the entropy
+    /// of `count` tokens); the line shows Σ sum / Σ count. No wait: the host reads it per step.
+    pub fn metric_sum(&self, name: &str, sum: Tensor, count: f64) {
+        self.0.metric_sum(RStr::from_str(name), sum, count)
+    }
     /// Step, micro-batch, batch × seq layout, layer and the seed of this call.
     pub fn context(&self) -> Context {
         self.0.context()
@@ -341,8 +357,9 @@ pub trait BalanceLoss: Send + Sync + 'static {
     fn params(&self) -> Vec<ParamSpec> {
         Vec::new()
     }
-    /// The loss value, coefficient included.
-    fn forward(&self, h: Host, p: &[Tensor], route: &RouterOut) -> Result<f32>;
+    /// ACCUMULATE the loss value, coefficient included, into `loss` [1] f32 on `h`'s device (the
+    /// host reads it once per micro-batch: a CUDA path never waits for the device here).
+    fn forward(&self, h: Host, p: &[Tensor], route: &RouterOut, loss: Tensor) -> Result<()>;
     /// ACCUMULATE scale · ∂loss/∂probs into `d_probs` and scale · ∂loss/∂logits into `d_logits`.
     #[allow(clippy::too_many_arguments)]
     fn backward(
@@ -492,6 +509,11 @@ mod tests {
         assert!(empty.i32s().is_empty());
         let null = Tensor::new(0, DType::F32, Device::Cpu, &[1]);
         assert!(std::panic::catch_unwind(|| null.f32s().len()).is_err(), "a null view must not be read");
+        let (r1, scalar) = (t.rows(1, 1), Tensor::new(v.as_ptr() as u64, DType::F32, Device::Cpu, &[]));
+        assert_eq!((r1.dims(), r1.f32s()), (vec![1, 2], &[3.0, 7.0][..]));
+        assert_eq!(t.rows(2, 0).numel(), 0);
+        assert!(std::panic::catch_unwind(|| t.rows(1, 2)).is_err(), "rows past the end");
+        assert_eq!(scalar.rows(0, 1).f32s(), [1.0]);
         let wrong = Tensor { dtype: DType::I32, ..t };
         assert!(std::panic::catch_unwind(|| wrong.f32s().len()).is_err(), "dtype is checked");
     }

@@ -85,8 +85,8 @@ fn plugins_check_top_any_passes_and_its_config_errors_name_the_key() {
         let (code, stdout, stderr) = pith(&["plugins", "check", "top-any", "--config", config]);
         assert_eq!(code, 0, "config {config:?}:\n{stdout}{stderr}");
         for want in [
-            "param threshold: surrogate gradient, not checked by finite differences",
-            "backward contract: overwrites [\"input x\"], adds to [\"param weight\"]",
+            "param threshold: surrogate gradient, finite, nonzero on",
+            "backward contract: overwrites [\"input x\"], adds to [\"param weight\", \"param threshold\"]",
             "grad input x: 20 coords",
             "grad param weight: 20 coords",
         ] {

@@ -15,6 +15,7 @@
 pub mod gemm;
 pub mod kernels;
 pub mod model;
+pub mod nccl;
 pub mod ops;
 
 use cudarc::cublas::CudaBlas;

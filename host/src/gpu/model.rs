@@ -168,7 +168,6 @@ struct Saved {
     /// The shared expert's output and its one group's offsets [0, T] (on the host).
     shared: Option<(ExpertsOut, [i32; 2])>,
     counts: Vec<u32>,
-    aux: Vec<(String, f32)>,
     /// The plugins' device allocations before this layer's (see `GpuOps::release_to`).
     mark: usize,
 }
@@ -246,7 +245,7 @@ impl GpuPass<'_> {
         routing: bool,
     ) -> Result<StepOut, String> {
         let _reset = self.ops.reset_on_drop();
-        let (layers, x) = self.forward(tokens)?;
+        let (layers, x, aux_sums) = self.forward(tokens)?;
         let (xn, rstd) = self.norm(self.m.final_norm, &x)?;
         let logits = self.linear(self.m.lm_head, &xn)?;
         let t = self.t();
@@ -259,7 +258,6 @@ impl GpuPass<'_> {
         let dx = self.gpu.zeros(&[t, self.m.cfg.hidden], DType::F32)?;
         self.norm_bwd(self.m.final_norm, &x, &rstd, &dxn, &dx)?;
         drop((x, xn, dxn));
-        let mut aux: Vec<(String, f32)> = Vec::new();
         let (mut counts, mut routes) = (Vec::new(), Vec::new());
         for (l, s) in layers.into_iter().enumerate().rev() {
             if routing {
@@ -269,12 +267,6 @@ impl GpuPass<'_> {
             }
             self.layer_backward(l, &s, &dx, grad_scale)?;
             self.ops.release_to(s.mark);
-            for (name, v) in &s.aux {
-                match aux.iter_mut().find(|a| a.0 == *name) {
-                    Some(a) => a.1 += v,
-                    None => aux.push((name.clone(), *v)),
-                }
-            }
             counts.push(s.counts);
         }
         let embed = &self.p.list[self.m.embed].g;
@@ -282,13 +274,26 @@ impl GpuPass<'_> {
         counts.reverse();
         routes.reverse();
         let loss = self.mean(&losses)?;
+        // The balance losses' values, read once per micro-batch (summed over layers; tables with
+        // the same plugin name add up, as on the CPU).
+        let mut aux: Vec<(String, f32)> = Vec::new();
+        let names = self.m.layers.first().map(|l| &l.moe.losses[..]).unwrap_or_default();
+        for ((name, _), v) in names.iter().zip(self.gpu.to_f32(&aux_sums)?) {
+            if !v.is_finite() {
+                return Err(format!("balance_loss `{name}`: non-finite value {v}"));
+            }
+            match aux.iter_mut().find(|a| a.0 == *name) {
+                Some(a) => a.1 += v,
+                None => aux.push((name.clone(), v)),
+            }
+        }
         Ok(StepOut { loss, aux, expert_counts: counts, routing: routes })
     }
 
     /// Forward only: the mean cross-entropy.
     pub fn loss(&self, tokens: &Tensor, targets: &Tensor) -> Result<f32, String> {
         let _reset = self.ops.reset_on_drop();
-        let (layers, x) = self.forward(tokens)?;
+        let (layers, x, _) = self.forward(tokens)?;
         drop(layers);
         let (xn, _) = self.norm(self.m.final_norm, &x)?;
         let logits = self.linear(self.m.lm_head, &xn)?;
@@ -303,19 +308,23 @@ impl GpuPass<'_> {
         Ok(self.gpu.to_f32(&sum)?[0] / v.numel() as f32)
     }
 
-    fn forward(&self, tokens: &Tensor) -> Result<(Vec<Saved>, DTensor), String> {
+    /// Every layer's forward: what each keeps for backward, the output, and each balance-loss
+    /// table's value summed over layers ([losses] f32, still on the device).
+    fn forward(&self, tokens: &Tensor) -> Result<(Vec<Saved>, DTensor, DTensor), String> {
         let mut x = self.tensor(&[self.t(), self.m.cfg.hidden], DType::F32)?;
         self.gpu.embed_fwd(tokens, &self.p.list[self.m.embed].w, &x)?;
+        let losses = self.m.layers.first().map_or(0, |l| l.moe.losses.len());
+        let aux = self.gpu.zeros(&[losses], DType::F32)?;
         let mut layers = Vec::new();
         for l in 0..self.m.layers.len() {
-            let (saved, out) = self.layer_forward(l, x)?;
+            let (saved, out) = self.layer_forward(l, x, &aux)?;
             layers.push(saved);
             x = out;
         }
-        Ok((layers, x))
+        Ok((layers, x, aux))
     }
 
-    fn layer_forward(&self, l: usize, x: DTensor) -> Result<(Saved, DTensor), String> {
+    fn layer_forward(&self, l: usize, x: DTensor, aux: &Tensor) -> Result<(Saved, DTensor), String> {
         let (c, lay, o) = (&self.m.cfg, &self.m.layers[l], || self.ops.ops());
         let (n, hd, ne, hi) = (self.t(), c.hidden, c.experts, lay.host);
         let at = |what: &str| format!("layer {l} {what}");
@@ -349,14 +358,9 @@ impl GpuPass<'_> {
         check(&r.probs, DType::F32, &[n, ne], Device::Cuda, &who)?;
         check(&r.ids, DType::I32, &[n, 0], Device::Cuda, &who)?;
         check(&r.weights, DType::F32, &[n, r.ids.dim(1)], Device::Cuda, &who)?;
-        let mut aux = Vec::new();
-        for ((name, loss), lp) in moe.losses.iter().zip(&lay.losses) {
+        for (i, ((name, loss), lp)) in moe.losses.iter().zip(&lay.losses).enumerate() {
             let who = at(&format!("balance_loss `{name}`"));
-            let v = named(loss.forward(o(), RSlice::from_slice(&self.p.w16(lp.clone())), &r), &who)?;
-            if !v.is_finite() {
-                return Err(format!("{who}: non-finite value {v}"));
-            }
-            aux.push((name.clone(), v));
+            named(loss.forward(o(), RSlice::from_slice(&self.p.w16(lp.clone())), &r, aux.rows(i, 1)), &who)?;
         }
         let who = at(&format!("comm `{}` dispatch", moe.comm.0));
         let d = named(comm.dispatch(o(), m.t, &r, ne as u32), &who)?;
@@ -383,8 +387,7 @@ impl GpuPass<'_> {
             self.gpu.add_into(&out, &so.y)?;
             shared = Some((so, off));
         }
-        let saved =
-            Saved { x, rstd1, a, q_pre, k_pre, q, k, v, att, lse, h, rstd2, m, r, d, e, shared, counts, aux, mark };
+        let saved = Saved { x, rstd1, a, q_pre, k_pre, q, k, v, att, lse, h, rstd2, m, r, d, e, shared, counts, mark };
         Ok((saved, out))
     }
 

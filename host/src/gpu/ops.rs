@@ -3,8 +3,10 @@
 //! micro-batch, like the CPU backend's arena. Collectives are those of one process (rank 0 of
 //! 1 in every group): the identity, with the checks a real group would make.
 
+use super::nccl::Nccl;
 use super::{DTensor, Gpu};
 use crate::cpu::Calls;
+use crate::parallel::Parallel;
 use abi_stable::std_types::{RResult, RSlice, RStr, RString};
 use pith_plugin_api::abi::{Ops, OpsRef};
 use pith_plugin_api::{Arg, Context, DType, Device, Group, LaunchDims, ReduceOp, Tensor};
@@ -38,11 +40,25 @@ impl Metrics {
 
 pub struct GpuOps {
     pub gpu: Arc<Gpu>,
+    /// The job's ranks and the world's communicator, when there are several.
+    parallel: Option<(Arc<Parallel>, Arc<Nccl>)>,
     device: Mutex<Vec<DTensor>>,
     host: Mutex<Vec<Vec<u32>>>,
     metrics: Metrics,
+    pending: Mutex<Pending>,
     calls: Calls,
 }
+
+/// Metrics still on the device (`metric_sum`): each value is copied into a slot of `slots` on the
+/// stream, and all are read back in one copy when the step's metrics are taken.
+#[derive(Default)]
+struct Pending {
+    slots: Option<DTensor>,
+    names: Vec<(String, f64)>,
+}
+
+/// How many device metrics a step holds before they are read back early.
+const PENDING_SLOTS: usize = 4096;
 
 /// See [`GpuOps::reset_on_drop`].
 pub struct ResetOnDrop<'a>(&'a GpuOps);
@@ -85,13 +101,29 @@ impl GpuOps {
     pub fn new(gpu: Arc<Gpu>) -> GpuOps {
         let ops = GpuOps {
             gpu,
+            parallel: None,
             device: Mutex::default(),
             host: Mutex::default(),
             metrics: Metrics::default(),
+            pending: Mutex::default(),
             calls: Calls::default(),
         };
         ops.set_context(DEFAULT_CONTEXT);
         ops
+    }
+    /// The ops of one rank of a multi-GPU job (collectives over NCCL).
+    pub fn with_parallel(gpu: Arc<Gpu>, parallel: Arc<Parallel>, nccl: Arc<Nccl>) -> GpuOps {
+        GpuOps { parallel: Some((parallel, nccl)), ..GpuOps::new(gpu) }
+    }
+    /// The communicator for a collective over `g`: None when `g` is one rank (the identity).
+    fn nccl_for(&self, g: Group, what: &str) -> Result<Option<&Nccl>, String> {
+        match &self.parallel {
+            Some((p, n)) if p.rank_in(g).1 > 1 => match p.rank_in(g).1 == p.size as usize {
+                true => Ok(Some(n)),
+                false => Err(format!("{what} over {g:?}: sub-group collectives on CUDA come with expert parallelism")),
+            },
+            _ => Ok(None),
+        }
     }
     /// What [`Ops::context`] answers from now on, exactly `c` (until `calls().set_layer`, which
     /// derives the layer's seed from `c.seed` as the run seed).
@@ -126,7 +158,39 @@ impl GpuOps {
     }
     /// Take the metrics reported (in training) since the last call: each name's weighted mean.
     pub fn take_metrics(&self) -> BTreeMap<String, f64> {
+        if let Err(e) = self.read_pending() {
+            tracing::warn!("device metrics lost: {e}");
+        }
         self.metrics.take()
+    }
+    /// Read the device metrics back into `metrics` (one copy; waits for the device).
+    fn read_pending(&self) -> Result<(), String> {
+        let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        let (Some(slots), n) = (&p.slots, p.names.len()) else { return Ok(()) };
+        let values = self.gpu.to_f32(&slots.rows(0, n))?;
+        for ((name, count), v) in std::mem::take(&mut p.names).into_iter().zip(values) {
+            self.metrics.add(&name, v as f64 / count, count);
+        }
+        Ok(())
+    }
+    fn metric_sum_impl(&self, name: &str, sum: &Tensor, count: f64) -> Result<(), String> {
+        if !self.context().training || count.is_nan() || count <= 0.0 {
+            return Ok(());
+        }
+        if sum.device != Device::Cuda || sum.dtype != DType::F32 || sum.numel() == 0 {
+            return Err(format!("a device f32 tensor, got {:?} {:?} on {:?}", sum.dtype, sum.dims(), sum.device));
+        }
+        if self.pending.lock().unwrap().names.len() == PENDING_SLOTS {
+            self.read_pending()?;
+        }
+        let mut p = self.pending.lock().unwrap();
+        if p.slots.is_none() {
+            p.slots = Some(self.gpu.tensor(&[PENDING_SLOTS], DType::F32)?);
+        }
+        let slot = p.slots.as_ref().unwrap().rows(p.names.len(), 1);
+        self.gpu.copy_d2d(&sum.rows(0, 1), &slot)?;
+        p.names.push((name.to_string(), count));
+        Ok(())
     }
     fn alloc_impl(&self, shape: &[usize], dtype: DType, device: Device, zeroed: bool) -> Result<Tensor, String> {
         if shape.len() > 4 {
@@ -198,6 +262,16 @@ impl GpuOps {
     }
 }
 
+/// dst must hold `mul_dst/mul_src` times src's elements, same dtype, both on the device.
+fn sized(src: &Tensor, dst: &Tensor, mul_dst: usize, mul_src: usize, what: &str) -> Result<(), String> {
+    on_gpu(&[src, dst], what)?;
+    if src.dtype != dst.dtype || src.numel() * mul_dst != dst.numel() * mul_src {
+        let (a, b) = ((src.dtype, src.dims()), (dst.dtype, dst.dims()));
+        return Err(format!("{what}: src {a:?} and dst {b:?}: same dtype, dst {mul_dst}/{mul_src} of src's size"));
+    }
+    Ok(())
+}
+
 impl Ops for GpuOps {
     fn device(&self) -> Device {
         Device::Cuda
@@ -244,26 +318,67 @@ impl Ops for GpuOps {
     fn context(&self) -> Context {
         self.calls.get()
     }
+    fn metric_sum(&self, name: RStr<'_>, sum: Tensor, count: f64) {
+        if let Err(e) = self.metric_sum_impl(name.as_str(), &sum, count) {
+            tracing::warn!("metric `{name}` not recorded: {e}");
+        }
+    }
     fn gemm_batched(&self, a: Tensor, b: Tensor, c: Tensor, ta: bool, tb: bool, alpha: f32, beta: f32) -> Res<()> {
         res(on_gpu(&[&a, &b, &c], "gemm_batched").and_then(|_| self.gpu.gemm_batched(&a, &b, &c, ta, tb, alpha, beta)))
     }
-    fn rank(&self, _: Group) -> u32 {
-        0
+    fn rank(&self, g: Group) -> u32 {
+        self.parallel.as_ref().map_or(0, |p| p.0.rank_in(g).0 as u32)
     }
-    fn size(&self, _: Group) -> u32 {
-        1
+    fn size(&self, g: Group) -> u32 {
+        self.parallel.as_ref().map_or(1, |p| p.0.rank_in(g).1 as u32)
     }
-    fn all_reduce(&self, t: Tensor, _: ReduceOp, _: Group) -> Res<()> {
-        res(on_gpu(&[&t], "all_reduce"))
+    fn all_reduce(&self, t: Tensor, op: ReduceOp, g: Group) -> Res<()> {
+        res(on_gpu(&[&t], "all_reduce").and_then(|_| match self.nccl_for(g, "all_reduce")? {
+            Some(n) => n.all_reduce(&self.gpu, &t, op),
+            None => Ok(()),
+        }))
     }
-    fn all_gather(&self, src: Tensor, dst: Tensor, _: Group) -> Res<()> {
-        res(self.identity("all_gather", &src, &dst))
+    fn all_gather(&self, src: Tensor, dst: Tensor, g: Group) -> Res<()> {
+        res(match self.nccl_for(g, "all_gather") {
+            Ok(Some(n)) => sized(&src, &dst, n.size, 1, "all_gather").and_then(|_| n.all_gather(&self.gpu, &src, &dst)),
+            Ok(None) => self.identity("all_gather", &src, &dst),
+            Err(e) => Err(e),
+        })
     }
-    fn reduce_scatter(&self, src: Tensor, dst: Tensor, _: Group) -> Res<()> {
-        res(self.identity("reduce_scatter", &src, &dst))
+    fn reduce_scatter(&self, src: Tensor, dst: Tensor, g: Group) -> Res<()> {
+        res(match self.nccl_for(g, "reduce_scatter") {
+            Ok(Some(n)) => {
+                sized(&src, &dst, 1, n.size, "reduce_scatter").and_then(|_| n.reduce_scatter(&self.gpu, &src, &dst))
+            }
+            Ok(None) => self.identity("reduce_scatter", &src, &dst),
+            Err(e) => Err(e),
+        })
     }
-    fn all_to_all(&self, src: Tensor, send: RSlice<'_, u64>, dst: Tensor, recv: RSlice<'_, u64>, _: Group) -> Res<()> {
-        res(self.all_to_all_impl(&src, &send, &dst, &recv))
+    fn all_to_all(&self, src: Tensor, send: RSlice<'_, u64>, dst: Tensor, recv: RSlice<'_, u64>, g: Group) -> Res<()> {
+        res(match self.nccl_for(g, "all_to_all") {
+            Ok(Some(n)) => {
+                let row = |t: &Tensor| if t.rank == 0 || t.dim(0) == 0 { 0 } else { t.numel() / t.dim(0) };
+                let w = row(&src).max(row(&dst));
+                let (s, r): (Vec<usize>, Vec<usize>) =
+                    (send.iter().map(|&c| c as usize * w).collect(), recv.iter().map(|&c| c as usize * w).collect());
+                if s.len() != n.size
+                    || r.len() != n.size
+                    || s.iter().sum::<usize>() != src.numel()
+                    || r.iter().sum::<usize>() != dst.numel()
+                {
+                    Err(format!(
+                        "all_to_all: send {send:?} and recv {recv:?} rows over {} ranks must add up to src {:?} and dst {:?}",
+                        n.size,
+                        src.dims(),
+                        dst.dims()
+                    ))
+                } else {
+                    on_gpu(&[&src, &dst], "all_to_all").and_then(|_| n.all_to_all(&self.gpu, &src, &s, &dst, &r))
+                }
+            }
+            Ok(None) => self.all_to_all_impl(&src, &send, &dst, &recv),
+            Err(e) => Err(e),
+        })
     }
 }
 
@@ -300,7 +415,15 @@ mod tests {
         assert_eq!(h.context(), train);
         h.metric_weighted("x", 2.0, 1.0);
         h.metric_weighted("x", 5.0, 2.0);
-        assert_eq!(ops.take_metrics().into_iter().collect::<Vec<_>>(), [("x".to_string(), 4.0)]);
+        // Device metrics: sums over counts, read back when taken, mixed with host ones by name.
+        let sums = ops.gpu.upload(&[6f32, 3.0], &[2], DType::F32).unwrap();
+        h.metric_sum("x", sums.rows(0, 1), 3.0);
+        h.metric_sum("y", sums.rows(1, 1), 2.0);
+        h.metric_sum("y", sums.rows(1, 1), 0.0);
+        ops.gpu.zero(&sums).unwrap(); // recorded values were copied when recorded
+        let want = [("x".to_string(), (2.0 + 10.0 + 6.0) / 6.0), ("y".to_string(), 1.5)];
+        assert_eq!(ops.take_metrics().into_iter().collect::<Vec<_>>(), want);
+        assert!(ops.take_metrics().is_empty());
         for g in [Group::World, Group::DataParallel, Group::ExpertParallel] {
             assert_eq!((h.rank(g), h.size(g)), (0, 1));
         }

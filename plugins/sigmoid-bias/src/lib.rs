@@ -375,7 +375,7 @@ impl Router for SigmoidBias {
     fn end_step(&self, h: Host, p: &[Tensor]) -> Result<()> {
         let dev = h.device();
         self.check_params(p, dev)?;
-        let absmax = match dev {
+        match dev {
             Device::Cpu => {
                 // SAFETY: bias and load are distinct host buffers; nothing else views them now.
                 let (bias, load) = unsafe { (p[BIAS].f32s_mut(), p[LOAD].f32s()) };
@@ -384,17 +384,16 @@ impl Router for SigmoidBias {
                     let mean = load.iter().map(|&l| l as f64).sum::<f64>() / self.experts as f64;
                     bias.iter_mut().zip(load).for_each(|(b, &l)| *b += self.rate * sign(mean - l as f64));
                 }
-                bias.iter().fold(0.0f32, |m, b| m.max(b.abs()))
+                h.metric("bias_absmax", bias.iter().fold(0.0f32, |m, b| m.max(b.abs())) as f64);
             }
             Device::Cuda => {
                 let out = h.alloc_f32(&[1])?;
                 let args =
                     [p[BIAS].arg(), p[LOAD].arg(), out.arg(), Arg::I32(self.experts as i32), Arg::F32(self.rate)];
                 h.launch(src(), "sigmoid_bias_end_step", [1, 1, 1], BLOCK, 0, &args)?;
-                h.read_f32(out)?[0]
+                h.metric_sum("bias_absmax", out, 1.0);
             }
-        };
-        h.metric("bias_absmax", absmax as f64);
+        }
         Ok(())
     }
 }

@@ -36,10 +36,10 @@ extern "C" __global__ void switch_aux_fwd(const float* probs, const float* c, fl
     }
 }
 
-// out[0] = Σ row_loss[0..T) (double, fixed order: one block of 256 threads); out[1] = counts[E].
-extern "C" __global__ void switch_aux_sum(const float* row_loss, const int* counts, float* out, int T, int E) {
+// loss[0] += Σ row_loss[0..T) (double, fixed order: one block of 256 threads).
+extern "C" __global__ void switch_aux_sum(const float* row_loss, float* loss, int T) {
     double s = block_sum<double>(row_loss, T);
-    if (threadIdx.x == 0) out[0] = (float)s, out[1] = (float)counts[E];
+    if (threadIdx.x == 0) loss[0] += (float)s;
 }
 
 // d_probs[t, e] += scale · c[e], grid-stride over the n = T·E elements.

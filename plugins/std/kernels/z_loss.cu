@@ -26,7 +26,7 @@ extern "C" __global__ void z_loss_bwd(const float* logits, float* d_logits, int 
 }
 
 // out[0] = Σ x[0..n) (double, fixed order: one block of 256 threads).
-extern "C" __global__ void z_loss_sum(const float* x, float* out, int n) {
+extern "C" __global__ void z_loss_sum(const float* x, float* loss, int n, float scale) {
     double s = block_sum<double>(x, n);
-    if (threadIdx.x == 0) out[0] = (float)s;
+    if (threadIdx.x == 0) loss[0] += (float)(scale * s);
 }

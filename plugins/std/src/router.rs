@@ -105,14 +105,15 @@ impl TopKSoftmax {
         entropy
     }
 
-    /// The same on the device (kernels/router.cu).
-    fn topk_cuda(&self, h: Host, t: usize, logits: Tensor, probs: Tensor, ids: Tensor, weights: Tensor) -> Result<f64> {
+    /// The same on the device (kernels/router.cu); the entropy sum stays there.
+    fn topk_cuda(&self, h: Host, t: usize, logits: Tensor, probs: Tensor, ids: Tensor, weights: Tensor) -> Result<()> {
         let ent = h.alloc_f32(&[t])?;
         let ptrs = [logits.arg(), probs.arg(), ids.arg(), weights.arg(), ent.arg()];
         h.launch(SRC, "topk_softmax_fwd", grid(t, 8), BLOCK, 0, &[&ptrs[..], &self.sizes(t)].concat())?;
         let total = h.alloc_f32(&[1])?;
         h.launch(SRC, "router_sum", [1, 1, 1], BLOCK, 0, &[ent.arg(), total.arg(), Arg::I32(t as i32)])?;
-        Ok(h.read_f32(total)?[0] as f64)
+        h.metric_sum("router_entropy", total, t as f64);
+        Ok(())
     }
 }
 
@@ -136,11 +137,13 @@ impl Router for TopKSoftmax {
         let probs = h.alloc_uninit(&[t, e], DType::F32)?;
         let ids = h.alloc_uninit(&[t, k], DType::I32)?;
         let weights = h.alloc_uninit(&[t, k], DType::F32)?;
-        let entropy = match dev {
-            Device::Cpu => self.topk_cpu(t, logits, probs, ids, weights),
+        match dev {
+            Device::Cpu => {
+                let entropy = self.topk_cpu(t, logits, probs, ids, weights);
+                h.metric_weighted("router_entropy", entropy / t.max(1) as f64, t as f64);
+            }
             Device::Cuda => self.topk_cuda(h, t, logits, probs, ids, weights)?,
-        };
-        h.metric_weighted("router_entropy", entropy / t.max(1) as f64, t as f64);
+        }
         Ok(RouterOut { logits, probs, ids, weights, saved: Default::default() })
     }
 

@@ -4,15 +4,21 @@
 //! For probs p [T,E] and the ids [T,k], of which N are not EMPTY:
 //!   f_e = (assignments to e) / N;  P_e = (1/T)·Σ_t p_te;
 //!   loss = coef · E · Σ_e f_e·P_e   (= coef when a softmax routing is perfectly uniform).
+//! With data-parallel ranks the counts (so f) are summed over them first (Megatron's and
+//! torchtitan's choice too): the mean of the ranks' losses is then the loss of the global
+//! micro-batch, as one rank training on all of it would compute.
 //! Backward (f is a count, so constant): d_probs_te += scale · c_e, c_e = coef·E·f_e / T = ∂loss/∂p_te.
 //!
 //! CUDA (kernels/switch_aux.cu): `switch_aux_count` counts assignments (integer atomics, exact),
 //! `switch_aux_coef` turns them into c, `switch_aux_fwd` does ⟨c, p_t⟩ with one warp per token
-//! row, `switch_aux_sum` adds the rows in a fixed order and reports ids that are neither experts
-//! nor EMPTY (forward only); `switch_aux_bwd` adds scale·c to every row of d_probs.
+//! row, `switch_aux_sum` adds the rows in a fixed order into the loss scalar (no wait for the
+//! device: ids that are neither experts nor EMPTY are skipped here; on CUDA the comm's dispatch
+//! reports them); `switch_aux_bwd` adds scale·c to every row of d_probs.
 
 use crate::{check_ids, expect, grid, ints, parse_coef, BLOCK};
-use pith_plugin_api::{register, Arg, BalanceLoss, DType, Device, Host, ModelDims, Result, RouterOut, Tensor, EMPTY};
+use pith_plugin_api::{
+    register, Arg, BalanceLoss, DType, Device, Group, Host, ModelDims, ReduceOp, Result, RouterOut, Tensor, EMPTY,
+};
 
 struct SwitchAux {
     experts: usize,
@@ -44,11 +50,18 @@ impl SwitchAux {
     }
 
     /// c_e = ∂loss/∂p_te (the same for every token), on the CPU.
-    fn c_cpu(&self, route: &RouterOut) -> Result<Vec<f32>> {
+    fn c_cpu(&self, h: &Host, route: &RouterOut) -> Result<Vec<f32>> {
         let (t, e, ids) = (self.check(Device::Cpu, route)?, self.experts, route.ids.i32s());
         check_ids(ids, route.ids.dim(1), e, WHO)?;
         let mut c = vec![0.0f32; e];
         ids.iter().filter(|&&i| i != EMPTY).for_each(|&i| c[i as usize] += 1.0);
+        if h.size(Group::DataParallel) > 1 {
+            h.all_reduce(
+                Tensor::new(c.as_mut_ptr() as u64, DType::F32, Device::Cpu, &[e]),
+                ReduceOp::Sum,
+                Group::DataParallel,
+            )?;
+        }
         let n = c.iter().sum::<f32>().max(1.0);
         let scale = self.coef * e as f32 / (n * t.max(1) as f32);
         c.iter_mut().for_each(|v| *v *= scale);
@@ -61,6 +74,9 @@ impl SwitchAux {
         let (counts, c) = (h.alloc(&[e + 1], DType::I32)?, h.alloc_uninit(&[e], DType::F32)?);
         let [n32, e32] = ints([ids.numel(), e]);
         h.launch(SRC, "switch_aux_count", grid(ids.numel(), 256), BLOCK, 0, &[ids.arg(), counts.arg(), n32, e32])?;
+        if h.size(Group::DataParallel) > 1 {
+            h.all_reduce(counts, ReduceOp::Sum, Group::DataParallel)?;
+        }
         let cscale = Arg::F32(self.coef * e as f32 / t.max(1) as f32);
         h.launch(SRC, "switch_aux_coef", [1, 1, 1], BLOCK, 0, &[counts.arg(), c.arg(), e32, cscale])?;
         Ok((c, counts))
@@ -68,38 +84,27 @@ impl SwitchAux {
 }
 
 impl BalanceLoss for SwitchAux {
-    fn forward(&self, h: Host, _p: &[Tensor], route: &RouterOut) -> Result<f32> {
-        let e = self.experts;
-        match h.device() {
+    fn forward(&self, h: Host, _p: &[Tensor], route: &RouterOut, loss: Tensor) -> Result<()> {
+        let (dev, e) = (h.device(), self.experts);
+        expect(&loss, DType::F32, dev, &[1], "switch-aux: loss")?;
+        match dev {
             Device::Cpu => {
-                let c = self.c_cpu(route)?;
+                let c = self.c_cpu(&h, route)?;
                 // Σ_t Σ_e c_e·p_te = coef·E·Σ_e f_e·P_e.
                 let rows = route.probs.f32s().chunks(e);
-                Ok(rows.flat_map(|pt| pt.iter().zip(&c)).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() as f32)
+                let v = rows.flat_map(|pt| pt.iter().zip(&c)).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>();
+                // SAFETY: loss is the output, apart from the route.
+                unsafe { loss.f32s_mut()[0] += v as f32 };
             }
             Device::Cuda => {
-                let ((c, counts), t) = (self.c_cuda(&h, route)?, route.probs.dim(0));
-                let (row_loss, out) = (h.alloc_uninit(&[t], DType::F32)?, h.alloc_f32(&[2])?);
-                let [t32, e32] = ints([t, e]);
-                h.launch(
-                    SRC,
-                    "switch_aux_fwd",
-                    grid(t, 8),
-                    BLOCK,
-                    0,
-                    &[route.probs.arg(), c.arg(), row_loss.arg(), t32, e32],
-                )?;
-                let args = [row_loss.arg(), counts.arg(), out.arg(), t32, e32];
-                h.launch(SRC, "switch_aux_sum", [1, 1, 1], BLOCK, 0, &args)?;
-                let [loss, bad] = h.read_f32(out)?[..] else { return Err(format!("{WHO}: reading the loss back")) };
-                if bad != 0.0 {
-                    return Err(format!(
-                        "{WHO}: {bad} of the ids are not experts of the model; ids must be in 0..{e} or EMPTY (-1)"
-                    ));
-                }
-                Ok(loss)
+                let ((c, _), t) = (self.c_cuda(&h, route)?, route.probs.dim(0));
+                let (row_loss, [t32, e32]) = (h.alloc_uninit(&[t], DType::F32)?, ints([t, e]));
+                let args = [route.probs.arg(), c.arg(), row_loss.arg(), t32, e32];
+                h.launch(SRC, "switch_aux_fwd", grid(t, 8), BLOCK, 0, &args)?;
+                h.launch(SRC, "switch_aux_sum", [1, 1, 1], BLOCK, 0, &[row_loss.arg(), loss.arg(), t32])?;
             }
         }
+        Ok(())
     }
 
     fn backward(
@@ -115,7 +120,7 @@ impl BalanceLoss for SwitchAux {
         expect(&d_probs, DType::F32, dev, &route.probs.dims(), "switch-aux: d_probs")?;
         match dev {
             Device::Cpu => {
-                let c = self.c_cpu(route)?;
+                let c = self.c_cpu(&h, route)?;
                 // SAFETY: d_probs is the output; the host passes it apart from the route.
                 let dp = unsafe { d_probs.f32s_mut() };
                 dp.chunks_mut(e).for_each(|row| row.iter_mut().zip(&c).for_each(|(d, &ce)| *d += scale * ce));
@@ -135,7 +140,7 @@ impl BalanceLoss for SwitchAux {
 mod tests {
     use super::*;
     use crate::testing::{dims, randn};
-    use pith_plugin_api::kit::TestHost;
+    use pith_plugin_api::kit::{loss_value, TestHost};
 
     fn route(th: &TestHost, probs: &[f32], ids: &[i32], e: usize) -> RouterOut {
         let (t, k) = (probs.len() / e, ids.len() * e / probs.len());
@@ -155,7 +160,7 @@ mod tests {
         let th = TestHost::new(t);
         // Uniform probs, balanced ids: coef.
         let uniform = route(&th, &[0.25; 16], &[0, 1, 2, 3, 1, 0, 3, 2], e);
-        assert!((s.forward(th.host(), &[], &uniform).unwrap() - 0.01).abs() < 1e-8);
+        assert!((loss_value(&s, th.host(), &[], &uniform).unwrap() - 0.01).abs() < 1e-8);
         // Sigmoid-like probs (rows need not sum to 1) and EMPTY slots: N = 5 assignments.
         let probs: Vec<f32> = randn(t * e, 3, 1.0).iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect();
         let ids = [0, 1, 2, EMPTY, 3, 0, EMPTY, EMPTY];
@@ -163,7 +168,10 @@ mod tests {
         let count = [2.0, 1.0, 1.0, 1.0];
         let p_mean: Vec<f32> = (0..e).map(|j| (0..t).map(|i| probs[i * e + j]).sum::<f32>() / t as f32).collect();
         let want: f32 = 0.01 * e as f32 * (0..e).map(|j| count[j] / 5.0 * p_mean[j]).sum::<f32>();
-        assert!((s.forward(th.host(), &[], &r).unwrap() - want).abs() < 1e-7);
+        assert!((loss_value(&s, th.host(), &[], &r).unwrap() - want).abs() < 1e-7);
+        let acc = th.tensor_f32(&[1.0], &[1]);
+        s.forward(th.host(), &[], &r, acc).unwrap();
+        assert!((acc.f32s()[0] - 1.0 - want).abs() < 1e-6, "forward accumulates into the loss");
         let (dp, dl) = (th.tensor_f32(&[1.0; 16], &[t, e]), th.zeros(&[t, e], DType::F32));
         s.backward(th.host(), &[], &r, 2.0, dp, dl).unwrap();
         for (i, &v) in dp.f32s().iter().enumerate() {
@@ -172,7 +180,7 @@ mod tests {
         }
         assert!(dl.f32s().iter().all(|&v| v == 0.0), "switch-aux leaves d_logits to the router");
         let bad = route(&th, &probs, &[0, 1, 2, -2, 3, 0, 9, 1], e);
-        let err = s.forward(th.host(), &[], &bad).unwrap_err();
+        let err = loss_value(&s, th.host(), &[], &bad).unwrap_err();
         assert!(err.contains("ids[1, 1] = -2") && err.contains("EMPTY"), "{err}");
     }
 }

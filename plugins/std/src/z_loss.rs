@@ -30,24 +30,28 @@ register!(
 const SRC: &str = kernel_source!("z_loss.cu");
 
 impl BalanceLoss for ZLoss {
-    fn forward(&self, h: Host, _p: &[Tensor], route: &RouterOut) -> Result<f32> {
+    fn forward(&self, h: Host, _p: &[Tensor], route: &RouterOut, loss: Tensor) -> Result<()> {
         let (dev, logits) = (h.device(), route.logits);
         expect(&logits, DType::F32, dev, &[0, self.experts], "z-loss: logits")?;
-        let t = logits.dim(0).max(1) as f64;
-        let sum: f64 = match dev {
+        expect(&loss, DType::F32, dev, &[1], "z-loss: loss")?;
+        let scale = self.coef as f64 / logits.dim(0).max(1) as f64;
+        match dev {
             Device::Cpu => {
                 let mut p = vec![0.0f32; self.experts];
-                logits.f32s().chunks(self.experts).map(|row| (softmax(row, &mut p) as f64).powi(2)).sum()
+                let rows = logits.f32s().chunks(self.experts);
+                let sum: f64 = rows.map(|row| (softmax(row, &mut p) as f64).powi(2)).sum();
+                // SAFETY: loss is the output, apart from the route.
+                unsafe { loss.f32s_mut()[0] += (scale * sum) as f32 };
             }
             Device::Cuda => {
                 let rows = logits.dim(0);
-                let (lse2, out, [t32, e32]) = (h.alloc_f32(&[rows])?, h.alloc_f32(&[1])?, ints([rows, self.experts]));
+                let (lse2, [t32, e32]) = (h.alloc_f32(&[rows])?, ints([rows, self.experts]));
                 h.launch(SRC, "z_loss_fwd", grid(rows, 8), BLOCK, 0, &[logits.arg(), lse2.arg(), t32, e32])?;
-                h.launch(SRC, "z_loss_sum", [1, 1, 1], BLOCK, 0, &[lse2.arg(), out.arg(), t32])?;
-                h.read_f32(out)?[0] as f64
+                let args = [lse2.arg(), loss.arg(), t32, Arg::F32(scale as f32)];
+                h.launch(SRC, "z_loss_sum", [1, 1, 1], BLOCK, 0, &args)?;
             }
-        };
-        Ok((self.coef as f64 * sum / t) as f32)
+        }
+        Ok(())
     }
 
     fn backward(
@@ -88,7 +92,7 @@ impl BalanceLoss for ZLoss {
 mod tests {
     use super::*;
     use crate::testing::{check_grad, dims};
-    use pith_plugin_api::kit::TestHost;
+    use pith_plugin_api::kit::{loss_value, TestHost};
 
     #[test]
     fn value_and_gradient_on_the_logits() {
@@ -105,9 +109,9 @@ mod tests {
         // Zero logits: lse = ln E on every row.
         let r0 = route(data.zeros(&[t, e], DType::F32));
         let want = 0.5 * (e as f32).ln().powi(2);
-        assert!((z.forward(data.host(), &[], &r0).unwrap() - want).abs() < 1e-6);
+        assert!((loss_value(&z, data.host(), &[], &r0).unwrap() - want).abs() < 1e-6);
         let r = route(data.tensor_f32(&crate::testing::randn(t * e, 7, 2.0), &[t, e]));
-        let loss = || z.forward(TestHost::new(t).host(), &[], &r).unwrap() as f64 * 3.0;
+        let loss = || loss_value(&z, TestHost::new(t).host(), &[], &r).unwrap() as f64 * 3.0;
         let (dp, dl) = (data.zeros(&[t, e], DType::F32), data.zeros(&[t, e], DType::F32));
         z.backward(data.host(), &[], &r, 3.0, dp, dl).unwrap();
         assert!(dp.f32s().iter().all(|&v| v == 0.0), "z-loss leaves d_probs alone");

@@ -224,25 +224,25 @@ impl TopAny {
         (used, fallback)
     }
 
-    /// The same on the device (kernels/top_any.cu); the counts only when `count`.
+    /// The same on the device (kernels/top_any.cu); the metrics, when `count`, stay there.
     fn route_cuda(
         &self,
         h: Host,
         t: usize,
         [logits, thr, scores, probs, ids, weights]: [Tensor; 6],
         count: bool,
-    ) -> Result<(usize, usize)> {
+    ) -> Result<()> {
         let src = cuda_source();
         let stats = h.alloc_uninit(&[2, t], DType::F32)?;
         let a = args::fwd(logits, thr, scores, probs, ids, weights, stats, self.sizes(t));
         h.launch(src, "top_any_fwd", rows_grid(t), BLOCK, 0, &a)?;
-        if !count {
-            return Ok((0, 0));
+        if count {
+            let sums = h.alloc_f32(&[2])?;
+            h.launch(src, "top_any_sum", [2, 1, 1], BLOCK, 0, &args::sum(stats, sums, t))?;
+            h.metric_sum("experts_per_token", sums.rows(0, 1), t as f64);
+            h.metric_sum("fallback_frac", sums.rows(1, 1), t as f64);
         }
-        let sums = h.alloc_f32(&[2])?;
-        h.launch(src, "top_any_sum", [2, 1, 1], BLOCK, 0, &args::sum(stats, sums, t))?;
-        let v = h.read_f32(sums)?;
-        Ok((v[0] as usize, v[1] as usize))
+        Ok(())
     }
 
     /// dl [T,E] (f32) and the threshold's surrogate gradient on the CPU: see the module doc.
@@ -352,13 +352,15 @@ impl Router for TopAny {
         let ids = h.alloc_uninit(&[t, k], DType::I32)?;
         let weights = h.alloc_uninit(&[t, k], DType::F32)?;
         let count = h.context().training && t > 0; // metrics are not recorded in eval
-        let (used, fallback) = match dev {
-            Device::Cpu => self.route_cpu(t, logits, *thr, scores, probs, ids, weights),
+        match dev {
+            Device::Cpu => {
+                let (used, fallback) = self.route_cpu(t, logits, *thr, scores, probs, ids, weights);
+                if count {
+                    h.metric_weighted("experts_per_token", used as f64 / t as f64, t as f64);
+                    h.metric_weighted("fallback_frac", fallback as f64 / t as f64, t as f64);
+                }
+            }
             Device::Cuda => self.route_cuda(h, t, [logits, *thr, scores, probs, ids, weights], count)?,
-        };
-        if count {
-            h.metric_weighted("experts_per_token", used as f64 / t as f64, t as f64);
-            h.metric_weighted("fallback_frac", fallback as f64 / t as f64, t as f64);
         }
         Ok(RouterOut { logits, probs, ids, weights, saved: vec![scores].into() })
     }

@@ -57,7 +57,8 @@ fn load(route: &RouterOut) -> Result<Vec<f32>> {
 }
 
 impl BalanceLoss for MyLoss {
-    fn forward(&self, h: Host, _p: &[Tensor], route: &RouterOut) -> Result<f32> {
+    /// ACCUMULATES the value into `loss` [1] (the host reads it once per micro-batch).
+    fn forward(&self, h: Host, _p: &[Tensor], route: &RouterOut, loss: Tensor) -> Result<()> {
         kit::require_cpu(&h, "{{name}}")?;
         let (t, e) = (route.probs.dim(0), route.probs.dim(1));
         let f = load(route)?;
@@ -66,7 +67,10 @@ impl BalanceLoss for MyLoss {
             mean_p.iter_mut().zip(row).for_each(|(m, p)| *m += p / t as f32);
         }
         h.metric("max_load", e as f64 * f.iter().copied().fold(0.0, f32::max) as f64);
-        Ok(self.coef * e as f32 * f.iter().zip(&mean_p).map(|(f, p)| f * p).sum::<f32>())
+        let v = self.coef * e as f32 * f.iter().zip(&mean_p).map(|(f, p)| f * p).sum::<f32>();
+        // SAFETY: `loss` is this call's output; no other slice of it is alive.
+        unsafe { loss.f32s_mut()[0] += v };
+        Ok(())
     }
 
     fn backward(
@@ -92,7 +96,7 @@ impl BalanceLoss for MyLoss {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pith_plugin_api::kit::{test_dims, TestHost};
+    use pith_plugin_api::kit::{loss_value, test_dims, TestHost};
     use pith_plugin_api::DType;
 
     /// Two tokens, two experts, ids [[0, EMPTY], [0, 1]]: 3 kept slots, f = [2/3, 1/3],
@@ -106,7 +110,7 @@ mod tests {
         let (ids, weights) =
             (th.tensor_i32(&[0, EMPTY, 0, 1], &[2, 2]), th.tensor_f32(&[0.75, 0.0, 0.5, 0.5], &[2, 2]));
         let route = RouterOut { logits: probs, probs, ids, weights, saved: Vec::new().into() };
-        let value = loss.forward(h, &[], &route).unwrap();
+        let value = loss_value(&loss, h, &[], &route).unwrap();
         assert!((value - 13.0 / 12.0).abs() < 1e-6, "{value}");
         assert!((th.metrics()["max_load"] - 4.0 / 3.0).abs() < 1e-6);
 
@@ -118,7 +122,7 @@ mod tests {
             let at = |delta: f32| {
                 let mut p = p0.clone();
                 p[i] += delta;
-                loss.forward(h, &[], &RouterOut { probs: th.tensor_f32(&p, &[2, 2]), ..route.clone() }).unwrap()
+                loss_value(&loss, h, &[], &RouterOut { probs: th.tensor_f32(&p, &[2, 2]), ..route.clone() }).unwrap()
             };
             let fd = 2.0 * (at(1e-2) - at(-1e-2)) / 2e-2;
             let d = d_probs.f32s()[i] - 1.0;
@@ -127,6 +131,6 @@ mod tests {
         assert_eq!(d_logits.f32s(), [0.0; 4]);
 
         let bad = RouterOut { ids: th.tensor_i32(&[0, 2, 0, 1], &[2, 2]), ..route };
-        assert!(loss.forward(h, &[], &bad).unwrap_err().contains("expert id 2"));
+        assert!(loss_value(&loss, h, &[], &bad).unwrap_err().contains("expert id 2"));
     }
 }

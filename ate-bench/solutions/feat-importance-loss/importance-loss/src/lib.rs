@@ -75,10 +75,12 @@ impl Importance {
 }
 
 impl BalanceLoss for Importance {
-    fn forward(&self, h: Host, _p: &[Tensor], route: &RouterOut) -> Result<f32> {
+    fn forward(&self, h: Host, _p: &[Tensor], route: &RouterOut, loss: Tensor) -> Result<()> {
         let (cv2, _) = self.parts(&h, &route.probs)?;
         h.metric("importance_cv2", cv2);
-        Ok((self.coef as f64 * cv2) as f32)
+        // SAFETY: `loss` is this call's output, apart from the route.
+        unsafe { loss.f32s_mut()[0] += (self.coef as f64 * cv2) as f32 };
+        Ok(())
     }
 
     fn backward(

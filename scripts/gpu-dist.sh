@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The two-GPU checks of docs/distributed.md, on the GPU machine (device tool, kind
+# nvidia-h200-x2, carry [".device"] after `scripts/gpu-tests.sh pack`):
+#   bash scripts/gpu-dist.sh parity   50 steps of the quickstart on CUDA: 1 GPU, then dp=2
+#   bash scripts/gpu-dist.sh bench    bench-1b on 1 GPU, then dp=2 under torchrun (same work per GPU)
+#   bash scripts/gpu-dist.sh faults   a rank killed with -9: how long the other takes to exit
+#   bash scripts/gpu-dist.sh nodes    two one-GPU "nodes" (torchrun --nnodes 2), NCCL over its network transport
+# Results go to $OUT (or /tmp/dist).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/lib/x86_64-linux-gnu PITH_PLUGIN_PATH=
+export NCCL_NVLS_ENABLE=0
+P=$PWD/.device/pith O=${OUT:-/tmp/dist}
+mkdir -p "$O"
+small=(--set 'train.device="cuda"' --set train.steps=50 --set train.log_every=10 --set train.eval_every=0)
+torchrun() { python3 -m torch.distributed.run "$@"; }
+case "${1:-}" in
+parity)
+  $P train "${small[@]}" --set "train.out=\"$O/g1\"" 2>&1 | tail -3
+  $P launch --gpus 2 "${small[@]}" --set "train.out=\"$O/g2\"" 2>&1 | tail -3
+  python3 - "$O" <<'EOF'
+import json, sys
+o = sys.argv[1]
+a, b = ([json.loads(l) for l in open(f"{o}/{d}/metrics.jsonl")] for d in ("g1", "g2"))
+d = [abs(x["loss"] - y["loss"]) for x, y in zip(a, b)]
+print("step loss_1gpu loss_dp2"); [print(x["step"], f'{x["loss"]:.5f}', f'{y["loss"]:.5f}') for x, y in zip(a, b) if x["step"] % 5 == 0]
+print(f"max |loss_1gpu - loss_dp2| over {len(d)} steps: {max(d):.2e}; at step 50: {d[-1]:.2e}")
+EOF
+  ;;
+bench)
+  $P bench configs/bench-1b.toml --warmup 4 --steps 15 2>&1 | tail -3
+  torchrun --nproc-per-node 2 --no-python $P bench configs/bench-1b.toml --set train.micro_batch=8 --warmup 4 --steps 15 2>&1 | grep -v "bench: step" | tail -8 ;;
+faults)
+  $P launch --gpus 2 "${small[@]}" --set train.steps=100000 --set "train.out=\"$O/kill\"" > "$O/kill.log" 2>&1 &
+  sleep 25
+  victim=$(pgrep -f "pith train" | sort -n | tail -1)
+  t0=$(date +%s.%N); kill -9 "$victim"; wait $!; rc=$?
+  echo "killed rank pid $victim; launch exited $rc after $(echo "$(date +%s.%N) - $t0" | bc) s"; tail -4 "$O/kill.log" ;;
+nodes)
+  export NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1
+  port=$((29500 + RANDOM % 1000))
+  for n in 0 1; do
+    CUDA_VISIBLE_DEVICES=$n torchrun --nnodes 2 --node-rank $n --nproc-per-node 1 --master-addr 127.0.0.1 \
+      --master-port $port --no-python $P train "${small[@]}" --set "train.out=\"$O/nodes\"" > "$O/node$n.log" 2>&1 &
+  done
+  wait
+  tail -3 "$O/node0.log"
+  python3 -c "import json; a=[json.loads(l) for l in open('$O/g1/metrics.jsonl')]; b=[json.loads(l) for l in open('$O/nodes/metrics.jsonl')]; print('max |loss_1gpu - loss_2nodes|:', max(abs(x['loss']-y['loss']) for x,y in zip(a,b)))" ;;
+*) echo "usage: scripts/gpu-dist.sh parity|bench|faults|nodes"; exit 2 ;;
+esac

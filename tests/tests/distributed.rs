@@ -1,0 +1,120 @@
+//! Data parallelism on CPU ranks (the loopback collective; multi-GPU runs the same trainer code
+//! over NCCL): two ranks train the same run as one on the same global batch, a run resumes at
+//! another layout, and a rank that dies or never comes ends the others with a line naming it.
+
+use pith_tests::{command, metrics, out, pith, split, tmp};
+use std::net::TcpListener;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+/// The quickstart, short, with a checkpoint at step 3.
+const RUN: [&str; 8] = [
+    "--set",
+    "train.steps=6",
+    "--set",
+    "train.checkpoint_every=3",
+    "--set",
+    "train.eval_every=0",
+    "--set",
+    "train.log_every=1",
+];
+
+fn losses(run: &std::path::Path) -> Vec<f64> {
+    metrics(run).iter().map(|m| m["loss"].as_f64().unwrap()).collect()
+}
+
+/// |a − b| ≤ 1e-4 per step: the ranks add the gradient of their halves where one rank adds
+/// all rows at once, a different float summation order (the measured gap is ~2e-5 by step 6).
+fn same_run(a: &[f64], b: &[f64], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: {a:?} vs {b:?}");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() <= 1e-4, "{what}: step {} loss {x} vs {y}\n{a:?}\n{b:?}", i + 1);
+    }
+}
+
+#[test]
+fn two_ranks_train_the_same_run_as_one_and_resume_at_another_layout() {
+    let dir = tmp("dp");
+    let (one, two, fork) = (dir.join("one"), dir.join("two"), dir.join("fork"));
+    let train = |args: &[&str]| {
+        let (code, so, se) = pith(args);
+        assert_eq!(code, 0, "{args:?}\n{so}{se}");
+        se
+    };
+    train(&[&["train"], &RUN[..], &["--set", &out(&one)]].concat());
+    let se = train(&[&["launch", "--gpus", "2"], &RUN[..], &["--set", &out(&two)]].concat());
+    assert!(!se.contains("[rank 1]"), "rank 1 trains quietly: {se}");
+    same_run(&losses(&one), &losses(&two), "dp=2 vs 1 rank");
+    let counts = |run: &std::path::Path| metrics(run)[0]["load_per_layer"].clone();
+    assert_eq!(counts(&one), counts(&two), "step 1's expert loads are summed over the ranks");
+    assert!(!two.join("checkpoints/step_00000006").join("rank1").exists());
+    // The dp=2 run's step-3 checkpoint, continued on one rank, is the one-rank run's steps 4..6.
+    let ckpt = two.join("checkpoints/step_00000003");
+    train(&[&["train"], &RUN[..], &["--set", &out(&fork), "--resume", ckpt.to_str().unwrap()]].concat());
+    same_run(&losses(&one)[3..], &losses(&fork), "resumed at dp=1 from dp=2");
+}
+
+#[test]
+fn a_batch_that_does_not_split_over_the_ranks_is_refused_before_training() {
+    let dir = tmp("dp-bad");
+    let (code, _, se) = pith(&["launch", "--gpus", "2", "--set", "train.micro_batch=3", "--set", &out(&dir.join("r"))]);
+    assert_eq!(code, 1, "{se}");
+    assert!(se.contains("train.micro_batch = 3 sequences do not split over dp = 2 ranks"), "{se}");
+    assert!(!dir.join("r/checkpoints").exists());
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Rank `rank` of `size` of a long quickstart run, as torchrun would start it.
+fn rank(rank: u32, size: u32, port: u16, run: &std::path::Path) -> Child {
+    let mut c = command();
+    c.args(["train", "--set", "train.steps=100000", "--set", &out(run)]);
+    c.envs([("RANK", rank.to_string()), ("WORLD_SIZE", size.to_string()), ("MASTER_PORT", port.to_string())]);
+    c.envs([("MASTER_ADDR", "127.0.0.1"), ("PITH_DIST_TIMEOUT", "5"), ("PITH_JOB_ID", "dist-test")]);
+    c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+}
+
+/// Wait at most `limit` for `c` to exit (then kill it); its (code, stderr) and how long it took.
+fn ends_within(mut c: Child, limit: Duration) -> (i32, String, Duration) {
+    let t0 = Instant::now();
+    while c.try_wait().unwrap().is_none() && t0.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let took = t0.elapsed();
+    let _ = c.kill();
+    let (code, _, se) = split(c.wait_with_output().unwrap());
+    (code, se, took)
+}
+
+#[test]
+fn a_rank_that_never_comes_or_dies_ends_the_others_naming_it() {
+    let dir = tmp("dp-faults");
+    // Rank 1 never starts: rank 0 gives up after PITH_DIST_TIMEOUT.
+    let (code, se, took) = ends_within(rank(0, 2, free_port(), &dir.join("alone")), Duration::from_secs(60));
+    assert!(code != 0 && took < Duration::from_secs(30), "{code} after {took:?}: {se}");
+    assert!(se.contains("rank(s) 1 did not join"), "{se}");
+    // Rank 1 is killed while training: rank 0 exits at once, naming it.
+    let port = free_port();
+    let (r0, mut r1) = (rank(0, 2, port, &dir.join("run")), rank(1, 2, port, &dir.join("run")));
+    let t0 = Instant::now();
+    while metrics_lines(&dir.join("run")) < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the ranks never trained");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    r1.kill().unwrap();
+    let (code, se, took) = ends_within(r0, Duration::from_secs(60));
+    assert!(code != 0 && took < Duration::from_secs(30), "{code} after {took:?}: {se}");
+    assert!(se.contains("rank 1"), "{se}");
+    let _ = r1.wait();
+    // A port something else holds: rank 0 says so.
+    let busy = TcpListener::bind("0.0.0.0:0").unwrap();
+    let (code, se, _) =
+        ends_within(rank(0, 2, busy.local_addr().unwrap().port(), &dir.join("busy")), Duration::from_secs(60));
+    assert!(code != 0 && se.contains("in use"), "{code}: {se}");
+}
+
+fn metrics_lines(run: &std::path::Path) -> usize {
+    std::fs::read_to_string(run.join("metrics.jsonl")).map_or(0, |s| s.lines().count())
+}
