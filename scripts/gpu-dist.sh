@@ -34,8 +34,8 @@ faults)
   $P launch --gpus 2 "${small[@]}" --set train.steps=100000 --set "train.out=\"$O/kill\"" > "$O/kill.log" 2>&1 &
   sleep 25
   victim=$(pgrep -f "pith train" | sort -n | tail -1)
-  t0=$(date +%s.%N); kill -9 "$victim"; wait $!; rc=$?
-  echo "killed rank pid $victim; launch exited $rc after $(echo "$(date +%s.%N) - $t0" | bc) s"; tail -4 "$O/kill.log" ;;
+  t0=$(date +%s%N); kill -9 "$victim"; wait $!; rc=$?
+  echo "killed rank pid $victim; launch exited $rc after $(( ($(date +%s%N) - t0) / 1000000 )) ms"; tail -4 "$O/kill.log" ;;
 nodes)
   export NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1
   port=$((29500 + RANDOM % 1000))

@@ -447,8 +447,8 @@ fn qualify(text: &str, line: usize, msg: String) -> String {
 }
 
 /// The top-level tables of a config; `--set` creates a missing one (but no `[[balance_loss]]`).
-const TABLES: [&str; 9] =
-    ["model", "train", "data", "router", "experts", "shared", "balance_loss", "optimizer", "comm"];
+const TABLES: [&str; 10] =
+    ["model", "train", "data", "parallel", "router", "experts", "shared", "balance_loss", "optimizer", "comm"];
 /// The tables that name a plugin.
 const COMPONENTS: [&str; 6] = ["router", "experts", "shared", "balance_loss", "optimizer", "comm"];
 
@@ -931,7 +931,7 @@ mod tests {
             "{e}"
         );
         let e = parse(&["trian.steps=5"]).unwrap_err();
-        assert_eq!(e, "--set trian.steps=5: there is no table `trian`; valid: model, train, data, router, experts, shared, balance_loss, optimizer, comm");
+        assert_eq!(e, "--set trian.steps=5: there is no table `trian`; valid: model, train, data, parallel, router, experts, shared, balance_loss, optimizer, comm");
         for bad in ["steps=5", "train.=5", "train.steps"] {
             assert!(parse(&[bad]).unwrap_err().contains("expected table.key=value"), "{bad}");
         }

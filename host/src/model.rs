@@ -245,6 +245,17 @@ impl Model {
     /// FLOPs per token = 6·active + 6·layers·heads·head_dim·seq_len (causal attention: q·kᵀ and
     /// p·v are 2·2·T·Hq·D forward per token without the mask, half with it, ×3 with backward),
     /// the formula of ../shared/bench.
+    /// Every parameter of layer `l` (attention, norms, router, experts, shared expert, balance
+    /// losses' buffers), as indices of the parameter list.
+    pub(crate) fn layer_params(&self, l: usize) -> Vec<usize> {
+        let lay = &self.layers[l];
+        let mut ids: Vec<usize> = (lay.host..=lay.host + O).chain([lay.moe_norm]).collect();
+        ids.extend(lay.qk_norm.map(|q| [q, q + 1]).into_iter().flatten());
+        ids.extend(lay.shared.clone().chain(lay.router.clone()).chain(lay.experts.clone()));
+        ids.extend(lay.losses.iter().flat_map(|r| r.clone()));
+        ids
+    }
+
     pub fn counts(cfg: &ModelConfig, top_k: usize) -> Counts {
         let c = cfg;
         let (h, qd, kd) = (c.hidden, c.heads * c.head_dim, c.kv_heads * c.head_dim);
@@ -620,6 +631,19 @@ mod tests {
     }
 
     /// [`model`] with the router's TOML keys `router`.
+    /// The gradient sum of a data-parallel step (gpu/model.rs) covers every parameter exactly
+    /// once: each layer's own, then embed, final_norm and lm_head.
+    #[test]
+    fn layer_params_partition_the_parameters() {
+        for qk_norm in [QkNorm::Head, QkNorm::None] {
+            let (m, params) = model(&ModelConfig { qk_norm, ..cfg() }, 1, 0.01, 16);
+            let mut ids: Vec<usize> = (0..m.layers.len()).flat_map(|l| m.layer_params(l)).collect();
+            ids.extend([m.embed, m.final_norm, m.lm_head]);
+            ids.sort();
+            assert_eq!(ids, (0..params.list.len()).collect::<Vec<_>>(), "{qk_norm:?}");
+        }
+    }
+
     fn model_with(c: &ModelConfig, seed: u64, coef: f32, router: &str, shared: usize) -> (Model, Params) {
         let m = pith_std::pith_root_module();
         let make = |kind, name: &str, toml: &str, l: usize| {

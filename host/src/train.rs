@@ -293,7 +293,9 @@ impl Run {
                 }
             }
         }
-        self.sum_over_dp(Role::Param)?;
+        if matches!(self.backend, Backend::Cpu(_)) {
+            self.sum_over_dp(Role::Param)?; // on CUDA the last micro-batch did (overlapped)
+        }
         if dp > 1 {
             // The step's numbers over the global batch: means of the losses, sums of the counts.
             let mut v: Vec<f32> = std::iter::once(loss).chain(aux.iter().map(|a| a.1)).collect();
@@ -345,6 +347,31 @@ impl Run {
         }
     }
 
+    /// Milliseconds one sum of every gradient over the data-parallel ranks takes on its own
+    /// (NCCL, not overlapped; the median of 5): what the overlap in the backward hides. None on
+    /// the CPU or with one rank. The gradients are left summed: call between steps only.
+    pub(crate) fn time_grad_sum(&self) -> Result<Option<f64>, String> {
+        let Backend::Gpu(g) = &self.backend else { return Ok(None) };
+        let Some(nccl) = g.nccl.as_ref() else { return Ok(None) };
+        let grads: Vec<Tensor> = g.params.list.iter().filter(|p| p.is_param()).map(|p| p.g.t).collect();
+        let ev = || g.gpu.stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT));
+        let mut ms = Vec::new();
+        for _ in 0..5 {
+            let start = ev().map_err(|e| format!("{e:?}"))?;
+            nccl.sum_all(&g.gpu, &grads)?;
+            let end = ev().map_err(|e| format!("{e:?}"))?;
+            g.gpu.sync()?;
+            ms.push(start.elapsed_ms(&end).map_err(|e| format!("{e:?}"))? as f64);
+        }
+        ms.sort_by(f64::total_cmp);
+        Ok(Some(ms[2]))
+    }
+
+    /// Bytes of every trained parameter's gradient (f32).
+    pub(crate) fn grad_bytes(&self) -> usize {
+        self.params.list.iter().filter(|p| p.trained()).map(|p| p.spec.numel() * 4).sum()
+    }
+
     fn calls(&self) -> &Calls {
         match &self.backend {
             Backend::Cpu(ops) => ops.calls(),
@@ -370,7 +397,10 @@ impl Run {
                 let GpuBackend { gpu, ops, params, rope, .. } = &**g;
                 self.model.check_tokens(x, y, b)?;
                 let (xt, yt) = (gpu.upload(x, &[x.len()], DType::I32)?, gpu.upload(y, &[y.len()], DType::I32)?);
-                let pass = GpuPass { m: &self.model, gpu, ops, p: params, rope, batch: b };
+                // The last micro-batch sums the gradients over the ranks while it goes.
+                let last = micro + 1 == self.cfg.train.grad_accum;
+                let reduce = g.nccl.as_deref().filter(|_| last && self.par.dp_size() > 1);
+                let pass = GpuPass { m: &self.model, gpu, ops, p: params, rope, batch: b, reduce };
                 pass.forward_backward(&xt, &yt, scale, routing)
             }
         }
@@ -392,7 +422,7 @@ impl Run {
                     let GpuBackend { gpu, ops, params, rope, .. } = &**g;
                     self.model.check_tokens(x, y, b)?;
                     let (xt, yt) = (gpu.upload(x, &[x.len()], DType::I32)?, gpu.upload(y, &[y.len()], DType::I32)?);
-                    GpuPass { m: &self.model, gpu, ops, p: params, rope, batch: b }.loss(&xt, &yt)?
+                    GpuPass { m: &self.model, gpu, ops, p: params, rope, batch: b, reduce: None }.loss(&xt, &yt)?
                 }
             };
         }

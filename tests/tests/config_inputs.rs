@@ -172,7 +172,7 @@ fn set_of_a_key_or_table_that_does_not_exist_lists_the_valid_ones() {
         "error: <built-in quickstart> (--set train.stepz=5): unknown field `stepz`, expected one of `device`, `steps`";
     assert!(line.starts_with(want), "{line}");
     let line = refused(&["train", "--set", "trian.steps=5"]);
-    assert!(line.contains("there is no table `trian`; valid: model, train, data, router"), "{line}");
+    assert!(line.contains("there is no table `trian`; valid: model, train, data, parallel, router"), "{line}");
     let line = refused(&["train", "--set", "steps=5"]);
     assert!(line.contains("expected table.key=value"), "{line}");
 }

@@ -7,6 +7,7 @@
 //! dispatch, experts, combine (plugins, through GpuOps) → x' = h + combine.
 //! With a `[shared]` component its output on m is added to x' as on the CPU.
 
+use super::nccl::Nccl;
 use super::ops::GpuOps;
 use super::{src, DTensor, Gpu};
 use crate::config::QkNorm;
@@ -195,6 +196,9 @@ pub struct GpuPass<'a> {
     pub p: &'a GpuParams,
     pub rope: &'a RopeTables,
     pub batch: usize,
+    /// In the step's last micro-batch of a data-parallel run: sum each layer's gradients over
+    /// the ranks as soon as its backward has written them, overlapped with the layers below.
+    pub reduce: Option<&'a Nccl>,
 }
 
 impl GpuPass<'_> {
@@ -257,6 +261,7 @@ impl GpuPass<'_> {
         drop(logits);
         let dx = self.gpu.zeros(&[t, self.m.cfg.hidden], DType::F32)?;
         self.norm_bwd(self.m.final_norm, &x, &rstd, &dxn, &dx)?;
+        self.written(&[self.m.lm_head, self.m.final_norm])?;
         drop((x, xn, dxn));
         let (mut counts, mut routes) = (Vec::new(), Vec::new());
         for (l, s) in layers.into_iter().enumerate().rev() {
@@ -266,11 +271,16 @@ impl GpuPass<'_> {
                 routes.push((ids, self.gpu.to_f32(&s.r.weights)?));
             }
             self.layer_backward(l, &s, &dx, grad_scale)?;
+            self.written(&self.m.layer_params(l))?;
             self.ops.release_to(s.mark);
             counts.push(s.counts);
         }
         let embed = &self.p.list[self.m.embed].g;
         self.gpu.embed_bwd(tokens, &dx, embed)?;
+        self.written(&[self.m.embed])?;
+        if let Some(n) = self.reduce {
+            n.reduced(self.gpu)?;
+        }
         counts.reverse();
         routes.reverse();
         let loss = self.mean(&losses)?;
@@ -288,6 +298,14 @@ impl GpuPass<'_> {
             }
         }
         Ok(StepOut { loss, aux, expert_counts: counts, routing: routes })
+    }
+
+    /// The gradients of parameters `ids` are final for this step: with `reduce`, start their sum
+    /// over the ranks.
+    fn written(&self, ids: &[usize]) -> Result<(), String> {
+        let Some(n) = self.reduce else { return Ok(()) };
+        let grads: Vec<Tensor> = ids.iter().map(|&i| &self.p.list[i]).filter(|p| p.is_param()).map(|p| p.g.t).collect();
+        n.reduce_when_written(self.gpu, &grads)
     }
 
     /// Forward only: the mean cross-entropy.
@@ -614,7 +632,7 @@ mod tests {
             RopeTables::new(&gpu, &model).unwrap(),
             GpuOps::new(gpu.clone()),
         );
-        let pass = GpuPass { m: &model, gpu: &gpu, ops: &ops, p: &p, rope: &rope, batch: 2 };
+        let pass = GpuPass { m: &model, gpu: &gpu, ops: &ops, p: &p, rope: &rope, batch: 2, reduce: None };
         let tokens = gpu.upload(&[1i32; 32], &[32], DType::I32).unwrap();
         let e = pass.forward_backward(&tokens, &tokens, 1.0, false).unwrap_err();
         assert!(e.contains("router `failing`: no route"), "{e}");

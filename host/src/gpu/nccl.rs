@@ -6,14 +6,22 @@
 
 use super::Gpu;
 use crate::parallel::Parallel;
+use cudarc::driver::CudaStream;
 use cudarc::nccl::sys;
 use pith_plugin_api::{DType, ReduceOp, Tensor};
 use std::ffi::c_void;
+use std::sync::Arc;
 
 pub struct Nccl {
+    /// The compute stream's collectives (plugins', the step's own).
     comm: sys::ncclComm_t,
+    /// The gradient sums on `side`: a communicator of their own, so a plugin's small collective
+    /// on the compute stream never queues behind a layer's gradients.
+    grads: sys::ncclComm_t,
     pub rank: usize,
     pub size: usize,
+    /// Where gradients are summed while the backward goes on ([`Nccl::reduce_when_written`]).
+    side: Arc<CudaStream>,
 }
 
 // SAFETY: the communicator is used from one thread at a time (the trainer's), through &self
@@ -36,6 +44,26 @@ fn dtype(d: DType) -> sys::ncclDataType_t {
     }
 }
 
+/// A communicator over the world: rank 0's unique id, carried by the process group.
+fn communicator(par: &Parallel) -> Result<sys::ncclComm_t, String> {
+    let mut id = [0i32; 32];
+    if par.is_first() {
+        let uid = cudarc::nccl::result::get_uniqueid().map_err(|e| format!("NCCL unique id: {e:?}"))?;
+        id.iter_mut()
+            .zip(uid.internal.chunks(4))
+            .for_each(|(v, c)| *v = i32::from_le_bytes([c[0] as u8, c[1] as u8, c[2] as u8, c[3] as u8]));
+    }
+    par.broadcast_i32(&mut id)?;
+    let mut uid = sys::ncclUniqueId { internal: [0; 128] };
+    for (c, v) in uid.internal.chunks_mut(4).zip(id) {
+        v.to_le_bytes().iter().zip(c).for_each(|(b, c)| *c = *b as _);
+    }
+    let mut comm = std::ptr::null_mut();
+    // SAFETY: `comm` is written by NCCL; every rank passes the same id and world size.
+    check("init", unsafe { sys::ncclCommInitRank(&mut comm, par.size as i32, uid, par.rank as i32) })?;
+    Ok(comm)
+}
+
 impl Nccl {
     /// The world's communicator, or None with one rank. Every rank calls this at the same point.
     pub fn init(gpu: &Gpu, par: &Parallel) -> Result<Option<Nccl>, String> {
@@ -47,26 +75,37 @@ impl Nccl {
             unsafe { std::env::set_var("NCCL_NVLS_ENABLE", "0") };
         }
         gpu.ctx.bind_to_thread().map_err(|e| format!("GPU: {e:?}"))?;
-        let mut id = [0i32; 32];
-        if par.is_first() {
-            let uid = cudarc::nccl::result::get_uniqueid().map_err(|e| format!("NCCL unique id: {e:?}"))?;
-            id.iter_mut()
-                .zip(uid.internal.chunks(4))
-                .for_each(|(v, c)| *v = i32::from_le_bytes([c[0] as u8, c[1] as u8, c[2] as u8, c[3] as u8]));
-        }
-        par.broadcast_i32(&mut id)?;
-        let mut uid = sys::ncclUniqueId { internal: [0; 128] };
-        for (c, v) in uid.internal.chunks_mut(4).zip(id) {
-            v.to_le_bytes().iter().zip(c).for_each(|(b, c)| *c = *b as _);
-        }
-        let mut comm = std::ptr::null_mut();
-        // SAFETY: `comm` is written by NCCL; every rank passes the same id and world size.
-        check("init", unsafe { sys::ncclCommInitRank(&mut comm, par.size as i32, uid, par.rank as i32) })?;
-        Ok(Some(Nccl { comm, rank: par.rank as usize, size: par.size as usize }))
+        let (comm, grads) = (communicator(par)?, communicator(par)?);
+        let side = gpu.ctx.new_stream().map_err(|e| format!("a second CUDA stream: {e:?}"))?;
+        Ok(Some(Nccl { comm, grads, rank: par.rank as usize, size: par.size as usize, side }))
     }
 
     fn stream(gpu: &Gpu) -> sys::cudaStream_t {
         gpu.stream.cu_stream() as sys::cudaStream_t
+    }
+
+    /// Sum `grads` over every rank on the side stream, once the work queued so far on the
+    /// compute stream (the backward that wrote them) is done; the compute stream goes on. Call
+    /// [`Nccl::reduced`] before anything reads them.
+    pub fn reduce_when_written(&self, gpu: &Gpu, grads: &[Tensor]) -> Result<(), String> {
+        let err = |e| format!("stream event: {e:?}");
+        let written = gpu.stream.record_event(None).map_err(err)?;
+        self.side.wait(&written).map_err(err)?;
+        check("group start", unsafe { sys::ncclGroupStart() })?;
+        let side = self.side.cu_stream() as sys::cudaStream_t;
+        let r = grads.iter().filter(|t| t.numel() > 0).try_for_each(|t| {
+            let (p, n, sum) = (t.addr as *mut c_void, t.numel(), sys::ncclRedOp_t::ncclSum);
+            // SAFETY: a gradient tensor, alive for the run; nothing writes it until `reduced`.
+            check("all_reduce", unsafe { sys::ncclAllReduce(p, p, n, dtype(t.dtype), sum, self.grads, side) })
+        });
+        check("group end", unsafe { sys::ncclGroupEnd() })?;
+        r
+    }
+
+    /// The compute stream waits for every sum [`Nccl::reduce_when_written`] queued.
+    pub fn reduced(&self, gpu: &Gpu) -> Result<(), String> {
+        let done = self.side.record_event(None).map_err(|e| format!("stream event: {e:?}"))?;
+        gpu.stream.wait(&done).map_err(|e| format!("stream wait: {e:?}"))
     }
 
     /// In place: `t` summed (or max, min) over every rank.
@@ -135,6 +174,8 @@ impl Nccl {
 impl Drop for Nccl {
     fn drop(&mut self) {
         // SAFETY: the communicator was made by ncclCommInitRank and is not used after this.
-        unsafe { sys::ncclCommDestroy(self.comm) };
+        for c in [self.comm, self.grads] {
+            unsafe { sys::ncclCommDestroy(c) };
+        }
     }
 }
