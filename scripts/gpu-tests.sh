@@ -19,6 +19,8 @@ pack)
     n=$(basename "$t" .rs)
     cp "$(exe -p pith-tests --test "$n")" ".device/$n-tests"
   done
+  # The corpus for scripts/components.sh (../shared does not travel to the GPU machine).
+  [ -f ../shared/data/tinyshakespeare.txt ] && cp ../shared/data/tinyshakespeare.txt .device/
   ls -la .device ;;
 run)
   # Every suite runs even when one fails; the exit status says whether any did.

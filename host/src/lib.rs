@@ -17,6 +17,7 @@ pub mod parallel;
 pub mod params;
 pub mod plan;
 pub mod registry;
+pub mod report;
 pub mod rng;
 pub mod rundir;
 pub mod scaffold;

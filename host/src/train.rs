@@ -5,7 +5,7 @@
 use crate::checkpoint::{self, TrainerState};
 use crate::config::{ComponentTable, Config};
 use crate::cpu::{view, view_mut, Calls, CpuOps};
-use crate::data::{Dataset, Split, Synthetic};
+use crate::data::{Dataset, Split};
 use crate::gpu::model::{GpuParams, GpuPass, RopeTables};
 use crate::gpu::nccl::Nccl;
 use crate::gpu::ops::GpuOps;
@@ -14,6 +14,7 @@ use crate::model::{Model, MoeComponents, StepOut};
 use crate::parallel::Parallel;
 use crate::params::Params;
 use crate::registry::Registry;
+use crate::report::Outcome;
 use crate::rundir::RunDir;
 use crate::trace::RoutingTrace;
 use abi_stable::std_types::RSlice;
@@ -609,7 +610,13 @@ pub fn train(
         None if first => eprintln!("{line}"),
         None => {}
     };
+    if first {
+        say(crate::report::header(&run.cfg, reg, &run.params, par.size as usize, &out));
+    }
     let (mut last_loss, mut val_loss) = (f32::NAN, None);
+    let t_run = Instant::now();
+    // Tokens trained in this process's steps (a resumed run counts from where it resumed).
+    let tokens_done = |step: u64| (step - start) * tokens_per_step as u64;
     for step in start + 1..=t.steps {
         let t0 = Instant::now();
         let lr = lr_at(&t, step);
@@ -626,8 +633,10 @@ pub fn train(
         let (load_max, load_ent) =
             (loads.iter().map(|l| l.0).sum::<f64>() / n, loads.iter().map(|l| l.1).sum::<f64>() / n);
         let tps = tokens_per_step as f64 / dt;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
         let mut line = serde_json::json!({
-            "step": step, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens_per_s": tps,
+            "step": step, "time": now, "elapsed_s": t_run.elapsed().as_secs_f64(),
+            "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens_per_s": tps,
             "load_max_over_mean": load_max, "load_entropy": load_ent,
             "load_per_layer": counts,
         });
@@ -688,6 +697,17 @@ pub fn train(
             if let Some(b) = &bar {
                 b.finish_and_clear();
             }
+            if first {
+                let o = Outcome {
+                    steps: step,
+                    tokens: tokens_done(step),
+                    seconds: t_run.elapsed().as_secs_f64(),
+                    loss,
+                    val_loss,
+                    interrupted: Some(sig),
+                };
+                crate::report::finish(&run.cfg, &out, &o)?;
+            }
             let o = out.display();
             say(format!(
                 "{} after step {step}: checkpoint saved; continue with: pith train {o}/config.toml --resume {o}",
@@ -703,15 +723,16 @@ pub fn train(
         tr.write()?;
         say(format!("routing trace (the whole run: fewer than {} tokens) written to {}", tr.want, tr.path.display()));
     }
-    if run.cfg.data.source == "synthetic" && last_loss.is_finite() {
-        let s = Synthetic::new(m.vocab, t.seed);
-        let (uni, floor) = (s.unigram_entropy(), s.entropy_floor());
-        let reached = val_loss.unwrap_or(last_loss) as f64;
-        say(format!(
-            "done: loss {reached:.4} nats/token (val); unigram entropy {uni:.4}, known floor {floor:.4}: {:.0}% of the way from unigram to floor, {:.4} above the floor",
-            100.0 * (uni - reached) / (uni - floor),
-            reached - floor
-        ));
+    if first {
+        let o = Outcome {
+            steps: t.steps,
+            tokens: tokens_done(t.steps),
+            seconds: t_run.elapsed().as_secs_f64(),
+            loss: last_loss,
+            val_loss,
+            interrupted: None,
+        };
+        say(crate::report::finish(&run.cfg, &out, &o)?);
     }
     drop(dir);
     Ok(Summary { steps: t.steps, final_loss: last_loss, val_loss, out, interrupted: None })

@@ -29,6 +29,18 @@ fn quickstart_learns_well_below_the_unigram_entropy() {
     // "Well below": at least 60% of the way from the unigram entropy down to the floor.
     assert!(val < uni - 0.6 * (uni - floor), "val loss {val}, unigram {uni}, floor {floor}");
     assert!(text.contains("known floor"), "{text}");
+    // The start-of-run block and summary.json, which holds the last line's numbers.
+    for want in
+        ["  model       2 layers, hidden 128", "  router      topk-softmax (built-in (pith-std))", "  outputs     "]
+    {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    assert_eq!((summary["steps"].as_u64(), summary["tokens"].as_u64()), (Some(300), Some(300 * 16 * 64)));
+    assert_eq!(summary["val_loss"].as_f64(), Some(val));
+    assert!(summary["above_floor"].as_f64().unwrap() > 0.0 && summary["seconds"].as_f64().unwrap() > 0.0);
+    assert!(m[1]["time"].as_f64().unwrap() >= m[0]["time"].as_f64().unwrap() && m[0]["elapsed_s"].as_f64().is_some());
     for key in ["lr", "grad_norm", "tokens_per_s", "load_max_over_mean", "load_entropy", "aux.switch-aux", "aux.z-loss"]
     {
         assert!(m[0].get(key).is_some(), "metrics line lacks {key}: {}", m[0]);
