@@ -24,7 +24,8 @@ enum Cmd {
         /// Override a config key, e.g. --set train.steps=10 (repeatable).
         #[arg(long = "set")]
         set: Vec<String>,
-        /// Continue from a checkpoint: a step directory or a run directory (its newest checkpoint).
+        /// Continue from a checkpoint: a step directory or a run directory (its newest checkpoint),
+        /// in that run's directory and, without CONFIG, with that run's config.toml.
         #[arg(long)]
         resume: Option<PathBuf>,
         /// Write the expert ids and gate weights of every MoE layer for the first tokens (safetensors).
@@ -222,7 +223,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
     let registry = || Registry::load(&plugin_dirs(&cli.plugin_dirs)?);
     match cli.cmd {
         Cmd::Train { config, set, resume, trace_routing, trace_tokens } => {
-            let cfg = Config::load(config.as_deref(), &set)?;
+            let cfg = match &resume {
+                Some(r) => pith::train::resume_config(config.as_deref(), &set, r)?,
+                None => Config::load(config.as_deref(), &set)?,
+            };
             let trace = trace_routing.map(|p| pith::trace::RoutingTrace::new(p, trace_tokens));
             let summary = pith::train::train(cfg, &registry()?, resume.as_deref(), trace)?;
             if let Some(sig) = summary.interrupted {

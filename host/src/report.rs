@@ -79,9 +79,12 @@ fn count(n: usize) -> String {
 
 /// How a run ended, as `summary.json` holds it.
 pub struct Outcome {
+    /// The run's steps and tokens so far (a resumed run's included).
     pub steps: u64,
     pub tokens: u64,
+    /// This process's training time and speed.
     pub seconds: f64,
+    pub tokens_per_s: f64,
     pub loss: f32,
     pub val_loss: Option<f32>,
     pub interrupted: Option<i32>,
@@ -92,16 +95,16 @@ pub struct Outcome {
 pub fn finish(cfg: &Config, out: &Path, o: &Outcome) -> Result<String, String> {
     let reached = o.val_loss.unwrap_or(o.loss) as f64;
     let mut j = serde_json::json!({
-        "steps": o.steps, "tokens": o.tokens, "seconds": o.seconds, "tokens_per_s": o.tokens as f64 / o.seconds.max(1e-9),
+        "steps": o.steps, "tokens": o.tokens, "seconds": o.seconds, "tokens_per_s": o.tokens_per_s,
         "loss": o.loss, "val_loss": o.val_loss, "config": cfg.source.file, "data": cfg.data.source,
     });
     let val = o.val_loss.map(|v| format!(", val {v:.4}")).unwrap_or_default();
     let mut line = format!(
-        "done: {} steps, {} tokens in {:.1} s ({:.1}K tokens/s); loss {:.4}{val}",
+        "done: {} steps, {} tokens; trained {:.1} s at {:.1}K tokens/s; loss {:.4}{val}",
         o.steps,
         count(o.tokens as usize),
         o.seconds,
-        o.tokens as f64 / o.seconds.max(1e-9) / 1e3,
+        o.tokens_per_s / 1e3,
         o.loss
     );
     if let Some(sig) = o.interrupted {

@@ -543,6 +543,34 @@ impl Run {
     }
 }
 
+/// The config of `pith train [CONFIG] --resume CKPT [--set ...]`: CONFIG, or without one the
+/// run's own `config.toml`; and `train.out` = the checkpoint's run directory unless a `--set
+/// train.out=` says otherwise (a branch). A run that already reached `train.steps` is refused with
+/// the command that extends it.
+pub fn resume_config(config: Option<&Path>, set: &[String], resume: &Path) -> Result<Config, String> {
+    // A step directory (it holds trainer.json) or a run directory; the latter may still hold an
+    // interrupted save, which opening the run directory recovers before the checkpoint is read.
+    let step_dir = resume.join("trainer.json").is_file();
+    let run = if step_dir { resume.parent().and_then(Path::parent).unwrap_or(resume) } else { resume };
+    let own = run.join("config.toml");
+    let mut set = set.to_vec();
+    if !set.iter().any(|s| s.split('=').next().is_some_and(|k| k.trim() == "train.out")) {
+        set.push(format!("train.out={:?}", run.display().to_string()));
+    }
+    let cfg = Config::load(config.or(own.is_file().then_some(own.as_path())), &set)?;
+    let done = checkpoint::resolve(resume).and_then(|c| Ok((checkpoint::state(&c)?.step, c)));
+    if let Some((done, ckpt)) = done.ok().filter(|d| d.0 >= cfg.train.steps) {
+        return Err(format!(
+            "{}: this run finished at step {done} (train.steps = {}); to train it longer: pith train --resume {} --set train.steps={}",
+            ckpt.display(),
+            cfg.train.steps,
+            run.display(),
+            cfg.train.steps.max(done) * 2
+        ));
+    }
+    Ok(cfg)
+}
+
 /// Train `cfg`; with `resume`, continue from a checkpoint (a step directory or a run directory);
 /// with `trace`, write the routing of the first tokens trained on (see trace.rs). Every input is
 /// checked before the run directory is touched; SIGINT/SIGTERM end the run after the current
@@ -601,7 +629,10 @@ pub fn train(
     let tokens_per_step = t.micro_batch * m.seq_len * t.grad_accum;
     let bar = (first && std::io::stderr().is_terminal()).then(|| {
         let b = indicatif::ProgressBar::new(t.steps);
-        b.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").unwrap());
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {elapsed_precise} elapsed, ETA {eta} {msg}")
+                .unwrap(),
+        );
         b.set_position(start);
         b
     });
@@ -615,8 +646,20 @@ pub fn train(
     }
     let (mut last_loss, mut val_loss) = (f32::NAN, None);
     let t_run = Instant::now();
-    // Tokens trained in this process's steps (a resumed run counts from where it resumed).
-    let tokens_done = |step: u64| (step - start) * tokens_per_step as u64;
+    // The run's tokens at `step`, and this process's speed (a resumed run counts from `start`).
+    let outcome = |step: u64, loss: f32, val_loss: Option<f32>, interrupted: Option<i32>| {
+        let seconds = t_run.elapsed().as_secs_f64();
+        let (tokens, here) = (step * tokens_per_step as u64, (step - start) * tokens_per_step as u64);
+        Outcome {
+            steps: step,
+            tokens,
+            seconds,
+            tokens_per_s: here as f64 / seconds.max(1e-9),
+            loss,
+            val_loss,
+            interrupted,
+        }
+    };
     for step in start + 1..=t.steps {
         let t0 = Instant::now();
         let lr = lr_at(&t, step);
@@ -698,14 +741,7 @@ pub fn train(
                 b.finish_and_clear();
             }
             if first {
-                let o = Outcome {
-                    steps: step,
-                    tokens: tokens_done(step),
-                    seconds: t_run.elapsed().as_secs_f64(),
-                    loss,
-                    val_loss,
-                    interrupted: Some(sig),
-                };
+                let o = outcome(step, loss, val_loss, Some(sig));
                 crate::report::finish(&run.cfg, &out, &o)?;
             }
             let o = out.display();
@@ -724,14 +760,7 @@ pub fn train(
         say(format!("routing trace (the whole run: fewer than {} tokens) written to {}", tr.want, tr.path.display()));
     }
     if first {
-        let o = Outcome {
-            steps: t.steps,
-            tokens: tokens_done(t.steps),
-            seconds: t_run.elapsed().as_secs_f64(),
-            loss: last_loss,
-            val_loss,
-            interrupted: None,
-        };
+        let o = outcome(t.steps, last_loss, val_loss, None);
         say(crate::report::finish(&run.cfg, &out, &o)?);
     }
     drop(dir);

@@ -242,3 +242,22 @@ fn bench_reports_step_time_and_throughput() {
         assert!(err.len() == 1 && err[0].contains("device = \"cuda\""), "{text}");
     }
 }
+
+#[test]
+fn resume_continues_in_its_own_run_and_a_finished_run_says_how_to_extend_it() {
+    let run = tmp("resume-own");
+    let short = ["--set", "train.steps=4", "--set", "train.checkpoint_every=2", "--set", "train.eval_every=0"];
+    let (code, text) = pith(&[&["train"], &short[..], &["--set", &out(&run)]].concat());
+    assert_eq!(code, 0, "{text}");
+    // No config and no train.out: the run's own config.toml, into the run's own directory.
+    let r = run.to_str().unwrap();
+    let (code, text) = pith(&["train", "--resume", r]);
+    assert_eq!(code, 1, "{text}");
+    let want = format!("this run finished at step 4 (train.steps = 4); to train it longer: pith train --resume {r} --set train.steps=8");
+    assert!(text.contains(&want), "{text}");
+    let (code, text) = pith(&["train", "--resume", r, "--set", "train.steps=6"]);
+    assert_eq!(code, 0, "{text}");
+    let steps: Vec<u64> = metrics(&run).iter().map(|m| m["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
+    assert!(run.join("checkpoints/step_00000006").is_dir());
+}
