@@ -98,6 +98,9 @@ pub struct TrainConfig {
     /// in metrics.jsonl.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub show_metrics: Vec<String>,
+    /// Also write TensorBoard event files into `<out>/tensorboard/` (docs/metrics.md).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tensorboard: bool,
     /// Start from these weights instead of a random init: a Hugging Face folder (config.json +
     /// safetensors, see docs/interop.md) or a Pith checkpoint (a step or run directory; weights
     /// only). Ignored with `--resume`.

@@ -21,5 +21,6 @@ pub mod report;
 pub mod rng;
 pub mod rundir;
 pub mod scaffold;
+pub mod tensorboard;
 pub mod trace;
 pub mod train;

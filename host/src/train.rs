@@ -16,6 +16,7 @@ use crate::params::Params;
 use crate::registry::Registry;
 use crate::report::Outcome;
 use crate::rundir::RunDir;
+use crate::tensorboard::Events;
 use crate::trace::RoutingTrace;
 use abi_stable::std_types::RSlice;
 use pith_plugin_api::abi::{Component, OptimizerBox};
@@ -627,6 +628,11 @@ pub fn train(
         None => Ok(()),
     };
     let tokens_per_step = t.micro_batch * m.seq_len * t.grad_accum;
+    let unix = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    let mut board = match (first && t.tensorboard).then(|| Events::create(&out.join("tensorboard"), unix())) {
+        Some(b) => Some(b?),
+        None => None,
+    };
     let bar = (first && std::io::stderr().is_terminal()).then(|| {
         let b = indicatif::ProgressBar::new(t.steps);
         b.set_style(
@@ -676,7 +682,7 @@ pub fn train(
         let (load_max, load_ent) =
             (loads.iter().map(|l| l.0).sum::<f64>() / n, loads.iter().map(|l| l.1).sum::<f64>() / n);
         let tps = tokens_per_step as f64 / dt;
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        let now = unix();
         let mut line = serde_json::json!({
             "step": step, "time": now, "elapsed_s": t_run.elapsed().as_secs_f64(),
             "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens_per_s": tps,
@@ -719,6 +725,15 @@ pub fn train(
             }
         }
         write_line(&line)?;
+        if let Some(b) = board.as_mut() {
+            let skip = ["step", "time", "elapsed_s"];
+            let obj = line.as_object().into_iter().flatten();
+            let values: Vec<(String, f64)> = obj
+                .filter(|(k, _)| !skip.contains(&k.as_str()))
+                .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+                .collect();
+            b.scalars(step, now, &values)?;
+        }
         if step % t.log_every.max(1) == 0 || is_last || step == start + 1 {
             let mut aux_s: String = aux.iter().map(|(n, v)| format!(" {n} {v:.4}")).collect();
             for n in &t.show_metrics {

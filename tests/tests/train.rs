@@ -261,3 +261,22 @@ fn resume_continues_in_its_own_run_and_a_finished_run_says_how_to_extend_it() {
     assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
     assert!(run.join("checkpoints/step_00000006").is_dir());
 }
+
+#[test]
+fn tensorboard_event_files_hold_every_number_of_the_metrics_lines() {
+    let run = tmp("tensorboard");
+    let (code, text) =
+        pith(&["train", "--set", "train.steps=3", "--set", "train.tensorboard=true", "--set", &out(&run)]);
+    assert_eq!(code, 0, "{text}");
+    let files: Vec<_> = std::fs::read_dir(run.join("tensorboard")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let scalars = pith::tensorboard::read_scalars(&files[0]).unwrap();
+    for (i, row) in metrics(&run).iter().enumerate() {
+        let step = i as u64 + 1;
+        for key in ["loss", "lr", "grad_norm", "aux.switch-aux", "router_entropy"] {
+            let want = row[key].as_f64().unwrap() as f32;
+            assert!(scalars.contains(&(step, key.to_string(), want)), "step {step} {key} {want}: {scalars:?}");
+        }
+    }
+    assert!(scalars.iter().any(|s| s.1 == "val_loss" && s.0 == 3));
+}
