@@ -2,7 +2,8 @@
 # Every GPU test (the `#[ignore]`d ones): `scripts/gpu-tests.sh pack` here builds the test
 # binaries, `pith` and the plugins/* libraries into .device/ (git-ignored); `bash
 # scripts/gpu-tests.sh run` runs them on the GPU machine (device tool: carry [".device"]): the
-# library's GPU tests, the transformers parity, each plugin's CUDA check and its ignored tests.
+# library's GPU tests, the transformers parity, each plugin component's CUDA check and the
+# plugins' ignored tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -29,8 +30,8 @@ run)
   fail=0
   .device/lib-tests --ignored --test-threads=1 || fail=1
   PITH_BIN=.device/pith .device/hf-tests --ignored || fail=1
-  for so in .device/lib*.so; do
-    n=$(basename "$so" .so); n=${n#lib}; n=${n//_/-}
+  # Every component a plugin library next to pith provides (a library may hold several).
+  for n in $(.device/pith plugins list | awk '$3 ~ /\.so$/ { print $2 }'); do
     .device/pith plugins check "$n" --device cuda | tail -1; [ "${PIPESTATUS[0]}" = 0 ] || fail=1
   done
   for t in .device/plugin_*-tests; do PITH_BIN=.device/pith "$t" --ignored --test-threads=1 || fail=1; done

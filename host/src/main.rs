@@ -89,6 +89,23 @@ enum Cmd {
     Export(ExportCmd),
     /// Print, as JSON, the logits and next-token loss of a token sequence under a model (a Hugging
     /// Face folder or a Pith checkpoint/run directory).
+    /// Continue a text with a trained model (a Pith checkpoint or run directory, or a Hugging Face
+    /// folder), on the CPU, with the model's tokenizer (bytes without one).
+    Generate {
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// 0 is greedy (argmax); above, sampling from softmax(logits / T).
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// With sampling, only the K most likely tokens (0: all).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     EvalLogits {
         model: PathBuf,
         /// Token ids, comma-separated, e.g. --tokens 1,2,3.
@@ -354,6 +371,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 e.files.len(),
                 e.bytes
             );
+        }
+        Cmd::Generate { model, prompt, max_tokens, temperature, top_k, seed } => {
+            let s = pith::hf::Sampling { max_tokens, temperature, top_k, seed };
+            let (text, _) = pith::hf::generate(&model, &prompt, &s, &registry()?)?;
+            println!("{prompt}{text}");
         }
         Cmd::EvalLogits { model, tokens } => {
             println!("{}", pith::hf::eval_logits(&model, &tokens, &registry()?)?);

@@ -47,7 +47,7 @@ pub use export::{export, parse_size, ExportDtype, ExportOptions, Exported};
 pub use family::Family;
 pub use import::{import, load_weights, Imported};
 pub use names::pith_params;
-pub use source::{eval_logits, init_weights};
+pub use source::{eval_logits, generate, init_weights, Sampling};
 
 use crate::config::Config;
 use crate::model::Model;

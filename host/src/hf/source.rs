@@ -1,16 +1,18 @@
 //! A model source — an HF folder or a Pith checkpoint — as weights: `train.init_from`
-//! ([`init_weights`]) and `pith eval-logits` ([`eval_logits`]).
+//! ([`init_weights`]), `pith eval-logits` ([`eval_logits`]) and `pith generate` ([`generate`]).
 
 use super::config::read_config;
 use super::import::load_weights;
+use super::tokenizer::find_tokenizer;
 use super::{build, read_run_config, shape};
 use crate::checkpoint;
 use crate::config::{mem_available, refuse_over, Config, MemEstimate};
 use crate::cpu::CpuOps;
+use crate::model::Model;
 use crate::params::Params;
 use crate::registry::Registry;
 use serde_json::{json, Value};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Copy the weights of a Pith checkpoint directory into `params` (names and shapes must match).
 fn copy_checkpoint_weights(dir: &Path, params: &mut Params) -> Result<(), String> {
@@ -72,14 +74,9 @@ pub fn init_weights(src: &Path, cfg: &Config, params: &mut Params) -> Result<(),
     copy_checkpoint_weights(&checkpoint::resolve(src)?, params)
 }
 
-/// `pith eval-logits MODEL --tokens ...`: the logits of `tokens` (one sequence) and the mean
-/// next-token cross-entropy over them (as transformers' `labels=input_ids` loss), for an HF
-/// folder or a Pith checkpoint: `{"tokens": [...], "loss": x, "logits": [[...], ...]}`.
-pub fn eval_logits(src: &Path, tokens: &[u32], reg: &Registry) -> Result<Value, String> {
-    let t = tokens.len();
-    if t < 2 {
-        return Err(format!("--tokens: give at least 2 token ids, got {t}"));
-    }
+/// A model to evaluate at sequence length `t`: an HF folder or a Pith checkpoint (step or run
+/// directory) with its weights, and the tokenizer.json that goes with it (None: bytes).
+fn load_model(src: &Path, t: usize, reg: &Registry) -> Result<(Config, Model, Params, Option<PathBuf>), String> {
     let hf = src.join("config.json").is_file().then(|| read_config(src, Some(t))).transpose()?;
     let (cfg, dir) = match &hf {
         Some(h) => (h.config(src, Path::new("runs/eval-logits"))?, src.to_path_buf()),
@@ -98,13 +95,102 @@ pub fn eval_logits(src: &Path, tokens: &[u32], reg: &Registry) -> Result<Value, 
         }
     }
     let (model, mut params, _) = build(&cfg, reg)?;
-    match &hf {
-        Some(h) => load_weights(src, h, &mut params)?,
-        None => copy_checkpoint_weights(&dir, &mut params)?,
+    let tokenizer = match &hf {
+        Some(h) => {
+            load_weights(src, h, &mut params)?;
+            Some(src.join("tokenizer.json")).filter(|p| p.is_file())
+        }
+        None => {
+            copy_checkpoint_weights(&dir, &mut params)?;
+            find_tokenizer(&cfg, None)?.map(|t| t.0)
+        }
+    };
+    Ok((cfg, model, params, tokenizer))
+}
+
+/// `pith eval-logits MODEL --tokens ...`: the logits of `tokens` (one sequence) and the mean
+/// next-token cross-entropy over them (as transformers' `labels=input_ids` loss), for an HF
+/// folder or a Pith checkpoint: `{"tokens": [...], "loss": x, "logits": [[...], ...]}`.
+pub fn eval_logits(src: &Path, tokens: &[u32], reg: &Registry) -> Result<Value, String> {
+    let t = tokens.len();
+    if t < 2 {
+        return Err(format!("--tokens: give at least 2 token ids, got {t}"));
     }
+    let (cfg, model, params, _) = load_model(src, t, reg)?;
     let logits = model.logits(&CpuOps::default(), &params, tokens, 1)?;
     let v = cfg.model.vocab;
     let loss = crate::layers::cross_entropy(&logits[..(t - 1) * v], &tokens[1..], v, 1.0, None);
     let rows: Vec<&[f32]> = logits.chunks(v).collect();
     Ok(json!({ "tokens": tokens, "loss": loss, "logits": rows }))
+}
+
+/// How `pith generate` samples.
+pub struct Sampling {
+    pub max_tokens: usize,
+    /// 0: greedy (argmax); else softmax(logits / temperature) over the `top_k` largest (0: all).
+    pub temperature: f32,
+    pub top_k: usize,
+    pub seed: u64,
+}
+
+/// `pith generate MODEL --prompt TEXT`: the prompt's tokens and `max_tokens` more, on the CPU,
+/// with the model's tokenizer (bytes when it has none): (text of the new tokens, every token).
+/// Each token recomputes the whole sequence (no KV cache): for looking at a model, not serving.
+pub fn generate(src: &Path, prompt: &str, s: &Sampling, reg: &Registry) -> Result<(String, Vec<u32>), String> {
+    if !(s.temperature.is_finite() && s.temperature >= 0.0) {
+        return Err(format!("--temperature {}: a number >= 0 (0: greedy)", s.temperature));
+    }
+    // The tokenizer first (it fixes the prompt's length), from a model built at length 2.
+    let (_, _, _, tok_path) = load_model(src, 2, reg)?;
+    let tok = tok_path
+        .as_deref()
+        .map(tokenizers::Tokenizer::from_file)
+        .transpose()
+        .map_err(|e| format!("{}: {e}", tok_path.unwrap().display()))?;
+    let mut ids: Vec<u32> = match &tok {
+        Some(t) => t.encode(prompt, false).map_err(|e| format!("--prompt: {e}"))?.get_ids().to_vec(),
+        None => prompt.bytes().map(u32::from).collect(),
+    };
+    if ids.is_empty() {
+        return Err("--prompt: give some text (it encodes to no tokens)".into());
+    }
+    // One model at the final length; the tail is padding, which causal attention never reads.
+    let (n, len) = (ids.len(), ids.len() + s.max_tokens);
+    let (cfg, model, params, _) = load_model(src, len, reg)?;
+    let (v, ops) = (cfg.model.vocab, CpuOps::default());
+    let mut rng = crate::rng::Rng::new(s.seed);
+    for _ in 0..s.max_tokens {
+        let cur = ids.len();
+        let mut seq = ids.clone();
+        seq.resize(len, 0);
+        let logits = model.logits(&ops, &params, &seq, 1)?;
+        let row = &logits[(cur - 1) * v..cur * v];
+        ids.push(pick(row, s, &mut rng) as u32);
+    }
+    let new = &ids[n..];
+    let text = match &tok {
+        Some(t) => t.decode(new, false).map_err(|e| format!("decoding: {e}"))?,
+        None => String::from_utf8_lossy(&new.iter().map(|&i| i as u8).collect::<Vec<_>>()).into_owned(),
+    };
+    Ok((text, ids))
+}
+
+/// The next token from one row of logits.
+fn pick(row: &[f32], s: &Sampling, rng: &mut crate::rng::Rng) -> usize {
+    let mut order: Vec<usize> = (0..row.len()).collect();
+    order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+    if s.temperature == 0.0 {
+        return order[0];
+    }
+    let k = if s.top_k == 0 { row.len() } else { s.top_k.min(row.len()) };
+    let top = &order[..k];
+    let w: Vec<f64> = top.iter().map(|&i| (((row[i] - row[top[0]]) / s.temperature) as f64).exp()).collect();
+    let mut u = rng.uniform() as f64 * w.iter().sum::<f64>();
+    for (&i, &wi) in top.iter().zip(&w) {
+        if u < wi {
+            return i;
+        }
+        u -= wi;
+    }
+    top[k - 1]
 }
