@@ -32,7 +32,7 @@ run)
   PITH_BIN=.device/pith .device/hf-tests --ignored || fail=1
   # Every component a plugin library next to pith provides (a library may hold several).
   for n in $(.device/pith plugins list | awk '$3 ~ /\.so$/ { print $2 }'); do
-    .device/pith plugins check "$n" --device cuda | tail -1; [ "${PIPESTATUS[0]}" = 0 ] || fail=1
+    .device/pith plugins check "$n" --device cuda --experts 8 | tail -1; [ "${PIPESTATUS[0]}" = 0 ] || fail=1
   done
   for t in .device/plugin_*-tests; do PITH_BIN=.device/pith "$t" --ignored --test-threads=1 || fail=1; done
   exit $fail ;;

@@ -289,7 +289,7 @@ fn grad_check(
     let m = pairs.len();
     let skip = match skipped {
         0 => String::new(),
-        s => format!(", {s} skipped (top-k changed)"),
+        s => format!(", {s} skipped (a routing or drop decision changed)"),
     };
     let beyond = format!("{worst:.1e} beyond f32 round-off");
     Ok(format!("grad {name}: {m} coords, max rel err {raw:.1e} ({beyond}) < {TOL:.0e}{skip}"))
@@ -516,8 +516,13 @@ fn check_comm(cpu: &CpuOps, s: &CommScheduleBox, dims: ModelDims, t: usize, rng:
             let (d, y) = dispatch()?;
             let yt = view(&y, &[y.len() / h, h]);
             let out = ok(s.combine(cpu.ops(), yt, &route, &d))?.f32s().to_vec();
+            // The discrete decisions: the groups and which token each dispatched row came from
+            // (x's rows are distinct), so a finite difference that flips a drop is not compared.
+            let mut kept = d.offsets.i32s().to_vec();
+            let from = |r: &[f32]| x.f32s().chunks(h).position(|xr| bits(xr) == bits(r)).map_or(-1, |i| i as i32);
+            kept.extend(d.x.f32s().chunks(h).map(from));
             cpu.reset();
-            Ok((out, vec![]))
+            Ok((out, kept))
         }),
         bwd: Box::new(|rv: &[f32], init: &[Vec<f32>]| {
             let (d, y) = dispatch()?;

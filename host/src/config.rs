@@ -400,8 +400,21 @@ impl Config {
     }
 
     /// The resolved config as TOML (defaults filled in, overrides applied).
+    /// The config as TOML, floats as written: the host keeps f32s, which printed through f64
+    /// would read `0.003000000026077032`; such a value is printed by its shortest f32 decimal.
     pub fn to_toml(&self) -> String {
-        toml::to_string(self).expect("config serialises")
+        let text = toml::to_string(self).expect("config serialises");
+        let short = |line: &str| -> Option<String> {
+            let (key, value) = line.split_once(" = ")?;
+            let v: f64 = value.parse().ok().filter(|_| value.contains(['.', 'e']))?;
+            let f = v as f32;
+            if f as f64 != v || !f.is_finite() {
+                return None;
+            }
+            let s = f.to_string();
+            Some(format!("{key} = {s}{}", if s.contains(['.', 'e']) { "" } else { ".0" }))
+        };
+        text.lines().map(|l| short(l).unwrap_or_else(|| l.to_string()) + "\n").collect()
     }
 }
 
