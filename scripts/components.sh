@@ -20,6 +20,7 @@ variants=(
   "sigmoid-bias|router|--set router.plugin=\"sigmoid-bias\""
   "group-topk|router|--set router.plugin=\"group-topk\" --set router.n_group=4 --set router.topk_group=2"
   "noisy-topk|router|--set router.plugin=\"noisy-topk\""
+  "expert-choice|router|--set router.plugin=\"expert-choice\""
   "seq-aux|balance loss (replaces switch-aux)|--set balance_loss.0.plugin=\"seq-aux\""
   "global-batch-aux|balance loss (replaces switch-aux)|--set balance_loss.0.plugin=\"global-batch-aux\""
   "relu2|experts|--set experts.plugin=\"relu2\""
