@@ -245,19 +245,19 @@ fn feature_importance_loss() {
 }
 
 #[test]
-fn feature_lion() {
-    fail_then_pass(&task("feat-lion"), feature_copy());
+fn feature_adafactor() {
+    fail_then_pass(&task("feat-adafactor"), feature_copy());
 }
 
 #[test]
-fn feature_relu2_experts() {
-    fail_then_pass(&task("feat-relu2-experts"), feature_copy());
+fn feature_cosine_router() {
+    fail_then_pass(&task("feat-cosine-router"), feature_copy());
 }
 
 #[test]
 fn a_host_change_fails_a_feature_task() {
     let dir = check::reference::working_copy("host-change").unwrap();
-    let t = task("feat-relu2-experts");
+    let t = task("feat-cosine-router");
     check::reference::solve_with(&t, &dir, env()).unwrap();
     let f = dir.join("host/src/lib.rs");
     let text = std::fs::read_to_string(&f).unwrap();

@@ -108,6 +108,36 @@ pub fn loss_value<L: crate::BalanceLoss + ?Sized>(l: &L, h: Host, p: &[Tensor], 
     Ok(h.read_f32(loss)?[0])
 }
 
+/// The kinds of a CUDA kernel's parameters from its signature in `src` (`extern "C" __global__
+/// void name(...)`): `p` pointer, `i` int, `u` unsigned, `l` long long, `f` float. A unit test
+/// compares it with [`arg_kinds`] of the arguments a component launches it with.
+pub fn kernel_params(src: &str, name: &str) -> String {
+    let head = format!("extern \"C\" __global__ void {name}(");
+    let at = src.find(&head).unwrap_or_else(|| panic!("kernel {name} not in the source")) + head.len();
+    let params = &src[at..at + src[at..].find(')').unwrap()];
+    let kind = |p: &str| match p.trim() {
+        p if p.contains('*') => 'p',
+        p if p.starts_with("long long") => 'l',
+        p if p.starts_with("unsigned") => 'u',
+        p if p.starts_with("int") => 'i',
+        p if p.starts_with("float") => 'f',
+        p => panic!("{name}: parameter `{p}`"),
+    };
+    params.split(',').map(kind).collect()
+}
+
+/// The kinds of launch arguments, as [`kernel_params`] writes them.
+pub fn arg_kinds(args: &[Arg]) -> String {
+    let kind = |a: &Arg| match a {
+        Arg::Ptr(_) => 'p',
+        Arg::I32(_) => 'i',
+        Arg::U32(_) => 'u',
+        Arg::I64(_) => 'l',
+        Arg::F32(_) => 'f',
+    };
+    args.iter().map(kind).collect()
+}
+
 /// Model sizes for a unit test: one rank holding all `experts`, layer 0 of 1.
 pub fn test_dims(hidden: usize, experts: usize, expert_ffn: usize) -> ModelDims {
     let (hidden, experts, expert_ffn) = (hidden as u32, experts as u32, expert_ffn as u32);

@@ -1,15 +1,16 @@
 //! New-Feature checks: a plugin crate in `plugins/<name>/`, built standalone against the copy's
 //! `plugin-api/`, must pass `pith plugins check`, refuse bad configs naming the key, train the
 //! quickstart with finite, falling loss, and satisfy the task's rules (metric bounds, a relation
-//! between metrics, optimizer state names in the checkpoint, `pith plan` counts). The host must be
-//! unchanged (the fingerprint `prepare` recorded).
+//! between metrics, optimizer state names and the layout of factored state in the checkpoint,
+//! `pith plan` counts). The host must be unchanged (the fingerprint `prepare` recorded).
 
-use super::safetensors::st_names;
+use super::safetensors::{st_read, st_shapes, StTensor};
 use super::{
     cargo, copy_dir, int_at, lookup, metrics, newest_checkpoint, pith_bin, plan_row, push_sets, read_toml, run_pith,
     scratch, tail, walk, Env, Outcome,
 };
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -44,9 +45,18 @@ pub struct PluginCheck {
     /// lhs = factor · (layers if times_layers) · rhs on every line, to rel_tol.
     #[serde(default)]
     pub relation: Option<Relation>,
-    /// Optimizer: the state tensors per parameter in the checkpoint.
+    /// Optimizer: the state tensors per parameter in the checkpoint (of every parameter, or with
+    /// `state_names_1d`, of those with two or more dimensions).
     #[serde(default)]
     pub state_names: Option<Vec<String>>,
+    /// Optimizer: the state tensors of 1-D parameters, where they differ from `state_names`.
+    #[serde(default)]
+    pub state_names_1d: Option<Vec<String>>,
+    /// Optimizer: factored second moments (Adafactor). The host shapes every state tensor like its
+    /// parameter, so for a parameter [.., a, b] (L = numel/(a·b) matrices) state `row` must hold
+    /// its L·a statistics in its first elements and `col` its L·b, the rest zero.
+    #[serde(default)]
+    pub factored: Option<Factored>,
     /// `pith plan`: total of `group` = factor · layers · experts · hidden · expert_ffn.
     #[serde(default)]
     pub plan_group: Option<PlanGroup>,
@@ -83,6 +93,13 @@ pub struct Relation {
     #[serde(default)]
     pub times_layers: bool,
     pub rel_tol: f64,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct Factored {
+    pub row: String,
+    pub col: String,
 }
 
 #[derive(Deserialize, Debug)]
@@ -171,11 +188,32 @@ pub fn check(p: &PluginCheck, dir: &Path, env: &Env, o: &mut Outcome) -> Result<
             });
         o.rule(ok, format!("every step: {} = {f} × {} (rel tol {})", r.lhs, r.rhs, r.rel_tol));
     }
-    if let Some(names) = &p.state_names {
-        o.rule(
-            optimizer_states(&main_out).as_ref() == Ok(names),
-            format!("checkpoint state per parameter is {names:?}"),
-        );
+    if p.state_names.is_some() || p.factored.is_some() {
+        let states = optimizer_states(&main_out);
+        if let Some(names) = &p.state_names {
+            let one_d = p.state_names_1d.as_ref().map(|n| format!(" (1-D parameters: {n:?})")).unwrap_or_default();
+            let got = states
+                .as_ref()
+                .map_err(Clone::clone)
+                .and_then(|s| state_names_match(s, names, p.state_names_1d.as_deref()));
+            let why = got.err().map(|e| format!(": {e}")).unwrap_or_default();
+            o.rule(why.is_empty(), format!("checkpoint state per parameter is {names:?}{one_d}{why}"));
+        }
+        if let Some(f) = &p.factored {
+            let got = states.as_ref().map_err(Clone::clone).and_then(|s| factored_layout(s, f));
+            let seen = match &got {
+                Ok(n) => format!("{n} parameters"),
+                Err(e) => e.clone(),
+            };
+            o.rule(
+                got.is_ok(),
+                format!(
+                    "factored state: every [.., a, b] parameter keeps L·a statistics in `{}` and L·b in `{}`, the \
+                     rest zero ({seen})",
+                    f.row, f.col
+                ),
+            );
+        }
     }
     if let Some(g) = &p.plan_group {
         let mut a = vec!["plan".to_string(), cfg_path.to_string_lossy().into_owned()];
@@ -309,22 +347,91 @@ fn bound_rule(o: &mut Outcome, b: &Bound, lines: &[serde_json::Value], ctx: &str
     o.rule(ok, format!("{ctx}: metric `{}` reported every step within [{lo}, {hi}] (seen {seen})", b.name));
 }
 
-/// The state names per parameter in the run's newest checkpoint (each must appear for every parameter).
-fn optimizer_states(run: &Path) -> Result<Vec<String>, String> {
+/// A parameter of the run's newest checkpoint: its shape and its optimizer state tensors by name.
+struct ParamState {
+    shape: Vec<usize>,
+    states: BTreeMap<String, StTensor>,
+}
+
+/// Every tensor of the newest checkpoint's `model.safetensors` with the states
+/// (`<param>.<state>` in `optimizer.safetensors`) that belong to it.
+fn optimizer_states(run: &Path) -> Result<BTreeMap<String, ParamState>, String> {
     let ck = newest_checkpoint(run)?;
-    let (params, states) = (st_names(&ck.join("model.safetensors"))?, st_names(&ck.join("optimizer.safetensors"))?);
-    let mut names: Vec<String> = Vec::new();
-    for s in &states {
-        let p = params.iter().find(|p| s.starts_with(&format!("{p}.")) && !params.contains(s));
-        let Some(p) = p else { return Err(format!("state `{s}` belongs to no parameter")) };
-        let n = s[p.len() + 1..].to_string();
-        if !names.contains(&n) {
-            names.push(n);
+    let mut out: BTreeMap<String, ParamState> = st_shapes(&ck.join("model.safetensors"))?
+        .into_iter()
+        .map(|(n, shape)| (n, ParamState { shape, states: BTreeMap::new() }))
+        .collect();
+    for (s, t) in st_read(&ck.join("optimizer.safetensors"))? {
+        let owner = out
+            .keys()
+            .filter(|p| s.len() > p.len() + 1 && s.starts_with(p.as_str()) && s.as_bytes()[p.len()] == b'.')
+            .max_by_key(|p| p.len())
+            .cloned();
+        let Some(p) = owner else { return Err(format!("state `{s}` belongs to no parameter")) };
+        let name = s[p.len() + 1..].to_string();
+        out.get_mut(&p).expect("a key of out").states.insert(name, t);
+    }
+    if out.is_empty() {
+        return Err("the checkpoint has no parameters".into());
+    }
+    Ok(out)
+}
+
+/// Every parameter has exactly the expected states: `names`, or `one_d` for a 1-D parameter.
+fn state_names_match(
+    st: &BTreeMap<String, ParamState>,
+    names: &[String],
+    one_d: Option<&[String]>,
+) -> Result<(), String> {
+    let sorted = |v: &[String]| {
+        let mut v = v.to_vec();
+        v.sort();
+        v
+    };
+    for (p, s) in st {
+        let want = match one_d {
+            Some(n) if s.shape.len() <= 1 => sorted(n),
+            _ => sorted(names),
+        };
+        let got: Vec<String> = s.states.keys().cloned().collect();
+        if got != want {
+            return Err(format!("`{p}` {:?} has {got:?}", s.shape));
         }
     }
-    names.sort();
-    if states.len() != params.len() * names.len() {
-        return Err(format!("{} states for {} parameters and names {names:?}", states.len(), params.len()));
+    Ok(())
+}
+
+/// For each parameter of shape [.., a, b]: the first L·a elements of state `row` and the first L·b
+/// of `col` are finite and ≥ 0 (some > 0), everything past them zero. The number of such parameters.
+fn factored_layout(st: &BTreeMap<String, ParamState>, f: &Factored) -> Result<usize, String> {
+    let mut n = 0;
+    for (p, s) in st {
+        let [.., a, b] = s.shape[..] else { continue };
+        let l = s.shape.iter().product::<usize>() / (a * b).max(1);
+        for (name, used) in [(&f.row, l * a), (&f.col, l * b)] {
+            let t = s.states.get(name).ok_or(format!("`{p}` has no state `{name}`"))?;
+            let v = if t.dtype == "F32" { t.f32s() } else { Vec::new() };
+            if v.len() < used {
+                return Err(format!("`{p}.{name}` is {} {:?}", t.dtype, t.shape));
+            }
+            if let Some(i) = v[..used].iter().position(|x| !(x.is_finite() && *x >= 0.0)) {
+                return Err(format!("`{p}.{name}`[{i}] = {} (a mean of squares)", v[i]));
+            }
+            if v[..used].iter().all(|&x| x == 0.0) {
+                return Err(format!("`{p}.{name}`: its {used} statistics are all zero"));
+            }
+            if let Some(i) = v[used..].iter().position(|&x| x != 0.0) {
+                let (at, x) = (used + i, v[used + i]);
+                return Err(format!(
+                    "`{p}.{name}`[{at}] = {x}: past the {used} statistics of a {:?} parameter (a full-size v?)",
+                    s.shape
+                ));
+            }
+        }
+        n += 1;
     }
-    Ok(names)
+    if n == 0 {
+        return Err("no parameter has two or more dimensions".into());
+    }
+    Ok(n)
 }

@@ -1,5 +1,5 @@
 //! A minimal safetensors reader: 8-byte little-endian header length, JSON header, data. Enough to
-//! read routing traces (tensors) and to list a checkpoint's tensor names.
+//! read routing traces (tensors) and checkpoints (names, shapes, optimizer state).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -42,8 +42,7 @@ pub fn st_read(p: &Path) -> Result<BTreeMap<String, StTensor>, String> {
     for (name, v) in h.iter().filter(|(k, _)| *k != "__metadata__") {
         let offs: Vec<usize> =
             v["data_offsets"].as_array().into_iter().flatten().filter_map(|x| x.as_u64()).map(|x| x as usize).collect();
-        let shape =
-            v["shape"].as_array().into_iter().flatten().filter_map(|x| x.as_u64()).map(|x| x as usize).collect();
+        let shape = shape(v);
         let data = match offs[..] {
             [a, z] if a <= z => body.get(a..z).ok_or_else(|| err(&format!("`{name}` runs past the end")))?.to_vec(),
             _ => return Err(err(&format!("`{name}` has bad data_offsets"))),
@@ -53,8 +52,12 @@ pub fn st_read(p: &Path) -> Result<BTreeMap<String, StTensor>, String> {
     Ok(out)
 }
 
-/// Tensor names in a safetensors file (its header only; the data is not checked).
-pub fn st_names(p: &Path) -> Result<Vec<String>, String> {
+/// Tensor names and shapes in a safetensors file (its header only; the data is not checked).
+pub fn st_shapes(p: &Path) -> Result<BTreeMap<String, Vec<usize>>, String> {
     let (_, h, _) = open(p)?;
-    Ok(h.keys().filter(|k| *k != "__metadata__").cloned().collect())
+    Ok(h.iter().filter(|(k, _)| *k != "__metadata__").map(|(k, v)| (k.clone(), shape(v))).collect())
+}
+
+fn shape(v: &serde_json::Value) -> Vec<usize> {
+    v["shape"].as_array().into_iter().flatten().filter_map(|x| x.as_u64()).map(|x| x as usize).collect()
 }

@@ -187,35 +187,6 @@ fn config_and_shape_errors_name_the_key() {
     assert!(e.starts_with("relu2: x:"), "{e}");
 }
 
-/// The kinds of a kernel's parameters, from its signature in the CUDA source: `p` pointer,
-/// `i` int, `f` float, `l` long long.
-fn signature(src: &str, name: &str) -> String {
-    let head = format!("extern \"C\" __global__ void {name}(");
-    let at = src.find(&head).unwrap_or_else(|| panic!("kernel {name} not in the source")) + head.len();
-    let params = &src[at..at + src[at..].find(')').unwrap()];
-    params
-        .split(',')
-        .map(|p| match p.trim() {
-            p if p.contains('*') => 'p',
-            p if p.starts_with("long long") => 'l',
-            p if p.starts_with("int") => 'i',
-            p if p.starts_with("float") => 'f',
-            p => panic!("{name}: parameter {p}"),
-        })
-        .collect()
-}
-
-fn kinds(args: &[Arg]) -> String {
-    let kind = |a: &Arg| match a {
-        Arg::Ptr(_) => 'p',
-        Arg::I32(_) => 'i',
-        Arg::F32(_) => 'f',
-        Arg::I64(_) => 'l',
-        Arg::U32(_) => 'u',
-    };
-    args.iter().map(kind).collect()
-}
-
 #[test]
 fn cuda_launches_match_the_kernel_signatures() {
     let src = cuda_source();
@@ -223,8 +194,11 @@ fn cuda_launches_match_the_kernel_signatures() {
     let t = Tensor::new(256, DType::BF16, Device::Cuda, &[1]);
     for act in [Act::Relu2, Act::Gelu] {
         let (fwd, bwd) = act.kernels();
-        assert_eq!(kinds(&args::fwd(t, t, 8)), signature(src, fwd));
-        assert_eq!(kinds(&args::bwd(t, t, t, 8)), signature(src, bwd));
+        assert_eq!(pith_plugin_api::kit::arg_kinds(&args::fwd(t, t, 8)), pith_plugin_api::kit::kernel_params(src, fwd));
+        assert_eq!(
+            pith_plugin_api::kit::arg_kinds(&args::bwd(t, t, t, 8)),
+            pith_plugin_api::kit::kernel_params(src, bwd)
+        );
     }
     // The constants of the CPU path are the kernels'.
     assert!(src.contains("#define ACT_GELU_C 0.7978845608028654f") && src.contains("#define ACT_GELU_K 0.044715f"));

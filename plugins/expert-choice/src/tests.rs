@@ -312,45 +312,31 @@ fn config_errors_name_the_key() {
     assert!(p[0].name == "weight" && p[0].shape.as_slice() == [6, 8] && p[0].decay && p[0].init == Init::Normal(0.02));
 }
 
-/// The kinds of a kernel's parameters, from its signature in the CUDA source: `p` pointer,
-/// `i` int, `f` float, `l` long long.
-fn signature(src: &str, name: &str) -> String {
-    let head = format!("extern \"C\" __global__ void {name}(");
-    let at = src.find(&head).unwrap_or_else(|| panic!("kernel {name} not in the source")) + head.len();
-    let params = &src[at..at + src[at..].find(')').unwrap()];
-    params
-        .split(',')
-        .map(|p| match p.trim() {
-            p if p.contains('*') => 'p',
-            p if p.starts_with("long long") => 'l',
-            p if p.starts_with("int") => 'i',
-            p if p.starts_with("float") => 'f',
-            p => panic!("{name}: parameter {p}"),
-        })
-        .collect()
-}
-
-fn kinds(args: &[Arg]) -> String {
-    let kind = |a: &Arg| match a {
-        Arg::Ptr(_) => 'p',
-        Arg::I32(_) => 'i',
-        Arg::F32(_) => 'f',
-        Arg::I64(_) => 'l',
-        Arg::U32(_) => 'u',
-    };
-    args.iter().map(kind).collect()
-}
-
 #[test]
 fn cuda_launches_match_the_kernel_signatures() {
     let src = cuda_source();
     assert!(src.starts_with(COMMON_CUH), "the kit's helpers come first");
     let t = Tensor::new(256, DType::F32, Device::Cuda, &[1]);
-    assert_eq!(kinds(&args::softmax(t, t, t, 1, 2)), signature(src, "ec_softmax"));
-    assert_eq!(kinds(&args::select(t, t, 1, 2, 1)), signature(src, "ec_select"));
-    assert_eq!(kinds(&args::stats(t, t, 1, 2)), signature(src, "ec_stats"));
-    assert_eq!(kinds(&args::gather(t, t, t, t, [1, 2, 1])), signature(src, "ec_gather"));
-    assert_eq!(kinds(&args::bwd([t; 6], [1, 2, 1])), signature(src, "ec_bwd"));
+    assert_eq!(
+        pith_plugin_api::kit::arg_kinds(&args::softmax(t, t, t, 1, 2)),
+        pith_plugin_api::kit::kernel_params(src, "ec_softmax")
+    );
+    assert_eq!(
+        pith_plugin_api::kit::arg_kinds(&args::select(t, t, 1, 2, 1)),
+        pith_plugin_api::kit::kernel_params(src, "ec_select")
+    );
+    assert_eq!(
+        pith_plugin_api::kit::arg_kinds(&args::stats(t, t, 1, 2)),
+        pith_plugin_api::kit::kernel_params(src, "ec_stats")
+    );
+    assert_eq!(
+        pith_plugin_api::kit::arg_kinds(&args::gather(t, t, t, t, [1, 2, 1])),
+        pith_plugin_api::kit::kernel_params(src, "ec_gather")
+    );
+    assert_eq!(
+        pith_plugin_api::kit::arg_kinds(&args::bwd([t; 6], [1, 2, 1])),
+        pith_plugin_api::kit::kernel_params(src, "ec_bwd")
+    );
     assert_eq!((rows_grid(0), rows_grid(9), rows_grid(1 << 30)), ([1, 1, 1], [2, 1, 1], [65535, 1, 1]));
     assert!(router("", 8, 2048).cuda_limits().unwrap_err().contains("model.experts <= 1024"));
     assert!(router("", 8, 1024).cuda_limits().is_ok());

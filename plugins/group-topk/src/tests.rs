@@ -294,44 +294,24 @@ fn config_defaults_and_errors_name_the_key() {
     assert!(err("normalize = 3", 8).contains("normalize"));
 }
 
-/// The kinds of a kernel's parameters, from its signature in the CUDA source: `p` pointer,
-/// `i` int, `f` float, `l` long long.
-fn signature(src: &str, name: &str) -> String {
-    let head = format!("extern \"C\" __global__ void {name}(");
-    let at = src.find(&head).unwrap_or_else(|| panic!("kernel {name} not in the source")) + head.len();
-    let params = &src[at..at + src[at..].find(')').unwrap()];
-    params
-        .split(',')
-        .map(|p| match p.trim() {
-            p if p.contains('*') => 'p',
-            p if p.starts_with("long long") => 'l',
-            p if p.starts_with("int") => 'i',
-            p if p.starts_with("float") => 'f',
-            p => panic!("{name}: parameter {p}"),
-        })
-        .collect()
-}
-
-fn kinds(args: &[Arg]) -> String {
-    let kind = |a: &Arg| match a {
-        Arg::Ptr(_) => 'p',
-        Arg::I32(_) => 'i',
-        Arg::F32(_) => 'f',
-        Arg::I64(_) => 'l',
-        Arg::U32(_) => 'u',
-    };
-    args.iter().map(kind).collect()
-}
-
 #[test]
 fn cuda_launches_match_the_kernel_signatures() {
     let src = cuda_source();
     assert!(src.starts_with(COMMON_CUH), "the kit's helpers come first");
     let r = router("score = \"sigmoid\"\ngroup_score = \"top2\"", 8, 8);
     let t = Tensor::new(256, DType::F32, Device::Cuda, &[1]);
-    assert_eq!(kinds(&args::fwd(&r, [t; 6], 3)), signature(src, "group_topk_fwd"));
-    assert_eq!(kinds(&args::sum(t, t, 3)), signature(src, "group_topk_sum"));
-    assert_eq!(kinds(&args::bwd(&r, [t; 8], 3)), signature(src, "group_topk_bwd"));
+    assert_eq!(
+        pith_plugin_api::kit::arg_kinds(&args::fwd(&r, [t; 6], 3)),
+        pith_plugin_api::kit::kernel_params(src, "group_topk_fwd")
+    );
+    assert_eq!(
+        pith_plugin_api::kit::arg_kinds(&args::sum(t, t, 3)),
+        pith_plugin_api::kit::kernel_params(src, "group_topk_sum")
+    );
+    assert_eq!(
+        pith_plugin_api::kit::arg_kinds(&args::bwd(&r, [t; 8], 3)),
+        pith_plugin_api::kit::kernel_params(src, "group_topk_bwd")
+    );
     // The flags travel as 0/1 in the order the kernel reads them: sigmoid, top2, normalize.
     let a = args::fwd(&r, [t; 6], 3);
     let ints: Vec<i32> = a.iter().filter_map(|a| if let Arg::I32(v) = a { Some(*v) } else { None }).collect();

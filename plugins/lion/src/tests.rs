@@ -130,41 +130,15 @@ fn a_slot_without_its_momentum_or_of_the_wrong_shape_is_refused() {
     assert!(e.contains("state m") && e.contains("[2]"), "{e}");
 }
 
-/// The kinds of a kernel's parameters, from its signature in the CUDA source: `p` pointer,
-/// `i` int, `f` float, `l` long long.
-fn signature(src: &str, name: &str) -> String {
-    let head = format!("extern \"C\" __global__ void {name}(");
-    let at = src.find(&head).unwrap_or_else(|| panic!("kernel {name} not in the source")) + head.len();
-    let params = &src[at..at + src[at..].find(')').unwrap()];
-    params
-        .split(',')
-        .map(|p| match p.trim() {
-            p if p.contains('*') => 'p',
-            p if p.starts_with("long long") => 'l',
-            p if p.starts_with("int") => 'i',
-            p if p.starts_with("float") => 'f',
-            p => panic!("{name}: parameter {p}"),
-        })
-        .collect()
-}
-
-fn kinds(args: &[Arg]) -> String {
-    let kind = |a: &Arg| match a {
-        Arg::Ptr(_) => 'p',
-        Arg::I32(_) => 'i',
-        Arg::F32(_) => 'f',
-        Arg::I64(_) => 'l',
-        Arg::U32(_) => 'u',
-    };
-    args.iter().map(kind).collect()
-}
-
 #[test]
 fn cuda_launch_matches_the_kernel_signature_and_table_layout() {
     let src = kernel_source!(include_str!("../kernels/lion.cu"));
     assert!(src.starts_with(COMMON_CUH), "the kit's helpers come first");
     let t = Tensor::new(256, DType::I32, Device::Cuda, &[14]);
-    assert_eq!(kinds(&args(t, 2, 3, &lion(""), 1e-3, 1.0)), signature(src, "lion_step"));
+    assert_eq!(
+        pith_plugin_api::kit::arg_kinds(&args(t, 2, 3, &lion(""), 1e-3, 1.0)),
+        pith_plugin_api::kit::kernel_params(src, "lion_step")
+    );
     assert!(src.contains(&format!("#define CHUNK {CHUNK}")));
     // LionSlot: 4 pointers, n, keep + pad, first: SLOT_WORDS 8-byte words.
     let body = &src[src.find("struct LionSlot {").unwrap()..];

@@ -218,45 +218,31 @@ fn config_errors_name_the_key() {
     assert!(m.forward(th.host(), &p, x, bad).err().unwrap().contains("offsets"));
 }
 
-/// The kinds of a kernel's parameters, from its signature in the CUDA source: `p` pointer,
-/// `i` int, `f` float, `l` long long.
-fn signature(src: &str, name: &str) -> String {
-    let head = format!("extern \"C\" __global__ void {name}(");
-    let at = src.find(&head).unwrap_or_else(|| panic!("kernel {name} not in the source")) + head.len();
-    let params = &src[at..at + src[at..].find(')').unwrap()];
-    params
-        .split(',')
-        .map(|p| match p.trim() {
-            p if p.contains('*') => 'p',
-            p if p.starts_with("long long") => 'l',
-            p if p.starts_with("int") => 'i',
-            p if p.starts_with("float") => 'f',
-            p => panic!("{name}: parameter {p}"),
-        })
-        .collect()
-}
-
-fn kinds(args: &[Arg]) -> String {
-    let kind = |a: &Arg| match a {
-        Arg::Ptr(_) => 'p',
-        Arg::I32(_) => 'i',
-        Arg::F32(_) => 'f',
-        Arg::I64(_) => 'l',
-        Arg::U32(_) => 'u',
-    };
-    args.iter().map(kind).collect()
-}
-
 #[test]
 fn cuda_launches_match_the_kernel_signatures() {
     let src = cuda_source();
     assert!(src.starts_with(COMMON_CUH), "the kit's helpers come first");
     let t = Tensor::new(256, DType::BF16, Device::Cuda, &[1]);
-    assert_eq!(kinds(&args::swiglu_fwd(t, t, t, 8)), signature(src, "moepp_swiglu_fwd"));
-    assert_eq!(kinds(&args::swiglu_bwd(t, t, t, t, t, 8)), signature(src, "moepp_swiglu_bwd"));
-    assert_eq!(kinds(&args::fill(t, t, 1, 8)), signature(src, "moepp_fill"));
-    assert_eq!(kinds(&args::const_fwd(t, t, t, t, 1, 8)), signature(src, "moepp_const_fwd"));
-    assert_eq!(kinds(&args::const_bwd([t; 8], 1, 8)), signature(src, "moepp_const_bwd"));
+    assert_eq!(
+        pith_plugin_api::kit::arg_kinds(&args::swiglu_fwd(t, t, t, 8)),
+        pith_plugin_api::kit::kernel_params(src, "moepp_swiglu_fwd")
+    );
+    assert_eq!(
+        pith_plugin_api::kit::arg_kinds(&args::swiglu_bwd(t, t, t, t, t, 8)),
+        pith_plugin_api::kit::kernel_params(src, "moepp_swiglu_bwd")
+    );
+    assert_eq!(
+        pith_plugin_api::kit::arg_kinds(&args::fill(t, t, 1, 8)),
+        pith_plugin_api::kit::kernel_params(src, "moepp_fill")
+    );
+    assert_eq!(
+        pith_plugin_api::kit::arg_kinds(&args::const_fwd(t, t, t, t, 1, 8)),
+        pith_plugin_api::kit::kernel_params(src, "moepp_const_fwd")
+    );
+    assert_eq!(
+        pith_plugin_api::kit::arg_kinds(&args::const_bwd([t; 8], 1, 8)),
+        pith_plugin_api::kit::kernel_params(src, "moepp_const_bwd")
+    );
     assert_eq!((rows_grid(0), rows_grid(9), rows_grid(1 << 30)), ([1, 1, 1], [2, 1, 1], [65535, 1, 1]));
     let (a0, a1) = alpha(3f32.ln(), 0.0);
     assert!((a0 - 0.75).abs() < 1e-6 && (a1 - 0.25).abs() < 1e-6);

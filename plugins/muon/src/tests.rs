@@ -328,45 +328,31 @@ fn a_slot_with_the_wrong_states_is_refused_naming_it() {
     assert!(o.step(th.host(), &[], 0.1, 0, 1.0).unwrap_err().contains("from 1"));
 }
 
-/// The kinds of a kernel's parameters, from its signature in the CUDA source: `p` pointer,
-/// `i` int, `f` float, `l` long long.
-fn signature(src: &str, name: &str) -> String {
-    let head = format!("extern \"C\" __global__ void {name}(");
-    let at = src.find(&head).unwrap_or_else(|| panic!("kernel {name} not in the source")) + head.len();
-    let params = &src[at..at + src[at..].find(')').unwrap()];
-    params
-        .split(',')
-        .map(|p| match p.trim() {
-            p if p.contains('*') => 'p',
-            p if p.starts_with("long long") => 'l',
-            p if p.starts_with("int") => 'i',
-            p if p.starts_with("float") => 'f',
-            p => panic!("{name}: parameter {p}"),
-        })
-        .collect()
-}
-
-fn kinds(args: &[Arg]) -> String {
-    let kind = |a: &Arg| match a {
-        Arg::Ptr(_) => 'p',
-        Arg::I32(_) => 'i',
-        Arg::F32(_) => 'f',
-        Arg::I64(_) => 'l',
-        Arg::U32(_) => 'u',
-    };
-    args.iter().map(kind).collect()
-}
-
 #[test]
 fn cuda_launches_match_the_kernel_signatures_and_table_layout() {
     let src = source();
     assert!(src.starts_with(COMMON_CUH), "the kit's helpers come first");
     let t = Tensor::new(256, DType::F32, Device::Cuda, &[4]);
-    assert_eq!(kinds(&args::adamw(t, 2, 3, [0.0; 6])), signature(src, "muon_adamw"));
-    assert_eq!(kinds(&args::momentum(t, t, t, 4, 0.95, 1.0, true)), signature(src, "muon_momentum"));
-    assert_eq!(kinds(&args::normalize(t, 4, 1)), signature(src, "muon_normalize"));
-    assert_eq!(kinds(&args::axpy(t, t, 2.0, 4)), signature(src, "muon_axpy"));
-    assert_eq!(kinds(&args::update(t, t, no_lowp(), 4, 1.0, 0.1)), signature(src, "muon_update"));
+    assert_eq!(
+        pith_plugin_api::kit::arg_kinds(&args::adamw(t, 2, 3, [0.0; 6])),
+        pith_plugin_api::kit::kernel_params(src, "muon_adamw")
+    );
+    assert_eq!(
+        pith_plugin_api::kit::arg_kinds(&args::momentum(t, t, t, 4, 0.95, 1.0, true)),
+        pith_plugin_api::kit::kernel_params(src, "muon_momentum")
+    );
+    assert_eq!(
+        pith_plugin_api::kit::arg_kinds(&args::normalize(t, 4, 1)),
+        pith_plugin_api::kit::kernel_params(src, "muon_normalize")
+    );
+    assert_eq!(
+        pith_plugin_api::kit::arg_kinds(&args::axpy(t, t, 2.0, 4)),
+        pith_plugin_api::kit::kernel_params(src, "muon_axpy")
+    );
+    assert_eq!(
+        pith_plugin_api::kit::arg_kinds(&args::update(t, t, no_lowp(), 4, 1.0, 0.1)),
+        pith_plugin_api::kit::kernel_params(src, "muon_update")
+    );
     assert!(matches!(args::update(t, t, no_lowp(), 4, 1.0, 0.1)[2], Arg::Ptr(0)), "no bf16 copy: a null pointer");
     assert!(src.contains(&format!("#define CHUNK {CHUNK}")));
     assert!(src.contains("__shared__ double part[256]") && BLOCK[0] == 256, "muon_normalize's block");

@@ -294,35 +294,6 @@ fn config_defaults_params_and_errors_name_the_key() {
     assert!(err("noise_std = 1.0").contains("noise_std"));
 }
 
-/// The kinds of a kernel's parameters, from its signature in the CUDA source: `p` pointer,
-/// `i` int, `f` float, `l` long long.
-fn signature(src: &str, name: &str) -> String {
-    let head = format!("extern \"C\" __global__ void {name}(");
-    let at = src.find(&head).unwrap_or_else(|| panic!("kernel {name} not in the source")) + head.len();
-    let params = &src[at..at + src[at..].find(')').unwrap()];
-    params
-        .split(',')
-        .map(|p| match p.trim() {
-            p if p.contains('*') => 'p',
-            p if p.starts_with("long long") => 'l',
-            p if p.starts_with("int") => 'i',
-            p if p.starts_with("float") => 'f',
-            p => panic!("{name}: parameter {p}"),
-        })
-        .collect()
-}
-
-fn kinds(args: &[Arg]) -> String {
-    let kind = |a: &Arg| match a {
-        Arg::Ptr(_) => 'p',
-        Arg::I32(_) => 'i',
-        Arg::F32(_) => 'f',
-        Arg::I64(_) => 'l',
-        Arg::U32(_) => 'u',
-    };
-    args.iter().map(kind).collect()
-}
-
 #[test]
 fn cuda_launches_match_the_kernel_signatures() {
     let src = cuda_source();
@@ -331,11 +302,26 @@ fn cuda_launches_match_the_kernel_signatures() {
     let d = Draw { key: u64::MAX, first_row: 3 };
     for cfg in ["", "noise = \"jitter\""] {
         let r = router(cfg, 8, 8);
-        assert_eq!(kinds(&args::noise(&r, t, Some(t), 3, d)), signature(src, "noisy_topk_noise"));
-        assert_eq!(kinds(&args::noise(&r, t, None, 3, d)), signature(src, "noisy_topk_noise"));
-        assert_eq!(kinds(&args::fwd(&r, [t; 5], 3)), signature(src, "noisy_topk_fwd"));
-        assert_eq!(kinds(&args::sum(t, t, 3)), signature(src, "noisy_topk_sum"));
-        assert_eq!(kinds(&args::bwd(&r, [t; 7], Some(t), None, 3, d, 1)), signature(src, "noisy_topk_bwd"));
+        assert_eq!(
+            pith_plugin_api::kit::arg_kinds(&args::noise(&r, t, Some(t), 3, d)),
+            pith_plugin_api::kit::kernel_params(src, "noisy_topk_noise")
+        );
+        assert_eq!(
+            pith_plugin_api::kit::arg_kinds(&args::noise(&r, t, None, 3, d)),
+            pith_plugin_api::kit::kernel_params(src, "noisy_topk_noise")
+        );
+        assert_eq!(
+            pith_plugin_api::kit::arg_kinds(&args::fwd(&r, [t; 5], 3)),
+            pith_plugin_api::kit::kernel_params(src, "noisy_topk_fwd")
+        );
+        assert_eq!(
+            pith_plugin_api::kit::arg_kinds(&args::sum(t, t, 3)),
+            pith_plugin_api::kit::kernel_params(src, "noisy_topk_sum")
+        );
+        assert_eq!(
+            pith_plugin_api::kit::arg_kinds(&args::bwd(&r, [t; 7], Some(t), None, 3, d, 1)),
+            pith_plugin_api::kit::kernel_params(src, "noisy_topk_bwd")
+        );
     }
     // The key travels as its bits; an absent tensor as a null pointer.
     let a = args::noise(&router("noise = \"jitter\"", 8, 8), t, None, 3, d);

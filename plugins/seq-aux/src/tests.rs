@@ -215,44 +215,27 @@ fn errors_name_the_sizes_the_ids_and_the_key() {
     assert_eq!(loss_value(&l, th0.host(), &[], &r).unwrap(), 0.0);
 }
 
-/// The kinds of a kernel's parameters, from its signature in the CUDA source: `p` pointer,
-/// `i` int, `f` float, `l` long long.
-fn signature(src: &str, name: &str) -> String {
-    let head = format!("extern \"C\" __global__ void {name}(");
-    let at = src.find(&head).unwrap_or_else(|| panic!("kernel {name} not in the source")) + head.len();
-    let params = &src[at..at + src[at..].find(')').unwrap()];
-    params
-        .split(',')
-        .map(|p| match p.trim() {
-            p if p.contains('*') => 'p',
-            p if p.starts_with("long long") => 'l',
-            p if p.starts_with("int") => 'i',
-            p if p.starts_with("float") => 'f',
-            p => panic!("{name}: parameter {p}"),
-        })
-        .collect()
-}
-
-fn kinds(args: &[Arg]) -> String {
-    let kind = |a: &Arg| match a {
-        Arg::Ptr(_) => 'p',
-        Arg::I32(_) => 'i',
-        Arg::F32(_) => 'f',
-        Arg::I64(_) => 'l',
-        Arg::U32(_) => 'u',
-    };
-    args.iter().map(kind).collect()
-}
-
 #[test]
 fn cuda_launches_match_the_kernel_signatures() {
     let src = cuda_source();
     assert!(src.starts_with(COMMON_CUH), "the kit's helpers come first");
     let t = Tensor::new(256, DType::F32, Device::Cuda, &[1]);
-    assert_eq!(kinds(&args::count(t, t, 1, 2, 3)), signature(src, "seq_aux_count"));
-    assert_eq!(kinds(&args::rows(t, t, t, [1, 2, 3], 1.0)), signature(src, "seq_aux_rows"));
-    assert_eq!(kinds(&args::sum(t, t, 1, 1.0)), signature(src, "seq_aux_sum"));
-    assert_eq!(kinds(&args::bwd(t, t, t, [1, 2, 3], 1.0, 1.0)), signature(src, "seq_aux_bwd"));
+    assert_eq!(
+        pith_plugin_api::kit::arg_kinds(&args::count(t, t, 1, 2, 3)),
+        pith_plugin_api::kit::kernel_params(src, "seq_aux_count")
+    );
+    assert_eq!(
+        pith_plugin_api::kit::arg_kinds(&args::rows(t, t, t, [1, 2, 3], 1.0)),
+        pith_plugin_api::kit::kernel_params(src, "seq_aux_rows")
+    );
+    assert_eq!(
+        pith_plugin_api::kit::arg_kinds(&args::sum(t, t, 1, 1.0)),
+        pith_plugin_api::kit::kernel_params(src, "seq_aux_sum")
+    );
+    assert_eq!(
+        pith_plugin_api::kit::arg_kinds(&args::bwd(t, t, t, [1, 2, 3], 1.0, 1.0)),
+        pith_plugin_api::kit::kernel_params(src, "seq_aux_bwd")
+    );
     assert_eq!((rows_grid(0), rows_grid(9), rows_grid(1 << 30)), ([1, 1, 1], [2, 1, 1], [65535, 1, 1]));
     assert_eq!(Layout { b: 2, s: 4, k: 2 }.fscale(8), 1.0);
     assert_eq!(Layout { b: 2, s: 4, k: 0 }.fscale(8), 0.0);

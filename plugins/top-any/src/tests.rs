@@ -292,44 +292,27 @@ fn config_errors_name_the_key() {
     assert!(!p[0].surrogate && p[0].shape.as_slice() == [6, 8]);
 }
 
-/// The kinds of a kernel's parameters, from its signature in the CUDA source: `p` pointer,
-/// `i` int, `f` float, `l` long long.
-fn signature(src: &str, name: &str) -> String {
-    let head = format!("extern \"C\" __global__ void {name}(");
-    let at = src.find(&head).unwrap_or_else(|| panic!("kernel {name} not in the source")) + head.len();
-    let params = &src[at..at + src[at..].find(')').unwrap()];
-    params
-        .split(',')
-        .map(|p| match p.trim() {
-            p if p.contains('*') => 'p',
-            p if p.starts_with("long long") => 'l',
-            p if p.starts_with("int") => 'i',
-            p if p.starts_with("float") => 'f',
-            p => panic!("{name}: parameter {p}"),
-        })
-        .collect()
-}
-
-fn kinds(args: &[Arg]) -> String {
-    let kind = |a: &Arg| match a {
-        Arg::Ptr(_) => 'p',
-        Arg::I32(_) => 'i',
-        Arg::F32(_) => 'f',
-        Arg::I64(_) => 'l',
-        Arg::U32(_) => 'u',
-    };
-    args.iter().map(kind).collect()
-}
-
 #[test]
 fn cuda_launches_match_the_kernel_signatures() {
     let src = cuda_source();
     assert!(src.starts_with(COMMON_CUH), "the kit's helpers come first");
     let t = Tensor::new(256, DType::F32, Device::Cuda, &[1]);
-    assert_eq!(kinds(&args::fwd(t, t, t, t, t, t, t, [1, 2, 3, 1])), signature(src, "top_any_fwd"));
-    assert_eq!(kinds(&args::sum(t, t, 1)), signature(src, "top_any_sum"));
-    assert_eq!(kinds(&args::bwd([t; 11], [1, 2, 3, 1])), signature(src, "top_any_bwd"));
-    assert_eq!(kinds(&args::thr_grad(t, t, t, t, 1, 2)), signature(src, "top_any_thr_grad"));
+    assert_eq!(
+        pith_plugin_api::kit::arg_kinds(&args::fwd(t, t, t, t, t, t, t, [1, 2, 3, 1])),
+        pith_plugin_api::kit::kernel_params(src, "top_any_fwd")
+    );
+    assert_eq!(
+        pith_plugin_api::kit::arg_kinds(&args::sum(t, t, 1)),
+        pith_plugin_api::kit::kernel_params(src, "top_any_sum")
+    );
+    assert_eq!(
+        pith_plugin_api::kit::arg_kinds(&args::bwd([t; 11], [1, 2, 3, 1])),
+        pith_plugin_api::kit::kernel_params(src, "top_any_bwd")
+    );
+    assert_eq!(
+        pith_plugin_api::kit::arg_kinds(&args::thr_grad(t, t, t, t, 1, 2)),
+        pith_plugin_api::kit::kernel_params(src, "top_any_thr_grad")
+    );
     assert_eq!((rows_grid(0), rows_grid(9), rows_grid(1 << 30)), ([1, 1, 1], [2, 1, 1], [65535, 1, 1]));
     // What the CUDA path refuses, before any launch.
     let big = router("max_k = 33", 8, 2048);
