@@ -572,11 +572,16 @@ mod tests {
         let gpu = gpu();
         let m = pith_std::pith_root_module();
         for info in (m.components())().iter() {
-            let label = format!("{} {}", info.kind.as_str(), info.name);
-            let c = ok((m.create())(info.kind, info.name.as_rstr(), "".into(), DIMS.for_kind(info.kind))).unwrap();
-            for seed in [1, 2] {
-                let lines = check_component(&c, &label, &gpu, DIMS, seed).unwrap_or_else(|e| panic!("{e}"));
-                lines.iter().for_each(|l| println!("{l}"));
+            // The gated shared expert too (Qwen2-MoE).
+            let configs: &[&str] = if info.name.as_str() == "shared-swiglu" { &["", "gate = true"] } else { &[""] };
+            for &config in configs {
+                let label = format!("{} {} {config}", info.kind.as_str(), info.name);
+                let dims = DIMS.for_kind(info.kind);
+                let c = ok((m.create())(info.kind, info.name.as_rstr(), config.into(), dims)).unwrap();
+                for seed in [1, 2] {
+                    let lines = check_component(&c, &label, &gpu, DIMS, seed).unwrap_or_else(|e| panic!("{e}"));
+                    lines.iter().for_each(|l| println!("{l}"));
+                }
             }
         }
     }

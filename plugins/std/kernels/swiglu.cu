@@ -58,3 +58,30 @@ extern "C" __global__ void swiglu_bwd(const bf16* a, const bf16* b, const bf16* 
         store(db + i, dbv, w);
     });
 }
+
+// The gated shared expert (shared-swiglu with gate = true): y = σ(z_t)·y_in over the n = T·H
+// elements, z [T] f32 the gate logits.
+extern "C" __global__ void gate_fwd(const bf16* yin, const float* z, bf16* y, long long n, int H) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        float s = 1.f / (1.f + __expf(-z[i / H]));
+        y[i] = __float2bfloat16(s * __bfloat162float(yin[i]));
+    }
+}
+
+// Its backward, one warp per token row t: dyin = σ(z_t)·dy; dz_t = σ'(z_t)·Σ_h dy·y_in (bf16,
+// for the gate's GEMMs).
+extern "C" __global__ void gate_bwd(const bf16* yin, const float* z, const bf16* dy, bf16* dyin, bf16* dz, int T, int H) {
+    const int lane = threadIdx.x % 32, warps = gridDim.x * (blockDim.x / 32);
+    for (int t = (blockIdx.x * blockDim.x + threadIdx.x) / 32; t < T; t += warps) {
+        const float s = 1.f / (1.f + __expf(-z[t]));
+        float acc = 0.f;
+        for (int h = lane; h < H; h += 32) {
+            const long long i = (long long)t * H + h;
+            const float d = __bfloat162float(dy[i]);
+            acc += d * __bfloat162float(yin[i]);
+            dyin[i] = __float2bfloat16(s * d);
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) dz[t] = __float2bfloat16(acc * s * (1.f - s));
+    }
+}
