@@ -20,6 +20,7 @@ pub mod registry;
 pub mod report;
 pub mod rng;
 pub mod rundir;
+pub mod runs;
 pub mod scaffold;
 pub mod tensorboard;
 pub mod trace;

@@ -81,6 +81,9 @@ enum Cmd {
     /// Prepare token shards.
     #[command(subcommand)]
     Data(DataCmd),
+    /// Look at finished or running runs: a table of their final numbers and a PNG of their curves.
+    #[command(subcommand)]
+    Runs(RunsCmd),
     /// Bring a model in from another framework (docs/interop.md).
     #[command(subcommand)]
     Import(ImportCmd),
@@ -146,6 +149,25 @@ enum ExportCmd {
         /// config.json's max_position_embeddings (default: model.seq_len).
         #[arg(long)]
         max_positions: Option<usize>,
+    },
+}
+
+#[derive(Subcommand)]
+enum RunsCmd {
+    /// One or more runs: final loss, val loss, tokens/s, time; the plot goes to RUN/runs.png.
+    Show {
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Where the PNG goes (default: the first run's runs.png).
+        #[arg(long)]
+        png: Option<PathBuf>,
+    },
+    /// The same for several runs side by side, one colour each.
+    Compare {
+        #[arg(required = true, num_args = 2..)]
+        runs: Vec<PathBuf>,
+        #[arg(long)]
+        png: Option<PathBuf>,
     },
 }
 
@@ -371,6 +393,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 e.files.len(),
                 e.bytes
             );
+        }
+        Cmd::Runs(RunsCmd::Show { runs, png } | RunsCmd::Compare { runs, png }) => {
+            println!("{}", pith::runs::compare(&runs, png.as_deref())?);
         }
         Cmd::Generate { model, prompt, max_tokens, temperature, top_k, seed } => {
             let s = pith::hf::Sampling { max_tokens, temperature, top_k, seed };

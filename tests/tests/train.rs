@@ -280,3 +280,26 @@ fn tensorboard_event_files_hold_every_number_of_the_metrics_lines() {
     }
     assert!(scalars.iter().any(|s| s.1 == "val_loss" && s.0 == 3));
 }
+
+#[test]
+fn runs_compare_tabulates_final_numbers_and_plots_the_curves() {
+    let (a, b) = (tmp("runs-a"), tmp("runs-b"));
+    for (run, lr) in [(&a, "3e-3"), (&b, "1e-3")] {
+        let lr = format!("train.lr={lr}");
+        let (code, text) = pith(&["train", "--set", "train.steps=4", "--set", &lr, "--set", &out(run)]);
+        assert_eq!(code, 0, "{text}");
+    }
+    let png = a.join("cmp.png");
+    let (code, text) =
+        pith(&["runs", "compare", a.to_str().unwrap(), b.to_str().unwrap(), "--png", png.to_str().unwrap()]);
+    assert_eq!(code, 0, "{text}");
+    for (i, run) in [(1, &a), (2, &b)] {
+        let val = metrics(run).last().unwrap()["val_loss"].as_f64().unwrap();
+        let row = text.lines().find(|l| l.starts_with(&format!("[{i}]"))).unwrap_or_else(|| panic!("{text}"));
+        assert!(row.contains(&run.display().to_string()) && row.contains(&format!("{val:.4}")), "{row}");
+    }
+    let bytes = std::fs::read(&png).unwrap();
+    assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 1000, "{} bytes", bytes.len());
+    let (code, text) = pith(&["runs", "show", "/nonexistent-run"]);
+    assert!(code == 1 && text.contains("/nonexistent-run/metrics.jsonl"), "{text}");
+}
