@@ -93,6 +93,33 @@ fn load_error(path: &Path, e: LibraryError) -> String {
     }
 }
 
+/// A `lib<name>.so` in a cargo build directory (`<workspace>/target/<profile>/`) whose crate is
+/// no longer among `<workspace>/plugins/*`: left behind by a removed or renamed crate, it would
+/// otherwise still be loaded without a word.
+fn stale(so: &Path) -> Option<String> {
+    let profile = so.parent()?;
+    let workspace = profile.parent().filter(|t| t.file_name().is_some_and(|n| n == "target"))?.parent()?;
+    let stem = so.file_stem()?.to_str()?.strip_prefix("lib")?;
+    let crates = std::fs::read_dir(workspace.join("plugins")).ok()?;
+    let named = |toml: &str| {
+        let t: toml::Table = toml.parse().ok()?;
+        let lib = t.get("lib").and_then(|l| l.get("name")).and_then(|n| n.as_str()).map(str::to_string);
+        let package =
+            t.get("package").and_then(|p| p.get("name")).and_then(|n| n.as_str()).map(|n| n.replace('-', "_"));
+        lib.or(package)
+    };
+    let found = crates
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("Cargo.toml")).ok())
+        .any(|t| named(&t).as_deref() == Some(stem));
+    (!found).then(|| {
+        format!(
+            "{}: no crate in {} builds it any more (a removed or renamed plugin?); loading it anyway — delete the file if it is stale",
+            so.display(),
+            workspace.join("plugins").display()
+        )
+    })
+}
+
 /// Refuse a file whose ELF headers point past its end: the dynamic loader would map it and
 /// the process would die of SIGBUS on first access (a truncated copy, an interrupted download).
 fn check_elf(path: &Path) -> Result<(), String> {
@@ -138,6 +165,9 @@ impl Registry {
         }
         files.dedup();
         for f in files {
+            if let Some(w) = stale(&f) {
+                tracing::warn!("{w}");
+            }
             r.load_file(&f)?;
         }
         Ok(r)

@@ -321,3 +321,24 @@ fn config_errors_name_file_line_and_valid_choices() {
         assert!(line.contains(&want) && line.contains(mention), "{name}: expected {want} and `{mention}` in: {line}");
     }
 }
+
+/// A `.so` in a workspace's target/<profile>/ whose crate is gone from plugins/ is loaded with a
+/// warning naming it; one whose crate is there loads quietly.
+#[test]
+fn a_library_left_by_a_removed_crate_is_named() {
+    let so = scaffolded_router();
+    let ws = tmp("stale-ws");
+    let profile = ws.join("target/debug");
+    std::fs::create_dir_all(&profile).unwrap();
+    std::fs::create_dir_all(ws.join("plugins/test-router")).unwrap();
+    std::fs::write(ws.join("plugins/test-router/Cargo.toml"), "[package]\nname = \"test-router\"\n").unwrap();
+    std::fs::copy(so, profile.join("libtest_router.so")).unwrap();
+    let list = || pith(&["--plugin-dir", profile.to_str().unwrap(), "plugins", "list"]);
+    let (code, _, se) = list();
+    assert!(code == 0 && !se.contains("no crate in"), "{se}");
+    std::fs::rename(profile.join("libtest_router.so"), profile.join("libold_router.so")).unwrap();
+    let (code, so_out, se) = list();
+    assert_eq!(code, 0, "{se}");
+    assert!(se.contains("libold_router.so: no crate in") && se.contains("builds it any more"), "{se}");
+    assert!(so_out.contains("libold_router.so"), "still loaded: {so_out}");
+}
