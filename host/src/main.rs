@@ -34,6 +34,9 @@ enum Cmd {
         /// How many tokens --trace-routing records.
         #[arg(long, default_value_t = 4096)]
         trace_tokens: usize,
+        /// The step --trace-routing starts recording at.
+        #[arg(long, default_value_t = 1)]
+        trace_from: u64,
     },
     /// Train on N ranks of this machine: N processes of `pith train CONFIG [FLAGS…]` (one per GPU,
     /// or CPU ranks: the config decides), with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set.
@@ -261,12 +264,12 @@ impl From<String> for Failure {
 fn run(cli: Cli) -> Result<(), Failure> {
     let registry = || Registry::load(&plugin_dirs(&cli.plugin_dirs)?);
     match cli.cmd {
-        Cmd::Train { config, set, resume, trace_routing, trace_tokens } => {
+        Cmd::Train { config, set, resume, trace_routing, trace_tokens, trace_from } => {
             let cfg = match &resume {
                 Some(r) => pith::train::resume_config(config.as_deref(), &set, r)?,
                 None => Config::load(config.as_deref(), &set)?,
             };
-            let trace = trace_routing.map(|p| pith::trace::RoutingTrace::new(p, trace_tokens));
+            let trace = trace_routing.map(|p| pith::trace::RoutingTrace::new(p, trace_tokens, trace_from));
             let summary = pith::train::train(cfg, &registry()?, resume.as_deref(), trace)?;
             if let Some(sig) = summary.interrupted {
                 return Err(Exit(128 + sig));

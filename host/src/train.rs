@@ -271,10 +271,10 @@ impl Run {
         for micro in 0..ga {
             let (x, y) = data.next_batch(t.micro_batch, seq)?;
             let (x, y) = (self.my_rows(&x), self.my_rows(&y));
-            let tracing_now = trace.as_ref().is_some_and(|tr| !tr.done());
+            let tracing_now = trace.as_ref().is_some_and(|tr| tr.wants(step));
             let o = self.micro_step(x, y, (step, micro), 1.0 / (ga * dp) as f32, tracing_now)?;
-            if let Some(tr) = trace.as_mut().filter(|tr| !tr.done()) {
-                tr.add(x, &o);
+            if let Some(tr) = trace.as_mut().filter(|tr| tr.wants(step)) {
+                tr.add(x, &o, step);
                 if tr.done() {
                     tr.write()?;
                     traced = true;
@@ -672,7 +672,7 @@ pub fn train(
         let (st, traced) =
             run.train_step(&mut data, step, lr, trace.as_mut()).map_err(|e| format!("step {step}: {e}"))?;
         if let Some(tr) = trace.as_ref().filter(|_| traced) {
-            say(format!("routing trace of {} tokens written to {}", tr.want, tr.path.display()));
+            say(format!("routing trace of {} written to {}", tr.describe(), tr.path.display()));
         }
         let StepStats { loss, aux, counts, gnorm, .. } = st;
         let dt = t0.elapsed().as_secs_f64();
@@ -772,7 +772,8 @@ pub fn train(
     }
     if let Some(tr) = trace.filter(|tr| !tr.done()) {
         tr.write()?;
-        say(format!("routing trace (the whole run: fewer than {} tokens) written to {}", tr.want, tr.path.display()));
+        let whole = format!("the run ended before {} tokens", tr.want);
+        say(format!("routing trace of {} ({whole}) written to {}", tr.describe(), tr.path.display()));
     }
     if first {
         let o = outcome(t.steps, last_loss, val_loss, None);

@@ -161,8 +161,12 @@ fn routing_trace_records_the_first_tokens_of_every_layer() {
     let (code, text) =
         pith(&[&args[..], &["--trace-routing", file.to_str().unwrap(), "--trace-tokens", "100"]].concat());
     assert_eq!(code, 0, "{text}");
+    assert!(text.contains(&format!("routing trace of 100 tokens of step 1 written to {}", file.display())), "{text}");
     let bytes = std::fs::read(&file).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = meta.metadata().clone().unwrap();
+    assert_eq!((meta["first_step"].as_str(), meta["last_step"].as_str()), ("1", "1"));
     let i32s = |n: &str| {
         st.tensor(n).unwrap().data().chunks(4).map(|b| i32::from_le_bytes(b.try_into().unwrap())).collect::<Vec<_>>()
     };
@@ -183,6 +187,18 @@ fn routing_trace_records_the_first_tokens_of_every_layer() {
             assert!((pair.1[0] + pair.1[1] - 1.0).abs() < 1e-5, "token {r}: gates {:?} are not renormalised", pair.1);
         }
     }
+    // A later step: --trace-from 2 records step 2's tokens.
+    let later = dir.join("later.safetensors");
+    let args = ["train", "--set", &out(&dir.join("run2")), "--set", "train.steps=2", "--set", "train.eval_every=0"];
+    let tr = ["--trace-routing", later.to_str().unwrap(), "--trace-tokens", "100", "--trace-from", "2"];
+    let (code, text) = pith(&[&args[..], &tr[..]].concat());
+    assert!(code == 0 && text.contains("routing trace of 100 tokens of step 2 written to"), "{text}");
+    let bytes = std::fs::read(&later).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (x2, _) = data.next_batch(16, 64).unwrap();
+    let tokens: Vec<i32> =
+        st.tensor("tokens").unwrap().data().chunks(4).map(|b| i32::from_le_bytes(b.try_into().unwrap())).collect();
+    assert_eq!(tokens, x2[..100].iter().map(|&t| t as i32).collect::<Vec<_>>());
 }
 
 #[test]
