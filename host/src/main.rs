@@ -366,6 +366,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 s.vocab,
                 s.tokenizer
             );
+            if s.documents[1] == 0 {
+                println!(
+                    "(one document: val holds its last {:.0}% of tokens, not whole documents)",
+                    100.0 * val_fraction
+                );
+            }
         }
         Cmd::Import(ImportCmd::Hf { dir, out, seq_len }) => {
             let i = pith::hf::import(&dir, &out, seq_len, &registry()?)?;
