@@ -611,13 +611,15 @@ fn check_optimizer(cpu: &CpuOps, o: &OptimizerBox, rng: &mut Rng) -> R<Vec<Strin
     let f = |w: &[f32]| quad(w).iter().map(|&d| 0.5 * d as f64 * d as f64).sum::<f64>();
     // `steps` steps from `w` with grads from `grad`; returns the final weights.
     let run_scaled = |spec: &ParamSpec, mut w: Vec<f32>, steps: u64, grad: &dyn Fn(&[f32]) -> Vec<f32>, scale: f32| {
-        let mut state: Vec<Vec<f32>> = o.state("w".into(), spec).iter().map(|_| vec![0.0; n]).collect();
-        let st: Vec<Tensor> = state.iter_mut().map(|s| view_mut(s, &[n])).collect();
+        let name = spec.name.as_str();
+        let shape: Vec<usize> = spec.shape.iter().map(|&d| d as usize).collect();
+        let mut state: Vec<Vec<f32>> = o.state(name.into(), spec).iter().map(|_| vec![0.0; n]).collect();
+        let st: Vec<Tensor> = state.iter_mut().map(|s| view_mut(s, &shape)).collect();
         for step in 1..=steps {
             let mut g = grad(&w);
-            let (wt, gt) = (view_mut(&mut w, &[n]), view_mut(&mut g, &[n]));
+            let (wt, gt) = (view_mut(&mut w, &shape), view_mut(&mut g, &shape));
             let slot = Slot {
-                name: "w".into(),
+                name: name.into(),
                 spec: spec.clone(),
                 w: wt,
                 g: gt,
@@ -676,6 +678,18 @@ fn check_optimizer(cpu: &CpuOps, o: &OptimizerBox, rng: &mut Rng) -> R<Vec<Strin
         true => format!("decay = true: a zero-grad step shrinks the norm {n0:.6} -> {n1:.6}"),
         false => "decay = true: a zero-grad step leaves it unchanged (no weight decay set)".into(),
     });
+    // A weight matrix by its full name (optimizers with parameter groups treat these apart from
+    // 1-D tensors, e.g. Muon): the same quadratic must fall, deterministically.
+    let matrix = ParamSpec::new("layers.0.attn.q_proj.weight", &[8, n / 8], Init::Normal(0.02), false);
+    let (m1, m2) = (run(&matrix, w0.clone(), 200, &quad)?, run(&matrix, w0.clone(), 200, &quad)?);
+    let fm = f(&m1);
+    if fm >= 0.5 * f0 || fm.is_nan() || bits(&m1) != bits(&m2) {
+        return Err(format!(
+            "a [8, {}] matrix `layers.0.attn.q_proj.weight`: 200 steps took f from {f0:.4} to {fm:.4} (expected at least halved, deterministically)",
+            n / 8
+        ));
+    }
+    lines.push(format!("matrix `layers.0.attn.q_proj.weight` [8, {}]: f {f0:.4} -> {fm:.2e}, deterministic", n / 8));
     Ok(lines)
 }
 
