@@ -108,6 +108,28 @@ pub fn loss_value<L: crate::BalanceLoss + ?Sized>(l: &L, h: Host, p: &[Tensor], 
     Ok(h.read_f32(loss)?[0])
 }
 
+/// Fail unless `t` is a `dtype` tensor on `device` of shape `want` (a 0 in `want` matches any
+/// size): the check a component makes of each tensor it is given, with `what` naming it.
+pub fn expect(t: &Tensor, dtype: DType, device: Device, want: &[usize], what: &str) -> Result<()> {
+    let dims = t.dims();
+    let fits = dims.len() == want.len() && dims.iter().zip(want).all(|(&d, &w)| w == 0 || d == w);
+    if !fits || t.dtype != dtype || t.device != device {
+        let want: Vec<String> = want.iter().map(|&w| if w == 0 { "_".into() } else { w.to_string() }).collect();
+        return Err(format!(
+            "{what}: expected a {dtype:?} {device:?} tensor of shape [{}], got {:?} {dims:?} on {:?}",
+            want.join(", "),
+            t.dtype,
+            t.device
+        ));
+    }
+    Ok(())
+}
+
+/// Sizes as `I32` kernel arguments.
+pub fn ints<const N: usize>(v: [usize; N]) -> [Arg; N] {
+    v.map(|v| Arg::I32(v as i32))
+}
+
 /// The kinds of a CUDA kernel's parameters from its signature in `src` (`extern "C" __global__
 /// void name(...)`): `p` pointer, `i` int, `u` unsigned, `l` long long, `f` float. A unit test
 /// compares it with [`arg_kinds`] of the arguments a component launches it with.

@@ -90,10 +90,7 @@ fn grid(n: usize, per_block: usize) -> [u32; 3] {
     [n.div_ceil(per_block).clamp(1, 65535) as u32, 1, 1]
 }
 
-/// Sizes as `I32` kernel arguments.
-fn ints<const N: usize>(v: [usize; N]) -> [Arg; N] {
-    v.map(|v| Arg::I32(v as i32))
-}
+use pith_plugin_api::kit::ints;
 
 /// The dtype of activations on `device`: f32 on the CPU, bf16 on CUDA.
 fn act(device: Device) -> DType {
@@ -103,21 +100,7 @@ fn act(device: Device) -> DType {
     }
 }
 
-/// Fail unless `t` is a `dtype` tensor on `device` of shape `want` (a 0 in `want` matches any size).
-fn expect(t: &Tensor, dtype: DType, device: Device, want: &[usize], what: &str) -> Result<()> {
-    let dims = t.dims();
-    let fits = dims.len() == want.len() && dims.iter().zip(want).all(|(&d, &w)| w == 0 || d == w);
-    if !fits || t.dtype != dtype || t.device != device {
-        let want: Vec<String> = want.iter().map(|&w| if w == 0 { "_".into() } else { w.to_string() }).collect();
-        return Err(format!(
-            "{what}: expected a {dtype:?} {device:?} tensor of shape [{}], got {:?} {dims:?} on {:?}",
-            want.join(", "),
-            t.dtype,
-            t.device
-        ));
-    }
-    Ok(())
-}
+use pith_plugin_api::kit::expect;
 
 /// Check that every id is an expert of the model or EMPTY: `ids` [T,k] in 0..experts or -1.
 fn check_ids(ids: &[i32], k: usize, experts: usize) -> Result<()> {

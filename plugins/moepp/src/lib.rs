@@ -133,18 +133,9 @@ fn cuda_source() -> &'static str {
     kernel_source!(include_str!("../kernels/moepp.cu"))
 }
 
-/// Fail unless `t` is a `dtype` tensor on `device` of shape `want` (a 0 in `want` matches any size).
+/// [`kit::expect`], the message led by this component's name.
 fn expect(t: &Tensor, dtype: DType, device: Device, want: &[usize], what: &str) -> Result<()> {
-    let dims = t.dims();
-    let fits = dims.len() == want.len() && dims.iter().zip(want).all(|(&d, &w)| w == 0 || d == w);
-    if !fits || t.dtype != dtype || t.device != device {
-        return Err(format!(
-            "{WHO}: {what}: expected a {dtype:?} {device:?} tensor of shape {want:?} (0: any size), got {:?} {dims:?} \
-             on {:?}",
-            t.dtype, t.device
-        ));
-    }
-    Ok(())
+    pith_plugin_api::kit::expect(t, dtype, device, want, &format!("{WHO}: {what}"))
 }
 
 /// Matrix `i` of shape `shape` of the stacked tensor `t` ([i, shape..]) as its own view.

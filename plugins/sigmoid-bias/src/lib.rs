@@ -146,25 +146,11 @@ fn sign(v: f64) -> f32 {
     }
 }
 
-/// Sizes as `I32` kernel arguments.
-fn ints<const N: usize>(v: [usize; N]) -> [Arg; N] {
-    v.map(|v| Arg::I32(v as i32))
-}
+use pith_plugin_api::kit::ints;
 
-/// Fail unless `t` is a `dtype` tensor on `device` of shape `want` (a 0 in `want` matches any size).
+/// [`kit::expect`], the message led by this component's name.
 fn expect(t: &Tensor, dtype: DType, device: Device, want: &[usize], what: &str) -> Result<()> {
-    let dims = t.dims();
-    let fits = dims.len() == want.len() && dims.iter().zip(want).all(|(&d, &w)| w == 0 || d == w);
-    if !fits || t.dtype != dtype || t.device != device {
-        let want: Vec<String> = want.iter().map(|&w| if w == 0 { "_".into() } else { w.to_string() }).collect();
-        return Err(format!(
-            "{WHO}: {what}: expected a {dtype:?} {device:?} tensor of shape [{}], got {:?} {dims:?} on {:?}",
-            want.join(", "),
-            t.dtype,
-            t.device
-        ));
-    }
-    Ok(())
+    pith_plugin_api::kit::expect(t, dtype, device, want, &format!("{WHO}: {what}"))
 }
 
 impl SigmoidBias {

@@ -25,7 +25,7 @@ mod z_loss;
 
 pith_plugin_api::export_plugin!("pith-std");
 
-use pith_plugin_api::{Arg, DType, Device, Result, Tensor, EMPTY};
+use pith_plugin_api::{DType, Device, Result, EMPTY};
 
 /// Threads per block of every std kernel launch (8 warps; the warp-per-row kernels rely on it).
 pub(crate) const BLOCK: [u32; 3] = [256, 1, 1];
@@ -36,10 +36,7 @@ pub(crate) fn grid(n: usize, per_block: usize) -> [u32; 3] {
     [n.div_ceil(per_block).clamp(1, 65535) as u32, 1, 1]
 }
 
-/// Sizes as `I32` kernel arguments.
-pub(crate) fn ints<const N: usize>(v: [usize; N]) -> [Arg; N] {
-    v.map(|v| Arg::I32(v as i32))
-}
+pub(crate) use pith_plugin_api::kit::ints;
 
 /// The dtype of activations and parameter working copies on `device`: f32 on the CPU, bf16 on CUDA.
 pub(crate) fn act(device: Device) -> DType {
@@ -49,21 +46,7 @@ pub(crate) fn act(device: Device) -> DType {
     }
 }
 
-/// Fail unless `t` is a `dtype` tensor on `device` of shape `want` (a 0 in `want` matches any size).
-pub(crate) fn expect(t: &Tensor, dtype: DType, device: Device, want: &[usize], what: &str) -> Result<()> {
-    let dims = t.dims();
-    let fits = dims.len() == want.len() && dims.iter().zip(want).all(|(&d, &w)| w == 0 || d == w);
-    if !fits || t.dtype != dtype || t.device != device {
-        let want: Vec<String> = want.iter().map(|&w| if w == 0 { "_".into() } else { w.to_string() }).collect();
-        return Err(format!(
-            "{what}: expected a {dtype:?} {device:?} tensor of shape [{}], got {:?} {dims:?} on {:?}",
-            want.join(", "),
-            t.dtype,
-            t.device
-        ));
-    }
-    Ok(())
-}
+pub(crate) use pith_plugin_api::kit::expect;
 
 /// out = softmax(row), computed stably; returns logsumexp(row).
 pub(crate) fn softmax(row: &[f32], out: &mut [f32]) -> f32 {

@@ -111,22 +111,11 @@ fn rows_grid(t: usize) -> [u32; 3] {
     [t.div_ceil(8).clamp(1, 65535) as u32, 1, 1]
 }
 
-fn ints<const N: usize>(v: [usize; N]) -> [Arg; N] {
-    v.map(|v| Arg::I32(v as i32))
-}
+use pith_plugin_api::kit::ints;
 
-/// Fail unless `t` is a `dtype` tensor on `device` of shape `want` (a 0 in `want` matches any size).
+/// [`kit::expect`], the message led by this component's name.
 fn expect(t: &Tensor, dtype: DType, device: Device, want: &[usize], what: &str) -> Result<()> {
-    let dims = t.dims();
-    let fits = dims.len() == want.len() && dims.iter().zip(want).all(|(&d, &w)| w == 0 || d == w);
-    if !fits || t.dtype != dtype || t.device != device {
-        return Err(format!(
-            "{WHO}: {what}: expected a {dtype:?} {device:?} tensor of shape {want:?} (0: any size), \
-             got {:?} {dims:?} on {:?}",
-            t.dtype, t.device
-        ));
-    }
-    Ok(())
+    pith_plugin_api::kit::expect(t, dtype, device, want, &format!("{WHO}: {what}"))
 }
 
 /// The launch arguments of each kernel, in parameter order (a unit test holds them to the
