@@ -60,7 +60,7 @@ pub fn bench(cfg: Config, reg: &Registry, o: BenchOpts) -> Result<(), String> {
     let t0 = Instant::now();
     let par = Arc::new(Parallel::init(&cfg)?);
     // Per rank: this rank's tokens and its own FLOPs, so MFU and tokens/s are per GPU.
-    let tokens = t.micro_batch / par.dp_size() * m.seq_len * t.grad_accum;
+    let tokens = t.micro_batch / par.data_slice().1 * m.seq_len * t.grad_accum;
     let mut run = Run::new(cfg, reg, par.clone())?;
     run.place()?;
     eprintln!(
@@ -138,8 +138,10 @@ pub fn bench(cfg: Config, reg: &Registry, o: BenchOpts) -> Result<(), String> {
         if let Some(ms) = run.time_grad_sum()? {
             let bytes: usize = run.grad_bytes();
             println!(
-                "data parallel over {} ranks: summing all {:.2} GB of gradients alone takes {ms:.1} ms (NCCL); the step overlaps it with the backward",
-                run.par.dp_size(),
+                "{} ranks (dp {} × ep {}): summing this rank's {:.2} GB of gradients alone takes {ms:.1} ms (NCCL); the step overlaps it with the backward",
+                run.par.size,
+                run.par.dp.len(),
+                run.par.ep.len(),
                 bytes as f64 / 1e9
             );
             line["grad_sum_ms"] = ms.into();

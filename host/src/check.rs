@@ -710,7 +710,7 @@ mod tests {
         let label = |i: &pith_plugin_api::ComponentInfo| format!("{} {}", i.kind.as_str(), i.name);
         let mut names: Vec<String> = infos.iter().map(label).collect();
         names.sort();
-        let want = ["balance_loss switch-aux", "balance_loss z-loss", "comm local"];
+        let want = ["balance_loss switch-aux", "balance_loss z-loss", "comm alltoall", "comm local"];
         let want =
             [&want[..], &["experts swiglu", "optimizer adamw", "router topk-softmax", "shared shared-swiglu"]].concat();
         assert_eq!(names, want);

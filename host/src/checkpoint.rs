@@ -268,22 +268,25 @@ pub fn load(path: &Path, cfg: &Config, params: &mut Params) -> Result<TrainerSta
     let state = self::state(&dir)?;
     let weights = read_tensors(&dir.join("model.safetensors"))?;
     let opt = read_tensors(&dir.join("optimizer.safetensors"))?;
+    // Whole tensors; an expert-parallel rank takes its slice of the experts'.
     for p in params.list.iter_mut().filter(|p| p.spec.role != Role::Accumulator) {
-        let shape: Vec<usize> = p.spec.shape.iter().map(|&d| d as usize).collect();
+        let shape = p.full_shape();
         let (s, w) =
             weights.get(&p.name).ok_or_else(|| format!("{}: tensor `{}` is missing", dir.display(), p.name))?;
         if *s != shape {
             return Err(format!("{}: tensor `{}` has shape {s:?}, the model needs {shape:?}", dir.display(), p.name));
         }
-        p.w.copy_from_slice(w);
-        for (sname, v) in &mut p.state {
-            let key = format!("{}.{sname}", p.name);
-            let (_, sv) =
+        let w = p.slice_of(w).to_vec();
+        p.w.copy_from_slice(&w);
+        for i in 0..p.state.len() {
+            let key = format!("{}.{}", p.name, p.state[i].0);
+            let (s, sv) =
                 opt.get(&key).ok_or_else(|| format!("{}: optimizer state `{key}` is missing", dir.display()))?;
-            if sv.len() != v.len() {
-                return Err(format!("{}: optimizer state `{key}` has the wrong size", dir.display()));
+            if *s != shape {
+                return Err(format!("{}: optimizer state `{key}` has shape {s:?}, expected {shape:?}", dir.display()));
             }
-            v.copy_from_slice(sv);
+            let sv = p.slice_of(sv).to_vec();
+            p.state[i].1.copy_from_slice(&sv);
         }
     }
     Ok(state)

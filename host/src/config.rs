@@ -3,6 +3,7 @@
 //! sections (`[router]`, `[experts]`, `[[balance_loss]]`, `[optimizer]`, `[comm]`) name a
 //! plugin and carry that plugin's own keys, which the plugin parses.
 
+use crate::params::Shard;
 use pith_plugin_api::{toml_error, Kind, ModelDims};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -394,9 +395,12 @@ impl Config {
         self.shared.as_ref().map_or(0, |t| ffn(t).unwrap_or(self.model.expert_ffn))
     }
 
-    pub fn dims(&self, layer: usize) -> ModelDims {
+    /// Sizes for layer `layer` on an expert-parallel rank holding slice `ep` of the experts.
+    pub fn dims(&self, layer: usize, ep: Shard) -> ModelDims {
         let m = &self.model;
-        ModelDims::new(m.hidden, m.experts, m.expert_ffn, layer, m.layers)
+        let local = m.experts / ep.parts;
+        let all = ModelDims::new(m.hidden, m.experts, m.expert_ffn, layer, m.layers);
+        ModelDims { first_expert: (ep.part * local) as u32, local_experts: local as u32, ..all }
     }
 
     /// The resolved config as TOML (defaults filled in, overrides applied).

@@ -14,7 +14,7 @@
 use crate::config::{ModelConfig, QkNorm};
 use crate::cpu::{view, view_mut, CpuOps};
 use crate::layers::{self as ly, AttnDims, Rope};
-use crate::params::Params;
+use crate::params::{Params, Shard};
 use abi_stable::std_types::{RResult, RSlice, RString};
 use pith_plugin_api::abi::{BalanceLossBox, CommScheduleBox, ExpertsBox, RouterBox};
 use pith_plugin_api::{DType, Device, Dispatched, ExpertsOut, Init, ParamSpec, RouterOut, Tensor, EMPTY};
@@ -83,6 +83,8 @@ pub struct Model {
     pub(crate) layers: Vec<Layer>,
     pub(crate) final_norm: usize,
     pub(crate) lm_head: usize,
+    /// This rank's slice of every layer's experts.
+    pub(crate) ep: Shard,
 }
 
 /// What one layer's forward keeps for backward (as in the module doc, with xn1 = a, xn2 = m,
@@ -185,8 +187,16 @@ impl Model {
     /// (the components' own `params()`: parameters, buffers and accumulators),
     /// `layers.{l}.moe.shared.*` (the `[shared]` component's, when there is one); then
     /// `final_norm.weight`, `lm_head.weight`. Matrices are Normal(init_std), norm weights Ones
-    /// without weight decay. `moe` has one entry per layer.
-    pub fn new(cfg: &ModelConfig, params: &mut Params, seed: u64, moe: Vec<MoeComponents>) -> Result<Model, String> {
+    /// without weight decay. `moe` has one entry per layer. On an expert-parallel rank (`ep`
+    /// of more than one part) the experts' tensors are its slice of each: stacked by expert,
+    /// dimension 0 its local experts.
+    pub fn new(
+        cfg: &ModelConfig,
+        params: &mut Params,
+        seed: u64,
+        moe: Vec<MoeComponents>,
+        ep: Shard,
+    ) -> Result<Model, String> {
         let c = cfg;
         if moe.len() != c.layers {
             let got = moe.len();
@@ -201,8 +211,9 @@ impl Model {
         let mat = |name: &str, shape: &[usize]| ParamSpec::new(name, shape, std, true);
         let norm = |name: &str, n: usize| ParamSpec::new(name, &[n], Init::Ones, false);
         params.defer = true;
-        let mut add = |prefix: &str, specs: Vec<ParamSpec>| params.add(prefix, specs, seed);
-        let embed = add("embed", vec![mat("weight", &[c.vocab, h])]).start;
+        let mut add =
+            |prefix: &str, specs: Vec<ParamSpec>, shard: Option<Shard>| params.add_sharded(prefix, specs, seed, shard);
+        let embed = add("embed", vec![mat("weight", &[c.vocab, h])], None).start;
         let mut layers = Vec::new();
         let qk = match c.qk_norm {
             QkNorm::Head => Some((c.head_dim, c.head_dim)),
@@ -221,23 +232,33 @@ impl Model {
                 host.extend([norm("attn.q_norm.weight", qn), norm("attn.k_norm.weight", kn)]);
             }
             host.push(norm("moe_norm.weight", h));
-            let host = add(&format!("layers.{l}"), host);
+            let host = add(&format!("layers.{l}"), host, None);
             let (qk_norm, moe_norm) = (qk.map(|_| host.start + O + 1), host.end - 1);
             let host = host.start;
-            let router = add(&format!("layers.{l}.moe.router"), moe.router.1.params().into());
-            let experts = add(&format!("layers.{l}.moe.experts"), moe.experts.1.params().into());
+            let router = add(&format!("layers.{l}.moe.router"), moe.router.1.params().into(), None);
+            let specs: Vec<ParamSpec> = moe.experts.1.params().into();
+            let shard = (ep.parts > 1).then_some(ep);
+            if let Some(s) =
+                specs.iter().find(|s| shard.is_some() && s.shape.first() != Some(&((c.experts / ep.parts) as u64)))
+            {
+                return Err(format!(
+                    "experts `{}`: `{}` has shape {:?}, but with parallel.ep = {} every experts tensor must be stacked by expert (dimension 0: this rank's {} experts)",
+                    moe.experts.0, s.name, s.shape, ep.parts, c.experts / ep.parts
+                ));
+            }
+            let experts = add(&format!("layers.{l}.moe.experts"), specs, shard);
             let losses = (moe.losses.iter().enumerate())
-                .map(|(i, (_, b))| add(&format!("layers.{l}.moe.balance_loss.{i}"), b.params().into()))
+                .map(|(i, (_, b))| add(&format!("layers.{l}.moe.balance_loss.{i}"), b.params().into(), None))
                 .collect();
             let specs = moe.shared.as_ref().map_or(Vec::new(), |s| s.1.params().into_vec());
-            let shared = add(&format!("layers.{l}.moe.shared"), specs);
+            let shared = add(&format!("layers.{l}.moe.shared"), specs, None);
             layers.push(Layer { host, qk_norm, moe_norm, shared, router, experts, losses, moe });
         }
-        let final_norm = add("final_norm", vec![norm("weight", h)]).start;
-        let lm_head = add("lm_head", vec![mat("weight", &[c.vocab, h])]).start;
+        let final_norm = add("final_norm", vec![norm("weight", h)], None).start;
+        let lm_head = add("lm_head", vec![mat("weight", &[c.vocab, h])], None).start;
         params.materialize();
         let rope = Rope::new(c.seq_len, c.head_dim, c.rope_theta);
-        Ok(Model { cfg: cfg.clone(), rope, embed, layers, final_norm, lm_head })
+        Ok(Model { cfg: cfg.clone(), rope, embed, layers, final_norm, lm_head, ep })
     }
 
     /// Matmul parameters (embedding lookup and norms excluded; experts counted as SwiGLU,
@@ -472,7 +493,7 @@ impl<'a> Pass<'a> {
         let who = at(&format!("comm `{}` dispatch", m.comm.0));
         let d = named(comm.dispatch(o(), xv, &r, ne as u32), &who)?;
         check(&d.x, DType::F32, &[0, hd], &who)?;
-        check(&d.offsets, DType::I32, &[ne + 1], &who)?;
+        check(&d.offsets, DType::I32, &[ne / self.m.ep.parts + 1], &who)?;
         let counts = d.offsets.i32s().windows(2).map(|w| (w[1] - w[0]) as u32).collect();
         let who = at(&format!("experts `{}`", m.experts.0));
         let e = named(experts.forward(o(), rs(&ew), d.x, d.offsets), &who)?;
@@ -627,7 +648,29 @@ mod tests {
     /// A model with the std pack's topk-softmax (top-2), swiglu, switch-aux and z-loss (both
     /// with `coef`) and local in every layer, and a shared-swiglu of FFN `shared` (0: none).
     fn model(c: &ModelConfig, seed: u64, coef: f32, shared: usize) -> (Model, Params) {
-        model_with(c, seed, coef, "top_k = 2", shared)
+        model_with(c, seed, coef, "top_k = 2", shared, Shard::WHOLE)
+    }
+
+    /// An expert-parallel rank's experts are its slice of the whole model's (the same initial
+    /// values), marked as a shard; everything else is the whole model's.
+    #[test]
+    fn an_expert_parallel_rank_holds_its_slice_of_the_experts() {
+        let c = cfg();
+        let (m, whole) = model(&c, 5, 0.01, 0);
+        let (ms, part) = model_with(&c, 5, 0.01, "top_k = 2", 0, Shard { part: 1, parts: 2 });
+        assert_eq!(ms.ep, Shard { part: 1, parts: 2 });
+        for (w, p) in whole.list.iter().zip(&part.list) {
+            let experts =
+                m.layers.iter().any(|l| l.experts.contains(&whole.list.iter().position(|x| x.name == w.name).unwrap()));
+            if experts {
+                assert_eq!(p.full_shape(), w.shape(), "{}", w.name);
+                assert_eq!(p.shard, Some(Shard { part: 1, parts: 2 }));
+                assert_eq!(p.w, w.w[w.w.len() / 2..], "{}: the second half", w.name);
+                assert_eq!(p.group(), pith_plugin_api::Group::DataParallel);
+            } else {
+                assert_eq!((p.shard, &p.w, p.group()), (None, &w.w, pith_plugin_api::Group::World), "{}", w.name);
+            }
+        }
     }
 
     /// [`model`] with the router's TOML keys `router`.
@@ -644,10 +687,12 @@ mod tests {
         }
     }
 
-    fn model_with(c: &ModelConfig, seed: u64, coef: f32, router: &str, shared: usize) -> (Model, Params) {
+    fn model_with(c: &ModelConfig, seed: u64, coef: f32, router: &str, shared: usize, ep: Shard) -> (Model, Params) {
         let m = pith_std::pith_root_module();
         let make = |kind, name: &str, toml: &str, l: usize| {
-            let dims = ModelDims::new(c.hidden, c.experts, c.expert_ffn, l, c.layers).for_kind(kind);
+            let (local, all) = (c.experts / ep.parts, ModelDims::new(c.hidden, c.experts, c.expert_ffn, l, c.layers));
+            let dims = ModelDims { first_expert: (ep.part * local) as u32, local_experts: local as u32, ..all };
+            let dims = dims.for_kind(kind);
             (m.create())(kind, name.into(), toml.into(), dims).unwrap()
         };
         let layer = |l| {
@@ -672,7 +717,7 @@ mod tests {
             MoeComponents { router, experts, shared, losses, comm }
         };
         let mut params = Params::default();
-        let model = Model::new(c, &mut params, seed, (0..c.layers).map(layer).collect());
+        let model = Model::new(c, &mut params, seed, (0..c.layers).map(layer).collect(), ep);
         (model.unwrap(), params)
     }
 
@@ -702,7 +747,7 @@ mod tests {
 
     fn gradient_check(qk_norm: QkNorm, router: &str, tensors: usize) {
         let c = ModelConfig { qk_norm, ..cfg() };
-        let ((model, mut params), ops) = (model_with(&c, 3, 0.1, router, 5), CpuOps::default());
+        let ((model, mut params), ops) = (model_with(&c, 3, 0.1, router, 5, Shard::WHOLE), CpuOps::default());
         assert_eq!(params.list.len(), tensors);
         if qk_norm == QkNorm::Full {
             let q = params.list.iter().find(|p| p.name == "layers.0.attn.q_norm.weight").unwrap();

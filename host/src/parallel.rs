@@ -5,14 +5,18 @@
 //! Device tensors on CUDA go through NCCL instead (gpu/nccl.rs). One rank: every collective is
 //! the identity and nothing is connected.
 //!
-//! Data parallelism keeps the run the same whatever the layout: `train.micro_batch` is the
-//! global number of sequences per micro-step; every rank reads the whole micro-batch and trains
-//! on its slice (rows `dp_rank·b .. (dp_rank+1)·b`, b = micro_batch / dp), gradients are summed
-//! over the group with each rank's loss scaled by 1/dp, so a run resumed at another dp continues
-//! the same run.
+//! Every rank trains on its own rows, whatever the layout: `train.micro_batch` is the global
+//! number of sequences per micro-step; every rank reads the whole micro-batch and trains on its
+//! slice (rows `rank·b .. (rank+1)·b`, b = micro_batch / world size) with its loss scaled by
+//! 1/world. Expert parallelism (ep > 1) splits each layer's experts over `ep` consecutive ranks
+//! (the `alltoall` comm schedule moves the rows); a gradient is summed over the ranks that hold
+//! the same tensor: the world for everything but the experts, the data-parallel group (ranks
+//! holding the same experts) for those. So a run resumed at another layout continues the same
+//! run.
 
 use crate::config::Config;
 use crate::dist::{dp_ep_groups, ProcessGroup};
+use crate::params::Shard;
 use pith_plugin_api::Group;
 use std::sync::{Mutex, PoisonError};
 
@@ -56,11 +60,14 @@ impl Parallel {
         let m = self.members(g);
         (m.iter().position(|&r| r == self.rank).unwrap_or(0), m.len())
     }
-    pub fn dp_rank(&self) -> usize {
-        self.rank_in(Group::DataParallel).0
+    /// The rows of each micro-batch this rank trains on: slice `rank` of `size`.
+    pub fn data_slice(&self) -> (usize, usize) {
+        (self.rank as usize, self.size as usize)
     }
-    pub fn dp_size(&self) -> usize {
-        self.dp.len()
+    /// This rank's slice of every layer's experts.
+    pub fn ep_shard(&self) -> Shard {
+        let (part, parts) = self.rank_in(Group::ExpertParallel);
+        Shard { part, parts }
     }
     pub fn is_first(&self) -> bool {
         self.rank == 0
@@ -137,9 +144,10 @@ impl Parallel {
 pub fn layout(cfg: &Config, size: u32) -> Result<(usize, usize), String> {
     let (p, size) = (&cfg.parallel, size as usize);
     let ep = p.ep.max(1);
-    if ep > 1 {
+    let experts = cfg.model.experts;
+    if !experts.is_multiple_of(ep) || ep > size {
         return Err(format!(
-            "{}: parallel.ep = {ep}: expert parallelism is not implemented yet; use ep = 1 (data parallel over every rank)",
+            "{}: parallel.ep = {ep} must divide model.experts = {experts} and the job's {size} ranks (to resume on another layout: --set parallel.ep=N)",
             cfg.at("parallel", 0, "ep")
         ));
     }
@@ -152,9 +160,9 @@ pub fn layout(cfg: &Config, size: u32) -> Result<(usize, usize), String> {
         ));
     }
     let b = cfg.train.micro_batch;
-    if !b.is_multiple_of(dp) {
+    if !b.is_multiple_of(size) {
         return Err(format!(
-            "{}: train.micro_batch = {b} sequences do not split over dp = {dp} ranks: use a multiple of {dp} (micro_batch counts the sequences of all ranks)",
+            "{}: train.micro_batch = {b} sequences do not split over the job's {size} ranks: use a multiple of {size} (micro_batch counts the sequences of all ranks)",
             cfg.at("train", 0, "micro_batch")
         ));
     }
@@ -175,12 +183,16 @@ mod tests {
         assert!(e.contains("train.micro_batch = 3") && e.contains("multiple of 2"), "{e}");
         let e = layout(&cfg(&["parallel.dp=2"]), 4).unwrap_err();
         assert!(e.contains("parallel.dp = 2 × ep = 1 is 2 ranks, but this job has 4"), "{e}");
-        let e = layout(&cfg(&["parallel.ep=2"]), 2).unwrap_err();
-        assert!(e.contains("parallel.ep = 2") && e.contains("not implemented yet"), "{e}");
+        assert_eq!(layout(&cfg(&["train.micro_batch=4", "parallel.ep=2"]), 4).unwrap(), (2, 2));
+        let e = layout(&cfg(&["model.experts=6", "parallel.ep=4"]), 4).unwrap_err();
+        assert!(e.contains("parallel.ep = 4 must divide model.experts = 6"), "{e}");
         let one = Parallel::single();
         let mut v = [1.0f32, 2.0];
         one.sum_f32(Group::DataParallel, &mut v).unwrap();
         assert_eq!(v, [1.0, 2.0]);
-        assert_eq!((one.dp_rank(), one.dp_size(), one.rank_in(Group::ExpertParallel)), (0, 1, (0, 1)));
+        assert_eq!(
+            (one.data_slice(), one.ep_shard(), one.rank_in(Group::ExpertParallel)),
+            ((0, 1), Shard::WHOLE, (0, 1))
+        );
     }
 }

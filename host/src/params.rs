@@ -5,7 +5,7 @@
 
 use crate::cpu::{view, view_mut};
 use crate::rng::Rng;
-use pith_plugin_api::{Init, ParamSpec, Role, Tensor};
+use pith_plugin_api::{Group, Init, ParamSpec, Role, Tensor};
 use std::ops::Range;
 
 pub struct Param {
@@ -17,6 +17,22 @@ pub struct Param {
     pub g: Vec<f32>,
     /// Optimizer state tensors, named by the optimizer, each shaped like `w`.
     pub state: Vec<(String, Vec<f32>)>,
+    /// Expert parallelism: `w` is this rank's slice of a tensor stacked by expert.
+    pub shard: Option<Shard>,
+}
+
+/// Slice `part` of `parts` equal slices (dimension 0) of a parameter: an expert-parallel rank's
+/// experts. The whole tensor is what checkpoints hold; its gradient is summed over the ranks
+/// holding the same slice (`Group::DataParallel`), every other parameter's over the world.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub part: usize,
+    pub parts: usize,
+}
+
+impl Shard {
+    /// Every expert on this rank.
+    pub const WHOLE: Shard = Shard { part: 0, parts: 1 };
 }
 
 impl Param {
@@ -27,7 +43,9 @@ impl Param {
             Init::Ones => vec![1.0; n],
             Init::Constant(c) => vec![c; n],
             Init::Normal(std) => {
+                // A slice's values are the whole tensor's at those positions.
                 let mut rng = Rng::for_name(seed, &self.name);
+                rng.skip_normals(self.shard.map_or(0, |s| s.part * n) as u64);
                 (0..n).map(|_| rng.normal() * std).collect()
             }
         };
@@ -36,6 +54,30 @@ impl Param {
     /// A trained parameter (not a buffer or accumulator).
     pub fn trained(&self) -> bool {
         self.spec.role == Role::Param
+    }
+    pub fn shape(&self) -> Vec<usize> {
+        self.spec.shape.iter().map(|&d| d as usize).collect()
+    }
+    /// The whole tensor's shape (this rank's slice: [`Param::shape`]).
+    pub fn full_shape(&self) -> Vec<usize> {
+        let mut s = self.shape();
+        if let (Some(sh), Some(d0)) = (self.shard, s.first_mut()) {
+            *d0 *= sh.parts;
+        }
+        s
+    }
+    /// This rank's part of the whole tensor's values `whole` (all of it without a shard).
+    pub fn slice_of<'a>(&self, whole: &'a [f32]) -> &'a [f32] {
+        let n = self.spec.numel();
+        &whole[self.shard.map_or(0, |s| s.part * n)..][..n]
+    }
+    /// The group its gradient (and accumulator) is summed over.
+    pub fn group(&self) -> Group {
+        if self.shard.is_some() {
+            Group::DataParallel
+        } else {
+            Group::World
+        }
     }
 }
 
@@ -55,10 +97,20 @@ impl Params {
     /// parameter's full name, so a parameter's initial value does not depend on what else
     /// the model holds. Returns the index range of the new parameters.
     pub fn add(&mut self, prefix: &str, specs: Vec<ParamSpec>, seed: u64) -> Range<usize> {
+        self.add_sharded(prefix, specs, seed, None)
+    }
+    /// [`Params::add`] for slices `shard` of tensors stacked by expert.
+    pub fn add_sharded(
+        &mut self,
+        prefix: &str,
+        specs: Vec<ParamSpec>,
+        seed: u64,
+        shard: Option<Shard>,
+    ) -> Range<usize> {
         let start = self.list.len();
         for spec in specs {
             let name = format!("{prefix}.{}", spec.name);
-            let mut p = Param { name, spec, w: Vec::new(), g: Vec::new(), state: Vec::new() };
+            let mut p = Param { name, spec, w: Vec::new(), g: Vec::new(), state: Vec::new(), shard };
             if self.defer {
                 self.pending.push((self.list.len(), seed));
             } else if !self.shapes_only {
@@ -82,19 +134,16 @@ impl Params {
             }
         });
     }
-    fn shape(p: &Param) -> Vec<usize> {
-        p.spec.shape.iter().map(|&d| d as usize).collect()
-    }
     /// Views of the weights in `r`, in declaration order.
     pub fn weights(&self, r: Range<usize>) -> Vec<Tensor> {
-        self.list[r].iter().map(|p| view(&p.w, &Self::shape(p))).collect()
+        self.list[r].iter().map(|p| view(&p.w, &p.shape())).collect()
     }
     /// Views of the gradients in `r`, in declaration order (numel 0 for buffers and accumulators).
     pub fn grads(&mut self, r: Range<usize>) -> Vec<Tensor> {
         self.list[r]
             .iter_mut()
             .map(|p| {
-                let shape = if p.trained() { Self::shape(p) } else { vec![0] };
+                let shape = if p.trained() { p.shape() } else { vec![0] };
                 view_mut(&mut p.g, &shape)
             })
             .collect()

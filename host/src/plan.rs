@@ -7,7 +7,7 @@
 use crate::config::{human, mem_available, Config, MemEstimate};
 use crate::cpu::{view, CpuOps};
 use crate::model::Model;
-use crate::params::{Param, Params};
+use crate::params::{Param, Params, Shard};
 use crate::registry::Registry;
 use abi_stable::std_types::RSlice;
 use pith_plugin_api::{abi::Component, Kind};
@@ -26,7 +26,8 @@ const PROBE_TOKENS: usize = 16;
 fn measured_top_k(cfg: &Config, reg: &Registry) -> Result<f64, String> {
     let mut small = cfg.clone();
     small.model.hidden = cfg.model.hidden.min(PROBE_HIDDEN);
-    let Component::Router(r) = crate::train::create(&small, reg, Kind::Router, 0, &cfg.router, 0)? else {
+    let Component::Router(r) = crate::train::create(&small, reg, Kind::Router, 0, &cfg.router, (0, Shard::WHOLE))?
+    else {
         unreachable!()
     };
     let specs = r.params().into_vec();
@@ -70,13 +71,14 @@ pub fn plan(cfg: &Config, reg: &Registry) -> Result<String, String> {
     // One layer, counted `layers` times; seq_len 0 leaves the RoPE table empty.
     let mut one = cfg.clone();
     (one.model.layers, one.model.seq_len) = (1, 0);
-    let (moe, opt) = crate::train::components(&one, reg)?;
-    let Component::Experts(one_layer_experts) = crate::train::create(&one, reg, Kind::Experts, 0, &cfg.experts, 0)?
+    let (moe, opt) = crate::train::components(&one, reg, Shard::WHOLE)?;
+    let Component::Experts(one_layer_experts) =
+        crate::train::create(&one, reg, Kind::Experts, 0, &cfg.experts, (0, Shard::WHOLE))?
     else {
         unreachable!()
     };
     let mut params = Params { shapes_only: true, ..Default::default() };
-    Model::new(&one.model, &mut params, cfg.train.seed, moe)?;
+    Model::new(&one.model, &mut params, cfg.train.seed, moe, Shard::WHOLE)?;
     let (layers, experts) = (m.layers as u128, m.experts as u128);
     let numel = |p: &Param| {
         let n = p.spec.shape.iter().fold(1u128, |a, &d| a.saturating_mul(d as u128));

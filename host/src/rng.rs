@@ -23,6 +23,11 @@ impl Rng {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     }
+    /// Move on as if `normal` had been called `n` times (SplitMix64 jumps in O(1)): what an
+    /// expert-parallel rank does to start at its slice of a parameter's stream.
+    pub fn skip_normals(&mut self, n: u64) {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15u64.wrapping_mul(2 * n));
+    }
     /// Uniform in [0, 1).
     pub fn uniform(&mut self) -> f32 {
         (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
@@ -54,5 +59,9 @@ mod tests {
         let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / xs.len() as f32;
         assert!(mean.abs() < 0.03 && (var - 1.0).abs() < 0.05, "mean {mean} var {var}");
         assert!((0..1000).all(|_| r.below(10) < 10));
+        let (mut a, mut b) = (Rng::new(3), Rng::new(3));
+        (0..5).for_each(|_| _ = a.normal());
+        b.skip_normals(5);
+        assert_eq!(a.normal(), b.normal());
     }
 }

@@ -12,7 +12,7 @@ use crate::gpu::ops::GpuOps;
 use crate::gpu::Gpu;
 use crate::model::{Model, MoeComponents, StepOut};
 use crate::parallel::Parallel;
-use crate::params::Params;
+use crate::params::{Params, Shard};
 use crate::registry::Registry;
 use crate::report::Outcome;
 use crate::rundir::RunDir;
@@ -33,7 +33,7 @@ pub fn create(
     kind: Kind,
     n: usize,
     table: &ComponentTable,
-    layer: usize,
+    (layer, ep): (usize, Shard),
 ) -> Result<Component, String> {
     let section = kind.as_str();
     let name = table.get("plugin").and_then(|v| v.as_str()).ok_or_else(|| {
@@ -46,7 +46,7 @@ pub fn create(
     let mut own = table.clone();
     own.remove("plugin");
     let text = toml::to_string(&own).map_err(|e| e.to_string())?;
-    reg.create(kind, name, &text, cfg.dims(layer).for_kind(kind)).map_err(|msg| {
+    reg.create(kind, name, &text, cfg.dims(layer, ep).for_kind(kind)).map_err(|msg| {
         let unknown = msg.split("unknown field `").nth(1).and_then(|r| r.split('`').next());
         let key = unknown
             .or_else(|| own.keys().map(|k| k.as_str()).find(|k| msg.contains(&format!("`{k}`"))))
@@ -55,23 +55,32 @@ pub fn create(
     })
 }
 
-/// The components of every MoE layer, and the optimizer.
-pub fn components(cfg: &Config, reg: &Registry) -> Result<(Vec<MoeComponents>, (String, OptimizerBox)), String> {
+/// The components of every MoE layer (on an expert-parallel rank holding slice `ep` of the
+/// experts), and the optimizer.
+pub fn components(
+    cfg: &Config,
+    reg: &Registry,
+    ep: Shard,
+) -> Result<(Vec<MoeComponents>, (String, OptimizerBox)), String> {
     let name = |t: &ComponentTable| t.get("plugin").and_then(|v| v.as_str()).unwrap_or("").to_string();
     let mut layers = Vec::new();
     for l in 0..cfg.model.layers {
-        let Component::Router(router) = create(cfg, reg, Kind::Router, 0, &cfg.router, l)? else { unreachable!() };
-        let Component::Experts(experts) = create(cfg, reg, Kind::Experts, 0, &cfg.experts, l)? else { unreachable!() };
-        let Component::CommSchedule(comm) = create(cfg, reg, Kind::CommSchedule, 0, &cfg.comm, l)? else {
+        let Component::Router(router) = create(cfg, reg, Kind::Router, 0, &cfg.router, (l, ep))? else {
+            unreachable!()
+        };
+        let Component::Experts(experts) = create(cfg, reg, Kind::Experts, 0, &cfg.experts, (l, ep))? else {
+            unreachable!()
+        };
+        let Component::CommSchedule(comm) = create(cfg, reg, Kind::CommSchedule, 0, &cfg.comm, (l, ep))? else {
             unreachable!()
         };
         let mut losses = Vec::new();
         for (i, t) in cfg.balance_loss.iter().enumerate() {
-            let Component::BalanceLoss(b) = create(cfg, reg, Kind::BalanceLoss, i, t, l)? else { unreachable!() };
+            let Component::BalanceLoss(b) = create(cfg, reg, Kind::BalanceLoss, i, t, (l, ep))? else { unreachable!() };
             losses.push((name(t), b));
         }
         let shared = match &cfg.shared {
-            Some(t) => match create(cfg, reg, Kind::Shared, 0, t, l)? {
+            Some(t) => match create(cfg, reg, Kind::Shared, 0, t, (l, ep))? {
                 Component::Shared(s) => Some((name(t), s)),
                 _ => unreachable!(),
             },
@@ -85,7 +94,9 @@ pub fn components(cfg: &Config, reg: &Registry) -> Result<(Vec<MoeComponents>, (
             comm: (name(&cfg.comm), comm),
         });
     }
-    let Component::Optimizer(opt) = create(cfg, reg, Kind::Optimizer, 0, &cfg.optimizer, 0)? else { unreachable!() };
+    let Component::Optimizer(opt) = create(cfg, reg, Kind::Optimizer, 0, &cfg.optimizer, (0, ep))? else {
+        unreachable!()
+    };
     Ok((layers, (name(&cfg.optimizer), opt)))
 }
 
@@ -183,9 +194,9 @@ impl Run {
             "cuda" => Some(Arc::new(Gpu::open(gpu).map_err(|e| format!("{}: {e}", cfg.at("train", 0, "device")))?)),
             _ => None,
         };
-        let (moe, opt) = components(&cfg, reg)?;
+        let (moe, opt) = components(&cfg, reg, par.ep_shard())?;
         let mut params = Params::default();
-        let model = Model::new(&cfg.model, &mut params, t.seed, moe)?;
+        let model = Model::new(&cfg.model, &mut params, t.seed, moe, par.ep_shard())?;
         for p in params.list.iter_mut().filter(|p| p.trained()) {
             let names = opt.1.state(p.name.as_str().into(), &p.spec);
             p.state = names.iter().map(|n| (n.to_string(), vec![0.0; p.w.len()])).collect();
@@ -242,19 +253,20 @@ impl Run {
         layers.map(|(l, c)| l.moe.experts.1.flops(RSlice::from_slice(&rows(c)))).sum()
     }
 
-    /// Sequences per micro-batch on this rank (`train.micro_batch` over the data-parallel ranks).
+    /// Sequences per micro-batch on this rank (`train.micro_batch` over the ranks).
     pub(crate) fn local_batch(&self) -> usize {
-        self.cfg.train.micro_batch / self.par.dp_size()
+        self.cfg.train.micro_batch / self.par.data_slice().1
     }
 
     /// This rank's rows of a global micro-batch of `tokens`.
     fn my_rows<'a>(&self, tokens: &'a [u32]) -> &'a [u32] {
-        let n = tokens.len() / self.par.dp_size();
-        &tokens[self.par.dp_rank() * n..][..n]
+        let (i, of) = self.par.data_slice();
+        let n = tokens.len() / of;
+        &tokens[i * n..][..n]
     }
 
     /// One optimizer step: every micro-batch of the global batch (this rank's rows of each),
-    /// the gradients summed over the data-parallel ranks, clipping, the optimizer and the
+    /// the gradients summed over the ranks holding each tensor, clipping, the optimizer and the
     /// components' end_step. `trace` records the routing of the first tokens (rank 0's rows);
     /// it says when it has just been written.
     pub(crate) fn train_step(
@@ -265,14 +277,14 @@ impl Run {
         mut trace: Option<&mut RoutingTrace>,
     ) -> Result<(StepStats, bool), String> {
         let (t, seq) = (self.cfg.train.clone(), self.cfg.model.seq_len);
-        let (dp, ga) = (self.par.dp_size(), t.grad_accum);
+        let (ranks, ga) = (self.par.data_slice().1, t.grad_accum);
         let (mut loss, mut aux, mut counts) = (0.0f32, Vec::<(String, f32)>::new(), Vec::<Vec<u32>>::new());
         let (mut experts_flops, mut traced) = (0.0, false);
         for micro in 0..ga {
             let (x, y) = data.next_batch(t.micro_batch, seq)?;
             let (x, y) = (self.my_rows(&x), self.my_rows(&y));
             let tracing_now = trace.as_ref().is_some_and(|tr| tr.wants(step));
-            let o = self.micro_step(x, y, (step, micro), 1.0 / (ga * dp) as f32, tracing_now)?;
+            let o = self.micro_step(x, y, (step, micro), 1.0 / (ga * ranks) as f32, tracing_now)?;
             if let Some(tr) = trace.as_mut().filter(|tr| tr.wants(step)) {
                 tr.add(x, &o, step);
                 if tr.done() {
@@ -296,17 +308,16 @@ impl Run {
             }
         }
         if matches!(self.backend, Backend::Cpu(_)) {
-            self.sum_over_dp(Role::Param)?; // on CUDA the last micro-batch did (overlapped)
+            self.sum_over_ranks(Role::Param)?; // on CUDA the last micro-batch did (overlapped)
         }
-        if dp > 1 {
-            // The step's numbers over the global batch: means of the losses, sums of the counts.
+        if ranks > 1 {
+            // The step's numbers over the global batch: means of the losses, sums of the counts
+            // (this rank's experts' rows: gathered over the expert-parallel group).
             let mut v: Vec<f32> = std::iter::once(loss).chain(aux.iter().map(|a| a.1)).collect();
-            self.par.sum_f32(Group::DataParallel, &mut v)?;
-            loss = v[0] / dp as f32;
-            aux.iter_mut().zip(&v[1..]).for_each(|(a, s)| a.1 = s / dp as f32);
-            let mut c: Vec<i32> = counts.iter().flatten().map(|&c| c as i32).collect();
-            self.par.sum_i32(Group::DataParallel, &mut c)?;
-            counts.iter_mut().flatten().zip(c).for_each(|(a, s)| *a = s as u32);
+            self.par.sum_f32(Group::World, &mut v)?;
+            loss = v[0] / ranks as f32;
+            aux.iter_mut().zip(&v[1..]).for_each(|(a, s)| a.1 = s / ranks as f32);
+            counts = self.global_counts(counts)?;
         }
         if !loss.is_finite() {
             return Err(format!("the loss is non-finite ({loss})"));
@@ -319,34 +330,53 @@ impl Run {
         Ok((StepStats { loss, aux, counts, gnorm, experts_flops }, traced))
     }
 
-    /// Sum the gradients (`Role::Param`) or the accumulators over the data-parallel ranks: one
-    /// collective for all of them (one rank: nothing to do).
-    fn sum_over_dp(&mut self, role: Role) -> Result<(), String> {
-        if self.par.dp_size() == 1 {
-            return Ok(());
-        }
-        match &self.backend {
-            Backend::Cpu(_) => {
-                let list = self.params.list.iter_mut().filter(|p| p.spec.role == role);
-                let mut bufs: Vec<&mut Vec<f32>> =
-                    list.map(|p| if role == Role::Param { &mut p.g } else { &mut p.w }).collect();
-                let mut flat: Vec<f32> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
-                self.par.sum_f32(Group::DataParallel, &mut flat)?;
-                let mut rest = &flat[..];
-                for b in bufs.iter_mut() {
-                    let (mine, more) = rest.split_at(b.len());
-                    b.copy_from_slice(mine);
-                    rest = more;
+    /// Rows per expert per layer over the job: each rank's counts are its own experts' rows of
+    /// its expert-parallel group; they are gathered over that group and summed over the
+    /// data-parallel one.
+    fn global_counts(&self, counts: Vec<Vec<u32>>) -> Result<Vec<Vec<u32>>, String> {
+        let (_, ep) = self.par.rank_in(Group::ExpertParallel);
+        let local: Vec<f32> = counts.iter().flatten().map(|&c| c as f32).collect();
+        let mut all = vec![0.0f32; local.len() * ep];
+        self.par.all_gather_f32(Group::ExpertParallel, &local, &mut all)?;
+        self.par.sum_f32(Group::DataParallel, &mut all)?;
+        // all = [rank][layer][local expert] → [layer][expert]
+        let (layers, per) = (counts.len(), counts.first().map_or(0, |c| c.len()));
+        Ok((0..layers)
+            .map(|l| (0..ep).flat_map(|r| all[(r * layers + l) * per..][..per].iter().map(|&c| c as u32)).collect())
+            .collect())
+    }
+
+    /// Sum the gradients (`Role::Param`) or the accumulators over the ranks holding the same
+    /// tensor (`Param::group`): one collective per group for all of them.
+    fn sum_over_ranks(&mut self, role: Role) -> Result<(), String> {
+        for group in [Group::World, Group::DataParallel] {
+            if self.par.rank_in(group).1 == 1 {
+                continue;
+            }
+            let mine = |p: &&mut crate::params::Param| p.spec.role == role && p.group() == group;
+            match &self.backend {
+                Backend::Cpu(_) => {
+                    let list = self.params.list.iter_mut().filter(mine);
+                    let mut bufs: Vec<&mut Vec<f32>> =
+                        list.map(|p| if role == Role::Param { &mut p.g } else { &mut p.w }).collect();
+                    let mut flat: Vec<f32> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+                    self.par.sum_f32(group, &mut flat)?;
+                    let mut rest = &flat[..];
+                    for b in bufs.iter_mut() {
+                        let (mine, more) = rest.split_at(b.len());
+                        b.copy_from_slice(mine);
+                        rest = more;
+                    }
                 }
-                Ok(())
-            }
-            Backend::Gpu(g) => {
-                let nccl = g.nccl.as_ref().ok_or("data parallel on CUDA without NCCL")?;
-                let list = g.params.list.iter().filter(|p| p.role == role);
-                let ts: Vec<Tensor> = list.map(|p| if role == Role::Param { p.g.t } else { p.w.t }).collect();
-                nccl.sum_all(&g.gpu, &ts)
+                Backend::Gpu(g) => {
+                    let nccl = g.nccl.as_ref().ok_or("several ranks on CUDA without NCCL")?;
+                    let list = g.params.list.iter().filter(|p| p.role == role && p.group == group);
+                    let ts: Vec<Tensor> = list.map(|p| if role == Role::Param { p.g.t } else { p.w.t }).collect();
+                    nccl.sum_all(&g.gpu, &ts, group)?;
+                }
             }
         }
+        Ok(())
     }
 
     /// Milliseconds one sum of every gradient over the data-parallel ranks takes on its own
@@ -355,12 +385,15 @@ impl Run {
     pub(crate) fn time_grad_sum(&self) -> Result<Option<f64>, String> {
         let Backend::Gpu(g) = &self.backend else { return Ok(None) };
         let Some(nccl) = g.nccl.as_ref() else { return Ok(None) };
-        let grads: Vec<Tensor> = g.params.list.iter().filter(|p| p.is_param()).map(|p| p.g.t).collect();
+        let grads = |group| -> Vec<Tensor> {
+            g.params.list.iter().filter(|p| p.is_param() && p.group == group).map(|p| p.g.t).collect()
+        };
         let ev = || g.gpu.stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT));
         let mut ms = Vec::new();
         for _ in 0..5 {
             let start = ev().map_err(|e| format!("{e:?}"))?;
-            nccl.sum_all(&g.gpu, &grads)?;
+            nccl.sum_all(&g.gpu, &grads(Group::World), Group::World)?;
+            nccl.sum_all(&g.gpu, &grads(Group::DataParallel), Group::DataParallel)?;
             let end = ev().map_err(|e| format!("{e:?}"))?;
             g.gpu.sync()?;
             ms.push(start.elapsed_ms(&end).map_err(|e| format!("{e:?}"))? as f64);
@@ -401,7 +434,7 @@ impl Run {
                 let (xt, yt) = (gpu.upload(x, &[x.len()], DType::I32)?, gpu.upload(y, &[y.len()], DType::I32)?);
                 // The last micro-batch sums the gradients over the ranks while it goes.
                 let last = micro + 1 == self.cfg.train.grad_accum;
-                let reduce = g.nccl.as_deref().filter(|_| last && self.par.dp_size() > 1);
+                let reduce = g.nccl.as_deref().filter(|_| last);
                 let pass = GpuPass { m: &self.model, gpu, ops, p: params, rope, batch: b, reduce };
                 pass.forward_backward(&xt, &yt, scale, routing)
             }
@@ -429,12 +462,13 @@ impl Run {
             };
         }
         let mut mean = [sum / self.cfg.train.eval_batches.max(1) as f32];
-        self.par.sum_f32(Group::DataParallel, &mut mean)?;
-        Ok(mean[0] / self.par.dp_size() as f32)
+        self.par.sum_f32(Group::World, &mut mean)?;
+        Ok(mean[0] / self.par.size as f32)
     }
 
     /// The global gradient norm and the factor that clips it to `clip` (> 0; 1 when no clipping
-    /// is needed — the optimizer applies it); names the first non-finite gradient.
+    /// is needed — the optimizer applies it); names the first non-finite gradient. Experts'
+    /// gradients are slices: their squares are summed over the expert-parallel group.
     pub(crate) fn grad_norm(&mut self, clip: f32) -> Result<(f32, f32), String> {
         let sumsq: Vec<f64> = match &self.backend {
             Backend::Cpu(_) => {
@@ -445,7 +479,16 @@ impl Run {
         if let Some(i) = sumsq.iter().position(|s| !s.is_finite()) {
             return Err(format!("non-finite gradient, first in `{}`", self.params.list[i].name));
         }
-        let gnorm = sumsq.iter().sum::<f64>().sqrt() as f32;
+        let split = |sharded: bool| {
+            let ps = self.params.list.iter().zip(&sumsq).filter(|(p, _)| p.shard.is_some() == sharded);
+            ps.map(|(_, s)| s).sum::<f64>()
+        };
+        let mut experts = [split(true) as f32];
+        self.par.sum_f32(Group::ExpertParallel, &mut experts)?;
+        if !experts[0].is_finite() {
+            return Err("non-finite gradient in another expert-parallel rank's experts (that rank names it)".into());
+        }
+        let gnorm = (split(false) + experts[0] as f64).sqrt() as f32;
         Ok((gnorm, if clip > 0.0 && gnorm > clip { clip / gnorm } else { 1.0 }))
     }
 
@@ -492,7 +535,7 @@ impl Run {
     /// Every component's `end_step` hook (its parameters, buffers and accumulators in `p`), then
     /// zero the accumulators. The accumulators are summed over the data-parallel ranks first.
     fn end_step(&mut self, step: u64) -> Result<(), String> {
-        self.sum_over_dp(Role::Accumulator)?;
+        self.sum_over_ranks(Role::Accumulator)?;
         self.set_context(step, 0, true);
         for (l, lay) in self.model.layers.iter().enumerate() {
             self.calls().set_layer(l);
@@ -542,6 +585,31 @@ impl Run {
             Backend::Gpu(g) => g.params.download(&g.gpu, &mut self.params),
         }
     }
+
+    /// With expert parallelism, every rank calls this at a checkpoint (after `sync_to_host`):
+    /// rank 0 gets what it saves — the parameters with the experts' slices gathered over the
+    /// expert-parallel group into whole tensors, so the checkpoint is the same at every layout.
+    /// None on the other ranks, and with one expert-parallel rank (`params` is whole).
+    fn gather_experts(&self) -> Result<Option<Params>, String> {
+        if self.par.ep.len() == 1 {
+            return Ok(None);
+        }
+        let mut list = Vec::new();
+        for p in self.params.list.iter().filter(|p| p.spec.role != Role::Accumulator) {
+            let whole = |v: &[f32]| -> Result<Vec<f32>, String> {
+                let Some(s) = p.shard else { return Ok(v.to_vec()) };
+                let mut all = vec![0.0; v.len() * s.parts];
+                self.par.all_gather_f32(Group::ExpertParallel, v, &mut all)?;
+                Ok(all)
+            };
+            let mut spec = p.spec.clone();
+            spec.shape = p.full_shape().iter().map(|&d| d as u64).collect();
+            let state = p.state.iter().map(|(n, v)| Ok((n.clone(), whole(v)?))).collect::<Result<_, String>>()?;
+            let (name, w) = (p.name.clone(), whole(&p.w)?);
+            list.push(crate::params::Param { name, spec, w, g: Vec::new(), state, shard: None });
+        }
+        Ok(self.par.is_first().then(|| Params { list, ..Default::default() }))
+    }
 }
 
 /// The config of `pith train [CONFIG] --resume CKPT [--set ...]`: CONFIG, or without one the
@@ -590,7 +658,7 @@ pub fn train(
     if let Some(tr) = &trace {
         tr.check()?;
     }
-    components(&cfg, reg)?; // every plugin's config, checked before the run directory is touched
+    components(&cfg, reg, Shard::WHOLE)?; // every plugin's config, checked before the run directory is touched
     let par = Arc::new(Parallel::init(&cfg)?);
     // Rank 0 owns the run directory: the lock, config.toml, metrics.jsonl and the checkpoints.
     let first = par.is_first();
@@ -703,11 +771,14 @@ pub fn train(
         let signal = (sig[0] > 0.0).then_some(sig[0] as i32);
         // The checkpoint comes before the eval, so a failing eval never costs the trained steps.
         if (t.checkpoint_every > 0 && step % t.checkpoint_every == 0) || is_last || signal.is_some() {
+            if first || par.ep.len() > 1 {
+                run.sync_to_host()?;
+            }
+            let whole = run.gather_experts()?;
             if first {
                 let st =
                     TrainerState { step, data_position: data.position(), plugin_api: pith_plugin_api::VERSION.into() };
-                run.sync_to_host()?;
-                let dir = checkpoint::save(&out, &run.cfg, &run.params, &st)?;
+                let dir = checkpoint::save(&out, &run.cfg, whole.as_ref().unwrap_or(&run.params), &st)?;
                 tracing::debug!("checkpoint {}", dir.display());
             }
             par.barrier()?; // complete when every rank is past it

@@ -182,8 +182,11 @@ pub struct Context {
 #[repr(u8)]
 #[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Group {
+    /// Every rank. Each trains on its own rows of the micro-batch, so a statistic of the
+    /// global micro-batch (e.g. expert counts for a balance loss) is a sum over `World`.
     World,
-    /// Ranks holding the same experts, training on different data.
+    /// Ranks holding the same experts (their gradients are summed over it); `World` when
+    /// `parallel.ep` is 1.
     DataParallel,
     /// Ranks sharing one MoE layer's experts (`ModelDims::first_expert` / `local_experts`).
     ExpertParallel,

@@ -54,6 +54,42 @@ fn two_ranks_train_the_same_run_as_one_and_resume_at_another_layout() {
     same_run(&losses(&one)[3..], &losses(&fork), "resumed at dp=1 from dp=2");
 }
 
+/// Expert parallelism: the experts split over 2 ranks (ep=2), and over 2 of 4 ranks (dp=2 ×
+/// ep=2), train the same run as one rank; the checkpoint holds whole tensors, so a run saved at
+/// ep=2 resumes on one rank and one saved on one rank resumes at ep=2.
+#[test]
+fn expert_parallel_trains_the_same_run_as_one_and_resumes_at_any_layout() {
+    let dir = tmp("ep");
+    let train = |args: &[&str]| {
+        let (code, so, se) = pith(args);
+        assert_eq!(code, 0, "{args:?}\n{so}{se}");
+    };
+    let ep = |ranks: &str, ep: &str, run: &std::path::Path, more: &[&str]| {
+        let layout = ["--set", "comm.plugin=alltoall", "--set", ep, "--set"];
+        train(&[&["launch", "--gpus", ranks], &RUN[..], &layout, &[&out(run)], more].concat());
+    };
+    let (one, two, four, fork, back) = (dir.join("1"), dir.join("2"), dir.join("4"), dir.join("f"), dir.join("b"));
+    train(&[&["train"], &RUN[..], &["--set", "comm.plugin=alltoall", "--set", &out(&one)]].concat());
+    ep("2", "parallel.ep=2", &two, &[]);
+    ep("4", "parallel.ep=2", &four, &[]);
+    same_run(&losses(&one), &losses(&two), "ep=2 vs 1 rank");
+    same_run(&losses(&one), &losses(&four), "dp=2 × ep=2 vs 1 rank");
+    let counts = |run: &std::path::Path| metrics(run)[0]["load_per_layer"].clone();
+    assert_eq!(counts(&one), counts(&two), "step 1's expert loads, gathered over the expert-parallel ranks");
+    assert_eq!(counts(&one), counts(&four));
+    let ckpt = |run: &std::path::Path| run.join("checkpoints/step_00000003").to_str().unwrap().to_string();
+    let resume = ["--set", "parallel.ep=1", "--set", &out(&fork), "--resume", &ckpt(&two)];
+    train(&[&["train"], &RUN[..], &["--set", "comm.plugin=alltoall"], &resume[..]].concat());
+    same_run(&losses(&one)[3..], &losses(&fork), "saved at ep=2, resumed on one rank");
+    ep("2", "parallel.ep=2", &back, &["--resume", &ckpt(&one)]);
+    same_run(&losses(&one)[3..], &losses(&back), "saved on one rank, resumed at ep=2");
+    // `local` moves no rows between ranks: refused with the schedule that does.
+    let (code, _, se) = pith(
+        &[&["launch", "--gpus", "2"], &RUN[..], &["--set", "parallel.ep=2", "--set", &out(&dir.join("x"))]].concat(),
+    );
+    assert!(code != 0 && se.contains("use [comm] plugin = \"alltoall\""), "{se}");
+}
+
 #[test]
 fn a_batch_that_does_not_split_over_the_ranks_is_refused_before_training() {
     let dir = tmp("dp-bad");

@@ -25,6 +25,8 @@ pub struct GpuParam {
     pub w16: DTensor,
     pub g: DTensor,
     pub state: Vec<DTensor>,
+    /// The ranks its gradient is summed over (`Param::group`).
+    pub group: pith_plugin_api::Group,
 }
 
 impl GpuParam {
@@ -53,18 +55,18 @@ impl GpuParams {
         let mut list = Vec::new();
         for p in &params.list {
             let shape: Vec<usize> = p.spec.shape.iter().map(|&d| d as usize).collect();
-            let role = p.spec.role;
+            let (role, group) = (p.spec.role, p.group());
             let w = gpu.upload(&p.w, &shape, DType::F32)?;
             if role != pith_plugin_api::Role::Param {
                 let (w16, g) = (gpu.tensor(&[0], DType::BF16)?, gpu.tensor(&[0], DType::F32)?);
-                list.push(GpuParam { role, w, w16, g, state: Vec::new() });
+                list.push(GpuParam { role, w, w16, g, state: Vec::new(), group });
                 continue;
             }
             let w16 = gpu.tensor(&shape, DType::BF16)?;
             gpu.cast(&w, &w16)?;
             let g = gpu.zeros(&shape, DType::F32)?;
             let state = p.state.iter().map(|(_, s)| gpu.upload(s, &shape, DType::F32)).collect::<Result<_, _>>()?;
-            list.push(GpuParam { role, w, w16, g, state });
+            list.push(GpuParam { role, w, w16, g, state, group });
         }
         Ok(GpuParams { list })
     }
@@ -304,8 +306,8 @@ impl GpuPass<'_> {
     /// over the ranks.
     fn written(&self, ids: &[usize]) -> Result<(), String> {
         let Some(n) = self.reduce else { return Ok(()) };
-        let grads: Vec<Tensor> = ids.iter().map(|&i| &self.p.list[i]).filter(|p| p.is_param()).map(|p| p.g.t).collect();
-        n.reduce_when_written(self.gpu, &grads)
+        let params = ids.iter().map(|&i| &self.p.list[i]).filter(|p| p.is_param());
+        n.reduce_when_written(self.gpu, &params.map(|p| (p.g.t, p.group)).collect::<Vec<_>>())
     }
 
     /// Forward only: the mean cross-entropy.
@@ -383,7 +385,7 @@ impl GpuPass<'_> {
         let who = at(&format!("comm `{}` dispatch", moe.comm.0));
         let d = named(comm.dispatch(o(), m.t, &r, ne as u32), &who)?;
         check(&d.x, DType::BF16, &[0, hd], Device::Cuda, &who)?;
-        check(&d.offsets, DType::I32, &[ne + 1], Device::Cpu, &who)?;
+        check(&d.offsets, DType::I32, &[ne / self.m.ep.parts + 1], Device::Cpu, &who)?;
         let offs = d.offsets.i32s();
         let counts: Vec<u32> = offs.windows(2).map(|w| (w[1] - w[0]) as u32).collect();
         let who = at(&format!("experts `{}`", moe.experts.0));
@@ -626,7 +628,7 @@ mod tests {
             comm: ("local".into(), cm),
         };
         let mut params = Params::default();
-        let model = Model::new(&c, &mut params, 1, vec![moe]).unwrap();
+        let model = Model::new(&c, &mut params, 1, vec![moe], crate::params::Shard::WHOLE).unwrap();
         let (p, rope, ops) = (
             GpuParams::upload(&gpu, &params).unwrap(),
             RopeTables::new(&gpu, &model).unwrap(),

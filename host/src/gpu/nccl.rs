@@ -1,33 +1,39 @@
 //! NCCL between the GPUs of a multi-process job (cudarc's `nccl` binding, loaded at run time
-//! like the rest of CUDA, so the binary builds and runs without it). One communicator over the
-//! world; rank 0 makes the unique id and the process group (parallel.rs) carries it to the
-//! others. Every call is enqueued on the GPU's one stream, so it is ordered with the kernels
+//! like the rest of CUDA, so the binary builds and runs without it). A communicator over the
+//! world (rank 0 makes the unique id and the process group, parallel.rs, carries it to the
+//! others), and the data- and expert-parallel groups' split from it. Every call is enqueued on the GPU's one stream, so it is ordered with the kernels
 //! around it. `NCCL_NVLS_ENABLE=0` is set unless the user set it (NVLink multicast stays off).
 
 use super::Gpu;
 use crate::parallel::Parallel;
 use cudarc::driver::CudaStream;
 use cudarc::nccl::sys;
-use pith_plugin_api::{DType, ReduceOp, Tensor};
+use pith_plugin_api::{DType, Group, ReduceOp, Tensor};
 use std::ffi::c_void;
 use std::sync::Arc;
 
+/// One communicator and its number of ranks.
+struct Comm {
+    c: sys::ncclComm_t,
+    size: usize,
+}
+
 pub struct Nccl {
-    /// The compute stream's collectives (plugins', the step's own).
-    comm: sys::ncclComm_t,
-    /// The gradient sums on `side`: a communicator of their own, so a plugin's small collective
-    /// on the compute stream never queues behind a layer's gradients.
-    grads: sys::ncclComm_t,
-    pub rank: usize,
-    pub size: usize,
+    /// The compute stream's collectives (plugins', the step's own), per group; a group of one
+    /// rank has none, a group of every rank uses the world's.
+    world: Comm,
+    dp: Option<Comm>,
+    ep: Option<Comm>,
+    /// The gradient sums on `side`: communicators of their own (the world's and the
+    /// data-parallel group's, which sums the experts' gradients), so a plugin's small
+    /// collective on the compute stream never queues behind a layer's gradients.
+    grads: Comm,
+    grads_dp: Option<Comm>,
+    /// Ranks per group (indexed by `Group as usize`).
+    sizes: [usize; 3],
     /// Where gradients are summed while the backward goes on ([`Nccl::reduce_when_written`]).
     side: Arc<CudaStream>,
 }
-
-// SAFETY: the communicator is used from one thread at a time (the trainer's), through &self
-// calls that NCCL allows from any thread.
-unsafe impl Send for Nccl {}
-unsafe impl Sync for Nccl {}
 
 fn check(what: &str, r: sys::ncclResult_t) -> Result<(), String> {
     match r {
@@ -45,7 +51,7 @@ fn dtype(d: DType) -> sys::ncclDataType_t {
 }
 
 /// A communicator over the world: rank 0's unique id, carried by the process group.
-fn communicator(par: &Parallel) -> Result<sys::ncclComm_t, String> {
+fn communicator(par: &Parallel) -> Result<Comm, String> {
     let mut id = [0i32; 32];
     if par.is_first() {
         let uid = cudarc::nccl::result::get_uniqueid().map_err(|e| format!("NCCL unique id: {e:?}"))?;
@@ -61,7 +67,22 @@ fn communicator(par: &Parallel) -> Result<sys::ncclComm_t, String> {
     let mut comm = std::ptr::null_mut();
     // SAFETY: `comm` is written by NCCL; every rank passes the same id and world size.
     check("init", unsafe { sys::ncclCommInitRank(&mut comm, par.size as i32, uid, par.rank as i32) })?;
-    Ok(comm)
+    Ok(Comm { c: comm, size: par.size as usize })
+}
+
+/// `g`'s communicator split from `world` (every rank calls this at the same point): None when
+/// `g` is one rank or the whole world (which use none, or the world's).
+fn split(world: &Comm, par: &Parallel, g: Group) -> Result<Option<Comm>, String> {
+    let members = par.members(g);
+    if members.len() == 1 || members.len() == world.size {
+        return Ok(None);
+    }
+    let mut comm = std::ptr::null_mut();
+    let (color, key) = (members[0] as i32, par.rank as i32);
+    // SAFETY: every rank of `world` calls this with its group's first rank as the colour; a
+    // null config takes NCCL's defaults.
+    check("comm split", unsafe { sys::ncclCommSplit(world.c, color, key, &mut comm, std::ptr::null_mut()) })?;
+    Ok(Some(Comm { c: comm, size: members.len() }))
 }
 
 impl Nccl {
@@ -75,28 +96,52 @@ impl Nccl {
             unsafe { std::env::set_var("NCCL_NVLS_ENABLE", "0") };
         }
         gpu.ctx.bind_to_thread().map_err(|e| format!("GPU: {e:?}"))?;
-        let (comm, grads) = (communicator(par)?, communicator(par)?);
+        let (world, grads) = (communicator(par)?, communicator(par)?);
+        let (dp, ep) = (split(&world, par, Group::DataParallel)?, split(&world, par, Group::ExpertParallel)?);
+        let grads_dp = split(&grads, par, Group::DataParallel)?;
         let side = gpu.ctx.new_stream().map_err(|e| format!("a second CUDA stream: {e:?}"))?;
-        Ok(Some(Nccl { comm, grads, rank: par.rank as usize, size: par.size as usize, side }))
+        let sizes = [Group::World, Group::DataParallel, Group::ExpertParallel].map(|g| par.members(g).len());
+        Ok(Some(Nccl { world, dp, ep, grads, grads_dp, sizes, side }))
+    }
+
+    /// The compute stream's communicator for `g`, or None when `g` is this rank alone.
+    fn comm(&self, g: Group) -> Option<&Comm> {
+        match g {
+            Group::World => Some(&self.world),
+            Group::DataParallel => self.dp.as_ref(),
+            Group::ExpertParallel => self.ep.as_ref(),
+        }
+        .or_else(|| (self.sizes[g as usize] == self.world.size).then_some(&self.world))
+    }
+
+    /// The number of ranks in `g`.
+    pub fn size_of(&self, g: Group) -> usize {
+        self.sizes[g as usize]
     }
 
     fn stream(gpu: &Gpu) -> sys::cudaStream_t {
         gpu.stream.cu_stream() as sys::cudaStream_t
     }
 
-    /// Sum `grads` over every rank on the side stream, once the work queued so far on the
-    /// compute stream (the backward that wrote them) is done; the compute stream goes on. Call
-    /// [`Nccl::reduced`] before anything reads them.
-    pub fn reduce_when_written(&self, gpu: &Gpu, grads: &[Tensor]) -> Result<(), String> {
+    /// Sum each gradient over its group (the world, or the data-parallel group for the
+    /// experts') on the side stream, once the work queued so far on the compute stream (the
+    /// backward that wrote them) is done; the compute stream goes on. Call [`Nccl::reduced`]
+    /// before anything reads them.
+    pub fn reduce_when_written(&self, gpu: &Gpu, grads: &[(Tensor, Group)]) -> Result<(), String> {
         let err = |e| format!("stream event: {e:?}");
         let written = gpu.stream.record_event(None).map_err(err)?;
         self.side.wait(&written).map_err(err)?;
-        check("group start", unsafe { sys::ncclGroupStart() })?;
         let side = self.side.cu_stream() as sys::cudaStream_t;
-        let r = grads.iter().filter(|t| t.numel() > 0).try_for_each(|t| {
+        check("group start", unsafe { sys::ncclGroupStart() })?;
+        let r = grads.iter().filter(|(t, _)| t.numel() > 0).try_for_each(|(t, g)| {
+            let comm = match g {
+                Group::World => Some(&self.grads),
+                _ => self.grads_dp.as_ref().or((self.size_of(*g) == self.grads.size).then_some(&self.grads)),
+            };
+            let Some(comm) = comm.filter(|_| self.size_of(*g) > 1) else { return Ok(()) };
             let (p, n, sum) = (t.addr as *mut c_void, t.numel(), sys::ncclRedOp_t::ncclSum);
             // SAFETY: a gradient tensor, alive for the run; nothing writes it until `reduced`.
-            check("all_reduce", unsafe { sys::ncclAllReduce(p, p, n, dtype(t.dtype), sum, self.grads, side) })
+            check("all_reduce", unsafe { sys::ncclAllReduce(p, p, n, dtype(t.dtype), sum, comm.c, side) })
         });
         check("group end", unsafe { sys::ncclGroupEnd() })?;
         r
@@ -108,8 +153,9 @@ impl Nccl {
         gpu.stream.wait(&done).map_err(|e| format!("stream wait: {e:?}"))
     }
 
-    /// In place: `t` summed (or max, min) over every rank.
-    pub fn all_reduce(&self, gpu: &Gpu, t: &Tensor, op: ReduceOp) -> Result<(), String> {
+    /// In place: `t` summed (or max, min) over `g`.
+    pub fn all_reduce(&self, gpu: &Gpu, t: &Tensor, op: ReduceOp, g: Group) -> Result<(), String> {
+        let Some(c) = self.comm(g) else { return Ok(()) };
         let op = match op {
             ReduceOp::Sum => sys::ncclRedOp_t::ncclSum,
             ReduceOp::Max => sys::ncclRedOp_t::ncclMax,
@@ -117,53 +163,55 @@ impl Nccl {
         };
         let (p, n) = (t.addr as *mut c_void, t.numel());
         // SAFETY: `t` is a device tensor of n elements of its dtype, alive until the stream passes.
-        check("all_reduce", unsafe { sys::ncclAllReduce(p, p, n, dtype(t.dtype), op, self.comm, Self::stream(gpu)) })
+        check("all_reduce", unsafe { sys::ncclAllReduce(p, p, n, dtype(t.dtype), op, c.c, Self::stream(gpu)) })
     }
 
-    /// Sum each of `ts` in place over every rank, as one group of calls.
-    pub fn sum_all(&self, gpu: &Gpu, ts: &[Tensor]) -> Result<(), String> {
+    /// Sum each of `ts` in place over `g`, as one group of calls.
+    pub fn sum_all(&self, gpu: &Gpu, ts: &[Tensor], g: Group) -> Result<(), String> {
         check("group start", unsafe { sys::ncclGroupStart() })?;
-        let r = ts.iter().filter(|t| t.numel() > 0).try_for_each(|t| self.all_reduce(gpu, t, ReduceOp::Sum));
+        let r = ts.iter().filter(|t| t.numel() > 0).try_for_each(|t| self.all_reduce(gpu, t, ReduceOp::Sum, g));
         check("group end", unsafe { sys::ncclGroupEnd() })?;
         r
     }
 
-    /// dst = every rank's `src` in rank order (dst has size × src's elements).
-    pub fn all_gather(&self, gpu: &Gpu, src: &Tensor, dst: &Tensor) -> Result<(), String> {
+    /// dst = every rank of `g`'s `src` in rank order (dst has size × src's elements).
+    pub fn all_gather(&self, gpu: &Gpu, src: &Tensor, dst: &Tensor, g: Group) -> Result<(), String> {
+        let c = self.comm(g).ok_or("all_gather over one rank")?;
         let (s, d, n) = (src.addr as *const c_void, dst.addr as *mut c_void, src.numel());
         // SAFETY: device tensors of the sizes the caller checked.
-        check("all_gather", unsafe { sys::ncclAllGather(s, d, n, dtype(src.dtype), self.comm, Self::stream(gpu)) })
+        check("all_gather", unsafe { sys::ncclAllGather(s, d, n, dtype(src.dtype), c.c, Self::stream(gpu)) })
     }
 
-    /// dst = this rank's part of the sum of every rank's `src` (src has size × dst's elements).
-    pub fn reduce_scatter(&self, gpu: &Gpu, src: &Tensor, dst: &Tensor) -> Result<(), String> {
+    /// dst = this rank's part of the sum of `g`'s `src` (src has size × dst's elements).
+    pub fn reduce_scatter(&self, gpu: &Gpu, src: &Tensor, dst: &Tensor, g: Group) -> Result<(), String> {
+        let c = self.comm(g).ok_or("reduce_scatter over one rank")?;
         let (s, d, n, sum) =
             (src.addr as *const c_void, dst.addr as *mut c_void, dst.numel(), sys::ncclRedOp_t::ncclSum);
         // SAFETY: as above.
         check("reduce_scatter", unsafe {
-            sys::ncclReduceScatter(s, d, n, dtype(src.dtype), sum, self.comm, Self::stream(gpu))
+            sys::ncclReduceScatter(s, d, n, dtype(src.dtype), sum, c.c, Self::stream(gpu))
         })
     }
 
-    /// `send[r]` elements of `src` (in order) to rank r, `recv[r]` from rank r into `dst`.
+    /// `send[r]` elements of `src` (in order) to rank r of `g`, `recv[r]` from it into `dst`.
     pub fn all_to_all(
         &self,
         gpu: &Gpu,
-        src: &Tensor,
-        send: &[usize],
-        dst: &Tensor,
-        recv: &[usize],
+        (src, send): (&Tensor, &[usize]),
+        (dst, recv): (&Tensor, &[usize]),
+        g: Group,
     ) -> Result<(), String> {
+        let c = self.comm(g).ok_or("all_to_all over one rank")?;
         let (es, dt, st) = (src.dtype.size(), dtype(src.dtype), Self::stream(gpu));
         check("group start", unsafe { sys::ncclGroupStart() })?;
         let (mut so, mut ro) = (0usize, 0usize);
         let mut r = Ok(());
-        for peer in 0..self.size {
+        for peer in 0..c.size {
             let (s, d) = ((src.addr as usize + so * es) as *const c_void, (dst.addr as usize + ro * es) as *mut c_void);
             // SAFETY: the counts add up to the tensors' sizes (checked by the caller).
             r = r
-                .and_then(|_| check("send", unsafe { sys::ncclSend(s, send[peer], dt, peer as i32, self.comm, st) }))
-                .and_then(|_| check("recv", unsafe { sys::ncclRecv(d, recv[peer], dt, peer as i32, self.comm, st) }));
+                .and_then(|_| check("send", unsafe { sys::ncclSend(s, send[peer], dt, peer as i32, c.c, st) }))
+                .and_then(|_| check("recv", unsafe { sys::ncclRecv(d, recv[peer], dt, peer as i32, c.c, st) }));
             (so, ro) = (so + send[peer], ro + recv[peer]);
         }
         check("group end", unsafe { sys::ncclGroupEnd() })?;
@@ -173,9 +221,10 @@ impl Nccl {
 
 impl Drop for Nccl {
     fn drop(&mut self) {
-        // SAFETY: the communicator was made by ncclCommInitRank and is not used after this.
-        for c in [self.comm, self.grads] {
-            unsafe { sys::ncclCommDestroy(c) };
+        let subs = [&self.dp, &self.ep, &self.grads_dp].into_iter().flatten();
+        for c in subs.chain([&self.world, &self.grads]) {
+            // SAFETY: made by ncclCommInitRank or ncclCommSplit, not used after this.
+            unsafe { sys::ncclCommDestroy(c.c) };
         }
     }
 }

@@ -115,14 +115,11 @@ impl GpuOps {
     pub fn with_parallel(gpu: Arc<Gpu>, parallel: Arc<Parallel>, nccl: Arc<Nccl>) -> GpuOps {
         GpuOps { parallel: Some((parallel, nccl)), ..GpuOps::new(gpu) }
     }
-    /// The communicator for a collective over `g`: None when `g` is one rank (the identity).
-    fn nccl_for(&self, g: Group, what: &str) -> Result<Option<&Nccl>, String> {
+    /// NCCL for a collective over `g`, and `g`'s size: None when `g` is one rank (the identity).
+    fn nccl_for(&self, g: Group) -> Option<(&Nccl, usize)> {
         match &self.parallel {
-            Some((p, n)) if p.rank_in(g).1 > 1 => match p.rank_in(g).1 == p.size as usize {
-                true => Ok(Some(n)),
-                false => Err(format!("{what} over {g:?}: sub-group collectives on CUDA come with expert parallelism")),
-            },
-            _ => Ok(None),
+            Some((_, n)) if n.size_of(g) > 1 => Some((n, n.size_of(g))),
+            _ => None,
         }
     }
     /// What [`Ops::context`] answers from now on, exactly `c` (until `calls().set_layer`, which
@@ -333,51 +330,50 @@ impl Ops for GpuOps {
         self.parallel.as_ref().map_or(1, |p| p.0.rank_in(g).1 as u32)
     }
     fn all_reduce(&self, t: Tensor, op: ReduceOp, g: Group) -> Res<()> {
-        res(on_gpu(&[&t], "all_reduce").and_then(|_| match self.nccl_for(g, "all_reduce")? {
-            Some(n) => n.all_reduce(&self.gpu, &t, op),
+        res(on_gpu(&[&t], "all_reduce").and_then(|_| match self.nccl_for(g) {
+            Some((n, _)) => n.all_reduce(&self.gpu, &t, op, g),
             None => Ok(()),
         }))
     }
     fn all_gather(&self, src: Tensor, dst: Tensor, g: Group) -> Res<()> {
-        res(match self.nccl_for(g, "all_gather") {
-            Ok(Some(n)) => sized(&src, &dst, n.size, 1, "all_gather").and_then(|_| n.all_gather(&self.gpu, &src, &dst)),
-            Ok(None) => self.identity("all_gather", &src, &dst),
-            Err(e) => Err(e),
+        res(match self.nccl_for(g) {
+            Some((n, size)) => {
+                sized(&src, &dst, size, 1, "all_gather").and_then(|_| n.all_gather(&self.gpu, &src, &dst, g))
+            }
+            None => self.identity("all_gather", &src, &dst),
         })
     }
     fn reduce_scatter(&self, src: Tensor, dst: Tensor, g: Group) -> Res<()> {
-        res(match self.nccl_for(g, "reduce_scatter") {
-            Ok(Some(n)) => {
-                sized(&src, &dst, 1, n.size, "reduce_scatter").and_then(|_| n.reduce_scatter(&self.gpu, &src, &dst))
+        res(match self.nccl_for(g) {
+            Some((n, size)) => {
+                sized(&src, &dst, 1, size, "reduce_scatter").and_then(|_| n.reduce_scatter(&self.gpu, &src, &dst, g))
             }
-            Ok(None) => self.identity("reduce_scatter", &src, &dst),
-            Err(e) => Err(e),
+            None => self.identity("reduce_scatter", &src, &dst),
         })
     }
     fn all_to_all(&self, src: Tensor, send: RSlice<'_, u64>, dst: Tensor, recv: RSlice<'_, u64>, g: Group) -> Res<()> {
-        res(match self.nccl_for(g, "all_to_all") {
-            Ok(Some(n)) => {
+        res(match self.nccl_for(g) {
+            Some((n, size)) => {
                 let row = |t: &Tensor| if t.rank == 0 || t.dim(0) == 0 { 0 } else { t.numel() / t.dim(0) };
                 let w = row(&src).max(row(&dst));
                 let (s, r): (Vec<usize>, Vec<usize>) =
                     (send.iter().map(|&c| c as usize * w).collect(), recv.iter().map(|&c| c as usize * w).collect());
-                if s.len() != n.size
-                    || r.len() != n.size
+                if s.len() != size
+                    || r.len() != size
                     || s.iter().sum::<usize>() != src.numel()
                     || r.iter().sum::<usize>() != dst.numel()
                 {
                     Err(format!(
                         "all_to_all: send {send:?} and recv {recv:?} rows over {} ranks must add up to src {:?} and dst {:?}",
-                        n.size,
+                        size,
                         src.dims(),
                         dst.dims()
                     ))
                 } else {
-                    on_gpu(&[&src, &dst], "all_to_all").and_then(|_| n.all_to_all(&self.gpu, &src, &s, &dst, &r))
+                    on_gpu(&[&src, &dst], "all_to_all").and_then(|_| n.all_to_all(&self.gpu, (&src, &s), (&dst, &r), g))
                 }
             }
-            Ok(None) => self.all_to_all_impl(&src, &send, &dst, &recv),
-            Err(e) => Err(e),
+            None => self.all_to_all_impl(&src, &send, &dst, &recv),
         })
     }
 }

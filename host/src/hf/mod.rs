@@ -51,7 +51,7 @@ pub use source::{eval_logits, generate, init_weights, Sampling};
 
 use crate::config::Config;
 use crate::model::Model;
-use crate::params::{Param, Params};
+use crate::params::{Param, Params, Shard};
 use crate::registry::Registry;
 use pith_plugin_api::abi::OptimizerBox;
 use safetensors::SafeTensors;
@@ -83,9 +83,9 @@ fn parse_st<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>, String>
 
 /// The model of `cfg` with its components, weights still at their random init, without grads.
 fn build(cfg: &Config, reg: &Registry) -> Result<(Model, Params, (String, OptimizerBox)), String> {
-    let (moe, opt) = crate::train::components(cfg, reg)?;
+    let (moe, opt) = crate::train::components(cfg, reg, Shard::WHOLE)?;
     let mut params = Params::default();
-    let model = Model::new(&cfg.model, &mut params, cfg.train.seed, moe)?;
+    let model = Model::new(&cfg.model, &mut params, cfg.train.seed, moe, Shard::WHOLE)?;
     params.list.iter_mut().for_each(|p| p.g = Vec::new());
     Ok((model, params, opt))
 }

@@ -9,12 +9,12 @@
 //!   c_e = this micro-batch's assignments to e;
 //!   training (`h.context().training`): the accumulator `counts` [E] += c (once per micro-batch,
 //!     see `counted` below), then G = `counts` — every micro-batch of this step so far, this one
-//!     included — summed over the data-parallel ranks on a COPY (`h.all_reduce(.., DataParallel)`;
+//!     included — summed over every rank on a COPY (`h.all_reduce(.., World)`;
 //!     the host sums the accumulator itself before `end_step`, and zeroes it after);
-//!   eval: G = c, summed over the data-parallel ranks (the global micro-batch, as `switch-aux`);
+//!   eval: G = c, summed over every rank (the global micro-batch, as `switch-aux`);
 //!   f_e = G_e / Σ_j G_j;   P_e = (1/T)·Σ_t p_te   (this micro-batch, this rank);
 //!   loss = coef · E · Σ_e f_e·P_e   (= coef for a uniform softmax routing; `coef` default 0.01).
-//! With one micro-batch per step and one rank this is `switch-aux` exactly. With data-parallel
+//! With one micro-batch per step and one rank this is `switch-aux` exactly. With several
 //! ranks f is the same on every rank and the host's mean of the ranks' losses is the loss of the
 //! global micro-batch. With gradient accumulation micro-batch m sees micro-batches 0..=m of the
 //! step: only the last sees the whole global batch (a loss cannot wait for the end of the global
@@ -181,12 +181,12 @@ impl GlobalBatchAux {
                 counted[0] = m1;
             }
         }
-        if h.size(Group::DataParallel) > 1 {
+        if h.size(Group::World) > 1 {
             // A copy: the host sums the accumulator itself, before end_step.
             let all = h.alloc_f32(&[e])?;
             // SAFETY: a fresh allocation.
             unsafe { all.f32s_mut() }.copy_from_slice(&g);
-            h.all_reduce(all, ReduceOp::Sum, Group::DataParallel)?;
+            h.all_reduce(all, ReduceOp::Sum, Group::World)?;
             g.copy_from_slice(all.f32s());
         }
         let n = (g.iter().map(|&v| v as f64).sum::<f64>() as f32).max(1.0);
@@ -212,8 +212,8 @@ impl GlobalBatchAux {
         let m1 = (ctx.micro_batch + 1) as f32;
         let gl = args::global(p[COUNTS], p[COUNTED], own, g, e, m1, ctx.training, commit);
         h.launch(cuda_source(), "gba_global", [1, 1, 1], BLOCK, 0, &gl)?;
-        if h.size(Group::DataParallel) > 1 {
-            h.all_reduce(g, ReduceOp::Sum, Group::DataParallel)?;
+        if h.size(Group::World) > 1 {
+            h.all_reduce(g, ReduceOp::Sum, Group::World)?;
         }
         let cscale = self.coef * e as f32 / t.max(1) as f32;
         h.launch(cuda_source(), "gba_coef", [1, 1, 1], BLOCK, 0, &args::coef(g, a, e, cscale))?;
@@ -225,7 +225,7 @@ impl BalanceLoss for GlobalBatchAux {
     fn params(&self) -> Vec<ParamSpec> {
         vec![
             // This step's assignments per expert, micro-batches so far (summed over the
-            // data-parallel ranks by the host before end_step; zeroed after it).
+            // ranks by the host before end_step; zeroed after it).
             ParamSpec::accumulator("counts", &[self.experts]),
             // m + 1 once micro-batch m's assignments are in `counts` (0 at the start of a step).
             ParamSpec::accumulator("counted", &[1]),

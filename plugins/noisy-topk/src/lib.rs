@@ -147,7 +147,7 @@ struct Draw {
 }
 
 impl Draw {
-    /// The noise of a call at `ctx` on data-parallel rank `rank` of `t` rows: `Rng::from_context`
+    /// The noise of a call at `ctx` on rank `rank` of `t` rows: `Rng::from_context`
     /// gives the key, mixed with the step, micro-batch and layer (the host's seed mixes them
     /// already; this keeps the noise apart per call even under a host whose seed stays put). Rows
     /// are numbered globally (rank r holds rows r·t ..), so the noise of a token does not depend on
@@ -282,7 +282,7 @@ impl NoisyTopK {
     /// The noise of this call, or None in eval (no noise).
     fn draw(&self, h: &Host, t: usize) -> Option<Draw> {
         let ctx = h.context();
-        ctx.training.then(|| Draw::new(ctx, h.rank(Group::DataParallel), t))
+        ctx.training.then(|| Draw::new(ctx, h.rank(Group::World), t))
     }
 
     /// logits (clean x·Wᵀ) += the noise, in place, on the CPU.

@@ -1,6 +1,6 @@
 //! pith-std: Pith's built-in components, one file each — the `topk-softmax` router, `swiglu`
 //! experts, the `switch-aux` and `z-loss` balance losses, the `adamw` optimizer and the `local`
-//! (single-rank) comm schedule. The host links this pack statically and reaches it through the
+//! (single-rank) and `alltoall` (expert-parallel) comm schedules. The host links this pack statically and reaches it through the
 //! same root module a loaded plugin exports.
 //!
 //! Every component runs on both devices: on `Device::Cpu` plain Rust over f32 host memory (the
@@ -17,6 +17,7 @@ macro_rules! kernel_source {
 }
 
 mod adamw;
+mod alltoall;
 mod experts;
 mod local;
 mod router;

@@ -27,7 +27,7 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 struct Config {}
 
-struct Local;
+pub(crate) struct Local;
 
 fn create(config: &str, _dims: ModelDims) -> Result<Local> {
     let _: Config = parse_config(config)?;
@@ -59,7 +59,7 @@ fn check_route(route: &RouterOut, rows: &Tensor, dev: Device) -> Result<()> {
     expect(&route.weights, DType::F32, dev, &rows.dims(), "local: weights")
 }
 
-fn dispatch_cpu(h: Host, x: Tensor, ids: Tensor, e: usize) -> Result<Dispatched> {
+pub(crate) fn dispatch_cpu(h: Host, x: Tensor, ids: Tensor, e: usize) -> Result<Dispatched> {
     let (t, hd, k) = (x.dim(0), x.dim(1), ids.dim(1));
     let id = ids.i32s();
     check_ids(id, k, e, WHO)?;
@@ -82,7 +82,7 @@ fn dispatch_cpu(h: Host, x: Tensor, ids: Tensor, e: usize) -> Result<Dispatched>
     Ok(Dispatched { x: xs, offsets, saved: vec![rows].into() })
 }
 
-fn dispatch_cuda(h: Host, x: Tensor, ids: Tensor, e: usize) -> Result<Dispatched> {
+pub(crate) fn dispatch_cuda(h: Host, x: Tensor, ids: Tensor, e: usize) -> Result<Dispatched> {
     let (t, hd, k, n) = (x.dim(0), x.dim(1), ids.dim(1), ids.numel());
     let (rank, counts) = (h.alloc_uninit(&[n], DType::I32)?, h.alloc_uninit(&[e + 1], DType::I32)?);
     let [n32, k32, e32, h32] = ints([n, k, e, hd]);
@@ -113,7 +113,7 @@ impl CommSchedule for Local {
         let dev = h.device();
         if h.size(Group::ExpertParallel) > 1 {
             return Err(format!(
-                "{WHO}: runs on one rank, but the expert-parallel group has {} ranks",
+                "{WHO}: runs on one rank, but the expert-parallel group has {} ranks (parallel.ep); use [comm] plugin = \"alltoall\"",
                 h.size(Group::ExpertParallel)
             ));
         }

@@ -4,7 +4,7 @@
 //! For probs p [T,E] and the ids [T,k], of which N are not EMPTY:
 //!   f_e = (assignments to e) / N;  P_e = (1/T)·Σ_t p_te;
 //!   loss = coef · E · Σ_e f_e·P_e   (= coef when a softmax routing is perfectly uniform).
-//! With data-parallel ranks the counts (so f) are summed over them first (Megatron's and
+//! With several ranks the counts (so f) are summed over them first (Megatron's and
 //! torchtitan's choice too): the mean of the ranks' losses is then the loss of the global
 //! micro-batch, as one rank training on all of it would compute.
 //! Backward (f is a count, so constant): d_probs_te += scale · c_e, c_e = coef·E·f_e / T = ∂loss/∂p_te.
@@ -55,11 +55,11 @@ impl SwitchAux {
         check_ids(ids, route.ids.dim(1), e, WHO)?;
         let mut c = vec![0.0f32; e];
         ids.iter().filter(|&&i| i != EMPTY).for_each(|&i| c[i as usize] += 1.0);
-        if h.size(Group::DataParallel) > 1 {
+        if h.size(Group::World) > 1 {
             h.all_reduce(
                 Tensor::new(c.as_mut_ptr() as u64, DType::F32, Device::Cpu, &[e]),
                 ReduceOp::Sum,
-                Group::DataParallel,
+                Group::World,
             )?;
         }
         let n = c.iter().sum::<f32>().max(1.0);
@@ -74,8 +74,8 @@ impl SwitchAux {
         let (counts, c) = (h.alloc(&[e + 1], DType::I32)?, h.alloc_uninit(&[e], DType::F32)?);
         let [n32, e32] = ints([ids.numel(), e]);
         h.launch(SRC, "switch_aux_count", grid(ids.numel(), 256), BLOCK, 0, &[ids.arg(), counts.arg(), n32, e32])?;
-        if h.size(Group::DataParallel) > 1 {
-            h.all_reduce(counts, ReduceOp::Sum, Group::DataParallel)?;
+        if h.size(Group::World) > 1 {
+            h.all_reduce(counts, ReduceOp::Sum, Group::World)?;
         }
         let cscale = Arg::F32(self.coef * e as f32 / t.max(1) as f32);
         h.launch(SRC, "switch_aux_coef", [1, 1, 1], BLOCK, 0, &[counts.arg(), c.arg(), e32, cscale])?;
