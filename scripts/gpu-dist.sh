@@ -5,6 +5,8 @@
 #   bash scripts/gpu-dist.sh bench    bench-1b on 1 GPU, then dp=2 under torchrun (same work per GPU)
 #   bash scripts/gpu-dist.sh faults   a rank killed with -9: how long the other takes to exit
 #   bash scripts/gpu-dist.sh nodes    two one-GPU "nodes" (torchrun --nnodes 2), NCCL over its network transport
+#   bash scripts/gpu-dist.sh ep       expert parallel: 50 steps of the quickstart (comm alltoall) on 1 GPU and
+#                                     at ep=2, then bench-1b at ep=2 beside 1 GPU (same work per GPU)
 # Results go to $OUT (or /tmp/dist).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,19 +16,22 @@ P=$PWD/.device/pith O=${OUT:-/tmp/dist}
 mkdir -p "$O"
 small=(--set 'train.device="cuda"' --set train.steps=50 --set train.log_every=10 --set train.eval_every=0)
 torchrun() { python3 -m torch.distributed.run "$@"; }
+# The loss curves of two runs under $O, every 5th step, and their largest difference.
+compare() {
+  python3 - "$O" "$1" "$2" <<'EOF'
+import json, sys
+o, x, y = sys.argv[1:]
+a, b = ([json.loads(l) for l in open(f"{o}/{d}/metrics.jsonl")] for d in (x, y))
+d = [abs(p["loss"] - q["loss"]) for p, q in zip(a, b)]
+print(f"step loss_{x} loss_{y}"); [print(p["step"], f'{p["loss"]:.5f}', f'{q["loss"]:.5f}') for p, q in zip(a, b) if p["step"] % 5 == 0]
+print(f"max |loss_{x} - loss_{y}| over {len(d)} steps: {max(d):.2e}; at the last step: {d[-1]:.2e}")
+EOF
+}
 case "${1:-}" in
 parity)
   $P train "${small[@]}" --set "train.out=\"$O/g1\"" 2>&1 | tail -3
   $P launch --gpus 2 "${small[@]}" --set "train.out=\"$O/g2\"" 2>&1 | tail -3
-  python3 - "$O" <<'EOF'
-import json, sys
-o = sys.argv[1]
-a, b = ([json.loads(l) for l in open(f"{o}/{d}/metrics.jsonl")] for d in ("g1", "g2"))
-d = [abs(x["loss"] - y["loss"]) for x, y in zip(a, b)]
-print("step loss_1gpu loss_dp2"); [print(x["step"], f'{x["loss"]:.5f}', f'{y["loss"]:.5f}') for x, y in zip(a, b) if x["step"] % 5 == 0]
-print(f"max |loss_1gpu - loss_dp2| over {len(d)} steps: {max(d):.2e}; at step 50: {d[-1]:.2e}")
-EOF
-  ;;
+  compare g1 g2 ;;
 bench)
   $P bench configs/bench-1b.toml --warmup 4 --steps 15 2>&1 | tail -3
   torchrun --nproc-per-node 2 --no-python $P bench configs/bench-1b.toml --set train.micro_batch=8 --warmup 4 --steps 15 2>&1 | grep -v "bench: step" | tail -8 ;;
@@ -46,5 +51,13 @@ nodes)
   wait
   tail -3 "$O/node0.log"
   python3 -c "import json; a=[json.loads(l) for l in open('$O/g1/metrics.jsonl')]; b=[json.loads(l) for l in open('$O/nodes/metrics.jsonl')]; print('max |loss_1gpu - loss_2nodes|:', max(abs(x['loss']-y['loss']) for x,y in zip(a,b)))" ;;
-*) echo "usage: scripts/gpu-dist.sh parity|bench|faults|nodes"; exit 2 ;;
+ep)
+  a2a=(--set 'comm.plugin="alltoall"')
+  $P train "${small[@]}" "${a2a[@]}" --set "train.out=\"$O/e1\"" 2>&1 | tail -2
+  $P launch --gpus 2 "${small[@]}" "${a2a[@]}" --set parallel.ep=2 --set "train.out=\"$O/e2\"" 2>&1 | tail -2
+  compare e1 e2
+  $P bench configs/bench-1b.toml --warmup 4 --steps 15 2>&1 | tail -2
+  torchrun --nproc-per-node 2 --no-python $P bench configs/bench-1b.toml "${a2a[@]}" --set parallel.ep=2 \
+    --set train.micro_batch=8 --warmup 4 --steps 15 2>&1 | grep -v "bench: step" | tail -8 ;;
+*) echo "usage: scripts/gpu-dist.sh parity|bench|faults|nodes|ep"; exit 2 ;;
 esac

@@ -657,7 +657,17 @@ mod tests {
     fn an_expert_parallel_rank_holds_its_slice_of_the_experts() {
         let c = cfg();
         let (m, whole) = model(&c, 5, 0.01, 0);
-        let (ms, part) = model_with(&c, 5, 0.01, "top_k = 2", 0, Shard { part: 1, parts: 2 });
+        let half = Shard { part: 1, parts: 2 };
+        let (ms, part) = model_with(&c, 5, 0.01, "top_k = 2", 0, half);
+        // Experts built for every expert do not fit a rank holding half of them.
+        let all = std_components(&c, 0.01, "top_k = 2", 0, Shard::WHOLE);
+        let e = Model::new(&c, &mut Params::default(), 5, all, half).err().unwrap();
+        assert!(
+            e.contains("experts `swiglu`")
+                && e.contains("stacked by expert")
+                && e.contains(&format!("this rank's {} experts", c.experts / 2)),
+            "{e}"
+        );
         assert_eq!(ms.ep, Shard { part: 1, parts: 2 });
         for (w, p) in whole.list.iter().zip(&part.list) {
             let experts =
@@ -688,6 +698,13 @@ mod tests {
     }
 
     fn model_with(c: &ModelConfig, seed: u64, coef: f32, router: &str, shared: usize, ep: Shard) -> (Model, Params) {
+        let mut params = Params::default();
+        let model = Model::new(c, &mut params, seed, std_components(c, coef, router, shared, ep), ep);
+        (model.unwrap(), params)
+    }
+
+    /// Every layer's std components, built for expert-parallel slice `ep`.
+    fn std_components(c: &ModelConfig, coef: f32, router: &str, shared: usize, ep: Shard) -> Vec<MoeComponents> {
         let m = pith_std::pith_root_module();
         let make = |kind, name: &str, toml: &str, l: usize| {
             let (local, all) = (c.experts / ep.parts, ModelDims::new(c.hidden, c.experts, c.expert_ffn, l, c.layers));
@@ -716,9 +733,7 @@ mod tests {
                 });
             MoeComponents { router, experts, shared, losses, comm }
         };
-        let mut params = Params::default();
-        let model = Model::new(c, &mut params, seed, (0..c.layers).map(layer).collect(), ep);
-        (model.unwrap(), params)
+        (0..c.layers).map(layer).collect()
     }
 
     /// `batch` sequences of random (tokens, targets).

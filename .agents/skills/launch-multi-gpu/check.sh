@@ -1,13 +1,15 @@
 #!/bin/sh
 # PASS/FAIL: N ranks (`pith launch --gpus N`, default 2) train the quickstart for 6 steps with the
 # losses of one rank (|Δ| <= 1e-4 per step on the CPU, 3e-2 with train.device="cuda": bf16).
+# The flags go to both runs; the one-rank run drops [parallel] (so `--set parallel.ep=2` checks
+# expert parallelism against one rank).
 . "$(dirname "$0")/../common.sh"
 need_pith
 N=2
 if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then N=$1; shift; fi
 RUN="--set train.steps=6 --set train.eval_every=0 --set train.log_every=1"
 # shellcheck disable=SC2086
-"$PITH" train $RUN --set "train.out=\"$TMP/one\"" "$@" > /dev/null 2> "$TMP/one.err" || fail "1 rank: $(tail -n 1 "$TMP/one.err")"
+"$PITH" train $RUN --set "train.out=\"$TMP/one\"" "$@" --set parallel.ep=1 --set parallel.dp=0 > /dev/null 2> "$TMP/one.err" || fail "1 rank: $(tail -n 1 "$TMP/one.err")"
 # shellcheck disable=SC2086
 "$PITH" launch --gpus "$N" $RUN --set "train.out=\"$TMP/n\"" "$@" > /dev/null 2> "$TMP/n.err" || fail "$N ranks: $(grep -m 1 error "$TMP/n.err")"
 TOL=1e-4
