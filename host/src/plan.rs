@@ -126,18 +126,26 @@ pub fn plan(cfg: &Config, reg: &Registry) -> Result<String, String> {
          forward (the plugin's count) + 6 × layers × heads × head_dim × seq_len ({attn})",
         flops / 1e9
     );
-    let bytes = params.list.iter().fold(0u128, |a, p| {
-        a.saturating_add(numel(p).saturating_mul(4 * (2 + opt.1.state(p.name.as_str().into(), &p.spec).len() as u128)))
-    });
+    // Bytes per parameter: f32 weight, grad and optimizer state, and on CUDA a bf16 working copy;
+    // with expert parallelism a rank holds 1/ep of the experts' share.
+    let per_rank = |p: &Param| if group(&p.name) == "moe.experts" { cfg.parallel.ep.max(1) as u128 } else { 1 };
+    let bytes = |gpu: bool| {
+        params.list.iter().fold(0u128, |a, p| {
+            let per = 4 * (2 + opt.1.state(p.name.as_str().into(), &p.spec).len() as u128) + if gpu { 2 } else { 0 };
+            a.saturating_add(numel(p).saturating_mul(per) / per_rank(p))
+        })
+    };
     let mib = |b: u128| b as f64 / (1 << 20) as f64;
-    let _ = writeln!(s, "parameter memory (f32 weights, grads, `{}` state): {:.1} MiB", opt.0, mib(bytes));
+    let ep = match cfg.parallel.ep {
+        0 | 1 => String::new(),
+        n => format!(" per rank at parallel.ep = {n}"),
+    };
+    let _ = writeln!(s, "parameter memory{ep} (f32 weights, grads, `{}` state): {:.1} MiB", opt.0, mib(bytes(false)));
     if cfg.train.device == "cuda" {
-        // The GPU adds a bf16 working copy of every weight (2 B) to the f32 weights, grads, state.
-        let gpu = bytes.saturating_add(total.saturating_mul(2));
         let _ = writeln!(
             s,
             "on CUDA: {:.1} MiB with the bf16 weight copies; activations come on top (`pith bench` measures the peak)",
-            mib(gpu)
+            mib(bytes(true))
         );
     }
     let est = MemEstimate::of(cfg, 16, true);

@@ -236,9 +236,17 @@ fn plan_of_the_benchmark_model_matches_the_reference_flops() {
         .unwrap()
         .parse()
         .unwrap();
-    let line = text.lines().find(|l| l.starts_with("on CUDA:")).unwrap();
-    let mib: f64 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
-    assert!((mib - all * 18.0 / (1 << 20) as f64).abs() < 0.1, "{line}");
+    let on_cuda = |text: &str| -> f64 {
+        let line = text.lines().find(|l| l.starts_with("on CUDA:")).unwrap();
+        line.split_whitespace().nth(2).unwrap().parse().unwrap()
+    };
+    assert!((on_cuda(&text) - all * 18.0 / (1 << 20) as f64).abs() < 0.1, "{text}");
+    // At ep = 2 a rank holds half of the experts' 64 × 12 × 3 matrices of 1024 × 512.
+    let (code, ep2) = pith(&["plan", &format!("{WORKSPACE}/configs/bench-1b.toml"), "--set", "parallel.ep=2"]);
+    assert_eq!(code, 0, "{ep2}");
+    let half = (64 * 12 * 3 * 1024 * 512 / 2) as f64 * 18.0 / (1 << 20) as f64;
+    assert!((on_cuda(&text) - on_cuda(&ep2) - half).abs() < 0.1, "{ep2}");
+    assert!(ep2.contains("per rank at parallel.ep = 2"), "{ep2}");
 }
 
 /// `pith bench` on the CPU: its last line is JSON with a positive step time and throughput for
