@@ -205,6 +205,23 @@ impl Run {
         Ok(Run { cfg, model, params, opt, backend, opened, par })
     }
 
+    /// `train.init_from`: the weights of an HF folder or a Pith checkpoint. An expert-parallel
+    /// rank reads them into the whole model and keeps its slice of the experts.
+    fn init_from(&mut self, src: &Path, reg: &Registry) -> Result<(), String> {
+        if self.par.ep.len() == 1 {
+            return crate::hf::init_weights(src, &self.cfg, &mut self.params);
+        }
+        let (moe, _) = components(&self.cfg, reg, Shard::WHOLE)?;
+        let mut whole = Params::default();
+        Model::new(&self.cfg.model, &mut whole, self.cfg.train.seed, moe, Shard::WHOLE)?;
+        crate::hf::init_weights(src, &self.cfg, &mut whole)?;
+        for (p, w) in self.params.list.iter_mut().zip(&whole.list) {
+            let mine = p.slice_of(&w.w).to_vec();
+            p.w.copy_from_slice(&mine);
+        }
+        Ok(())
+    }
+
     /// Move to the GPU when the config says so (after any weights were loaded on the host).
     pub(crate) fn place(&mut self) -> Result<(), String> {
         let Some(gpu) = self.opened.take() else { return Ok(()) };
@@ -668,7 +685,7 @@ pub fn train(
     let stop = Interrupt::install()?;
     let mut run = Run::new(cfg, reg, par.clone())?;
     if let (None, Some(src)) = (resume, &t.init_from) {
-        crate::hf::init_weights(Path::new(src), &run.cfg, &mut run.params)
+        run.init_from(Path::new(src), reg)
             .map_err(|e| format!("{}: train.init_from: {e}", run.cfg.at("train", 0, "init_from")))?;
         tracing::info!("initialised the weights from {src}");
     }

@@ -83,6 +83,13 @@ fn expert_parallel_trains_the_same_run_as_one_and_resumes_at_any_layout() {
     same_run(&losses(&one)[3..], &losses(&fork), "saved at ep=2, resumed on one rank");
     ep("2", "parallel.ep=2", &back, &["--resume", &ckpt(&one)]);
     same_run(&losses(&one)[3..], &losses(&back), "saved on one rank, resumed at ep=2");
+    // train.init_from (weights only) at ep=2: each rank keeps its slice of the whole experts.
+    let (init1, init2) = (dir.join("i1"), dir.join("i2"));
+    let init = format!("train.init_from={:?}", ckpt(&one));
+    let a2a = ["--set", "comm.plugin=alltoall", "--set", &init, "--set"];
+    train(&[&["train"], &RUN[..], &a2a, &[&out(&init1)]].concat());
+    ep("2", "parallel.ep=2", &init2, &["--set", &init]);
+    same_run(&losses(&init1), &losses(&init2), "init_from at ep=2 vs 1 rank");
     // `local` moves no rows between ranks: refused with the schedule that does.
     let (code, _, se) = pith(
         &[&["launch", "--gpus", "2"], &RUN[..], &["--set", "parallel.ep=2", "--set", &out(&dir.join("x"))]].concat(),
