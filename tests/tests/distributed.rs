@@ -102,7 +102,7 @@ fn a_batch_that_does_not_split_over_the_ranks_is_refused_before_training() {
     let dir = tmp("dp-bad");
     let (code, _, se) = pith(&["launch", "--gpus", "2", "--set", "train.micro_batch=3", "--set", &out(&dir.join("r"))]);
     assert_eq!(code, 1, "{se}");
-    assert!(se.contains("train.micro_batch = 3 sequences do not split over dp = 2 ranks"), "{se}");
+    assert!(se.contains("train.micro_batch = 3 sequences do not split over the job's 2 ranks"), "{se}");
     assert!(!dir.join("r/checkpoints").exists());
 }
 
