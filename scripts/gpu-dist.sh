@@ -7,6 +7,7 @@
 #   bash scripts/gpu-dist.sh nodes    two one-GPU "nodes" (torchrun --nnodes 2), NCCL over its network transport
 #   bash scripts/gpu-dist.sh ep       expert parallel: 50 steps of the quickstart (comm alltoall) on 1 GPU and
 #                                     at ep=2, then bench-1b at ep=2 beside 1 GPU (same work per GPU)
+#   bash scripts/gpu-dist.sh zero     [parallel] shard_optimizer: quickstart parity at dp=2, bench-1b at dp=2 (peak memory)
 # Results go to $OUT (or /tmp/dist).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -59,5 +60,12 @@ ep)
   $P bench configs/bench-1b.toml --warmup 4 --steps 15 2>&1 | tail -2
   torchrun --nproc-per-node 2 --no-python $P bench configs/bench-1b.toml "${a2a[@]}" --set parallel.ep=2 \
     --set train.micro_batch=8 --warmup 4 --steps 15 2>&1 | grep -v "bench: step" | tail -8 ;;
-*) echo "usage: scripts/gpu-dist.sh parity|bench|faults|nodes|ep"; exit 2 ;;
+zero)
+  z=(--set parallel.shard_optimizer=true)
+  $P train "${small[@]}" --set "train.out=\"$O/z1\"" 2>&1 | tail -1
+  $P launch --gpus 2 "${small[@]}" "${z[@]}" --set "train.out=\"$O/z2\"" 2>&1 | tail -1
+  compare z1 z2
+  torchrun --nproc-per-node 2 --no-python $P bench configs/bench-1b.toml "${z[@]}" --set train.micro_batch=8 \
+    --warmup 4 --steps 15 2>&1 | grep -v "bench: step" | tail -4 ;;
+*) echo "usage: scripts/gpu-dist.sh parity|bench|faults|nodes|ep|zero"; exit 2 ;;
 esac

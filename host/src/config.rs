@@ -130,11 +130,15 @@ pub struct ParallelConfig {
     /// Expert-parallel ranks per group (1: every rank holds every expert).
     #[serde(default = "d_one")]
     pub ep: usize,
+    /// Each trained tensor's f32 master and optimizer state on one rank of the ranks that sum
+    /// its gradient (ZeRO by whole tensor); the others keep the working copy.
+    #[serde(default)]
+    pub shard_optimizer: bool,
 }
 
 impl ParallelConfig {
     fn is_default(&self) -> bool {
-        self.dp == 0 && self.ep <= 1
+        self.dp == 0 && self.ep <= 1 && !self.shard_optimizer
     }
 }
 

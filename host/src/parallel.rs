@@ -101,6 +101,10 @@ impl Parallel {
         buf.iter_mut().for_each(|v| *v = -*v);
         r
     }
+    /// Rank `root`'s `buf` on every member of `g` (root a member).
+    pub fn broadcast_f32(&self, g: Group, root: u32, buf: &mut [f32]) -> Result<(), String> {
+        self.with(g, (), |pg, m| pg.comm.broadcast(m, root, buf))
+    }
     /// Rank 0's `buf` everywhere (the NCCL unique id).
     pub fn broadcast_i32(&self, buf: &mut [i32]) -> Result<(), String> {
         self.with(Group::World, (), |pg, m| pg.comm.broadcast(m, 0, buf))

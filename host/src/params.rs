@@ -19,6 +19,9 @@ pub struct Param {
     pub state: Vec<(String, Vec<f32>)>,
     /// Expert parallelism: `w` is this rank's slice of a tensor stacked by expert.
     pub shard: Option<Shard>,
+    /// `[parallel] shard_optimizer`: the rank that steps this tensor (holds its optimizer state
+    /// and, on CUDA, its f32 master); None: every rank of its group steps it.
+    pub owner: Option<u32>,
 }
 
 /// Slice `part` of `parts` equal slices (dimension 0) of a parameter: an expert-parallel rank's
@@ -66,6 +69,10 @@ impl Param {
         }
         s
     }
+    /// Whether rank `rank` steps this tensor (its owner, or every rank when it has none).
+    pub fn steps_on(&self, rank: u32) -> bool {
+        self.owner.is_none_or(|o| o == rank)
+    }
     /// This rank's part of the whole tensor's values `whole` (all of it without a shard).
     pub fn slice_of<'a>(&self, whole: &'a [f32]) -> &'a [f32] {
         let n = self.spec.numel();
@@ -110,7 +117,7 @@ impl Params {
         let start = self.list.len();
         for spec in specs {
             let name = format!("{prefix}.{}", spec.name);
-            let mut p = Param { name, spec, w: Vec::new(), g: Vec::new(), state: Vec::new(), shard };
+            let mut p = Param { name, spec, w: Vec::new(), g: Vec::new(), state: Vec::new(), shard, owner: None };
             if self.defer {
                 self.pending.push((self.list.len(), seed));
             } else if !self.shapes_only {
@@ -159,6 +166,23 @@ impl Params {
             p.g.iter_mut().for_each(|g| *g = 0.0);
         }
     }
+    /// `[parallel] shard_optimizer`: give each trained tensor an owner among the `members` of its
+    /// group (`Param::group`), the least loaded so far in declaration order, so every rank of a
+    /// group computes the same owners and each holds about 1/n of the state.
+    pub fn assign_owners(&mut self, members: impl Fn(Group) -> Vec<u32>) {
+        for g in [Group::World, Group::DataParallel] {
+            let m = members(g);
+            if m.len() < 2 {
+                continue;
+            }
+            let mut load = vec![0usize; m.len()];
+            for p in self.list.iter_mut().filter(|p| p.trained() && p.group() == g) {
+                let i = (0..m.len()).min_by_key(|&i| load[i]).unwrap();
+                load[i] += p.spec.numel();
+                p.owner = Some(m[i]);
+            }
+        }
+    }
     /// Trained parameters (buffers and accumulators are not counted).
     pub fn count(&self) -> usize {
         self.list.iter().filter(|p| p.trained()).map(|p| p.spec.numel()).sum()
@@ -166,5 +190,25 @@ impl Params {
     /// Global L2 norm of all gradients.
     pub fn grad_norm(&self) -> f32 {
         self.list.iter().map(|p| p.g.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>()).sum::<f64>().sqrt() as f32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Owners balance the elements over the group, in declaration order; experts' slices are
+    /// owned within the data-parallel group; buffers have none.
+    #[test]
+    fn owners_split_the_state_evenly() {
+        let mut p = Params { shapes_only: true, ..Default::default() };
+        let specs = [8, 4, 4, 2, 2].map(|n| ParamSpec::new("w", &[n], Init::Zeros, true)).to_vec();
+        p.add("a", specs, 1);
+        p.add("buf", vec![ParamSpec::buffer("b", &[3], Init::Zeros)], 1);
+        p.add_sharded("x", vec![ParamSpec::new("e", &[6], Init::Zeros, true)], 1, Some(Shard { part: 1, parts: 2 }));
+        p.assign_owners(|g| if g == Group::World { vec![0, 1, 2, 3] } else { vec![1, 3] });
+        let owners: Vec<Option<u32>> = p.list.iter().map(|p| p.owner).collect();
+        assert_eq!(owners, [Some(0), Some(1), Some(2), Some(3), Some(3), None, Some(1)]);
+        assert!(p.list[1].steps_on(1) && !p.list[1].steps_on(0) && p.list[5].steps_on(2));
     }
 }

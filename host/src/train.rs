@@ -6,7 +6,7 @@ use crate::checkpoint::{self, TrainerState};
 use crate::config::{ComponentTable, Config};
 use crate::cpu::{view, view_mut, Calls, CpuOps};
 use crate::data::{Dataset, Split};
-use crate::gpu::model::{GpuParams, GpuPass, RopeTables};
+use crate::gpu::model::{GpuParam, GpuParams, GpuPass, RopeTables};
 use crate::gpu::nccl::Nccl;
 use crate::gpu::ops::GpuOps;
 use crate::gpu::Gpu;
@@ -197,7 +197,10 @@ impl Run {
         let (moe, opt) = components(&cfg, reg, par.ep_shard())?;
         let mut params = Params::default();
         let model = Model::new(&cfg.model, &mut params, t.seed, moe, par.ep_shard())?;
-        for p in params.list.iter_mut().filter(|p| p.trained()) {
+        if cfg.parallel.shard_optimizer {
+            params.assign_owners(|g| par.members(g));
+        }
+        for p in params.list.iter_mut().filter(|p| p.trained() && p.steps_on(par.rank)) {
             let names = opt.1.state(p.name.as_str().into(), &p.spec);
             p.state = names.iter().map(|n| (n.to_string(), vec![0.0; p.w.len()])).collect();
         }
@@ -225,7 +228,7 @@ impl Run {
     /// Move to the GPU when the config says so (after any weights were loaded on the host).
     pub(crate) fn place(&mut self) -> Result<(), String> {
         let Some(gpu) = self.opened.take() else { return Ok(()) };
-        let params = GpuParams::upload(&gpu, &self.params)?;
+        let params = GpuParams::upload(&gpu, &self.params, &self.par)?;
         // The host copies are refreshed from the device when a checkpoint is written.
         self.params.list.iter_mut().for_each(|p| p.g = Vec::new());
         let rope = RopeTables::new(&gpu, &self.model)?;
@@ -485,7 +488,8 @@ impl Run {
 
     /// The global gradient norm and the factor that clips it to `clip` (> 0; 1 when no clipping
     /// is needed — the optimizer applies it); names the first non-finite gradient. Experts'
-    /// gradients are slices: their squares are summed over the expert-parallel group.
+    /// gradients are slices: their squares are summed over the expert-parallel group; a tensor
+    /// with an owner (`shard_optimizer`) counts on its owner, summed over the world.
     pub(crate) fn grad_norm(&mut self, clip: f32) -> Result<(f32, f32), String> {
         let sumsq: Vec<f64> = match &self.backend {
             Backend::Cpu(_) => {
@@ -496,28 +500,33 @@ impl Run {
         if let Some(i) = sumsq.iter().position(|s| !s.is_finite()) {
             return Err(format!("non-finite gradient, first in `{}`", self.params.list[i].name));
         }
-        let split = |sharded: bool| {
-            let ps = self.params.list.iter().zip(&sumsq).filter(|(p, _)| p.shard.is_some() == sharded);
-            ps.map(|(_, s)| s).sum::<f64>()
+        let part = |f: &dyn Fn(&crate::params::Param) -> bool| {
+            self.params.list.iter().zip(&sumsq).filter(|(p, _)| f(p)).map(|(_, s)| s).sum::<f64>()
         };
-        let mut experts = [split(true) as f32];
+        let rank = self.par.rank;
+        let everywhere = part(&|p| p.owner.is_none() && p.shard.is_none());
+        let mut experts = [part(&|p| p.owner.is_none() && p.shard.is_some()) as f32];
+        let mut owned = [part(&|p| p.owner == Some(rank)) as f32];
         self.par.sum_f32(Group::ExpertParallel, &mut experts)?;
-        if !experts[0].is_finite() {
-            return Err("non-finite gradient in another expert-parallel rank's experts (that rank names it)".into());
+        self.par.sum_f32(Group::World, &mut owned)?;
+        if !(experts[0].is_finite() && owned[0].is_finite()) {
+            return Err("non-finite gradient on another rank (that rank names it)".into());
         }
-        let gnorm = (split(false) + experts[0] as f64).sqrt() as f32;
+        let gnorm = (everywhere + experts[0] as f64 + owned[0] as f64).sqrt() as f32;
         Ok((gnorm, if clip > 0.0 && gnorm > clip { clip / gnorm } else { 1.0 }))
     }
 
-    /// One optimizer step over every parameter (gradients times `grad_scale`), the bf16 working
-    /// copies and zero gradients unless the optimizer did those, then the components' `end_step`
-    /// hooks, after which the step's accumulators are zeroed.
+    /// One optimizer step over every parameter this rank steps (gradients times `grad_scale`),
+    /// the bf16 working copies and zero gradients unless the optimizer did those, then the
+    /// components' `end_step` hooks, after which the step's accumulators are zeroed. With
+    /// `shard_optimizer` the owners then send the new weights to their groups.
     pub(crate) fn optimizer_step(&mut self, lr: f32, step: u64, grad_scale: f32) -> Result<(), String> {
         let (name, opt) = &self.opt;
         let fail = |e: abi_stable::std_types::RString| format!("optimizer `{name}`: {e}");
+        let rank = self.par.rank;
         match &self.backend {
             Backend::Cpu(ops) => {
-                let slots: Vec<Slot> = (self.params.list.iter_mut().filter(|p| p.trained()))
+                let slots: Vec<Slot> = (self.params.list.iter_mut().filter(|p| p.trained() && p.steps_on(rank)))
                     .map(|p| {
                         let shape: Vec<usize> = p.spec.shape.iter().map(|&d| d as usize).collect();
                         let state = p.state.iter_mut().map(|(_, v)| view_mut(v, &shape)).collect();
@@ -528,21 +537,31 @@ impl Run {
                     .collect();
                 let done = opt.step(ops.ops(), RSlice::from_slice(&slots), lr, step, grad_scale);
                 ops.reset(); // the optimizer's scratch, on the error path too
-                if !done.into_result().map_err(fail)?.zeroed_grads {
-                    self.params.zero_grads();
-                }
+                done.into_result().map_err(fail)?;
+                self.params.zero_grads(); // the optimizer may have zeroed its own; not the rest
+                from_owners(&self.par, &mut self.params, |p| vec![&mut p.w])?;
             }
             Backend::Gpu(g) => {
-                let GpuBackend { gpu, ops, params, .. } = &**g;
-                let slots = params.slots(&self.params);
+                let GpuBackend { gpu, ops, params, nccl, .. } = &**g;
+                let slots = params.slots(&self.params, rank);
                 let done = opt.step(ops.ops(), RSlice::from_slice(&slots), lr, step, grad_scale);
                 ops.reset();
                 let done = done.into_result().map_err(fail)?;
                 if !done.wrote_lowp {
                     params.refresh_bf16(gpu)?;
                 }
-                if !done.zeroed_grads {
+                let owned = |p: &&crate::params::Param| p.owner.is_some();
+                if !done.zeroed_grads || self.params.list.iter().any(|p| owned(&p)) {
                     params.zero_grads(gpu)?;
+                }
+                if let Some(n) = nccl {
+                    let from = |(d, p): (&GpuParam, &crate::params::Param)| {
+                        p.owner.map(|o| {
+                            (d.w16.t, p.group(), self.par.members(p.group()).iter().position(|&r| r == o).unwrap())
+                        })
+                    };
+                    let sends: Vec<_> = params.list.iter().zip(&self.params.list).filter_map(from).collect();
+                    n.broadcast_all(gpu, &sends)?;
                 }
             }
         }
@@ -603,6 +622,29 @@ impl Run {
         }
     }
 
+    /// `shard_optimizer` at a checkpoint (every rank, after `sync_to_host`): with `bring`, every
+    /// rank's host copy of each tensor's master and optimizer state becomes its owner's (room
+    /// for the state is made where another rank steps it); without, that room is freed again.
+    fn gather_owned(&mut self, bring: bool) -> Result<(), String> {
+        let (rank, opt) = (self.par.rank, &self.opt.1);
+        for p in self.params.list.iter_mut().filter(|p| !p.steps_on(rank)) {
+            p.state = match bring {
+                true => opt
+                    .state(p.name.as_str().into(), &p.spec)
+                    .iter()
+                    .map(|n| (n.to_string(), vec![0.0; p.w.len()]))
+                    .collect(),
+                false => Vec::new(),
+            };
+        }
+        if bring {
+            from_owners(&self.par, &mut self.params, |p| {
+                std::iter::once(&mut p.w).chain(p.state.iter_mut().map(|s| &mut s.1)).collect()
+            })?;
+        }
+        Ok(())
+    }
+
     /// With expert parallelism, every rank calls this at a checkpoint (after `sync_to_host`):
     /// rank 0 gets what it saves — the parameters with the experts' slices gathered over the
     /// expert-parallel group into whole tensors, so the checkpoint is the same at every layout.
@@ -623,10 +665,38 @@ impl Run {
             spec.shape = p.full_shape().iter().map(|&d| d as u64).collect();
             let state = p.state.iter().map(|(n, v)| Ok((n.clone(), whole(v)?))).collect::<Result<_, String>>()?;
             let (name, w) = (p.name.clone(), whole(&p.w)?);
-            list.push(crate::params::Param { name, spec, w, g: Vec::new(), state, shard: None });
+            list.push(crate::params::Param { name, spec, w, g: Vec::new(), state, shard: None, owner: None });
         }
         Ok(self.par.is_first().then(|| Params { list, ..Default::default() }))
     }
+}
+
+/// `[parallel] shard_optimizer`: every rank's `bufs(p)` of each owned tensor become its owner's,
+/// one broadcast per owner and group (the loopback collective; NCCL sends the bf16 working
+/// copies on CUDA). Non-owners' buffers must already have the owner's sizes.
+fn from_owners(
+    par: &Parallel,
+    params: &mut Params,
+    bufs: impl Fn(&mut crate::params::Param) -> Vec<&mut Vec<f32>>,
+) -> Result<(), String> {
+    for g in [Group::World, Group::DataParallel] {
+        for owner in par.members(g) {
+            let theirs = params.list.iter_mut().filter(|p| p.owner == Some(owner) && p.group() == g);
+            let mut mine: Vec<&mut Vec<f32>> = theirs.flat_map(&bufs).collect();
+            if mine.is_empty() {
+                continue; // the same on every rank of the group: owners are computed alike
+            }
+            let mut flat: Vec<f32> = mine.iter().flat_map(|b| b.iter().copied()).collect();
+            par.broadcast_f32(g, owner, &mut flat)?;
+            let mut rest = &flat[..];
+            for b in mine.iter_mut() {
+                let (head, tail) = rest.split_at(b.len());
+                b.copy_from_slice(head);
+                rest = tail;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The config of `pith train [CONFIG] --resume CKPT [--set ...]`: CONFIG, or without one the
@@ -788,9 +858,11 @@ pub fn train(
         let signal = (sig[0] > 0.0).then_some(sig[0] as i32);
         // The checkpoint comes before the eval, so a failing eval never costs the trained steps.
         if (t.checkpoint_every > 0 && step % t.checkpoint_every == 0) || is_last || signal.is_some() {
-            if first || par.ep.len() > 1 {
+            let sharded = run.cfg.parallel.shard_optimizer;
+            if first || par.ep.len() > 1 || sharded {
                 run.sync_to_host()?;
             }
+            run.gather_owned(true)?;
             let whole = run.gather_experts()?;
             if first {
                 let st =
@@ -798,6 +870,7 @@ pub fn train(
                 let dir = checkpoint::save(&out, &run.cfg, whole.as_ref().unwrap_or(&run.params), &st)?;
                 tracing::debug!("checkpoint {}", dir.display());
             }
+            run.gather_owned(false)?;
             par.barrier()?; // complete when every rank is past it
         }
         if (t.eval_every > 0 && step % t.eval_every == 0) || is_last {

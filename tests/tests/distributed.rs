@@ -48,6 +48,15 @@ fn two_ranks_train_the_same_run_as_one_and_resume_at_another_layout() {
     let counts = |run: &std::path::Path| metrics(run)[0]["load_per_layer"].clone();
     assert_eq!(counts(&one), counts(&two), "step 1's expert loads are summed over the ranks");
     assert!(!two.join("checkpoints/step_00000006").join("rank1").exists());
+    // shard_optimizer: each tensor stepped by one rank, the others sent its new weights; the
+    // same run, and the same checkpoint to the bit (the owners' state gathered at the save).
+    let sharded = dir.join("sharded");
+    let shard = ["--set", "parallel.shard_optimizer=true", "--set", &out(&sharded)];
+    train(&[&["launch", "--gpus", "2"], &RUN[..], &shard[..]].concat());
+    for f in ["model.safetensors", "optimizer.safetensors"] {
+        let read = |run: &std::path::Path| std::fs::read(run.join("checkpoints/step_00000006").join(f)).unwrap();
+        assert!(read(&two) == read(&sharded), "{f}: dp=2 with and without shard_optimizer");
+    }
     // The dp=2 run's step-3 checkpoint, continued on one rank, is the one-rank run's steps 4..6.
     let ckpt = two.join("checkpoints/step_00000003");
     train(&[&["train"], &RUN[..], &["--set", &out(&fork), "--resume", ckpt.to_str().unwrap()]].concat());
@@ -71,9 +80,9 @@ fn expert_parallel_trains_the_same_run_as_one_and_resumes_at_any_layout() {
     let (one, two, four, fork, back) = (dir.join("1"), dir.join("2"), dir.join("4"), dir.join("f"), dir.join("b"));
     train(&[&["train"], &RUN[..], &["--set", "comm.plugin=alltoall", "--set", &out(&one)]].concat());
     ep("2", "parallel.ep=2", &two, &[]);
-    ep("4", "parallel.ep=2", &four, &[]);
+    ep("4", "parallel.ep=2", &four, &["--set", "parallel.shard_optimizer=true"]);
     same_run(&losses(&one), &losses(&two), "ep=2 vs 1 rank");
-    same_run(&losses(&one), &losses(&four), "dp=2 × ep=2 vs 1 rank");
+    same_run(&losses(&one), &losses(&four), "dp=2 × ep=2 with shard_optimizer vs 1 rank");
     let counts = |run: &std::path::Path| metrics(run)[0]["load_per_layer"].clone();
     assert_eq!(counts(&one), counts(&two), "step 1's expert loads, gathered over the expert-parallel ranks");
     assert_eq!(counts(&one), counts(&four));

@@ -12,6 +12,7 @@ use super::ops::GpuOps;
 use super::{src, DTensor, Gpu};
 use crate::config::QkNorm;
 use crate::model::{named, Model, StepOut, ATTN_NORM, K, O, Q, V};
+use crate::parallel::Parallel;
 use crate::params::Params;
 use abi_stable::std_types::RSlice;
 use pith_plugin_api::{Arg, DType, Device, Dispatched, ExpertsOut, RouterOut, Tensor};
@@ -27,6 +28,9 @@ pub struct GpuParam {
     pub state: Vec<DTensor>,
     /// The ranks its gradient is summed over (`Param::group`).
     pub group: pith_plugin_api::Group,
+    /// `shard_optimizer`: its owner's index in `group`. The gradient is summed onto the owner,
+    /// which alone keeps the f32 master (`w` is empty elsewhere) and sends the bf16 copy back.
+    pub root: Option<usize>,
 }
 
 impl GpuParam {
@@ -50,30 +54,33 @@ pub struct GpuParams {
 
 impl GpuParams {
     /// Copy weights, buffers, accumulators and optimizer state from the host (after init or a
-    /// checkpoint load).
-    pub fn upload(gpu: &Gpu, params: &Params) -> Result<GpuParams, String> {
+    /// checkpoint load). A tensor another rank steps (`Param::owner`) keeps no f32 master here.
+    pub fn upload(gpu: &Gpu, params: &Params, par: &Parallel) -> Result<GpuParams, String> {
         let mut list = Vec::new();
         for p in &params.list {
             let shape: Vec<usize> = p.spec.shape.iter().map(|&d| d as usize).collect();
             let (role, group) = (p.spec.role, p.group());
+            let root = p.owner.map(|o| par.members(group).iter().position(|&r| r == o).unwrap_or(0));
             let w = gpu.upload(&p.w, &shape, DType::F32)?;
             if role != pith_plugin_api::Role::Param {
                 let (w16, g) = (gpu.tensor(&[0], DType::BF16)?, gpu.tensor(&[0], DType::F32)?);
-                list.push(GpuParam { role, w, w16, g, state: Vec::new(), group });
+                list.push(GpuParam { role, w, w16, g, state: Vec::new(), group, root });
                 continue;
             }
             let w16 = gpu.tensor(&shape, DType::BF16)?;
             gpu.cast(&w, &w16)?;
+            let w = if p.steps_on(par.rank) { w } else { gpu.tensor(&[0], DType::F32)? };
             let g = gpu.zeros(&shape, DType::F32)?;
             let state = p.state.iter().map(|(_, s)| gpu.upload(s, &shape, DType::F32)).collect::<Result<_, _>>()?;
-            list.push(GpuParam { role, w, w16, g, state, group });
+            list.push(GpuParam { role, w, w16, g, state, group, root });
         }
         Ok(GpuParams { list })
     }
     /// Copy weights, buffers, accumulators and optimizer state back to the host (for
     /// checkpoints and export).
+    /// Tensors another rank steps are left as they are (`from_owners` brings them).
     pub fn download(&self, gpu: &Gpu, params: &mut Params) -> Result<(), String> {
-        for (d, p) in self.list.iter().zip(&mut params.list) {
+        for (d, p) in self.list.iter().zip(&mut params.list).filter(|(d, p)| d.w.numel() == p.spec.numel()) {
             p.w.resize(d.w.numel(), 0.0);
             gpu.download(&d.w, &mut p.w)?;
             for (s, (_, hs)) in d.state.iter().zip(&mut p.state) {
@@ -88,7 +95,7 @@ impl GpuParams {
     }
     /// The bf16 copies follow the fp32 masters (after an optimizer step that did not write them).
     pub fn refresh_bf16(&self, gpu: &Gpu) -> Result<(), String> {
-        self.params().try_for_each(|p| gpu.cast(&p.w, &p.w16))
+        self.params().filter(|p| p.w.numel() > 0).try_for_each(|p| gpu.cast(&p.w, &p.w16))
     }
     pub fn zero_grads(&self, gpu: &Gpu) -> Result<(), String> {
         self.params().try_for_each(|p| gpu.zero(&p.g))
@@ -110,10 +117,11 @@ impl GpuParams {
     pub fn scale_grads(&self, gpu: &Gpu, s: f32) -> Result<(), String> {
         self.params().try_for_each(|p| gpu.scale(&p.g, s))
     }
-    /// The optimizer's slots: every `Role::Param` (`params` is the host list this was uploaded
-    /// from: names and specs), with its f32 master and grad, state and bf16 working copy.
-    pub fn slots(&self, params: &Params) -> Vec<pith_plugin_api::Slot> {
-        let both = self.list.iter().zip(&params.list).filter(|(d, _)| d.is_param());
+    /// The optimizer's slots: every `Role::Param` rank `rank` steps (`params` is the host list
+    /// this was uploaded from: names and specs), with its f32 master and grad, state and bf16
+    /// working copy.
+    pub fn slots(&self, params: &Params, rank: u32) -> Vec<pith_plugin_api::Slot> {
+        let both = self.list.iter().zip(&params.list).filter(|(d, p)| d.is_param() && p.steps_on(rank));
         both.map(|(d, p)| pith_plugin_api::Slot {
             name: p.name.as_str().into(),
             spec: p.spec.clone(),
@@ -307,7 +315,7 @@ impl GpuPass<'_> {
     fn written(&self, ids: &[usize]) -> Result<(), String> {
         let Some(n) = self.reduce else { return Ok(()) };
         let params = ids.iter().map(|&i| &self.p.list[i]).filter(|p| p.is_param());
-        n.reduce_when_written(self.gpu, &params.map(|p| (p.g.t, p.group)).collect::<Vec<_>>())
+        n.reduce_when_written(self.gpu, &params.map(|p| (p.g.t, p.group, p.root)).collect::<Vec<_>>())
     }
 
     /// Forward only: the mean cross-entropy.
@@ -630,7 +638,7 @@ mod tests {
         let mut params = Params::default();
         let model = Model::new(&c, &mut params, 1, vec![moe], crate::params::Shard::WHOLE).unwrap();
         let (p, rope, ops) = (
-            GpuParams::upload(&gpu, &params).unwrap(),
+            GpuParams::upload(&gpu, &params, &Parallel::single()).unwrap(),
             RopeTables::new(&gpu, &model).unwrap(),
             GpuOps::new(gpu.clone()),
         );

@@ -124,24 +124,28 @@ impl Nccl {
     }
 
     /// Sum each gradient over its group (the world, or the data-parallel group for the
-    /// experts') on the side stream, once the work queued so far on the compute stream (the
-    /// backward that wrote them) is done; the compute stream goes on. Call [`Nccl::reduced`]
-    /// before anything reads them.
-    pub fn reduce_when_written(&self, gpu: &Gpu, grads: &[(Tensor, Group)]) -> Result<(), String> {
+    /// experts') on the side stream — onto the rank of index `root` in the group when there is
+    /// one (`shard_optimizer`), else onto every rank — once the work queued so far on the
+    /// compute stream (the backward that wrote them) is done; the compute stream goes on. Call
+    /// [`Nccl::reduced`] before anything reads them.
+    pub fn reduce_when_written(&self, gpu: &Gpu, grads: &[(Tensor, Group, Option<usize>)]) -> Result<(), String> {
         let err = |e| format!("stream event: {e:?}");
         let written = gpu.stream.record_event(None).map_err(err)?;
         self.side.wait(&written).map_err(err)?;
         let side = self.side.cu_stream() as sys::cudaStream_t;
         check("group start", unsafe { sys::ncclGroupStart() })?;
-        let r = grads.iter().filter(|(t, _)| t.numel() > 0).try_for_each(|(t, g)| {
+        let r = grads.iter().filter(|(t, ..)| t.numel() > 0).try_for_each(|(t, g, root)| {
             let comm = match g {
                 Group::World => Some(&self.grads),
                 _ => self.grads_dp.as_ref().or((self.size_of(*g) == self.grads.size).then_some(&self.grads)),
             };
             let Some(comm) = comm.filter(|_| self.size_of(*g) > 1) else { return Ok(()) };
-            let (p, n, sum) = (t.addr as *mut c_void, t.numel(), sys::ncclRedOp_t::ncclSum);
+            let (p, n, sum, dt) = (t.addr as *mut c_void, t.numel(), sys::ncclRedOp_t::ncclSum, dtype(t.dtype));
             // SAFETY: a gradient tensor, alive for the run; nothing writes it until `reduced`.
-            check("all_reduce", unsafe { sys::ncclAllReduce(p, p, n, dtype(t.dtype), sum, comm.c, side) })
+            match root {
+                Some(r) => check("reduce", unsafe { sys::ncclReduce(p, p, n, dt, sum, *r as i32, comm.c, side) }),
+                None => check("all_reduce", unsafe { sys::ncclAllReduce(p, p, n, dt, sum, comm.c, side) }),
+            }
         });
         check("group end", unsafe { sys::ncclGroupEnd() })?;
         r
@@ -164,6 +168,22 @@ impl Nccl {
         let (p, n) = (t.addr as *mut c_void, t.numel());
         // SAFETY: `t` is a device tensor of n elements of its dtype, alive until the stream passes.
         check("all_reduce", unsafe { sys::ncclAllReduce(p, p, n, dtype(t.dtype), op, c.c, Self::stream(gpu)) })
+    }
+
+    /// Each `(t, g, root)`: `t` of the rank of index `root` in `g` onto every rank of `g`, in
+    /// place on the compute stream, as one group of calls.
+    pub fn broadcast_all(&self, gpu: &Gpu, ts: &[(Tensor, Group, usize)]) -> Result<(), String> {
+        check("group start", unsafe { sys::ncclGroupStart() })?;
+        let r = ts.iter().filter(|(t, ..)| t.numel() > 0).try_for_each(|(t, g, root)| {
+            let Some(c) = self.comm(*g) else { return Ok(()) };
+            let p = t.addr as *mut c_void;
+            // SAFETY: a device tensor alive for the run, the same size on every rank of `g`.
+            check("broadcast", unsafe {
+                sys::ncclBroadcast(p, p, t.numel(), dtype(t.dtype), *root as i32, c.c, Self::stream(gpu))
+            })
+        });
+        check("group end", unsafe { sys::ncclGroupEnd() })?;
+        r
     }
 
     /// Sum each of `ts` in place over `g`, as one group of calls.
