@@ -197,12 +197,11 @@ impl Gpu {
             let got = (dw.dtype, dw.dims());
             return Err(format!("grouped wgrad: dw {got:?} for {g} groups of {k}x{n}: expected bf16 x, dy and f32 dw"));
         }
-        let tmp = self.tensor(&dw.dims(), DType::BF16)?;
-        // Experts without rows get no product; their slots must add zero.
-        if offsets.windows(2).any(|w| w[1] == w[0]) {
-            self.zero(&tmp)?;
-        }
-        // Column-major per group: tmp_gᵀ [N2, K] = dy_gᵀ · x_g.
+        // Column-major per group: dw_gᵀ [N2, K] += dy_gᵀ · x_g, accumulated in f32 in place
+        // (experts without rows get no product: their slots are left as they are). One GEMM per
+        // expert: cublasGemmGroupedBatchedEx refuses bf16 inputs with an f32 output, and the
+        // alternative (a bf16 product, then an add into dw) was slower on bench-1b
+        // (docs/performance.md).
         let groups: Vec<Problem> = (0..g)
             .filter(|&e| offsets[e + 1] > offsets[e])
             .map(|e| Problem {
@@ -211,12 +210,13 @@ impl Gpu {
                 k: offsets[e + 1] - offsets[e],
                 a: dy.addr + (offsets[e] * n * 2) as u64,
                 b: x.addr + (offsets[e] * k * 2) as u64,
-                c: tmp.addr + (e * k * n * 2) as u64,
+                c: dw.addr + (e * k * n * 4) as u64,
             })
             .collect();
-        let t = DType::BF16;
-        self.grouped(&groups, (false, true), (n, k, n), (t, t, t), 0.0)?;
-        self.add_into(dw, &tmp)
+        let (t, f) = (DType::BF16, DType::F32);
+        self.timed("cuBLAS gemm per expert (wgrad)", || {
+            groups.iter().try_for_each(|p| self.gemm_cm((false, true), p, (n, k, n), (t, t, f), 1.0, 1.0))
+        })
     }
 
     /// One cublasGemmGroupedBatchedEx over column-major problems c = op(a)·op(b) + beta·c that
@@ -242,7 +242,7 @@ impl Gpu {
         let (m, n, k) = (col(|p| p.m), col(|p| p.n), col(|p| p.k));
         let (lda, ldb, ldc) = (vec![ld.0 as i32; g], vec![ld.1 as i32; g], vec![ld.2 as i32; g]);
         let (alpha, betas, ones) = (vec![1.0f32; g], vec![beta; g], vec![1i32; g]);
-        let name = if trans.1 { "cuBLAS grouped gemm (wgrad)" } else { "cuBLAS grouped gemm" };
+        let name = "cuBLAS grouped gemm";
         let (at, bt, ct) = (cuda_type(types.0)?, cuda_type(types.1)?, cuda_type(types.2)?);
         let grouped = self.timed(name, || unsafe {
             blas::cublasGemmGroupedBatchedEx(
