@@ -187,9 +187,8 @@ impl Gpu {
         self.grouped(&groups, (trans_w, false), (lda, k, n), (t, t, t), if accumulate { 1.0 } else { 0.0 })
     }
 
-    /// Weight gradient of a grouped GEMM: dw[g] (f32 [K,N2]) += x_gᵀ · dy_g (x, dy bf16). cuBLAS's
-    /// grouped GEMM takes bf16 A and B only with a bf16 C, so the product lands in a bf16 buffer
-    /// that is then added to the fp32 gradient (what PyTorch's grouped_mm does under autocast).
+    /// Weight gradient of a grouped GEMM: dw[g] (f32 [K,N2]) += x_gᵀ · dy_g (x, dy bf16),
+    /// accumulated in f32 by cuBLAS.
     pub fn grouped_wgrad(&self, x: &Tensor, dy: &Tensor, dw: &Tensor, offsets: &[usize]) -> Result<(), String> {
         let (k, n) = (x.dim(-1), dy.dim(-1));
         let g = offsets.len() - 1;
