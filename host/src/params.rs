@@ -166,17 +166,20 @@ impl Params {
             p.g.iter_mut().for_each(|g| *g = 0.0);
         }
     }
-    /// `[parallel] shard_optimizer`: give each trained tensor an owner among the `members` of its
-    /// group (`Param::group`), the least loaded so far in declaration order, so every rank of a
-    /// group computes the same owners and each holds about 1/n of the state.
-    pub fn assign_owners(&mut self, members: impl Fn(Group) -> Vec<u32>) {
+    /// `[parallel] shard_optimizer`: give each trained tensor but `keep` (stepped on every rank)
+    /// an owner among the `members` of its group (`Param::group`), the least loaded so far in
+    /// declaration order, so every rank of a group computes the same owners and each holds about
+    /// 1/n of the state.
+    pub fn assign_owners(&mut self, members: impl Fn(Group) -> Vec<u32>, keep: &[usize]) {
         for g in [Group::World, Group::DataParallel] {
             let m = members(g);
             if m.len() < 2 {
                 continue;
             }
             let mut load = vec![0usize; m.len()];
-            for p in self.list.iter_mut().filter(|p| p.trained() && p.group() == g) {
+            let owned =
+                self.list.iter_mut().enumerate().filter(|(i, p)| p.trained() && p.group() == g && !keep.contains(i));
+            for (_, p) in owned {
                 let i = (0..m.len()).min_by_key(|&i| load[i]).unwrap();
                 load[i] += p.spec.numel();
                 p.owner = Some(m[i]);
@@ -206,9 +209,9 @@ mod tests {
         p.add("a", specs, 1);
         p.add("buf", vec![ParamSpec::buffer("b", &[3], Init::Zeros)], 1);
         p.add_sharded("x", vec![ParamSpec::new("e", &[6], Init::Zeros, true)], 1, Some(Shard { part: 1, parts: 2 }));
-        p.assign_owners(|g| if g == Group::World { vec![0, 1, 2, 3] } else { vec![1, 3] });
+        p.assign_owners(|g| if g == Group::World { vec![0, 1, 2, 3] } else { vec![1, 3] }, &[1]);
         let owners: Vec<Option<u32>> = p.list.iter().map(|p| p.owner).collect();
-        assert_eq!(owners, [Some(0), Some(1), Some(2), Some(3), Some(3), None, Some(1)]);
-        assert!(p.list[1].steps_on(1) && !p.list[1].steps_on(0) && p.list[5].steps_on(2));
+        assert_eq!(owners, [Some(0), None, Some(1), Some(2), Some(3), None, Some(1)]);
+        assert!(p.list[2].steps_on(1) && !p.list[2].steps_on(0) && p.list[1].steps_on(2) && p.list[5].steps_on(2));
     }
 }

@@ -198,7 +198,8 @@ impl Run {
         let mut params = Params::default();
         let model = Model::new(&cfg.model, &mut params, t.seed, moe, par.ep_shard())?;
         if cfg.parallel.shard_optimizer {
-            params.assign_owners(|g| par.members(g));
+            // The embedding's f32 table is what the CUDA forward reads: every rank steps it.
+            params.assign_owners(|g| par.members(g), &[model.embed]);
         }
         for p in params.list.iter_mut().filter(|p| p.trained() && p.steps_on(par.rank)) {
             let names = opt.1.state(p.name.as_str().into(), &p.spec);

@@ -74,6 +74,9 @@ impl GpuParams {
             let state = p.state.iter().map(|(_, s)| gpu.upload(s, &shape, DType::F32)).collect::<Result<_, _>>()?;
             list.push(GpuParam { role, w, w16, g, state, group, root });
         }
+        if params.list.iter().any(|p| !p.steps_on(par.rank)) {
+            gpu.pool.release_cached()?; // the masters other ranks keep: give their memory back
+        }
         Ok(GpuParams { list })
     }
     /// Copy weights, buffers, accumulators and optimizer state back to the host (for

@@ -91,7 +91,8 @@ fn gather(h: &Host, x: Tensor, idx: Tensor, out: Tensor) -> Result<()> {
             Ok(())
         }
         Device::Cuda => {
-            let (name, words) = if hd % 8 == 0 { ("alltoall_gather16", hd / 8) } else { ("alltoall_gather2", hd) };
+            let wide = hd % 8 == 0 && [x.addr, out.addr].iter().all(|a| a % 16 == 0);
+            let (name, words) = if wide { ("alltoall_gather16", hd / 8) } else { ("alltoall_gather2", hd) };
             let [n32, w32] = ints([n, words]);
             h.launch(SRC, name, grid(n * words, 256), BLOCK, 0, &[x.arg(), idx.arg(), out.arg(), n32, w32])
         }
@@ -120,7 +121,8 @@ fn to_device(h: &Host, v: &[i32]) -> Result<Tensor> {
 
 impl AllToAll {
     /// Each peer's rows for each of this rank's experts: [peer][local expert], from the
-    /// per-expert counts of this rank's rows (`offsets` [E+1], host).
+    /// per-expert counts of this rank's rows (`offsets` [E+1], host). They travel as f32 (the
+    /// CPU collective's type): exact up to 2²⁴ rows per expert and rank.
     fn exchange_counts(&self, h: &Host, offsets: &[i32]) -> Result<Vec<i32>> {
         let counts: Vec<f32> = offsets.windows(2).map(|w| (w[1] - w[0]) as f32).collect();
         let ep = self.experts / self.local;
