@@ -540,7 +540,7 @@ impl Run {
                 ops.reset(); // the optimizer's scratch, on the error path too
                 done.into_result().map_err(fail)?;
                 self.params.zero_grads(); // the optimizer may have zeroed its own; not the rest
-                from_owners(&self.par, &mut self.params, |p| vec![&mut p.w])?;
+                from_owners(&self.par, &mut self.params, Share::Everyone, |p| vec![&mut p.w])?;
             }
             Backend::Gpu(g) => {
                 let GpuBackend { gpu, ops, params, nccl, .. } = &**g;
@@ -623,9 +623,10 @@ impl Run {
         }
     }
 
-    /// `shard_optimizer` at a checkpoint (every rank, after `sync_to_host`): with `bring`, every
-    /// rank's host copy of each tensor's master and optimizer state becomes its owner's (room
-    /// for the state is made where another rank steps it); without, that room is freed again.
+    /// `shard_optimizer` at a checkpoint (every rank, after `sync_to_host`): with `bring`, the
+    /// first rank of each group gets its owners' masters and optimizer state (room for the state
+    /// is made where another rank steps it; rank 0's expert-parallel group then holds every
+    /// slice's); without, that room is freed again.
     fn gather_owned(&mut self, bring: bool) -> Result<(), String> {
         let (rank, opt) = (self.par.rank, &self.opt.1);
         for p in self.params.list.iter_mut().filter(|p| !p.steps_on(rank)) {
@@ -639,7 +640,7 @@ impl Run {
             };
         }
         if bring {
-            from_owners(&self.par, &mut self.params, |p| {
+            from_owners(&self.par, &mut self.params, Share::ToFirst, |p| {
                 std::iter::once(&mut p.w).chain(p.state.iter_mut().map(|s| &mut s.1)).collect()
             })?;
         }
@@ -651,16 +652,17 @@ impl Run {
     /// expert-parallel group into whole tensors, so the checkpoint is the same at every layout.
     /// None on the other ranks, and with one expert-parallel rank (`params` is whole).
     fn gather_experts(&self) -> Result<Option<Params>, String> {
-        if self.par.ep.len() == 1 {
+        // Other expert-parallel groups hold the same slices as rank 0's: only its group sends.
+        if self.par.ep.len() == 1 || !self.par.ep.contains(&0) {
             return Ok(None);
         }
         let mut list = Vec::new();
         for p in self.params.list.iter().filter(|p| p.spec.role != Role::Accumulator) {
             let whole = |v: &[f32]| -> Result<Vec<f32>, String> {
-                let Some(s) = p.shard else { return Ok(v.to_vec()) };
-                let mut all = vec![0.0; v.len() * s.parts];
-                self.par.all_gather_f32(Group::ExpertParallel, v, &mut all)?;
-                Ok(all)
+                match p.shard {
+                    Some(_) => self.par.gather_to_first_f32(Group::ExpertParallel, v),
+                    None => Ok(v.to_vec()),
+                }
             };
             let mut spec = p.spec.clone();
             spec.shape = p.full_shape().iter().map(|&d| d as u64).collect();
@@ -672,12 +674,22 @@ impl Run {
     }
 }
 
-/// `[parallel] shard_optimizer`: every rank's `bufs(p)` of each owned tensor become its owner's,
-/// one broadcast per owner and group (the loopback collective; NCCL sends the bf16 working
-/// copies on CUDA). Non-owners' buffers must already have the owner's sizes.
+/// Where [`from_owners`] sends the owners' values.
+#[derive(Clone, Copy, PartialEq)]
+enum Share {
+    /// Every rank of the tensor's group (the weights after an optimizer step on CPU ranks).
+    Everyone,
+    /// The group's first rank only (a checkpoint: what rank 0 writes).
+    ToFirst,
+}
+
+/// `[parallel] shard_optimizer`: `bufs(p)` of each owned tensor, from its owner to `to`, one
+/// collective per owner and group (the loopback collective; NCCL sends the bf16 working copies
+/// on CUDA). Receivers' buffers must already have the owner's sizes.
 fn from_owners(
     par: &Parallel,
     params: &mut Params,
+    to: Share,
     bufs: impl Fn(&mut crate::params::Param) -> Vec<&mut Vec<f32>>,
 ) -> Result<(), String> {
     for g in [Group::World, Group::DataParallel] {
@@ -688,7 +700,14 @@ fn from_owners(
                 continue; // the same on every rank of the group: owners are computed alike
             }
             let mut flat: Vec<f32> = mine.iter().flat_map(|b| b.iter().copied()).collect();
-            par.broadcast_f32(g, owner, &mut flat)?;
+            match to {
+                Share::Everyone => par.broadcast_f32(g, owner, &mut flat)?,
+                // Only the owner sends anything, so the first rank gets exactly its values.
+                Share::ToFirst => flat = par.gather_to_first_f32(g, if par.rank == owner { &flat } else { &[] })?,
+            }
+            if flat.is_empty() {
+                continue; // not a receiver
+            }
             let mut rest = &flat[..];
             for b in mine.iter_mut() {
                 let (head, tail) = rest.split_at(b.len());
