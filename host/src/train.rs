@@ -766,6 +766,7 @@ pub fn train(
         tr.check()?;
     }
     components(&cfg, reg, Shard::WHOLE)?; // every plugin's config, checked before the run directory is touched
+    let nccl_timeout = crate::dist::watchdog::timeout(std::env::var("PITH_NCCL_TIMEOUT").ok())?;
     let par = Arc::new(Parallel::init(&cfg)?);
     // Rank 0 owns the run directory: the lock, config.toml, metrics.jsonl and the checkpoints.
     let first = par.is_first();
@@ -788,6 +789,15 @@ pub fn train(
         tracing::info!("resumed from {} at step {start}", checkpoint::resolve(r)?.display());
     }
     run.place()?;
+    // Several GPUs: a stuck NCCL collective ends this rank instead of holding the job forever.
+    let rank = par.rank;
+    let watchdog = (par.size > 1 && run.gpu().is_some()).then(|| {
+        crate::dist::watchdog::Watchdog::start(nccl_timeout, move |m| {
+            eprintln!("error: rank {rank}: {m}");
+            std::process::exit(1)
+        })
+    });
+    let beat = |what: String| watchdog.as_ref().inspect(|w| w.beat(what));
     let mut metrics = match &dir {
         Some(dir) => {
             dir.trim_metrics(start)?;
@@ -842,6 +852,7 @@ pub fn train(
         }
     };
     for step in start + 1..=t.steps {
+        beat(format!("step {step}"));
         let t0 = Instant::now();
         let lr = lr_at(&t, step);
         let (st, traced) =
@@ -878,6 +889,7 @@ pub fn train(
         let signal = (sig[0] > 0.0).then_some(sig[0] as i32);
         // The checkpoint comes before the eval, so a failing eval never costs the trained steps.
         if (t.checkpoint_every > 0 && step % t.checkpoint_every == 0) || is_last || signal.is_some() {
+            beat(format!("the checkpoint at step {step}"));
             let sharded = run.cfg.parallel.shard_optimizer;
             if first || par.ep.len() > 1 || sharded {
                 run.sync_to_host()?;
@@ -894,6 +906,7 @@ pub fn train(
             par.barrier()?; // complete when every rank is past it
         }
         if (t.eval_every > 0 && step % t.eval_every == 0) || is_last {
+            beat(format!("the eval at step {step}"));
             match run.eval(t.seed) {
                 Ok(v) => {
                     line["val_loss"] = v.into();

@@ -1,11 +1,12 @@
 //! Multi-process training: who this process is (world.rs: torchrun/Slurm environment), how the
 //! ranks meet (rendezvous.rs: a small TCP store, then a mesh of connections), the CPU collective
-//! over those connections (loopback.rs: tests and laptops; multi-GPU will use NCCL) and
-//! `pith launch` (launch.rs). The trainer calls `ProcessGroup::init()` once.
+//! over those connections (loopback.rs: tests and laptops; multi-GPU uses NCCL, gpu/nccl.rs),
+//! `pith launch` (launch.rs) and a watchdog for stuck NCCL collectives (watchdog.rs). The trainer calls `ProcessGroup::init()` once.
 
 pub mod launch;
 pub mod loopback;
 pub mod rendezvous;
+pub mod watchdog;
 pub mod world;
 
 pub use loopback::{Elem, Loopback};
