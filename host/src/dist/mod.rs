@@ -45,14 +45,19 @@ impl ProcessGroup {
 
 /// How long any blocking step waits for a peer: PITH_DIST_TIMEOUT seconds, default 60.
 pub fn timeout(env: &HashMap<String, String>) -> Result<Duration, String> {
-    match env.get("PITH_DIST_TIMEOUT").map(|v| v.trim()) {
-        None | Some("") => Ok(Duration::from_secs(60)),
+    seconds("PITH_DIST_TIMEOUT", env.get("PITH_DIST_TIMEOUT").map(String::as_str), 60)
+}
+
+/// The environment variable `name` = `value` as a duration in seconds (> 0), `default` unset.
+pub fn seconds(name: &str, value: Option<&str>, default: u64) -> Result<Duration, String> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(Duration::from_secs(default)),
         Some(v) => v
             .parse::<f64>()
             .ok()
             .filter(|s| s.is_finite() && *s > 0.0)
             .map(Duration::from_secs_f64)
-            .ok_or(format!("PITH_DIST_TIMEOUT={v}: must be a number of seconds > 0")),
+            .ok_or(format!("{name}={v}: must be a number of seconds > 0")),
     }
 }
 

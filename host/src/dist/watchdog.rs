@@ -39,15 +39,7 @@ impl Watchdog {
 
 /// PITH_NCCL_TIMEOUT seconds (default 600).
 pub fn timeout(env: Option<String>) -> Result<Duration, String> {
-    match env.as_deref().map(str::trim) {
-        None | Some("") => Ok(Duration::from_secs(600)),
-        Some(v) => v
-            .parse::<f64>()
-            .ok()
-            .filter(|s| s.is_finite() && *s > 0.0)
-            .map(Duration::from_secs_f64)
-            .ok_or(format!("PITH_NCCL_TIMEOUT={v}: must be a number of seconds > 0")),
-    }
+    super::seconds("PITH_NCCL_TIMEOUT", env.as_deref(), 600)
 }
 
 #[cfg(test)]
