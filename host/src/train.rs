@@ -509,7 +509,9 @@ impl Run {
         let mut experts = [part(&|p| p.owner.is_none() && p.shard.is_some()) as f32];
         let mut owned = [part(&|p| p.owner == Some(rank)) as f32];
         self.par.sum_f32(Group::ExpertParallel, &mut experts)?;
-        self.par.sum_f32(Group::World, &mut owned)?;
+        if self.params.list.iter().any(|p| p.owner.is_some()) {
+            self.par.sum_f32(Group::World, &mut owned)?; // shard_optimizer only
+        }
         if !(experts[0].is_finite() && owned[0].is_finite()) {
             return Err("non-finite gradient on another rank (that rank names it)".into());
         }
