@@ -91,6 +91,24 @@ __device__ void sum2(float* out, const A* a, const B* b, long long n) {
 extern "C" __global__ void sum2_f32_bf16(float* out, const float* a, const bf16* b, long long n) { sum2(out, a, b, n); }
 extern "C" __global__ void sum2_bf16_bf16(float* out, const bf16* a, const bf16* b, long long n) { sum2(out, a, b, n); }
 
+// y [rows, cols] (bf16) += b [cols] (bf16): a projection's bias, in place.
+extern "C" __global__ void bias_add_bf16(bf16* y, const bf16* b, long long rows, int cols) {
+    const long long n = rows * cols, stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        y[i] = __float2bfloat16(__bfloat162float(y[i]) + __bfloat162float(b[i % cols]));
+}
+
+// g [cols] (f32) += the column sums of dy [rows, cols] (bf16): a bias's gradient. Thread x of block
+// (bx, by) sums column bx·256 + x over rows by·256 .. by·256 + 255, then one atomic add.
+extern "C" __global__ void bias_grad_bf16(const bf16* dy, float* g, long long rows, int cols) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    const long long r0 = (long long)blockIdx.y * 256, r1 = min(rows, r0 + 256);
+    float s = 0.f;
+    for (long long r = r0; r < r1; r++) s += __bfloat162float(dy[r * cols + c]);
+    atomicAdd(g + c, s);
+}
+
 // x *= s.
 extern "C" __global__ void scale_f32(float* x, long long n, float s) {
     packs(n, al4(x), [&](long long i, bool v) {

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Parity of Pith's Hugging Face interop with transformers itself (docs/interop.md).
 
-For each family (Qwen3-MoE, Mixtral, OLMoE): build a tiny random model with transformers
+For each family (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE): build a tiny random model with transformers
 (vocab 128, hidden 64, 2 layers, 4 heads, 2 kv heads, 8 experts, top-2), save_pretrained it
 sharded, `pith import hf` it (and, where transformers can, the fused-experts save too), compare
 `pith eval-logits` with transformers' logits and loss, train Pith a few steps from it
@@ -12,7 +12,7 @@ family; exit status 1 on any failure.
 Tolerance (both sides compute in float32; only summation order differs): max |Δlogit| <= 1e-4
 and |Δloss| <= 1e-5.
 
-    python3 scripts/hf_parity.py target/release/pith [--work DIR] [--families qwen3_moe,mixtral,olmoe]
+    python3 scripts/hf_parity.py target/release/pith [--work DIR] [--families qwen3_moe,mixtral,olmoe,qwen2_moe]
 """
 
 import argparse
@@ -38,6 +38,9 @@ FAMILIES = {
                                          intermediate_size=128, norm_topk_prob=True, rope_theta=1e6)),
     "mixtral": ("MixtralConfig", dict(head_dim=16, num_local_experts=8, intermediate_size=32)),
     "olmoe": ("OlmoeConfig", dict(num_experts=8, intermediate_size=32, norm_topk_prob=False, rope_theta=5e5)),
+    # q/k/v biases and a shared expert with a sigmoid gate per token
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                         intermediate_size=128, norm_topk_prob=False, rope_theta=1e6)),
 }
 
 

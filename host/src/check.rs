@@ -310,7 +310,7 @@ fn check_router(cpu: &CpuOps, r: &RouterBox, dims: ModelDims, t: usize, rng: &mu
                 "forward: logits, probs, ids, weights are {dims:?}; expected [[{t}, {e}], [{t}, {e}], [{t}, k], [{t}, k]], ids i32"
             ));
         }
-        crate::model::check_ids(o.ids.i32s(), e, "forward")?;
+        crate::decoder::check_ids(o.ids.i32s(), e, "forward")?;
         Ok(o)
     };
     // Redraw tokens whose k-th and (k+1)-th logits nearly tie, so ±EPS rarely flips the top-k set.

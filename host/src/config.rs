@@ -40,6 +40,9 @@ pub struct ModelConfig {
     /// `none` (Mixtral).
     #[serde(default)]
     pub qk_norm: QkNorm,
+    /// q, k and v projections add a trained bias (Qwen2-MoE); o_proj never has one.
+    #[serde(default)]
+    pub qkv_bias: bool,
 }
 
 /// See [`ModelConfig::qk_norm`].

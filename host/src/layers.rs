@@ -28,6 +28,17 @@ pub fn linear_bwd(
     sgemm(m, n, k, 1.0, dy, true, x, false, 1.0, dw);
 }
 
+/// y [N,C] += b [C] on every row (a projection's bias).
+pub fn bias_fwd(y: &mut [f32], b: &[f32]) {
+    y.par_chunks_mut(b.len()).for_each(|r| r.iter_mut().zip(b).for_each(|(y, b)| *y += b));
+}
+
+/// db [C] += Σ over rows of dy [N,C] (in fixed row chunks: reproducible).
+pub fn bias_bwd(dy: &[f32], db: &mut [f32]) {
+    let c = db.len();
+    add_row_sums(db, dy.len() / c, |i, acc| acc.iter_mut().zip(&dy[i * c..][..c]).for_each(|(a, d)| *a += d));
+}
+
 /// out [N,H] = rows `tokens` [N] of table [V,H].
 pub fn embedding_fwd(table: &[f32], tokens: &[u32], h: usize, out: &mut [f32]) {
     let rows = out.par_chunks_mut(h).zip(tokens);

@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod cpu;
 pub mod data;
+pub mod decoder;
 pub mod dist;
 pub mod gpu;
 pub mod hf;

@@ -1077,6 +1077,16 @@ mod tests {
                 "head_dim 64, shared expert 96",
                 vec!["model.head_dim=64", "shared.plugin=\"shared-swiglu\"", "shared.ffn=96"],
             ),
+            (
+                "Qwen2-MoE: q/k/v biases, gated shared expert 96",
+                vec![
+                    "model.qk_norm=\"none\"",
+                    "model.qkv_bias=true",
+                    "shared.plugin=\"shared-swiglu\"",
+                    "shared.ffn=96",
+                    "shared.gate=true",
+                ],
+            ),
         ] {
             let mut sets = sets.clone();
             sets.push("train.micro_batch=2");
@@ -1089,6 +1099,10 @@ mod tests {
             for run in [&mut cpu, &mut gpu] {
                 for p in run.params.list.iter_mut().filter(|p| p.name.ends_with("moe.router.weight")) {
                     p.w.iter_mut().for_each(|w| *w *= 50.0);
+                }
+                // Biases start at zero; give them values so the forward's bias add is tested too.
+                for p in run.params.list.iter_mut().filter(|p| p.name.ends_with(".bias")) {
+                    p.w.iter_mut().enumerate().for_each(|(i, w)| *w = 0.1 * (i as f32).sin());
                 }
             }
             gpu.place().unwrap();

@@ -39,6 +39,7 @@ enum Arch {
     Qwen3,
     Mixtral,
     Olmoe,
+    Qwen2,
 }
 
 impl Arch {
@@ -47,18 +48,27 @@ impl Arch {
             Arch::Qwen3 => "Qwen3MoeForCausalLM",
             Arch::Mixtral => "MixtralForCausalLM",
             Arch::Olmoe => "OlmoeForCausalLM",
+            Arch::Qwen2 => "Qwen2MoeForCausalLM",
         }
     }
     fn qk(self) -> &'static str {
         match self {
             Arch::Qwen3 => "head",
-            Arch::Mixtral => "none",
+            Arch::Mixtral | Arch::Qwen2 => "none",
             Arch::Olmoe => "full",
+        }
+    }
+    /// The shared expert's FFN size (Qwen2-MoE's gated one; 0: none).
+    fn shared(self) -> usize {
+        if self == Arch::Qwen2 {
+            6
+        } else {
+            0
         }
     }
 }
 
-const ARCHS: [Arch; 3] = [Arch::Qwen3, Arch::Mixtral, Arch::Olmoe];
+const ARCHS: [Arch; 4] = [Arch::Qwen3, Arch::Mixtral, Arch::Olmoe, Arch::Qwen2];
 const E: usize = 4;
 
 /// vocab 72, hidden 16, 2 layers, 4 heads of 4 (2 kv heads), 4 experts of ffn 8, top-2, 16 positions.
@@ -75,6 +85,9 @@ fn config_json(a: Arch) -> Value {
                                 "rope_theta": 1e6, "sliding_window": null}),
         Arch::Olmoe => json!({"model_type": "olmoe", "num_experts": E, "intermediate_size": 8, "norm_topk_prob": false,
                               "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "clip_qkv": null}),
+        Arch::Qwen2 => json!({"model_type": "qwen2_moe", "num_experts": E, "moe_intermediate_size": 8,
+                              "shared_expert_intermediate_size": 6, "intermediate_size": 32, "norm_topk_prob": false,
+                              "rope_theta": 10000.0}),
     };
     c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
     c
@@ -83,8 +96,9 @@ fn config_json(a: Arch) -> Value {
 fn model_config(a: Arch) -> ModelConfig {
     let text = format!(
         "vocab = 72\nhidden = 16\nlayers = 2\nheads = 4\nkv_heads = 2\nhead_dim = 4\nseq_len = 16\nexperts = {E}\n\
-         expert_ffn = 8\nqk_norm = \"{}\"",
-        a.qk()
+         expert_ffn = 8\nqk_norm = \"{}\"\nqkv_bias = {}",
+        a.qk(),
+        a == Arch::Qwen2
     );
     toml::from_str(&text).unwrap()
 }
@@ -94,7 +108,7 @@ fn model_config(a: Arch) -> ModelConfig {
 fn pith_weights(a: Arch, seed: u64) -> TensorMap {
     let mut r = Rng::new(seed);
     let mut out = BTreeMap::new();
-    for (name, shape) in pith::hf::pith_params(&model_config(a)) {
+    for (name, shape) in pith::hf::pith_params(&model_config(a), a.shared()) {
         let n: usize = shape.iter().product();
         let v = match name.ends_with("norm.weight") {
             true => (0..n).map(|_| (96 + r.below(64)) as f32 / 128.0).collect(),
@@ -126,6 +140,9 @@ fn hf_tensors(a: Arch, w: &TensorMap, fused: bool) -> Vec<(String, Vec<usize>, V
             if w.contains_key(&format!("{pl}.attn.{x}.weight")) {
                 put(format!("{hl}.self_attn.{x}.weight"), &format!("{pl}.attn.{x}.weight"));
             }
+            if w.contains_key(&format!("{pl}.attn.{x}.bias")) {
+                put(format!("{hl}.self_attn.{x}.bias"), &format!("{pl}.attn.{x}.bias"));
+            }
         }
         put(format!("{hl}.post_attention_layernorm.weight"), &format!("{pl}.moe_norm.weight"));
         let moe = if a == Arch::Mixtral && !fused { "block_sparse_moe" } else { "mlp" };
@@ -143,6 +160,13 @@ fn hf_tensors(a: Arch, w: &TensorMap, fused: bool) -> Vec<(String, Vec<usize>, V
                     out.push((format!("{hl}.{moe}.experts.{e}.{n}.weight"), vec![t.0[2], t.0[1]], expert(t, e)));
                 }
             }
+        }
+        if a.shared() > 0 {
+            for (n, hn) in [("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")] {
+                let t = &w[&format!("{pl}.moe.shared.{n}")];
+                out.push((format!("{hl}.mlp.shared_expert.{hn}.weight"), vec![t.0[2], t.0[1]], expert(t, 0)));
+            }
+            put(format!("{hl}.mlp.shared_expert_gate.weight"), &format!("{pl}.moe.shared.gate"));
         }
     }
     put("model.norm.weight".into(), "final_norm.weight");
@@ -252,7 +276,7 @@ fn import_reads_each_family_layout_and_dtype_exactly() {
             assert_eq!(checkpoint_weights(&run), w, "{a:?} fused={fused}");
             let cfg = std::fs::read_to_string(run.join("config.toml")).unwrap();
             assert!(cfg.contains(&format!("qk_norm = \"{}\"", a.qk())), "{cfg}");
-            let normalize = a != Arch::Olmoe;
+            let normalize = !matches!(a, Arch::Olmoe | Arch::Qwen2);
             assert!(cfg.contains(&format!("normalize = {normalize}")), "{cfg}");
             let entries: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().map(|e| e.file_name()).collect();
             assert!(entries.iter().all(|n| !n.to_string_lossy().contains(".tmp")), "{entries:?}");

@@ -342,6 +342,39 @@ impl Gpu {
         self.launch(src::ELEMENTWISE, name, shape(pack_grid(n), BLOCK, 0), &[acc.arg(), x.arg(), Arg::I64(n as i64)])
     }
 
+    /// y (bf16 [rows, cols]) += b (bf16 [cols]) on every row.
+    pub fn bias_add(&self, y: &Tensor, b: &Tensor) -> Result<(), String> {
+        on_device("bias_add", &[y, b])?;
+        let cols = b.numel();
+        if y.dtype != DType::BF16 || b.dtype != DType::BF16 || cols == 0 || !y.numel().is_multiple_of(cols) {
+            return Err(format!("bias_add: y {} += b {}: expected bf16 y [rows, cols] and b [cols]", desc(y), desc(b)));
+        }
+        let rows = y.numel() / cols;
+        let args = [y.arg(), b.arg(), Arg::I64(rows as i64), Arg::I32(cols as i32)];
+        self.launch(src::ELEMENTWISE, "bias_add_bf16", shape(blocks(y.numel(), BLOCK) as usize, BLOCK, 0), &args)
+    }
+
+    /// g (f32 [cols]) += Σ over rows of dy (bf16 [rows, cols]): a bias's gradient.
+    pub fn bias_grad(&self, dy: &Tensor, g: &Tensor) -> Result<(), String> {
+        on_device("bias_grad", &[dy, g])?;
+        let cols = g.numel();
+        if dy.dtype != DType::BF16 || g.dtype != DType::F32 || cols == 0 || !dy.numel().is_multiple_of(cols) {
+            return Err(format!(
+                "bias_grad: g {} += Σ dy {}: expected bf16 dy [rows, cols], f32 g [cols]",
+                desc(g),
+                desc(dy)
+            ));
+        }
+        let rows = dy.numel() / cols;
+        let grid = ([cols.div_ceil(BLOCK as usize) as u32, rows.div_ceil(256).max(1) as u32, 1], [BLOCK, 1, 1], 0);
+        self.launch(
+            src::ELEMENTWISE,
+            "bias_grad_bf16",
+            grid,
+            &[dy.arg(), g.arg(), Arg::I64(rows as i64), Arg::I32(cols as i32)],
+        )
+    }
+
     /// out (f32) = a + b, where a is f32 or bf16 and b is bf16 (same numel).
     pub fn sum_into(&self, out: &Tensor, a: &Tensor, b: &Tensor) -> Result<(), String> {
         on_device("sum_into", &[out, a, b])?;

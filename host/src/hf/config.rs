@@ -21,6 +21,8 @@ pub struct HfModel {
     pub head_dim: usize,
     pub experts: usize,
     pub expert_ffn: usize,
+    /// `shared_expert_intermediate_size` (Qwen2-MoE's gated shared expert; 0: none).
+    pub shared_ffn: usize,
     pub top_k: usize,
     /// `norm_topk_prob` (always true for Mixtral): the router's `normalize`.
     pub normalize: bool,
@@ -77,7 +79,12 @@ fn parse_config(c: &Value, seq_len: Option<usize>) -> Result<HfModel, String> {
     };
     let flag = |k: &str| get(k).is_some_and(|v| v.as_bool() == Some(true));
     let (hidden, heads) = (size("hidden_size", None)?, size("num_attention_heads", None)?);
-    let kv_heads = size("num_key_value_heads", Some(if f == Family::Qwen3Moe { 4 } else { heads }))?;
+    let kv_default = match f {
+        Family::Qwen3Moe => 4,
+        Family::Qwen2Moe => 16,
+        _ => heads,
+    };
+    let kv_heads = size("num_key_value_heads", Some(kv_default))?;
     let head_dim = match int("head_dim")? {
         Some(d) => d,
         None if hidden.is_multiple_of(heads) => hidden / heads,
@@ -88,7 +95,7 @@ fn parse_config(c: &Value, seq_len: Option<usize>) -> Result<HfModel, String> {
         _ if get("num_experts").is_none() && get("num_local_experts").is_some() => "num_local_experts",
         _ => "num_experts",
     };
-    let ffn_key = if f == Family::Qwen3Moe { "moe_intermediate_size" } else { "intermediate_size" };
+    let ffn_key = if f.moe_ffn_key() { "moe_intermediate_size" } else { "intermediate_size" };
     let (experts, expert_ffn) = (size(experts_key, None)?, size(ffn_key, None)?);
     let top_k = size("num_experts_per_tok", None)?;
     let max_positions = size("max_position_embeddings", Some(4096))?;
@@ -119,7 +126,7 @@ fn parse_config(c: &Value, seq_len: Option<usize>) -> Result<HfModel, String> {
     if let Some(v) = partial.filter(|v| v.as_f64() != Some(1.0) && !v.is_null()) {
         refuse("partial_rotary_factor", v, "RoPE rotates whole heads");
     }
-    if f == Family::Qwen3Moe && flag("use_sliding_window") {
+    if f.moe_ffn_key() && flag("use_sliding_window") {
         refuse("use_sliding_window", &Value::Bool(true), "attention is full causal");
     }
     if let (Family::Mixtral, Some(w)) = (f, get("sliding_window")) {
@@ -138,16 +145,22 @@ fn parse_config(c: &Value, seq_len: Option<usize>) -> Result<HfModel, String> {
     if let Some(v) = get("mlp_only_layers").filter(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
         refuse("mlp_only_layers", v, "every layer is MoE");
     }
-    for k in ["shared_expert_intermediate_size", "n_shared_experts", "num_shared_experts"] {
+    let shared_key = "shared_expert_intermediate_size";
+    let shared_ffn = match f {
+        Family::Qwen2Moe => size(shared_key, None)?,
+        _ => 0,
+    };
+    for k in [shared_key, "n_shared_experts", "num_shared_experts"].into_iter().filter(|_| f != Family::Qwen2Moe) {
         if let Some(v) = get(k).filter(|v| v.as_u64() != Some(0)) {
-            refuse(k, v, "Pith's shared expert is ungated; import has none");
+            refuse(k, v, &format!("{} has no shared expert", f.architecture()));
         }
     }
     if let Some(v) = get("clip_qkv") {
         refuse("clip_qkv", v, "q, k, v are not clipped");
     }
-    if f == Family::Olmoe && head_dim * heads != hidden {
-        refuse("head_dim", &json!(head_dim), "OLMoE's head_dim is hidden_size / num_attention_heads");
+    if matches!(f, Family::Olmoe | Family::Qwen2Moe) && head_dim * heads != hidden {
+        let why = format!("{}'s head_dim is hidden_size / num_attention_heads", f.architecture());
+        refuse("head_dim", &json!(head_dim), &why);
     }
     if let Some(v) = get("quantization_config") {
         refuse("quantization_config", v, "weights must be plain F32, BF16 or F16");
@@ -173,10 +186,11 @@ fn parse_config(c: &Value, seq_len: Option<usize>) -> Result<HfModel, String> {
         head_dim,
         experts,
         expert_ffn,
+        shared_ffn,
         top_k,
         normalize: f == Family::Mixtral || flag("norm_topk_prob"),
         rope_theta,
-        norm_eps: num("rms_norm_eps", if f == Family::Qwen3Moe { 1e-6 } else { 1e-5 })?,
+        norm_eps: num("rms_norm_eps", if f.moe_ffn_key() { 1e-6 } else { 1e-5 })?,
         init_std: num("initializer_range", 0.02)?,
         tied: flag("tie_word_embeddings"),
         aux_coef: num("router_aux_loss_coef", 0.0)?,
@@ -192,13 +206,17 @@ fn quote(s: &str) -> String {
 
 impl HfModel {
     /// The Pith config of this model: its [model], the std topk-softmax router and swiglu
-    /// experts, a switch-aux loss with `router_aux_loss_coef`, adamw, and [train] defaults that
-    /// write to `run`.
+    /// experts (with Qwen2-MoE's q/k/v biases and gated `shared-swiglu`), a switch-aux loss with
+    /// `router_aux_loss_coef`, adamw, and [train] defaults that write to `run`.
     pub fn config(&self, src: &Path, run: &Path) -> Result<Config, String> {
         let qk = match self.family.qk_norm() {
             QkNorm::Head => "head",
             QkNorm::Full => "full",
             QkNorm::None => "none",
+        };
+        let (bias, shared) = match self.shared_ffn {
+            0 => ("", String::new()),
+            f => ("qkv_bias = true\n", format!("\n[shared]\nplugin = \"shared-swiglu\"\nffn = {f}\ngate = true\n")),
         };
         let aux = match self.aux_coef > 0.0 {
             true => format!("\n[[balance_loss]]\nplugin = \"switch-aux\"\ncoef = {:?}\n", self.aux_coef),
@@ -207,9 +225,9 @@ impl HfModel {
         let text = format!(
             "# `pith import hf {src}` ({arch})\n\n[model]\nvocab = {}\nhidden = {}\nlayers = {}\nheads = {}\n\
              kv_heads = {}\nhead_dim = {}\nseq_len = {}\nrope_theta = {:?}\nexperts = {}\nexpert_ffn = {}\n\
-             norm_eps = {:?}\ninit_std = {:?}\nqk_norm = \"{qk}\"\n\n[train]\nsteps = 100\nmicro_batch = 4\n\
+             norm_eps = {:?}\ninit_std = {:?}\nqk_norm = \"{qk}\"\n{bias}\n[train]\nsteps = 100\nmicro_batch = 4\n\
              lr = 1e-4\nwarmup = 10\nout = {}\n\n[router]\nplugin = \"topk-softmax\"\ntop_k = {}\nnormalize = {}\n\n\
-             [experts]\nplugin = \"swiglu\"\n{aux}\n[optimizer]\nplugin = \"adamw\"\n",
+             [experts]\nplugin = \"swiglu\"\n{shared}{aux}\n[optimizer]\nplugin = \"adamw\"\n",
             self.vocab,
             self.hidden,
             self.layers,
@@ -241,7 +259,7 @@ impl HfModel {
 
     /// The config.json field a Pith `model.*` key comes from.
     pub fn field(&self, key: &str) -> Option<&'static str> {
-        let (mixtral, qwen) = (self.family == Family::Mixtral, self.family == Family::Qwen3Moe);
+        let (mixtral, qwen) = (self.family == Family::Mixtral, self.family.moe_ffn_key());
         Some(match key {
             "model.vocab" => "vocab_size",
             "model.hidden" => "hidden_size",
@@ -288,11 +306,14 @@ fn num(x: f32) -> Value {
     json!(x.to_string().parse::<f64>().unwrap())
 }
 
+/// The config.json of `cfg` as `family` (`shared_ffn`: its shared expert's FFN size, 0: none).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn hf_config(
     cfg: &Config,
     family: Family,
     top_k: usize,
     normalize: bool,
+    shared_ffn: usize,
     opts: &ExportOptions,
     tok: &Option<(PathBuf, Option<u64>)>,
 ) -> Value {
@@ -340,6 +361,12 @@ pub(super) fn hf_config(
             "intermediate_size": m.expert_ffn, "num_experts": m.experts, "norm_topk_prob": normalize,
             "attention_bias": false, "clip_qkv": null,
         }),
+        Family::Qwen2Moe => json!({
+            "head_dim": m.head_dim, "intermediate_size": shared_ffn, "moe_intermediate_size": m.expert_ffn,
+            "shared_expert_intermediate_size": shared_ffn, "num_experts": m.experts, "norm_topk_prob": normalize,
+            "decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": false, "sliding_window": null,
+            "max_window_layers": m.layers, "qkv_bias": true,
+        }),
     };
     c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
     c
@@ -378,6 +405,20 @@ mod tests {
         c["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 5e5});
         let o = parse_config(&c, None).unwrap();
         assert_eq!((o.family, o.head_dim, o.rope_theta, o.expert_ffn), (Family::Olmoe, 4, 5e5, 8));
+        let mut c = base("Qwen2MoeForCausalLM");
+        c["norm_topk_prob"] = json!(false);
+        let e = parse_config(&c, None).unwrap_err();
+        assert!(e.contains("`shared_expert_intermediate_size` is missing"), "{e}");
+        c["shared_expert_intermediate_size"] = json!(12);
+        let q2 = parse_config(&c, None).unwrap();
+        assert_eq!((q2.family, q2.normalize, q2.shared_ffn, q2.expert_ffn), (Family::Qwen2Moe, false, 12, 8));
+        let cfg = q2.config(Path::new("src"), Path::new("runs/q2")).unwrap();
+        assert!(cfg.model.qkv_bias && cfg.model.qk_norm == QkNorm::None);
+        let shared = cfg.shared.unwrap();
+        assert_eq!(
+            (shared["plugin"].as_str(), shared["ffn"].as_integer(), shared["gate"].as_bool()),
+            (Some("shared-swiglu"), Some(12), Some(true))
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use super::config::{generation_config, hf_config};
 use super::convert::{f32_to_bf16, read_f32, transpose_into};
 use super::family::Family;
-use super::names::{hf_name, is_experts, pith_params};
+use super::names::{hf_name, pith_params, stack};
 use super::tokenizer::{copy_tokenizer, find_tokenizer};
 use super::{atomically, mmap, parse_st, read_run_config};
 use crate::checkpoint;
@@ -88,16 +88,29 @@ pub fn export(src: &Path, out: &Path, opts: &ExportOptions) -> Result<Exported, 
         ));
     }
     let m = &cfg.model;
-    if let Some(t) = &cfg.shared {
-        let name = t.get("plugin").and_then(|v| v.as_str()).unwrap_or("?");
-        return Err(format!("{}: [shared] `{name}`: the exported families have no shared expert", file.display()));
-    }
+    // A shared expert exports as Qwen2-MoE's: the std shared-swiglu (gate, ffn).
+    let shared = match &cfg.shared {
+        None => None,
+        Some(t) if plugin(t) == "shared-swiglu" => {
+            let gate = t.get("gate").and_then(|v| v.as_bool()).unwrap_or(false);
+            Some((gate, t.get("ffn").and_then(|v| v.as_integer()).unwrap_or(0) as usize))
+        }
+        Some(t) => {
+            let name = plugin(t);
+            return Err(format!(
+                "{}: [shared] `{name}`: Hugging Face export covers the std `shared-swiglu` only",
+                file.display()
+            ));
+        }
+    };
     let top_k = cfg.router.get("top_k").and_then(|v| v.as_integer()).unwrap_or(2) as usize;
     let normalize = cfg.router.get("normalize").and_then(|v| v.as_bool()).unwrap_or(true);
-    let family = Family::of(m, normalize).map_err(|e| format!("{}: {e}", file.display()))?;
-    if family == Family::Olmoe && m.heads * m.head_dim != m.hidden {
-        return Err(format!("{}: OLMoE needs heads·head_dim = hidden", at("model.head_dim")));
+    let family = Family::of(m, normalize, shared.map(|s| s.0)).map_err(|e| format!("{}: {e}", file.display()))?;
+    if matches!(family, Family::Olmoe | Family::Qwen2Moe) && m.heads * m.head_dim != m.hidden {
+        let arch = family.architecture();
+        return Err(format!("{}: {arch} needs heads·head_dim = hidden", at("model.head_dim")));
     }
+    let shared_ffn = shared.map_or(0, |s| s.1);
     let tokenizer = find_tokenizer(&cfg, opts.tokenizer.as_deref())?;
 
     // Check the checkpoint against the model its config describes.
@@ -105,20 +118,20 @@ pub fn export(src: &Path, out: &Path, opts: &ExportOptions) -> Result<Exported, 
     let map = mmap(&weights)?;
     let st = parse_st(&weights, &map)?;
     let mut plan = Vec::new();
-    for (name, shape) in pith_params(m) {
+    for (name, shape) in pith_params(m, shared_ffn) {
         let t = st.tensor(&name).map_err(|_| format!("{}: tensor `{name}` is missing", weights.display()))?;
         if t.dtype() != Dtype::F32 || t.shape() != shape {
             let got = format!("{:?} {:?}", t.dtype(), t.shape());
             return Err(format!("{}: tensor `{name}` is {got}, the model needs F32 {shape:?}", weights.display()));
         }
-        match is_experts(&name) {
-            true => plan.extend((0..m.experts).map(|e| Planned {
+        match stack(&name, m.experts) {
+            Some(n) => plan.extend((0..n).map(|e| Planned {
                 name: hf_name(family, &name, e),
                 shape: vec![shape[2], shape[1]],
                 pith: name.clone(),
                 expert: Some(e),
             })),
-            false => plan.push(Planned { name: hf_name(family, &name, 0), shape, pith: name, expert: None }),
+            None => plan.push(Planned { name: hf_name(family, &name, 0), shape, pith: name, expert: None }),
         }
     }
     let esize = if opts.dtype == ExportDtype::F32 { 4 } else { 2 };
@@ -139,7 +152,7 @@ pub fn export(src: &Path, out: &Path, opts: &ExportOptions) -> Result<Exported, 
         _ => (1..=n).map(|i| format!("model-{i:05}-of-{n:05}.safetensors")).collect(),
     };
     let total: u64 = plan.iter().map(bytes).sum();
-    let config = hf_config(&cfg, family, top_k, normalize, opts, &tokenizer);
+    let config = hf_config(&cfg, family, top_k, normalize, shared_ffn, opts, &tokenizer);
     atomically(out, |tmp| {
         for (group, name) in groups.iter().zip(&names) {
             write_shard(&tmp.join(name), group, &st, opts.dtype)?;

@@ -8,9 +8,11 @@ pub enum Family {
     Qwen3Moe,
     Mixtral,
     Olmoe,
+    /// Qwen1.5-MoE / Qwen2-MoE: q/k/v biases and a shared expert with a sigmoid gate per token.
+    Qwen2Moe,
 }
 
-pub(super) const FAMILIES: [Family; 3] = [Family::Qwen3Moe, Family::Mixtral, Family::Olmoe];
+pub(super) const FAMILIES: [Family; 4] = [Family::Qwen3Moe, Family::Mixtral, Family::Olmoe, Family::Qwen2Moe];
 
 impl Family {
     pub fn architecture(self) -> &'static str {
@@ -18,6 +20,7 @@ impl Family {
             Family::Qwen3Moe => "Qwen3MoeForCausalLM",
             Family::Mixtral => "MixtralForCausalLM",
             Family::Olmoe => "OlmoeForCausalLM",
+            Family::Qwen2Moe => "Qwen2MoeForCausalLM",
         }
     }
     pub fn model_type(self) -> &'static str {
@@ -25,12 +28,13 @@ impl Family {
             Family::Qwen3Moe => "qwen3_moe",
             Family::Mixtral => "mixtral",
             Family::Olmoe => "olmoe",
+            Family::Qwen2Moe => "qwen2_moe",
         }
     }
     pub(super) fn qk_norm(self) -> QkNorm {
         match self {
             Family::Qwen3Moe => QkNorm::Head,
-            Family::Mixtral => QkNorm::None,
+            Family::Mixtral | Family::Qwen2Moe => QkNorm::None,
             Family::Olmoe => QkNorm::Full,
         }
     }
@@ -48,8 +52,22 @@ impl Family {
             _ => ["gate_proj", "up_proj", "down_proj"],
         }
     }
-    /// The family a Pith model exports as: chosen by `model.qk_norm`.
-    pub(super) fn of(m: &ModelConfig, normalize: bool) -> Result<Family, String> {
+    /// Does the family name its expert FFN size `moe_intermediate_size` (else `intermediate_size`)?
+    pub(super) fn moe_ffn_key(self) -> bool {
+        matches!(self, Family::Qwen3Moe | Family::Qwen2Moe)
+    }
+    /// The family a Pith model exports as: Qwen2-MoE when it has q/k/v biases or a shared expert
+    /// (`shared`: that expert's `gate`), else chosen by `model.qk_norm`.
+    pub(super) fn of(m: &ModelConfig, normalize: bool, shared: Option<bool>) -> Result<Family, String> {
+        if m.qkv_bias || shared.is_some() {
+            return match (m.qkv_bias, shared, m.qk_norm) {
+                (true, Some(true), QkNorm::None) => Ok(Family::Qwen2Moe),
+                _ => Err("the exported family with q/k/v biases or a shared expert is Qwen2-MoE, which needs all of \
+                          model.qkv_bias = true, model.qk_norm = \"none\" and [shared] plugin = \"shared-swiglu\" \
+                          with gate = true"
+                    .into()),
+            };
+        }
         match (m.qk_norm, normalize) {
             (QkNorm::None, false) => Err("model.qk_norm = \"none\" is Mixtral, whose router always renormalises the \
                                           top-k weights, but router.normalize = false"

@@ -6,7 +6,7 @@
 use super::config::{read_config, HfModel};
 use super::convert::{reader, transpose_into};
 use super::family::Family;
-use super::names::{hf_name, is_experts, translate, Slot};
+use super::names::{hf_name, stack, translate, Slot};
 use super::{atomically, build, mmap, parse_st, shape};
 use crate::checkpoint::{self, TrainerState};
 use crate::params::Params;
@@ -56,7 +56,7 @@ fn shards(dir: &Path) -> Result<Shards, String> {
 /// memory-mapped file at a time, each tensor converted in place.
 pub fn load_weights(dir: &Path, hf: &HfModel, params: &mut Params) -> Result<(), String> {
     let index: HashMap<String, usize> = params.list.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
-    let pieces = |i: usize| if is_experts(&params.list[i].name) { hf.experts } else { 1 };
+    let pieces = |i: usize| stack(&params.list[i].name, hf.experts).unwrap_or(1);
     let mut filled: Vec<Vec<bool>> = (0..params.list.len()).map(|i| vec![false; pieces(i)]).collect();
     let (files, named) = shards(dir)?;
     for (path, listed) in &files {
@@ -92,7 +92,7 @@ pub fn load_weights(dir: &Path, hf: &HfModel, params: &mut Params) -> Result<(),
                 targets.push(index[&pith.replace("w_gate", "w_up")]);
             }
             let marks: Vec<usize> = match slot {
-                Slot::Expert(e) if e < hf.experts => vec![e],
+                Slot::Expert(e) if e < filled[i].len() => vec![e],
                 Slot::Expert(_) => return Err(nowhere()),
                 Slot::GateUp | Slot::Down => (0..hf.experts).collect(),
                 _ => vec![0],

@@ -5,8 +5,9 @@ use super::family::Family;
 use crate::config::{ModelConfig, QkNorm};
 
 /// Name and shape of every parameter of a Pith model with the std topk-softmax router and
-/// swiglu experts and no shared expert, in `Model::new`'s order.
-pub fn pith_params(m: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+/// swiglu experts, and with `shared_ffn` > 0 the gated std shared-swiglu of that FFN size
+/// (Qwen2-MoE's), in `Model::new`'s order.
+pub fn pith_params(m: &ModelConfig, shared_ffn: usize) -> Vec<(String, Vec<usize>)> {
     let (h, qd, kd, e, f) = (m.hidden, m.heads * m.head_dim, m.kv_heads * m.head_dim, m.experts, m.expert_ffn);
     let mut v = vec![("embed.weight".to_string(), vec![m.vocab, h])];
     for l in 0..m.layers {
@@ -25,20 +26,36 @@ pub fn pith_params(m: &ModelConfig) -> Vec<(String, Vec<usize>)> {
             add("attn.q_norm.weight", vec![qn]);
             add("attn.k_norm.weight", vec![kn]);
         }
+        if m.qkv_bias {
+            add("attn.q_proj.bias", vec![qd]);
+            add("attn.k_proj.bias", vec![kd]);
+            add("attn.v_proj.bias", vec![kd]);
+        }
         add("moe_norm.weight", vec![h]);
         add("moe.router.weight", vec![e, h]);
         add("moe.experts.w_gate", vec![e, h, f]);
         add("moe.experts.w_up", vec![e, h, f]);
         add("moe.experts.w_down", vec![e, f, h]);
+        if shared_ffn > 0 {
+            add("moe.shared.w_gate", vec![1, h, shared_ffn]);
+            add("moe.shared.w_up", vec![1, h, shared_ffn]);
+            add("moe.shared.w_down", vec![1, shared_ffn, h]);
+            add("moe.shared.gate", vec![1, h]);
+        }
     }
     v.push(("final_norm.weight".into(), vec![h]));
     v.push(("lm_head.weight".into(), vec![m.vocab, h]));
     v
 }
 
-/// Is this Pith parameter an expert stack ([E, in, out], one HF tensor per expert)?
-pub(super) fn is_experts(pith: &str) -> bool {
-    pith.contains(".moe.experts.w_")
+/// How many HF [out, in] matrices a Pith expert stack [E, in, out] holds — `experts` for the
+/// routed experts, 1 for the shared expert — or None for a parameter HF stores whole.
+pub(super) fn stack(pith: &str, experts: usize) -> Option<usize> {
+    match pith {
+        p if p.contains(".moe.experts.w_") => Some(experts),
+        p if p.contains(".moe.shared.w_") => Some(1),
+        _ => None,
+    }
 }
 
 /// The HF name of a Pith parameter (of expert `e` for an expert stack).
@@ -58,6 +75,10 @@ pub(super) fn hf_name(f: Family, pith: &str, e: usize) -> String {
         "moe.experts.w_gate" => format!("{}.experts.{e}.{gate}.weight", f.moe()),
         "moe.experts.w_up" => format!("{}.experts.{e}.{up}.weight", f.moe()),
         "moe.experts.w_down" => format!("{}.experts.{e}.{down}.weight", f.moe()),
+        "moe.shared.w_gate" => "mlp.shared_expert.gate_proj.weight".into(),
+        "moe.shared.w_up" => "mlp.shared_expert.up_proj.weight".into(),
+        "moe.shared.w_down" => "mlp.shared_expert.down_proj.weight".into(),
+        "moe.shared.gate" => "mlp.shared_expert_gate.weight".into(),
         r => format!("self_attn.{}", r.strip_prefix("attn.").expect("an attention parameter")),
     };
     format!("model.layers.{l}.{rest}")
@@ -99,6 +120,9 @@ pub(super) fn translate(name: &str) -> Option<(String, Slot)> {
     }
     if let Some(a) = rest.strip_prefix("self_attn.") {
         let known = ["q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"];
+        if let Some(w) = a.strip_suffix(".bias").filter(|w| ["q_proj", "k_proj", "v_proj"].contains(w)) {
+            return at(&format!("attn.{w}.bias"), Slot::Whole);
+        }
         let w = a.strip_suffix(".weight").filter(|w| known.contains(w))?;
         return at(&format!("attn.{w}.weight"), Slot::Whole);
     }
@@ -107,7 +131,17 @@ pub(super) fn translate(name: &str) -> Option<(String, Slot)> {
         "gate.weight" => return at("moe.router.weight", Slot::Whole),
         "experts.gate_up_proj" => return at("moe.experts.w_gate", Slot::GateUp),
         "experts.down_proj" => return at("moe.experts.w_down", Slot::Down),
+        "shared_expert_gate.weight" => return at("moe.shared.gate", Slot::Whole),
         _ => {}
+    }
+    if let Some(w) = moe.strip_prefix("shared_expert.") {
+        let which = match w {
+            "gate_proj.weight" => "w_gate",
+            "up_proj.weight" => "w_up",
+            "down_proj.weight" => "w_down",
+            _ => return None,
+        };
+        return at(&format!("moe.shared.{which}"), Slot::Expert(0));
     }
     let (e, w) = moe.strip_prefix("experts.")?.split_once('.')?;
     let which = match w {
@@ -135,32 +169,38 @@ mod tests {
         )
         .unwrap();
         for f in FAMILIES {
-            let m = ModelConfig { qk_norm: f.qk_norm(), ..m.clone() };
-            for (name, _) in pith_params(&m) {
-                let e = if is_experts(&name) { 2 } else { 0 };
-                let want = if is_experts(&name) { Slot::Expert(2) } else { Slot::Whole };
+            let (qkv_bias, shared) = if f == Family::Qwen2Moe { (true, 6) } else { (false, 0) };
+            let m = ModelConfig { qk_norm: f.qk_norm(), qkv_bias, ..m.clone() };
+            for (name, _) in pith_params(&m, shared) {
+                let e = stack(&name, 3).map_or(0, |n| n - 1);
+                let want = if stack(&name, 3).is_some() { Slot::Expert(e) } else { Slot::Whole };
                 assert_eq!(translate(&hf_name(f, &name, e)), Some((name.clone(), want)), "{f:?} {name}");
             }
         }
         let fused = translate("model.layers.1.mlp.experts.gate_up_proj");
         assert_eq!(fused, Some(("layers.1.moe.experts.w_gate".into(), Slot::GateUp)));
         assert_eq!(translate("model.layers.0.self_attn.rotary_emb.inv_freq").map(|t| t.1), Some(Slot::Skip));
-        assert_eq!(translate("model.layers.0.mlp.shared_expert.up_proj.weight"), None);
+        assert_eq!(translate("model.layers.0.mlp.shared_expert.up_proj.bias"), None);
+        assert_eq!(translate("model.layers.0.self_attn.o_proj.bias"), None);
     }
 
-    /// `pith_params` lists exactly what `Model::new` declares with the std router and experts.
+    /// `pith_params` lists exactly what `Model::new` declares with the std router and experts
+    /// (and Qwen2-MoE's biases and gated shared expert).
     #[test]
     fn pith_params_match_the_model() {
         let text = "[model]\nvocab = 8\nhidden = 4\nlayers = 2\nheads = 2\nkv_heads = 1\nhead_dim = 2\nseq_len = 4\n\
                     experts = 3\nexpert_ffn = 5\n[train]\nsteps = 1\nmicro_batch = 1\nlr = 0.1\n\
                     [router]\nplugin = \"topk-softmax\"\n[experts]\nplugin = \"swiglu\"\n[optimizer]\nplugin = \"adamw\"\n";
         let reg = Registry::load(&[]).unwrap();
-        for qk in ["head", "full", "none"] {
-            let cfg = Config::parse("t", text, &[format!("model.qk_norm=\"{qk}\"")]).unwrap();
+        let qwen2 = "model.qkv_bias=true\nshared.plugin=\"shared-swiglu\"\nshared.ffn=6\nshared.gate=true";
+        for (qk, extra, shared) in [("head", "", 0), ("full", "", 0), ("none", "", 0), ("none", qwen2, 6)] {
+            let mut sets = vec![format!("model.qk_norm=\"{qk}\"")];
+            sets.extend(extra.lines().filter(|l| !l.is_empty()).map(String::from));
+            let cfg = Config::parse("t", text, &sets).unwrap();
             let (_, params, _) = build(&cfg, &reg).unwrap();
             let got: Vec<(String, Vec<usize>)> =
                 params.list.iter().map(|p| (p.name.clone(), crate::hf::shape(p))).collect();
-            assert_eq!(got, pith_params(&cfg.model), "qk_norm = {qk}");
+            assert_eq!(got, pith_params(&cfg.model, shared), "qk_norm = {qk} {extra}");
         }
     }
 }

@@ -1,0 +1,435 @@
+//! The decoder's forward and backward, written once over a [`Backend`]: the CPU (f32, the
+//! reference; model.rs) and CUDA (bf16 activations, f32 residual stream; gpu/model.rs) implement
+//! its ops. Forward keeps what backward needs; backward is the exact reverse, llm.c style (no
+//! autograd tape). Per layer:
+//!
+//!   a = attn_norm(x);  q = rope(q_norm(q_proj a));  k = rope(k_norm(k_proj a));  v = v_proj a
+//!   (`model.qk_norm`: per head (Qwen3-MoE), over the whole projection (OLMoE) or none (Mixtral);
+//!   `model.qkv_bias`: q_proj, k_proj, v_proj add a bias (Qwen2-MoE))
+//!   h = x + o_proj(causal_gqa_attention(q, k, v))
+//!   m = moe_norm(h);   route = (logits, probs, ids, weights) = router(m)
+//!   out = h + combine(experts(dispatch(m, route)), route) [+ shared(m): the `[shared]` plugin]
+//!
+//! then final_norm, an untied lm_head and cross-entropy; the loss adds every balance loss.
+//! Components get [`Tensor`] views of the backend's activations (`Backend::ACT`: f32 on the CPU,
+//! bf16 on CUDA), and every output they return is checked (dtype, device, shape; values finite
+//! on the CPU) before it is used, so an error names the layer and the plugin.
+
+use crate::cpu::{view_i32, Calls};
+use crate::model::{named, Model, StepOut, ATTN_NORM, K, O, Q, V};
+use abi_stable::std_types::RSlice;
+use pith_plugin_api::abi::OpsRef;
+use pith_plugin_api::{DType, Device, Dispatched, ExpertsOut, RouterOut, Tensor, EMPTY};
+use std::ops::Range;
+
+/// The ops a device gives the decoder. `T` is an activation the pass owns (freed when dropped);
+/// a parameter is named by its index in the parameter list. Backward ops WRITE input grads
+/// (except where they say they accumulate) and ACCUMULATE parameter grads.
+pub(crate) trait Backend {
+    type T;
+    /// Token ids as the device holds them.
+    type Ids: ?Sized;
+    /// Where activations live, and the dtype components get them in.
+    const DEVICE: Device;
+    const ACT: DType;
+    fn model(&self) -> &Model;
+    /// Sequences in this micro-batch.
+    fn batch(&self) -> usize;
+    /// The plugins' ops table and where their calls sit (layer, step).
+    fn ops(&self) -> OpsRef<'_>;
+    fn calls(&self) -> &Calls;
+
+    /// A view of `t` with shape `dims` for a component (writable: components write outputs).
+    fn view(&self, t: &Self::T, dims: &[usize]) -> Tensor;
+    /// A tensor whose contents are undefined (the op or component writes all of it).
+    fn empty(&self, dims: &[usize], dtype: DType) -> Result<Self::T, String>;
+    fn zeros(&self, dims: &[usize], dtype: DType) -> Result<Self::T, String>;
+    /// What components get for parameters `r` (working copies; buffers as they are), and their
+    /// gradients (zero-numel for buffers and accumulators).
+    fn weights(&self, r: Range<usize>) -> Vec<Tensor>;
+    fn grads(&self, r: Range<usize>) -> Vec<Tensor>;
+    /// Host copies of a component's tensor (router ids and gates, for traces; loss values).
+    fn host_i32(&self, t: &Tensor) -> Result<Vec<i32>, String>;
+    fn host_f32(&self, t: &Tensor) -> Result<Vec<f32>, String>;
+    /// Names `who` when `t` holds a non-finite value (the CPU checks every activation; CUDA
+    /// checks the loss and the gradient norm only, which would otherwise cost a sync per op).
+    fn finite(&self, t: &Self::T, who: &str) -> Result<(), String>;
+
+    /// Rows of the embedding (f32 [T, hidden]); its backward accumulates into the table's grad.
+    fn embed(&self, ids: &Self::Ids) -> Result<Self::T, String>;
+    fn embed_bwd(&self, ids: &Self::Ids, dx: &Self::T) -> Result<(), String>;
+    /// RMSNorm with weight `w` over rows of its size: (y in ACT, rstd f32).
+    fn norm(&self, w: usize, x: &Self::T) -> Result<(Self::T, Self::T), String>;
+    /// dx += ∂ when dx is f32; dx = ∂ when it is ACT and ACT is not f32.
+    fn norm_bwd(&self, w: usize, x: &Self::T, rstd: &Self::T, dy: &Self::T, dx: &mut Self::T) -> Result<(), String>;
+    /// y [T, out] = x · W[w]ᵀ in ACT (W [out, in]; x any tensor of T·in elements).
+    fn linear(&self, w: usize, x: &Self::T) -> Result<Self::T, String>;
+    /// dx (+= when `acc`) = dy · W[w]; the grad of W += dyᵀ · x.
+    fn linear_bwd(&self, w: usize, x: &Self::T, dy: &Self::T, dx: &mut Self::T, acc: bool) -> Result<(), String>;
+    /// y [T, n] += bias `w` [n] on every row; its backward accumulates dy's column sums.
+    fn bias(&self, w: usize, y: &mut Self::T) -> Result<(), String>;
+    fn bias_bwd(&self, w: usize, dy: &Self::T) -> Result<(), String>;
+    /// RoPE in place on q or k [T, heads·head_dim]; `inverse` for backward.
+    fn rope(&self, x: &mut Self::T, heads: usize, inverse: bool) -> Result<(), String>;
+    /// Causal GQA attention: (out [T, heads·head_dim] in ACT, log-sum-exp f32), and its backward
+    /// (dq, dk, dv).
+    fn attention(&self, q: &Self::T, k: &Self::T, v: &Self::T) -> Result<(Self::T, Self::T), String>;
+    fn attention_bwd(&self, s: &Attn<'_, Self::T>, dout: &Self::T) -> Result<Qkv<Self::T>, String>;
+    /// f32 a + b (each f32 or ACT).
+    fn add(&self, a: &Tensor, b: &Tensor) -> Result<Self::T, String>;
+    /// acc (f32) += x (f32 or ACT).
+    fn add_into(&self, acc: &mut Self::T, x: &Tensor) -> Result<(), String>;
+    /// A copy of f32 `x` in ACT.
+    fn to_act(&self, x: &Self::T, dims: &[usize]) -> Result<Self::T, String>;
+    /// Per-token cross-entropy of `logits` [T, vocab] (a tensor whose mean is the loss); with
+    /// `grad_scale`, logits become grad_scale·∂(mean loss)/∂logits.
+    fn cross_entropy(
+        &self,
+        logits: &mut Self::T,
+        targets: &Self::Ids,
+        grad_scale: Option<f32>,
+    ) -> Result<Self::T, String>;
+    fn mean(&self, losses: &Self::T) -> Result<f32, String>;
+
+    /// How many device allocations plugins hold, and freeing those made since `mark`.
+    fn mark(&self) -> usize;
+    fn release_to(&self, mark: usize);
+    /// The gradients of parameters `ids` are final for this micro-batch (a data-parallel GPU pass
+    /// starts their sum over the ranks), and the end of the pass (wait for those sums).
+    fn written(&self, ids: &[usize]) -> Result<(), String>;
+    fn finish(&self) -> Result<(), String>;
+}
+
+/// (dq, dk, dv).
+pub(crate) type Qkv<T> = (T, T, T);
+
+/// What attention's backward reads from its forward.
+pub(crate) struct Attn<'a, T> {
+    pub q: &'a T,
+    pub k: &'a T,
+    pub v: &'a T,
+    pub out: &'a T,
+    pub lse: &'a T,
+}
+
+/// What one layer's forward keeps for backward (names as in the module doc; `*_pre` is q or k
+/// before qk-norm, with its rstd). The plugin tensors r, d, e live until the layer's backward
+/// ends (`Backend::release_to(mark)`).
+struct Saved<T> {
+    x: T,
+    rstd1: T,
+    a: T,
+    q_pre: Option<(T, T)>,
+    k_pre: Option<(T, T)>,
+    q: T,
+    k: T,
+    v: T,
+    att: T,
+    lse: T,
+    h: T,
+    rstd2: T,
+    m: T,
+    r: RouterOut,
+    d: Dispatched,
+    e: ExpertsOut,
+    /// The shared expert's output and its one group's offsets [0, T].
+    shared: Option<(ExpertsOut, [i32; 2])>,
+    counts: Vec<u32>,
+    mark: usize,
+}
+
+/// Check a component's output: dtype, device, shape (0 in `dims` = any size), and on the CPU
+/// finite values.
+pub(crate) fn check(t: &Tensor, dtype: DType, dims: &[usize], device: Device, who: &str) -> Result<(), String> {
+    let d = t.dims();
+    let fits = d.len() == dims.len() && d.iter().zip(dims).all(|(a, b)| *b == 0 || a == b);
+    if !fits || t.dtype != dtype || t.device != device {
+        let got = format!("{:?} {d:?} on {:?}", t.dtype, t.device);
+        return Err(format!("{who}: returned {got}, expected {dtype:?} {dims:?} (0: any) on {device:?}"));
+    }
+    match (device, dtype) {
+        (Device::Cpu, DType::F32) => finite(t.f32s(), who),
+        _ => Ok(()),
+    }
+}
+
+pub(crate) fn finite(v: &[f32], who: &str) -> Result<(), String> {
+    match v.iter().all(|x| x.is_finite()) {
+        true => Ok(()),
+        false => Err(format!("non-finite values first appeared in the output of {who}")),
+    }
+}
+
+/// Every id of a host copy of a router's ids is an expert below `ne` or [`EMPTY`].
+pub(crate) fn check_ids(ids: &[i32], ne: usize, who: &str) -> Result<(), String> {
+    match ids.iter().find(|&&id| id != EMPTY && !(0..ne as i32).contains(&id)) {
+        Some(id) => Err(format!("{who}: chose expert {id} of {ne} (valid: 0..{ne}, or {EMPTY} for an empty slot)")),
+        None => Ok(()),
+    }
+}
+
+fn rs(v: &[Tensor]) -> RSlice<'_, Tensor> {
+    RSlice::from_slice(v)
+}
+
+/// Forward + backward of one micro-batch: accumulates grad_scale·∂(loss)/∂w into the
+/// gradients, where the loss is the mean cross-entropy plus every balance loss. With `routing`,
+/// StepOut carries every layer's ids and gates.
+pub(crate) fn forward_backward<B: Backend>(
+    b: &B,
+    tokens: &B::Ids,
+    targets: &B::Ids,
+    grad_scale: f32,
+    routing: bool,
+) -> Result<StepOut, String> {
+    let m = b.model();
+    let (layers, x, aux) = forward(b, tokens)?;
+    let (xn, rstd) = b.norm(m.final_norm, &x)?;
+    b.finite(&xn, "final_norm")?;
+    let mut logits = b.linear(m.lm_head, &xn)?;
+    b.finite(&logits, "lm_head")?;
+    let losses = b.cross_entropy(&mut logits, targets, Some(grad_scale))?;
+    // Backward: logits now hold their gradient.
+    let t = b.batch() * m.cfg.seq_len;
+    let mut dxn = b.empty(&[t, m.cfg.hidden], DType::F32)?;
+    b.linear_bwd(m.lm_head, &xn, &logits, &mut dxn, false)?;
+    drop(logits);
+    let mut dx = b.zeros(&[t, m.cfg.hidden], DType::F32)?;
+    b.norm_bwd(m.final_norm, &x, &rstd, &dxn, &mut dx)?;
+    b.written(&[m.lm_head, m.final_norm])?;
+    drop((x, xn, dxn));
+    let (mut counts, mut routes) = (Vec::new(), Vec::new());
+    for (l, s) in layers.into_iter().enumerate().rev() {
+        if routing {
+            routes.push((b.host_i32(&s.r.ids)?, b.host_f32(&s.r.weights)?));
+        }
+        layer_backward(b, l, &s, &mut dx, grad_scale)?;
+        b.written(&m.layer_params(l))?;
+        b.release_to(s.mark);
+        counts.push(s.counts);
+    }
+    b.embed_bwd(tokens, &dx)?;
+    b.written(&[m.embed])?;
+    b.finish()?;
+    counts.reverse();
+    routes.reverse();
+    let loss = b.mean(&losses)?;
+    let aux = balance_losses(b, &aux)?;
+    Ok(StepOut { loss, aux, expert_counts: counts, routing: routes })
+}
+
+/// Forward only: the logits [T, vocab] in ACT.
+pub(crate) fn logits<B: Backend>(b: &B, tokens: &B::Ids) -> Result<B::T, String> {
+    let m = b.model();
+    let (layers, x, _) = forward(b, tokens)?;
+    drop(layers);
+    let (xn, _) = b.norm(m.final_norm, &x)?;
+    b.finite(&xn, "final_norm")?;
+    let logits = b.linear(m.lm_head, &xn)?;
+    b.finite(&logits, "lm_head")?;
+    Ok(logits)
+}
+
+/// Forward only: the mean cross-entropy.
+pub(crate) fn loss<B: Backend>(b: &B, tokens: &B::Ids, targets: &B::Ids) -> Result<f32, String> {
+    let mut logits = logits(b, tokens)?;
+    let losses = b.cross_entropy(&mut logits, targets, None)?;
+    b.mean(&losses)
+}
+
+/// Each balance-loss plugin's value summed over layers (one read of every layer's values;
+/// tables with the same plugin name add up), naming the first layer whose value is not finite.
+fn balance_losses<B: Backend>(b: &B, aux: &B::T) -> Result<Vec<(String, f32)>, String> {
+    let m = b.model();
+    let per_layer = m.layers.first().map_or(0, |l| l.moe.losses.len());
+    let values = b.host_f32(&b.view(aux, &[m.layers.len() * per_layer]))?;
+    let mut sums: Vec<(String, f32)> = Vec::new();
+    for (l, (lay, vs)) in m.layers.iter().zip(values.chunks(per_layer.max(1))).enumerate() {
+        for ((name, _), &v) in lay.moe.losses.iter().zip(vs) {
+            finite(&[v], &format!("layer {l} balance_loss `{name}`"))?;
+            match sums.iter_mut().find(|a| a.0 == *name) {
+                Some(a) => a.1 += v,
+                None => sums.push((name.clone(), v)),
+            }
+        }
+    }
+    Ok(sums)
+}
+
+/// Every layer's forward: what each keeps, the last residual stream, and the balance losses'
+/// values [layers, losses per layer] (f32, on the device).
+type Forward<T> = (Vec<Saved<T>>, T, T);
+
+fn forward<B: Backend>(b: &B, tokens: &B::Ids) -> Result<Forward<B::T>, String> {
+    let m = b.model();
+    let mut x = b.embed(tokens)?;
+    b.finite(&x, "the embedding")?;
+    let per_layer = m.layers.first().map_or(0, |l| l.moe.losses.len());
+    let aux = b.zeros(&[m.layers.len() * per_layer], DType::F32)?;
+    let mut layers = Vec::new();
+    for l in 0..m.layers.len() {
+        let (saved, out) = layer_forward(b, l, x, &b.view(&aux, &[m.layers.len() * per_layer]))?;
+        layers.push(saved);
+        x = out;
+    }
+    Ok((layers, x, aux))
+}
+
+/// Layer `l` on the residual stream x: (what backward needs, the layer's output). The balance
+/// losses add their values to `aux`'s row for this layer.
+fn layer_forward<B: Backend>(b: &B, l: usize, x: B::T, aux: &Tensor) -> Result<(Saved<B::T>, B::T), String> {
+    let (m, o) = (b.model(), || b.ops());
+    let (c, lay) = (&m.cfg, &m.layers[l]);
+    let (n, hd, ne, hi) = (b.batch() * c.seq_len, c.hidden, c.experts, lay.host);
+    let (act, dev) = (B::ACT, B::DEVICE);
+    let at = |what: &str| format!("layer {l} {what}");
+    // Attention.
+    let (a, rstd1) = b.norm(hi + ATTN_NORM, &x)?;
+    b.finite(&a, &at("attn_norm"))?;
+    let (mut q, mut k, mut v) = (b.linear(hi + Q, &a)?, b.linear(hi + K, &a)?, b.linear(hi + V, &a)?);
+    if let Some(i) = lay.bias {
+        (b.bias(i, &mut q)?, b.bias(i + 1, &mut k)?, b.bias(i + 2, &mut v)?);
+    }
+    let (mut q_pre, mut k_pre) = (None, None);
+    if let Some(i) = lay.qk_norm {
+        let ((qn, qr), (kn, kr)) = (b.norm(i, &q)?, b.norm(i + 1, &k)?);
+        q_pre = Some((std::mem::replace(&mut q, qn), qr));
+        k_pre = Some((std::mem::replace(&mut k, kn), kr));
+    }
+    b.rope(&mut q, c.heads, false)?;
+    b.rope(&mut k, c.kv_heads, false)?;
+    b.finite(&q, &at("q projection"))?;
+    b.finite(&k, &at("k projection"))?;
+    b.finite(&v, &at("v projection"))?;
+    let (att, lse) = b.attention(&q, &k, &v)?;
+    b.finite(&att, &at("attention"))?;
+    let o_out = b.linear(hi + O, &att)?;
+    b.finite(&o_out, &at("o_proj"))?;
+    let h = b.add(&b.view(&x, &[n, hd]), &b.view(&o_out, &[n, hd]))?;
+    drop(o_out);
+    // MoE: router → balance losses → dispatch → experts → combine (+ shared expert).
+    let (mn, rstd2) = b.norm(lay.moe_norm, &h)?;
+    b.finite(&mn, &at("moe_norm"))?;
+    let mark = b.mark();
+    let (moe, mv) = (&lay.moe, b.view(&mn, &[n, hd]));
+    let (router, experts, comm) = (&moe.router.1, &moe.experts.1, &moe.comm.1);
+    b.calls().set_layer(l);
+    let (rw, ew) = (b.weights(lay.router.clone()), b.weights(lay.experts.clone()));
+    let who = at(&format!("router `{}`", moe.router.0));
+    let r = named(router.forward(o(), rs(&rw), mv), &who)?;
+    check(&r.logits, DType::F32, &[n, ne], dev, &who)?;
+    check(&r.probs, DType::F32, &[n, ne], dev, &who)?;
+    check(&r.ids, DType::I32, &[n, 0], dev, &who)?;
+    check(&r.weights, DType::F32, &[n, r.ids.dim(1)], dev, &who)?;
+    if dev == Device::Cpu {
+        check_ids(r.ids.i32s(), ne, &who)?;
+    }
+    for (i, ((name, loss), lp)) in moe.losses.iter().zip(&lay.losses).enumerate() {
+        let who = at(&format!("balance_loss `{name}`"));
+        let row = aux.rows(l * moe.losses.len() + i, 1);
+        named(loss.forward(o(), rs(&b.weights(lp.clone())), &r, row), &who)?;
+    }
+    let who = at(&format!("comm `{}` dispatch", moe.comm.0));
+    let d = named(comm.dispatch(o(), mv, &r, ne as u32), &who)?;
+    check(&d.x, act, &[0, hd], dev, &who)?;
+    check(&d.offsets, DType::I32, &[ne / m.ep.parts + 1], Device::Cpu, &who)?;
+    let counts = d.offsets.i32s().windows(2).map(|w| (w[1] - w[0]) as u32).collect();
+    let who = at(&format!("experts `{}`", moe.experts.0));
+    let e = named(experts.forward(o(), rs(&ew), d.x, d.offsets), &who)?;
+    check(&e.y, act, &d.x.dims(), dev, &who)?;
+    let who = at(&format!("comm `{}` combine", moe.comm.0));
+    let y = named(comm.combine(o(), e.y, &r, &d), &who)?;
+    check(&y, act, &[n, hd], dev, &who)?;
+    let mut out = b.add(&b.view(&h, &[n, hd]), &y)?;
+    let mut shared = None;
+    if let Some((name, sh)) = &moe.shared {
+        let who = at(&format!("shared `{name}`"));
+        let off = [0, n as i32];
+        let sw = b.weights(lay.shared.clone());
+        let so = named(sh.forward(o(), rs(&sw), mv, view_i32(&off, &[2])), &who)?;
+        check(&so.y, act, &[n, hd], dev, &who)?;
+        b.add_into(&mut out, &so.y)?;
+        shared = Some((so, off));
+    }
+    let m = mn;
+    let saved = Saved { x, rstd1, a, q_pre, k_pre, q, k, v, att, lse, h, rstd2, m, r, d, e, shared, counts, mark };
+    Ok((saved, out))
+}
+
+/// Backward of layer `l`: `dy` holds ∂/∂(its output) and becomes ∂/∂(its input).
+fn layer_backward<B: Backend>(b: &B, l: usize, s: &Saved<B::T>, dy: &mut B::T, scale: f32) -> Result<(), String> {
+    let (m, o) = (b.model(), || b.ops());
+    let (c, lay) = (&m.cfg, &m.layers[l]);
+    let (n, hd, ne, hi) = (b.batch() * c.seq_len, c.hidden, c.experts, lay.host);
+    let act = B::ACT;
+    let at = |what: &str| format!("layer {l} {what}");
+    let (moe, r, d, e) = (&lay.moe, &s.r, &s.d, &s.e);
+    let (router, experts, comm) = (&moe.router.1, &moe.experts.1, &moe.comm.1);
+    // MoE block; ∂/∂m sums the dispatch, router and shared-expert paths. Outputs components
+    // WRITE in full need no zeroing; d_probs and d_logits accumulate.
+    let dya = b.to_act(dy, &[n, hd])?;
+    let (rows, k) = (d.x.dim(0), r.ids.dim(1));
+    let (dys, dw) = (b.empty(&[rows, hd], act)?, b.empty(&[n, k], DType::F32)?);
+    let (dyv, dysv, dwv) = (b.view(&dya, &[n, hd]), b.view(&dys, &[rows, hd]), b.view(&dw, &[n, k]));
+    b.calls().set_layer(l);
+    let res = comm.combine_backward(o(), dyv, e.y, r, d, dysv, dwv);
+    named(res, &at(&format!("comm `{}` combine", moe.comm.0)))?;
+    let dxs = b.empty(&[rows, hd], act)?;
+    let (ew, eg) = (b.weights(lay.experts.clone()), b.grads(lay.experts.clone()));
+    let res = experts.backward(o(), rs(&ew), rs(&eg), d.x, d.offsets, e, dysv, b.view(&dxs, &[rows, hd]));
+    named(res, &at(&format!("experts `{}`", moe.experts.0)))?;
+    drop(dys);
+    let dxd = b.empty(&[n, hd], act)?;
+    let res = comm.dispatch_backward(o(), b.view(&dxs, &[rows, hd]), d, b.view(&dxd, &[n, hd]));
+    named(res, &at(&format!("comm `{}` dispatch", moe.comm.0)))?;
+    drop(dxs);
+    let (dprob, dlog) = (b.zeros(&[n, ne], DType::F32)?, b.zeros(&[n, ne], DType::F32)?);
+    let (dpv, dlv) = (b.view(&dprob, &[n, ne]), b.view(&dlog, &[n, ne]));
+    for ((name, loss), lp) in moe.losses.iter().zip(&lay.losses) {
+        let res = loss.backward(o(), rs(&b.weights(lp.clone())), r, scale, dpv, dlv);
+        named(res, &at(&format!("balance_loss `{name}`")))?;
+    }
+    let dxr = b.empty(&[n, hd], act)?;
+    let (rw, rg, mv) = (b.weights(lay.router.clone()), b.grads(lay.router.clone()), b.view(&s.m, &[n, hd]));
+    let res = router.backward(o(), rs(&rw), rs(&rg), mv, r, dwv, dpv, dlv, b.view(&dxr, &[n, hd]));
+    named(res, &at(&format!("router `{}`", moe.router.0)))?;
+    let mut dm = b.add(&b.view(&dxd, &[n, hd]), &b.view(&dxr, &[n, hd]))?;
+    drop((dxd, dxr, dprob, dlog, dw));
+    if let (Some((name, sh)), Some((so, off))) = (&moe.shared, &s.shared) {
+        let dxsh = b.empty(&[n, hd], act)?;
+        let (sw, sg) = (b.weights(lay.shared.clone()), b.grads(lay.shared.clone()));
+        let res = sh.backward(o(), rs(&sw), rs(&sg), mv, view_i32(off, &[2]), so, dyv, b.view(&dxsh, &[n, hd]));
+        named(res, &at(&format!("shared `{name}`")))?;
+        b.add_into(&mut dm, &b.view(&dxsh, &[n, hd]))?;
+    }
+    drop(dya);
+    b.norm_bwd(lay.moe_norm, &s.h, &s.rstd2, &dm, dy)?;
+    drop(dm);
+    // Attention block (dy is now ∂/∂h).
+    let (qd, kd) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
+    let dya = b.to_act(dy, &[n, hd])?;
+    let mut datt = b.empty(&[n, qd], act)?;
+    b.linear_bwd(hi + O, &s.att, &dya, &mut datt, false)?;
+    drop(dya);
+    let (mut dq, mut dk, dv) = b.attention_bwd(&Attn { q: &s.q, k: &s.k, v: &s.v, out: &s.att, lse: &s.lse }, &datt)?;
+    drop(datt);
+    b.rope(&mut dq, c.heads, true)?;
+    b.rope(&mut dk, c.kv_heads, true)?;
+    let (dq, dk) = match (lay.qk_norm, &s.q_pre, &s.k_pre) {
+        (Some(i), Some((qp, qr)), Some((kp, kr))) => {
+            let (mut dqp, mut dkp) = (b.zeros(&[n, qd], act)?, b.zeros(&[n, kd], act)?);
+            b.norm_bwd(i, qp, qr, &dq, &mut dqp)?;
+            b.norm_bwd(i + 1, kp, kr, &dk, &mut dkp)?;
+            (dqp, dkp)
+        }
+        _ => (dq, dk),
+    };
+    if let Some(i) = lay.bias {
+        (b.bias_bwd(i, &dq)?, b.bias_bwd(i + 1, &dk)?, b.bias_bwd(i + 2, &dv)?);
+    }
+    let mut da = b.empty(&[n, hd], DType::F32)?;
+    b.linear_bwd(hi + Q, &s.a, &dq, &mut da, false)?;
+    b.linear_bwd(hi + K, &s.a, &dk, &mut da, true)?;
+    b.linear_bwd(hi + V, &s.a, &dv, &mut da, true)?;
+    b.norm_bwd(hi + ATTN_NORM, &s.x, &s.rstd1, &da, dy)
+}
