@@ -288,7 +288,9 @@ fn layer_forward<B: Backend>(b: &B, l: usize, x: B::T, aux: &Tensor) -> Result<(
     b.finite(&a, &at("attn_norm"))?;
     let (mut q, mut k, mut v) = (b.linear(hi + Q, &a)?, b.linear(hi + K, &a)?, b.linear(hi + V, &a)?);
     if let Some(i) = lay.bias {
-        (b.bias(i, &mut q)?, b.bias(i + 1, &mut k)?, b.bias(i + 2, &mut v)?);
+        b.bias(i, &mut q)?;
+        b.bias(i + 1, &mut k)?;
+        b.bias(i + 2, &mut v)?;
     }
     let (mut q_pre, mut k_pre) = (None, None);
     if let Some(i) = lay.qk_norm {
@@ -425,7 +427,9 @@ fn layer_backward<B: Backend>(b: &B, l: usize, s: &Saved<B::T>, dy: &mut B::T, s
         _ => (dq, dk),
     };
     if let Some(i) = lay.bias {
-        (b.bias_bwd(i, &dq)?, b.bias_bwd(i + 1, &dk)?, b.bias_bwd(i + 2, &dv)?);
+        b.bias_bwd(i, &dq)?;
+        b.bias_bwd(i + 1, &dk)?;
+        b.bias_bwd(i + 2, &dv)?;
     }
     let mut da = b.empty(&[n, hd], DType::F32)?;
     b.linear_bwd(hi + Q, &s.a, &dq, &mut da, false)?;
