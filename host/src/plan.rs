@@ -4,7 +4,7 @@
 //! allocated (any size plans, in u128): parameters are declared, not made; layer 0's components
 //! stand for every layer's; the router is probed on one token at a small hidden size.
 
-use crate::config::{human, mem_available, Config, MemEstimate};
+use crate::config::{human, mem_available, Config, MemEstimate, QkNorm};
 use crate::cpu::{view, CpuOps};
 use crate::model::Model;
 use crate::params::{Param, Params, Shard};
@@ -58,6 +58,19 @@ pub fn plan(cfg: &Config, reg: &Registry) -> Result<String, String> {
     let m = &cfg.model;
     let mut s = String::new();
     let _ = writeln!(s, "config: {}", cfg.source.file);
+    let qk = match m.qk_norm {
+        QkNorm::Head => "RMSNorm per head",
+        QkNorm::Full => "RMSNorm over the projection",
+        QkNorm::None => "none",
+    };
+    let bias = if m.qkv_bias { ", q/k/v biases" } else { "" };
+    let _ = writeln!(
+        s,
+        "attention: causal GQA, {} query heads / {} kv heads × head_dim {}, RoPE θ {}, qk-norm {qk}{bias}",
+        m.heads, m.kv_heads, m.head_dim, m.rope_theta
+    );
+    let family = crate::hf::export_family(cfg).unwrap_or_else(|why| format!("none ({why})"));
+    let _ = writeln!(s, "Hugging Face family (`pith export hf`): {family}");
     let _ = writeln!(s, "\ncomponents:");
     for (kind, i, table) in cfg.components() {
         let name = table.get("plugin").and_then(|v| v.as_str()).unwrap_or("?");

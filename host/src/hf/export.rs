@@ -9,6 +9,7 @@ use super::names::{hf_name, pith_params, stack};
 use super::tokenizer::{copy_tokenizer, find_tokenizer};
 use super::{atomically, mmap, parse_st, read_run_config};
 use crate::checkpoint;
+use crate::config::Config;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::{json, Value};
 use std::fs;
@@ -70,25 +71,27 @@ struct Planned {
     expert: Option<usize>,
 }
 
-/// `pith export hf CHECKPOINT OUT`: config.json, safetensors (per-expert layout; one
-/// model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json past
-/// `max_shard_bytes`) and the tokenizer files, written to a temp directory renamed to `out`.
-pub fn export(src: &Path, out: &Path, opts: &ExportOptions) -> Result<Exported, String> {
-    let dir = checkpoint::resolve(src)?;
-    let file = dir.join("config.toml");
-    let cfg = read_run_config(&file, &[])?;
-    let at = |k: &str| format!("{}: {k}", file.display());
+/// What a Pith config exports as: the family and the router and shared-expert settings its
+/// config.json states.
+pub(super) struct Target {
+    pub family: Family,
+    pub top_k: usize,
+    pub normalize: bool,
+    /// The shared expert's FFN size (Qwen2-MoE; 0: none).
+    pub shared_ffn: usize,
+}
+
+/// The family `cfg` exports as, or why it has none: only the std `topk-softmax` router and
+/// `swiglu` experts, and the std `shared-swiglu` (Qwen2-MoE's, gated) as a shared expert.
+pub(super) fn target(cfg: &Config) -> Result<Target, String> {
     let plugin = |t: &toml::Table| t.get("plugin").and_then(|v| v.as_str()).unwrap_or("").to_string();
     let (router, experts) = (plugin(&cfg.router), plugin(&cfg.experts));
     if router != "topk-softmax" || experts != "swiglu" {
         return Err(format!(
-            "{}: router `{router}` and experts `{experts}`: Hugging Face export covers the std `topk-softmax` router \
-             and `swiglu` experts only",
-            file.display()
+            "router `{router}` and experts `{experts}`: Hugging Face export covers the std `topk-softmax` router \
+             and `swiglu` experts only"
         ));
     }
-    let m = &cfg.model;
-    // A shared expert exports as Qwen2-MoE's: the std shared-swiglu (gate, ffn).
     let shared = match &cfg.shared {
         None => None,
         Some(t) if plugin(t) == "shared-swiglu" => {
@@ -97,20 +100,34 @@ pub fn export(src: &Path, out: &Path, opts: &ExportOptions) -> Result<Exported, 
         }
         Some(t) => {
             let name = plugin(t);
-            return Err(format!(
-                "{}: [shared] `{name}`: Hugging Face export covers the std `shared-swiglu` only",
-                file.display()
-            ));
+            return Err(format!("[shared] `{name}`: Hugging Face export covers the std `shared-swiglu` only"));
         }
     };
-    let top_k = cfg.router.get("top_k").and_then(|v| v.as_integer()).unwrap_or(2) as usize;
-    let normalize = cfg.router.get("normalize").and_then(|v| v.as_bool()).unwrap_or(true);
-    let family = Family::of(m, normalize, shared.map(|s| s.0)).map_err(|e| format!("{}: {e}", file.display()))?;
+    let (m, r) = (&cfg.model, &cfg.router);
+    let top_k = r.get("top_k").and_then(|v| v.as_integer()).unwrap_or(2) as usize;
+    let normalize = r.get("normalize").and_then(|v| v.as_bool()).unwrap_or(true);
+    let family = Family::of(m, normalize, shared.map(|s| s.0))?;
     if matches!(family, Family::Olmoe | Family::Qwen2Moe) && m.heads * m.head_dim != m.hidden {
-        let arch = family.architecture();
-        return Err(format!("{}: {arch} needs heads·head_dim = hidden", at("model.head_dim")));
+        return Err(format!("model.head_dim: {} needs heads·head_dim = hidden", family.architecture()));
     }
-    let shared_ffn = shared.map_or(0, |s| s.1);
+    Ok(Target { family, top_k, normalize, shared_ffn: shared.map_or(0, |s| s.1) })
+}
+
+/// The Hugging Face architecture `cfg` exports as (`pith plan`), or why it has none.
+pub fn export_family(cfg: &Config) -> Result<String, String> {
+    target(cfg).map(|t| t.family.architecture().to_string())
+}
+
+/// `pith export hf CHECKPOINT OUT`: config.json, safetensors (per-expert layout; one
+/// model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json past
+/// `max_shard_bytes`) and the tokenizer files, written to a temp directory renamed to `out`.
+pub fn export(src: &Path, out: &Path, opts: &ExportOptions) -> Result<Exported, String> {
+    let dir = checkpoint::resolve(src)?;
+    let file = dir.join("config.toml");
+    let cfg = read_run_config(&file, &[])?;
+    let Target { family, top_k, normalize, shared_ffn } =
+        target(&cfg).map_err(|e| format!("{}: {e}", file.display()))?;
+    let m = &cfg.model;
     let tokenizer = find_tokenizer(&cfg, opts.tokenizer.as_deref())?;
 
     // Check the checkpoint against the model its config describes.

@@ -43,7 +43,7 @@ mod source;
 mod tokenizer;
 
 pub use config::{read_config, HfModel};
-pub use export::{export, parse_size, ExportDtype, ExportOptions, Exported};
+pub use export::{export, export_family, parse_size, ExportDtype, ExportOptions, Exported};
 pub use family::Family;
 pub use import::{import, load_weights, Imported};
 pub use names::pith_params;
