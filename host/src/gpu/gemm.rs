@@ -1,10 +1,19 @@
 //! cuBLAS on the device's stream: a row-major GEMM over tensor views (`cublasGemmEx`), its
-//! batched form (`cublasGemmStridedBatchedEx`) and the experts' grouped GEMMs (`cublasGemmGroupedBatchedEx`, pointer arrays on the device; cudarc's
-//! safe `GroupedGemm` wrapper passes host arrays and faults on the H200).
+//! batched form (`cublasGemmStridedBatchedEx`); the experts' grouped GEMMs through
+//! kernels/grouped_gemm.cu (wgmma) on Hopper where the shape allows (K % 64 == 0, N % 128 == 0;
+//! weight gradients K % 128 == 0), else
+//! `cublasGemmGroupedBatchedEx` (pointer arrays on the device; cudarc's safe `GroupedGemm`
+//! wrapper passes host arrays and faults on the H200).
 
-use super::Gpu;
+use super::{src, Gpu};
 use cudarc::cublas::sys as blas;
-use pith_plugin_api::{DType, Tensor};
+use pith_plugin_api::{Arg, DType, Tensor};
+
+/// `PITH_GROUPED_GEMM=cublas` sends every grouped GEMM to cuBLAS (to compare the two paths).
+fn wgmma_allowed() -> bool {
+    static CUBLAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    !*CUBLAS.get_or_init(|| std::env::var("PITH_GROUPED_GEMM").is_ok_and(|v| v == "cublas"))
+}
 
 impl Gpu {
     /// c = alpha · op(a) · op(b) + beta · c on row-major 2-D views (a tensor of higher rank is
@@ -170,6 +179,9 @@ impl Gpu {
                 w.dims()
             ));
         }
+        if self.arch == "sm_90a" && k % 64 == 0 && n % 128 == 0 && wgmma_allowed() {
+            return self.grouped_wgmma(x, w, y, offsets, trans_w, accumulate);
+        }
         // Column-major per group: y_gᵀ [N2, n_g] = op(w_g)ᵀ · x_gᵀ.
         let groups: Vec<Problem> = (0..g)
             .filter(|&e| offsets[e + 1] > offsets[e])
@@ -187,14 +199,66 @@ impl Gpu {
         self.grouped(&groups, (trans_w, false), (lda, k, n), (t, t, t), if accumulate { 1.0 } else { 0.0 })
     }
 
+    /// [`Gpu::grouped_gemm`] by kernels/grouped_gemm.cu (Hopper wgmma).
+    fn grouped_wgmma(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        y: &Tensor,
+        offsets: &[usize],
+        trans_w: bool,
+        accumulate: bool,
+    ) -> Result<(), String> {
+        let (k, n) = (x.dim(-1), y.dim(-1));
+        let name = if trans_w { "grouped_gemm_nt" } else { "grouped_gemm_nn" };
+        self.grouped_kernel(name, (x, w, y), offsets, (k, n), |rows| rows.div_ceil(128) * (n / 128), accumulate)
+    }
+
+    /// One launch of kernel `name` of kernels/grouped_gemm.cu over every group's 128×128 tiles
+    /// (`tiles(rows of the group)` each); the group offsets and each group's first tile go to the
+    /// device with the launch.
+    fn grouped_kernel(
+        &self,
+        name: &str,
+        (x, w, out): (&Tensor, &Tensor, &Tensor),
+        offsets: &[usize],
+        (k, n): (usize, usize),
+        tiles_of: impl Fn(usize) -> usize,
+        accumulate: bool,
+    ) -> Result<(), String> {
+        let g = offsets.len() - 1;
+        let mut meta: Vec<i32> = offsets.iter().map(|&o| o as i32).collect();
+        let mut tiles = 0;
+        meta.push(0);
+        for e in 0..g {
+            tiles += tiles_of(offsets[e + 1] - offsets[e]);
+            meta.push(tiles as i32);
+        }
+        if tiles == 0 {
+            return Ok(());
+        }
+        let dev = self.upload(&meta, &[meta.len()], DType::I32)?;
+        let (offs, starts) = (dev.addr, dev.addr + 4 * (g as u64 + 1));
+        let mut args = vec![x.arg(), w.arg(), out.arg(), Arg::Ptr(offs), Arg::Ptr(starts)];
+        args.extend([g, k, n, accumulate as usize].map(|v| Arg::I32(v as i32)));
+        // 3 stages of two 16 KiB tiles, and 1 KiB to align them to the 1024-byte swizzle atoms.
+        let shared = 3 * 2 * 16 * 1024 + 1024;
+        self.launch(src::GROUPED_GEMM, name, ([tiles as u32, 1, 1], [256, 1, 1], shared), &args)
+        // `dev` returns to the pool here; reuse is ordered after this launch on the stream.
+    }
+
     /// Weight gradient of a grouped GEMM: dw[g] (f32 [K,N2]) += x_gᵀ · dy_g (x, dy bf16),
-    /// accumulated in f32 by cuBLAS.
+    /// accumulated in f32: kernels/grouped_gemm.cu on Hopper, else one cuBLAS GEMM per group.
     pub fn grouped_wgrad(&self, x: &Tensor, dy: &Tensor, dw: &Tensor, offsets: &[usize]) -> Result<(), String> {
         let (k, n) = (x.dim(-1), dy.dim(-1));
         let g = offsets.len() - 1;
         if dw.numel() != g * k * n || dw.dtype != DType::F32 || x.dtype != DType::BF16 || dy.dtype != DType::BF16 {
             let got = (dw.dtype, dw.dims());
             return Err(format!("grouped wgrad: dw {got:?} for {g} groups of {k}x{n}: expected bf16 x, dy and f32 dw"));
+        }
+        if self.arch == "sm_90a" && k % 128 == 0 && n % 128 == 0 && wgmma_allowed() {
+            let tiles = |rows: usize| if rows > 0 { (k / 128) * (n / 128) } else { 0 };
+            return self.grouped_kernel("grouped_wgrad", (x, dy, dw), offsets, (k, n), tiles, true);
         }
         // Column-major per group: dw_gᵀ [N2, K] += dy_gᵀ · x_g, accumulated in f32 in place
         // (experts without rows get no product: their slots are left as they are). One GEMM per

@@ -117,6 +117,7 @@ pub mod src {
     pub const ATTENTION: Src = Src::new(include_str!("../../../kernels/attention.cu"));
     pub const LOSS: Src = Src::new(include_str!("../../../kernels/cross_entropy.cu"));
     pub const ELEMENTWISE: Src = Src::new(include_str!("../../../kernels/elementwise.cu"));
+    pub const GROUPED_GEMM: Src = Src::new(include_str!("../../../kernels/grouped_gemm.cu"));
 }
 
 /// The byte size of each parameter of every `.entry` (kernel) in PTX text, e.g.
@@ -330,7 +331,9 @@ impl Gpu {
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone()).map_err(|e| format!("cuBLAS: {e:?}"))?;
         let (major, minor) = ctx.compute_capability().map_err(|e| format!("GPU {ordinal}: {e:?}"))?;
-        let arch = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
+        // Hopper compiles for sm_90a: its warpgroup MMA (kernels/grouped_gemm.cu) exists only there.
+        let suffix = if (major, minor) == (9, 0) { "a" } else { "" };
+        let arch = Box::leak(format!("sm_{major}{minor}{suffix}").into_boxed_str());
         Ok(Gpu {
             ctx,
             stream,
@@ -474,6 +477,12 @@ impl Gpu {
         // hold 4-byte values in their first bytes.
         let mut ptrs: Vec<*mut std::ffi::c_void> = vals.iter_mut().map(|v| v as *mut u64 as *mut _).collect();
         let (g, b, shared) = d;
+        if shared > 48 * 1024 {
+            // Past 48 KiB of dynamic shared memory a kernel must opt in.
+            let max = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            unsafe { drv::function::set_function_attribute(f, max, shared as i32) }
+                .map_err(|e| format!("kernel `{name}`: {shared} bytes of shared memory: {e:?}"))?;
+        }
         let stream = self.stream.cu_stream();
         self.timed(name, || unsafe {
             drv::launch_kernel(f, (g[0], g[1], g[2]), (b[0], b[1], b[2]), shared, stream, &mut ptrs)
@@ -753,5 +762,52 @@ pub(crate) mod tests {
         let (e1, e2, e3) = (rel_err(&got, &want), rel_err(&got2, &want2), rel_err(&got_w, &want_w));
         println!("grouped gemm vs cpu: {e1:.2e}, transposed {e2:.2e}, wgrad {e3:.2e}");
         assert!(e1 < 1.0 / 128.0 && e2 < 1.0 / 128.0 && e3 < 1.0 / 128.0, "{e1} {e2} {e3}");
+    }
+
+    /// kernels/grouped_gemm.cu (Hopper; shapes with K % 128 == 0 and N % 128 == 0) against the
+    /// CPU: plain, transposed weights, accumulating into y, and the weight gradient accumulated
+    /// into f32; groups empty, partial and over one 128-row tile. Tolerance: one bf16 ulp (2⁻⁷)
+    /// of relative error (the f32 weight gradient: 1e-3).
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn tiled_grouped_gemm_matches_cpu() {
+        let g = gpu();
+        let (e, k, n) = (6, 256, 512);
+        let rows = [300, 0, 17, 128, 1, 129];
+        let mut off = vec![0];
+        rows.iter().for_each(|r| off.push(off.last().unwrap() + r));
+        let total = off[e];
+        let mut rng = Rng::new(4);
+        let (x, dx) = rand_bf16(&g, &mut rng, &[total, k], 1.0);
+        let (w, dw) = rand_bf16(&g, &mut rng, &[e, k, n], 0.1);
+        let (y0, dy0) = rand_bf16(&g, &mut rng, &[total, n], 1.0);
+        let (x2, dx2) = rand_bf16(&g, &mut rng, &[total, n], 1.0);
+        let y = g.zeros(&[total, n], DType::BF16).unwrap();
+        g.grouped_gemm(&dx, &dw, &y, &off, false, false).unwrap();
+        g.grouped_gemm(&dx, &dw, &dy0, &off, false, true).unwrap();
+        let y2 = g.zeros(&[total, k], DType::BF16).unwrap();
+        g.grouped_gemm(&dx2, &dw, &y2, &off, true, false).unwrap();
+        let (mut want, mut want2) = (vec![0.0; total * n], vec![0.0; total * k]);
+        for gi in 0..e {
+            let (r0, r1) = (off[gi], off[gi + 1]);
+            let wg = &w[gi * k * n..(gi + 1) * k * n];
+            sgemm(r1 - r0, k, n, 1.0, &x[r0 * k..r1 * k], false, wg, false, 0.0, &mut want[r0 * n..r1 * n]);
+            sgemm(r1 - r0, n, k, 1.0, &x2[r0 * n..r1 * n], false, wg, true, 0.0, &mut want2[r0 * k..r1 * k]);
+        }
+        let want_acc: Vec<f32> = want.iter().zip(&y0).map(|(a, b)| a + b).collect();
+        // dw[g] += x_gᵀ · x2_g on top of random values.
+        let mut want_w: Vec<f32> = (0..e * k * n).map(|i| (i % 7) as f32 * 0.25).collect();
+        let gw = g.upload(&want_w, &[e, k, n], DType::F32).unwrap();
+        g.grouped_wgrad(&dx, &dx2, &gw, &off).unwrap();
+        for gi in 0..e {
+            let (r0, r1) = (off[gi], off[gi + 1]);
+            let dwg = &mut want_w[gi * k * n..(gi + 1) * k * n];
+            sgemm(k, r1 - r0, n, 1.0, &x[r0 * k..r1 * k], true, &x2[r0 * n..r1 * n], false, 1.0, dwg);
+        }
+        let got = |t: &Tensor| g.to_f32(t).unwrap();
+        let (e1, e2, e3) = (rel_err(&got(&y), &want), rel_err(&got(&y2), &want2), rel_err(&got(&dy0), &want_acc));
+        let e4 = rel_err(&got(&gw), &want_w);
+        println!("tiled grouped gemm vs cpu: {e1:.2e}, transposed {e2:.2e}, accumulate {e3:.2e}, wgrad {e4:.2e}");
+        assert!(e1 < 1.0 / 128.0 && e2 < 1.0 / 128.0 && e3 < 1.0 / 128.0 && e4 < 1e-3, "{e1} {e2} {e3} {e4}");
     }
 }
