@@ -16,6 +16,7 @@ pack)
     python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])'; }
   cp "$(exe -p pith --lib)" .device/lib-tests
   cp "$(exe -p pith-tests --test hf)" .device/hf-tests
+  cp "$(exe -p pith-tests --test generate)" .device/generate-tests
   for t in tests/tests/plugin_*.rs; do
     n=$(basename "$t" .rs)
     cp "$(exe -p pith-tests --test "$n")" ".device/$n-tests"
@@ -30,6 +31,7 @@ run)
   fail=0
   .device/lib-tests --ignored --test-threads=1 || fail=1
   PITH_BIN=.device/pith .device/hf-tests --ignored || fail=1
+  PITH_BIN=.device/pith .device/generate-tests --ignored --nocapture || fail=1
   # Every component a plugin library next to pith provides (a library may hold several).
   for n in $(.device/pith plugins list | awk '$3 ~ /\.so$/ { print $2 }'); do
     .device/pith plugins check "$n" --device cuda --experts 8 | tail -1; [ "${PIPESTATUS[0]}" = 0 ] || fail=1

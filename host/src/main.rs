@@ -111,6 +111,9 @@ enum Cmd {
         top_k: usize,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// cpu (f32) or cuda (bf16 activations, as in training).
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     EvalLogits {
         model: PathBuf,
@@ -298,7 +301,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let cfg = Config::load(config.as_deref(), &set)?;
             print!("{}", pith::plan::plan(&cfg, &registry()?)?);
         }
-        Cmd::Config { config, set } => print!("{}", Config::load(config.as_deref(), &set)?.to_toml()),
+        Cmd::Config { config, set } => {
+            let cfg = Config::load(config.as_deref(), &set)?;
+            print!("{}", pith::train::with_plugin_settings(&cfg, &registry()?)?.to_toml())
+        }
         Cmd::Plugins(PluginsCmd::List) => {
             let reg = registry()?;
             println!("{:<14} {:<16} {:<40} DESCRIPTION", "KIND", "NAME", "ORIGIN");
@@ -406,8 +412,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Runs(RunsCmd::Show { runs, png } | RunsCmd::Compare { runs, png }) => {
             println!("{}", pith::runs::compare(&runs, png.as_deref())?);
         }
-        Cmd::Generate { model, prompt, max_tokens, temperature, top_k, seed } => {
-            let s = pith::hf::Sampling { max_tokens, temperature, top_k, seed };
+        Cmd::Generate { model, prompt, max_tokens, temperature, top_k, seed, device } => {
+            let s = pith::hf::Sampling { max_tokens, temperature, top_k, seed, device };
             let (text, _) = pith::hf::generate(&model, &prompt, &s, &registry()?)?;
             println!("{prompt}{text}");
         }

@@ -72,6 +72,7 @@ extern "C" fn host_log(level: u8, target: RString, msg: RString) {
 /// The one-line reason a library can't be used, and what to do about it.
 fn load_error(path: &Path, e: LibraryError) -> String {
     let p = path.display();
+    tracing::debug!("{p}: {e}");
     let api = pith_plugin_api::VERSION;
     match e {
         LibraryError::OpenError { err, .. } => {
@@ -248,6 +249,16 @@ impl Registry {
         })?;
         (e.module.create())(kind, RStr::from_str(name), RStr::from_str(config), dims)
             .into_result()
+            .map_err(|m| format!("{} `{name}` ({}): {m}", kind.as_str(), e.origin))
+    }
+
+    /// The settings component (kind, name) reports for this TOML text, every default filled in
+    /// (TOML lines; empty when it reports none).
+    pub fn settings(&self, kind: Kind, name: &str, config: &str, dims: ModelDims) -> Result<String, String> {
+        let e = self.find(kind, name).ok_or_else(|| format!("unknown {} plugin `{name}`", kind.as_str()))?;
+        (e.module.settings())(kind, RStr::from_str(name), RStr::from_str(config), dims)
+            .into_result()
+            .map(|s| s.into())
             .map_err(|m| format!("{} `{name}` ({}): {m}", kind.as_str(), e.origin))
     }
 }

@@ -27,6 +27,35 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// Build one component from its config table; errors point at file:line.
+/// `cfg` with every component table completed by the settings its plugin reports (`pith
+/// config`): keys the table leaves out get the plugin's defaults, as layer 0 builds them.
+pub fn with_plugin_settings(cfg: &Config, reg: &Registry) -> Result<Config, String> {
+    let mut out = cfg.clone();
+    for (kind, n, table) in cfg.components() {
+        let Some(name) = table.get("plugin").and_then(|v| v.as_str()) else { continue };
+        let mut own = table.clone();
+        own.remove("plugin");
+        let text = toml::to_string(&own).map_err(|e| e.to_string())?;
+        let dims = cfg.dims(0, Shard::WHOLE).for_kind(kind);
+        let at = |e: String| format!("{}: {e}", cfg.at(kind.as_str(), n, "plugin"));
+        let lines = reg.settings(kind, name, &text, dims).map_err(at)?;
+        let reported: toml::Table =
+            toml::from_str(&lines).map_err(|e| at(format!("{name} reported settings that are not TOML: {e}")))?;
+        let target = match kind {
+            Kind::Router => &mut out.router,
+            Kind::Experts => &mut out.experts,
+            Kind::BalanceLoss => &mut out.balance_loss[n],
+            Kind::Optimizer => &mut out.optimizer,
+            Kind::CommSchedule => &mut out.comm,
+            Kind::Shared => out.shared.as_mut().expect("a [shared] table"),
+        };
+        for (k, v) in reported {
+            target.entry(k).or_insert(v);
+        }
+    }
+    Ok(out)
+}
+
 pub fn create(
     cfg: &Config,
     reg: &Registry,

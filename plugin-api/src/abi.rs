@@ -500,8 +500,11 @@ pub struct PluginMod {
     /// Build component (kind, name) from its TOML table (as text) for a model of these sizes.
     pub create: extern "C" fn(Kind, RStr<'_>, RStr<'_>, ModelDims) -> RResult<Component, RString>,
     /// Route the library's `tracing` events to the host (each dylib has its own globals).
-    #[sabi(last_prefix_field)]
     pub set_logger: extern "C" fn(LogFn),
+    /// Since 0.4.0: the settings of component (kind, name) built from this TOML table, every
+    /// default filled in, as TOML lines (empty: not reported; `pith config` shows them).
+    #[sabi(last_prefix_field)]
+    pub settings: extern "C" fn(Kind, RStr<'_>, RStr<'_>, ModelDims) -> RResult<RString, RString>,
 }
 
 impl RootModule for PluginMod_Ref {

@@ -219,6 +219,29 @@ pub mod wrap {
     type _Ptr = RBox<()>;
 }
 
+/// A component's `settings()` by its kind (used by `register!`).
+#[allow(non_snake_case)]
+pub mod settings_of {
+    pub fn Router<T: crate::Router>(t: &T) -> String {
+        t.settings()
+    }
+    pub fn Experts<T: crate::Experts>(t: &T) -> String {
+        t.settings()
+    }
+    pub fn Shared<T: crate::Experts>(t: &T) -> String {
+        t.settings()
+    }
+    pub fn BalanceLoss<T: crate::BalanceLoss>(t: &T) -> String {
+        t.settings()
+    }
+    pub fn Optimizer<T: crate::Optimizer>(t: &T) -> String {
+        t.settings()
+    }
+    pub fn CommSchedule<T: crate::CommSchedule>(t: &T) -> String {
+        t.settings()
+    }
+}
+
 /// Root-module entry (through `export_plugin!`): the components registered in this library. It
 /// returns no error, so a panic is logged naming the pack and the list comes back empty.
 pub fn root_components(pack: &str) -> RVec<ComponentInfo> {
@@ -254,6 +277,23 @@ pub extern "C" fn ffi_create(
             .find(|r| r.kind == kind && r.name == name.as_str())
             .ok_or_else(|| format!("this library has no {} named `{}`", kind.as_str(), name))?;
         (reg.create)(config.as_str(), dims)
+    })
+}
+
+/// Root-module entry: the settings (`settings()`) of component (kind, name) built from its TOML
+/// table.
+pub extern "C" fn ffi_settings(
+    kind: Kind,
+    name: RStr<'_>,
+    config: RStr<'_>,
+    dims: ModelDims,
+) -> RResult<RString, RString> {
+    guarded(|| {
+        let reg = inventory::iter::<Registration>
+            .into_iter()
+            .find(|r| r.kind == kind && r.name == name.as_str())
+            .ok_or_else(|| format!("this library has no {} named `{}`", kind.as_str(), name))?;
+        (reg.settings)(config.as_str(), dims).map(RString::from)
     })
 }
 

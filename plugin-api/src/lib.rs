@@ -18,7 +18,7 @@ pub use abi::{
 };
 pub use abi_stable;
 #[doc(hidden)]
-pub use adapt::{ffi_create, root_components, root_set_logger};
+pub use adapt::{ffi_create, ffi_settings, root_components, root_set_logger};
 pub use inventory;
 
 use abi_stable::std_types::{RSlice, RStr};
@@ -322,6 +322,11 @@ pub trait Router: Send + Sync + 'static {
     fn end_step(&self, _h: Host, _p: &[Tensor]) -> Result<()> {
         Ok(())
     }
+    /// Every setting with its default filled in, as TOML `key = value` lines (`pith config` shows
+    /// them; [`settings_toml`] writes them). Empty: not reported.
+    fn settings(&self) -> String {
+        String::new()
+    }
 }
 
 /// All experts of one MoE layer on this rank, applied to expert-sorted rows; or, as
@@ -347,6 +352,11 @@ pub trait Experts: Send + Sync + 'static {
     ) -> Result<()>;
     fn end_step(&self, _h: Host, _p: &[Tensor]) -> Result<()> {
         Ok(())
+    }
+    /// Every setting with its default filled in, as TOML `key = value` lines (`pith config` shows
+    /// them; [`settings_toml`] writes them). Empty: not reported.
+    fn settings(&self) -> String {
+        String::new()
     }
 }
 
@@ -374,6 +384,11 @@ pub trait BalanceLoss: Send + Sync + 'static {
     fn end_step(&self, _h: Host, _p: &[Tensor]) -> Result<()> {
         Ok(())
     }
+    /// Every setting with its default filled in, as TOML `key = value` lines (`pith config` shows
+    /// them; [`settings_toml`] writes them). Empty: not reported.
+    fn settings(&self) -> String {
+        String::new()
+    }
 }
 
 /// Updates every parameter from its gradient, in one call per step.
@@ -385,6 +400,11 @@ pub trait Optimizer: Send + Sync + 'static {
     /// Return what else was done (the bf16 working copies written, the gradients zeroed) so the
     /// host skips it.
     fn step(&self, h: Host, slots: &[Slot], lr: f32, step: u64, grad_scale: f32) -> Result<StepDone>;
+    /// Every setting with its default filled in, as TOML `key = value` lines (`pith config` shows
+    /// them; [`settings_toml`] writes them). Empty: not reported.
+    fn settings(&self) -> String {
+        String::new()
+    }
 }
 
 /// Moves tokens to their experts and back (within a rank, or across the expert-parallel group).
@@ -408,6 +428,11 @@ pub trait CommSchedule: Send + Sync + 'static {
     ) -> Result<()>;
     /// dx_sorted [N,H] → WRITE dx [T,H].
     fn dispatch_backward(&self, h: Host, dx_sorted: Tensor, d: &Dispatched, dx: Tensor) -> Result<()>;
+    /// Every setting with its default filled in, as TOML `key = value` lines (`pith config` shows
+    /// them; [`settings_toml`] writes them). Empty: not reported.
+    fn settings(&self) -> String {
+        String::new()
+    }
 }
 
 /// One component a library provides; submitted with [`register!`].
@@ -418,8 +443,55 @@ pub struct Registration {
     pub example: &'static str,
     pub source: &'static str,
     pub create: fn(&str, ModelDims) -> Result<abi::Component>,
+    /// The settings of the component this table builds (its `settings()`).
+    pub settings: fn(&str, ModelDims) -> Result<String>,
 }
 inventory::collect!(Registration);
+
+/// A setting's value for [`settings!`]: integers, floats (f32 by their shortest decimal), bools,
+/// strings and lists of them.
+pub struct Setting(pub toml::Value);
+macro_rules! setting_from {
+    ($($t:ty => $f:expr),* $(,)?) => { $(impl From<$t> for Setting { fn from(v: $t) -> Setting { Setting($f(v)) } })* };
+}
+setting_from! {
+    usize => |v: usize| toml::Value::Integer(v as i64),
+    u64 => |v: u64| toml::Value::Integer(v as i64),
+    u32 => |v: u32| toml::Value::Integer(v as i64),
+    f64 => toml::Value::Float,
+    f32 => |v: f32| toml::Value::Float(v.to_string().parse().unwrap_or(v as f64)),
+    bool => toml::Value::Boolean,
+    &str => |v: &str| toml::Value::String(v.into()),
+    String => toml::Value::String,
+}
+impl<T: Into<Setting>, const N: usize> From<[T; N]> for Setting {
+    fn from(v: [T; N]) -> Setting {
+        Setting(toml::Value::Array(v.into_iter().map(|x| x.into().0).collect()))
+    }
+}
+impl<T: Into<Setting>> From<Vec<T>> for Setting {
+    fn from(v: Vec<T>) -> Setting {
+        Setting(toml::Value::Array(v.into_iter().map(|x| x.into().0).collect()))
+    }
+}
+
+/// A component's `settings()`: `settings!(top_k = self.top_k, normalize = self.normalize)`.
+#[macro_export]
+macro_rules! settings {
+    ($($key:ident = $value:expr),* $(,)?) => {
+        $crate::settings_toml(&[$((stringify!($key), $crate::Setting::from($value).0)),*])
+    };
+}
+
+/// TOML `key = value` lines of a component's settings (for `settings()`), in the order given.
+pub fn settings_toml(pairs: &[(&str, toml::Value)]) -> String {
+    let table: toml::Table = pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+    let text = toml::to_string(&table).unwrap_or_default();
+    let order = |line: &str| pairs.iter().position(|(k, _)| line.split(" = ").next() == Some(*k));
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.sort_by_key(|l| order(l));
+    lines.iter().map(|l| format!("{l}\n")).collect()
+}
 
 /// Parse a component's TOML table into its config struct (use `#[serde(deny_unknown_fields)]`).
 /// Errors are one line and name the key in backticks, so the host can point at file:line.
@@ -456,6 +528,9 @@ macro_rules! register {
                 create: |cfg: &str, dims: $crate::ModelDims| -> $crate::Result<$crate::abi::Component> {
                     Ok($crate::wrap::$kind($ctor(cfg, dims)?))
                 },
+                settings: |cfg: &str, dims: $crate::ModelDims| -> $crate::Result<String> {
+                    Ok($crate::settings_of::$kind(&$ctor(cfg, dims)?))
+                },
             }
         }
     };
@@ -483,13 +558,14 @@ macro_rules! export_plugin {
                 components: __pith_components,
                 create: $crate::ffi_create,
                 set_logger: __pith_set_logger,
+                settings: $crate::ffi_settings,
             }
             .leak_into_prefix()
         }
     };
 }
 
-pub use adapt::wrap;
+pub use adapt::{settings_of, wrap};
 
 #[cfg(test)]
 mod tests {

@@ -176,3 +176,19 @@ fn set_of_a_key_or_table_that_does_not_exist_lists_the_valid_ones() {
     let line = refused(&["train", "--set", "steps=5"]);
     assert!(line.contains("expected table.key=value"), "{line}");
 }
+
+/// `pith config` completes every component table with its plugin's defaults (the component's
+/// `settings()`, plugin-api 0.4) and keeps what the config says.
+#[test]
+fn config_shows_every_plugin_default() {
+    let (code, so, se) = pith(&["config", "--set", "router.top_k=3"]);
+    assert_eq!(code, 0, "{se}");
+    let t: toml::Table = toml::from_str(&so).unwrap();
+    let get = |table: &str, key: &str| t[table].get(key).cloned();
+    assert_eq!(get("router", "top_k"), Some(toml::Value::Integer(3)), "given: kept");
+    assert_eq!(get("router", "normalize"), Some(toml::Value::Boolean(true)), "the router's default");
+    assert_eq!(get("experts", "ffn"), Some(toml::Value::Integer(128)), "swiglu's default: model.expert_ffn");
+    assert_eq!(get("optimizer", "beta2"), Some(toml::Value::Float(0.95)), "adamw's default");
+    let losses = t["balance_loss"].as_array().unwrap();
+    assert!(losses.iter().all(|l| l.get("coef").is_some()), "{losses:?}");
+}

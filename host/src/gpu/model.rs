@@ -185,6 +185,13 @@ impl GpuPass<'_> {
         decoder::loss(self, tokens, targets)
     }
 
+    /// Forward only: row `row` of the logits (on the host, f32).
+    pub fn logits_row(&self, tokens: &Tensor, row: usize) -> R<Vec<f32>> {
+        let _reset = self.ops.reset_on_drop();
+        let logits = decoder::logits(self, tokens)?;
+        self.gpu.to_f32(&logits.rows(row, 1))
+    }
+
     fn t(&self) -> usize {
         self.batch * self.m.cfg.seq_len
     }

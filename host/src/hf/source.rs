@@ -131,14 +131,20 @@ pub struct Sampling {
     pub temperature: f32,
     pub top_k: usize,
     pub seed: u64,
+    /// `cpu` or `cuda`.
+    pub device: String,
 }
 
-/// `pith generate MODEL --prompt TEXT`: the prompt's tokens and `max_tokens` more, on the CPU,
-/// with the model's tokenizer (bytes when it has none): (text of the new tokens, every token).
-/// Each token recomputes the whole sequence (no KV cache): for looking at a model, not serving.
+/// `pith generate MODEL --prompt TEXT`: the prompt's tokens and `max_tokens` more, on the CPU or
+/// CUDA, with the model's tokenizer (bytes when it has none): (text of the new tokens, every
+/// token). Each token recomputes the whole sequence (no KV cache): for looking at a model, not
+/// serving.
 pub fn generate(src: &Path, prompt: &str, s: &Sampling, reg: &Registry) -> Result<(String, Vec<u32>), String> {
     if !(s.temperature.is_finite() && s.temperature >= 0.0) {
         return Err(format!("--temperature {}: a number >= 0 (0: greedy)", s.temperature));
+    }
+    if s.device != "cpu" && s.device != "cuda" {
+        return Err(format!("--device `{}`: cpu or cuda", s.device));
     }
     // The tokenizer first (it fixes the prompt's length), from a model built at length 2.
     let (_, _, _, tok_path) = load_model(src, 2, reg)?;
@@ -157,15 +163,32 @@ pub fn generate(src: &Path, prompt: &str, s: &Sampling, reg: &Registry) -> Resul
     // One model at the final length; the tail is padding, which causal attention never reads.
     let (n, len) = (ids.len(), ids.len() + s.max_tokens);
     let (cfg, model, params, _) = load_model(src, len, reg)?;
-    let (v, ops) = (cfg.model.vocab, CpuOps::default());
+    let v = cfg.model.vocab;
+    // The logits of row `cur - 1` of a padded sequence.
+    let mut row_of: Box<RowOf<'_>> = match s.device.as_str() {
+        "cuda" => {
+            use crate::gpu::{model::GpuParams, model::GpuPass, model::RopeTables, ops::GpuOps, Gpu};
+            let gpu = std::sync::Arc::new(Gpu::open(0)?);
+            let p = GpuParams::upload(&gpu, &params, &crate::parallel::Parallel::single())?;
+            let (rope, ops) = (RopeTables::new(&gpu, &model)?, GpuOps::new(gpu.clone()));
+            Box::new(move |seq, cur| {
+                let tokens = gpu.upload(seq, &[seq.len()], pith_plugin_api::DType::I32)?;
+                let pass = GpuPass { m: &model, gpu: &gpu, ops: &ops, p: &p, rope: &rope, batch: 1, reduce: None };
+                pass.logits_row(&tokens, cur - 1)
+            })
+        }
+        _ => {
+            let ops = CpuOps::default();
+            Box::new(move |seq, cur| Ok(model.logits(&ops, &params, seq, 1)?[(cur - 1) * v..cur * v].to_vec()))
+        }
+    };
     let mut rng = crate::rng::Rng::new(s.seed);
     for _ in 0..s.max_tokens {
         let cur = ids.len();
         let mut seq = ids.clone();
         seq.resize(len, 0);
-        let logits = model.logits(&ops, &params, &seq, 1)?;
-        let row = &logits[(cur - 1) * v..cur * v];
-        ids.push(pick(row, s, &mut rng) as u32);
+        let row = row_of(&seq, cur)?;
+        ids.push(pick(&row, s, &mut rng) as u32);
     }
     let new = &ids[n..];
     let text = match &tok {
@@ -174,6 +197,9 @@ pub fn generate(src: &Path, prompt: &str, s: &Sampling, reg: &Registry) -> Resul
     };
     Ok((text, ids))
 }
+
+/// The logits of row `cur - 1` of sequence `seq`: `row_of(seq, cur)`.
+type RowOf<'a> = dyn FnMut(&[u32], usize) -> Result<Vec<f32>, String> + 'a;
 
 /// The next token from one row of logits.
 fn pick(row: &[f32], s: &Sampling, rng: &mut crate::rng::Rng) -> usize {

@@ -195,6 +195,10 @@ impl ActExperts {
 }
 
 impl Experts for ActExperts {
+    fn settings(&self) -> String {
+        pith_plugin_api::settings!(ffn = self.ffn)
+    }
+
     fn params(&self) -> Vec<ParamSpec> {
         let (e, h, f) = (self.experts, self.hidden, self.ffn);
         vec![

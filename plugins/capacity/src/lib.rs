@@ -242,6 +242,10 @@ impl Capacity {
 }
 
 impl CommSchedule for Capacity {
+    fn settings(&self) -> String {
+        pith_plugin_api::settings!(capacity_factor = self.factor)
+    }
+
     fn dispatch(&self, h: Host, x: Tensor, route: &RouterOut, experts: u32) -> Result<Dispatched> {
         let dev = h.device();
         if h.size(Group::ExpertParallel) > 1 {

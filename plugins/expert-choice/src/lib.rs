@@ -282,6 +282,10 @@ impl ExpertChoice {
 }
 
 impl Router for ExpertChoice {
+    fn settings(&self) -> String {
+        pith_plugin_api::settings!(capacity_factor = self.capacity_factor, k_avg = self.k_avg)
+    }
+
     fn params(&self) -> Vec<ParamSpec> {
         vec![ParamSpec::new("weight", &[self.experts, self.hidden], Init::Normal(0.02), true)]
     }

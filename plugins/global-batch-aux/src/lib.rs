@@ -222,6 +222,10 @@ impl GlobalBatchAux {
 }
 
 impl BalanceLoss for GlobalBatchAux {
+    fn settings(&self) -> String {
+        pith_plugin_api::settings!(coef = self.coef)
+    }
+
     fn params(&self) -> Vec<ParamSpec> {
         vec![
             // This step's assignments per expert, micro-batches so far (summed over the

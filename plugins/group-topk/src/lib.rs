@@ -364,6 +364,18 @@ impl GroupTopK {
 }
 
 impl Router for GroupTopK {
+    fn settings(&self) -> String {
+        pith_plugin_api::settings!(
+            n_group = self.n_group,
+            topk_group = self.topk_group,
+            top_k = self.top_k,
+            score = format!("{:?}", self.score).to_lowercase(),
+            group_score = format!("{:?}", self.group_score).to_lowercase(),
+            normalize = self.normalize,
+            routed_scaling_factor = self.scale
+        )
+    }
+
     fn params(&self) -> Vec<ParamSpec> {
         vec![ParamSpec::new("weight", &[self.experts, self.hidden], Init::Normal(0.02), true)]
     }

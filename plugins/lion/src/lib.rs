@@ -176,6 +176,10 @@ fn check(s: &Slot, dev: Device) -> Result<()> {
 }
 
 impl Optimizer for Lion {
+    fn settings(&self) -> String {
+        pith_plugin_api::settings!(beta1 = self.beta1, beta2 = self.beta2, weight_decay = self.weight_decay)
+    }
+
     fn state(&self, _name: &str, _param: &ParamSpec) -> Vec<String> {
         vec!["m".into()]
     }

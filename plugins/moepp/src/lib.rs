@@ -277,6 +277,15 @@ impl MoePP {
 }
 
 impl Experts for MoePP {
+    fn settings(&self) -> String {
+        pith_plugin_api::settings!(
+            zero = self.local.zero,
+            copy = self.local.copy,
+            constant = self.local.constant,
+            ffn = self.ffn
+        )
+    }
+
     fn params(&self) -> Vec<ParamSpec> {
         let (l, h, f) = (self.local, self.hidden, self.ffn);
         let mut p = Vec::new();

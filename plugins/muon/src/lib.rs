@@ -400,6 +400,17 @@ fn check(s: &Slot, dev: Device, states: &[&str]) -> Result<()> {
 }
 
 impl Optimizer for Muon {
+    fn settings(&self) -> String {
+        pith_plugin_api::settings!(
+            momentum = self.0.momentum,
+            nesterov = self.0.nesterov,
+            weight_decay = self.0.weight_decay,
+            adamw_betas = self.0.adamw_betas,
+            adamw_eps = self.0.adamw_eps,
+            adamw_params = self.0.adamw_params.clone()
+        )
+    }
+
     fn state(&self, name: &str, param: &ParamSpec) -> Vec<String> {
         match self.is_muon(name, param) {
             true => vec!["m".into()],

@@ -393,6 +393,15 @@ impl NoisyTopK {
 }
 
 impl Router for NoisyTopK {
+    fn settings(&self) -> String {
+        pith_plugin_api::settings!(
+            top_k = self.top_k,
+            normalize = self.normalize,
+            noise = format!("{:?}", self.noise).to_lowercase(),
+            jitter = self.jitter
+        )
+    }
+
     fn params(&self) -> Vec<ParamSpec> {
         let mut p = vec![ParamSpec::new("weight", &[self.experts, self.hidden], Init::Normal(0.02), true)];
         if self.noise == Noise::Learned {

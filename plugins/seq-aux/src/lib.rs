@@ -186,6 +186,10 @@ impl SeqAux {
 }
 
 impl BalanceLoss for SeqAux {
+    fn settings(&self) -> String {
+        pith_plugin_api::settings!(coef = self.coef)
+    }
+
     fn forward(&self, h: Host, _p: &[Tensor], route: &RouterOut, loss: Tensor) -> Result<()> {
         let (dev, e) = (h.device(), self.experts);
         expect(&loss, DType::F32, dev, &[1], "loss")?;

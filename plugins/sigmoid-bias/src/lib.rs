@@ -278,6 +278,15 @@ impl SigmoidBias {
 }
 
 impl Router for SigmoidBias {
+    fn settings(&self) -> String {
+        pith_plugin_api::settings!(
+            top_k = self.top_k,
+            bias_update = self.rate,
+            routed_scaling_factor = self.scale,
+            normalize = self.normalize
+        )
+    }
+
     fn params(&self) -> Vec<ParamSpec> {
         vec![
             ParamSpec::new("weight", &[self.experts, self.hidden], Init::Normal(0.02), true),

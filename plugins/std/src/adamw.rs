@@ -92,6 +92,15 @@ impl AdamW {
 }
 
 impl Optimizer for AdamW {
+    fn settings(&self) -> String {
+        pith_plugin_api::settings!(
+            beta1 = self.0.beta1,
+            beta2 = self.0.beta2,
+            eps = self.0.eps,
+            weight_decay = self.0.weight_decay
+        )
+    }
+
     fn state(&self, _name: &str, _param: &ParamSpec) -> Vec<String> {
         vec!["exp_avg".into(), "exp_avg_sq".into()]
     }

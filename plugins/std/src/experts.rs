@@ -114,6 +114,10 @@ impl SwiGlu {
 }
 
 impl Experts for SwiGlu {
+    fn settings(&self) -> String {
+        pith_plugin_api::settings!(ffn = self.ffn)
+    }
+
     fn params(&self) -> Vec<ParamSpec> {
         let (e, h, f) = (self.experts, self.hidden, self.ffn);
         vec![
@@ -204,6 +208,10 @@ impl Experts for SwiGlu {
 /// after the SwiGLU's own a, b, u: y_in and z. Backward: dy_in = σ(z)·dy (into the SwiGLU's
 /// backward), dz = σ'(z)·⟨dy, y_in⟩ per row; dw += dzᵀ·x; dx += dz·w.
 impl Experts for Shared {
+    fn settings(&self) -> String {
+        pith_plugin_api::settings!(ffn = self.ffn.ffn, gate = self.gate)
+    }
+
     fn params(&self) -> Vec<ParamSpec> {
         let mut p = self.ffn.params();
         if self.gate {

@@ -118,6 +118,10 @@ impl TopKSoftmax {
 }
 
 impl Router for TopKSoftmax {
+    fn settings(&self) -> String {
+        pith_plugin_api::settings!(top_k = self.top_k, normalize = self.normalize)
+    }
+
     fn params(&self) -> Vec<ParamSpec> {
         vec![ParamSpec::new("weight", &[self.experts, self.hidden], Init::Normal(0.02), true)]
     }

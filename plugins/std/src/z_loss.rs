@@ -30,6 +30,10 @@ register!(
 const SRC: &str = kernel_source!("z_loss.cu");
 
 impl BalanceLoss for ZLoss {
+    fn settings(&self) -> String {
+        pith_plugin_api::settings!(coef = self.coef)
+    }
+
     fn forward(&self, h: Host, _p: &[Tensor], route: &RouterOut, loss: Tensor) -> Result<()> {
         let (dev, logits) = (h.device(), route.logits);
         expect(&logits, DType::F32, dev, &[0, self.experts], "z-loss: logits")?;

@@ -315,6 +315,10 @@ impl TopAny {
 }
 
 impl Router for TopAny {
+    fn settings(&self) -> String {
+        pith_plugin_api::settings!(max_k = self.max_k, normalize = self.normalize, threshold_init = self.threshold_init)
+    }
+
     fn params(&self) -> Vec<ParamSpec> {
         vec![
             ParamSpec::new("weight", &[self.experts, self.hidden], Init::Normal(0.02), true),

@@ -57,6 +57,11 @@ fn load(route: &RouterOut) -> Result<Vec<f32>> {
 }
 
 impl BalanceLoss for MyLoss {
+    /// Every setting with its default filled in (`pith config` shows them).
+    fn settings(&self) -> String {
+        pith_plugin_api::settings!(coef = self.coef)
+    }
+
     /// ACCUMULATES the value into `loss` [1] (the host reads it once per micro-batch).
     fn forward(&self, h: Host, _p: &[Tensor], route: &RouterOut, loss: Tensor) -> Result<()> {
         kit::require_cpu(&h, "{{name}}")?;

@@ -54,6 +54,11 @@ register!(
 );
 
 impl Optimizer for MyOptimizer {
+    /// Every setting with its default filled in (`pith config` shows them).
+    fn settings(&self) -> String {
+        pith_plugin_api::settings!(momentum = self.momentum, weight_decay = self.weight_decay)
+    }
+
     fn state(&self, _name: &str, _param: &ParamSpec) -> Vec<String> {
         vec!["momentum".into()]
     }

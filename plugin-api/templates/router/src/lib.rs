@@ -58,6 +58,11 @@ register!(
 );
 
 impl Router for MyRouter {
+    /// Every setting with its default filled in (`pith config` shows them).
+    fn settings(&self) -> String {
+        pith_plugin_api::settings!(top_k = self.top_k, jitter = self.jitter)
+    }
+
     fn params(&self) -> Vec<ParamSpec> {
         vec![ParamSpec::new("weight", &[self.experts, self.hidden], Init::Normal(0.02), true)]
     }
