@@ -180,7 +180,9 @@ impl Gpu {
             ));
         }
         if self.arch == "sm_90a" && k % 64 == 0 && n % 128 == 0 && wgmma_allowed() {
-            return self.grouped_wgmma(x, w, y, offsets, trans_w, accumulate);
+            let name = if trans_w { "grouped_gemm_nt" } else { "grouped_gemm_nn" };
+            let tiles = |rows: usize| rows.div_ceil(128) * (n / 128);
+            return self.grouped_kernel(name, (x, w, y), offsets, (k, n), tiles, accumulate);
         }
         // Column-major per group: y_gᵀ [N2, n_g] = op(w_g)ᵀ · x_gᵀ.
         let groups: Vec<Problem> = (0..g)
@@ -197,21 +199,6 @@ impl Gpu {
         let lda = if trans_w { k } else { n };
         let t = DType::BF16;
         self.grouped(&groups, (trans_w, false), (lda, k, n), (t, t, t), if accumulate { 1.0 } else { 0.0 })
-    }
-
-    /// [`Gpu::grouped_gemm`] by kernels/grouped_gemm.cu (Hopper wgmma).
-    fn grouped_wgmma(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        y: &Tensor,
-        offsets: &[usize],
-        trans_w: bool,
-        accumulate: bool,
-    ) -> Result<(), String> {
-        let (k, n) = (x.dim(-1), y.dim(-1));
-        let name = if trans_w { "grouped_gemm_nt" } else { "grouped_gemm_nn" };
-        self.grouped_kernel(name, (x, w, y), offsets, (k, n), |rows| rows.div_ceil(128) * (n / 128), accumulate)
     }
 
     /// One launch of kernel `name` of kernels/grouped_gemm.cu over every group's 128×128 tiles
