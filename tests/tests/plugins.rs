@@ -21,6 +21,8 @@ fn build(dir: &Path, crate_name: &str) -> PathBuf {
         .args(["build", "--quiet", "--manifest-path"])
         .arg(dir.join("Cargo.toml"))
         .env("CARGO_TARGET_DIR", &target)
+        .env("CARGO_PROFILE_DEV_DEBUG", "false") // 1.6 GB less disk: nothing here is debugged
+        .env("CARGO_INCREMENTAL", "0")
         .status()
         .unwrap();
     assert!(st.success(), "building {} failed", dir.display());
