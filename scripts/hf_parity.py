@@ -6,11 +6,15 @@ For each family (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE): build a tiny random mode
 sharded, `pith import hf` it (and, where transformers can, the fused-experts save too), compare
 `pith eval-logits` with transformers' logits and loss, train Pith a few steps from it
 (`train.init_from`), `pith export hf` the result, load that with from_pretrained (no missing or
-unexpected keys), compare logits again, and compare greedy generation. One PASS/FAIL line per
-family; exit status 1 on any failure.
+unexpected keys), compare logits again, and compare greedy generation. Then training itself:
+STEPS optimizer steps of Pith (adamw, clip 1.0) and of transformers' model with torch.optim.AdamW
+(same betas, eps, lr, weight decay on matrices only, clip_grad_norm_ 1.0) on the same token
+shard give the same loss at every step. One PASS/FAIL line per family; exit status 1 on any
+failure.
 
 Tolerance (both sides compute in float32; only summation order differs): max |Δlogit| <= 1e-4
-and |Δloss| <= 1e-5.
+and |Δloss| <= 1e-5; per-step training losses within TRAIN_TOL (Adam's normalised steps
+amplify summation-order noise a little each step).
 
     python3 scripts/hf_parity.py target/release/pith [--work DIR] [--families qwen3_moe,mixtral,olmoe,qwen2_moe]
 """
@@ -28,6 +32,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 LOGIT_TOL, LOSS_TOL = 1e-4, 1e-5
+TRAIN_TOL, STEPS, BATCH, SEQ = 1e-4, 6, 2, 32
 COMMON = dict(
     vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     num_experts_per_tok=2, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
@@ -114,6 +119,70 @@ def greedy_pith(binary, model, prompt, n):
     return seq
 
 
+def write_shard(path, tokens):
+    """A Pith token shard (host/src/data/shards.rs): 256 i32 header (magic, version 1, count), u16 tokens."""
+    header = torch.zeros(256, dtype=torch.int32)
+    header[:3] = torch.tensor([20240520, 1, len(tokens)])
+    with open(path, "wb") as f:
+        f.write(header.numpy().tobytes())
+        f.write(torch.tensor(tokens, dtype=torch.int16).numpy().tobytes())
+
+
+def without_balance_losses(config_toml, out):
+    """The imported config without its [[balance_loss]] tables: transformers adds no auxiliary loss
+    unless output_router_logits is set, and then sums it over layers differently."""
+    kept, skipping = [], False
+    for line in open(config_toml).read().splitlines():
+        if line.startswith("["):
+            skipping = line.strip() == "[[balance_loss]]"
+        if not skipping:
+            kept.append(line)
+    open(out, "w").write("\n".join(kept) + "\n")
+    return out
+
+
+def train_parity(binary, model, hf_dir, run0, d, seed):
+    """Per-step losses of Pith's adamw and torch.optim.AdamW from the same weights on the same batches."""
+    g = torch.Generator().manual_seed(seed + 100)
+    tokens = torch.randint(0, COMMON["vocab_size"], (STEPS * BATCH * SEQ + 1,), generator=g).tolist()
+    shard, run = os.path.join(d, "train.bin"), os.path.join(d, "train-parity")
+    write_shard(shard, tokens)
+    lr, wd, betas, eps = 2e-3, 0.1, (0.9, 0.95), 1e-8
+    sets = [f'train.out="{run}"', f'train.init_from="{hf_dir}"', f"train.steps={STEPS}", f"train.micro_batch={BATCH}",
+            f"train.lr={lr}", "train.warmup=0", 'train.schedule="constant"', "train.clip=1.0", "train.eval_batches=1",
+            f'data.source="{shard}"', f'data.val="{shard}"', f"model.seq_len={SEQ}", f"optimizer.beta1={betas[0]}", f"optimizer.beta2={betas[1]}",
+            f"optimizer.eps={eps}", f"optimizer.weight_decay={wd}"]
+    cfg = without_balance_losses(os.path.join(run0, "config.toml"), os.path.join(d, "train-parity.toml"))
+    pith(binary, "train", cfg, *[a for s in sets for a in ("--set", s)])
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    pith_losses = [r["loss"] for r in rows if "loss" in r and "step" in r][:STEPS]
+
+    model = model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": wd},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    torch_losses = []
+    for step in range(STEPS):
+        rows = [tokens[(step * BATCH + r) * SEQ:(step * BATCH + r) * SEQ + SEQ + 1] for r in range(BATCH)]
+        x = torch.tensor([w[:-1] for w in rows])
+        y = torch.tensor([w[1:] for w in rows])
+        logits = model(input_ids=x).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        torch_losses.append(loss.item())
+    model.eval()
+    worst = max(abs(a - b) for a, b in zip(pith_losses, torch_losses))
+    if len(pith_losses) != STEPS or worst > TRAIN_TOL:
+        raise AssertionError(f"training: Pith losses {pith_losses} vs torch {torch_losses} (max |Δ| {worst:.3g}, "
+                             f"tol {TRAIN_TOL})")
+    return f"{STEPS} AdamW steps: losses {torch_losses[0]:.4f} → {torch_losses[-1]:.4f}, max |Δloss| {worst:.2e}"
+
+
 def family(binary, name, work, seed):
     cls, extra = FAMILIES[name]
     torch.manual_seed(seed)
@@ -172,6 +241,7 @@ def family(binary, name, work, seed):
             raise AssertionError(f"generation differs at token {i}: transformers {hf_seq[len(prompt):]} vs "
                                  f"Pith {pt_seq[len(prompt):]} (logit gap {gap:.3g})")
         note += f"; generation agrees up to a near-tie at token {i} (gap {gap:.2g})"
+    note += "; " + train_parity(binary, load(hf_dir), hf_dir, run0, d, seed)
     text = (f"import max|Δlogit| {d1[0]:.2e} |Δloss| {d1[1]:.2e}; after 5 steps + export max|Δlogit| {d2[0]:.2e} "
             f"|Δloss| {d2[1]:.2e} (training moved logits {moved:.2f}); greedy {n} tokens {hf_seq[len(prompt):]} equal; "
             f"{note}")
