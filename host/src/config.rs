@@ -43,6 +43,35 @@ pub struct ModelConfig {
     /// q, k and v projections add a trained bias (Qwen2-MoE); o_proj never has one.
     #[serde(default)]
     pub qkv_bias: bool,
+    /// Multi-head latent attention (DeepSeek-V2/V3) in place of the q/k/v projections: `[model.mla]`.
+    /// `head_dim` is then the q·k head size (its last `rope_dim` dims rotated) and kv_heads = heads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mla: Option<Mla>,
+}
+
+/// Multi-head latent attention's sizes (DeepSeek-V2's names in brackets). Per layer, from the
+/// normed hidden state a: q = q_proj a (or q_b_proj q_a_norm q_a_proj a with `q_rank`);
+/// [c, k_rope] = kv_a_proj a; [k_nope, v] per head = kv_b_proj kv_a_norm c; a head's key is
+/// [k_nope, rope(k_rope)] with k_rope shared by every head.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Mla {
+    /// The compressed key-value size (kv_lora_rank).
+    pub kv_rank: usize,
+    /// The compressed query size (q_lora_rank); 0: q_proj from the hidden state (V2-Lite).
+    #[serde(default)]
+    pub q_rank: usize,
+    /// The dims of a q·k head that RoPE rotates, its last ones (qk_rope_head_dim).
+    pub rope_dim: usize,
+    /// A value head's size (v_head_dim).
+    pub v_dim: usize,
+}
+
+impl ModelConfig {
+    /// (dims RoPE rotates per head, a value head's size): (head_dim, head_dim) outside MLA.
+    pub fn rope_v_dims(&self) -> (usize, usize) {
+        self.mla.map_or((self.head_dim, self.head_dim), |a| (a.rope_dim, a.v_dim))
+    }
 }
 
 /// See [`ModelConfig::qk_norm`].
@@ -362,6 +391,31 @@ impl Config {
             ("train", "init_from", opt(&t.init_from), paths.0, "a path (or no init_from)"),
             ("data", "source", q(&d.source), named(&d.source), "\"synthetic\" or shards (a file, directory, glob)"),
             ("data", "val", opt(&d.val), paths.1, "held-out shards (or no val: the default)"),
+        ];
+        for (table, key, value, ok, valid) in checks {
+            if !ok {
+                return Err(format!("{}: {table}.{key} = {value}: must be {valid}", self.at(table, 0, key)));
+            }
+        }
+        match m.mla {
+            Some(a) => self.validate_mla(a),
+            None => Ok(()),
+        }
+    }
+
+    /// `[model.mla]`: sizes from 1 (rope_dim even, at most head_dim; q_rank 0 = none), one kv
+    /// head per q head, and no qk-norm or q/k/v biases (MLA has neither).
+    fn validate_mla(&self, a: Mla) -> Result<(), String> {
+        let m = &self.model;
+        let rope = a.rope_dim.is_multiple_of(2) && (2..=m.head_dim).contains(&a.rope_dim);
+        let (mla, none) = ("model.mla", "\"none\" with [model.mla]".to_string());
+        let checks: [(&str, &str, String, bool, String); 6] = [
+            (mla, "kv_rank", a.kv_rank.to_string(), a.kv_rank >= 1, "an integer >= 1".into()),
+            (mla, "v_dim", a.v_dim.to_string(), a.v_dim >= 1, "an integer >= 1".into()),
+            (mla, "rope_dim", a.rope_dim.to_string(), rope, format!("even, in 2..=head_dim ({})", m.head_dim)),
+            ("model", "kv_heads", m.kv_heads.to_string(), m.kv_heads == m.heads, format!("heads ({}) with [model.mla]", m.heads)),
+            ("model", "qk_norm", format!("{:?}", m.qk_norm).to_lowercase(), m.qk_norm == QkNorm::None, none),
+            ("model", "qkv_bias", m.qkv_bias.to_string(), !m.qkv_bias, "false with [model.mla]".into()),
         ];
         for (table, key, value, ok, valid) in checks {
             if !ok {

@@ -6,6 +6,9 @@
 //!   a = attn_norm(x);  q = rope(q_norm(q_proj a));  k = rope(k_norm(k_proj a));  v = v_proj a
 //!   (`model.qk_norm`: per head (Qwen3-MoE), over the whole projection (OLMoE) or none (Mixtral);
 //!   `model.qkv_bias`: q_proj, k_proj, v_proj add a bias (Qwen2-MoE))
+//!   or, with `[model.mla]` (DeepSeek-V2/V3's multi-head latent attention):
+//!   q = rope(q_proj a) (or q_b_proj q_a_norm q_a_proj a);  [c, kr] = kv_a_proj a;
+//!   [k_nope, v] = kv_b_proj kv_a_norm c (per head);  k = [k_nope, rope(kr)] (kr on every head)
 //!   h = x + o_proj(causal_gqa_attention(q, k, v))
 //!   m = moe_norm(h);   route = (logits, probs, ids, weights) = router(m)
 //!   out = h + combine(experts(dispatch(m, route)), route) [+ shared(m): the `[shared]` plugin]
@@ -16,7 +19,7 @@
 //! on the CPU) before it is used, so an error names the layer and the plugin.
 
 use crate::cpu::{view_i32, Calls};
-use crate::model::{named, Model, StepOut, ATTN_NORM, K, O, Q, V};
+use crate::model::{named, Model, StepOut, ATTN_NORM, K, KV_A, KV_B, O, Q, V};
 use abi_stable::std_types::RSlice;
 use pith_plugin_api::abi::OpsRef;
 use pith_plugin_api::{DType, Device, Dispatched, ExpertsOut, RouterOut, Tensor, EMPTY};
@@ -69,8 +72,15 @@ pub(crate) trait Backend {
     /// y [T, n] += bias `w` [n] on every row; its backward accumulates dy's column sums.
     fn bias(&self, w: usize, y: &mut Self::T) -> Result<(), String>;
     fn bias_bwd(&self, w: usize, dy: &Self::T) -> Result<(), String>;
-    /// RoPE in place on q or k [T, heads·head_dim]; `inverse` for backward.
+    /// RoPE in place on q or k [T, heads·W]: the last `rope_dim` (all of head_dim but under MLA)
+    /// of each head of width W; `inverse` for backward.
     fn rope(&self, x: &mut Self::T, heads: usize, inverse: bool) -> Result<(), String>;
+    /// Columns `r` of `x` (ACT) as rows of `width`, each output row the sum of `sum` consecutive
+    /// rows' (1: a plain copy): [rows/sum, r.len()].
+    fn cols(&self, x: &Self::T, width: usize, r: Range<usize>, sum: usize) -> Result<Self::T, String>;
+    /// Writes `src` (ACT, rows of w) into columns at..at+w of `dst` (rows of `width`), each src
+    /// row into `repeat` consecutive dst rows.
+    fn set_cols(&self, dst: &mut Self::T, width: usize, at: usize, src: &Self::T, repeat: usize) -> Result<(), String>;
     /// Causal GQA attention: (out [T, heads·head_dim] in ACT, log-sum-exp f32), and its backward
     /// (dq, dk, dv).
     fn attention(&self, q: &Self::T, k: &Self::T, v: &Self::T) -> Result<(Self::T, Self::T), String>;
@@ -112,15 +122,22 @@ pub(crate) struct Attn<'a, T> {
     pub lse: &'a T,
 }
 
-/// What one layer's forward keeps for backward (names as in the module doc; `*_pre` is q or k
-/// before qk-norm, with its rstd). The plugin tensors r, d, e live until the layer's backward
-/// ends (`Backend::release_to(mark)`).
+/// What the q/k/v projections' backward needs beyond a = attn_norm(x).
+enum Proj<T> {
+    /// q and k before qk-norm, each with its rstd (with `model.qk_norm`).
+    Gqa { q_pre: Option<(T, T)>, k_pre: Option<(T, T)> },
+    /// MLA: (q_a_proj a, its rstd, q_a_norm of it) with `q_rank`; c, its rstd and kv_a_norm c.
+    Mla { qa: Option<(T, T, T)>, c: T, rstd_c: T, cn: T },
+}
+
+/// What one layer's forward keeps for backward (names as in the module doc; q, k, v as the
+/// attention read them). The plugin tensors r, d, e live until the layer's backward ends
+/// (`Backend::release_to(mark)`).
 struct Saved<T> {
     x: T,
     rstd1: T,
     a: T,
-    q_pre: Option<(T, T)>,
-    k_pre: Option<(T, T)>,
+    proj: Proj<T>,
     q: T,
     k: T,
     v: T,
@@ -286,20 +303,10 @@ fn layer_forward<B: Backend>(b: &B, l: usize, x: B::T, aux: &Tensor) -> Result<(
     // Attention.
     let (a, rstd1) = b.norm(hi + ATTN_NORM, &x)?;
     b.finite(&a, &at("attn_norm"))?;
-    let (mut q, mut k, mut v) = (b.linear(hi + Q, &a)?, b.linear(hi + K, &a)?, b.linear(hi + V, &a)?);
-    if let Some(i) = lay.bias {
-        b.bias(i, &mut q)?;
-        b.bias(i + 1, &mut k)?;
-        b.bias(i + 2, &mut v)?;
-    }
-    let (mut q_pre, mut k_pre) = (None, None);
-    if let Some(i) = lay.qk_norm {
-        let ((qn, qr), (kn, kr)) = (b.norm(i, &q)?, b.norm(i + 1, &k)?);
-        q_pre = Some((std::mem::replace(&mut q, qn), qr));
-        k_pre = Some((std::mem::replace(&mut k, kn), kr));
-    }
-    b.rope(&mut q, c.heads, false)?;
-    b.rope(&mut k, c.kv_heads, false)?;
+    let (q, k, v, proj) = match lay.mla {
+        Some(ml) => mla_project(b, l, ml, &a)?,
+        None => project(b, l, &a)?,
+    };
     b.finite(&q, &at("q projection"))?;
     b.finite(&k, &at("k projection"))?;
     b.finite(&v, &at("v projection"))?;
@@ -354,8 +361,62 @@ fn layer_forward<B: Backend>(b: &B, l: usize, x: B::T, aux: &Tensor) -> Result<(
         shared = Some((so, off));
     }
     let m = mn;
-    let saved = Saved { x, rstd1, a, q_pre, k_pre, q, k, v, att, lse, h, rstd2, m, r, d, e, shared, counts, mark };
+    let saved = Saved { x, rstd1, a, proj, q, k, v, att, lse, h, rstd2, m, r, d, e, shared, counts, mark };
     Ok((saved, out))
+}
+
+/// q, k, v from a = attn_norm(x): linear projections, biases, qk-norm, RoPE.
+fn project<B: Backend>(b: &B, l: usize, a: &B::T) -> Result<(B::T, B::T, B::T, Proj<B::T>), String> {
+    let (c, lay) = (&b.model().cfg, &b.model().layers[l]);
+    let hi = lay.host;
+    let (mut q, mut k, mut v) = (b.linear(hi + Q, a)?, b.linear(hi + K, a)?, b.linear(hi + V, a)?);
+    if let Some(i) = lay.bias {
+        b.bias(i, &mut q)?;
+        b.bias(i + 1, &mut k)?;
+        b.bias(i + 2, &mut v)?;
+    }
+    let (mut q_pre, mut k_pre) = (None, None);
+    if let Some(i) = lay.qk_norm {
+        let ((qn, qr), (kn, kr)) = (b.norm(i, &q)?, b.norm(i + 1, &k)?);
+        q_pre = Some((std::mem::replace(&mut q, qn), qr));
+        k_pre = Some((std::mem::replace(&mut k, kn), kr));
+    }
+    b.rope(&mut q, c.heads, false)?;
+    b.rope(&mut k, c.kv_heads, false)?;
+    Ok((q, k, v, Proj::Gqa { q_pre, k_pre }))
+}
+
+/// MLA's q, k, v from a (module doc); `ml` is the layer's [`MlaLayer`](crate::model::MlaLayer).
+fn mla_project<B: Backend>(
+    b: &B,
+    l: usize,
+    ml: crate::model::MlaLayer,
+    a: &B::T,
+) -> Result<(B::T, B::T, B::T, Proj<B::T>), String> {
+    let (c, hi) = (&b.model().cfg, b.model().layers[l].host);
+    let (n, heads, dq) = (b.batch() * c.seq_len, c.heads, c.head_dim);
+    let (r, dr, dv) = (ml.mla.kv_rank, ml.mla.rope_dim, ml.mla.v_dim);
+    let dn = dq - dr;
+    let (mut q, qa) = match ml.q_a {
+        None => (b.linear(hi + Q, a)?, None),
+        Some(i) => {
+            let qa = b.linear(i, a)?;
+            let (qn, rstd) = b.norm(i + 1, &qa)?;
+            (b.linear(hi + Q, &qn)?, Some((qa, rstd, qn)))
+        }
+    };
+    b.rope(&mut q, heads, false)?;
+    let kva = b.linear(hi + KV_A, a)?;
+    let (cc, mut kr) = (b.cols(&kva, r + dr, 0..r, 1)?, b.cols(&kva, r + dr, r..r + dr, 1)?);
+    drop(kva);
+    b.rope(&mut kr, 1, false)?;
+    let (cn, rstd_c) = b.norm(ml.kv_norm, &cc)?;
+    let kv = b.linear(hi + KV_B, &cn)?;
+    let mut k = b.empty(&[n, heads * dq], B::ACT)?;
+    b.set_cols(&mut k, dq, 0, &b.cols(&kv, dn + dv, 0..dn, 1)?, 1)?;
+    b.set_cols(&mut k, dq, dn, &kr, heads)?;
+    let v = b.cols(&kv, dn + dv, dn..dn + dv, 1)?;
+    Ok((q, k, v, Proj::Mla { qa, c: cc, rstd_c, cn }))
 }
 
 /// Backward of layer `l`: `dy` holds ∂/∂(its output) and becomes ∂/∂(its input).
@@ -408,16 +469,41 @@ fn layer_backward<B: Backend>(b: &B, l: usize, s: &Saved<B::T>, dy: &mut B::T, s
     b.norm_bwd(lay.moe_norm, &s.h, &s.rstd2, &dm, dy)?;
     drop(dm);
     // Attention block (dy is now ∂/∂h).
-    let (qd, kd) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
     let dya = b.to_act(dy, &[n, hd])?;
-    let mut datt = b.empty(&[n, qd], act)?;
+    let mut datt = b.empty(&[n, c.heads * c.rope_v_dims().1], act)?;
     b.linear_bwd(hi + O, &s.att, &dya, &mut datt, false)?;
     drop(dya);
-    let (mut dq, mut dk, dv) = b.attention_bwd(&Attn { q: &s.q, k: &s.k, v: &s.v, out: &s.att, lse: &s.lse }, &datt)?;
+    let (dq, dk, dv) = b.attention_bwd(&Attn { q: &s.q, k: &s.k, v: &s.v, out: &s.att, lse: &s.lse }, &datt)?;
     drop(datt);
+    let mut da = b.empty(&[n, hd], DType::F32)?;
+    match (&s.proj, lay.mla) {
+        (Proj::Gqa { q_pre, k_pre }, _) => project_bwd(b, l, &s.a, (q_pre, k_pre), (dq, dk, dv), &mut da)?,
+        (Proj::Mla { qa, c: cc, rstd_c, cn }, Some(ml)) => {
+            mla_project_bwd(b, l, ml, &s.a, (qa, cc, rstd_c, cn), (dq, dk, dv), &mut da)?
+        }
+        (Proj::Mla { .. }, None) => unreachable!("an MLA forward on a layer without MLA"),
+    }
+    b.norm_bwd(hi + ATTN_NORM, &s.x, &s.rstd1, &da, dy)
+}
+
+/// What q and k were before qk-norm, each with its rstd.
+type PreNorm<'a, T> = (&'a Option<(T, T)>, &'a Option<(T, T)>);
+
+/// Backward of [`project`]: da = ∂/∂a from (dq, dk, dv) at the attention's inputs.
+fn project_bwd<B: Backend>(
+    b: &B,
+    l: usize,
+    a: &B::T,
+    (q_pre, k_pre): PreNorm<'_, B::T>,
+    (mut dq, mut dk, dv): Qkv<B::T>,
+    da: &mut B::T,
+) -> Result<(), String> {
+    let (c, lay) = (&b.model().cfg, &b.model().layers[l]);
+    let (n, hi, act) = (b.batch() * c.seq_len, lay.host, B::ACT);
+    let (qd, kd) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
     b.rope(&mut dq, c.heads, true)?;
     b.rope(&mut dk, c.kv_heads, true)?;
-    let (dq, dk) = match (lay.qk_norm, &s.q_pre, &s.k_pre) {
+    let (dq, dk) = match (lay.qk_norm, q_pre, k_pre) {
         (Some(i), Some((qp, qr)), Some((kp, kr))) => {
             let (mut dqp, mut dkp) = (b.zeros(&[n, qd], act)?, b.zeros(&[n, kd], act)?);
             b.norm_bwd(i, qp, qr, &dq, &mut dqp)?;
@@ -431,9 +517,53 @@ fn layer_backward<B: Backend>(b: &B, l: usize, s: &Saved<B::T>, dy: &mut B::T, s
         b.bias_bwd(i + 1, &dk)?;
         b.bias_bwd(i + 2, &dv)?;
     }
-    let mut da = b.empty(&[n, hd], DType::F32)?;
-    b.linear_bwd(hi + Q, &s.a, &dq, &mut da, false)?;
-    b.linear_bwd(hi + K, &s.a, &dk, &mut da, true)?;
-    b.linear_bwd(hi + V, &s.a, &dv, &mut da, true)?;
-    b.norm_bwd(hi + ATTN_NORM, &s.x, &s.rstd1, &da, dy)
+    b.linear_bwd(hi + Q, a, &dq, da, false)?;
+    b.linear_bwd(hi + K, a, &dk, da, true)?;
+    b.linear_bwd(hi + V, a, &dv, da, true)
+}
+
+/// What [`mla_project`] keeps: (q_a_proj a, its rstd, its norm) with q_rank; c, rstd, kv_a_norm c.
+type MlaSaved<'a, T> = (&'a Option<(T, T, T)>, &'a T, &'a T, &'a T);
+
+/// Backward of [`mla_project`]: da = ∂/∂a from (dq, dk, dv) at the attention's inputs; kr's
+/// gradient sums over the heads that share it.
+fn mla_project_bwd<B: Backend>(
+    b: &B,
+    l: usize,
+    ml: crate::model::MlaLayer,
+    a: &B::T,
+    (qa, cc, rstd_c, cn): MlaSaved<'_, B::T>,
+    (mut dq, dk, dv): Qkv<B::T>,
+    da: &mut B::T,
+) -> Result<(), String> {
+    let (c, hi, act) = (&b.model().cfg, b.model().layers[l].host, B::ACT);
+    let (n, heads, dqk) = (b.batch() * c.seq_len, c.heads, c.head_dim);
+    let (r, dr, dvh) = (ml.mla.kv_rank, ml.mla.rope_dim, ml.mla.v_dim);
+    let dn = dqk - dr;
+    let mut dkr = b.cols(&dk, dqk, dn..dqk, heads)?;
+    b.rope(&mut dkr, 1, true)?;
+    let mut dkv = b.empty(&[n, heads * (dn + dvh)], act)?;
+    b.set_cols(&mut dkv, dn + dvh, 0, &b.cols(&dk, dqk, 0..dn, 1)?, 1)?;
+    b.set_cols(&mut dkv, dn + dvh, dn, &dv, 1)?;
+    drop((dk, dv));
+    let mut dcn = b.empty(&[n, r], act)?;
+    b.linear_bwd(hi + KV_B, cn, &dkv, &mut dcn, false)?;
+    drop(dkv);
+    let mut dc = b.zeros(&[n, r], act)?;
+    b.norm_bwd(ml.kv_norm, cc, rstd_c, &dcn, &mut dc)?;
+    let mut dkva = b.empty(&[n, r + dr], act)?;
+    b.set_cols(&mut dkva, r + dr, 0, &dc, 1)?;
+    b.set_cols(&mut dkva, r + dr, r, &dkr, 1)?;
+    b.linear_bwd(hi + KV_A, a, &dkva, da, false)?;
+    b.rope(&mut dq, heads, true)?;
+    match (ml.q_a, qa) {
+        (Some(i), Some((qa, rstd, qn))) => {
+            let mut dqn = b.empty(&[n, ml.mla.q_rank], act)?;
+            b.linear_bwd(hi + Q, qn, &dq, &mut dqn, false)?;
+            let mut dqa = b.zeros(&[n, ml.mla.q_rank], act)?;
+            b.norm_bwd(i + 1, qa, rstd, &dqn, &mut dqa)?;
+            b.linear_bwd(i, a, &dqa, da, true)
+        }
+        _ => b.linear_bwd(hi + Q, a, &dq, da, true),
+    }
 }

@@ -113,20 +113,21 @@ impl Rope {
             |f: fn(f64) -> f64| (0..seq_len).flat_map(|t| (0..half).map(move |i| f(angle(t, i)) as f32)).collect();
         Rope { cos: table(f64::cos), sin: table(f64::sin), half }
     }
-    /// x [B,T,H,D] in place (T ≤ the table's seq_len).
-    pub fn forward(&self, x: &mut [f32], t: usize, heads: usize) {
-        self.rotate(x, t, heads, 1.0)
+    /// x [B,T,H,W] in place (T ≤ the table's seq_len): the last D (the table's dims) of each
+    /// head of width W ≥ D (all of it but under MLA).
+    pub fn forward(&self, x: &mut [f32], t: usize, heads: usize, width: usize) {
+        self.rotate(x, t, heads, width, 1.0)
     }
-    /// dx [B,T,H,D] in place: the inverse rotation (the transpose of forward).
-    pub fn backward(&self, dx: &mut [f32], t: usize, heads: usize) {
-        self.rotate(dx, t, heads, -1.0)
+    /// dx [B,T,H,W] in place: the inverse rotation (the transpose of forward).
+    pub fn backward(&self, dx: &mut [f32], t: usize, heads: usize, width: usize) {
+        self.rotate(dx, t, heads, width, -1.0)
     }
-    fn rotate(&self, x: &mut [f32], t: usize, heads: usize, sign: f32) {
+    fn rotate(&self, x: &mut [f32], t: usize, heads: usize, width: usize, sign: f32) {
         let (half, d) = (self.half, 2 * self.half);
-        x.par_chunks_mut(heads * d).enumerate().for_each(|(row, x)| {
+        x.par_chunks_mut(heads * width).enumerate().for_each(|(row, x)| {
             let (cos, sin) = (&self.cos[(row % t) * half..][..half], &self.sin[(row % t) * half..][..half]);
-            for head in x.chunks_mut(d) {
-                let (a, b) = head.split_at_mut(half);
+            for head in x.chunks_mut(width) {
+                let (a, b) = head[width - d..].split_at_mut(half);
                 for i in 0..half {
                     let (x1, x2, s) = (a[i], b[i], sign * sin[i]);
                     a[i] = x1 * cos[i] - x2 * s;
@@ -137,7 +138,8 @@ impl Rope {
     }
 }
 
-/// Attention sizes: batch, sequence, query heads, key/value heads (divides hq), head dim.
+/// Attention sizes: batch, sequence, query heads, key/value heads (divides hq), q·k head dim,
+/// value head dim (d but under MLA), and the scale of the scores (1/√d).
 #[derive(Clone, Copy, Debug)]
 pub struct AttnDims {
     pub b: usize,
@@ -145,6 +147,8 @@ pub struct AttnDims {
     pub hq: usize,
     pub hkv: usize,
     pub d: usize,
+    pub dv: usize,
+    pub scale: f32,
 }
 
 /// Head `h` of batch row `b` of x [B,T,H,D] as a contiguous [T,D].
@@ -164,8 +168,8 @@ fn scatter(x: &mut [f32], src: &[f32], b: usize, h: usize, heads: usize, (t, d):
 
 /// Causal probabilities p [T,T] of one head: softmax over j ≤ i of scale·q_i·k_j, zero above the
 /// diagonal. With `lse` = None, computes each row's logsumexp into `lse_out`; otherwise reuses it.
-fn probs(q: &[f32], k: &[f32], (t, d): (usize, usize), lse: Option<&[f32]>, lse_out: &mut [f32]) -> Vec<f32> {
-    let (mut p, scale) = (vec![0.0; t * t], 1.0 / (d as f32).sqrt());
+fn probs(q: &[f32], k: &[f32], (t, d, scale): (usize, usize, f32), lse: Option<&[f32]>, lse_out: &mut [f32]) -> Vec<f32> {
+    let mut p = vec![0.0; t * t];
     sgemm(t, d, t, scale, q, false, k, true, 0.0, &mut p);
     for (i, row) in p.chunks_mut(t).enumerate() {
         let l = match lse {
@@ -181,12 +185,12 @@ fn probs(q: &[f32], k: &[f32], (t, d): (usize, usize), lse: Option<&[f32]>, lse_
     p
 }
 
-/// Causal grouped-query attention, softmax(q·kᵀ/√D)·v: q [B,T,Hq,D], k, v [B,T,Hkv,D] (query
-/// head h reads kv head h/(Hq/Hkv)) → (out [B,T,Hq,D], lse [B,Hq,T]), lse being each row's
+/// Causal grouped-query attention, softmax(scale·q·kᵀ)·v: q [B,T,Hq,D], k [B,T,Hkv,D], v
+/// [B,T,Hkv,Dv] (query head h reads kv head h/(Hq/Hkv)) → (out [B,T,Hq,Dv], lse [B,Hq,T]), lse being each row's
 /// logsumexp of the scaled scores, what backward needs to rebuild the probabilities.
 /// Parallel over (b, h).
 pub fn attention_fwd(q: &[f32], k: &[f32], v: &[f32], a: AttnDims) -> (Vec<f32>, Vec<f32>) {
-    let (t, d, g) = (a.t, a.d, a.hq / a.hkv);
+    let (t, d, dv, g) = (a.t, a.d, a.dv, a.hq / a.hkv);
     let mut lse = vec![0.0; a.b * a.hq * t];
     let heads: Vec<Vec<f32>> = lse
         .par_chunks_mut(t)
@@ -194,21 +198,21 @@ pub fn attention_fwd(q: &[f32], k: &[f32], v: &[f32], a: AttnDims) -> (Vec<f32>,
         .map(|(bh, lse)| {
             let (b, h) = (bh / a.hq, bh % a.hq);
             let kh = gather(k, b, h / g, a.hkv, (t, d));
-            let p = probs(&gather(q, b, h, a.hq, (t, d)), &kh, (t, d), None, lse);
-            let mut o = vec![0.0; t * d];
-            let vh = gather(v, b, h / g, a.hkv, (t, d));
-            sgemm(t, t, d, 1.0, &p, false, &vh, false, 0.0, &mut o);
+            let p = probs(&gather(q, b, h, a.hq, (t, d)), &kh, (t, d, a.scale), None, lse);
+            let mut o = vec![0.0; t * dv];
+            let vh = gather(v, b, h / g, a.hkv, (t, dv));
+            sgemm(t, t, dv, 1.0, &p, false, &vh, false, 0.0, &mut o);
             o
         })
         .collect();
-    let mut out = vec![0.0; q.len()];
+    let mut out = vec![0.0; a.b * t * a.hq * dv];
     for (bh, o) in heads.iter().enumerate() {
-        scatter(&mut out, o, bh / a.hq, bh % a.hq, a.hq, (t, d));
+        scatter(&mut out, o, bh / a.hq, bh % a.hq, a.hq, (t, dv));
     }
     (out, lse)
 }
 
-/// Attention backward: (dq [B,T,Hq,D], dk [B,T,Hkv,D], dv [B,T,Hkv,D]) from dout [B,T,Hq,D]
+/// Attention backward: (dq [B,T,Hq,D], dk [B,T,Hkv,D], dv [B,T,Hkv,Dv]) from dout [B,T,Hq,Dv]
 /// (q, k, v, out, lse as in forward). Parallel over (b, kv head); each task owns its group's
 /// query heads, so dk and dv need no reduction across tasks.
 pub fn attention_bwd(
@@ -218,24 +222,23 @@ pub fn attention_bwd(
     dout: &[f32],
     a: AttnDims,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let (t, d, g) = (a.t, a.d, a.hq / a.hkv);
-    let scale = 1.0 / (d as f32).sqrt();
+    let (t, d, dv, g, scale) = (a.t, a.d, a.dv, a.hq / a.hkv, a.scale);
     let groups: Vec<_> = (0..a.b * a.hkv)
         .into_par_iter()
         .map(|bk| {
             let (b, kvh) = (bk / a.hkv, bk % a.hkv);
-            let (kh, vh) = (gather(k, b, kvh, a.hkv, (t, d)), gather(v, b, kvh, a.hkv, (t, d)));
-            let (mut dkh, mut dvh, mut dqs) = (vec![0.0; t * d], vec![0.0; t * d], Vec::new());
+            let (kh, vh) = (gather(k, b, kvh, a.hkv, (t, d)), gather(v, b, kvh, a.hkv, (t, dv)));
+            let (mut dkh, mut dvh, mut dqs) = (vec![0.0; t * d], vec![0.0; t * dv], Vec::new());
             for h in kvh * g..(kvh + 1) * g {
-                let (qh, oh) = (gather(q, b, h, a.hq, (t, d)), gather(out, b, h, a.hq, (t, d)));
-                let doh = gather(dout, b, h, a.hq, (t, d));
+                let (qh, oh) = (gather(q, b, h, a.hq, (t, d)), gather(out, b, h, a.hq, (t, dv)));
+                let doh = gather(dout, b, h, a.hq, (t, dv));
                 let (lse, mut scratch) = (&lse[(b * a.hq + h) * t..][..t], vec![0.0; t]);
-                let p = probs(&qh, &kh, (t, d), Some(lse), &mut scratch);
-                sgemm(t, t, d, 1.0, &p, true, &doh, false, 1.0, &mut dvh);
+                let p = probs(&qh, &kh, (t, d, scale), Some(lse), &mut scratch);
+                sgemm(t, t, dv, 1.0, &p, true, &doh, false, 1.0, &mut dvh);
                 let mut ds = vec![0.0; t * t];
-                sgemm(t, d, t, 1.0, &doh, false, &vh, true, 0.0, &mut ds);
+                sgemm(t, dv, t, 1.0, &doh, false, &vh, true, 0.0, &mut ds);
                 for i in 0..t {
-                    let delta: f32 = (0..d).map(|c| doh[i * d + c] * oh[i * d + c]).sum();
+                    let delta: f32 = (0..dv).map(|c| doh[i * dv + c] * oh[i * dv + c]).sum();
                     (0..t).for_each(|j| ds[i * t + j] = p[i * t + j] * (ds[i * t + j] - delta));
                 }
                 let mut dqh = vec![0.0; t * d];
@@ -250,7 +253,7 @@ pub fn attention_bwd(
     for (bk, (dqs, dkh, dvh)) in groups.iter().enumerate() {
         let (b, kvh) = (bk / a.hkv, bk % a.hkv);
         scatter(&mut dk, dkh, b, kvh, a.hkv, (t, d));
-        scatter(&mut dv, dvh, b, kvh, a.hkv, (t, d));
+        scatter(&mut dv, dvh, b, kvh, a.hkv, (t, a.dv));
         for (i, dqh) in dqs.iter().enumerate() {
             scatter(&mut dq, dqh, b, kvh * g + i, a.hq, (t, d));
         }
@@ -359,36 +362,46 @@ mod tests {
         let rope = Rope::new(t, d, 100.0);
         let (mut x, r) = (rand(b * t * h * d, 1), rand(b * t * h * d, 2));
         let mut y = x.clone();
-        rope.forward(&mut y, t, h);
+        rope.forward(&mut y, t, h, d);
         // position 3 of batch row 1, head 2, pair i = 1: angle 3·100^(−2/4) = 0.3
         let (at, c, s) = (((t + 3) * h + 2) * d, 0.3f32.cos(), 0.3f32.sin());
         assert!((y[at + 1] - (x[at + 1] * c - x[at + 3] * s)).abs() < 1e-6);
         assert!((y[at + 3] - (x[at + 3] * c + x[at + 1] * s)).abs() < 1e-6);
         let mut dx = r.clone();
-        rope.backward(&mut dx, t, h);
+        rope.backward(&mut dx, t, h, d);
         fd_check("rope", &mut x, &dx, &|x| {
             let mut y = x.to_vec();
-            rope.forward(&mut y, t, h);
+            rope.forward(&mut y, t, h, d);
             dot(&y, &r)
         });
+        // Under MLA only the last D of each head of width W rotates: heads of 7 = 3 kept + 4.
+        let (mut wide, w) = (rand(b * t * h * 7, 3), 7);
+        let before = wide.clone();
+        rope.forward(&mut wide, t, h, w);
+        let rotated: Vec<f32> = wide.chunks(w).flat_map(|c| c[3..].to_vec()).collect();
+        let mut want: Vec<f32> = before.chunks(w).flat_map(|c| c[3..].to_vec()).collect();
+        rope.forward(&mut want, t, h, d);
+        assert_eq!(rotated, want);
+        assert!(wide.chunks(w).zip(before.chunks(w)).all(|(a, b)| a[..3] == b[..3]));
     }
 
     #[test]
     fn attention_matches_naive_and_grads() {
-        let a = AttnDims { b: 2, t: 5, hq: 4, hkv: 2, d: 4 };
-        let (nq, nk) = (a.b * a.t * a.hq * a.d, a.b * a.t * a.hkv * a.d);
-        let (mut q, mut k, mut v, r) = (rand(nq, 1), rand(nk, 2), rand(nk, 3), rand(nq, 4));
+        // Value heads of 3 beside q·k heads of 4 (as MLA's), scale 0.6.
+        let a = AttnDims { b: 2, t: 5, hq: 4, hkv: 2, d: 4, dv: 3, scale: 0.6 };
+        let (nq, nk, nv, no) = (a.b * a.t * a.hq * a.d, a.b * a.t * a.hkv * a.d, a.b * a.t * a.hkv * 3, a.b * a.t * a.hq * 3);
+        let (mut q, mut k, mut v, r) = (rand(nq, 1), rand(nk, 2), rand(nv, 3), rand(no, 4));
         let run = |q: &[f32], k: &[f32], v: &[f32]| attention_fwd(q, k, v, a);
         let (o, lse) = run(&q, &k, &v);
-        // naive: out[b,i,h] = Σ_{j≤i} softmax_j(q_i·k_j/√D) v_j, kv head h/2
-        let at = |b: usize, i: usize, h: usize, heads: usize| ((b * a.t + i) * heads + h) * a.d;
+        // naive: out[b,i,h] = Σ_{j≤i} softmax_j(0.6·q_i·k_j) v_j, kv head h/2
+        let at = |b: usize, i: usize, h: usize, heads: usize, d: usize| ((b * a.t + i) * heads + h) * d;
         for (b, i, h) in (0..a.b).flat_map(|b| (0..a.t).flat_map(move |i| (0..a.hq).map(move |h| (b, i, h)))) {
             let s: Vec<f32> =
-                (0..=i).map(|j| dot(&q[at(b, i, h, 4)..][..4], &k[at(b, j, h / 2, 2)..][..4]) as f32 / 2.0).collect();
+                (0..=i).map(|j| dot(&q[at(b, i, h, 4, 4)..][..4], &k[at(b, j, h / 2, 2, 4)..][..4]) as f32 * 0.6).collect();
             let z: f32 = s.iter().map(|s| s.exp()).sum();
-            for c in 0..a.d {
-                let want: f32 = (0..=i).map(|j| s[j].exp() / z * v[at(b, j, h / 2, 2) + c]).sum();
-                assert!((o[at(b, i, h, 4) + c] - want).abs() < 1e-5, "attention out ({b},{i},{h},{c})");
+            for c in 0..a.dv {
+                let want: f32 = (0..=i).map(|j| s[j].exp() / z * v[at(b, j, h / 2, 2, 3) + c]).sum();
+                assert!((o[at(b, i, h, 4, 3) + c] - want).abs() < 1e-5, "attention out ({b},{i},{h},{c})");
             }
         }
         let (dq, dk, dv) = attention_bwd((&q, &k, &v), &o, &lse, &r, a);

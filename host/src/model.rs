@@ -3,7 +3,7 @@
 //! the host's layers (layers.rs), the reference the CUDA backend (gpu/model.rs) is tested
 //! against. Host weights use the PyTorch `Linear` layout [out, in].
 
-use crate::config::{ModelConfig, QkNorm};
+use crate::config::{Mla, ModelConfig, QkNorm};
 use crate::cpu::{view, view_mut, Calls, CpuOps};
 use crate::decoder::{self, Attn, Backend, Qkv};
 use crate::layers::{self as ly, AttnDims, Rope};
@@ -47,12 +47,24 @@ pub struct Counts {
 }
 
 // A layer's host parameters, as offsets from `Layer::host` (declaration order: then q_norm and
-// k_norm when the model has them, then moe_norm).
+// k_norm, or the q/k/v biases, or MLA's norms and q_a_proj, when the model has them; then
+// moe_norm). Under MLA, Q is q_proj or q_b_proj and kv_a_proj, kv_b_proj take K's and V's places.
 pub(crate) const ATTN_NORM: usize = 0;
 pub(crate) const Q: usize = 1;
 pub(crate) const K: usize = 2;
 pub(crate) const V: usize = 3;
 pub(crate) const O: usize = 4;
+pub(crate) const KV_A: usize = K;
+pub(crate) const KV_B: usize = V;
+
+/// A layer's MLA parameters beyond the five above: kv_a_norm's index, and q_a_proj's (q_a_norm
+/// is the next) with `q_rank`.
+#[derive(Clone, Copy)]
+pub(crate) struct MlaLayer {
+    pub(crate) mla: Mla,
+    pub(crate) kv_norm: usize,
+    pub(crate) q_a: Option<usize>,
+}
 
 pub(crate) struct Layer {
     pub(crate) host: usize,
@@ -60,6 +72,7 @@ pub(crate) struct Layer {
     pub(crate) qk_norm: Option<usize>,
     /// q_proj's bias index (k's and v's are the next two), with `model.qkv_bias`.
     pub(crate) bias: Option<usize>,
+    pub(crate) mla: Option<MlaLayer>,
     pub(crate) moe_norm: usize,
     /// The shared expert's parameters (its component's own `params()`).
     pub(crate) shared: Range<usize>,
@@ -118,6 +131,7 @@ impl Model {
             return Err("model: heads must be a multiple of kv_heads, head_dim even".into());
         }
         let (h, qd, kd) = (c.hidden, c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        let rope_dim = c.rope_v_dims().0;
         let std = Init::Normal(c.init_std);
         let mat = |name: &str, shape: &[usize]| ParamSpec::new(name, shape, std, true);
         let norm = |name: &str, n: usize| ParamSpec::new(name, &[n], Init::Ones, false);
@@ -132,14 +146,34 @@ impl Model {
             QkNorm::None => None,
         };
         for (l, moe) in moe.into_iter().enumerate() {
-            let mut host = vec![
-                norm("attn_norm.weight", h),
-                mat("attn.q_proj.weight", &[qd, h]),
-                mat("attn.k_proj.weight", &[kd, h]),
-                mat("attn.v_proj.weight", &[kd, h]),
-                mat("attn.o_proj.weight", &[h, qd]),
-            ];
-            if let Some((qn, kn)) = qk {
+            let mut host = match c.mla {
+                None => vec![
+                    norm("attn_norm.weight", h),
+                    mat("attn.q_proj.weight", &[qd, h]),
+                    mat("attn.k_proj.weight", &[kd, h]),
+                    mat("attn.v_proj.weight", &[kd, h]),
+                    mat("attn.o_proj.weight", &[h, qd]),
+                ],
+                Some(a) => {
+                    let (r, dn) = (a.kv_rank, c.head_dim - a.rope_dim);
+                    let mut v = vec![
+                        norm("attn_norm.weight", h),
+                        match a.q_rank {
+                            0 => mat("attn.q_proj.weight", &[qd, h]),
+                            qr => mat("attn.q_b_proj.weight", &[qd, qr]),
+                        },
+                        mat("attn.kv_a_proj.weight", &[r + a.rope_dim, h]),
+                        mat("attn.kv_b_proj.weight", &[c.heads * (dn + a.v_dim), r]),
+                        mat("attn.o_proj.weight", &[h, c.heads * a.v_dim]),
+                        norm("attn.kv_a_norm.weight", r),
+                    ];
+                    if a.q_rank > 0 {
+                        v.extend([mat("attn.q_a_proj.weight", &[a.q_rank, h]), norm("attn.q_a_norm.weight", a.q_rank)]);
+                    }
+                    v
+                }
+            };
+            if let Some((qn, kn)) = qk.filter(|_| c.mla.is_none()) {
                 host.extend([norm("attn.q_norm.weight", qn), norm("attn.k_norm.weight", kn)]);
             }
             let bias = |name: &str, n: usize| ParamSpec::new(name, &[n], Init::Zeros, false);
@@ -150,6 +184,8 @@ impl Model {
             let host = add(&format!("layers.{l}"), host, None);
             let (qk_norm, moe_norm) = (qk.map(|_| host.start + O + 1), host.end - 1);
             let bias = c.qkv_bias.then_some(moe_norm - 3);
+            let q_a = |a: Mla| (a.q_rank > 0).then_some(host.start + O + 2);
+            let mla = c.mla.map(|a| MlaLayer { mla: a, kv_norm: host.start + O + 1, q_a: q_a(a) });
             let host = host.start;
             let router = add(&format!("layers.{l}.moe.router"), moe.router.1.params().into(), None);
             let specs: Vec<ParamSpec> = moe.experts.1.params().into();
@@ -168,12 +204,12 @@ impl Model {
                 .collect();
             let specs = moe.shared.as_ref().map_or(Vec::new(), |s| s.1.params().into_vec());
             let shared = add(&format!("layers.{l}.moe.shared"), specs, None);
-            layers.push(Layer { host, qk_norm, bias, moe_norm, shared, router, experts, losses, moe });
+            layers.push(Layer { host, qk_norm, bias, mla, moe_norm, shared, router, experts, losses, moe });
         }
         let final_norm = add("final_norm", vec![norm("weight", h)], None).start;
         let lm_head = add("lm_head", vec![mat("weight", &[c.vocab, h])], None).start;
         params.materialize();
-        let rope = Rope::new(c.seq_len, c.head_dim, c.rope_theta);
+        let rope = Rope::new(c.seq_len, rope_dim, c.rope_theta);
         Ok(Model { cfg: cfg.clone(), rope, embed, layers, final_norm, lm_head, ep })
     }
 
@@ -189,6 +225,8 @@ impl Model {
         let mut ids: Vec<usize> = (lay.host..=lay.host + O).chain([lay.moe_norm]).collect();
         ids.extend(lay.qk_norm.map(|q| [q, q + 1]).into_iter().flatten());
         ids.extend(lay.bias.map(|b| [b, b + 1, b + 2]).into_iter().flatten());
+        ids.extend(lay.mla.map(|m| m.kv_norm));
+        ids.extend(lay.mla.and_then(|m| m.q_a).map(|q| [q, q + 1]).into_iter().flatten());
         ids.extend(lay.shared.clone().chain(lay.router.clone()).chain(lay.experts.clone()));
         ids.extend(lay.losses.iter().flat_map(|r| r.clone()));
         ids
@@ -197,11 +235,21 @@ impl Model {
     pub fn counts(cfg: &ModelConfig, top_k: usize) -> Counts {
         let c = cfg;
         let (h, qd, kd) = (c.hidden, c.heads * c.head_dim, c.kv_heads * c.head_dim);
-        let dense = 2 * h * qd + 2 * h * kd + h * c.experts;
+        let vd = c.rope_v_dims().1;
+        let attention = match c.mla {
+            None => 2 * h * qd + 2 * h * kd,
+            Some(a) => {
+                let q = if a.q_rank == 0 { h * qd } else { a.q_rank * (h + qd) };
+                let kv = (a.kv_rank + a.rope_dim) * h + a.kv_rank * c.heads * (c.head_dim - a.rope_dim + vd);
+                q + kv + c.heads * vd * h
+            }
+        };
+        let dense = attention + h * c.experts;
         let (expert, embedding) = (3 * h * c.expert_ffn, c.vocab * h);
         let total = c.layers * (dense + c.experts * expert) + embedding;
         let active = c.layers * (dense + top_k * expert) + embedding;
-        let flops = 6 * active + 6 * c.layers * c.heads * c.head_dim * c.seq_len;
+        // q·kᵀ over head_dim and p·v over the value head: 3·(d + dv) per head, layer, position.
+        let flops = 6 * active + 3 * c.layers * c.heads * (c.head_dim + vd) * c.seq_len;
         Counts { total, active, embedding, flops_per_token: flops as f64 }
     }
 
@@ -291,7 +339,8 @@ impl<'a> CpuPass<'a> {
     }
     fn attn_dims(&self) -> AttnDims {
         let c = &self.m.cfg;
-        AttnDims { b: self.batch, t: c.seq_len, hq: c.heads, hkv: c.kv_heads, d: c.head_dim }
+        let (hq, hkv, d, dv) = (c.heads, c.kv_heads, c.head_dim, c.rope_v_dims().1);
+        AttnDims { b: self.batch, t: c.seq_len, hq, hkv, d, dv, scale: 1.0 / (d as f32).sqrt() }
     }
     /// (n, k, m) of x [n,k] · wᵀ for the matrix parameter `i` (w [m,k]).
     fn nkm(&self, i: usize, x: &[f32]) -> (usize, usize, usize) {
@@ -397,9 +446,25 @@ impl Backend for CpuPass<'_> {
         Ok(())
     }
     fn rope(&self, x: &mut Vec<f32>, heads: usize, inverse: bool) -> Result<(), String> {
+        let (t, rows) = (self.m.cfg.seq_len, self.batch * self.m.cfg.seq_len);
+        let width = x.len() / (rows * heads);
         match inverse {
-            false => self.m.rope.forward(x, self.m.cfg.seq_len, heads),
-            true => self.m.rope.backward(x, self.m.cfg.seq_len, heads),
+            false => self.m.rope.forward(x, t, heads, width),
+            true => self.m.rope.backward(x, t, heads, width),
+        }
+        Ok(())
+    }
+    fn cols(&self, x: &Vec<f32>, width: usize, r: Range<usize>, sum: usize) -> Result<Vec<f32>, String> {
+        let mut out = vec![0.0; x.len() / width / sum * r.len()];
+        for (o, rows) in out.chunks_mut(r.len().max(1)).zip(x.chunks(width * sum)) {
+            rows.chunks(width).for_each(|row| add(o, &row[r.clone()]));
+        }
+        Ok(out)
+    }
+    fn set_cols(&self, dst: &mut Vec<f32>, width: usize, at: usize, src: &Vec<f32>, repeat: usize) -> Result<(), String> {
+        let w = src.len() * repeat * width / dst.len();
+        for (rows, s) in dst.chunks_mut(width * repeat).zip(src.chunks(w.max(1))) {
+            rows.chunks_mut(width).for_each(|row| row[at..at + w].copy_from_slice(s));
         }
         Ok(())
     }
@@ -498,8 +563,10 @@ mod tests {
     /// once: each layer's own, then embed, final_norm and lm_head.
     #[test]
     fn layer_params_partition_the_parameters() {
-        for (qk_norm, qkv_bias) in [(QkNorm::Head, false), (QkNorm::None, true)] {
-            let (m, params) = model(&ModelConfig { qk_norm, qkv_bias, ..cfg() }, 1, 0.01, 16);
+        let gqa = |qk_norm, qkv_bias| ModelConfig { qk_norm, qkv_bias, ..cfg() };
+        for c in [gqa(QkNorm::Head, false), gqa(QkNorm::None, true), mla(0), mla(3)] {
+            let (m, params) = model(&c, 1, 0.01, 16);
+            let qk_norm = (c.qk_norm, c.mla);
             let mut ids: Vec<usize> = (0..m.layers.len()).flat_map(|l| m.layer_params(l)).collect();
             ids.extend([m.embed, m.final_norm, m.lm_head]);
             ids.sort();
@@ -562,17 +629,27 @@ mod tests {
     /// perturbation changes any token's chosen experts (a top-k flip: the loss jumps) is skipped;
     /// at most 6 may be. Run for each family's attention and router: per-head
     /// qk-norm (Qwen3-MoE), full-projection qk-norm with un-renormalised gates (OLMoE), no
-    /// qk-norm (Mixtral: 4 fewer tensors), and q/k/v biases without qk-norm (Qwen2-MoE).
+    /// qk-norm (Mixtral: 4 fewer tensors), q/k/v biases without qk-norm (Qwen2-MoE), and MLA
+    /// with q_proj (DeepSeek-V2-Lite) and with the compressed q (V2, V3).
     #[test]
     fn whole_model_gradient_matches_finite_differences() {
-        gradient_check(QkNorm::Head, false, "top_k = 2", 33);
-        gradient_check(QkNorm::Full, false, "top_k = 2\nnormalize = false", 33);
-        gradient_check(QkNorm::None, false, "top_k = 2", 29);
-        gradient_check(QkNorm::None, true, "top_k = 2\nnormalize = false", 35);
+        let gqa = |qk_norm, qkv_bias| ModelConfig { qk_norm, qkv_bias, ..cfg() };
+        gradient_check(gqa(QkNorm::Head, false), "top_k = 2", 33);
+        gradient_check(gqa(QkNorm::Full, false), "top_k = 2\nnormalize = false", 33);
+        gradient_check(gqa(QkNorm::None, false), "top_k = 2", 29);
+        gradient_check(gqa(QkNorm::None, true), "top_k = 2\nnormalize = false", 35);
+        gradient_check(mla(0), "top_k = 2\nnormalize = false", 31);
+        gradient_check(mla(3), "top_k = 2", 35);
     }
 
-    fn gradient_check(qk_norm: QkNorm, qkv_bias: bool, router: &str, tensors: usize) {
-        let c = ModelConfig { qk_norm, qkv_bias, ..cfg() };
+    /// [`cfg`] with MLA: 2 heads of q·k size 6 (4 rotated), values of 3, kv_rank 5, q_rank `q_rank`.
+    fn mla(q_rank: usize) -> ModelConfig {
+        let mla = Some(crate::config::Mla { kv_rank: 5, q_rank, rope_dim: 4, v_dim: 3 });
+        ModelConfig { qk_norm: QkNorm::None, kv_heads: 2, head_dim: 6, mla, ..cfg() }
+    }
+
+    fn gradient_check(c: ModelConfig, router: &str, tensors: usize) {
+        let (qk_norm, qkv_bias) = (c.qk_norm, c.qkv_bias);
         let ((model, mut params), ops) = (model_with(&c, 3, 0.1, router, 5, Shard::WHOLE), CpuOps::default());
         assert_eq!(params.list.len(), tensors);
         if qk_norm == QkNorm::Full {
@@ -612,12 +689,12 @@ mod tests {
                     continue;
                 }
                 let (fd, an) = ((up - down) / (2.0 * eps as f64), g[j] as f64);
-                let msg = format!("{qk_norm:?} bias {qkv_bias} {name}[{j}]: finite difference {fd} vs backward {an}");
+                let msg = format!("{qk_norm:?} {:?} {name}[{j}]: finite difference {fd} vs backward {an}", c.mla);
                 assert!((fd - an).abs() <= 1e-3 + 1e-2 * an.abs(), "{msg}");
                 checked += 1;
             }
         }
-        let msg = format!("{qk_norm:?} bias {qkv_bias}: checked {checked}, skipped {skipped:?}");
+        let msg = format!("{qk_norm:?} bias {qkv_bias} {:?}: checked {checked}, skipped {skipped:?}", c.mla);
         assert!(skipped.len() <= 6 && checked >= 2 * tensors - 6, "{msg}");
     }
 

@@ -550,11 +550,11 @@ mod tests {
             g.rope(&dx, &cos, &sin, seq, heads, false).unwrap();
             let fwd = g.to_f32(&dx).unwrap();
             let mut want = x.clone();
-            rope.forward(&mut want, seq, heads);
+            rope.forward(&mut want, seq, heads, d);
             g.rope(&dx, &cos, &sin, seq, heads, true).unwrap();
             let back = g.to_f32(&dx).unwrap();
             let mut want_back = fwd.clone();
-            rope.backward(&mut want_back, seq, heads);
+            rope.backward(&mut want_back, seq, heads, d);
             let (e1, e2, e3) = (rel_err(&fwd, &want), rel_err(&back, &want_back), rel_err(&back, &x));
             println!("rope D={d}: forward {e1:.2e}, inverse {e2:.2e}, round trip {e3:.2e}");
             assert!(e1 < 1.0 / 128.0 && e2 < 1.0 / 128.0 && e3 < 1.0 / 32.0, "D={d}: {e1} {e2} {e3}");

@@ -140,6 +140,9 @@ impl GpuParams {
     }
 }
 
+const MLA_ON_CUDA: &str = "[model.mla]: multi-head latent attention trains on train.device = \"cpu\" only so far \
+                           (the CUDA attention takes one head size for q, k and v)";
+
 /// RoPE's cos/sin tables on the device.
 pub struct RopeTables {
     cos: DTensor,
@@ -148,6 +151,9 @@ pub struct RopeTables {
 
 impl RopeTables {
     pub fn new(gpu: &Gpu, model: &Model) -> Result<RopeTables, String> {
+        if model.cfg.mla.is_some() {
+            return Err(MLA_ON_CUDA.into());
+        }
         let (s, half) = (model.cfg.seq_len, model.rope.half);
         let cos = gpu.upload(&model.rope.cos, &[s, half], DType::F32)?;
         let sin = gpu.upload(&model.rope.sin, &[s, half], DType::F32)?;
@@ -286,6 +292,12 @@ impl Backend for GpuPass<'_> {
         let (c, r) = (&self.m.cfg, self.rope);
         let view = Tensor::new(x.addr, x.dtype, x.device, &[self.t(), heads, c.head_dim]);
         self.gpu.rope(&view, &r.cos, &r.sin, c.seq_len, heads, inverse)
+    }
+    fn cols(&self, _: &DTensor, _: usize, _: std::ops::Range<usize>, _: usize) -> R<DTensor> {
+        Err(MLA_ON_CUDA.into())
+    }
+    fn set_cols(&self, _: &mut DTensor, _: usize, _: usize, _: &DTensor, _: usize) -> R<()> {
+        Err(MLA_ON_CUDA.into())
     }
     /// Causal GQA flash attention (kernels/attention.cu): (out [T, heads·D] bf16, lse [B,heads,S]).
     fn attention(&self, q: &DTensor, k: &DTensor, v: &DTensor) -> R<(DTensor, DTensor)> {
