@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Parity of Pith's Hugging Face interop with transformers itself (docs/interop.md).
 
-For each family (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE): build a tiny random model with transformers
+For each family (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE, DeepSeek-V2 with and without q_lora_rank): build a tiny random model with transformers
 (vocab 128, hidden 64, 2 layers, 4 heads, 2 kv heads, 8 experts, top-2), save_pretrained it
 sharded, `pith import hf` it (and, where transformers can, the fused-experts save too), compare
 `pith eval-logits` with transformers' logits and loss, train Pith a few steps from it
@@ -16,7 +16,7 @@ Tolerance (both sides compute in float32; only summation order differs): max |Δ
 and |Δloss| <= 1e-5; per-step training losses within TRAIN_TOL (Adam's normalised steps
 amplify summation-order noise a little each step).
 
-    python3 scripts/hf_parity.py target/release/pith [--work DIR] [--families qwen3_moe,mixtral,olmoe,qwen2_moe]
+    python3 scripts/hf_parity.py target/release/pith [--work DIR] [--families qwen3_moe,mixtral,olmoe,qwen2_moe,deepseek_v2,deepseek_v2_q_lora]
 """
 
 import argparse
@@ -46,7 +46,15 @@ FAMILIES = {
     # q/k/v biases and a shared expert with a sigmoid gate per token
     "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=48,
                                          intermediate_size=128, norm_topk_prob=False, rope_theta=1e6)),
+    # multi-head latent attention (q·k heads 16 = 8 + 8 rotated, interleaved; values 12; kv rank 16),
+    # two shared experts, un-renormalised softmax gates; then with the compressed q (V2's q_lora_rank)
+    "deepseek_v2": ("DeepseekV2Config", dict(num_key_value_heads=4, n_routed_experts=8, moe_intermediate_size=32,
+                                             n_shared_experts=2, intermediate_size=128, kv_lora_rank=16, q_lora_rank=None,
+                                             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12,
+                                             first_k_dense_replace=0, topk_method="greedy", routed_scaling_factor=1.0,
+                                             norm_topk_prob=False, rope_theta=1e4)),
 }
+FAMILIES["deepseek_v2_q_lora"] = ("DeepseekV2Config", {**FAMILIES["deepseek_v2"][1], "q_lora_rank": 24})
 
 
 def pith(binary, *args):
@@ -186,7 +194,7 @@ def train_parity(binary, model, hf_dir, run0, d, seed):
 def family(binary, name, work, seed):
     cls, extra = FAMILIES[name]
     torch.manual_seed(seed)
-    cfg = getattr(transformers, cls)(**COMMON, **extra)
+    cfg = getattr(transformers, cls)(**{**COMMON, **extra})
     try:
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
     except TypeError:

@@ -47,6 +47,9 @@ pub struct ModelConfig {
     /// `head_dim` is then the q·k head size (its last `rope_dim` dims rotated) and kv_heads = heads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mla: Option<Mla>,
+    /// RoPE rotates dims (2i, 2i+1) together (DeepSeek's layout) instead of (i, i + D/2).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rope_interleaved: bool,
 }
 
 /// Multi-head latent attention's sizes (DeepSeek-V2's names in brackets). Per layer, from the

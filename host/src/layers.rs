@@ -103,15 +103,17 @@ pub struct Rope {
     pub cos: Vec<f32>,
     pub sin: Vec<f32>,
     pub half: usize,
+    /// Pairs (2i, 2i+1) rotate together (DeepSeek's layout); else (i, i + D/2) (Llama's).
+    pub interleaved: bool,
 }
 
 impl Rope {
-    pub fn new(seq_len: usize, head_dim: usize, theta: f32) -> Rope {
+    pub fn new(seq_len: usize, head_dim: usize, theta: f32, interleaved: bool) -> Rope {
         let half = head_dim / 2;
         let angle = |t: usize, i: usize| t as f64 * (theta as f64).powf(-2.0 * i as f64 / head_dim as f64);
         let table =
             |f: fn(f64) -> f64| (0..seq_len).flat_map(|t| (0..half).map(move |i| f(angle(t, i)) as f32)).collect();
-        Rope { cos: table(f64::cos), sin: table(f64::sin), half }
+        Rope { cos: table(f64::cos), sin: table(f64::sin), half, interleaved }
     }
     /// x [B,T,H,W] in place (T ≤ the table's seq_len): the last D (the table's dims) of each
     /// head of width W ≥ D (all of it but under MLA).
@@ -127,11 +129,12 @@ impl Rope {
         x.par_chunks_mut(heads * width).enumerate().for_each(|(row, x)| {
             let (cos, sin) = (&self.cos[(row % t) * half..][..half], &self.sin[(row % t) * half..][..half]);
             for head in x.chunks_mut(width) {
-                let (a, b) = head[width - d..].split_at_mut(half);
+                let head = &mut head[width - d..];
                 for i in 0..half {
-                    let (x1, x2, s) = (a[i], b[i], sign * sin[i]);
-                    a[i] = x1 * cos[i] - x2 * s;
-                    b[i] = x2 * cos[i] + x1 * s;
+                    let (i1, i2) = if self.interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+                    let (x1, x2, s) = (head[i1], head[i2], sign * sin[i]);
+                    head[i1] = x1 * cos[i] - x2 * s;
+                    head[i2] = x2 * cos[i] + x1 * s;
                 }
             }
         });
@@ -359,7 +362,7 @@ mod tests {
     #[test]
     fn rope_matches_formula_and_grads() {
         let (b, t, h, d) = (2, 5, 3, 4);
-        let rope = Rope::new(t, d, 100.0);
+        let rope = Rope::new(t, d, 100.0, false);
         let (mut x, r) = (rand(b * t * h * d, 1), rand(b * t * h * d, 2));
         let mut y = x.clone();
         rope.forward(&mut y, t, h, d);
@@ -383,6 +386,16 @@ mod tests {
         rope.forward(&mut want, t, h, d);
         assert_eq!(rotated, want);
         assert!(wide.chunks(w).zip(before.chunks(w)).all(|(a, b)| a[..3] == b[..3]));
+        // Interleaved pairs: the same rotation of the same pairs, laid out (2i, 2i+1).
+        let inter = Rope::new(t, d, 100.0, true);
+        let perm = |x: &[f32], to_half: bool| -> Vec<f32> {
+            let idx = |j: usize| if j < d / 2 { 2 * j } else { 2 * (j - d / 2) + 1 };
+            x.chunks(d).flat_map(|c| (0..d).map(move |j| if to_half { c[idx(j)] } else { c[(0..d).find(|&i| idx(i) == j).unwrap()] })).collect()
+        };
+        let mut yi = perm(&x, false);
+        inter.forward(&mut yi, t, h, d);
+        let back: Vec<f32> = perm(&yi, true);
+        assert!(back.iter().zip(&y).all(|(a, b)| (a - b).abs() < 1e-6), "interleaved = permuted half layout");
     }
 
     #[test]

@@ -209,7 +209,7 @@ impl Model {
         let final_norm = add("final_norm", vec![norm("weight", h)], None).start;
         let lm_head = add("lm_head", vec![mat("weight", &[c.vocab, h])], None).start;
         params.materialize();
-        let rope = Rope::new(c.seq_len, rope_dim, c.rope_theta);
+        let rope = Rope::new(c.seq_len, rope_dim, c.rope_theta, c.rope_interleaved);
         Ok(Model { cfg: cfg.clone(), rope, embed, layers, final_norm, lm_head, ep })
     }
 
@@ -642,10 +642,11 @@ mod tests {
         gradient_check(mla(3), "top_k = 2", 35);
     }
 
-    /// [`cfg`] with MLA: 2 heads of q·k size 6 (4 rotated), values of 3, kv_rank 5, q_rank `q_rank`.
+    /// [`cfg`] with MLA: 2 heads of q·k size 6 (4 rotated), values of 3, kv_rank 5, q_rank `q_rank`
+    /// (with it, interleaved RoPE pairs as DeepSeek lays them out).
     fn mla(q_rank: usize) -> ModelConfig {
         let mla = Some(crate::config::Mla { kv_rank: 5, q_rank, rope_dim: 4, v_dim: 3 });
-        ModelConfig { qk_norm: QkNorm::None, kv_heads: 2, head_dim: 6, mla, ..cfg() }
+        ModelConfig { qk_norm: QkNorm::None, kv_heads: 2, head_dim: 6, mla, rope_interleaved: q_rank > 0, ..cfg() }
     }
 
     fn gradient_check(c: ModelConfig, router: &str, tensors: usize) {

@@ -40,6 +40,7 @@ enum Arch {
     Mixtral,
     Olmoe,
     Qwen2,
+    Deepseek,
 }
 
 impl Arch {
@@ -49,26 +50,27 @@ impl Arch {
             Arch::Mixtral => "MixtralForCausalLM",
             Arch::Olmoe => "OlmoeForCausalLM",
             Arch::Qwen2 => "Qwen2MoeForCausalLM",
+            Arch::Deepseek => "DeepseekV2ForCausalLM",
         }
     }
     fn qk(self) -> &'static str {
         match self {
             Arch::Qwen3 => "head",
-            Arch::Mixtral | Arch::Qwen2 => "none",
+            Arch::Mixtral | Arch::Qwen2 | Arch::Deepseek => "none",
             Arch::Olmoe => "full",
         }
     }
-    /// The shared expert's FFN size (Qwen2-MoE's gated one; 0: none).
+    /// The shared expert's FFN size (Qwen2-MoE's gated one, DeepSeek's two of 8; 0: none).
     fn shared(self) -> usize {
-        if self == Arch::Qwen2 {
-            6
-        } else {
-            0
+        match self {
+            Arch::Qwen2 => 6,
+            Arch::Deepseek => 16,
+            _ => 0,
         }
     }
 }
 
-const ARCHS: [Arch; 4] = [Arch::Qwen3, Arch::Mixtral, Arch::Olmoe, Arch::Qwen2];
+const ARCHS: [Arch; 5] = [Arch::Qwen3, Arch::Mixtral, Arch::Olmoe, Arch::Qwen2, Arch::Deepseek];
 const E: usize = 4;
 
 /// vocab 72, hidden 16, 2 layers, 4 heads of 4 (2 kv heads), 4 experts of ffn 8, top-2, 16 positions.
@@ -88,15 +90,26 @@ fn config_json(a: Arch) -> Value {
         Arch::Qwen2 => json!({"model_type": "qwen2_moe", "num_experts": E, "moe_intermediate_size": 8,
                               "shared_expert_intermediate_size": 6, "intermediate_size": 32, "norm_topk_prob": false,
                               "rope_theta": 10000.0}),
+        // MLA: 4 heads, q·k 4 = 2 + 2 rotated ("head_dim" is the rotated part), values 3, kv rank 6.
+        Arch::Deepseek => json!({"model_type": "deepseek_v2", "num_key_value_heads": 4, "n_routed_experts": E,
+                                 "moe_intermediate_size": 8, "n_shared_experts": 2, "intermediate_size": 32,
+                                 "kv_lora_rank": 6, "q_lora_rank": null, "qk_rope_head_dim": 2, "qk_nope_head_dim": 2,
+                                 "v_head_dim": 3, "head_dim": 2, "first_k_dense_replace": 0, "topk_method": "greedy",
+                                 "routed_scaling_factor": 1.0, "norm_topk_prob": false, "rope_theta": 10000.0}),
     };
     c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
     c
 }
 
 fn model_config(a: Arch) -> ModelConfig {
+    let mla = match a {
+        Arch::Deepseek => "rope_interleaved = true\n[mla]\nkv_rank = 6\nrope_dim = 2\nv_dim = 3",
+        _ => "",
+    };
     let text = format!(
-        "vocab = 72\nhidden = 16\nlayers = 2\nheads = 4\nkv_heads = 2\nhead_dim = 4\nseq_len = 16\nexperts = {E}\n\
-         expert_ffn = 8\nqk_norm = \"{}\"\nqkv_bias = {}",
+        "vocab = 72\nhidden = 16\nlayers = 2\nheads = 4\nkv_heads = {}\nhead_dim = 4\nseq_len = 16\nexperts = {E}\n\
+         expert_ffn = 8\nqk_norm = \"{}\"\nqkv_bias = {}\n{mla}",
+        if a == Arch::Deepseek { 4 } else { 2 },
         a.qk(),
         a == Arch::Qwen2
     );
@@ -108,7 +121,7 @@ fn model_config(a: Arch) -> ModelConfig {
 fn pith_weights(a: Arch, seed: u64) -> TensorMap {
     let mut r = Rng::new(seed);
     let mut out = BTreeMap::new();
-    for (name, shape) in pith::hf::pith_params(&model_config(a), a.shared()) {
+    for (name, shape) in pith::hf::pith_params(&model_config(a), a.shared(), a == Arch::Qwen2) {
         let n: usize = shape.iter().product();
         let v = match name.ends_with("norm.weight") {
             true => (0..n).map(|_| (96 + r.below(64)) as f32 / 128.0).collect(),
@@ -136,9 +149,10 @@ fn hf_tensors(a: Arch, w: &TensorMap, fused: bool) -> Vec<(String, Vec<usize>, V
     for l in 0..2 {
         let (hl, pl) = (format!("model.layers.{l}"), format!("layers.{l}"));
         put(format!("{hl}.input_layernorm.weight"), &format!("{pl}.attn_norm.weight"));
-        for x in ["q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"] {
-            if w.contains_key(&format!("{pl}.attn.{x}.weight")) {
-                put(format!("{hl}.self_attn.{x}.weight"), &format!("{pl}.attn.{x}.weight"));
+        let mla = [("kv_a_proj_with_mqa", "kv_a_proj"), ("kv_a_layernorm", "kv_a_norm"), ("kv_b_proj", "kv_b_proj")];
+        for (x, px) in ["q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"].map(|x| (x, x)).into_iter().chain(mla) {
+            if w.contains_key(&format!("{pl}.attn.{px}.weight")) {
+                put(format!("{hl}.self_attn.{x}.weight"), &format!("{pl}.attn.{px}.weight"));
             }
             if w.contains_key(&format!("{pl}.attn.{x}.bias")) {
                 put(format!("{hl}.self_attn.{x}.bias"), &format!("{pl}.attn.{x}.bias"));
@@ -162,11 +176,14 @@ fn hf_tensors(a: Arch, w: &TensorMap, fused: bool) -> Vec<(String, Vec<usize>, V
             }
         }
         if a.shared() > 0 {
+            let module = if a == Arch::Deepseek { "shared_experts" } else { "shared_expert" };
             for (n, hn) in [("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")] {
                 let t = &w[&format!("{pl}.moe.shared.{n}")];
-                out.push((format!("{hl}.mlp.shared_expert.{hn}.weight"), vec![t.0[2], t.0[1]], expert(t, 0)));
+                out.push((format!("{hl}.mlp.{module}.{hn}.weight"), vec![t.0[2], t.0[1]], expert(t, 0)));
             }
-            put(format!("{hl}.mlp.shared_expert_gate.weight"), &format!("{pl}.moe.shared.gate"));
+            if a == Arch::Qwen2 {
+                put(format!("{hl}.mlp.shared_expert_gate.weight"), &format!("{pl}.moe.shared.gate"));
+            }
         }
     }
     put("model.norm.weight".into(), "final_norm.weight");
@@ -276,7 +293,7 @@ fn import_reads_each_family_layout_and_dtype_exactly() {
             assert_eq!(checkpoint_weights(&run), w, "{a:?} fused={fused}");
             let cfg = std::fs::read_to_string(run.join("config.toml")).unwrap();
             assert!(cfg.contains(&format!("qk_norm = \"{}\"", a.qk())), "{cfg}");
-            let normalize = !matches!(a, Arch::Olmoe | Arch::Qwen2);
+            let normalize = !matches!(a, Arch::Olmoe | Arch::Qwen2 | Arch::Deepseek);
             assert!(cfg.contains(&format!("normalize = {normalize}")), "{cfg}");
             let entries: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().map(|e| e.file_name()).collect();
             assert!(entries.iter().all(|n| !n.to_string_lossy().contains(".tmp")), "{entries:?}");
@@ -618,5 +635,5 @@ fn transformers_parity() {
         .unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     assert!(o.status.success(), "{text}");
-    assert_eq!(text.lines().filter(|l| l.starts_with("PASS")).count(), ARCHS.len(), "one PASS per family: {text}");
+    assert_eq!(text.lines().filter(|l| l.starts_with("PASS")).count(), ARCHS.len() + 1, "one PASS per family (DeepSeek-V2 twice): {text}");
 }

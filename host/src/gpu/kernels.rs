@@ -543,7 +543,7 @@ mod tests {
         let g = gpu();
         let mut rng = Rng::new(12);
         for (b, seq, heads, d) in [(2, 11, 3, 64), (3, 5, 2, 6)] {
-            let rope = layers::Rope::new(16, d, 10_000.0);
+            let rope = layers::Rope::new(16, d, 10_000.0, false);
             let cos = g.upload(&rope.cos, &[16, d / 2], DType::F32).unwrap();
             let sin = g.upload(&rope.sin, &[16, d / 2], DType::F32).unwrap();
             let (x, dx) = rand_bf16(&g, &mut rng, &[b * seq, heads, d], 1.0);

@@ -154,6 +154,9 @@ impl RopeTables {
         if model.cfg.mla.is_some() {
             return Err(MLA_ON_CUDA.into());
         }
+        if model.cfg.rope_interleaved {
+            return Err("model.rope_interleaved = true: the CUDA RoPE rotates (i, i + D/2) pairs only so far".into());
+        }
         let (s, half) = (model.cfg.seq_len, model.rope.half);
         let cos = gpu.upload(&model.rope.cos, &[s, half], DType::F32)?;
         let sin = gpu.upload(&model.rope.sin, &[s, half], DType::F32)?;

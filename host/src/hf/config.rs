@@ -4,7 +4,7 @@
 
 use super::export::{ExportDtype, ExportOptions};
 use super::family::{names, Family, FAMILIES};
-use crate::config::{mem_available, refuse_over, Config, MemEstimate, QkNorm};
+use crate::config::{mem_available, refuse_over, Config, MemEstimate, Mla, QkNorm};
 use serde_json::{json, Value};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -21,8 +21,11 @@ pub struct HfModel {
     pub head_dim: usize,
     pub experts: usize,
     pub expert_ffn: usize,
-    /// `shared_expert_intermediate_size` (Qwen2-MoE's gated shared expert; 0: none).
+    /// `shared_expert_intermediate_size` (Qwen2-MoE's gated shared expert) or DeepSeek's
+    /// `n_shared_experts`·`moe_intermediate_size` (no gate); 0: none.
     pub shared_ffn: usize,
+    /// DeepSeek-V2's multi-head latent attention (`kv_lora_rank`, `q_lora_rank`, …).
+    pub mla: Option<Mla>,
     pub top_k: usize,
     /// `norm_topk_prob` (always true for Mixtral): the router's `normalize`.
     pub normalize: bool,
@@ -85,13 +88,26 @@ fn parse_config(c: &Value, seq_len: Option<usize>) -> Result<HfModel, String> {
         _ => heads,
     };
     let kv_heads = size("num_key_value_heads", Some(kv_default))?;
-    let head_dim = match int("head_dim")? {
-        Some(d) => d,
-        None if hidden.is_multiple_of(heads) => hidden / heads,
-        None => return Err(format!("`hidden_size` {hidden} is not a multiple of `num_attention_heads` {heads}")),
+    let deepseek = f == Family::DeepseekV2;
+    // DeepSeek's `head_dim` is the rotated part; Pith's is the whole q·k head.
+    let mla = match deepseek {
+        true => Some(Mla {
+            kv_rank: size("kv_lora_rank", None)?,
+            q_rank: int("q_lora_rank")?.unwrap_or(0),
+            rope_dim: size("qk_rope_head_dim", None)?,
+            v_dim: size("v_head_dim", None)?,
+        }),
+        false => None,
+    };
+    let head_dim = match (mla, int("head_dim")?) {
+        (Some(a), _) => a.rope_dim + int("qk_nope_head_dim")?.ok_or("`qk_nope_head_dim` is missing")?,
+        (None, Some(d)) => d,
+        (None, None) if hidden.is_multiple_of(heads) => hidden / heads,
+        (None, None) => return Err(format!("`hidden_size` {hidden} is not a multiple of `num_attention_heads` {heads}")),
     };
     let experts_key = match f {
         Family::Mixtral => "num_local_experts",
+        Family::DeepseekV2 if get("n_routed_experts").is_some() => "n_routed_experts",
         _ if get("num_experts").is_none() && get("num_local_experts").is_some() => "num_local_experts",
         _ => "num_experts",
     };
@@ -148,9 +164,31 @@ fn parse_config(c: &Value, seq_len: Option<usize>) -> Result<HfModel, String> {
     let shared_key = "shared_expert_intermediate_size";
     let shared_ffn = match f {
         Family::Qwen2Moe => size(shared_key, None)?,
+        Family::DeepseekV2 => int("n_shared_experts")?.unwrap_or(0) * expert_ffn,
         _ => 0,
     };
-    for k in [shared_key, "n_shared_experts", "num_shared_experts"].into_iter().filter(|_| f != Family::Qwen2Moe) {
+    if deepseek {
+        if kv_heads != heads {
+            refuse("num_key_value_heads", &json!(kv_heads), "MLA has one key-value head per query head");
+        }
+        if let Some(v) = get("first_k_dense_replace").filter(|v| v.as_u64() != Some(0)) {
+            refuse("first_k_dense_replace", v, "every layer is MoE (dense layers are not built yet)");
+        }
+        if let Some(v) = get("moe_layer_freq").filter(|v| v.as_u64() != Some(1)) {
+            refuse("moe_layer_freq", v, "every layer is MoE");
+        }
+        if let Some(v) = get("routed_scaling_factor").filter(|v| v.as_f64() != Some(1.0)) {
+            refuse("routed_scaling_factor", v, "the topk-softmax router's gates are the probabilities, unscaled");
+        }
+        if let Some(v) = get("topk_method").filter(|v| v.as_str() != Some("greedy")) {
+            refuse("topk_method", v, "the topk-softmax router picks the top-k of all experts (\"greedy\")");
+        }
+        if let Some(v) = get("scoring_func").filter(|v| v.as_str() != Some("softmax")) {
+            refuse("scoring_func", v, "router scores are a softmax");
+        }
+    }
+    let has_shared = matches!(f, Family::Qwen2Moe | Family::DeepseekV2);
+    for k in [shared_key, "n_shared_experts", "num_shared_experts"].into_iter().filter(|_| !has_shared) {
         if let Some(v) = get(k).filter(|v| v.as_u64() != Some(0)) {
             refuse(k, v, &format!("{} has no shared expert", f.architecture()));
         }
@@ -187,8 +225,10 @@ fn parse_config(c: &Value, seq_len: Option<usize>) -> Result<HfModel, String> {
         experts,
         expert_ffn,
         shared_ffn,
+        mla,
         top_k,
-        normalize: f == Family::Mixtral || flag("norm_topk_prob"),
+        // DeepSeek-V2's router never renormalises, whatever `norm_topk_prob` says.
+        normalize: f == Family::Mixtral || (flag("norm_topk_prob") && !deepseek),
         rope_theta,
         norm_eps: num("rms_norm_eps", if f.moe_ffn_key() { 1e-6 } else { 1e-5 })?,
         init_std: num("initializer_range", 0.02)?,
@@ -214,9 +254,18 @@ impl HfModel {
             QkNorm::Full => "full",
             QkNorm::None => "none",
         };
-        let (bias, shared) = match self.shared_ffn {
-            0 => ("", String::new()),
-            f => ("qkv_bias = true\n", format!("\n[shared]\nplugin = \"shared-swiglu\"\nffn = {f}\ngate = true\n")),
+        let qwen2 = self.family == Family::Qwen2Moe;
+        let shared = match (self.shared_ffn, qwen2) {
+            (0, _) => String::new(),
+            (f, gate) => format!("\n[shared]\nplugin = \"shared-swiglu\"\nffn = {f}\ngate = {gate}\n"),
+        };
+        let bias = match (qwen2, self.mla) {
+            (true, _) => "qkv_bias = true\n".to_string(),
+            (false, Some(a)) => format!(
+                "rope_interleaved = true\n\n[model.mla]\nkv_rank = {}\nq_rank = {}\nrope_dim = {}\nv_dim = {}\n",
+                a.kv_rank, a.q_rank, a.rope_dim, a.v_dim
+            ),
+            (false, None) => String::new(),
         };
         let aux = match self.aux_coef > 0.0 {
             true => format!("\n[[balance_loss]]\nplugin = \"switch-aux\"\ncoef = {:?}\n", self.aux_coef),
@@ -260,7 +309,14 @@ impl HfModel {
     /// The config.json field a Pith `model.*` key comes from.
     pub fn field(&self, key: &str) -> Option<&'static str> {
         let (mixtral, qwen) = (self.family == Family::Mixtral, self.family.moe_ffn_key());
+        let deepseek = self.family == Family::DeepseekV2;
         Some(match key {
+            "model.experts" if deepseek => "n_routed_experts",
+            "model.head_dim" if deepseek => "qk_nope_head_dim",
+            "model.mla.kv_rank" => "kv_lora_rank",
+            "model.mla.q_rank" => "q_lora_rank",
+            "model.mla.rope_dim" => "qk_rope_head_dim",
+            "model.mla.v_dim" => "v_head_dim",
             "model.vocab" => "vocab_size",
             "model.hidden" => "hidden_size",
             "model.layers" => "num_hidden_layers",
@@ -367,6 +423,18 @@ pub(super) fn hf_config(
             "decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": false, "sliding_window": null,
             "max_window_layers": m.layers, "qkv_bias": true,
         }),
+        Family::DeepseekV2 => {
+            let a = m.mla.expect("DeepSeek-V2 is exported from an MLA model");
+            json!({
+                "intermediate_size": m.expert_ffn, "moe_intermediate_size": m.expert_ffn, "n_routed_experts": m.experts,
+                "n_shared_experts": shared_ffn / m.expert_ffn, "kv_lora_rank": a.kv_rank,
+                "q_lora_rank": if a.q_rank == 0 { Value::Null } else { json!(a.q_rank) },
+                "qk_rope_head_dim": a.rope_dim, "qk_nope_head_dim": m.head_dim - a.rope_dim, "v_head_dim": a.v_dim,
+                "head_dim": a.rope_dim, "first_k_dense_replace": 0, "routed_scaling_factor": 1.0,
+                "topk_method": "greedy", "n_group": null, "topk_group": null, "norm_topk_prob": false,
+                "attention_bias": false, "mlp_bias": false,
+            })
+        }
     };
     c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
     c

@@ -110,6 +110,13 @@ pub(super) fn target(cfg: &Config) -> Result<Target, String> {
     if matches!(family, Family::Olmoe | Family::Qwen2Moe) && m.heads * m.head_dim != m.hidden {
         return Err(format!("model.head_dim: {} needs heads·head_dim = hidden", family.architecture()));
     }
+    let ffn = shared.map_or(0, |s| s.1);
+    if family == Family::DeepseekV2 && (ffn == 0 || !ffn.is_multiple_of(m.expert_ffn)) {
+        return Err(format!(
+            "[shared] ffn = {ffn}: DeepSeek-V2's shared experts are n_shared_experts × model.expert_ffn ({}) wide",
+            m.expert_ffn
+        ));
+    }
     Ok(Target { family, top_k, normalize, shared_ffn: shared.map_or(0, |s| s.1) })
 }
 
@@ -135,7 +142,7 @@ pub fn export(src: &Path, out: &Path, opts: &ExportOptions) -> Result<Exported, 
     let map = mmap(&weights)?;
     let st = parse_st(&weights, &map)?;
     let mut plan = Vec::new();
-    for (name, shape) in pith_params(m, shared_ffn) {
+    for (name, shape) in pith_params(m, shared_ffn, family == Family::Qwen2Moe) {
         let t = st.tensor(&name).map_err(|_| format!("{}: tensor `{name}` is missing", weights.display()))?;
         if t.dtype() != Dtype::F32 || t.shape() != shape {
             let got = format!("{:?} {:?}", t.dtype(), t.shape());

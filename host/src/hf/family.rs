@@ -10,9 +10,13 @@ pub enum Family {
     Olmoe,
     /// Qwen1.5-MoE / Qwen2-MoE: q/k/v biases and a shared expert with a sigmoid gate per token.
     Qwen2Moe,
+    /// DeepSeek-V2 / V2-Lite: multi-head latent attention with interleaved RoPE, shared experts
+    /// (no gate), softmax top-k gates that are not renormalised.
+    DeepseekV2,
 }
 
-pub(super) const FAMILIES: [Family; 4] = [Family::Qwen3Moe, Family::Mixtral, Family::Olmoe, Family::Qwen2Moe];
+pub(super) const FAMILIES: [Family; 5] =
+    [Family::Qwen3Moe, Family::Mixtral, Family::Olmoe, Family::Qwen2Moe, Family::DeepseekV2];
 
 impl Family {
     pub fn architecture(self) -> &'static str {
@@ -21,6 +25,7 @@ impl Family {
             Family::Mixtral => "MixtralForCausalLM",
             Family::Olmoe => "OlmoeForCausalLM",
             Family::Qwen2Moe => "Qwen2MoeForCausalLM",
+            Family::DeepseekV2 => "DeepseekV2ForCausalLM",
         }
     }
     pub fn model_type(self) -> &'static str {
@@ -29,12 +34,13 @@ impl Family {
             Family::Mixtral => "mixtral",
             Family::Olmoe => "olmoe",
             Family::Qwen2Moe => "qwen2_moe",
+            Family::DeepseekV2 => "deepseek_v2",
         }
     }
     pub(super) fn qk_norm(self) -> QkNorm {
         match self {
             Family::Qwen3Moe => QkNorm::Head,
-            Family::Mixtral | Family::Qwen2Moe => QkNorm::None,
+            Family::Mixtral | Family::Qwen2Moe | Family::DeepseekV2 => QkNorm::None,
             Family::Olmoe => QkNorm::Full,
         }
     }
@@ -54,11 +60,27 @@ impl Family {
     }
     /// Does the family name its expert FFN size `moe_intermediate_size` (else `intermediate_size`)?
     pub(super) fn moe_ffn_key(self) -> bool {
-        matches!(self, Family::Qwen3Moe | Family::Qwen2Moe)
+        matches!(self, Family::Qwen3Moe | Family::Qwen2Moe | Family::DeepseekV2)
+    }
+    /// The HF module of the shared expert(s) in a layer's MLP block.
+    pub(super) fn shared(self) -> &'static str {
+        match self {
+            Family::DeepseekV2 => "shared_experts",
+            _ => "shared_expert",
+        }
     }
     /// The family a Pith model exports as: Qwen2-MoE when it has q/k/v biases or a shared expert
     /// (`shared`: that expert's `gate`), else chosen by `model.qk_norm`.
     pub(super) fn of(m: &ModelConfig, normalize: bool, shared: Option<bool>) -> Result<Family, String> {
+        if m.mla.is_some() {
+            return match (m.rope_interleaved, normalize, shared) {
+                (true, false, Some(false)) => Ok(Family::DeepseekV2),
+                _ => Err("the exported family with [model.mla] is DeepSeek-V2, which needs all of \
+                          model.rope_interleaved = true, router.normalize = false and [shared] plugin = \
+                          \"shared-swiglu\" without a gate"
+                    .into()),
+            };
+        }
         if m.qkv_bias || shared.is_some() {
             return match (m.qkv_bias, shared, m.qk_norm) {
                 (true, Some(true), QkNorm::None) => Ok(Family::Qwen2Moe),

@@ -5,22 +5,40 @@ use super::family::Family;
 use crate::config::{ModelConfig, QkNorm};
 
 /// Name and shape of every parameter of a Pith model with the std topk-softmax router and
-/// swiglu experts, and with `shared_ffn` > 0 the gated std shared-swiglu of that FFN size
-/// (Qwen2-MoE's), in `Model::new`'s order.
-pub fn pith_params(m: &ModelConfig, shared_ffn: usize) -> Vec<(String, Vec<usize>)> {
+/// swiglu experts, and with `shared_ffn` > 0 the std shared-swiglu of that FFN size (with
+/// `shared_gate`, Qwen2-MoE's sigmoid gate), in `Model::new`'s order.
+pub fn pith_params(m: &ModelConfig, shared_ffn: usize, shared_gate: bool) -> Vec<(String, Vec<usize>)> {
     let (h, qd, kd, e, f) = (m.hidden, m.heads * m.head_dim, m.kv_heads * m.head_dim, m.experts, m.expert_ffn);
     let mut v = vec![("embed.weight".to_string(), vec![m.vocab, h])];
     for l in 0..m.layers {
         let mut add = |name: &str, shape: Vec<usize>| v.push((format!("layers.{l}.{name}"), shape));
         add("attn_norm.weight", vec![h]);
-        add("attn.q_proj.weight", vec![qd, h]);
-        add("attn.k_proj.weight", vec![kd, h]);
-        add("attn.v_proj.weight", vec![kd, h]);
-        add("attn.o_proj.weight", vec![h, qd]);
+        match m.mla {
+            None => {
+                add("attn.q_proj.weight", vec![qd, h]);
+                add("attn.k_proj.weight", vec![kd, h]);
+                add("attn.v_proj.weight", vec![kd, h]);
+                add("attn.o_proj.weight", vec![h, qd]);
+            }
+            Some(a) => {
+                match a.q_rank {
+                    0 => add("attn.q_proj.weight", vec![qd, h]),
+                    r => add("attn.q_b_proj.weight", vec![qd, r]),
+                }
+                add("attn.kv_a_proj.weight", vec![a.kv_rank + a.rope_dim, h]);
+                add("attn.kv_b_proj.weight", vec![m.heads * (m.head_dim - a.rope_dim + a.v_dim), a.kv_rank]);
+                add("attn.o_proj.weight", vec![h, m.heads * a.v_dim]);
+                add("attn.kv_a_norm.weight", vec![a.kv_rank]);
+                if a.q_rank > 0 {
+                    add("attn.q_a_proj.weight", vec![a.q_rank, h]);
+                    add("attn.q_a_norm.weight", vec![a.q_rank]);
+                }
+            }
+        }
         let qk = match m.qk_norm {
-            QkNorm::Head => Some((m.head_dim, m.head_dim)),
-            QkNorm::Full => Some((qd, kd)),
-            QkNorm::None => None,
+            QkNorm::Head if m.mla.is_none() => Some((m.head_dim, m.head_dim)),
+            QkNorm::Full if m.mla.is_none() => Some((qd, kd)),
+            _ => None,
         };
         if let Some((qn, kn)) = qk {
             add("attn.q_norm.weight", vec![qn]);
@@ -40,7 +58,9 @@ pub fn pith_params(m: &ModelConfig, shared_ffn: usize) -> Vec<(String, Vec<usize
             add("moe.shared.w_gate", vec![1, h, shared_ffn]);
             add("moe.shared.w_up", vec![1, h, shared_ffn]);
             add("moe.shared.w_down", vec![1, shared_ffn, h]);
-            add("moe.shared.gate", vec![1, h]);
+            if shared_gate {
+                add("moe.shared.gate", vec![1, h]);
+            }
         }
     }
     v.push(("final_norm.weight".into(), vec![h]));
@@ -75,10 +95,13 @@ pub(super) fn hf_name(f: Family, pith: &str, e: usize) -> String {
         "moe.experts.w_gate" => format!("{}.experts.{e}.{gate}.weight", f.moe()),
         "moe.experts.w_up" => format!("{}.experts.{e}.{up}.weight", f.moe()),
         "moe.experts.w_down" => format!("{}.experts.{e}.{down}.weight", f.moe()),
-        "moe.shared.w_gate" => "mlp.shared_expert.gate_proj.weight".into(),
-        "moe.shared.w_up" => "mlp.shared_expert.up_proj.weight".into(),
-        "moe.shared.w_down" => "mlp.shared_expert.down_proj.weight".into(),
+        "moe.shared.w_gate" => format!("mlp.{}.gate_proj.weight", f.shared()),
+        "moe.shared.w_up" => format!("mlp.{}.up_proj.weight", f.shared()),
+        "moe.shared.w_down" => format!("mlp.{}.down_proj.weight", f.shared()),
         "moe.shared.gate" => "mlp.shared_expert_gate.weight".into(),
+        "attn.kv_a_proj.weight" => "self_attn.kv_a_proj_with_mqa.weight".into(),
+        "attn.kv_a_norm.weight" => "self_attn.kv_a_layernorm.weight".into(),
+        "attn.q_a_norm.weight" => "self_attn.q_a_layernorm.weight".into(),
         r => format!("self_attn.{}", r.strip_prefix("attn.").expect("an attention parameter")),
     };
     format!("model.layers.{l}.{rest}")
@@ -119,7 +142,16 @@ pub(super) fn translate(name: &str) -> Option<(String, Slot)> {
         _ => {}
     }
     if let Some(a) = rest.strip_prefix("self_attn.") {
-        let known = ["q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"];
+        let mla = match a {
+            "kv_a_proj_with_mqa.weight" => Some("kv_a_proj"),
+            "kv_a_layernorm.weight" => Some("kv_a_norm"),
+            "q_a_layernorm.weight" => Some("q_a_norm"),
+            _ => None,
+        };
+        if let Some(w) = mla {
+            return at(&format!("attn.{w}.weight"), Slot::Whole);
+        }
+        let known = ["q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "q_a_proj", "q_b_proj", "kv_b_proj"];
         if let Some(w) = a.strip_suffix(".bias").filter(|w| ["q_proj", "k_proj", "v_proj"].contains(w)) {
             return at(&format!("attn.{w}.bias"), Slot::Whole);
         }
@@ -134,7 +166,7 @@ pub(super) fn translate(name: &str) -> Option<(String, Slot)> {
         "shared_expert_gate.weight" => return at("moe.shared.gate", Slot::Whole),
         _ => {}
     }
-    if let Some(w) = moe.strip_prefix("shared_expert.") {
+    if let Some(w) = moe.strip_prefix("shared_expert.").or_else(|| moe.strip_prefix("shared_experts.")) {
         let which = match w {
             "gate_proj.weight" => "w_gate",
             "up_proj.weight" => "w_up",
@@ -168,10 +200,15 @@ mod tests {
              expert_ffn = 5",
         )
         .unwrap();
-        for f in FAMILIES {
-            let (qkv_bias, shared) = if f == Family::Qwen2Moe { (true, 6) } else { (false, 0) };
-            let m = ModelConfig { qk_norm: f.qk_norm(), qkv_bias, ..m.clone() };
-            for (name, _) in pith_params(&m, shared) {
+        for (f, q_rank) in FAMILIES.into_iter().map(|f| (f, 0)).chain([(Family::DeepseekV2, 3)]) {
+            let (qkv_bias, shared) = match f {
+                Family::Qwen2Moe => (true, 6),
+                Family::DeepseekV2 => (false, 10),
+                _ => (false, 0),
+            };
+            let mla = (f == Family::DeepseekV2).then_some(crate::config::Mla { kv_rank: 4, q_rank, rope_dim: 2, v_dim: 2 });
+            let m = ModelConfig { qk_norm: f.qk_norm(), qkv_bias, mla, ..m.clone() };
+            for (name, _) in pith_params(&m, shared, f == Family::Qwen2Moe) {
                 let e = stack(&name, 3).map_or(0, |n| n - 1);
                 let want = if stack(&name, 3).is_some() { Slot::Expert(e) } else { Slot::Whole };
                 assert_eq!(translate(&hf_name(f, &name, e)), Some((name.clone(), want)), "{f:?} {name}");
@@ -193,14 +230,16 @@ mod tests {
                     [router]\nplugin = \"topk-softmax\"\n[experts]\nplugin = \"swiglu\"\n[optimizer]\nplugin = \"adamw\"\n";
         let reg = Registry::load(&[]).unwrap();
         let qwen2 = "model.qkv_bias=true\nshared.plugin=\"shared-swiglu\"\nshared.ffn=6\nshared.gate=true";
-        for (qk, extra, shared) in [("head", "", 0), ("full", "", 0), ("none", "", 0), ("none", qwen2, 6)] {
+        let deepseek = "model.kv_heads=2\nmodel.head_dim=4\nmodel.mla.kv_rank=5\nmodel.mla.q_rank=3\nmodel.mla.rope_dim=2\n\
+                        model.mla.v_dim=3\nshared.plugin=\"shared-swiglu\"\nshared.ffn=10";
+        for (qk, extra, shared) in [("head", "", 0), ("full", "", 0), ("none", "", 0), ("none", qwen2, 6), ("none", deepseek, 10)] {
             let mut sets = vec![format!("model.qk_norm=\"{qk}\"")];
             sets.extend(extra.lines().filter(|l| !l.is_empty()).map(String::from));
             let cfg = Config::parse("t", text, &sets).unwrap();
             let (_, params, _) = build(&cfg, &reg).unwrap();
             let got: Vec<(String, Vec<usize>)> =
                 params.list.iter().map(|p| (p.name.clone(), crate::hf::shape(p))).collect();
-            assert_eq!(got, pith_params(&cfg.model, shared), "qk_norm = {qk} {extra}");
+            assert_eq!(got, pith_params(&cfg.model, shared, extra == qwen2), "qk_norm = {qk} {extra}");
         }
     }
 }
