@@ -416,7 +416,13 @@ impl Config {
             (mla, "kv_rank", a.kv_rank.to_string(), a.kv_rank >= 1, "an integer >= 1".into()),
             (mla, "v_dim", a.v_dim.to_string(), a.v_dim >= 1, "an integer >= 1".into()),
             (mla, "rope_dim", a.rope_dim.to_string(), rope, format!("even, in 2..=head_dim ({})", m.head_dim)),
-            ("model", "kv_heads", m.kv_heads.to_string(), m.kv_heads == m.heads, format!("heads ({}) with [model.mla]", m.heads)),
+            (
+                "model",
+                "kv_heads",
+                m.kv_heads.to_string(),
+                m.kv_heads == m.heads,
+                format!("heads ({}) with [model.mla]", m.heads),
+            ),
             ("model", "qk_norm", format!("{:?}", m.qk_norm).to_lowercase(), m.qk_norm == QkNorm::None, none),
             ("model", "qkv_bias", m.qkv_bias.to_string(), !m.qkv_bias, "false with [model.mla]".into()),
         ];

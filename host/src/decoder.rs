@@ -130,6 +130,9 @@ enum Proj<T> {
     Mla { qa: Option<(T, T, T)>, c: T, rstd_c: T, cn: T },
 }
 
+/// q, k, v as the attention reads them, and what their backward needs.
+type Projected<T> = (T, T, T, Proj<T>);
+
 /// What one layer's forward keeps for backward (names as in the module doc; q, k, v as the
 /// attention read them). The plugin tensors r, d, e live until the layer's backward ends
 /// (`Backend::release_to(mark)`).
@@ -366,7 +369,7 @@ fn layer_forward<B: Backend>(b: &B, l: usize, x: B::T, aux: &Tensor) -> Result<(
 }
 
 /// q, k, v from a = attn_norm(x): linear projections, biases, qk-norm, RoPE.
-fn project<B: Backend>(b: &B, l: usize, a: &B::T) -> Result<(B::T, B::T, B::T, Proj<B::T>), String> {
+fn project<B: Backend>(b: &B, l: usize, a: &B::T) -> Result<Projected<B::T>, String> {
     let (c, lay) = (&b.model().cfg, &b.model().layers[l]);
     let hi = lay.host;
     let (mut q, mut k, mut v) = (b.linear(hi + Q, a)?, b.linear(hi + K, a)?, b.linear(hi + V, a)?);
@@ -387,12 +390,7 @@ fn project<B: Backend>(b: &B, l: usize, a: &B::T) -> Result<(B::T, B::T, B::T, P
 }
 
 /// MLA's q, k, v from a (module doc); `ml` is the layer's [`MlaLayer`](crate::model::MlaLayer).
-fn mla_project<B: Backend>(
-    b: &B,
-    l: usize,
-    ml: crate::model::MlaLayer,
-    a: &B::T,
-) -> Result<(B::T, B::T, B::T, Proj<B::T>), String> {
+fn mla_project<B: Backend>(b: &B, l: usize, ml: crate::model::MlaLayer, a: &B::T) -> Result<Projected<B::T>, String> {
     let (c, hi) = (&b.model().cfg, b.model().layers[l].host);
     let (n, heads, dq) = (b.batch() * c.seq_len, c.heads, c.head_dim);
     let (r, dr, dv) = (ml.mla.kv_rank, ml.mla.rope_dim, ml.mla.v_dim);

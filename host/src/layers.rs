@@ -171,7 +171,13 @@ fn scatter(x: &mut [f32], src: &[f32], b: usize, h: usize, heads: usize, (t, d):
 
 /// Causal probabilities p [T,T] of one head: softmax over j ≤ i of scale·q_i·k_j, zero above the
 /// diagonal. With `lse` = None, computes each row's logsumexp into `lse_out`; otherwise reuses it.
-fn probs(q: &[f32], k: &[f32], (t, d, scale): (usize, usize, f32), lse: Option<&[f32]>, lse_out: &mut [f32]) -> Vec<f32> {
+fn probs(
+    q: &[f32],
+    k: &[f32],
+    (t, d, scale): (usize, usize, f32),
+    lse: Option<&[f32]>,
+    lse_out: &mut [f32],
+) -> Vec<f32> {
     let mut p = vec![0.0; t * t];
     sgemm(t, d, t, scale, q, false, k, true, 0.0, &mut p);
     for (i, row) in p.chunks_mut(t).enumerate() {
@@ -390,7 +396,11 @@ mod tests {
         let inter = Rope::new(t, d, 100.0, true);
         let perm = |x: &[f32], to_half: bool| -> Vec<f32> {
             let idx = |j: usize| if j < d / 2 { 2 * j } else { 2 * (j - d / 2) + 1 };
-            x.chunks(d).flat_map(|c| (0..d).map(move |j| if to_half { c[idx(j)] } else { c[(0..d).find(|&i| idx(i) == j).unwrap()] })).collect()
+            x.chunks(d)
+                .flat_map(|c| {
+                    (0..d).map(move |j| if to_half { c[idx(j)] } else { c[(0..d).find(|&i| idx(i) == j).unwrap()] })
+                })
+                .collect()
         };
         let mut yi = perm(&x, false);
         inter.forward(&mut yi, t, h, d);
@@ -402,15 +412,17 @@ mod tests {
     fn attention_matches_naive_and_grads() {
         // Value heads of 3 beside q·k heads of 4 (as MLA's), scale 0.6.
         let a = AttnDims { b: 2, t: 5, hq: 4, hkv: 2, d: 4, dv: 3, scale: 0.6 };
-        let (nq, nk, nv, no) = (a.b * a.t * a.hq * a.d, a.b * a.t * a.hkv * a.d, a.b * a.t * a.hkv * 3, a.b * a.t * a.hq * 3);
+        let (nq, nk, nv, no) =
+            (a.b * a.t * a.hq * a.d, a.b * a.t * a.hkv * a.d, a.b * a.t * a.hkv * 3, a.b * a.t * a.hq * 3);
         let (mut q, mut k, mut v, r) = (rand(nq, 1), rand(nk, 2), rand(nv, 3), rand(no, 4));
         let run = |q: &[f32], k: &[f32], v: &[f32]| attention_fwd(q, k, v, a);
         let (o, lse) = run(&q, &k, &v);
         // naive: out[b,i,h] = Σ_{j≤i} softmax_j(0.6·q_i·k_j) v_j, kv head h/2
         let at = |b: usize, i: usize, h: usize, heads: usize, d: usize| ((b * a.t + i) * heads + h) * d;
         for (b, i, h) in (0..a.b).flat_map(|b| (0..a.t).flat_map(move |i| (0..a.hq).map(move |h| (b, i, h)))) {
-            let s: Vec<f32> =
-                (0..=i).map(|j| dot(&q[at(b, i, h, 4, 4)..][..4], &k[at(b, j, h / 2, 2, 4)..][..4]) as f32 * 0.6).collect();
+            let s: Vec<f32> = (0..=i)
+                .map(|j| dot(&q[at(b, i, h, 4, 4)..][..4], &k[at(b, j, h / 2, 2, 4)..][..4]) as f32 * 0.6)
+                .collect();
             let z: f32 = s.iter().map(|s| s.exp()).sum();
             for c in 0..a.dv {
                 let want: f32 = (0..=i).map(|j| s[j].exp() / z * v[at(b, j, h / 2, 2, 3) + c]).sum();

@@ -461,7 +461,14 @@ impl Backend for CpuPass<'_> {
         }
         Ok(out)
     }
-    fn set_cols(&self, dst: &mut Vec<f32>, width: usize, at: usize, src: &Vec<f32>, repeat: usize) -> Result<(), String> {
+    fn set_cols(
+        &self,
+        dst: &mut Vec<f32>,
+        width: usize,
+        at: usize,
+        src: &Vec<f32>,
+        repeat: usize,
+    ) -> Result<(), String> {
         let w = src.len() * repeat * width / dst.len();
         for (rows, s) in dst.chunks_mut(width * repeat).zip(src.chunks(w.max(1))) {
             rows.chunks_mut(width).for_each(|row| row[at..at + w].copy_from_slice(s));

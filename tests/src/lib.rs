@@ -56,12 +56,38 @@ fn cargo_build(args: &[&str]) -> PathBuf {
     profile_dir
 }
 
-/// A fresh, empty scratch directory unique to this process and `name`.
-pub fn tmp(name: &str) -> PathBuf {
+/// A fresh, empty scratch directory unique to this process and `name`; removed when the
+/// test that made it passes (kept, to look at, when it fails): a whole suite's runs and
+/// checkpoints would otherwise take over a gigabyte of /tmp.
+pub fn tmp(name: &str) -> Scratch {
     let d = std::env::temp_dir().join(format!("pith-e2e-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    Scratch(d)
+}
+
+/// A scratch directory (see [`tmp`]); derefs to its path.
+pub struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 /// `pith` with no plugin path from the environment and quiet logs unless asked for.

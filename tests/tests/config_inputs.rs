@@ -3,9 +3,9 @@
 //! Sizes that cannot fit are refused with the numbers; `pith plan` of any size allocates nothing.
 
 use pith_tests::{one_line, out, pith, WORKSPACE};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-fn tmp(name: &str) -> PathBuf {
+fn tmp(name: &str) -> pith_tests::Scratch {
     pith_tests::tmp(&format!("cfg-{name}"))
 }
 
@@ -24,7 +24,8 @@ fn quickstart_line(prefix: &str) -> usize {
 
 #[test]
 fn bad_host_values_are_refused_before_anything_is_written() {
-    let run = tmp("values").join("run");
+    let dir = tmp("values");
+    let run = dir.join("run");
     let o = out(&run);
     let cases = [
         ("train.lr=-1", "train.lr = -1: must be finite and >= 0"),
@@ -69,7 +70,8 @@ fn a_bad_value_in_a_file_is_pointed_at_by_its_line_even_after_a_set_added_lines(
 
 #[test]
 fn sizes_that_cannot_fit_are_refused_with_the_numbers_and_the_key() {
-    let run = tmp("sizes").join("run");
+    let dir = tmp("sizes");
+    let run = dir.join("run");
     let o = out(&run);
     let seq = quickstart_line("seq_len");
     let hidden = quickstart_line("hidden");
@@ -113,7 +115,7 @@ fn plan_of_a_model_too_big_for_any_machine_allocates_nothing() {
 }
 
 /// A Hugging Face folder with only a config.json, of hidden size `hidden`.
-fn hf_dir(name: &str, hidden: u64) -> PathBuf {
+fn hf_dir(name: &str, hidden: u64) -> pith_tests::Scratch {
     let dir = tmp(name);
     let json = format!(
         r#"{{"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 256, "hidden_size": {hidden},

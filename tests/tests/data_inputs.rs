@@ -4,11 +4,11 @@
 //! naming the file and the config key (or a log line saying what was skipped), never a crash.
 
 use pith_tests::{command, one_line, out, pith, split};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-fn tmp(name: &str) -> PathBuf {
+fn tmp(name: &str) -> pith_tests::Scratch {
     pith_tests::tmp(&format!("data-{name}"))
 }
 

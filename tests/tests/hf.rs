@@ -10,12 +10,12 @@ use pith::rng::Rng;
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/hf_parity.py");
 
-fn tmp(name: &str) -> PathBuf {
+fn tmp(name: &str) -> pith_tests::Scratch {
     pith_tests::tmp(&format!("hf-{name}"))
 }
 
@@ -150,7 +150,9 @@ fn hf_tensors(a: Arch, w: &TensorMap, fused: bool) -> Vec<(String, Vec<usize>, V
         let (hl, pl) = (format!("model.layers.{l}"), format!("layers.{l}"));
         put(format!("{hl}.input_layernorm.weight"), &format!("{pl}.attn_norm.weight"));
         let mla = [("kv_a_proj_with_mqa", "kv_a_proj"), ("kv_a_layernorm", "kv_a_norm"), ("kv_b_proj", "kv_b_proj")];
-        for (x, px) in ["q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"].map(|x| (x, x)).into_iter().chain(mla) {
+        for (x, px) in
+            ["q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"].map(|x| (x, x)).into_iter().chain(mla)
+        {
             if w.contains_key(&format!("{pl}.attn.{px}.weight")) {
                 put(format!("{hl}.self_attn.{x}.weight"), &format!("{pl}.attn.{px}.weight"));
             }
@@ -635,5 +637,9 @@ fn transformers_parity() {
         .unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     assert!(o.status.success(), "{text}");
-    assert_eq!(text.lines().filter(|l| l.starts_with("PASS")).count(), ARCHS.len() + 1, "one PASS per family (DeepSeek-V2 twice): {text}");
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("PASS")).count(),
+        ARCHS.len() + 1,
+        "one PASS per family (DeepSeek-V2 twice): {text}"
+    );
 }

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 use pith_tests::{pith, WORKSPACE};
 
-fn tmp(name: &str) -> PathBuf {
+fn tmp(name: &str) -> pith_tests::Scratch {
     pith_tests::tmp(&format!("plugins-{name}"))
 }
 
@@ -82,7 +82,7 @@ fn panicky_router() -> &'static PathBuf {
     })
 }
 
-fn plugin_dir_with(name: &str, files: &[(&str, &Path)]) -> PathBuf {
+fn plugin_dir_with(name: &str, files: &[(&str, &Path)]) -> pith_tests::Scratch {
     let d = tmp(name);
     for (n, f) in files {
         std::fs::copy(f, d.join(n)).unwrap();
@@ -235,12 +235,13 @@ fn plugin_built_against_another_api_version_is_refused_in_one_line() {
 
 #[test]
 fn files_that_are_not_plugins_are_refused_in_one_line() {
-    let random = tmp("random").join("librandom.so");
+    let dirs = [tmp("random"), tmp("short"), tmp("trunc")];
+    let random = dirs[0].join("librandom.so");
     std::fs::write(&random, (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect::<Vec<u8>>())
         .unwrap();
     let bytes = std::fs::read(scaffolded_router()).unwrap();
     // Cut inside the loadable segments (the loader would SIGBUS) and inside the debug info.
-    let (short, truncated) = (tmp("short").join("libshort.so"), tmp("trunc").join("libtrunc.so"));
+    let (short, truncated) = (dirs[1].join("libshort.so"), dirs[2].join("libtrunc.so"));
     std::fs::write(&short, &bytes[..2000]).unwrap();
     std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
     // Any real shared library that is not a Pith plugin: a C library we compile here.

@@ -3,11 +3,11 @@
 //! checkpoint bytes, and the small CLI faults (docs/reliability.md lists every case and its test).
 
 use pith_tests::{command, metrics, one_line, out, pith, snapshot, split};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-fn tmp(name: &str) -> PathBuf {
+fn tmp(name: &str) -> pith_tests::Scratch {
     pith_tests::tmp(&format!("rel-{name}"))
 }
 

@@ -5,7 +5,7 @@
 use pith_tests::{command, metrics, out, snapshot, WORKSPACE};
 use std::path::Path;
 
-fn tmp(name: &str) -> std::path::PathBuf {
+fn tmp(name: &str) -> pith_tests::Scratch {
     pith_tests::tmp(&format!("train-{name}"))
 }
 
@@ -203,7 +203,8 @@ fn routing_trace_records_the_first_tokens_of_every_layer() {
 
 #[test]
 fn ledger_gets_one_line_per_command() {
-    let ledger = tmp("ledger").join("ledger.jsonl");
+    let dir = tmp("ledger");
+    let ledger = dir.join("ledger.jsonl");
     for args in [&["plugins", "list"][..], &["plan", "/nonexistent.toml"][..]] {
         command().args(args).env("PITH_LEDGER", &ledger).output().unwrap();
     }

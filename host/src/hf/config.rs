@@ -103,7 +103,9 @@ fn parse_config(c: &Value, seq_len: Option<usize>) -> Result<HfModel, String> {
         (Some(a), _) => a.rope_dim + int("qk_nope_head_dim")?.ok_or("`qk_nope_head_dim` is missing")?,
         (None, Some(d)) => d,
         (None, None) if hidden.is_multiple_of(heads) => hidden / heads,
-        (None, None) => return Err(format!("`hidden_size` {hidden} is not a multiple of `num_attention_heads` {heads}")),
+        (None, None) => {
+            return Err(format!("`hidden_size` {hidden} is not a multiple of `num_attention_heads` {heads}"))
+        }
     };
     let experts_key = match f {
         Family::Mixtral => "num_local_experts",

@@ -206,7 +206,8 @@ mod tests {
                 Family::DeepseekV2 => (false, 10),
                 _ => (false, 0),
             };
-            let mla = (f == Family::DeepseekV2).then_some(crate::config::Mla { kv_rank: 4, q_rank, rope_dim: 2, v_dim: 2 });
+            let mla =
+                (f == Family::DeepseekV2).then_some(crate::config::Mla { kv_rank: 4, q_rank, rope_dim: 2, v_dim: 2 });
             let m = ModelConfig { qk_norm: f.qk_norm(), qkv_bias, mla, ..m.clone() };
             for (name, _) in pith_params(&m, shared, f == Family::Qwen2Moe) {
                 let e = stack(&name, 3).map_or(0, |n| n - 1);
@@ -230,9 +231,12 @@ mod tests {
                     [router]\nplugin = \"topk-softmax\"\n[experts]\nplugin = \"swiglu\"\n[optimizer]\nplugin = \"adamw\"\n";
         let reg = Registry::load(&[]).unwrap();
         let qwen2 = "model.qkv_bias=true\nshared.plugin=\"shared-swiglu\"\nshared.ffn=6\nshared.gate=true";
-        let deepseek = "model.kv_heads=2\nmodel.head_dim=4\nmodel.mla.kv_rank=5\nmodel.mla.q_rank=3\nmodel.mla.rope_dim=2\n\
+        let deepseek =
+            "model.kv_heads=2\nmodel.head_dim=4\nmodel.mla.kv_rank=5\nmodel.mla.q_rank=3\nmodel.mla.rope_dim=2\n\
                         model.mla.v_dim=3\nshared.plugin=\"shared-swiglu\"\nshared.ffn=10";
-        for (qk, extra, shared) in [("head", "", 0), ("full", "", 0), ("none", "", 0), ("none", qwen2, 6), ("none", deepseek, 10)] {
+        for (qk, extra, shared) in
+            [("head", "", 0), ("full", "", 0), ("none", "", 0), ("none", qwen2, 6), ("none", deepseek, 10)]
+        {
             let mut sets = vec![format!("model.qk_norm=\"{qk}\"")];
             sets.extend(extra.lines().filter(|l| !l.is_empty()).map(String::from));
             let cfg = Config::parse("t", text, &sets).unwrap();
