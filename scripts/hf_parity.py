@@ -47,11 +47,12 @@ FAMILIES = {
     "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=48,
                                          intermediate_size=128, norm_topk_prob=False, rope_theta=1e6)),
     # multi-head latent attention (q·k heads 16 = 8 + 8 rotated, interleaved; values 12; kv rank 16),
-    # two shared experts, un-renormalised softmax gates; then with the compressed q (V2's q_lora_rank)
+    # a dense first layer (FFN 128), two shared experts, un-renormalised softmax gates scaled by 2.5;
+    # then with the compressed q (V2's q_lora_rank)
     "deepseek_v2": ("DeepseekV2Config", dict(num_key_value_heads=4, n_routed_experts=8, moe_intermediate_size=32,
                                              n_shared_experts=2, intermediate_size=128, kv_lora_rank=16, q_lora_rank=None,
                                              qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12,
-                                             first_k_dense_replace=0, topk_method="greedy", routed_scaling_factor=1.0,
+                                             first_k_dense_replace=1, topk_method="greedy", routed_scaling_factor=2.5,
                                              norm_topk_prob=False, rope_theta=1e4)),
 }
 FAMILIES["deepseek_v2_q_lora"] = ("DeepseekV2Config", {**FAMILIES["deepseek_v2"][1], "q_lora_rank": 24})

@@ -54,8 +54,9 @@ fn step(run: &mut Run, data: &mut Dataset, step: u64) -> Result<(f32, f64), Stri
 pub fn bench(cfg: Config, reg: &Registry, o: BenchOpts) -> Result<(), String> {
     crate::config::check_memory(&cfg)?;
     let (m, t) = (cfg.model.clone(), cfg.train.clone());
-    // The dense part here; the experts' part from their own count of the rows they computed.
-    let dense_per_token = Model::counts(&m, 0).flops_per_token;
+    // The dense part (attention, router, shared expert, dense layers' FFN) here; the routed experts'
+    // part from their own count of the rows they computed.
+    let dense_per_token = Model::counts(&m, 0, (cfg.shared_ffn(), cfg.dense_ffn())).flops_per_token;
     let mut data = Dataset::open(&cfg.data, m.vocab, t.seed, Split::Train)?;
     let t0 = Instant::now();
     let par = Arc::new(Parallel::init(&cfg)?);

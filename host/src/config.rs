@@ -50,6 +50,14 @@ pub struct ModelConfig {
     /// RoPE rotates dims (2i, 2i+1) together (DeepSeek's layout) instead of (i, i + D/2).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rope_interleaved: bool,
+    /// The first `dense_layers` layers run the `[dense]` component (a dense FFN on every token)
+    /// in place of the MoE block: DeepSeek's `first_k_dense_replace`. At least one layer stays MoE.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dense_layers: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// Multi-head latent attention's sizes (DeepSeek-V2's names in brackets). Per layer, from the
@@ -74,6 +82,22 @@ impl ModelConfig {
     /// (dims RoPE rotates per head, a value head's size): (head_dim, head_dim) outside MLA.
     pub fn rope_v_dims(&self) -> (usize, usize) {
         self.mla.map_or((self.head_dim, self.head_dim), |a| (a.rope_dim, a.v_dim))
+    }
+
+    /// A layer's attention matmul parameters: q, k, v and o projections, or MLA's (u128: sizes
+    /// up to u32::MAX do not overflow it).
+    pub fn attention_params(&self) -> u128 {
+        let u = |x: usize| x as u128;
+        let (h, heads, d, vd) = (u(self.hidden), u(self.heads), u(self.head_dim), u(self.rope_v_dims().1));
+        let (qd, kd) = (heads * d, u(self.kv_heads) * d);
+        match self.mla.map(|a| (u(a.kv_rank), u(a.q_rank), u(a.rope_dim))) {
+            None => 2 * h * qd + 2 * h * kd,
+            Some((r, qr, dr)) => {
+                let q = if qr == 0 { h * qd } else { qr * (h + qd) };
+                let kv = (r + dr) * h + r * heads * (d.saturating_sub(dr) + vd);
+                q + kv + heads * vd * h
+            }
+        }
     }
 }
 
@@ -199,6 +223,10 @@ pub struct Config {
     /// An always-on expert beside the routed ones (`Kind::Shared`), when the table is there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shared: Option<ComponentTable>,
+    /// The FFN of the first `model.dense_layers` layers (`Kind::Shared`: the same plugins as
+    /// `[shared]`, on every token), required with them and refused without.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dense: Option<ComponentTable>,
     /// Where this config came from (file name or `<built-in quickstart>`) and its text after
     /// overrides; used to point errors at file:line.
     #[serde(skip)]
@@ -400,9 +428,32 @@ impl Config {
                 return Err(format!("{}: {table}.{key} = {value}: must be {valid}", self.at(table, 0, key)));
             }
         }
-        match m.mla {
-            Some(a) => self.validate_mla(a),
-            None => Ok(()),
+        if let Some(a) = m.mla {
+            self.validate_mla(a)?;
+        }
+        self.validate_dense()
+    }
+
+    /// `model.dense_layers` below `layers`, with a `[dense]` table exactly when it is above 0.
+    fn validate_dense(&self) -> Result<(), String> {
+        let m = &self.model;
+        if m.dense_layers >= m.layers {
+            let at = self.at("model", 0, "dense_layers");
+            let (n, l) = (m.dense_layers, m.layers);
+            return Err(format!(
+                "{at}: model.dense_layers = {n}: must be below model.layers ({l}): one MoE layer at least"
+            ));
+        }
+        match (m.dense_layers, &self.dense) {
+            (0, Some(_)) => Err(format!(
+                "{}: a [dense] table but model.dense_layers = 0: set dense_layers (the first N layers dense) or remove [dense]",
+                self.at("dense", 0, "plugin")
+            )),
+            (n, None) if n > 0 => Err(format!(
+                "{}: model.dense_layers = {n} needs a [dense] table, e.g. [dense] plugin = \"shared-swiglu\", ffn = 1024",
+                self.at("model", 0, "dense_layers")
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -449,20 +500,32 @@ impl Config {
         (self.at(table, 0, k), key.to_string())
     }
 
-    /// The component tables in a fixed order: (kind, index within kind, table).
-    pub fn components(&self) -> Vec<(Kind, usize, &ComponentTable)> {
-        let mut v = vec![(Kind::Router, 0, &self.router), (Kind::Experts, 0, &self.experts)];
-        v.extend(self.balance_loss.iter().enumerate().map(|(i, t)| (Kind::BalanceLoss, i, t)));
-        v.push((Kind::Optimizer, 0, &self.optimizer));
-        v.push((Kind::CommSchedule, 0, &self.comm));
-        v.extend(self.shared.iter().map(|t| (Kind::Shared, 0, t)));
+    /// The component tables in a fixed order: (kind, TOML section, index within it, table).
+    /// The section is the kind's name except `[dense]`, a `Kind::Shared` component.
+    pub fn components(&self) -> Vec<(Kind, &'static str, usize, &ComponentTable)> {
+        let one = |k: Kind, t| (k, k.as_str(), 0, t);
+        let mut v = vec![one(Kind::Router, &self.router), one(Kind::Experts, &self.experts)];
+        v.extend(self.balance_loss.iter().enumerate().map(|(i, t)| (Kind::BalanceLoss, "balance_loss", i, t)));
+        v.push(one(Kind::Optimizer, &self.optimizer));
+        v.push(one(Kind::CommSchedule, &self.comm));
+        v.extend(self.shared.iter().map(|t| one(Kind::Shared, t)));
+        v.extend(self.dense.iter().map(|t| (Kind::Shared, "dense", 0, t)));
         v
     }
 
     /// The shared expert's hidden size: its table's `ffn`, else `model.expert_ffn`; 0 without one.
     pub fn shared_ffn(&self) -> usize {
+        self.ffn_of(&self.shared)
+    }
+
+    /// The dense layers' FFN size: `[dense]`'s `ffn`, else `model.expert_ffn`; 0 without one.
+    pub fn dense_ffn(&self) -> usize {
+        self.ffn_of(&self.dense)
+    }
+
+    fn ffn_of(&self, table: &Option<ComponentTable>) -> usize {
         let ffn = |t: &ComponentTable| t.get("ffn").and_then(|v| v.as_integer()).map(|f| f.max(0) as usize);
-        self.shared.as_ref().map_or(0, |t| ffn(t).unwrap_or(self.model.expert_ffn))
+        table.as_ref().map_or(0, |t| ffn(t).unwrap_or(self.model.expert_ffn))
     }
 
     /// Sizes for layer `layer` on an expert-parallel rank holding slice `ep` of the experts.
@@ -537,10 +600,10 @@ fn qualify(text: &str, line: usize, msg: String) -> String {
 }
 
 /// The top-level tables of a config; `--set` creates a missing one (but no `[[balance_loss]]`).
-const TABLES: [&str; 10] =
-    ["model", "train", "data", "parallel", "router", "experts", "shared", "balance_loss", "optimizer", "comm"];
+const TABLES: [&str; 11] =
+    ["model", "train", "data", "parallel", "router", "experts", "shared", "dense", "balance_loss", "optimizer", "comm"];
 /// The tables that name a plugin.
-const COMPONENTS: [&str; 6] = ["router", "experts", "shared", "balance_loss", "optimizer", "comm"];
+const COMPONENTS: [&str; 7] = ["router", "experts", "shared", "dense", "balance_loss", "optimizer", "comm"];
 
 /// Apply `table.key=value` overrides (`table.N.key`: the N-th `[[table]]`) to the TOML text. Only
 /// the lines of overridden keys change (keeping their comments); a new key takes a new line,
@@ -714,20 +777,26 @@ impl MemEstimate {
         let (hq, hkv, e, f, fs) = (u(m.heads), u(m.kv_heads), u(m.experts), u(m.expert_ffn), u(cfg.shared_ffn()));
         let k = cfg.router.get("top_k").and_then(|k| k.as_integer()).map_or(2, |k| k.max(1) as u128).min(e);
         let (qd, kd, b) = (hq * d, hkv * d, u(t.micro_batch));
-        let attention = sum(&[prod(&[2, h, qd + kd]), 2 * h, qd + kd]);
+        let attention = sum(&[m.attention_params(), 2 * h, qd + kd]);
+        let (moe, dense, fd) = (u(m.layers - m.dense_layers.min(m.layers)), u(m.dense_layers), u(cfg.dense_ffn()));
         let params: [(&'static str, &str, u128, &'static [&'static str]); 4] = [
             ("embedding and lm_head", "2×vocab×hidden", prod(&[2, v, h]), &[VOCAB, HIDDEN]),
             (
                 "attention",
-                "layers×hidden×(2×heads+2×kv_heads)×head_dim",
+                "layers×(hidden×(2×heads+2×kv_heads)×head_dim, or MLA's)",
                 prod(&[l, attention]),
                 &[LAYERS, HIDDEN, HEADS],
             ),
-            ("experts", "layers×experts×3×hidden×expert_ffn", prod(&[l, e, 3, h, f]), &[LAYERS, EXPERTS, HIDDEN, FFN]),
             (
-                "router, shared expert",
-                "layers×hidden×(experts+3×shared_ffn)",
-                prod(&[l, h, e + 3 * fs]),
+                "experts",
+                "MoE layers×experts×3×hidden×expert_ffn",
+                prod(&[moe, e, 3, h, f]),
+                &[LAYERS, EXPERTS, HIDDEN, FFN],
+            ),
+            (
+                "router, shared expert, dense FFN",
+                "MoE layers×hidden×(experts+3×shared_ffn) + dense layers×3×hidden×dense ffn",
+                sum(&[prod(&[moe, h, e + 3 * fs]), prod(&[dense, 3, h, fd])]),
                 &[LAYERS, HIDDEN],
             ),
         ];
@@ -1013,6 +1082,25 @@ mod tests {
         );
     }
 
+    /// `model.dense_layers` needs `[dense]`, `[dense]` needs dense layers, one layer stays MoE.
+    #[test]
+    fn dense_layers_need_their_table_and_leave_a_moe_layer() {
+        let dense = ["dense.plugin=\"shared-swiglu\"", "dense.ffn=24"];
+        let e = parse(&["model.dense_layers=1"]).unwrap_err();
+        assert!(e.contains("(--set model.dense_layers=1): model.dense_layers = 1 needs a [dense] table"), "{e}");
+        let e = parse(&dense).unwrap_err();
+        assert!(
+            e.contains("(--set dense.plugin=\"shared-swiglu\"): a [dense] table but model.dense_layers = 0"),
+            "{e}"
+        );
+        let layers = parse(&[]).unwrap().model.layers;
+        let all = format!("model.dense_layers={layers}");
+        let e = parse(&[&all, dense[0], dense[1]]).unwrap_err();
+        assert!(e.contains(&format!("must be below model.layers ({layers}): one MoE layer at least")), "{e}");
+        let c = parse(&["model.dense_layers=1", dense[0], dense[1]]).unwrap();
+        assert_eq!((c.model.dense_layers, c.dense_ffn(), c.shared_ffn()), (1, 24, 0));
+    }
+
     #[test]
     fn set_of_what_does_not_exist_says_what_does() {
         let e = parse(&["train.stepz=5"]).unwrap_err();
@@ -1021,7 +1109,7 @@ mod tests {
             "{e}"
         );
         let e = parse(&["trian.steps=5"]).unwrap_err();
-        assert_eq!(e, "--set trian.steps=5: there is no table `trian`; valid: model, train, data, parallel, router, experts, shared, balance_loss, optimizer, comm");
+        assert_eq!(e, "--set trian.steps=5: there is no table `trian`; valid: model, train, data, parallel, router, experts, shared, dense, balance_loss, optimizer, comm");
         for bad in ["steps=5", "train.=5", "train.steps"] {
             assert!(parse(&[bad]).unwrap_err().contains("expected table.key=value"), "{bad}");
         }

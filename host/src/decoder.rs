@@ -19,9 +19,9 @@
 //! on the CPU) before it is used, so an error names the layer and the plugin.
 
 use crate::cpu::{view_i32, Calls};
-use crate::model::{named, Model, StepOut, ATTN_NORM, K, KV_A, KV_B, O, Q, V};
+use crate::model::{named, Ffn, Model, MoeLayer, StepOut, ATTN_NORM, K, KV_A, KV_B, O, Q, V};
 use abi_stable::std_types::RSlice;
-use pith_plugin_api::abi::OpsRef;
+use pith_plugin_api::abi::{ExpertsBox, OpsRef};
 use pith_plugin_api::{DType, Device, Dispatched, ExpertsOut, RouterOut, Tensor, EMPTY};
 use std::ops::Range;
 
@@ -149,13 +149,25 @@ struct Saved<T> {
     h: T,
     rstd2: T,
     m: T,
+    ffn: FfnSaved,
+    mark: usize,
+}
+
+/// An always-on component's output (shared expert, dense FFN) and its one group's offsets [0, T].
+type AlwaysOn = (ExpertsOut, [i32; 2]);
+
+/// What the FFN block keeps: the MoE block's routing, dispatch and outputs, or a dense FFN's.
+enum FfnSaved {
+    Moe(Box<MoeSaved>),
+    Dense(AlwaysOn),
+}
+
+struct MoeSaved {
     r: RouterOut,
     d: Dispatched,
     e: ExpertsOut,
-    /// The shared expert's output and its one group's offsets [0, T].
-    shared: Option<(ExpertsOut, [i32; 2])>,
+    shared: Option<AlwaysOn>,
     counts: Vec<u32>,
-    mark: usize,
 }
 
 /// Check a component's output: dtype, device, shape (0 in `dims` = any size), and on the CPU
@@ -220,13 +232,18 @@ pub(crate) fn forward_backward<B: Backend>(
     drop((x, xn, dxn));
     let (mut counts, mut routes) = (Vec::new(), Vec::new());
     for (l, s) in layers.into_iter().enumerate().rev() {
-        if routing {
-            routes.push((b.host_i32(&s.r.ids)?, b.host_f32(&s.r.weights)?));
+        if let (true, FfnSaved::Moe(ms)) = (routing, &s.ffn) {
+            routes.push((b.host_i32(&ms.r.ids)?, b.host_f32(&ms.r.weights)?));
+        } else if routing {
+            routes.push((Vec::new(), Vec::new()));
         }
         layer_backward(b, l, &s, &mut dx, grad_scale)?;
         b.written(&m.layer_params(l))?;
         b.release_to(s.mark);
-        counts.push(s.counts);
+        counts.push(match s.ffn {
+            FfnSaved::Moe(ms) => ms.counts,
+            FfnSaved::Dense(_) => Vec::new(),
+        });
     }
     b.embed_bwd(tokens, &dx)?;
     b.written(&[m.embed])?;
@@ -261,11 +278,12 @@ pub(crate) fn loss<B: Backend>(b: &B, tokens: &B::Ids, targets: &B::Ids) -> Resu
 /// tables with the same plugin name add up), naming the first layer whose value is not finite.
 fn balance_losses<B: Backend>(b: &B, aux: &B::T) -> Result<Vec<(String, f32)>, String> {
     let m = b.model();
-    let per_layer = m.layers.first().map_or(0, |l| l.moe.losses.len());
+    let per_layer = m.losses_per_layer();
     let values = b.host_f32(&b.view(aux, &[m.layers.len() * per_layer]))?;
     let mut sums: Vec<(String, f32)> = Vec::new();
     for (l, (lay, vs)) in m.layers.iter().zip(values.chunks(per_layer.max(1))).enumerate() {
-        for ((name, _), &v) in lay.moe.losses.iter().zip(vs) {
+        let Ffn::Moe(moe) = &lay.ffn else { continue };
+        for ((name, _), &v) in moe.c.losses.iter().zip(vs) {
             finite(&[v], &format!("layer {l} balance_loss `{name}`"))?;
             match sums.iter_mut().find(|a| a.0 == *name) {
                 Some(a) => a.1 += v,
@@ -284,7 +302,7 @@ fn forward<B: Backend>(b: &B, tokens: &B::Ids) -> Result<Forward<B::T>, String> 
     let m = b.model();
     let mut x = b.embed(tokens)?;
     b.finite(&x, "the embedding")?;
-    let per_layer = m.layers.first().map_or(0, |l| l.moe.losses.len());
+    let per_layer = m.losses_per_layer();
     let aux = b.zeros(&[m.layers.len() * per_layer], DType::F32)?;
     let mut layers = Vec::new();
     for l in 0..m.layers.len() {
@@ -298,10 +316,9 @@ fn forward<B: Backend>(b: &B, tokens: &B::Ids) -> Result<Forward<B::T>, String> 
 /// Layer `l` on the residual stream x: (what backward needs, the layer's output). The balance
 /// losses add their values to `aux`'s row for this layer.
 fn layer_forward<B: Backend>(b: &B, l: usize, x: B::T, aux: &Tensor) -> Result<(Saved<B::T>, B::T), String> {
-    let (m, o) = (b.model(), || b.ops());
+    let m = b.model();
     let (c, lay) = (&m.cfg, &m.layers[l]);
-    let (n, hd, ne, hi) = (b.batch() * c.seq_len, c.hidden, c.experts, lay.host);
-    let (act, dev) = (B::ACT, B::DEVICE);
+    let (n, hd, hi) = (b.batch() * c.seq_len, c.hidden, lay.host);
     let at = |what: &str| format!("layer {l} {what}");
     // Attention.
     let (a, rstd1) = b.norm(hi + ATTN_NORM, &x)?;
@@ -319,15 +336,43 @@ fn layer_forward<B: Backend>(b: &B, l: usize, x: B::T, aux: &Tensor) -> Result<(
     b.finite(&o_out, &at("o_proj"))?;
     let h = b.add(&b.view(&x, &[n, hd]), &b.view(&o_out, &[n, hd]))?;
     drop(o_out);
-    // MoE: router → balance losses → dispatch → experts → combine (+ shared expert).
+    // The FFN block: the MoE block, or in the first `model.dense_layers` the dense FFN.
     let (mn, rstd2) = b.norm(lay.moe_norm, &h)?;
     b.finite(&mn, &at("moe_norm"))?;
     let mark = b.mark();
-    let (moe, mv) = (&lay.moe, b.view(&mn, &[n, hd]));
-    let (router, experts, comm) = (&moe.router.1, &moe.experts.1, &moe.comm.1);
     b.calls().set_layer(l);
-    let (rw, ew) = (b.weights(lay.router.clone()), b.weights(lay.experts.clone()));
-    let who = at(&format!("router `{}`", moe.router.0));
+    let (ffn, out) = match &lay.ffn {
+        Ffn::Moe(moe) => moe_forward(b, l, moe, &h, &mn, aux)?,
+        Ffn::Dense(dense) => {
+            let so = always_on(b, &at(&format!("dense `{}`", dense.c.0)), &dense.c.1, dense.params.clone(), &mn)?;
+            let out = b.add(&b.view(&h, &[n, hd]), &so.0.y)?;
+            (FfnSaved::Dense(so), out)
+        }
+    };
+    let m = mn;
+    let saved = Saved { x, rstd1, a, proj, q, k, v, att, lse, h, rstd2, m, ffn, mark };
+    Ok((saved, out))
+}
+
+/// The MoE block of layer `l` on m = moe_norm(h): router → balance losses (adding their
+/// values to `aux`'s row for this layer) → dispatch → experts → combine, + the shared expert;
+/// what backward needs, and the layer's output h + all that.
+fn moe_forward<B: Backend>(
+    b: &B,
+    l: usize,
+    moe: &MoeLayer,
+    h: &B::T,
+    mn: &B::T,
+    aux: &Tensor,
+) -> Result<(FfnSaved, B::T), String> {
+    let (m, o, c) = (b.model(), || b.ops(), &moe.c);
+    let (n, hd, ne) = (b.batch() * m.cfg.seq_len, m.cfg.hidden, m.cfg.experts);
+    let (act, dev) = (B::ACT, B::DEVICE);
+    let at = |what: &str| format!("layer {l} {what}");
+    let (router, experts, comm) = (&c.router.1, &c.experts.1, &c.comm.1);
+    let mv = b.view(mn, &[n, hd]);
+    let (rw, ew) = (b.weights(moe.router.clone()), b.weights(moe.experts.clone()));
+    let who = at(&format!("router `{}`", c.router.0));
     let r = named(router.forward(o(), rs(&rw), mv), &who)?;
     check(&r.logits, DType::F32, &[n, ne], dev, &who)?;
     check(&r.probs, DType::F32, &[n, ne], dev, &who)?;
@@ -336,36 +381,47 @@ fn layer_forward<B: Backend>(b: &B, l: usize, x: B::T, aux: &Tensor) -> Result<(
     if dev == Device::Cpu {
         check_ids(r.ids.i32s(), ne, &who)?;
     }
-    for (i, ((name, loss), lp)) in moe.losses.iter().zip(&lay.losses).enumerate() {
+    for (i, ((name, loss), lp)) in c.losses.iter().zip(&moe.losses).enumerate() {
         let who = at(&format!("balance_loss `{name}`"));
-        let row = aux.rows(l * moe.losses.len() + i, 1);
+        let row = aux.rows(l * c.losses.len() + i, 1);
         named(loss.forward(o(), rs(&b.weights(lp.clone())), &r, row), &who)?;
     }
-    let who = at(&format!("comm `{}` dispatch", moe.comm.0));
+    let who = at(&format!("comm `{}` dispatch", c.comm.0));
     let d = named(comm.dispatch(o(), mv, &r, ne as u32), &who)?;
     check(&d.x, act, &[0, hd], dev, &who)?;
     check(&d.offsets, DType::I32, &[ne / m.ep.parts + 1], Device::Cpu, &who)?;
     let counts = d.offsets.i32s().windows(2).map(|w| (w[1] - w[0]) as u32).collect();
-    let who = at(&format!("experts `{}`", moe.experts.0));
+    let who = at(&format!("experts `{}`", c.experts.0));
     let e = named(experts.forward(o(), rs(&ew), d.x, d.offsets), &who)?;
     check(&e.y, act, &d.x.dims(), dev, &who)?;
-    let who = at(&format!("comm `{}` combine", moe.comm.0));
+    let who = at(&format!("comm `{}` combine", c.comm.0));
     let y = named(comm.combine(o(), e.y, &r, &d), &who)?;
     check(&y, act, &[n, hd], dev, &who)?;
-    let mut out = b.add(&b.view(&h, &[n, hd]), &y)?;
+    let mut out = b.add(&b.view(h, &[n, hd]), &y)?;
     let mut shared = None;
-    if let Some((name, sh)) = &moe.shared {
-        let who = at(&format!("shared `{name}`"));
-        let off = [0, n as i32];
-        let sw = b.weights(lay.shared.clone());
-        let so = named(sh.forward(o(), rs(&sw), mv, view_i32(&off, &[2])), &who)?;
-        check(&so.y, act, &[n, hd], dev, &who)?;
-        b.add_into(&mut out, &so.y)?;
-        shared = Some((so, off));
+    if let Some((name, sh)) = &c.shared {
+        let so = always_on(b, &at(&format!("shared `{name}`")), sh, moe.shared.clone(), mn)?;
+        b.add_into(&mut out, &so.0.y)?;
+        shared = Some(so);
     }
-    let m = mn;
-    let saved = Saved { x, rstd1, a, proj, q, k, v, att, lse, h, rstd2, m, r, d, e, shared, counts, mark };
-    Ok((saved, out))
+    Ok((FfnSaved::Moe(Box::new(MoeSaved { r, d, e, shared, counts })), out))
+}
+
+/// An always-on experts component (shared expert, dense FFN) with parameters `params` on every
+/// row of m: its output, checked, and the one group's offsets [0, T].
+fn always_on<B: Backend>(
+    b: &B,
+    who: &str,
+    c: &ExpertsBox,
+    params: Range<usize>,
+    mn: &B::T,
+) -> Result<AlwaysOn, String> {
+    let (n, hd) = (b.batch() * b.model().cfg.seq_len, b.model().cfg.hidden);
+    let off = [0, n as i32];
+    let w = b.weights(params);
+    let so = named(c.forward(b.ops(), rs(&w), b.view(mn, &[n, hd]), view_i32(&off, &[2])), who)?;
+    check(&so.y, B::ACT, &[n, hd], B::DEVICE, who)?;
+    Ok((so, off))
 }
 
 /// q, k, v from a = attn_norm(x): linear projections, biases, qk-norm, RoPE.
@@ -419,50 +475,27 @@ fn mla_project<B: Backend>(b: &B, l: usize, ml: crate::model::MlaLayer, a: &B::T
 
 /// Backward of layer `l`: `dy` holds ∂/∂(its output) and becomes ∂/∂(its input).
 fn layer_backward<B: Backend>(b: &B, l: usize, s: &Saved<B::T>, dy: &mut B::T, scale: f32) -> Result<(), String> {
-    let (m, o) = (b.model(), || b.ops());
+    let (m, at) = (b.model(), |what: &str| format!("layer {l} {what}"));
     let (c, lay) = (&m.cfg, &m.layers[l]);
-    let (n, hd, ne, hi) = (b.batch() * c.seq_len, c.hidden, c.experts, lay.host);
+    let (n, hd, hi) = (b.batch() * c.seq_len, c.hidden, lay.host);
     let act = B::ACT;
-    let at = |what: &str| format!("layer {l} {what}");
-    let (moe, r, d, e) = (&lay.moe, &s.r, &s.d, &s.e);
-    let (router, experts, comm) = (&moe.router.1, &moe.experts.1, &moe.comm.1);
-    // MoE block; ∂/∂m sums the dispatch, router and shared-expert paths. Outputs components
-    // WRITE in full need no zeroing; d_probs and d_logits accumulate.
+    // The FFN block (dy: ∂/∂out, the same as ∂/∂(its output)).
     let dya = b.to_act(dy, &[n, hd])?;
-    let (rows, k) = (d.x.dim(0), r.ids.dim(1));
-    let (dys, dw) = (b.empty(&[rows, hd], act)?, b.empty(&[n, k], DType::F32)?);
-    let (dyv, dysv, dwv) = (b.view(&dya, &[n, hd]), b.view(&dys, &[rows, hd]), b.view(&dw, &[n, k]));
     b.calls().set_layer(l);
-    let res = comm.combine_backward(o(), dyv, e.y, r, d, dysv, dwv);
-    named(res, &at(&format!("comm `{}` combine", moe.comm.0)))?;
-    let dxs = b.empty(&[rows, hd], act)?;
-    let (ew, eg) = (b.weights(lay.experts.clone()), b.grads(lay.experts.clone()));
-    let res = experts.backward(o(), rs(&ew), rs(&eg), d.x, d.offsets, e, dysv, b.view(&dxs, &[rows, hd]));
-    named(res, &at(&format!("experts `{}`", moe.experts.0)))?;
-    drop(dys);
-    let dxd = b.empty(&[n, hd], act)?;
-    let res = comm.dispatch_backward(o(), b.view(&dxs, &[rows, hd]), d, b.view(&dxd, &[n, hd]));
-    named(res, &at(&format!("comm `{}` dispatch", moe.comm.0)))?;
-    drop(dxs);
-    let (dprob, dlog) = (b.zeros(&[n, ne], DType::F32)?, b.zeros(&[n, ne], DType::F32)?);
-    let (dpv, dlv) = (b.view(&dprob, &[n, ne]), b.view(&dlog, &[n, ne]));
-    for ((name, loss), lp) in moe.losses.iter().zip(&lay.losses) {
-        let res = loss.backward(o(), rs(&b.weights(lp.clone())), r, scale, dpv, dlv);
-        named(res, &at(&format!("balance_loss `{name}`")))?;
-    }
-    let dxr = b.empty(&[n, hd], act)?;
-    let (rw, rg, mv) = (b.weights(lay.router.clone()), b.grads(lay.router.clone()), b.view(&s.m, &[n, hd]));
-    let res = router.backward(o(), rs(&rw), rs(&rg), mv, r, dwv, dpv, dlv, b.view(&dxr, &[n, hd]));
-    named(res, &at(&format!("router `{}`", moe.router.0)))?;
-    let mut dm = b.add(&b.view(&dxd, &[n, hd]), &b.view(&dxr, &[n, hd]))?;
-    drop((dxd, dxr, dprob, dlog, dw));
-    if let (Some((name, sh)), Some((so, off))) = (&moe.shared, &s.shared) {
-        let dxsh = b.empty(&[n, hd], act)?;
-        let (sw, sg) = (b.weights(lay.shared.clone()), b.grads(lay.shared.clone()));
-        let res = sh.backward(o(), rs(&sw), rs(&sg), mv, view_i32(off, &[2]), so, dyv, b.view(&dxsh, &[n, hd]));
-        named(res, &at(&format!("shared `{name}`")))?;
-        b.add_into(&mut dm, &b.view(&dxsh, &[n, hd]))?;
-    }
+    let dm = match (&lay.ffn, &s.ffn) {
+        (Ffn::Moe(moe), FfnSaved::Moe(ms)) => {
+            let mut dm = moe_backward(b, l, moe, (&ms.r, &ms.d, &ms.e), &s.m, &dya, scale)?;
+            if let (Some((name, sh)), Some(so)) = (&moe.c.shared, &ms.shared) {
+                let dxsh = always_on_bwd(b, &at(&format!("shared `{name}`")), sh, moe.shared.clone(), &s.m, so, &dya)?;
+                b.add_into(&mut dm, &b.view(&dxsh, &[n, hd]))?;
+            }
+            dm
+        }
+        (Ffn::Dense(dense), FfnSaved::Dense(so)) => {
+            always_on_bwd(b, &at(&format!("dense `{}`", dense.c.0)), &dense.c.1, dense.params.clone(), &s.m, so, &dya)?
+        }
+        _ => unreachable!("a layer's forward and backward take the same FFN block"),
+    };
     drop(dya);
     b.norm_bwd(lay.moe_norm, &s.h, &s.rstd2, &dm, dy)?;
     drop(dm);
@@ -482,6 +515,67 @@ fn layer_backward<B: Backend>(b: &B, l: usize, s: &Saved<B::T>, dy: &mut B::T, s
         (Proj::Mla { .. }, None) => unreachable!("an MLA forward on a layer without MLA"),
     }
     b.norm_bwd(hi + ATTN_NORM, &s.x, &s.rstd1, &da, dy)
+}
+
+/// Backward of [`moe_forward`] without the shared expert: ∂/∂m (ACT) from dya = ∂/∂out, summing
+/// the dispatch and router paths. Outputs components WRITE in full need no zeroing; d_probs and
+/// d_logits accumulate.
+fn moe_backward<B: Backend>(
+    b: &B,
+    l: usize,
+    moe: &MoeLayer,
+    (r, d, e): (&RouterOut, &Dispatched, &ExpertsOut),
+    mn: &B::T,
+    dya: &B::T,
+    scale: f32,
+) -> Result<B::T, String> {
+    let (m, o, c) = (b.model(), || b.ops(), &moe.c);
+    let (n, hd, ne, act) = (b.batch() * m.cfg.seq_len, m.cfg.hidden, m.cfg.experts, B::ACT);
+    let at = |what: &str| format!("layer {l} {what}");
+    let (router, experts, comm) = (&c.router.1, &c.experts.1, &c.comm.1);
+    let (rows, k) = (d.x.dim(0), r.ids.dim(1));
+    let (dys, dw) = (b.empty(&[rows, hd], act)?, b.empty(&[n, k], DType::F32)?);
+    let (dyv, dysv, dwv) = (b.view(dya, &[n, hd]), b.view(&dys, &[rows, hd]), b.view(&dw, &[n, k]));
+    let res = comm.combine_backward(o(), dyv, e.y, r, d, dysv, dwv);
+    named(res, &at(&format!("comm `{}` combine", c.comm.0)))?;
+    let dxs = b.empty(&[rows, hd], act)?;
+    let (ew, eg) = (b.weights(moe.experts.clone()), b.grads(moe.experts.clone()));
+    let res = experts.backward(o(), rs(&ew), rs(&eg), d.x, d.offsets, e, dysv, b.view(&dxs, &[rows, hd]));
+    named(res, &at(&format!("experts `{}`", c.experts.0)))?;
+    drop(dys);
+    let dxd = b.empty(&[n, hd], act)?;
+    let res = comm.dispatch_backward(o(), b.view(&dxs, &[rows, hd]), d, b.view(&dxd, &[n, hd]));
+    named(res, &at(&format!("comm `{}` dispatch", c.comm.0)))?;
+    drop(dxs);
+    let (dprob, dlog) = (b.zeros(&[n, ne], DType::F32)?, b.zeros(&[n, ne], DType::F32)?);
+    let (dpv, dlv) = (b.view(&dprob, &[n, ne]), b.view(&dlog, &[n, ne]));
+    for ((name, loss), lp) in c.losses.iter().zip(&moe.losses) {
+        let res = loss.backward(o(), rs(&b.weights(lp.clone())), r, scale, dpv, dlv);
+        named(res, &at(&format!("balance_loss `{name}`")))?;
+    }
+    let dxr = b.empty(&[n, hd], act)?;
+    let (rw, rg, mv) = (b.weights(moe.router.clone()), b.grads(moe.router.clone()), b.view(mn, &[n, hd]));
+    let res = router.backward(o(), rs(&rw), rs(&rg), mv, r, dwv, dpv, dlv, b.view(&dxr, &[n, hd]));
+    named(res, &at(&format!("router `{}`", c.router.0)))?;
+    b.add(&b.view(&dxd, &[n, hd]), &b.view(&dxr, &[n, hd]))
+}
+
+/// Backward of [`always_on`]: ∂/∂m (ACT) from dya = ∂/∂(its output).
+fn always_on_bwd<B: Backend>(
+    b: &B,
+    who: &str,
+    c: &ExpertsBox,
+    params: Range<usize>,
+    mn: &B::T,
+    (so, off): &AlwaysOn,
+    dya: &B::T,
+) -> Result<B::T, String> {
+    let (n, hd) = (b.batch() * b.model().cfg.seq_len, b.model().cfg.hidden);
+    let dx = b.empty(&[n, hd], B::ACT)?;
+    let (w, g, mv, dyv) = (b.weights(params.clone()), b.grads(params), b.view(mn, &[n, hd]), b.view(dya, &[n, hd]));
+    let res = c.backward(b.ops(), rs(&w), rs(&g), mv, view_i32(off, &[2]), so, dyv, b.view(&dx, &[n, hd]));
+    named(res, who)?;
+    Ok(dx)
 }
 
 /// What q and k were before qk-norm, each with its rstd.

@@ -64,26 +64,46 @@ pub fn plan(cfg: &Config, reg: &Registry) -> Result<String, String> {
         QkNorm::None => "none",
     };
     let bias = if m.qkv_bias { ", q/k/v biases" } else { "" };
-    let _ = writeln!(
-        s,
-        "attention: causal GQA, {} query heads / {} kv heads × head_dim {}, RoPE θ {}, qk-norm {qk}{bias}",
-        m.heads, m.kv_heads, m.head_dim, m.rope_theta
-    );
+    let rope = if m.rope_interleaved { "interleaved RoPE" } else { "RoPE" };
+    let _ = match m.mla {
+        None => writeln!(
+            s,
+            "attention: causal GQA, {} query heads / {} kv heads × head_dim {}, {rope} θ {}, qk-norm {qk}{bias}",
+            m.heads, m.kv_heads, m.head_dim, m.rope_theta
+        ),
+        Some(a) => writeln!(
+            s,
+            "attention: causal MLA (latent kv {}, {}), {} heads × q·k {} ({} rotated) / value {}, {rope} θ {}",
+            a.kv_rank,
+            if a.q_rank == 0 { "q_proj".to_string() } else { format!("latent q {}", a.q_rank) },
+            m.heads,
+            m.head_dim,
+            a.rope_dim,
+            a.v_dim,
+            m.rope_theta
+        ),
+    };
+    if m.dense_layers > 0 {
+        let (d, l) = (m.dense_layers, m.layers);
+        let _ = writeln!(s, "layers: {d} dense (`[dense]`, FFN {}), then {} MoE", cfg.dense_ffn(), l - d);
+    }
     let family = crate::hf::export_family(cfg).unwrap_or_else(|why| format!("none ({why})"));
     let _ = writeln!(s, "Hugging Face family (`pith export hf`): {family}");
     let _ = writeln!(s, "\ncomponents:");
-    for (kind, i, table) in cfg.components() {
+    for (kind, section, i, table) in cfg.components() {
         let name = table.get("plugin").and_then(|v| v.as_str()).unwrap_or("?");
         let e = reg.find(kind, name).ok_or_else(|| {
             let valid = reg.names(kind).join(", ");
-            format!("{}: unknown {} plugin `{name}`; valid: {valid}", cfg.at(kind.as_str(), i, "plugin"), kind.as_str())
+            format!("{}: unknown {} plugin `{name}`; valid: {valid}", cfg.at(section, i, "plugin"), kind.as_str())
         })?;
-        let _ = writeln!(s, "  {:<13} {:<14} {}  [{}]", kind.as_str(), name, e.origin, e.info.source);
+        let _ = writeln!(s, "  {section:<13} {:<14} {}  [{}]", name, e.origin, e.info.source);
     }
     let top_k = measured_top_k(cfg, reg)?;
-    // One layer, counted `layers` times; seq_len 0 leaves the RoPE table empty.
+    // One layer of each kind (dense, MoE), counted as many times as the model has it; seq_len 0
+    // leaves the RoPE table empty.
     let mut one = cfg.clone();
-    (one.model.layers, one.model.seq_len) = (1, 0);
+    let dense = m.dense_layers.min(1);
+    (one.model.layers, one.model.dense_layers, one.model.seq_len) = (1 + dense, dense, 0);
     let (moe, opt) = crate::train::components(&one, reg, Shard::WHOLE)?;
     let Component::Experts(one_layer_experts) =
         crate::train::create(&one, reg, Kind::Experts, 0, &cfg.experts, (0, Shard::WHOLE))?
@@ -92,10 +112,15 @@ pub fn plan(cfg: &Config, reg: &Registry) -> Result<String, String> {
     };
     let mut params = Params { shapes_only: true, ..Default::default() };
     Model::new(&one.model, &mut params, cfg.train.seed, moe, Shard::WHOLE)?;
-    let (layers, experts) = (m.layers as u128, m.experts as u128);
+    let (moe_layers, experts) = ((m.layers - m.dense_layers) as u128, m.experts as u128);
+    let times = |name: &str| match name.strip_prefix("layers.") {
+        Some(r) if dense == 1 && r.starts_with("0.") => m.dense_layers as u128,
+        Some(_) => moe_layers,
+        None => 1,
+    };
     let numel = |p: &Param| {
         let n = p.spec.shape.iter().fold(1u128, |a, &d| a.saturating_mul(d as u128));
-        n.saturating_mul(if p.name.starts_with("layers.") { layers } else { 1 })
+        n.saturating_mul(times(&p.name))
     };
     let active = |p: &Param, n: u128| match group(&p.name) == "moe.experts" {
         true => (n as f64 * top_k / experts as f64) as u128,
@@ -130,13 +155,15 @@ pub fn plan(cfg: &Config, reg: &Registry) -> Result<String, String> {
     let dense = dense.filter(|p| group(&p.name) != "moe.experts");
     let matmul = dense.fold(0u128, |a, p| a.saturating_add(numel(p)));
     let per_expert = (1e6 * top_k / experts as f64).round() as u64;
-    let experts_fwd = one_layer_experts.flops(RSlice::from_slice(&vec![per_expert; m.experts])) / 1e6 * layers as f64;
-    let attn = 6.0 * [m.layers, m.heads, m.head_dim, m.seq_len].iter().map(|&x| x as f64).product::<f64>();
+    let one_expert_layer = one_layer_experts.flops(RSlice::from_slice(&vec![per_expert; m.experts])) / 1e6;
+    let experts_fwd = one_expert_layer * moe_layers as f64;
+    let qk_v = m.head_dim + m.rope_v_dims().1;
+    let attn = 3.0 * [m.layers, m.heads, qk_v, m.seq_len].iter().map(|&x| x as f64).product::<f64>();
     let flops = 6.0 * matmul as f64 + 3.0 * experts_fwd + attn;
     let _ = writeln!(
         s,
         "\ntraining FLOPs/token: {:.4} GFLOP = 6 × {matmul} active dense matmul params + 3 × {experts_fwd:.0} experts \
-         forward (the plugin's count) + 6 × layers × heads × head_dim × seq_len ({attn})",
+         forward (the plugin's count) + 3 × layers × heads × (q·k head + value head) × seq_len ({attn})",
         flops / 1e9
     );
     // Bytes per parameter: f32 weight, grad and optimizer state, and on CUDA a bf16 working copy;

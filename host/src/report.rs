@@ -14,13 +14,14 @@ pub fn header(cfg: &Config, reg: &Registry, params: &Params, ranks: usize, out: 
     let (m, t) = (&cfg.model, &cfg.train);
     let mut s = format!("pith train {} → {}\n", cfg.source.file, out.display());
     let embedding = 2 * m.vocab * m.hidden;
+    let dense = if m.dense_layers > 0 { format!(" ({} dense)", m.dense_layers) } else { String::new() };
+    let heads = if m.mla.is_some() { "MLA".to_string() } else { format!("{} kv", m.kv_heads) };
     let _ = writeln!(
         s,
-        "  model       {} layers, hidden {}, {} heads ({} kv), {} experts × ffn {}, vocab {}, seq {}: {} parameters ({} outside the embeddings)",
+        "  model       {} layers{dense}, hidden {}, {} heads ({heads}), {} experts × ffn {}, vocab {}, seq {}: {} parameters ({} outside the embeddings)",
         m.layers,
         m.hidden,
         m.heads,
-        m.kv_heads,
         m.experts,
         m.expert_ffn,
         m.vocab,
@@ -28,10 +29,10 @@ pub fn header(cfg: &Config, reg: &Registry, params: &Params, ranks: usize, out: 
         count(params.count()),
         count(params.count().saturating_sub(embedding))
     );
-    for (kind, _, table) in cfg.components() {
+    for (kind, section, _, table) in cfg.components() {
         let name = table.get("plugin").and_then(|v| v.as_str()).unwrap_or("?");
         let origin = reg.find(kind, name).map_or("?".to_string(), |e| e.origin.to_string());
-        let _ = writeln!(s, "  {:<11} {name} ({origin})", kind.as_str());
+        let _ = writeln!(s, "  {section:<11} {name} ({origin})");
     }
     let device = match (t.device.as_str(), ranks) {
         ("cuda", 1) => "cuda (1 GPU)".to_string(),

@@ -81,7 +81,7 @@ impl RoutingTrace {
         let n = self.tokens.len();
         let view = |dt, shape: Vec<usize>, b| TensorView::new(dt, shape, b).map_err(|e| e.to_string());
         let mut t = vec![("tokens".to_string(), view(Dtype::I32, vec![n], bytes(&self.tokens))?)];
-        for (l, (ids, w, k)) in self.layers.iter().enumerate() {
+        for (l, (ids, w, k)) in self.layers.iter().enumerate().filter(|(_, l)| l.2 > 0) {
             t.push((format!("layers.{l}.expert_ids"), view(Dtype::I32, vec![n, *k], bytes(ids))?));
             t.push((format!("layers.{l}.gate_weights"), view(Dtype::F32, vec![n, *k], bytes(w))?));
         }

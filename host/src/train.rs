@@ -10,7 +10,7 @@ use crate::gpu::model::{GpuParam, GpuParams, GpuPass, RopeTables};
 use crate::gpu::nccl::Nccl;
 use crate::gpu::ops::GpuOps;
 use crate::gpu::Gpu;
-use crate::model::{Model, MoeComponents, StepOut};
+use crate::model::{Ffn, FfnComponents, Layer, Model, MoeComponents, StepOut};
 use crate::parallel::Parallel;
 use crate::params::{Params, Shard};
 use crate::registry::Registry;
@@ -31,23 +31,24 @@ use std::time::Instant;
 /// config`): keys the table leaves out get the plugin's defaults, as layer 0 builds them.
 pub fn with_plugin_settings(cfg: &Config, reg: &Registry) -> Result<Config, String> {
     let mut out = cfg.clone();
-    for (kind, n, table) in cfg.components() {
+    for (kind, section, n, table) in cfg.components() {
         let Some(name) = table.get("plugin").and_then(|v| v.as_str()) else { continue };
         let mut own = table.clone();
         own.remove("plugin");
         let text = toml::to_string(&own).map_err(|e| e.to_string())?;
         let dims = cfg.dims(0, Shard::WHOLE).for_kind(kind);
-        let at = |e: String| format!("{}: {e}", cfg.at(kind.as_str(), n, "plugin"));
+        let at = |e: String| format!("{}: {e}", cfg.at(section, n, "plugin"));
         let lines = reg.settings(kind, name, &text, dims).map_err(at)?;
         let reported: toml::Table =
             toml::from_str(&lines).map_err(|e| at(format!("{name} reported settings that are not TOML: {e}")))?;
-        let target = match kind {
-            Kind::Router => &mut out.router,
-            Kind::Experts => &mut out.experts,
-            Kind::BalanceLoss => &mut out.balance_loss[n],
-            Kind::Optimizer => &mut out.optimizer,
-            Kind::CommSchedule => &mut out.comm,
-            Kind::Shared => out.shared.as_mut().expect("a [shared] table"),
+        let target = match (kind, section) {
+            (Kind::Router, _) => &mut out.router,
+            (Kind::Experts, _) => &mut out.experts,
+            (Kind::BalanceLoss, _) => &mut out.balance_loss[n],
+            (Kind::Optimizer, _) => &mut out.optimizer,
+            (Kind::CommSchedule, _) => &mut out.comm,
+            (Kind::Shared, "dense") => out.dense.as_mut().expect("a [dense] table"),
+            (Kind::Shared, _) => out.shared.as_mut().expect("a [shared] table"),
         };
         for (k, v) in reported {
             target.entry(k).or_insert(v);
@@ -62,9 +63,20 @@ pub fn create(
     kind: Kind,
     n: usize,
     table: &ComponentTable,
+    at: (usize, Shard),
+) -> Result<Component, String> {
+    create_in(cfg, reg, (kind, kind.as_str()), n, table, at)
+}
+
+/// [`create`] from the `n`-th table of TOML section `section` (`[dense]` is a `Kind::Shared`).
+fn create_in(
+    cfg: &Config,
+    reg: &Registry,
+    (kind, section): (Kind, &str),
+    n: usize,
+    table: &ComponentTable,
     (layer, ep): (usize, Shard),
 ) -> Result<Component, String> {
-    let section = kind.as_str();
     let name = table.get("plugin").and_then(|v| v.as_str()).ok_or_else(|| {
         format!(
             "{}: [{section}] needs `plugin = \"...\"`; valid: {}",
@@ -84,16 +96,24 @@ pub fn create(
     })
 }
 
-/// The components of every MoE layer (on an expert-parallel rank holding slice `ep` of the
-/// experts), and the optimizer.
+/// The components of every layer's FFN block (on an expert-parallel rank holding slice `ep` of
+/// the experts): `[dense]` for the first `model.dense_layers`, the MoE components after; and
+/// the optimizer.
 pub fn components(
     cfg: &Config,
     reg: &Registry,
     ep: Shard,
-) -> Result<(Vec<MoeComponents>, (String, OptimizerBox)), String> {
+) -> Result<(Vec<FfnComponents>, (String, OptimizerBox)), String> {
     let name = |t: &ComponentTable| t.get("plugin").and_then(|v| v.as_str()).unwrap_or("").to_string();
     let mut layers = Vec::new();
     for l in 0..cfg.model.layers {
+        if let Some(t) = cfg.dense.as_ref().filter(|_| l < cfg.model.dense_layers) {
+            let Component::Shared(s) = create_in(cfg, reg, (Kind::Shared, "dense"), 0, t, (l, ep))? else {
+                unreachable!()
+            };
+            layers.push(FfnComponents::Dense((name(t), s)));
+            continue;
+        }
         let Component::Router(router) = create(cfg, reg, Kind::Router, 0, &cfg.router, (l, ep))? else {
             unreachable!()
         };
@@ -115,13 +135,13 @@ pub fn components(
             },
             None => None,
         };
-        layers.push(MoeComponents {
+        layers.push(FfnComponents::Moe(MoeComponents {
             router: (name(&cfg.router), router),
             experts: (name(&cfg.experts), experts),
             shared,
             losses,
             comm: (name(&cfg.comm), comm),
-        });
+        }));
     }
     let Component::Optimizer(opt) = create(cfg, reg, Kind::Optimizer, 0, &cfg.optimizer, (0, ep))? else {
         unreachable!()
@@ -295,12 +315,16 @@ impl Run {
         self.calls().set(c, t.seed);
     }
 
-    /// The experts' forward FLOPs for per-layer row counts (`StepOut::expert_counts`), by each
-    /// layer's experts component's own count.
+    /// The routed experts' forward FLOPs for per-layer row counts (`StepOut::expert_counts`),
+    /// by each MoE layer's experts component's own count.
     pub(crate) fn experts_flops(&self, counts: &[Vec<u32>]) -> f64 {
         let rows = |c: &Vec<u32>| c.iter().map(|&r| r as u64).collect::<Vec<u64>>();
         let layers = self.model.layers.iter().zip(counts);
-        layers.map(|(l, c)| l.moe.experts.1.flops(RSlice::from_slice(&rows(c)))).sum()
+        let flops = |(l, c): (&Layer, &Vec<u32>)| match &l.ffn {
+            Ffn::Moe(m) => m.c.experts.1.flops(RSlice::from_slice(&rows(c))),
+            Ffn::Dense(_) => 0.0,
+        };
+        layers.map(flops).sum()
     }
 
     /// Sequences per micro-batch on this rank (`train.micro_batch` over the ranks).
@@ -382,18 +406,20 @@ impl Run {
 
     /// Rows per expert per layer over the job: each rank's counts are its own experts' rows of
     /// its expert-parallel group; they are gathered over that group and summed over the
-    /// data-parallel one.
+    /// data-parallel one. Dense layers (no counts) stay empty.
     fn global_counts(&self, counts: Vec<Vec<u32>>) -> Result<Vec<Vec<u32>>, String> {
         let (_, ep) = self.par.rank_in(Group::ExpertParallel);
-        let local: Vec<f32> = counts.iter().flatten().map(|&c| c as f32).collect();
+        let (layers, per) = (counts.len(), counts.iter().map(|c| c.len()).max().unwrap_or(0));
+        let padded = |c: &Vec<u32>| (0..per).map(|i| c.get(i).map_or(0.0, |&x| x as f32)).collect::<Vec<_>>();
+        let local: Vec<f32> = counts.iter().flat_map(padded).collect();
         let mut all = vec![0.0f32; local.len() * ep];
         self.par.all_gather_f32(Group::ExpertParallel, &local, &mut all)?;
         self.par.sum_f32(Group::DataParallel, &mut all)?;
         // all = [rank][layer][local expert] → [layer][expert]
-        let (layers, per) = (counts.len(), counts.first().map_or(0, |c| c.len()));
-        Ok((0..layers)
-            .map(|l| (0..ep).flat_map(|r| all[(r * layers + l) * per..][..per].iter().map(|&c| c as u32)).collect())
-            .collect())
+        let layer = |l: usize| -> Vec<u32> {
+            (0..ep).flat_map(|r| all[(r * layers + l) * per..][..per].iter().map(|&c| c as u32)).collect()
+        };
+        Ok((0..layers).map(|l| if counts[l].is_empty() { Vec::new() } else { layer(l) }).collect())
     }
 
     /// Sum the gradients (`Role::Param`) or the accumulators over the ranks holding the same
@@ -615,13 +641,13 @@ impl Run {
                 Backend::Cpu(ops) => ops.ops(),
                 Backend::Gpu(g) => g.ops.ops(),
             };
-            let m = &lay.moe;
-            let at = |what: &str, name: &str| format!("layer {l} {what} `{name}` end_step");
-            let r = m.router.1.end_step(ops(), RSlice::from_slice(&p(lay.router.clone())));
+            let Ffn::Moe(moe) = &lay.ffn else { continue };
+            let (m, at) = (&moe.c, |what: &str, name: &str| format!("layer {l} {what} `{name}` end_step"));
+            let r = m.router.1.end_step(ops(), RSlice::from_slice(&p(moe.router.clone())));
             r.into_result().map_err(|e| format!("{}: {e}", at("router", &m.router.0)))?;
-            let r = m.experts.1.end_step(ops(), RSlice::from_slice(&p(lay.experts.clone())));
+            let r = m.experts.1.end_step(ops(), RSlice::from_slice(&p(moe.experts.clone())));
             r.into_result().map_err(|e| format!("{}: {e}", at("experts", &m.experts.0)))?;
-            for ((name, loss), lp) in m.losses.iter().zip(&lay.losses) {
+            for ((name, loss), lp) in m.losses.iter().zip(&moe.losses) {
                 let r = loss.end_step(ops(), RSlice::from_slice(&p(lp.clone())));
                 r.into_result().map_err(|e| format!("{}: {e}", at("balance_loss", name)))?;
             }
@@ -894,7 +920,7 @@ pub fn train(
         let StepStats { loss, aux, counts, gnorm, .. } = st;
         let dt = t0.elapsed().as_secs_f64();
         let plugin_metrics = run.take_metrics();
-        let loads: Vec<(f64, f64)> = counts.iter().map(|c| load_stats(c)).collect();
+        let loads: Vec<(f64, f64)> = counts.iter().filter(|c| !c.is_empty()).map(|c| load_stats(c)).collect();
         let n = loads.len().max(1) as f64;
         let (load_max, load_ent) =
             (loads.iter().map(|l| l.0).sum::<f64>() / n, loads.iter().map(|l| l.1).sum::<f64>() / n);
@@ -1114,6 +1140,16 @@ mod tests {
                     "shared.plugin=\"shared-swiglu\"",
                     "shared.ffn=96",
                     "shared.gate=true",
+                ],
+            ),
+            (
+                "DeepSeek: a dense first layer of FFN 160, shared expert 64",
+                vec![
+                    "model.dense_layers=1",
+                    "dense.plugin=\"shared-swiglu\"",
+                    "dense.ffn=160",
+                    "shared.plugin=\"shared-swiglu\"",
+                    "shared.ffn=64",
                 ],
             ),
         ] {

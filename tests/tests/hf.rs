@@ -90,12 +90,13 @@ fn config_json(a: Arch) -> Value {
         Arch::Qwen2 => json!({"model_type": "qwen2_moe", "num_experts": E, "moe_intermediate_size": 8,
                               "shared_expert_intermediate_size": 6, "intermediate_size": 32, "norm_topk_prob": false,
                               "rope_theta": 10000.0}),
-        // MLA: 4 heads, q·k 4 = 2 + 2 rotated ("head_dim" is the rotated part), values 3, kv rank 6.
+        // MLA: 4 heads, q·k 4 = 2 + 2 rotated ("head_dim" is the rotated part), values 3, kv rank 6;
+        // layer 0 dense (FFN intermediate_size 32), gates scaled by 2.5.
         Arch::Deepseek => json!({"model_type": "deepseek_v2", "num_key_value_heads": 4, "n_routed_experts": E,
                                  "moe_intermediate_size": 8, "n_shared_experts": 2, "intermediate_size": 32,
                                  "kv_lora_rank": 6, "q_lora_rank": null, "qk_rope_head_dim": 2, "qk_nope_head_dim": 2,
-                                 "v_head_dim": 3, "head_dim": 2, "first_k_dense_replace": 0, "topk_method": "greedy",
-                                 "routed_scaling_factor": 1.0, "norm_topk_prob": false, "rope_theta": 10000.0}),
+                                 "v_head_dim": 3, "head_dim": 2, "first_k_dense_replace": 1, "topk_method": "greedy",
+                                 "routed_scaling_factor": 2.5, "norm_topk_prob": false, "rope_theta": 10000.0}),
     };
     c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
     c
@@ -103,7 +104,7 @@ fn config_json(a: Arch) -> Value {
 
 fn model_config(a: Arch) -> ModelConfig {
     let mla = match a {
-        Arch::Deepseek => "rope_interleaved = true\n[mla]\nkv_rank = 6\nrope_dim = 2\nv_dim = 3",
+        Arch::Deepseek => "rope_interleaved = true\ndense_layers = 1\n[mla]\nkv_rank = 6\nrope_dim = 2\nv_dim = 3",
         _ => "",
     };
     let text = format!(
@@ -121,7 +122,8 @@ fn model_config(a: Arch) -> ModelConfig {
 fn pith_weights(a: Arch, seed: u64) -> TensorMap {
     let mut r = Rng::new(seed);
     let mut out = BTreeMap::new();
-    for (name, shape) in pith::hf::pith_params(&model_config(a), a.shared(), a == Arch::Qwen2) {
+    let dense_ffn = if a == Arch::Deepseek { 32 } else { 0 };
+    for (name, shape) in pith::hf::pith_params(&model_config(a), (a.shared(), a == Arch::Qwen2), dense_ffn) {
         let n: usize = shape.iter().product();
         let v = match name.ends_with("norm.weight") {
             true => (0..n).map(|_| (96 + r.below(64)) as f32 / 128.0).collect(),
@@ -161,6 +163,13 @@ fn hf_tensors(a: Arch, w: &TensorMap, fused: bool) -> Vec<(String, Vec<usize>, V
             }
         }
         put(format!("{hl}.post_attention_layernorm.weight"), &format!("{pl}.moe_norm.weight"));
+        if w.contains_key(&format!("{pl}.dense.w_gate")) {
+            for (n, hn) in [("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")] {
+                let t = &w[&format!("{pl}.dense.{n}")];
+                out.push((format!("{hl}.mlp.{hn}.weight"), vec![t.0[2], t.0[1]], expert(t, 0)));
+            }
+            continue;
+        }
         let moe = if a == Arch::Mixtral && !fused { "block_sparse_moe" } else { "mlp" };
         put(format!("{hl}.{moe}.gate.weight"), &format!("{pl}.moe.router.weight"));
         let [g, u, d] = ["w_gate", "w_up", "w_down"].map(|n| &w[&format!("{pl}.moe.experts.{n}")]);
@@ -297,6 +306,9 @@ fn import_reads_each_family_layout_and_dtype_exactly() {
             assert!(cfg.contains(&format!("qk_norm = \"{}\"", a.qk())), "{cfg}");
             let normalize = !matches!(a, Arch::Olmoe | Arch::Qwen2 | Arch::Deepseek);
             assert!(cfg.contains(&format!("normalize = {normalize}")), "{cfg}");
+            if a == Arch::Deepseek {
+                assert!(cfg.contains("scale = 2.5") && cfg.contains("dense_layers = 1"), "{cfg}");
+            }
             let entries: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().map(|e| e.file_name()).collect();
             assert!(entries.iter().all(|n| !n.to_string_lossy().contains(".tmp")), "{entries:?}");
         }
@@ -339,6 +351,11 @@ fn export_then_import_round_trips_bitwise() {
         assert!(files.len() >= 3 && files.iter().all(|f| out.join(f).is_file()), "{files:?}");
         let config: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
         assert_eq!(config["architectures"][0], a.name());
+        if a == Arch::Deepseek {
+            let dense =
+                (&config["first_k_dense_replace"], &config["intermediate_size"], &config["routed_scaling_factor"]);
+            assert_eq!(dense, (&json!(1), &json!(32), &json!(2.5)), "{config}");
+        }
         assert_eq!(read_hf(&out), as_map(hf_tensors(a, &w, false)), "{a:?}: exported tensors");
         let again = root.join(format!("{a:?}-again"));
         ok(&["import", "hf", p(&out), "--out", p(&again)]);

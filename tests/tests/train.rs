@@ -153,6 +153,32 @@ fn prepared_tinyshakespeare_trains() {
     assert!(last < first - 1.0, "loss {first} → {last}");
 }
 
+/// configs/deepseek-v2-tiny.toml (MLA, a dense first layer, shared experts) learns on the CPU;
+/// its dense layer has its own FFN in the checkpoint and no routing in the trace.
+#[test]
+fn deepseek_shaped_model_with_a_dense_first_layer_learns() {
+    let dir = tmp("deepseek");
+    let (run, trace) = (dir.join("run"), dir.join("trace.safetensors"));
+    let cfg = format!("{WORKSPACE}/configs/deepseek-v2-tiny.toml");
+    let args = ["train", &cfg, "--set", &out(&run), "--set", "train.steps=100", "--set", "train.eval_every=0"];
+    let (code, text) =
+        pith(&[&args[..], &["--trace-routing", trace.to_str().unwrap(), "--trace-tokens", "50"]].concat());
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("  model       3 layers (1 dense), hidden 128, 4 heads (MLA)"), "{text}");
+    let m = metrics(&run);
+    let (first, val) = (m[0]["loss"].as_f64().unwrap(), m.last().unwrap()["val_loss"].as_f64().unwrap());
+    assert!((first - 256f64.ln()).abs() < 0.5 && val < 1.5, "loss {first} → val {val}");
+    assert_eq!(m[0]["load_per_layer"][0], serde_json::json!([]), "layer 0 is dense: {}", m[0]);
+    let bytes = std::fs::read(&trace).unwrap();
+    let names: Vec<String> =
+        safetensors::SafeTensors::deserialize(&bytes).unwrap().names().into_iter().cloned().collect();
+    assert!(names.contains(&"layers.1.expert_ids".to_string()) && !names.iter().any(|n| n.starts_with("layers.0.")));
+    let ckpt = std::fs::read(run.join("checkpoints/step_00000100/model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&ckpt).unwrap();
+    assert_eq!(st.tensor("layers.0.dense.w_gate").unwrap().shape(), [1, 128, 256]);
+    assert!(st.tensor("layers.0.moe.router.weight").is_err() && st.tensor("layers.1.moe.router.weight").is_ok());
+}
+
 #[test]
 fn routing_trace_records_the_first_tokens_of_every_layer() {
     let dir = tmp("trace");

@@ -460,7 +460,9 @@ mod tests {
             comm: ("local".into(), cm),
         };
         let mut params = Params::default();
-        let model = Model::new(&c, &mut params, 1, vec![moe], crate::params::Shard::WHOLE).unwrap();
+        let model =
+            Model::new(&c, &mut params, 1, vec![crate::model::FfnComponents::Moe(moe)], crate::params::Shard::WHOLE)
+                .unwrap();
         let (p, rope, ops) = (
             GpuParams::upload(&gpu, &params, &Parallel::single()).unwrap(),
             RopeTables::new(&gpu, &model).unwrap(),

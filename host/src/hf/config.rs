@@ -2,7 +2,7 @@
 //! field, what Pith can't represent) and the Pith config it becomes; and the config.json (and
 //! generation_config.json) an export writes for a Pith config.
 
-use super::export::{ExportDtype, ExportOptions};
+use super::export::{ExportDtype, ExportOptions, Target};
 use super::family::{names, Family, FAMILIES};
 use crate::config::{mem_available, refuse_over, Config, MemEstimate, Mla, QkNorm};
 use serde_json::{json, Value};
@@ -26,9 +26,13 @@ pub struct HfModel {
     pub shared_ffn: usize,
     /// DeepSeek-V2's multi-head latent attention (`kv_lora_rank`, `q_lora_rank`, …).
     pub mla: Option<Mla>,
+    /// DeepSeek's `first_k_dense_replace` dense layers first, of FFN `intermediate_size`.
+    pub dense: Option<(usize, usize)>,
     pub top_k: usize,
     /// `norm_topk_prob` (always true for Mixtral): the router's `normalize`.
     pub normalize: bool,
+    /// DeepSeek's `routed_scaling_factor`: the router's `scale` (1 elsewhere).
+    pub scale: f64,
     pub rope_theta: f64,
     pub norm_eps: f64,
     pub init_std: f64,
@@ -173,14 +177,8 @@ fn parse_config(c: &Value, seq_len: Option<usize>) -> Result<HfModel, String> {
         if kv_heads != heads {
             refuse("num_key_value_heads", &json!(kv_heads), "MLA has one key-value head per query head");
         }
-        if let Some(v) = get("first_k_dense_replace").filter(|v| v.as_u64() != Some(0)) {
-            refuse("first_k_dense_replace", v, "every layer is MoE (dense layers are not built yet)");
-        }
         if let Some(v) = get("moe_layer_freq").filter(|v| v.as_u64() != Some(1)) {
             refuse("moe_layer_freq", v, "every layer is MoE");
-        }
-        if let Some(v) = get("routed_scaling_factor").filter(|v| v.as_f64() != Some(1.0)) {
-            refuse("routed_scaling_factor", v, "the topk-softmax router's gates are the probabilities, unscaled");
         }
         if let Some(v) = get("topk_method").filter(|v| v.as_str() != Some("greedy")) {
             refuse("topk_method", v, "the topk-softmax router picks the top-k of all experts (\"greedy\")");
@@ -189,6 +187,10 @@ fn parse_config(c: &Value, seq_len: Option<usize>) -> Result<HfModel, String> {
             refuse("scoring_func", v, "router scores are a softmax");
         }
     }
+    let dense = match int("first_k_dense_replace")?.filter(|&k| deepseek && k > 0) {
+        Some(k) => Some((k, size("intermediate_size", None)?)),
+        None => None,
+    };
     let has_shared = matches!(f, Family::Qwen2Moe | Family::DeepseekV2);
     for k in [shared_key, "n_shared_experts", "num_shared_experts"].into_iter().filter(|_| !has_shared) {
         if let Some(v) = get(k).filter(|v| v.as_u64() != Some(0)) {
@@ -228,9 +230,11 @@ fn parse_config(c: &Value, seq_len: Option<usize>) -> Result<HfModel, String> {
         expert_ffn,
         shared_ffn,
         mla,
+        dense,
         top_k,
         // DeepSeek-V2's router never renormalises, whatever `norm_topk_prob` says.
         normalize: f == Family::Mixtral || (flag("norm_topk_prob") && !deepseek),
+        scale: if deepseek { num("routed_scaling_factor", 1.0)? } else { 1.0 },
         rope_theta,
         norm_eps: num("rms_norm_eps", if f.moe_ffn_key() { 1e-6 } else { 1e-5 })?,
         init_std: num("initializer_range", 0.02)?,
@@ -269,6 +273,16 @@ impl HfModel {
             ),
             (false, None) => String::new(),
         };
+        let scale = match self.scale {
+            1.0 => String::new(),
+            c => format!("scale = {c:?}\n"),
+        };
+        let (dense_layers, dense) = match self.dense {
+            Some((k, f)) => {
+                (format!("dense_layers = {k}\n"), format!("\n[dense]\nplugin = \"shared-swiglu\"\nffn = {f}\n"))
+            }
+            None => (String::new(), String::new()),
+        };
         let aux = match self.aux_coef > 0.0 {
             true => format!("\n[[balance_loss]]\nplugin = \"switch-aux\"\ncoef = {:?}\n", self.aux_coef),
             false => String::new(),
@@ -276,9 +290,9 @@ impl HfModel {
         let text = format!(
             "# `pith import hf {src}` ({arch})\n\n[model]\nvocab = {}\nhidden = {}\nlayers = {}\nheads = {}\n\
              kv_heads = {}\nhead_dim = {}\nseq_len = {}\nrope_theta = {:?}\nexperts = {}\nexpert_ffn = {}\n\
-             norm_eps = {:?}\ninit_std = {:?}\nqk_norm = \"{qk}\"\n{bias}\n[train]\nsteps = 100\nmicro_batch = 4\n\
-             lr = 1e-4\nwarmup = 10\nout = {}\n\n[router]\nplugin = \"topk-softmax\"\ntop_k = {}\nnormalize = {}\n\n\
-             [experts]\nplugin = \"swiglu\"\n{shared}{aux}\n[optimizer]\nplugin = \"adamw\"\n",
+             norm_eps = {:?}\ninit_std = {:?}\nqk_norm = \"{qk}\"\n{dense_layers}{bias}\n[train]\nsteps = 100\nmicro_batch = 4\n\
+             lr = 1e-4\nwarmup = 10\nout = {}\n\n[router]\nplugin = \"topk-softmax\"\ntop_k = {}\nnormalize = {}\n{scale}\n\
+             [experts]\nplugin = \"swiglu\"\n{shared}{dense}{aux}\n[optimizer]\nplugin = \"adamw\"\n",
             self.vocab,
             self.hidden,
             self.layers,
@@ -316,6 +330,8 @@ impl HfModel {
             "model.experts" if deepseek => "n_routed_experts",
             "model.head_dim" if deepseek => "qk_nope_head_dim",
             "model.mla.kv_rank" => "kv_lora_rank",
+            "model.dense_layers" => "first_k_dense_replace",
+            "router.scale" => "routed_scaling_factor",
             "model.mla.q_rank" => "q_lora_rank",
             "model.mla.rope_dim" => "qk_rope_head_dim",
             "model.mla.v_dim" => "v_head_dim",
@@ -366,16 +382,8 @@ fn num(x: f32) -> Value {
 
 /// The config.json of `cfg` as `family` (`shared_ffn`: its shared expert's FFN size, 0: none).
 #[allow(clippy::too_many_arguments)]
-pub(super) fn hf_config(
-    cfg: &Config,
-    family: Family,
-    top_k: usize,
-    normalize: bool,
-    shared_ffn: usize,
-    opts: &ExportOptions,
-    tok: &Option<(PathBuf, Option<u64>)>,
-) -> Value {
-    let m = &cfg.model;
+pub(super) fn hf_config(cfg: &Config, t: &Target, opts: &ExportOptions, tok: &Option<(PathBuf, Option<u64>)>) -> Value {
+    let (m, family, top_k, normalize, shared_ffn) = (&cfg.model, t.family, t.top_k, t.normalize, t.shared_ffn);
     let aux = cfg.balance_loss.iter().find(|t| t.get("plugin").and_then(|v| v.as_str()) == Some("switch-aux"));
     let aux = aux.and_then(|t| t.get("coef")).and_then(|v| v.as_float().or(v.as_integer().map(|i| i as f64)));
     let eos = tok.as_ref().and_then(|t| t.1);
@@ -428,11 +436,12 @@ pub(super) fn hf_config(
         Family::DeepseekV2 => {
             let a = m.mla.expect("DeepSeek-V2 is exported from an MLA model");
             json!({
-                "intermediate_size": m.expert_ffn, "moe_intermediate_size": m.expert_ffn, "n_routed_experts": m.experts,
+                "intermediate_size": if m.dense_layers > 0 { cfg.dense_ffn() } else { m.expert_ffn },
+                "moe_intermediate_size": m.expert_ffn, "n_routed_experts": m.experts,
                 "n_shared_experts": shared_ffn / m.expert_ffn, "kv_lora_rank": a.kv_rank,
                 "q_lora_rank": if a.q_rank == 0 { Value::Null } else { json!(a.q_rank) },
                 "qk_rope_head_dim": a.rope_dim, "qk_nope_head_dim": m.head_dim - a.rope_dim, "v_head_dim": a.v_dim,
-                "head_dim": a.rope_dim, "first_k_dense_replace": 0, "routed_scaling_factor": 1.0,
+                "head_dim": a.rope_dim, "first_k_dense_replace": m.dense_layers, "routed_scaling_factor": t.scale,
                 "topk_method": "greedy", "n_group": null, "topk_group": null, "norm_topk_prob": false,
                 "attention_bias": false, "mlp_bias": false,
             })

@@ -77,12 +77,17 @@ pub(super) struct Target {
     pub family: Family,
     pub top_k: usize,
     pub normalize: bool,
-    /// The shared expert's FFN size (Qwen2-MoE; 0: none).
+    /// The shared expert's FFN size (Qwen2-MoE, DeepSeek-V2; 0: none).
     pub shared_ffn: usize,
+    /// The dense layers' FFN size (DeepSeek-V2's `first_k_dense_replace` layers; 0: none).
+    pub dense_ffn: usize,
+    /// The router's `scale` (DeepSeek-V2's `routed_scaling_factor`; 1 elsewhere).
+    pub scale: f64,
 }
 
 /// The family `cfg` exports as, or why it has none: only the std `topk-softmax` router and
-/// `swiglu` experts, and the std `shared-swiglu` (Qwen2-MoE's, gated) as a shared expert.
+/// `swiglu` experts, the std `shared-swiglu` (Qwen2-MoE's, gated) as a shared expert, and an
+/// ungated `shared-swiglu` as DeepSeek-V2's dense layers.
 pub(super) fn target(cfg: &Config) -> Result<Target, String> {
     let plugin = |t: &toml::Table| t.get("plugin").and_then(|v| v.as_str()).unwrap_or("").to_string();
     let (router, experts) = (plugin(&cfg.router), plugin(&cfg.experts));
@@ -96,7 +101,7 @@ pub(super) fn target(cfg: &Config) -> Result<Target, String> {
         None => None,
         Some(t) if plugin(t) == "shared-swiglu" => {
             let gate = t.get("gate").and_then(|v| v.as_bool()).unwrap_or(false);
-            Some((gate, t.get("ffn").and_then(|v| v.as_integer()).unwrap_or(0) as usize))
+            Some((gate, cfg.shared_ffn()))
         }
         Some(t) => {
             let name = plugin(t);
@@ -106,6 +111,7 @@ pub(super) fn target(cfg: &Config) -> Result<Target, String> {
     let (m, r) = (&cfg.model, &cfg.router);
     let top_k = r.get("top_k").and_then(|v| v.as_integer()).unwrap_or(2) as usize;
     let normalize = r.get("normalize").and_then(|v| v.as_bool()).unwrap_or(true);
+    let scale = r.get("scale").and_then(|v| v.as_float().or(v.as_integer().map(|i| i as f64))).unwrap_or(1.0);
     let family = Family::of(m, normalize, shared.map(|s| s.0))?;
     if matches!(family, Family::Olmoe | Family::Qwen2Moe) && m.heads * m.head_dim != m.hidden {
         return Err(format!("model.head_dim: {} needs heads·head_dim = hidden", family.architecture()));
@@ -117,7 +123,29 @@ pub(super) fn target(cfg: &Config) -> Result<Target, String> {
             m.expert_ffn
         ));
     }
-    Ok(Target { family, top_k, normalize, shared_ffn: shared.map_or(0, |s| s.1) })
+    let dense_ffn = match &cfg.dense {
+        None => 0,
+        Some(t) if plugin(t) == "shared-swiglu" && t.get("gate").and_then(|v| v.as_bool()) != Some(true) => {
+            cfg.dense_ffn()
+        }
+        Some(t) => {
+            let name = plugin(t);
+            return Err(format!(
+                "[dense] `{name}`: Hugging Face export covers the std `shared-swiglu` without a gate only"
+            ));
+        }
+    };
+    if dense_ffn > 0 && family != Family::DeepseekV2 {
+        let arch = family.architecture();
+        return Err(format!("model.dense_layers: {arch} has no dense layers (DeepSeek-V2's first_k_dense_replace)"));
+    }
+    if scale != 1.0 && family != Family::DeepseekV2 {
+        let arch = family.architecture();
+        return Err(format!(
+            "router.scale = {scale}: {arch}'s gates are unscaled (DeepSeek-V2 has routed_scaling_factor)"
+        ));
+    }
+    Ok(Target { family, top_k, normalize, shared_ffn: ffn, dense_ffn, scale })
 }
 
 /// The Hugging Face architecture `cfg` exports as (`pith plan`), or why it has none.
@@ -132,8 +160,8 @@ pub fn export(src: &Path, out: &Path, opts: &ExportOptions) -> Result<Exported, 
     let dir = checkpoint::resolve(src)?;
     let file = dir.join("config.toml");
     let cfg = read_run_config(&file, &[])?;
-    let Target { family, top_k, normalize, shared_ffn } =
-        target(&cfg).map_err(|e| format!("{}: {e}", file.display()))?;
+    let t = target(&cfg).map_err(|e| format!("{}: {e}", file.display()))?;
+    let (family, shared_ffn, dense_ffn) = (t.family, t.shared_ffn, t.dense_ffn);
     let m = &cfg.model;
     let tokenizer = find_tokenizer(&cfg, opts.tokenizer.as_deref())?;
 
@@ -142,7 +170,7 @@ pub fn export(src: &Path, out: &Path, opts: &ExportOptions) -> Result<Exported, 
     let map = mmap(&weights)?;
     let st = parse_st(&weights, &map)?;
     let mut plan = Vec::new();
-    for (name, shape) in pith_params(m, shared_ffn, family == Family::Qwen2Moe) {
+    for (name, shape) in pith_params(m, (shared_ffn, family == Family::Qwen2Moe), dense_ffn) {
         let t = st.tensor(&name).map_err(|_| format!("{}: tensor `{name}` is missing", weights.display()))?;
         if t.dtype() != Dtype::F32 || t.shape() != shape {
             let got = format!("{:?} {:?}", t.dtype(), t.shape());
@@ -176,7 +204,7 @@ pub fn export(src: &Path, out: &Path, opts: &ExportOptions) -> Result<Exported, 
         _ => (1..=n).map(|i| format!("model-{i:05}-of-{n:05}.safetensors")).collect(),
     };
     let total: u64 = plan.iter().map(bytes).sum();
-    let config = hf_config(&cfg, family, top_k, normalize, shared_ffn, opts, &tokenizer);
+    let config = hf_config(&cfg, &t, opts, &tokenizer);
     atomically(out, |tmp| {
         for (group, name) in groups.iter().zip(&names) {
             write_shard(&tmp.join(name), group, &st, opts.dtype)?;

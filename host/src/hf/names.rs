@@ -6,8 +6,13 @@ use crate::config::{ModelConfig, QkNorm};
 
 /// Name and shape of every parameter of a Pith model with the std topk-softmax router and
 /// swiglu experts, and with `shared_ffn` > 0 the std shared-swiglu of that FFN size (with
-/// `shared_gate`, Qwen2-MoE's sigmoid gate), in `Model::new`'s order.
-pub fn pith_params(m: &ModelConfig, shared_ffn: usize, shared_gate: bool) -> Vec<(String, Vec<usize>)> {
+/// `shared_gate`, Qwen2-MoE's sigmoid gate), and the first `m.dense_layers` with a std
+/// shared-swiglu of FFN `dense_ffn` as `[dense]`; in `Model::new`'s order.
+pub fn pith_params(
+    m: &ModelConfig,
+    (shared_ffn, shared_gate): (usize, bool),
+    dense_ffn: usize,
+) -> Vec<(String, Vec<usize>)> {
     let (h, qd, kd, e, f) = (m.hidden, m.heads * m.head_dim, m.kv_heads * m.head_dim, m.experts, m.expert_ffn);
     let mut v = vec![("embed.weight".to_string(), vec![m.vocab, h])];
     for l in 0..m.layers {
@@ -50,6 +55,12 @@ pub fn pith_params(m: &ModelConfig, shared_ffn: usize, shared_gate: bool) -> Vec
             add("attn.v_proj.bias", vec![kd]);
         }
         add("moe_norm.weight", vec![h]);
+        if l < m.dense_layers {
+            add("dense.w_gate", vec![1, h, dense_ffn]);
+            add("dense.w_up", vec![1, h, dense_ffn]);
+            add("dense.w_down", vec![1, dense_ffn, h]);
+            continue;
+        }
         add("moe.router.weight", vec![e, h]);
         add("moe.experts.w_gate", vec![e, h, f]);
         add("moe.experts.w_up", vec![e, h, f]);
@@ -69,11 +80,12 @@ pub fn pith_params(m: &ModelConfig, shared_ffn: usize, shared_gate: bool) -> Vec
 }
 
 /// How many HF [out, in] matrices a Pith expert stack [E, in, out] holds — `experts` for the
-/// routed experts, 1 for the shared expert — or None for a parameter HF stores whole.
+/// routed experts, 1 for the shared expert and a dense layer's FFN — or None for a parameter
+/// HF stores whole.
 pub(super) fn stack(pith: &str, experts: usize) -> Option<usize> {
     match pith {
         p if p.contains(".moe.experts.w_") => Some(experts),
-        p if p.contains(".moe.shared.w_") => Some(1),
+        p if p.contains(".moe.shared.w_") || p.contains(".dense.w_") => Some(1),
         _ => None,
     }
 }
@@ -99,6 +111,9 @@ pub(super) fn hf_name(f: Family, pith: &str, e: usize) -> String {
         "moe.shared.w_up" => format!("mlp.{}.up_proj.weight", f.shared()),
         "moe.shared.w_down" => format!("mlp.{}.down_proj.weight", f.shared()),
         "moe.shared.gate" => "mlp.shared_expert_gate.weight".into(),
+        "dense.w_gate" => "mlp.gate_proj.weight".into(),
+        "dense.w_up" => "mlp.up_proj.weight".into(),
+        "dense.w_down" => "mlp.down_proj.weight".into(),
         "attn.kv_a_proj.weight" => "self_attn.kv_a_proj_with_mqa.weight".into(),
         "attn.kv_a_norm.weight" => "self_attn.kv_a_layernorm.weight".into(),
         "attn.q_a_norm.weight" => "self_attn.q_a_layernorm.weight".into(),
@@ -164,6 +179,9 @@ pub(super) fn translate(name: &str) -> Option<(String, Slot)> {
         "experts.gate_up_proj" => return at("moe.experts.w_gate", Slot::GateUp),
         "experts.down_proj" => return at("moe.experts.w_down", Slot::Down),
         "shared_expert_gate.weight" => return at("moe.shared.gate", Slot::Whole),
+        "gate_proj.weight" => return at("dense.w_gate", Slot::Expert(0)),
+        "up_proj.weight" => return at("dense.w_up", Slot::Expert(0)),
+        "down_proj.weight" => return at("dense.w_down", Slot::Expert(0)),
         _ => {}
     }
     if let Some(w) = moe.strip_prefix("shared_expert.").or_else(|| moe.strip_prefix("shared_experts.")) {
@@ -209,7 +227,9 @@ mod tests {
             let mla =
                 (f == Family::DeepseekV2).then_some(crate::config::Mla { kv_rank: 4, q_rank, rope_dim: 2, v_dim: 2 });
             let m = ModelConfig { qk_norm: f.qk_norm(), qkv_bias, mla, ..m.clone() };
-            for (name, _) in pith_params(&m, shared, f == Family::Qwen2Moe) {
+            let dense = if f == Family::DeepseekV2 { 1 } else { 0 };
+            let m = ModelConfig { dense_layers: dense, ..m };
+            for (name, _) in pith_params(&m, (shared, f == Family::Qwen2Moe), 7) {
                 let e = stack(&name, 3).map_or(0, |n| n - 1);
                 let want = if stack(&name, 3).is_some() { Slot::Expert(e) } else { Slot::Whole };
                 assert_eq!(translate(&hf_name(f, &name, e)), Some((name.clone(), want)), "{f:?} {name}");
@@ -231,19 +251,22 @@ mod tests {
                     [router]\nplugin = \"topk-softmax\"\n[experts]\nplugin = \"swiglu\"\n[optimizer]\nplugin = \"adamw\"\n";
         let reg = Registry::load(&[]).unwrap();
         let qwen2 = "model.qkv_bias=true\nshared.plugin=\"shared-swiglu\"\nshared.ffn=6\nshared.gate=true";
-        let deepseek =
-            "model.kv_heads=2\nmodel.head_dim=4\nmodel.mla.kv_rank=5\nmodel.mla.q_rank=3\nmodel.mla.rope_dim=2\n\
-                        model.mla.v_dim=3\nshared.plugin=\"shared-swiglu\"\nshared.ffn=10";
+        // MLA ([model.mla] below), a dense first layer, two shared experts.
+        let deepseek = "model.kv_heads=2\nmodel.head_dim=4\nshared.plugin=\"shared-swiglu\"\nshared.ffn=10\n\
+                        model.dense_layers=1\ndense.plugin=\"shared-swiglu\"\ndense.ffn=7";
+        let mla = "[model.mla]\nkv_rank = 5\nq_rank = 3\nrope_dim = 2\nv_dim = 3\n";
         for (qk, extra, shared) in
             [("head", "", 0), ("full", "", 0), ("none", "", 0), ("none", qwen2, 6), ("none", deepseek, 10)]
         {
             let mut sets = vec![format!("model.qk_norm=\"{qk}\"")];
             sets.extend(extra.lines().filter(|l| !l.is_empty()).map(String::from));
-            let cfg = Config::parse("t", text, &sets).unwrap();
+            let text = if extra == deepseek { format!("{text}{mla}") } else { text.to_string() };
+            let cfg = Config::parse("t", &text, &sets).unwrap();
             let (_, params, _) = build(&cfg, &reg).unwrap();
             let got: Vec<(String, Vec<usize>)> =
                 params.list.iter().map(|p| (p.name.clone(), crate::hf::shape(p))).collect();
-            assert_eq!(got, pith_params(&cfg.model, shared, extra == qwen2), "qk_norm = {qk} {extra}");
+            let dense = if extra == deepseek { 7 } else { 0 };
+            assert_eq!(got, pith_params(&cfg.model, (shared, extra == qwen2), dense), "qk_norm = {qk} {extra}");
         }
     }
 }

@@ -2,10 +2,11 @@
 //!
 //! Forward, for x [T,H] and W [E,H]:
 //!   logits = x·Wᵀ [T,E];  p = softmax(logits);  S_t = the top_k ids by p (ties: lower id first);
-//!   weights_tj = p_tj / Σ_{i∈S_t} p_ti when `normalize`, else p_tj   (j ∈ S_t).
+//!   weights_tj = c·p_tj / Σ_{i∈S_t} p_ti when `normalize`, else c·p_tj   (j ∈ S_t), c = `scale`
+//!   (1; DeepSeek's routed_scaling_factor).
 //! Returns probs = p (what balance losses use); every slot is filled (no EMPTY ids).
 //! Backward, per token with s = Σ_{i∈S} p_i, gates w_j and d_probs from the balance losses:
-//!   dp = d_probs + (dw_j − Σ_{i∈S} dw_i·w_i) / s on j ∈ S when `normalize` (else + dw_j on S);
+//!   dp = d_probs + (c·dw_j − Σ_{i∈S} dw_i·w_i) / s on j ∈ S when `normalize` (else + c·dw_j on S);
 //!   dlogits = d_logits + p ⊙ (dp − ⟨dp, p⟩);   dW += dlogitsᵀ·x;   dx = dlogits·W.
 //! Slots with id EMPTY (none from this forward) are skipped. Reports the mean entropy of p as the
 //! metric `router_entropy` (weighted by tokens).
@@ -13,7 +14,7 @@
 //! CUDA (kernels/router.cu; x and W bf16, logits, p, gates and their grads f32): the GEMMs go
 //! through the host; `topk_softmax_fwd` does softmax, entropy and top-k with one warp per token,
 //! `router_sum` sums the entropies, `topk_softmax_bwd` writes dlogits as bf16 for the two GEMMs.
-//! Supports E ≤ 1024 and top_k ≤ 32 there.
+//! Supports E ≤ 1024, top_k ≤ 32 and scale 1 there.
 
 use crate::{act, expect, grid, ints, softmax, BLOCK};
 use pith_plugin_api::{
@@ -28,6 +29,11 @@ struct Config {
     top_k: usize,
     #[serde(default = "default_normalize")]
     normalize: bool,
+    #[serde(default = "default_scale")]
+    scale: f32,
+}
+fn default_scale() -> f32 {
+    1.0
 }
 fn default_top_k() -> usize {
     2
@@ -41,6 +47,7 @@ struct TopKSoftmax {
     experts: usize,
     top_k: usize,
     normalize: bool,
+    scale: f32,
 }
 
 fn create(config: &str, dims: ModelDims) -> Result<TopKSoftmax> {
@@ -52,14 +59,17 @@ fn create(config: &str, dims: ModelDims) -> Result<TopKSoftmax> {
             c.top_k
         ));
     }
-    Ok(TopKSoftmax { hidden: dims.hidden as usize, experts, top_k: c.top_k, normalize: c.normalize })
+    if !(c.scale.is_finite() && c.scale > 0.0) {
+        return Err(format!("`scale` = {}: must be finite and > 0 (1: the gates as they are)", c.scale));
+    }
+    Ok(TopKSoftmax { hidden: dims.hidden as usize, experts, top_k: c.top_k, normalize: c.normalize, scale: c.scale })
 }
 
 register!(
     Router,
     "topk-softmax",
-    "top-k experts of a softmax over router logits, gates optionally renormalised",
-    "[router]\nplugin = \"topk-softmax\"\ntop_k = 2\nnormalize = true",
+    "top-k experts of a softmax over router logits, gates optionally renormalised and scaled",
+    "[router]\nplugin = \"topk-softmax\"\ntop_k = 2\nnormalize = true\nscale = 1.0",
     create
 );
 
@@ -67,8 +77,12 @@ const WHO: &str = "topk-softmax";
 const SRC: &str = kernel_source!("router.cu");
 
 impl TopKSoftmax {
-    /// What the CUDA kernels support: a warp per token, 32 probabilities and 1 slot per lane.
+    /// What the CUDA kernels support: a warp per token, 32 probabilities and 1 slot per lane;
+    /// unscaled gates.
     fn cuda_limits(&self) -> Result<()> {
+        if self.scale != 1.0 {
+            return Err(format!("{WHO}: `scale` = {} runs on the CPU only for now (1 on CUDA)", self.scale));
+        }
         if self.experts > 1024 || self.top_k > 32 {
             return Err(format!(
                 "{WHO}: on CUDA the router supports model.experts <= 1024 and `top_k` <= 32; got {} and {}",
@@ -99,7 +113,7 @@ impl TopKSoftmax {
             let s: f32 = if self.normalize { order[..k].iter().map(|&j| pt[j]).sum() } else { 1.0 };
             for (slot, &j) in order[..k].iter().enumerate() {
                 id[r * k + slot] = j as i32;
-                w[r * k + slot] = pt[j] / s;
+                w[r * k + slot] = self.scale * pt[j] / s;
             }
         }
         entropy
@@ -119,7 +133,7 @@ impl TopKSoftmax {
 
 impl Router for TopKSoftmax {
     fn settings(&self) -> String {
-        pith_plugin_api::settings!(top_k = self.top_k, normalize = self.normalize)
+        pith_plugin_api::settings!(top_k = self.top_k, normalize = self.normalize, scale = self.scale)
     }
 
     fn params(&self) -> Vec<ParamSpec> {
@@ -186,7 +200,7 @@ impl Router for TopKSoftmax {
                     dp.copy_from_slice(&d_probs.f32s()[row.clone()]);
                     let s: f32 = if self.normalize { sel.iter().map(|&i| pt[id[i] as usize]).sum() } else { 1.0 };
                     let dot: f32 = if self.normalize { sel.iter().map(|&i| dw[i] * w[i]).sum() } else { 0.0 };
-                    sel.iter().for_each(|&i| dp[id[i] as usize] += (dw[i] - dot) / s);
+                    sel.iter().for_each(|&i| dp[id[i] as usize] += (self.scale * dw[i] - dot) / s);
                     let dot: f32 = pt.iter().zip(&dp).map(|(a, b)| a * b).sum();
                     d[row].iter_mut().zip(pt.iter().zip(&dp)).for_each(|(d, (&p, &g))| *d += p * (g - dot));
                 }
@@ -216,8 +230,9 @@ mod tests {
     #[test]
     fn backward_chains_gates_probs_and_logits() {
         let (t, hd, e, k) = (5, 6, 7, 3);
-        for normalize in [true, false] {
-            let r = create(&format!("top_k = {k}\nnormalize = {normalize}"), dims(e as u32)).unwrap();
+        for (normalize, scale) in [(true, 1.0), (false, 1.0), (true, 2.5), (false, 16.0)] {
+            let r =
+                create(&format!("top_k = {k}\nnormalize = {normalize}\nscale = {scale:?}"), dims(e as u32)).unwrap();
             let data = TestHost::new(t);
             let (x, w) =
                 (data.tensor_f32(&randn(t * hd, 1, 1.0), &[t, hd]), data.tensor_f32(&randn(e * hd, 2, 0.5), &[e, hd]));
