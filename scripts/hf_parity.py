@@ -38,6 +38,8 @@ COMMON = dict(
     num_experts_per_tok=2, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
     use_cache=True, bos_token_id=None, eos_token_id=None, pad_token_id=None,
 )
+YARN = dict(rope_type="yarn", rope_theta=1e4, factor=4.0, original_max_position_embeddings=16, beta_fast=32,
+            beta_slow=1, mscale=0.707, mscale_all_dim=0.707)
 FAMILIES = {
     "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=16, num_experts=8, moe_intermediate_size=32,
                                          intermediate_size=128, norm_topk_prob=True, rope_theta=1e6)),
@@ -47,15 +49,17 @@ FAMILIES = {
     "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=8, moe_intermediate_size=32, shared_expert_intermediate_size=48,
                                          intermediate_size=128, norm_topk_prob=False, rope_theta=1e6)),
     # multi-head latent attention (q·k heads 16 = 8 + 8 rotated, interleaved; values 12; kv rank 16),
-    # a dense first layer (FFN 128), two shared experts, un-renormalised softmax gates scaled by 2.5;
-    # then with the compressed q (V2's q_lora_rank)
+    # a dense first layer (FFN 128), two shared experts, un-renormalised softmax gates scaled by 2.5,
+    # YaRN RoPE (V2-Lite's mscales: the scores scaled by m²); then with the compressed q (V2's
+    # q_lora_rank) and mscales that also scale cos and sin
     "deepseek_v2": ("DeepseekV2Config", dict(num_key_value_heads=4, n_routed_experts=8, moe_intermediate_size=32,
                                              n_shared_experts=2, intermediate_size=128, kv_lora_rank=16, q_lora_rank=None,
                                              qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12,
                                              first_k_dense_replace=1, topk_method="greedy", routed_scaling_factor=2.5,
-                                             norm_topk_prob=False, rope_theta=1e4)),
+                                             norm_topk_prob=False, rope_parameters=YARN)),
 }
-FAMILIES["deepseek_v2_q_lora"] = ("DeepseekV2Config", {**FAMILIES["deepseek_v2"][1], "q_lora_rank": 24})
+FAMILIES["deepseek_v2_q_lora"] = ("DeepseekV2Config", {**FAMILIES["deepseek_v2"][1], "q_lora_rank": 24,
+                                                       "rope_parameters": {**YARN, "mscale": 1.0, "mscale_all_dim": 0.8}})
 
 
 def pith(binary, *args):

@@ -54,10 +54,106 @@ pub struct ModelConfig {
     /// in place of the MoE block: DeepSeek's `first_k_dense_replace`. At least one layer stays MoE.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub dense_layers: usize,
+    /// YaRN RoPE (`rope_type = "yarn"`): `[model.yarn]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub yarn: Option<Yarn>,
+    /// A factor on the attention scores' 1/sqrt(head_dim) (1; DeepSeek with YaRN scales them by
+    /// mscale(factor, mscale_all_dim)²).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub attn_scale: f32,
 }
 
 fn is_zero(n: &usize) -> bool {
     *n == 0
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+fn is_one(x: &f32) -> bool {
+    *x == 1.0
+}
+
+/// YaRN's RoPE (Peng et al. 2023, arXiv:2309.00071) as transformers computes it: each frequency
+/// θ_i = rope_theta^(−2i/D) blends θ_i/`factor` (interpolation) into θ_i (extrapolation) by a ramp
+/// over the dims whose wavelengths fall between `beta_fast` and `beta_slow` rotations in
+/// `original_seq_len` positions, and cos and sin are multiplied by the attention factor.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Yarn {
+    /// The context extension (factor).
+    pub factor: f32,
+    /// The pretraining context (original_max_position_embeddings).
+    pub original_seq_len: usize,
+    #[serde(default = "d_beta_fast")]
+    pub beta_fast: f32,
+    #[serde(default = "one")]
+    pub beta_slow: f32,
+    /// mscale and mscale_all_dim (0: not given): the attention factor is
+    /// m(factor, mscale) / m(factor, mscale_all_dim) with both, else m(factor, 1), where
+    /// m(s, k) = 1 + 0.1·k·ln s (1 for s ≤ 1) — unless `attention_factor` gives it.
+    #[serde(default)]
+    pub mscale: f32,
+    #[serde(default)]
+    pub mscale_all_dim: f32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_factor: Option<f32>,
+    /// Round the ramp's ends to whole dims (transformers' default).
+    #[serde(default = "d_true")]
+    pub truncate: bool,
+}
+
+fn d_beta_fast() -> f32 {
+    32.0
+}
+
+fn d_true() -> bool {
+    true
+}
+
+impl Yarn {
+    /// YaRN's m(s, k) = 1 + 0.1·k·ln s, 1 for s ≤ 1.
+    pub fn m(s: f64, k: f64) -> f64 {
+        if s <= 1.0 {
+            1.0
+        } else {
+            0.1 * k * s.ln() + 1.0
+        }
+    }
+
+    /// The factor on cos and sin.
+    pub fn attention_factor(&self) -> f64 {
+        let (s, a, b) = (self.factor as f64, self.mscale as f64, self.mscale_all_dim as f64);
+        match self.attention_factor {
+            Some(f) => f as f64,
+            None if a != 0.0 && b != 0.0 => Yarn::m(s, a) / Yarn::m(s, b),
+            None => Yarn::m(s, 1.0),
+        }
+    }
+
+    /// The inverse frequencies of a RoPE of `dim` dims and base `theta`.
+    pub fn inv_freq(&self, dim: usize, theta: f64) -> Vec<f64> {
+        let (d, factor) = (dim as f64, self.factor as f64);
+        let at = |rotations: f64| {
+            d * (self.original_seq_len as f64 / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln())
+        };
+        let (mut low, mut high) = (at(self.beta_fast as f64), at(self.beta_slow as f64));
+        if self.truncate {
+            (low, high) = (low.floor(), high.ceil());
+        }
+        let (low, mut high) = (low.max(0.0), high.min(d - 1.0));
+        if low == high {
+            high += 0.001;
+        }
+        (0..dim / 2)
+            .map(|i| {
+                let extrapolation = theta.powf(-2.0 * i as f64 / d);
+                let keep = 1.0 - ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                extrapolation / factor * (1.0 - keep) + extrapolation * keep
+            })
+            .collect()
+    }
 }
 
 /// Multi-head latent attention's sizes (DeepSeek-V2's names in brackets). Per layer, from the
@@ -79,6 +175,11 @@ pub struct Mla {
 }
 
 impl ModelConfig {
+    /// The attention scores' scale: `attn_scale`/sqrt(head_dim) (head_dim: the q·k head).
+    pub fn softmax_scale(&self) -> f32 {
+        self.attn_scale / (self.head_dim as f32).sqrt()
+    }
+
     /// (dims RoPE rotates per head, a value head's size): (head_dim, head_dim) outside MLA.
     pub fn rope_v_dims(&self) -> (usize, usize) {
         self.mla.map_or((self.head_dim, self.head_dim), |a| (a.rope_dim, a.v_dim))
@@ -431,7 +532,45 @@ impl Config {
         if let Some(a) = m.mla {
             self.validate_mla(a)?;
         }
+        if !(m.attn_scale.is_finite() && m.attn_scale > 0.0) {
+            let at = self.at("model", 0, "attn_scale");
+            return Err(format!(
+                "{at}: model.attn_scale = {}: must be finite and > 0 (1: 1/sqrt(head_dim))",
+                m.attn_scale
+            ));
+        }
+        if let Some(y) = m.yarn {
+            self.validate_yarn(y)?;
+        }
         self.validate_dense()
+    }
+
+    /// `[model.yarn]`: factor ≥ 1, beta_fast > beta_slow > 0, original_seq_len ≥ 1, finite.
+    fn validate_yarn(&self, y: Yarn) -> Result<(), String> {
+        let fin = |x: f32| x.is_finite();
+        let checks: [(&str, String, bool, &str); 5] = [
+            ("factor", y.factor.to_string(), fin(y.factor) && y.factor >= 1.0, "finite and >= 1"),
+            ("original_seq_len", y.original_seq_len.to_string(), y.original_seq_len >= 1, "an integer >= 1"),
+            ("beta_slow", y.beta_slow.to_string(), fin(y.beta_slow) && y.beta_slow > 0.0, "finite and > 0"),
+            (
+                "beta_fast",
+                y.beta_fast.to_string(),
+                fin(y.beta_fast) && y.beta_fast > y.beta_slow,
+                "finite and > beta_slow",
+            ),
+            (
+                "attention_factor",
+                format!("{:?}", y.attention_factor),
+                fin(y.mscale) && fin(y.mscale_all_dim) && y.attention_factor.is_none_or(|f| fin(f) && f > 0.0),
+                "finite and > 0, with finite mscale and mscale_all_dim",
+            ),
+        ];
+        for (key, value, ok, valid) in checks {
+            if !ok {
+                return Err(format!("{}: model.yarn.{key} = {value}: must be {valid}", self.at("model.yarn", 0, key)));
+            }
+        }
+        Ok(())
     }
 
     /// `model.dense_layers` below `layers`, with a `[dense]` table exactly when it is above 0.
@@ -1099,6 +1238,36 @@ mod tests {
         assert!(e.contains(&format!("must be below model.layers ({layers}): one MoE layer at least")), "{e}");
         let c = parse(&["model.dense_layers=1", dense[0], dense[1]]).unwrap();
         assert_eq!((c.model.dense_layers, c.dense_ffn(), c.shared_ffn()), (1, 24, 0));
+    }
+
+    /// `[model.yarn]` values out of range name the key; `model.attn_scale` must be positive.
+    #[test]
+    fn yarn_and_attn_scale_are_checked() {
+        let yarn = "\n[model.yarn]\nfactor = 4.0\noriginal_seq_len = 16\n";
+        let with = |extra: &str| {
+            Config::parse(
+                "q.toml",
+                &QUICKSTART.replace("expert_ffn = 128\n", &format!("expert_ffn = 128\n{extra}")),
+                &[],
+            )
+        };
+        let c = with(yarn).unwrap();
+        assert_eq!(
+            c.model.yarn.map(|y| (y.factor, y.beta_fast, y.beta_slow, y.truncate)),
+            Some((4.0, 32.0, 1.0, true))
+        );
+        for (bad, want) in [
+            ("factor = 0.5", "model.yarn.factor = 0.5: must be finite and >= 1"),
+            ("beta_fast = 0.5", "model.yarn.beta_fast = 0.5: must be finite and > beta_slow"),
+            ("original_seq_len = 0", "model.yarn.original_seq_len = 0: must be an integer >= 1"),
+        ] {
+            let key = bad.split(" = ").next().unwrap();
+            let text: String = yarn.lines().filter(|l| !l.starts_with(key)).map(|l| format!("{l}\n")).collect();
+            let e = with(&format!("{text}{bad}\n")).unwrap_err();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
+        let e = parse(&["model.attn_scale=0"]).unwrap_err();
+        assert!(e.contains("model.attn_scale = 0: must be finite and > 0"), "{e}");
     }
 
     #[test]

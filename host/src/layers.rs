@@ -4,6 +4,7 @@
 //! results are bitwise reproducible whatever the thread count. Matrix products go through
 //! [`sgemm`]. Backward functions WRITE input grads and ACCUMULATE parameter grads.
 
+use crate::config::ModelConfig;
 use crate::cpu::sgemm;
 use rayon::prelude::*;
 
@@ -108,11 +109,32 @@ pub struct Rope {
 }
 
 impl Rope {
+    /// Plain RoPE over `head_dim` dims: frequencies theta^(−2i/head_dim).
     pub fn new(seq_len: usize, head_dim: usize, theta: f32, interleaved: bool) -> Rope {
-        let half = head_dim / 2;
-        let angle = |t: usize, i: usize| t as f64 * (theta as f64).powf(-2.0 * i as f64 / head_dim as f64);
-        let table =
-            |f: fn(f64) -> f64| (0..seq_len).flat_map(|t| (0..half).map(move |i| f(angle(t, i)) as f32)).collect();
+        let freqs: Vec<f64> =
+            (0..head_dim / 2).map(|i| (theta as f64).powf(-2.0 * i as f64 / head_dim as f64)).collect();
+        Rope::with(seq_len, &freqs, 1.0, interleaved)
+    }
+
+    /// The model's RoPE: over its rotated dims, plain or YaRN (`[model.yarn]`: its frequencies,
+    /// and cos and sin times its attention factor).
+    pub fn of(c: &ModelConfig) -> Rope {
+        let dim = c.rope_v_dims().0;
+        match c.yarn {
+            None => Rope::new(c.seq_len, dim, c.rope_theta, c.rope_interleaved),
+            Some(y) => {
+                let freqs = y.inv_freq(dim, c.rope_theta as f64);
+                Rope::with(c.seq_len, &freqs, y.attention_factor(), c.rope_interleaved)
+            }
+        }
+    }
+
+    /// Tables of angle t·freqs[i], cos and sin times `mult`.
+    fn with(seq_len: usize, freqs: &[f64], mult: f64, interleaved: bool) -> Rope {
+        let half = freqs.len();
+        let table = |f: fn(f64) -> f64| {
+            (0..seq_len).flat_map(|t| freqs.iter().map(move |w| (mult * f(t as f64 * w)) as f32)).collect()
+        };
         Rope { cos: table(f64::cos), sin: table(f64::sin), half, interleaved }
     }
     /// x [B,T,H,W] in place (T ≤ the table's seq_len): the last D (the table's dims) of each
@@ -406,6 +428,78 @@ mod tests {
         inter.forward(&mut yi, t, h, d);
         let back: Vec<f32> = perm(&yi, true);
         assert!(back.iter().zip(&y).all(|(a, b)| (a - b).abs() < 1e-6), "interleaved = permuted half layout");
+    }
+
+    /// YaRN's frequencies and attention factor equal transformers' `_compute_yarn_parameters`
+    /// (5.24): DeepSeek-V2-Lite's rope_scaling, and a small one whose ramp ends inside the dims;
+    /// the model's tables are cos and sin of t·θ_i times the factor.
+    #[test]
+    fn yarn_matches_transformers() {
+        let lite = crate::config::Yarn {
+            factor: 40.0,
+            original_seq_len: 4096,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            mscale: 0.707,
+            mscale_all_dim: 0.707,
+            attention_factor: None,
+            truncate: true,
+        };
+        let want = [
+            1.0,
+            0.7498942,
+            0.5623413,
+            0.4216965,
+            0.3162278,
+            0.2371374,
+            0.1778279,
+            0.1333521,
+            0.1,
+            0.07498942,
+            0.05623413,
+            0.03900693,
+            0.02687936,
+            0.01837814,
+            0.01244796,
+            0.008334509,
+            0.0055,
+            0.003561997,
+            0.002249365,
+            0.001370513,
+            7.905694e-4,
+            4.149904e-4,
+            1.778279e-4,
+            3.333803e-5,
+            2.5e-5,
+            1.874735e-5,
+            1.405853e-5,
+            1.054241e-5,
+            7.905694e-6,
+            5.928434e-6,
+            4.445698e-6,
+            3.333804e-6,
+        ];
+        let got = lite.inv_freq(64, 1e4);
+        assert_eq!(got.len(), want.len());
+        got.iter().zip(want).for_each(|(g, w)| assert!((g - w).abs() <= 2e-6 * w, "{g} vs {w}"));
+        assert_eq!(lite.attention_factor(), 1.0);
+        let small = crate::config::Yarn {
+            factor: 4.0,
+            original_seq_len: 16,
+            beta_fast: 8.0,
+            mscale: 1.0,
+            mscale_all_dim: 0.5,
+            ..lite
+        };
+        let got = small.inv_freq(8, 1e4);
+        [1.0, 0.025, 0.0025, 0.00025].iter().zip(&got).for_each(|(w, g)| assert!((g - w).abs() <= 1e-7 * w, "{got:?}"));
+        assert!((small.attention_factor() - 1.0648216253695715).abs() < 1e-12);
+        let text = "vocab = 8\nhidden = 8\nlayers = 1\nheads = 1\nkv_heads = 1\nhead_dim = 8\nseq_len = 5\nexperts = 2\n\
+                    expert_ffn = 4\n[yarn]\nfactor = 4.0\noriginal_seq_len = 16\nbeta_fast = 8.0\nmscale = 1.0\nmscale_all_dim = 0.5";
+        let rope = Rope::of(&toml::from_str(text).unwrap());
+        let (t, i) = (3, 1);
+        let want = (small.attention_factor() * (t as f64 * 0.025).cos()) as f32;
+        assert!((rope.cos[t * 4 + i] - want).abs() < 1e-6, "{} vs {want}", rope.cos[t * 4 + i]);
     }
 
     #[test]

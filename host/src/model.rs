@@ -156,7 +156,6 @@ impl Model {
             return Err("model: heads must be a multiple of kv_heads, head_dim even".into());
         }
         let (h, qd, kd) = (c.hidden, c.heads * c.head_dim, c.kv_heads * c.head_dim);
-        let rope_dim = c.rope_v_dims().0;
         let std = Init::Normal(c.init_std);
         let mat = |name: &str, shape: &[usize]| ParamSpec::new(name, shape, std, true);
         let norm = |name: &str, n: usize| ParamSpec::new(name, &[n], Init::Ones, false);
@@ -244,7 +243,7 @@ impl Model {
         let final_norm = add("final_norm", vec![norm("weight", h)], None).start;
         let lm_head = add("lm_head", vec![mat("weight", &[c.vocab, h])], None).start;
         params.materialize();
-        let rope = Rope::new(c.seq_len, rope_dim, c.rope_theta, c.rope_interleaved);
+        let rope = Rope::of(c);
         Ok(Model { cfg: cfg.clone(), rope, embed, layers, final_norm, lm_head, ep })
     }
 
@@ -382,7 +381,7 @@ impl<'a> CpuPass<'a> {
     fn attn_dims(&self) -> AttnDims {
         let c = &self.m.cfg;
         let (hq, hkv, d, dv) = (c.heads, c.kv_heads, c.head_dim, c.rope_v_dims().1);
-        AttnDims { b: self.batch, t: c.seq_len, hq, hkv, d, dv, scale: 1.0 / (d as f32).sqrt() }
+        AttnDims { b: self.batch, t: c.seq_len, hq, hkv, d, dv, scale: c.softmax_scale() }
     }
     /// (n, k, m) of x [n,k] · wᵀ for the matrix parameter `i` (w [m,k]).
     fn nkm(&self, i: usize, x: &[f32]) -> (usize, usize, usize) {

@@ -91,12 +91,15 @@ fn config_json(a: Arch) -> Value {
                               "shared_expert_intermediate_size": 6, "intermediate_size": 32, "norm_topk_prob": false,
                               "rope_theta": 10000.0}),
         // MLA: 4 heads, q·k 4 = 2 + 2 rotated ("head_dim" is the rotated part), values 3, kv rank 6;
-        // layer 0 dense (FFN intermediate_size 32), gates scaled by 2.5.
+        // layer 0 dense (FFN intermediate_size 32), gates scaled by 2.5, YaRN RoPE (V2-Lite's).
         Arch::Deepseek => json!({"model_type": "deepseek_v2", "num_key_value_heads": 4, "n_routed_experts": E,
                                  "moe_intermediate_size": 8, "n_shared_experts": 2, "intermediate_size": 32,
                                  "kv_lora_rank": 6, "q_lora_rank": null, "qk_rope_head_dim": 2, "qk_nope_head_dim": 2,
                                  "v_head_dim": 3, "head_dim": 2, "first_k_dense_replace": 1, "topk_method": "greedy",
-                                 "routed_scaling_factor": 2.5, "norm_topk_prob": false, "rope_theta": 10000.0}),
+                                 "routed_scaling_factor": 2.5, "norm_topk_prob": false, "rope_theta": 10000.0,
+                                 "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8,
+                                                  "beta_fast": 32, "beta_slow": 1, "mscale": 0.707,
+                                                  "mscale_all_dim": 0.707}}),
     };
     c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
     c
@@ -308,6 +311,8 @@ fn import_reads_each_family_layout_and_dtype_exactly() {
             assert!(cfg.contains(&format!("normalize = {normalize}")), "{cfg}");
             if a == Arch::Deepseek {
                 assert!(cfg.contains("scale = 2.5") && cfg.contains("dense_layers = 1"), "{cfg}");
+                assert!(cfg.contains("[model.yarn]\nfactor = 4.0\noriginal_seq_len = 8\n"), "{cfg}");
+                assert!(cfg.contains("attn_scale = 1.205628"), "m(4, 0.707)²: {cfg}");
             }
             let entries: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().map(|e| e.file_name()).collect();
             assert!(entries.iter().all(|n| !n.to_string_lossy().contains(".tmp")), "{entries:?}");
@@ -355,6 +360,11 @@ fn export_then_import_round_trips_bitwise() {
             let dense =
                 (&config["first_k_dense_replace"], &config["intermediate_size"], &config["routed_scaling_factor"]);
             assert_eq!(dense, (&json!(1), &json!(32), &json!(2.5)), "{config}");
+            let yarn = &config["rope_parameters"];
+            assert_eq!(
+                (&yarn["rope_type"], &yarn["factor"], &yarn["mscale_all_dim"]),
+                (&json!("yarn"), &json!(4.0), &json!(0.707))
+            );
         }
         assert_eq!(read_hf(&out), as_map(hf_tensors(a, &w, false)), "{a:?}: exported tensors");
         let again = root.join(format!("{a:?}-again"));
@@ -587,7 +597,7 @@ fn bad_inputs_fail_in_one_line_and_leave_nothing() {
             Box::new(|d: &Path| {
                 let mut c = config_json(a);
                 c["use_sliding_window"] = json!(true);
-                c["rope_scaling"] = json!({"rope_type": "yarn", "factor": 2.0});
+                c["rope_scaling"] = json!({"rope_type": "longrope", "factor": 2.0});
                 std::fs::write(d.join("config.json"), c.to_string()).unwrap()
             }),
             vec!["config.json: Pith can't represent `rope_scaling` = ", "; `use_sliding_window` = true"],

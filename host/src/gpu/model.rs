@@ -317,7 +317,7 @@ impl Backend for GpuPass<'_> {
         let sizes = [Arg::I32(b as i32), Arg::I32(s as i32), Arg::I32(hq as i32), Arg::I32(hkv as i32)];
         let mut args = vec![q.arg(), k.arg(), v.arg(), out.arg(), lse.arg()];
         args.extend(sizes);
-        args.push(Arg::F32(1.0 / (d as f32).sqrt()));
+        args.push(Arg::F32(self.m.cfg.softmax_scale()));
         self.gpu.launch(src::ATTENTION, name, attn_dims::fwd(b, s, hq, hkv, d), &args)?;
         Ok((out, lse))
     }
@@ -335,7 +335,7 @@ impl Backend for GpuPass<'_> {
         let mut args = vec![sv.q.arg(), sv.k.arg(), sv.v.arg(), dout.arg(), sv.lse.arg(), delta.arg()];
         args.extend([dq_acc.arg(), dk.arg(), dv.arg()]);
         args.extend([Arg::I32(b as i32), Arg::I32(s as i32), Arg::I32(hq as i32), Arg::I32(hkv as i32)]);
-        args.push(Arg::F32(1.0 / (d as f32).sqrt()));
+        args.push(Arg::F32(self.m.cfg.softmax_scale()));
         g.launch(src::ATTENTION, &name, attn_dims::bwd(b, s, hq, hkv, d), &args)?;
         let dq = g.tensor(&sv.q.dims(), DType::BF16)?;
         let n = dq.numel();

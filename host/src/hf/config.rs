@@ -4,7 +4,7 @@
 
 use super::export::{ExportDtype, ExportOptions, Target};
 use super::family::{names, Family, FAMILIES};
-use crate::config::{mem_available, refuse_over, Config, MemEstimate, Mla, QkNorm};
+use crate::config::{mem_available, refuse_over, Config, MemEstimate, Mla, QkNorm, Yarn};
 use serde_json::{json, Value};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -28,6 +28,10 @@ pub struct HfModel {
     pub mla: Option<Mla>,
     /// DeepSeek's `first_k_dense_replace` dense layers first, of FFN `intermediate_size`.
     pub dense: Option<(usize, usize)>,
+    /// `rope_scaling`/`rope_parameters` of type yarn.
+    pub yarn: Option<Yarn>,
+    /// A factor on the attention scores' 1/sqrt(head_dim) (DeepSeek with YaRN; else 1).
+    pub attn_scale: f64,
     pub top_k: usize,
     /// `norm_topk_prob` (always true for Mixtral): the router's `normalize`.
     pub normalize: bool,
@@ -137,9 +141,18 @@ fn parse_config(c: &Value, seq_len: Option<usize>) -> Result<HfModel, String> {
     let rope = get("rope_parameters").or_else(|| get("rope_scaling"));
     let rope_key = if get("rope_parameters").is_some() { "rope_parameters" } else { "rope_scaling" };
     let rope_type = rope.and_then(|r| r.get("rope_type").or_else(|| r.get("type"))).and_then(Value::as_str);
-    if rope_type.is_some_and(|t| t != "default") {
-        refuse(rope_key, rope.unwrap(), "only plain RoPE");
+    if rope_type.is_some_and(|t| t != "default" && t != "yarn") {
+        refuse(rope_key, rope.unwrap(), "plain or YaRN RoPE only");
     }
+    let yarn = match (rope_type, rope) {
+        (Some("yarn"), Some(r)) => Some(yarn_of(r, rope_key, get("original_max_position_embeddings"), max_positions)?),
+        _ => None,
+    };
+    // DeepSeek's attention scales its scores by YaRN's m(factor, mscale_all_dim)² too.
+    let attn_scale = match yarn.filter(|y| deepseek && y.mscale_all_dim != 0.0) {
+        Some(y) => Yarn::m(y.factor as f64, y.mscale_all_dim as f64).powi(2),
+        None => 1.0,
+    };
     let rope_theta = match rope.and_then(|r| r.get("rope_theta")).filter(|v| !v.is_null()) {
         Some(v) => v.as_f64().ok_or_else(|| format!("`{rope_key}.rope_theta` = {v} is not a number"))?,
         None => num("rope_theta", if f == Family::Mixtral { 1e6 } else { 1e4 })?,
@@ -231,6 +244,8 @@ fn parse_config(c: &Value, seq_len: Option<usize>) -> Result<HfModel, String> {
         shared_ffn,
         mla,
         dense,
+        yarn,
+        attn_scale,
         top_k,
         // DeepSeek-V2's router never renormalises, whatever `norm_topk_prob` says.
         normalize: f == Family::Mixtral || (flag("norm_topk_prob") && !deepseek),
@@ -242,6 +257,39 @@ fn parse_config(c: &Value, seq_len: Option<usize>) -> Result<HfModel, String> {
         aux_coef: num("router_aux_loss_coef", 0.0)?,
         max_positions,
         seq_len,
+    })
+}
+
+/// `[model.yarn]` from a rope_scaling/rope_parameters object of type yarn (transformers' rules:
+/// no `factor` means max_position_embeddings / original; the original context is the object's
+/// `original_max_position_embeddings`, else the config's, else max_position_embeddings).
+fn yarn_of(r: &Value, key: &str, top_original: Option<&Value>, max_positions: usize) -> Result<Yarn, String> {
+    let float = |k: &str| -> Result<Option<f32>, String> {
+        match r.get(k).filter(|v| !v.is_null()) {
+            None => Ok(None),
+            Some(v) => v.as_f64().map(|x| Some(x as f32)).ok_or_else(|| format!("`{key}.{k}` = {v} is not a number")),
+        }
+    };
+    let original = r.get("original_max_position_embeddings").or(top_original).filter(|v| !v.is_null());
+    let original_seq_len = match original {
+        None => max_positions,
+        Some(v) => {
+            v.as_u64().ok_or_else(|| format!("`{key}.original_max_position_embeddings` = {v} is not an integer"))?
+                as usize
+        }
+    };
+    let factor = float("factor")?.unwrap_or(max_positions as f32 / original_seq_len as f32);
+    // Python's `x or default`: 0 and null both take the default.
+    let or = |x: Option<f32>, d: f32| x.filter(|&x| x != 0.0).unwrap_or(d);
+    Ok(Yarn {
+        factor,
+        original_seq_len,
+        beta_fast: or(float("beta_fast")?, 32.0),
+        beta_slow: or(float("beta_slow")?, 1.0),
+        mscale: float("mscale")?.unwrap_or(0.0),
+        mscale_all_dim: float("mscale_all_dim")?.unwrap_or(0.0),
+        attention_factor: float("attention_factor")?,
+        truncate: r.get("truncate").and_then(Value::as_bool).unwrap_or(true),
     })
 }
 
@@ -277,6 +325,24 @@ impl HfModel {
             1.0 => String::new(),
             c => format!("scale = {c:?}\n"),
         };
+        let attn_scale = match self.attn_scale {
+            1.0 => String::new(),
+            a => format!("attn_scale = {a:?}\n"),
+        };
+        let yarn = match self.yarn {
+            None => String::new(),
+            Some(y) => {
+                let mut t = format!(
+                    "\n[model.yarn]\nfactor = {:?}\noriginal_seq_len = {}\nbeta_fast = {:?}\nbeta_slow = {:?}\nmscale = {:?}\n\
+                     mscale_all_dim = {:?}\ntruncate = {}\n",
+                    y.factor, y.original_seq_len, y.beta_fast, y.beta_slow, y.mscale, y.mscale_all_dim, y.truncate
+                );
+                if let Some(f) = y.attention_factor {
+                    t += &format!("attention_factor = {f:?}\n");
+                }
+                t
+            }
+        };
         let (dense_layers, dense) = match self.dense {
             Some((k, f)) => {
                 (format!("dense_layers = {k}\n"), format!("\n[dense]\nplugin = \"shared-swiglu\"\nffn = {f}\n"))
@@ -290,7 +356,7 @@ impl HfModel {
         let text = format!(
             "# `pith import hf {src}` ({arch})\n\n[model]\nvocab = {}\nhidden = {}\nlayers = {}\nheads = {}\n\
              kv_heads = {}\nhead_dim = {}\nseq_len = {}\nrope_theta = {:?}\nexperts = {}\nexpert_ffn = {}\n\
-             norm_eps = {:?}\ninit_std = {:?}\nqk_norm = \"{qk}\"\n{dense_layers}{bias}\n[train]\nsteps = 100\nmicro_batch = 4\n\
+             norm_eps = {:?}\ninit_std = {:?}\nqk_norm = \"{qk}\"\n{dense_layers}{attn_scale}{bias}{yarn}\n[train]\nsteps = 100\nmicro_batch = 4\n\
              lr = 1e-4\nwarmup = 10\nout = {}\n\n[router]\nplugin = \"topk-softmax\"\ntop_k = {}\nnormalize = {}\n{scale}\n\
              [experts]\nplugin = \"swiglu\"\n{shared}{dense}{aux}\n[optimizer]\nplugin = \"adamw\"\n",
             self.vocab,
@@ -400,7 +466,7 @@ pub(super) fn hf_config(cfg: &Config, t: &Target, opts: &ExportOptions, tok: &Op
         "initializer_range": num(m.init_std),
         "rms_norm_eps": num(m.norm_eps),
         "rope_theta": num(m.rope_theta),
-        "rope_parameters": {"rope_type": "default", "rope_theta": num(m.rope_theta)},
+        "rope_parameters": rope_parameters(m),
         "tie_word_embeddings": false,
         "attention_dropout": 0.0,
         "num_experts_per_tok": top_k,
@@ -449,6 +515,24 @@ pub(super) fn hf_config(cfg: &Config, t: &Target, opts: &ExportOptions, tok: &Op
     };
     c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
     c
+}
+
+/// config.json's `rope_parameters`: plain, or yarn with `[model.yarn]`'s values.
+fn rope_parameters(m: &crate::config::ModelConfig) -> Value {
+    let Some(y) = m.yarn else {
+        return json!({"rope_type": "default", "rope_theta": num(m.rope_theta)});
+    };
+    let nonzero = |x: f32| if x == 0.0 { Value::Null } else { json!(num(x)) };
+    let mut r = json!({
+        "rope_type": "yarn", "rope_theta": num(m.rope_theta), "factor": num(y.factor),
+        "original_max_position_embeddings": y.original_seq_len, "beta_fast": num(y.beta_fast),
+        "beta_slow": num(y.beta_slow), "mscale": nonzero(y.mscale), "mscale_all_dim": nonzero(y.mscale_all_dim),
+        "truncate": y.truncate,
+    });
+    if let Some(f) = y.attention_factor {
+        r["attention_factor"] = json!(num(f));
+    }
+    r
 }
 
 pub(super) fn generation_config(c: &Value) -> Value {
@@ -505,7 +589,7 @@ mod tests {
         let cases: [(&str, &str, Value, &str); 10] = [
             ("Qwen3MoeForCausalLM", "use_sliding_window", json!(true), "`use_sliding_window` = true"),
             ("Qwen3MoeForCausalLM", "attention_bias", json!(true), "`attention_bias` = true"),
-            ("Qwen3MoeForCausalLM", "rope_scaling", json!({"rope_type": "yarn", "factor": 4.0}), "`rope_scaling`"),
+            ("Qwen3MoeForCausalLM", "rope_scaling", json!({"rope_type": "longrope", "factor": 4.0}), "`rope_scaling`"),
             ("Qwen3MoeForCausalLM", "decoder_sparse_step", json!(2), "`decoder_sparse_step` = 2"),
             ("Qwen3MoeForCausalLM", "mlp_only_layers", json!([1]), "`mlp_only_layers` = [1]"),
             ("Qwen3MoeForCausalLM", "shared_expert_intermediate_size", json!(8), "`shared_expert_intermediate_size`"),
@@ -526,5 +610,13 @@ mod tests {
         let mut c = base("MixtralForCausalLM");
         c["sliding_window"] = json!(4096);
         assert!(parse_config(&c, None).is_ok());
+        // YaRN without a factor: max_position_embeddings / the original (transformers' rule).
+        let mut c = base("Qwen3MoeForCausalLM");
+        c["rope_scaling"] = json!({"rope_type": "yarn", "original_max_position_embeddings": 8});
+        let y = parse_config(&c, None).unwrap().yarn.unwrap();
+        assert_eq!(
+            (y.factor, y.original_seq_len, y.mscale),
+            (c["max_position_embeddings"].as_f64().unwrap() as f32 / 8.0, 8, 0.0)
+        );
     }
 }

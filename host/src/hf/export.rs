@@ -139,6 +139,15 @@ pub(super) fn target(cfg: &Config) -> Result<Target, String> {
         let arch = family.architecture();
         return Err(format!("model.dense_layers: {arch} has no dense layers (DeepSeek-V2's first_k_dense_replace)"));
     }
+    // The attention scale config.json implies: DeepSeek's m(factor, mscale_all_dim)² under YaRN.
+    let implied = match m.yarn.filter(|y| family == Family::DeepseekV2 && y.mscale_all_dim != 0.0) {
+        Some(y) => crate::config::Yarn::m(y.factor as f64, y.mscale_all_dim as f64).powi(2) as f32,
+        None => 1.0,
+    };
+    if (m.attn_scale - implied).abs() > 1e-6 * implied {
+        let arch = family.architecture();
+        return Err(format!("model.attn_scale = {}: {arch} with this RoPE implies {implied}", m.attn_scale));
+    }
     if scale != 1.0 && family != Family::DeepseekV2 {
         let arch = family.architecture();
         return Err(format!(
