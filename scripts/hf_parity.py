@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Parity of Pith's Hugging Face interop with transformers itself (docs/interop.md).
 
-For each family (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE, DeepSeek-V2 with and without q_lora_rank): build a tiny random model with transformers
+For each family (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE, DeepSeek-V2 with and without q_lora_rank, DeepSeek-V3):
+build a tiny random model with transformers (the sigmoid-bias plugin must lie beside pith for V3)
 (vocab 128, hidden 64, 2 layers, 4 heads, 2 kv heads, 8 experts, top-2), save_pretrained it
 sharded, `pith import hf` it (and, where transformers can, the fused-experts save too), compare
 `pith eval-logits` with transformers' logits and loss, train Pith a few steps from it
@@ -16,7 +17,7 @@ Tolerance (both sides compute in float32; only summation order differs): max |Δ
 and |Δloss| <= 1e-5; per-step training losses within TRAIN_TOL (Adam's normalised steps
 amplify summation-order noise a little each step).
 
-    python3 scripts/hf_parity.py target/release/pith [--work DIR] [--families qwen3_moe,mixtral,olmoe,qwen2_moe,deepseek_v2,deepseek_v2_q_lora]
+    python3 scripts/hf_parity.py target/release/pith [--work DIR] [--families qwen3_moe,mixtral,olmoe,qwen2_moe,deepseek_v2,deepseek_v2_q_lora,deepseek_v3]
 """
 
 import argparse
@@ -58,6 +59,14 @@ FAMILIES = {
                                              first_k_dense_replace=1, topk_method="greedy", routed_scaling_factor=2.5,
                                              norm_topk_prob=False, rope_parameters=YARN)),
 }
+# sigmoid routing with the correction bias over 4 groups of 2 experts keeping 2, normalised gates
+# scaled by 2.5, one shared expert, compressed q, a dense first layer, YaRN
+FAMILIES["deepseek_v3"] = ("DeepseekV3Config", dict(num_key_value_heads=4, n_routed_experts=8, moe_intermediate_size=32,
+                                                    n_shared_experts=1, intermediate_size=128, kv_lora_rank=16,
+                                                    q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                                    v_head_dim=12, first_k_dense_replace=1, n_group=4, topk_group=2,
+                                                    norm_topk_prob=True, routed_scaling_factor=2.5,
+                                                    rope_interleave=True, rope_parameters=YARN))
 FAMILIES["deepseek_v2_q_lora"] = ("DeepseekV2Config", {**FAMILIES["deepseek_v2"][1], "q_lora_rank": 24,
                                                        "rope_parameters": {**YARN, "mscale": 1.0, "mscale_all_dim": 0.8}})
 
@@ -99,6 +108,10 @@ def randomise(model):
                 p.normal_(0, 0.5)
             else:
                 p.normal_(0, 0.1)
+        # DeepSeek-V3's correction bias (a buffer, zero at init): values that change the choice.
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.1)
 
 
 def layout(folder):

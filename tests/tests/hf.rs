@@ -19,8 +19,9 @@ fn tmp(name: &str) -> pith_tests::Scratch {
     pith_tests::tmp(&format!("hf-{name}"))
 }
 
-/// (exit code, stdout, stderr)
+/// (exit code, stdout, stderr), with the `sigmoid-bias` plugin (DeepSeek-V3's router) beside pith.
 fn pith(args: &[&str]) -> (i32, String, String) {
+    pith_tests::plugin("sigmoid-bias");
     pith_tests::split(pith_tests::command().args(args).env("PITH_LOG", "warn").output().unwrap())
 }
 
@@ -41,6 +42,7 @@ enum Arch {
     Olmoe,
     Qwen2,
     Deepseek,
+    DeepseekV3,
 }
 
 impl Arch {
@@ -51,26 +53,35 @@ impl Arch {
             Arch::Olmoe => "OlmoeForCausalLM",
             Arch::Qwen2 => "Qwen2MoeForCausalLM",
             Arch::Deepseek => "DeepseekV2ForCausalLM",
+            Arch::DeepseekV3 => "DeepseekV3ForCausalLM",
         }
+    }
+    fn deepseek(self) -> bool {
+        matches!(self, Arch::Deepseek | Arch::DeepseekV3)
+    }
+    fn family(self) -> pith::hf::Family {
+        use pith::hf::Family::*;
+        [Qwen3Moe, Mixtral, Olmoe, Qwen2Moe, DeepseekV2, DeepseekV3][self as usize]
     }
     fn qk(self) -> &'static str {
         match self {
             Arch::Qwen3 => "head",
-            Arch::Mixtral | Arch::Qwen2 | Arch::Deepseek => "none",
+            Arch::Mixtral | Arch::Qwen2 | Arch::Deepseek | Arch::DeepseekV3 => "none",
             Arch::Olmoe => "full",
         }
     }
-    /// The shared expert's FFN size (Qwen2-MoE's gated one, DeepSeek's two of 8; 0: none).
+    /// The shared expert's FFN size (Qwen2-MoE's gated one, DeepSeek-V2's two of 8, V3's one; 0: none).
     fn shared(self) -> usize {
         match self {
             Arch::Qwen2 => 6,
             Arch::Deepseek => 16,
+            Arch::DeepseekV3 => 8,
             _ => 0,
         }
     }
 }
 
-const ARCHS: [Arch; 5] = [Arch::Qwen3, Arch::Mixtral, Arch::Olmoe, Arch::Qwen2, Arch::Deepseek];
+const ARCHS: [Arch; 6] = [Arch::Qwen3, Arch::Mixtral, Arch::Olmoe, Arch::Qwen2, Arch::Deepseek, Arch::DeepseekV3];
 const E: usize = 4;
 
 /// vocab 72, hidden 16, 2 layers, 4 heads of 4 (2 kv heads), 4 experts of ffn 8, top-2, 16 positions.
@@ -100,6 +111,14 @@ fn config_json(a: Arch) -> Value {
                                  "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8,
                                                   "beta_fast": 32, "beta_slow": 1, "mscale": 0.707,
                                                   "mscale_all_dim": 0.707}}),
+        // V3: compressed q (rank 5), a dense first layer, sigmoid routing with a correction bias
+        // over 2 groups of 2 experts keeping 1, normalised gates scaled by 2.5, one shared expert.
+        Arch::DeepseekV3 => json!({"model_type": "deepseek_v3", "num_key_value_heads": 4, "n_routed_experts": E,
+                                   "moe_intermediate_size": 8, "n_shared_experts": 1, "intermediate_size": 32,
+                                   "kv_lora_rank": 6, "q_lora_rank": 5, "qk_rope_head_dim": 2, "qk_nope_head_dim": 2,
+                                   "v_head_dim": 3, "head_dim": 2, "first_k_dense_replace": 1, "n_group": 2,
+                                   "topk_group": 1, "norm_topk_prob": true, "routed_scaling_factor": 2.5,
+                                   "rope_interleave": true, "rope_theta": 10000.0}),
     };
     c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
     c
@@ -108,12 +127,15 @@ fn config_json(a: Arch) -> Value {
 fn model_config(a: Arch) -> ModelConfig {
     let mla = match a {
         Arch::Deepseek => "rope_interleaved = true\ndense_layers = 1\n[mla]\nkv_rank = 6\nrope_dim = 2\nv_dim = 3",
+        Arch::DeepseekV3 => {
+            "rope_interleaved = true\ndense_layers = 1\n[mla]\nkv_rank = 6\nq_rank = 5\nrope_dim = 2\nv_dim = 3"
+        }
         _ => "",
     };
     let text = format!(
         "vocab = 72\nhidden = 16\nlayers = 2\nheads = 4\nkv_heads = {}\nhead_dim = 4\nseq_len = 16\nexperts = {E}\n\
          expert_ffn = 8\nqk_norm = \"{}\"\nqkv_bias = {}\n{mla}",
-        if a == Arch::Deepseek { 4 } else { 2 },
+        if a.deepseek() { 4 } else { 2 },
         a.qk(),
         a == Arch::Qwen2
     );
@@ -125,8 +147,8 @@ fn model_config(a: Arch) -> ModelConfig {
 fn pith_weights(a: Arch, seed: u64) -> TensorMap {
     let mut r = Rng::new(seed);
     let mut out = BTreeMap::new();
-    let dense_ffn = if a == Arch::Deepseek { 32 } else { 0 };
-    for (name, shape) in pith::hf::pith_params(&model_config(a), (a.shared(), a == Arch::Qwen2), dense_ffn) {
+    let dense_ffn = if a.deepseek() { 32 } else { 0 };
+    for (name, shape) in pith::hf::pith_params(&model_config(a), a.family(), a.shared(), dense_ffn) {
         let n: usize = shape.iter().product();
         let v = match name.ends_with("norm.weight") {
             true => (0..n).map(|_| (96 + r.below(64)) as f32 / 128.0).collect(),
@@ -154,7 +176,14 @@ fn hf_tensors(a: Arch, w: &TensorMap, fused: bool) -> Vec<(String, Vec<usize>, V
     for l in 0..2 {
         let (hl, pl) = (format!("model.layers.{l}"), format!("layers.{l}"));
         put(format!("{hl}.input_layernorm.weight"), &format!("{pl}.attn_norm.weight"));
-        let mla = [("kv_a_proj_with_mqa", "kv_a_proj"), ("kv_a_layernorm", "kv_a_norm"), ("kv_b_proj", "kv_b_proj")];
+        let mla = [
+            ("kv_a_proj_with_mqa", "kv_a_proj"),
+            ("kv_a_layernorm", "kv_a_norm"),
+            ("kv_b_proj", "kv_b_proj"),
+            ("q_a_proj", "q_a_proj"),
+            ("q_a_layernorm", "q_a_norm"),
+            ("q_b_proj", "q_b_proj"),
+        ];
         for (x, px) in
             ["q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"].map(|x| (x, x)).into_iter().chain(mla)
         {
@@ -175,6 +204,9 @@ fn hf_tensors(a: Arch, w: &TensorMap, fused: bool) -> Vec<(String, Vec<usize>, V
         }
         let moe = if a == Arch::Mixtral && !fused { "block_sparse_moe" } else { "mlp" };
         put(format!("{hl}.{moe}.gate.weight"), &format!("{pl}.moe.router.weight"));
+        if w.contains_key(&format!("{pl}.moe.router.bias")) {
+            put(format!("{hl}.mlp.gate.e_score_correction_bias"), &format!("{pl}.moe.router.bias"));
+        }
         let [g, u, d] = ["w_gate", "w_up", "w_down"].map(|n| &w[&format!("{pl}.moe.experts.{n}")]);
         if fused {
             let gate_up = (0..E).flat_map(|e| [expert(g, e), expert(u, e)].concat()).collect();
@@ -190,7 +222,7 @@ fn hf_tensors(a: Arch, w: &TensorMap, fused: bool) -> Vec<(String, Vec<usize>, V
             }
         }
         if a.shared() > 0 {
-            let module = if a == Arch::Deepseek { "shared_experts" } else { "shared_expert" };
+            let module = if a.deepseek() { "shared_experts" } else { "shared_expert" };
             for (n, hn) in [("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")] {
                 let t = &w[&format!("{pl}.moe.shared.{n}")];
                 out.push((format!("{hl}.mlp.{module}.{hn}.weight"), vec![t.0[2], t.0[1]], expert(t, 0)));
@@ -314,6 +346,11 @@ fn import_reads_each_family_layout_and_dtype_exactly() {
                 assert!(cfg.contains("[model.yarn]\nfactor = 4.0\noriginal_seq_len = 8\n"), "{cfg}");
                 assert!(cfg.contains("attn_scale = 1.205628"), "m(4, 0.707)²: {cfg}");
             }
+            if a == Arch::DeepseekV3 {
+                let router =
+                    ["plugin = \"sigmoid-bias\"", "routed_scaling_factor = 2.5", "n_group = 2", "topk_group = 1"];
+                assert!(router.iter().all(|l| cfg.contains(l)), "{cfg}");
+            }
             let entries: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().map(|e| e.file_name()).collect();
             assert!(entries.iter().all(|n| !n.to_string_lossy().contains(".tmp")), "{entries:?}");
         }
@@ -356,6 +393,11 @@ fn export_then_import_round_trips_bitwise() {
         assert!(files.len() >= 3 && files.iter().all(|f| out.join(f).is_file()), "{files:?}");
         let config: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
         assert_eq!(config["architectures"][0], a.name());
+        if a == Arch::DeepseekV3 {
+            let v3 =
+                (&config["n_group"], &config["topk_group"], &config["topk_method"], &config["routed_scaling_factor"]);
+            assert_eq!(v3, (&json!(2), &json!(1), &json!("noaux_tc"), &json!(2.5)), "{config}");
+        }
         if a == Arch::Deepseek {
             let dense =
                 (&config["first_k_dense_replace"], &config["intermediate_size"], &config["routed_scaling_factor"]);
@@ -587,10 +629,10 @@ fn bad_inputs_fail_in_one_line_and_leave_nothing() {
             "unknown architecture",
             Box::new(|d: &Path| {
                 let mut c = config_json(a);
-                c["architectures"] = json!(["DeepseekV3ForCausalLM"]);
+                c["architectures"] = json!(["GptOssForCausalLM"]);
                 std::fs::write(d.join("config.json"), c.to_string()).unwrap()
             }),
-            vec!["config.json: unknown architecture `DeepseekV3ForCausalLM`; Pith imports Qwen3MoeForCausalLM, MixtralForCausalLM, OlmoeForCausalLM"],
+            vec!["config.json: unknown architecture `GptOssForCausalLM`; Pith imports Qwen3MoeForCausalLM, MixtralForCausalLM, OlmoeForCausalLM"],
         ),
         (
             "sliding window",
@@ -638,7 +680,10 @@ fn bad_inputs_fail_in_one_line_and_leave_nothing() {
     std::fs::write(step.join("config.toml"), text).unwrap();
     let (code, _, err) = pith(&["export", "hf", p(&run), p(&out)]);
     assert_eq!(code, 1);
-    assert!(err.contains("covers the std `topk-softmax` router and `swiglu` experts only"), "{err}");
+    assert!(
+        err.contains("covers the std `topk-softmax` router (DeepSeek-V3: `sigmoid-bias`) and `swiglu` experts only"),
+        "{err}"
+    );
     let left: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().map(|e| e.file_name()).collect();
     assert!(!out.exists() && left.iter().all(|n| !n.to_string_lossy().contains(".tmp")), "{left:?}");
     // An existing non-empty output is never written into.

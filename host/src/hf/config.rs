@@ -28,6 +28,10 @@ pub struct HfModel {
     pub mla: Option<Mla>,
     /// DeepSeek's `first_k_dense_replace` dense layers first, of FFN `intermediate_size`.
     pub dense: Option<(usize, usize)>,
+    /// RoPE on pairs (2i, 2i+1): DeepSeek's layout.
+    pub rope_interleaved: bool,
+    /// DeepSeek-V3's router: sigmoid-bias with (`n_group`, `topk_group`).
+    pub groups: Option<(usize, usize)>,
     /// `rope_scaling`/`rope_parameters` of type yarn.
     pub yarn: Option<Yarn>,
     /// A factor on the attention scores' 1/sqrt(head_dim) (DeepSeek with YaRN; else 1).
@@ -96,7 +100,7 @@ fn parse_config(c: &Value, seq_len: Option<usize>) -> Result<HfModel, String> {
         _ => heads,
     };
     let kv_heads = size("num_key_value_heads", Some(kv_default))?;
-    let deepseek = f == Family::DeepseekV2;
+    let (deepseek, v3) = (f.deepseek(), f == Family::DeepseekV3);
     // DeepSeek's `head_dim` is the rotated part; Pith's is the whole q·k head.
     let mla = match deepseek {
         true => Some(Mla {
@@ -117,7 +121,7 @@ fn parse_config(c: &Value, seq_len: Option<usize>) -> Result<HfModel, String> {
     };
     let experts_key = match f {
         Family::Mixtral => "num_local_experts",
-        Family::DeepseekV2 if get("n_routed_experts").is_some() => "n_routed_experts",
+        _ if deepseek && get("n_routed_experts").is_some() => "n_routed_experts",
         _ if get("num_experts").is_none() && get("num_local_experts").is_some() => "num_local_experts",
         _ => "num_experts",
     };
@@ -183,7 +187,7 @@ fn parse_config(c: &Value, seq_len: Option<usize>) -> Result<HfModel, String> {
     let shared_key = "shared_expert_intermediate_size";
     let shared_ffn = match f {
         Family::Qwen2Moe => size(shared_key, None)?,
-        Family::DeepseekV2 => int("n_shared_experts")?.unwrap_or(0) * expert_ffn,
+        _ if deepseek => int("n_shared_experts")?.unwrap_or(0) * expert_ffn,
         _ => 0,
     };
     if deepseek {
@@ -193,18 +197,26 @@ fn parse_config(c: &Value, seq_len: Option<usize>) -> Result<HfModel, String> {
         if let Some(v) = get("moe_layer_freq").filter(|v| v.as_u64() != Some(1)) {
             refuse("moe_layer_freq", v, "every layer is MoE");
         }
-        if let Some(v) = get("topk_method").filter(|v| v.as_str() != Some("greedy")) {
-            refuse("topk_method", v, "the topk-softmax router picks the top-k of all experts (\"greedy\")");
+        // V2: topk-softmax over all experts; V3: sigmoid-bias (noaux_tc, group-limited).
+        let (method, scoring) = if v3 { ("noaux_tc", "sigmoid") } else { ("greedy", "softmax") };
+        if let Some(v) = get("topk_method").filter(|v| v.as_str() != Some(method)) {
+            refuse("topk_method", v, &format!("{} routes by \"{method}\"", f.architecture()));
         }
-        if let Some(v) = get("scoring_func").filter(|v| v.as_str() != Some("softmax")) {
-            refuse("scoring_func", v, "router scores are a softmax");
+        if let Some(v) = get("scoring_func").filter(|v| v.as_str() != Some(scoring)) {
+            refuse("scoring_func", v, &format!("{} scores by {scoring}", f.architecture()));
         }
     }
+    let groups = match v3 {
+        true => Some((int("n_group")?.unwrap_or(1).max(1), int("topk_group")?.unwrap_or(1).max(1))),
+        false => None,
+    };
+    // DeepSeek lays RoPE pairs out interleaved (V3: unless `rope_interleave` is false).
+    let rope_interleaved = deepseek && get("rope_interleave").is_none_or(|v| v.as_bool() != Some(false));
     let dense = match int("first_k_dense_replace")?.filter(|&k| deepseek && k > 0) {
         Some(k) => Some((k, size("intermediate_size", None)?)),
         None => None,
     };
-    let has_shared = matches!(f, Family::Qwen2Moe | Family::DeepseekV2);
+    let has_shared = f == Family::Qwen2Moe || deepseek;
     for k in [shared_key, "n_shared_experts", "num_shared_experts"].into_iter().filter(|_| !has_shared) {
         if let Some(v) = get(k).filter(|v| v.as_u64() != Some(0)) {
             refuse(k, v, &format!("{} has no shared expert", f.architecture()));
@@ -244,11 +256,13 @@ fn parse_config(c: &Value, seq_len: Option<usize>) -> Result<HfModel, String> {
         shared_ffn,
         mla,
         dense,
+        rope_interleaved,
+        groups,
         yarn,
         attn_scale,
         top_k,
         // DeepSeek-V2's router never renormalises, whatever `norm_topk_prob` says.
-        normalize: f == Family::Mixtral || (flag("norm_topk_prob") && !deepseek),
+        normalize: f == Family::Mixtral || (flag("norm_topk_prob") && f != Family::DeepseekV2),
         scale: if deepseek { num("routed_scaling_factor", 1.0)? } else { 1.0 },
         rope_theta,
         norm_eps: num("rms_norm_eps", if f.moe_ffn_key() { 1e-6 } else { 1e-5 })?,
@@ -316,14 +330,26 @@ impl HfModel {
         let bias = match (qwen2, self.mla) {
             (true, _) => "qkv_bias = true\n".to_string(),
             (false, Some(a)) => format!(
-                "rope_interleaved = true\n\n[model.mla]\nkv_rank = {}\nq_rank = {}\nrope_dim = {}\nv_dim = {}\n",
-                a.kv_rank, a.q_rank, a.rope_dim, a.v_dim
+                "rope_interleaved = {}\n\n[model.mla]\nkv_rank = {}\nq_rank = {}\nrope_dim = {}\nv_dim = {}\n",
+                self.rope_interleaved, a.kv_rank, a.q_rank, a.rope_dim, a.v_dim
             ),
             (false, None) => String::new(),
         };
-        let scale = match self.scale {
-            1.0 => String::new(),
-            c => format!("scale = {c:?}\n"),
+        // DeepSeek-V3's bias stays as imported (bias_update 0, as transformers trains it); DeepSeek
+        // moved it by 1e-3 a step in pre-training.
+        let router = match (self.groups, self.scale) {
+            (Some((g, kg)), c) => format!(
+                "plugin = \"sigmoid-bias\"\ntop_k = {}\nnormalize = {}\nrouted_scaling_factor = {c:?}\nn_group = {g}\n\
+                 topk_group = {kg}\nbias_update = 0.0\n",
+                self.top_k, self.normalize
+            ),
+            (None, 1.0) => {
+                format!("plugin = \"topk-softmax\"\ntop_k = {}\nnormalize = {}\n", self.top_k, self.normalize)
+            }
+            (None, c) => format!(
+                "plugin = \"topk-softmax\"\ntop_k = {}\nnormalize = {}\nscale = {c:?}\n",
+                self.top_k, self.normalize
+            ),
         };
         let attn_scale = match self.attn_scale {
             1.0 => String::new(),
@@ -357,7 +383,7 @@ impl HfModel {
             "# `pith import hf {src}` ({arch})\n\n[model]\nvocab = {}\nhidden = {}\nlayers = {}\nheads = {}\n\
              kv_heads = {}\nhead_dim = {}\nseq_len = {}\nrope_theta = {:?}\nexperts = {}\nexpert_ffn = {}\n\
              norm_eps = {:?}\ninit_std = {:?}\nqk_norm = \"{qk}\"\n{dense_layers}{attn_scale}{bias}{yarn}\n[train]\nsteps = 100\nmicro_batch = 4\n\
-             lr = 1e-4\nwarmup = 10\nout = {}\n\n[router]\nplugin = \"topk-softmax\"\ntop_k = {}\nnormalize = {}\n{scale}\n\
+             lr = 1e-4\nwarmup = 10\nout = {}\n\n[router]\n{router}\n\
              [experts]\nplugin = \"swiglu\"\n{shared}{dense}{aux}\n[optimizer]\nplugin = \"adamw\"\n",
             self.vocab,
             self.hidden,
@@ -372,8 +398,6 @@ impl HfModel {
             self.norm_eps,
             self.init_std,
             quote(&run.display().to_string()),
-            self.top_k,
-            self.normalize,
             src = src.display(),
             arch = self.family.architecture(),
         );
@@ -391,7 +415,7 @@ impl HfModel {
     /// The config.json field a Pith `model.*` key comes from.
     pub fn field(&self, key: &str) -> Option<&'static str> {
         let (mixtral, qwen) = (self.family == Family::Mixtral, self.family.moe_ffn_key());
-        let deepseek = self.family == Family::DeepseekV2;
+        let deepseek = self.family.deepseek();
         Some(match key {
             "model.experts" if deepseek => "n_routed_experts",
             "model.head_dim" if deepseek => "qk_nope_head_dim",
@@ -499,9 +523,9 @@ pub(super) fn hf_config(cfg: &Config, t: &Target, opts: &ExportOptions, tok: &Op
             "decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": false, "sliding_window": null,
             "max_window_layers": m.layers, "qkv_bias": true,
         }),
-        Family::DeepseekV2 => {
-            let a = m.mla.expect("DeepSeek-V2 is exported from an MLA model");
-            json!({
+        Family::DeepseekV2 | Family::DeepseekV3 => {
+            let a = m.mla.expect("DeepSeek is exported from an MLA model");
+            let mut d = json!({
                 "intermediate_size": if m.dense_layers > 0 { cfg.dense_ffn() } else { m.expert_ffn },
                 "moe_intermediate_size": m.expert_ffn, "n_routed_experts": m.experts,
                 "n_shared_experts": shared_ffn / m.expert_ffn, "kv_lora_rank": a.kv_rank,
@@ -510,7 +534,13 @@ pub(super) fn hf_config(cfg: &Config, t: &Target, opts: &ExportOptions, tok: &Op
                 "head_dim": a.rope_dim, "first_k_dense_replace": m.dense_layers, "routed_scaling_factor": t.scale,
                 "topk_method": "greedy", "n_group": null, "topk_group": null, "norm_topk_prob": false,
                 "attention_bias": false, "mlp_bias": false,
-            })
+            });
+            if let Some((g, kg)) = t.groups {
+                let v3 = json!({"topk_method": "noaux_tc", "scoring_func": "sigmoid", "n_group": g, "topk_group": kg,
+                                "norm_topk_prob": normalize, "rope_interleave": m.rope_interleaved, "num_mtp_layers": 0});
+                d.as_object_mut().unwrap().extend(v3.as_object().unwrap().clone());
+            }
+            d
         }
     };
     c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
@@ -582,6 +612,42 @@ mod tests {
             (shared["plugin"].as_str(), shared["ffn"].as_integer(), shared["gate"].as_bool()),
             (Some("shared-swiglu"), Some(12), Some(true))
         );
+    }
+
+    /// The released DeepSeek-V2-Lite config.json (deepseek-ai/DeepSeek-V2-Lite, as published)
+    /// becomes a Pith config: MLA with q_proj, one dense layer of 10944, 64 experts top-6 beside
+    /// two shared ones, YaRN ×40 with the scores scaled by m(40, 0.707)²; 15.7B parameters.
+    #[test]
+    fn deepseek_v2_lite_imports() {
+        let c = json!({
+            "architectures": ["DeepseekV2ForCausalLM"], "aux_loss_alpha": 0.001, "bos_token_id": 100000,
+            "eos_token_id": 100001, "first_k_dense_replace": 1, "hidden_act": "silu", "hidden_size": 2048,
+            "initializer_range": 0.02, "intermediate_size": 10944, "kv_lora_rank": 512,
+            "max_position_embeddings": 163840, "model_type": "deepseek_v2", "moe_intermediate_size": 1408,
+            "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 64, "n_shared_experts": 2,
+            "norm_topk_prob": false, "num_attention_heads": 16, "num_experts_per_tok": 6, "num_hidden_layers": 27,
+            "num_key_value_heads": 16, "pretraining_tp": 1, "q_lora_rank": null, "qk_nope_head_dim": 128,
+            "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+            "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                             "original_max_position_embeddings": 4096, "type": "yarn"},
+            "rope_theta": 10000, "routed_scaling_factor": 1.0, "scoring_func": "softmax", "seq_aux": true,
+            "tie_word_embeddings": false, "topk_group": 1, "topk_method": "greedy", "torch_dtype": "bfloat16",
+            "use_cache": true, "v_head_dim": 128, "vocab_size": 102400
+        });
+        let m = parse_config(&c, Some(4096)).unwrap();
+        assert_eq!(
+            (m.family, m.dense, m.shared_ffn, m.top_k, m.normalize),
+            (Family::DeepseekV2, Some((1, 10944)), 2816, 6, false)
+        );
+        let y = m.yarn.unwrap();
+        assert_eq!((y.factor, y.original_seq_len, y.mscale, y.mscale_all_dim), (40.0, 4096, 0.707, 0.707));
+        assert!((m.attn_scale - (1.0 + 0.0707 * 40f64.ln()).powi(2)).abs() < 1e-6, "{}", m.attn_scale);
+        let cfg = m.config(Path::new("V2-Lite"), Path::new("runs/lite")).unwrap();
+        let mla = cfg.model.mla.unwrap();
+        assert_eq!((cfg.model.head_dim, mla.kv_rank, mla.q_rank, mla.rope_dim, mla.v_dim), (192, 512, 0, 64, 128));
+        let n = crate::model::Model::counts(&cfg.model, 6, (cfg.shared_ffn(), cfg.dense_ffn()));
+        let all = n.total + cfg.model.vocab * cfg.model.hidden; // + the embedding lookup
+        assert!((15.6e9..15.8e9).contains(&(all as f64)), "{all} parameters (15.7B published)");
     }
 
     #[test]

@@ -81,20 +81,23 @@ pub(super) struct Target {
     pub shared_ffn: usize,
     /// The dense layers' FFN size (DeepSeek-V2's `first_k_dense_replace` layers; 0: none).
     pub dense_ffn: usize,
-    /// The router's `scale` (DeepSeek-V2's `routed_scaling_factor`; 1 elsewhere).
+    /// The router's `scale` (DeepSeek's `routed_scaling_factor`; 1 elsewhere).
     pub scale: f64,
+    /// DeepSeek-V3's (`n_group`, `topk_group`) of its sigmoid-bias router.
+    pub groups: Option<(usize, usize)>,
 }
 
-/// The family `cfg` exports as, or why it has none: only the std `topk-softmax` router and
-/// `swiglu` experts, the std `shared-swiglu` (Qwen2-MoE's, gated) as a shared expert, and an
-/// ungated `shared-swiglu` as DeepSeek-V2's dense layers.
+/// The family `cfg` exports as, or why it has none: only the std `topk-softmax` router (or
+/// DeepSeek-V3's `sigmoid-bias`) and `swiglu` experts, the std `shared-swiglu` (Qwen2-MoE's,
+/// gated) as a shared expert, and an ungated `shared-swiglu` as DeepSeek's dense layers.
 pub(super) fn target(cfg: &Config) -> Result<Target, String> {
     let plugin = |t: &toml::Table| t.get("plugin").and_then(|v| v.as_str()).unwrap_or("").to_string();
     let (router, experts) = (plugin(&cfg.router), plugin(&cfg.experts));
-    if router != "topk-softmax" || experts != "swiglu" {
+    let sigmoid = router == "sigmoid-bias";
+    if !(router == "topk-softmax" || sigmoid) || experts != "swiglu" {
         return Err(format!(
             "router `{router}` and experts `{experts}`: Hugging Face export covers the std `topk-softmax` router \
-             and `swiglu` experts only"
+             (DeepSeek-V3: `sigmoid-bias`) and `swiglu` experts only"
         ));
     }
     let shared = match &cfg.shared {
@@ -111,13 +114,19 @@ pub(super) fn target(cfg: &Config) -> Result<Target, String> {
     let (m, r) = (&cfg.model, &cfg.router);
     let top_k = r.get("top_k").and_then(|v| v.as_integer()).unwrap_or(2) as usize;
     let normalize = r.get("normalize").and_then(|v| v.as_bool()).unwrap_or(true);
-    let scale = r.get("scale").and_then(|v| v.as_float().or(v.as_integer().map(|i| i as f64))).unwrap_or(1.0);
-    let family = Family::of(m, normalize, shared.map(|s| s.0))?;
+    let float = |k: &str| r.get(k).and_then(|v| v.as_float().or(v.as_integer().map(|i| i as f64)));
+    let int = |k: &str| r.get(k).and_then(|v| v.as_integer()).unwrap_or(1) as usize;
+    let scale = float(if sigmoid { "routed_scaling_factor" } else { "scale" }).unwrap_or(1.0);
+    let groups = sigmoid.then(|| (int("n_group"), int("topk_group")));
+    if sigmoid && m.mla.is_none() {
+        return Err("router `sigmoid-bias`: Hugging Face export has it as DeepSeek-V3's, with [model.mla]".into());
+    }
+    let family = Family::of(m, sigmoid, normalize, shared.map(|s| s.0))?;
     if matches!(family, Family::Olmoe | Family::Qwen2Moe) && m.heads * m.head_dim != m.hidden {
         return Err(format!("model.head_dim: {} needs heads·head_dim = hidden", family.architecture()));
     }
     let ffn = shared.map_or(0, |s| s.1);
-    if family == Family::DeepseekV2 && (ffn == 0 || !ffn.is_multiple_of(m.expert_ffn)) {
+    if family.deepseek() && (ffn == 0 || !ffn.is_multiple_of(m.expert_ffn)) {
         return Err(format!(
             "[shared] ffn = {ffn}: DeepSeek-V2's shared experts are n_shared_experts × model.expert_ffn ({}) wide",
             m.expert_ffn
@@ -135,12 +144,12 @@ pub(super) fn target(cfg: &Config) -> Result<Target, String> {
             ));
         }
     };
-    if dense_ffn > 0 && family != Family::DeepseekV2 {
+    if dense_ffn > 0 && !family.deepseek() {
         let arch = family.architecture();
         return Err(format!("model.dense_layers: {arch} has no dense layers (DeepSeek-V2's first_k_dense_replace)"));
     }
     // The attention scale config.json implies: DeepSeek's m(factor, mscale_all_dim)² under YaRN.
-    let implied = match m.yarn.filter(|y| family == Family::DeepseekV2 && y.mscale_all_dim != 0.0) {
+    let implied = match m.yarn.filter(|y| family.deepseek() && y.mscale_all_dim != 0.0) {
         Some(y) => crate::config::Yarn::m(y.factor as f64, y.mscale_all_dim as f64).powi(2) as f32,
         None => 1.0,
     };
@@ -148,13 +157,13 @@ pub(super) fn target(cfg: &Config) -> Result<Target, String> {
         let arch = family.architecture();
         return Err(format!("model.attn_scale = {}: {arch} with this RoPE implies {implied}", m.attn_scale));
     }
-    if scale != 1.0 && family != Family::DeepseekV2 {
+    if scale != 1.0 && !family.deepseek() {
         let arch = family.architecture();
         return Err(format!(
             "router.scale = {scale}: {arch}'s gates are unscaled (DeepSeek-V2 has routed_scaling_factor)"
         ));
     }
-    Ok(Target { family, top_k, normalize, shared_ffn: ffn, dense_ffn, scale })
+    Ok(Target { family, top_k, normalize, shared_ffn: ffn, dense_ffn, scale, groups })
 }
 
 /// The Hugging Face architecture `cfg` exports as (`pith plan`), or why it has none.
@@ -179,7 +188,7 @@ pub fn export(src: &Path, out: &Path, opts: &ExportOptions) -> Result<Exported, 
     let map = mmap(&weights)?;
     let st = parse_st(&weights, &map)?;
     let mut plan = Vec::new();
-    for (name, shape) in pith_params(m, (shared_ffn, family == Family::Qwen2Moe), dense_ffn) {
+    for (name, shape) in pith_params(m, family, shared_ffn, dense_ffn) {
         let t = st.tensor(&name).map_err(|_| format!("{}: tensor `{name}` is missing", weights.display()))?;
         if t.dtype() != Dtype::F32 || t.shape() != shape {
             let got = format!("{:?} {:?}", t.dtype(), t.shape());

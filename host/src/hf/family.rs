@@ -13,10 +13,13 @@ pub enum Family {
     /// DeepSeek-V2 / V2-Lite: multi-head latent attention with interleaved RoPE, shared experts
     /// (no gate), softmax top-k gates that are not renormalised.
     DeepseekV2,
+    /// DeepSeek-V3: V2's attention and experts with a sigmoid router, a correction bias that
+    /// only chooses (`e_score_correction_bias`) and group-limited top-k: the `sigmoid-bias` router.
+    DeepseekV3,
 }
 
-pub(super) const FAMILIES: [Family; 5] =
-    [Family::Qwen3Moe, Family::Mixtral, Family::Olmoe, Family::Qwen2Moe, Family::DeepseekV2];
+pub(super) const FAMILIES: [Family; 6] =
+    [Family::Qwen3Moe, Family::Mixtral, Family::Olmoe, Family::Qwen2Moe, Family::DeepseekV2, Family::DeepseekV3];
 
 impl Family {
     pub fn architecture(self) -> &'static str {
@@ -26,6 +29,7 @@ impl Family {
             Family::Olmoe => "OlmoeForCausalLM",
             Family::Qwen2Moe => "Qwen2MoeForCausalLM",
             Family::DeepseekV2 => "DeepseekV2ForCausalLM",
+            Family::DeepseekV3 => "DeepseekV3ForCausalLM",
         }
     }
     pub fn model_type(self) -> &'static str {
@@ -35,12 +39,13 @@ impl Family {
             Family::Olmoe => "olmoe",
             Family::Qwen2Moe => "qwen2_moe",
             Family::DeepseekV2 => "deepseek_v2",
+            Family::DeepseekV3 => "deepseek_v3",
         }
     }
     pub(super) fn qk_norm(self) -> QkNorm {
         match self {
             Family::Qwen3Moe => QkNorm::Head,
-            Family::Mixtral | Family::Qwen2Moe | Family::DeepseekV2 => QkNorm::None,
+            Family::Mixtral | Family::Qwen2Moe | Family::DeepseekV2 | Family::DeepseekV3 => QkNorm::None,
             Family::Olmoe => QkNorm::Full,
         }
     }
@@ -60,24 +65,30 @@ impl Family {
     }
     /// Does the family name its expert FFN size `moe_intermediate_size` (else `intermediate_size`)?
     pub(super) fn moe_ffn_key(self) -> bool {
-        matches!(self, Family::Qwen3Moe | Family::Qwen2Moe | Family::DeepseekV2)
+        matches!(self, Family::Qwen3Moe | Family::Qwen2Moe | Family::DeepseekV2 | Family::DeepseekV3)
+    }
+    /// DeepSeek's: MLA, dense first layers, shared experts, scaled gates, YaRN's score scale.
+    pub(super) fn deepseek(self) -> bool {
+        matches!(self, Family::DeepseekV2 | Family::DeepseekV3)
     }
     /// The HF module of the shared expert(s) in a layer's MLP block.
     pub(super) fn shared(self) -> &'static str {
         match self {
-            Family::DeepseekV2 => "shared_experts",
+            Family::DeepseekV2 | Family::DeepseekV3 => "shared_experts",
             _ => "shared_expert",
         }
     }
-    /// The family a Pith model exports as: Qwen2-MoE when it has q/k/v biases or a shared expert
-    /// (`shared`: that expert's `gate`), else chosen by `model.qk_norm`.
-    pub(super) fn of(m: &ModelConfig, normalize: bool, shared: Option<bool>) -> Result<Family, String> {
+    /// The family a Pith model exports as: DeepSeek-V3 or V2 with MLA (by the router: `sigmoid`,
+    /// the sigmoid-bias router), Qwen2-MoE when it has q/k/v biases or a shared expert (`shared`:
+    /// that expert's `gate`), else chosen by `model.qk_norm`.
+    pub(super) fn of(m: &ModelConfig, sigmoid: bool, normalize: bool, shared: Option<bool>) -> Result<Family, String> {
         if m.mla.is_some() {
-            return match (m.rope_interleaved, normalize, shared) {
-                (true, false, Some(false)) => Ok(Family::DeepseekV2),
-                _ => Err("the exported family with [model.mla] is DeepSeek-V2, which needs all of \
-                          model.rope_interleaved = true, router.normalize = false and [shared] plugin = \
-                          \"shared-swiglu\" without a gate"
+            return match (m.rope_interleaved, sigmoid, normalize, shared) {
+                (true, true, _, Some(false)) => Ok(Family::DeepseekV3),
+                (true, false, false, Some(false)) => Ok(Family::DeepseekV2),
+                _ => Err("the exported families with [model.mla] are DeepSeek-V2 and V3, which need \
+                          model.rope_interleaved = true and [shared] plugin = \"shared-swiglu\" without a gate, \
+                          and the topk-softmax router with normalize = false (V2) or sigmoid-bias (V3)"
                     .into()),
             };
         }

@@ -134,7 +134,9 @@ pub fn load_weights(dir: &Path, hf: &HfModel, params: &mut Params) -> Result<(),
         params.list[index["lm_head.weight"]].w.copy_from_slice(&embed);
         filled[index["lm_head.weight"]][0] = true;
     }
-    for (i, f) in filled.iter().enumerate() {
+    // Accumulators (a step's counts) are no weights: nothing in an HF folder fills them.
+    let weight = |i: &usize| params.list[*i].spec.role != pith_plugin_api::Role::Accumulator;
+    for (i, f) in filled.iter().enumerate().filter(|(i, _)| weight(i)) {
         if let Some(e) = f.iter().position(|f| !f) {
             let name = hf_name(hf.family, &params.list[i].name, e);
             return Err(format!("{}: tensor `{name}` is missing", named.display()));

@@ -4,15 +4,13 @@
 use super::family::Family;
 use crate::config::{ModelConfig, QkNorm};
 
-/// Name and shape of every parameter of a Pith model with the std topk-softmax router and
-/// swiglu experts, and with `shared_ffn` > 0 the std shared-swiglu of that FFN size (with
-/// `shared_gate`, Qwen2-MoE's sigmoid gate), and the first `m.dense_layers` with a std
-/// shared-swiglu of FFN `dense_ffn` as `[dense]`; in `Model::new`'s order.
-pub fn pith_params(
-    m: &ModelConfig,
-    (shared_ffn, shared_gate): (usize, bool),
-    dense_ffn: usize,
-) -> Vec<(String, Vec<usize>)> {
+/// Name and shape of every checkpointed parameter of a Pith model of `family`: the std
+/// topk-softmax router (DeepSeek-V3: sigmoid-bias, whose bias is a buffer) and swiglu experts,
+/// with `shared_ffn` > 0 the std shared-swiglu of that FFN size (Qwen2-MoE's with its sigmoid
+/// gate), and the first `m.dense_layers` with a std shared-swiglu of FFN `dense_ffn` as
+/// `[dense]`; in `Model::new`'s order.
+pub fn pith_params(m: &ModelConfig, family: Family, shared_ffn: usize, dense_ffn: usize) -> Vec<(String, Vec<usize>)> {
+    let shared_gate = family == Family::Qwen2Moe;
     let (h, qd, kd, e, f) = (m.hidden, m.heads * m.head_dim, m.kv_heads * m.head_dim, m.experts, m.expert_ffn);
     let mut v = vec![("embed.weight".to_string(), vec![m.vocab, h])];
     for l in 0..m.layers {
@@ -62,6 +60,9 @@ pub fn pith_params(
             continue;
         }
         add("moe.router.weight", vec![e, h]);
+        if family == Family::DeepseekV3 {
+            add("moe.router.bias", vec![e]);
+        }
         add("moe.experts.w_gate", vec![e, h, f]);
         add("moe.experts.w_up", vec![e, h, f]);
         add("moe.experts.w_down", vec![e, f, h]);
@@ -104,6 +105,7 @@ pub(super) fn hf_name(f: Family, pith: &str, e: usize) -> String {
         "attn_norm.weight" => "input_layernorm.weight".into(),
         "moe_norm.weight" => "post_attention_layernorm.weight".into(),
         "moe.router.weight" => format!("{}.gate.weight", f.moe()),
+        "moe.router.bias" => format!("{}.gate.e_score_correction_bias", f.moe()),
         "moe.experts.w_gate" => format!("{}.experts.{e}.{gate}.weight", f.moe()),
         "moe.experts.w_up" => format!("{}.experts.{e}.{up}.weight", f.moe()),
         "moe.experts.w_down" => format!("{}.experts.{e}.{down}.weight", f.moe()),
@@ -176,6 +178,7 @@ pub(super) fn translate(name: &str) -> Option<(String, Slot)> {
     let moe = rest.strip_prefix("mlp.").or_else(|| rest.strip_prefix("block_sparse_moe."))?;
     match moe {
         "gate.weight" => return at("moe.router.weight", Slot::Whole),
+        "gate.e_score_correction_bias" => return at("moe.router.bias", Slot::Whole),
         "experts.gate_up_proj" => return at("moe.experts.w_gate", Slot::GateUp),
         "experts.down_proj" => return at("moe.experts.w_down", Slot::Down),
         "shared_expert_gate.weight" => return at("moe.shared.gate", Slot::Whole),
@@ -221,15 +224,13 @@ mod tests {
         for (f, q_rank) in FAMILIES.into_iter().map(|f| (f, 0)).chain([(Family::DeepseekV2, 3)]) {
             let (qkv_bias, shared) = match f {
                 Family::Qwen2Moe => (true, 6),
-                Family::DeepseekV2 => (false, 10),
+                Family::DeepseekV2 | Family::DeepseekV3 => (false, 10),
                 _ => (false, 0),
             };
-            let mla =
-                (f == Family::DeepseekV2).then_some(crate::config::Mla { kv_rank: 4, q_rank, rope_dim: 2, v_dim: 2 });
+            let mla = f.deepseek().then_some(crate::config::Mla { kv_rank: 4, q_rank, rope_dim: 2, v_dim: 2 });
             let m = ModelConfig { qk_norm: f.qk_norm(), qkv_bias, mla, ..m.clone() };
-            let dense = if f == Family::DeepseekV2 { 1 } else { 0 };
-            let m = ModelConfig { dense_layers: dense, ..m };
-            for (name, _) in pith_params(&m, (shared, f == Family::Qwen2Moe), 7) {
+            let m = ModelConfig { dense_layers: f.deepseek() as usize, ..m };
+            for (name, _) in pith_params(&m, f, shared, 7) {
                 let e = stack(&name, 3).map_or(0, |n| n - 1);
                 let want = if stack(&name, 3).is_some() { Slot::Expert(e) } else { Slot::Whole };
                 assert_eq!(translate(&hf_name(f, &name, e)), Some((name.clone(), want)), "{f:?} {name}");
@@ -265,8 +266,12 @@ mod tests {
             let (_, params, _) = build(&cfg, &reg).unwrap();
             let got: Vec<(String, Vec<usize>)> =
                 params.list.iter().map(|p| (p.name.clone(), crate::hf::shape(p))).collect();
-            let dense = if extra == deepseek { 7 } else { 0 };
-            assert_eq!(got, pith_params(&cfg.model, (shared, extra == qwen2), dense), "qk_norm = {qk} {extra}");
+            let (f, dense) = match extra {
+                e if e == qwen2 => (Family::Qwen2Moe, 0),
+                e if e == deepseek => (Family::DeepseekV2, 7),
+                _ => (Family::Qwen3Moe, 0),
+            };
+            assert_eq!(got, pith_params(&cfg.model, f, shared, dense), "qk_norm = {qk} {extra}");
         }
     }
 }

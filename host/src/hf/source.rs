@@ -14,11 +14,12 @@ use crate::registry::Registry;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
-/// Copy the weights of a Pith checkpoint directory into `params` (names and shapes must match).
+/// Copy the weights of a Pith checkpoint directory into `params` (names and shapes must match;
+/// accumulators are not checkpointed).
 fn copy_checkpoint_weights(dir: &Path, params: &mut Params) -> Result<(), String> {
     let file = dir.join("model.safetensors");
     let weights = checkpoint::read_tensors(&file)?;
-    for p in &mut params.list {
+    for p in params.list.iter_mut().filter(|p| p.spec.role != pith_plugin_api::Role::Accumulator) {
         let shape = shape(p);
         let (s, w) =
             weights.get(&p.name).ok_or_else(|| format!("{}: tensor `{}` is missing", file.display(), p.name))?;

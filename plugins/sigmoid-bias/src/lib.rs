@@ -3,7 +3,9 @@
 //! Mixture-of-Experts"). README.md has the equations and every config key.
 //!
 //! Forward, for x [T,H], W [E,H] (trained), b [E] (a buffer: checkpointed, never trained):
-//!   logits = x·Wᵀ;  s = σ(logits) [T,E];  S_t = the top_k ids of s_t + b (ties: lower id first);
+//!   logits = x·Wᵀ;  s = σ(logits) [T,E];  S_t = the top_k ids of s_t + b (ties: lower id first),
+//!   with `n_group` > 1 among the experts of the `topk_group` groups (of E/n_group consecutive
+//!   ids) whose two largest s + b sum highest (DeepSeek-V3's node-limited routing; CPU only);
 //!   weights_tj = c · s_tj / Σ_{i∈S_t} s_ti when `normalize`, else c · s_tj  (j ∈ S_t, c =
 //!   `routed_scaling_factor`): the bias picks the experts, the gates ignore it;
 //!   probs_t = s_t / Σ_e s_te (the normalised affinities of DeepSeek-V3's sequence-wise balance
@@ -46,6 +48,13 @@ struct Config {
     routed_scaling_factor: f32,
     #[serde(default = "default_normalize")]
     normalize: bool,
+    #[serde(default = "one")]
+    n_group: usize,
+    #[serde(default = "one")]
+    topk_group: usize,
+}
+fn one() -> usize {
+    1
 }
 fn default_top_k() -> usize {
     2
@@ -69,6 +78,9 @@ struct SigmoidBias {
     /// `routed_scaling_factor`.
     scale: f32,
     normalize: bool,
+    /// Groups of consecutive experts, and how many a token keeps (1, 1: no group limit).
+    n_group: usize,
+    topk_group: usize,
 }
 
 fn create(config: &str, dims: ModelDims) -> Result<SigmoidBias> {
@@ -92,6 +104,18 @@ fn create(config: &str, dims: ModelDims) -> Result<SigmoidBias> {
             c.routed_scaling_factor
         ));
     }
+    let (g, kg) = (c.n_group, c.topk_group);
+    if g == 0 || !experts.is_multiple_of(g) || (g > 1 && experts / g < 2) {
+        return Err(format!(
+            "`n_group` = {g} but it must divide model.experts ({experts}) into groups of 2 or more (1: no groups)"
+        ));
+    }
+    if kg == 0 || kg > g || kg * (experts / g) < c.top_k {
+        return Err(format!(
+            "`topk_group` = {kg} but it must be in 1..=n_group ({g}) and keep at least top_k ({}) experts",
+            c.top_k
+        ));
+    }
     Ok(SigmoidBias {
         hidden: dims.hidden as usize,
         experts,
@@ -99,6 +123,8 @@ fn create(config: &str, dims: ModelDims) -> Result<SigmoidBias> {
         rate: c.bias_update,
         scale: c.routed_scaling_factor,
         normalize: c.normalize,
+        n_group: g,
+        topk_group: kg,
     })
 }
 
@@ -106,7 +132,7 @@ register!(
     Router,
     "sigmoid-bias",
     "DeepSeek-V3 sigmoid router, top-k of sigmoid + a per-expert bias moved by load (aux-loss-free balancing)",
-    "[router]\nplugin = \"sigmoid-bias\"\ntop_k = 2\nbias_update = 1e-3\nrouted_scaling_factor = 1.0\nnormalize = true",
+    "[router]\nplugin = \"sigmoid-bias\"\ntop_k = 2\nbias_update = 1e-3\nrouted_scaling_factor = 1.0\nnormalize = true\nn_group = 1\ntopk_group = 1",
     create
 );
 
@@ -156,6 +182,9 @@ fn expect(t: &Tensor, dtype: DType, device: Device, want: &[usize], what: &str) 
 impl SigmoidBias {
     /// What the CUDA kernels support: a warp per token, 32 experts and 1 slot per lane.
     fn cuda_limits(&self) -> Result<()> {
+        if self.n_group > 1 {
+            return Err(format!("{WHO}: `n_group` = {} runs on the CPU only for now (1 on CUDA)", self.n_group));
+        }
         if self.experts > 1024 || self.top_k > 32 {
             return Err(format!(
                 "{WHO}: on CUDA the router supports model.experts <= 1024 and `top_k` <= 32; got {} and {}",
@@ -200,6 +229,7 @@ impl SigmoidBias {
                 let x = s + b;
                 *v = if x.is_nan() { f32::NEG_INFINITY } else { x };
             });
+            self.keep_groups(&mut score);
             order.iter_mut().enumerate().for_each(|(i, o)| *o = i);
             order.sort_by(|&a, &z| score[z].partial_cmp(&score[a]).unwrap().then(a.cmp(&z)));
             let sel: f32 = order[..k].iter().map(|&j| pt[j]).sum();
@@ -213,6 +243,35 @@ impl SigmoidBias {
             }
             let q = nonzero(q);
             pt.iter_mut().for_each(|p| *p /= q);
+        }
+    }
+
+    /// With groups: −∞ for the experts outside the `topk_group` groups whose two best scores sum
+    /// highest (ties: the lower group), so the selection only sees the kept groups' experts.
+    fn keep_groups(&self, score: &mut [f32]) {
+        if self.n_group == 1 {
+            return;
+        }
+        let m = self.experts / self.n_group;
+        let top2 = |g: &[f32]| {
+            let (a, b) =
+                g.iter().fold(
+                    (f32::NEG_INFINITY, f32::NEG_INFINITY),
+                    |(a, b), &x| {
+                        if x > a {
+                            (x, a)
+                        } else {
+                            (a, b.max(x))
+                        }
+                    },
+                );
+            a + b
+        };
+        let gs: Vec<f32> = score.chunks(m).map(top2).collect();
+        let mut groups: Vec<usize> = (0..self.n_group).collect();
+        groups.sort_by(|&a, &z| gs[z].partial_cmp(&gs[a]).unwrap_or(std::cmp::Ordering::Equal).then(a.cmp(&z)));
+        for &g in &groups[self.topk_group..] {
+            score[g * m..(g + 1) * m].fill(f32::NEG_INFINITY);
         }
     }
 
@@ -283,7 +342,9 @@ impl Router for SigmoidBias {
             top_k = self.top_k,
             bias_update = self.rate,
             routed_scaling_factor = self.scale,
-            normalize = self.normalize
+            normalize = self.normalize,
+            n_group = self.n_group,
+            topk_group = self.topk_group
         )
     }
 

@@ -163,6 +163,26 @@ fn selection_uses_scores_plus_bias_and_gates_use_the_scores() {
     assert_eq!(ids, [1, 3]);
 }
 
+/// DeepSeek-V3's node-limited routing: 8 experts in 4 groups of 2, a token keeps the 2 groups
+/// whose two s + b sum highest and picks its experts there, even past a better single expert.
+#[test]
+fn groups_limit_the_selection_to_the_best_groups_by_their_top_two() {
+    // s + b by group: [0.9, 0.1] sums 1.0; [0.6, 0.6] 1.2; [0.95, 0.0] 0.95; [0.55, 0.5] 1.05.
+    let want = [0.9f32, 0.1, 0.6, 0.6, 0.95, 0.0, 0.55, 0.5];
+    let logits: Vec<f32> = want.iter().map(|&p| (p / (1.0 - p)).ln()).collect();
+    let cfg = "top_k = 2\nn_group = 4\ntopk_group = 2";
+    let (ids, w, _) = route(cfg, &logits, &[0.0; 8]);
+    // Groups 1 (1.2) and 3 (1.05) stay; expert 4 (0.95, the best alone) is out with group 2.
+    assert_eq!(ids, [2, 3]);
+    assert!((w[0] - 0.5).abs() < 1e-6 && (w[1] - 0.5).abs() < 1e-6, "{w:?}");
+    // The bias takes part in the group scores: +0.3 on expert 5 lifts group 2 to 1.25.
+    let (ids, _, _) = route(cfg, &logits, &[0.0, 0.0, 0.0, 0.0, 0.0, 0.3, 0.0, 0.0]);
+    assert_eq!(ids, [4, 2]);
+    // One group each of all 8 is no limit: the global top 2.
+    let (ids, _, _) = route("top_k = 2\nn_group = 4\ntopk_group = 4", &logits, &[0.0; 8]);
+    assert_eq!(ids, [4, 0]);
+}
+
 #[test]
 fn end_step_moves_the_bias_against_the_load_by_exactly_the_rate() {
     let th = TestHost::new(1);
@@ -249,6 +269,11 @@ fn config_is_validated_naming_the_key() {
         ("routed_scaling_factor = inf", "`routed_scaling_factor`"),
         ("normalize = 1", "`normalize`"),
         ("topk = 2", "topk"),
+        ("n_group = 4", "`n_group`"),
+        ("n_group = 6", "`n_group`"),
+        ("n_group = 3\ntopk_group = 4", "`topk_group`"),
+        ("n_group = 3\ntopk_group = 0", "`topk_group`"),
+        ("top_k = 3\nn_group = 3\ntopk_group = 1", "`topk_group`"),
     ] {
         let e = err(cfg);
         assert!(e.contains(key) && !e.contains('\n'), "{cfg}: {e}");
