@@ -12,6 +12,11 @@
 //!   h = x + o_proj(causal_gqa_attention(q, k, v))
 //!   m = moe_norm(h);   route = (logits, probs, ids, weights) = router(m)
 //!   out = h + combine(experts(dispatch(m, route)), route) [+ shared(m): the `[shared]` plugin]
+//!   or, in the first `model.dense_layers` (DeepSeek's first_k_dense_replace):
+//!   out = h + dense(m)  (the `[dense]` plugin, an FFN on every token)
+//!
+//! RoPE is plain or YaRN (`[model.yarn]`: the tables differ), and the scores' scale is
+//! `model.attn_scale`/sqrt(head_dim).
 //!
 //! then final_norm, an untied lm_head and cross-entropy; the loss adds every balance loss.
 //! Components get [`Tensor`] views of the backend's activations (`Backend::ACT`: f32 on the CPU,
@@ -492,7 +497,12 @@ fn layer_backward<B: Backend>(b: &B, l: usize, s: &Saved<B::T>, dy: &mut B::T, s
             dm
         }
         (Ffn::Dense(dense), FfnSaved::Dense(so)) => {
-            always_on_bwd(b, &at(&format!("dense `{}`", dense.c.0)), &dense.c.1, dense.params.clone(), &s.m, so, &dya)?
+            let who = at(&format!("dense `{}`", dense.c.0));
+            let dx = always_on_bwd(b, &who, &dense.c.1, dense.params.clone(), &s.m, so, &dya)?;
+            // ∂/∂m in f32, as the MoE block's sum is (norm_bwd takes it beside the f32 h).
+            let mut dm = b.zeros(&[n, hd], DType::F32)?;
+            b.add_into(&mut dm, &b.view(&dx, &[n, hd]))?;
+            dm
         }
         _ => unreachable!("a layer's forward and backward take the same FFN block"),
     };

@@ -702,6 +702,7 @@ fn transformers_parity() {
     let have = Command::new("python3").args(["-c", "import torch, transformers"]).output();
     assert!(have.is_ok_and(|o| o.status.success()), "python3 cannot import torch and transformers");
     let work = tmp("parity");
+    pith_tests::plugin("sigmoid-bias"); // DeepSeek-V3's router
     let o = Command::new("python3")
         .arg(if Path::new(SCRIPT).is_file() { SCRIPT } else { "scripts/hf_parity.py" }) // another checkout
         .args([pith_tests::pith_bin().to_str().unwrap(), "--work", p(&work)])
