@@ -2,7 +2,7 @@
 """Parity of Pith's Hugging Face interop with transformers itself (docs/interop.md).
 
 For each family (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE, DeepSeek-V2 with and without q_lora_rank, DeepSeek-V3):
-build a tiny random model with transformers (the sigmoid-bias plugin must lie beside pith for V3)
+build a tiny random model with transformers (the group-topk and sigmoid-bias plugins must lie beside pith)
 (vocab 128, hidden 64, 2 layers, 4 heads, 2 kv heads, 8 experts, top-2), save_pretrained it
 sharded, `pith import hf` it (and, where transformers can, the fused-experts save too), compare
 `pith eval-logits` with transformers' logits and loss, train Pith a few steps from it
@@ -52,7 +52,8 @@ FAMILIES = {
     # multi-head latent attention (q·k heads 16 = 8 + 8 rotated, interleaved; values 12; kv rank 16),
     # a dense first layer (FFN 128), two shared experts, un-renormalised softmax gates scaled by 2.5,
     # YaRN RoPE (V2-Lite's mscales: the scores scaled by m²); then with the compressed q (V2's
-    # q_lora_rank) and mscales that also scale cos and sin
+    # q_lora_rank), mscales that also scale cos and sin, and V2's group-limited routing (the
+    # group-topk plugin: 4 groups, keep 2)
     "deepseek_v2": ("DeepseekV2Config", dict(num_key_value_heads=4, n_routed_experts=8, moe_intermediate_size=32,
                                              n_shared_experts=2, intermediate_size=128, kv_lora_rank=16, q_lora_rank=None,
                                              qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12,
@@ -68,7 +69,9 @@ FAMILIES["deepseek_v3"] = ("DeepseekV3Config", dict(num_key_value_heads=4, n_rou
                                                     norm_topk_prob=True, routed_scaling_factor=2.5,
                                                     rope_interleave=True, rope_parameters=YARN))
 FAMILIES["deepseek_v2_q_lora"] = ("DeepseekV2Config", {**FAMILIES["deepseek_v2"][1], "q_lora_rank": 24,
-                                                       "rope_parameters": {**YARN, "mscale": 1.0, "mscale_all_dim": 0.8}})
+                                                       "rope_parameters": {**YARN, "mscale": 1.0, "mscale_all_dim": 0.8},
+                                                       "topk_method": "group_limited_greedy", "n_group": 4,
+                                                       "topk_group": 2})
 
 
 def pith(binary, *args):

@@ -681,7 +681,7 @@ fn bad_inputs_fail_in_one_line_and_leave_nothing() {
     let (code, _, err) = pith(&["export", "hf", p(&run), p(&out)]);
     assert_eq!(code, 1);
     assert!(
-        err.contains("covers the std `topk-softmax` router (DeepSeek-V3: `sigmoid-bias`) and `swiglu` experts only"),
+        err.contains("covers the std `topk-softmax` router (DeepSeek-V2: `group-topk`, V3: `sigmoid-bias`) and `swiglu` experts only"),
         "{err}"
     );
     let left: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().map(|e| e.file_name()).collect();
@@ -703,6 +703,7 @@ fn transformers_parity() {
     assert!(have.is_ok_and(|o| o.status.success()), "python3 cannot import torch and transformers");
     let work = tmp("parity");
     pith_tests::plugin("sigmoid-bias"); // DeepSeek-V3's router
+    pith_tests::plugin("group-topk"); // DeepSeek-V2's group-limited one
     let o = Command::new("python3")
         .arg(if Path::new(SCRIPT).is_file() { SCRIPT } else { "scripts/hf_parity.py" }) // another checkout
         .args([pith_tests::pith_bin().to_str().unwrap(), "--work", p(&work)])

@@ -30,7 +30,8 @@ pub struct HfModel {
     pub dense: Option<(usize, usize)>,
     /// RoPE on pairs (2i, 2i+1): DeepSeek's layout.
     pub rope_interleaved: bool,
-    /// DeepSeek-V3's router: sigmoid-bias with (`n_group`, `topk_group`).
+    /// DeepSeek's group-limited routing (`n_group`, `topk_group`): V3's sigmoid-bias router, or
+    /// V2's `group_limited_greedy` as the group-topk router.
     pub groups: Option<(usize, usize)>,
     /// `rope_scaling`/`rope_parameters` of type yarn.
     pub yarn: Option<Yarn>,
@@ -197,16 +198,18 @@ fn parse_config(c: &Value, seq_len: Option<usize>) -> Result<HfModel, String> {
         if let Some(v) = get("moe_layer_freq").filter(|v| v.as_u64() != Some(1)) {
             refuse("moe_layer_freq", v, "every layer is MoE");
         }
-        // V2: topk-softmax over all experts; V3: sigmoid-bias (noaux_tc, group-limited).
-        let (method, scoring) = if v3 { ("noaux_tc", "sigmoid") } else { ("greedy", "softmax") };
-        if let Some(v) = get("topk_method").filter(|v| v.as_str() != Some(method)) {
-            refuse("topk_method", v, &format!("{} routes by \"{method}\"", f.architecture()));
+        // V2: topk-softmax over all experts (greedy) or group-topk (group_limited_greedy); V3:
+        // sigmoid-bias (noaux_tc, group-limited).
+        let (methods, scoring) = if v3 { (&["noaux_tc"][..], "sigmoid") } else { (GREEDY, "softmax") };
+        if let Some(v) = get("topk_method").filter(|v| !methods.iter().any(|m| v.as_str() == Some(m))) {
+            refuse("topk_method", v, &format!("{} routes by {}", f.architecture(), methods.join(" or ")));
         }
         if let Some(v) = get("scoring_func").filter(|v| v.as_str() != Some(scoring)) {
             refuse("scoring_func", v, &format!("{} scores by {scoring}", f.architecture()));
         }
     }
-    let groups = match v3 {
+    let limited = get("topk_method").and_then(Value::as_str) == Some(GREEDY[1]);
+    let groups = match v3 || (deepseek && limited) {
         true => Some((int("n_group")?.unwrap_or(1).max(1), int("topk_group")?.unwrap_or(1).max(1))),
         false => None,
     };
@@ -274,6 +277,9 @@ fn parse_config(c: &Value, seq_len: Option<usize>) -> Result<HfModel, String> {
     })
 }
 
+/// DeepSeek-V2's `topk_method`s: over all experts, or within the best groups.
+const GREEDY: &[&str] = &["greedy", "group_limited_greedy"];
+
 /// `[model.yarn]` from a rope_scaling/rope_parameters object of type yarn (transformers' rules:
 /// no `factor` means max_position_embeddings / original; the original context is the object's
 /// `original_max_position_embeddings`, else the config's, else max_position_embeddings).
@@ -338,6 +344,11 @@ impl HfModel {
         // DeepSeek-V3's bias stays as imported (bias_update 0, as transformers trains it); DeepSeek
         // moved it by 1e-3 a step in pre-training.
         let router = match (self.groups, self.scale) {
+            (Some((g, kg)), c) if self.family == Family::DeepseekV2 => format!(
+                "plugin = \"group-topk\"\ntop_k = {}\nnormalize = false\nrouted_scaling_factor = {c:?}\nn_group = {g}\n\
+                 topk_group = {kg}\nscore = \"softmax\"\ngroup_score = \"max\"\n",
+                self.top_k
+            ),
             (Some((g, kg)), c) => format!(
                 "plugin = \"sigmoid-bias\"\ntop_k = {}\nnormalize = {}\nrouted_scaling_factor = {c:?}\nn_group = {g}\n\
                  topk_group = {kg}\nbias_update = 0.0\n",
@@ -535,11 +546,14 @@ pub(super) fn hf_config(cfg: &Config, t: &Target, opts: &ExportOptions, tok: &Op
                 "topk_method": "greedy", "n_group": null, "topk_group": null, "norm_topk_prob": false,
                 "attention_bias": false, "mlp_bias": false,
             });
-            if let Some((g, kg)) = t.groups {
-                let v3 = json!({"topk_method": "noaux_tc", "scoring_func": "sigmoid", "n_group": g, "topk_group": kg,
-                                "norm_topk_prob": normalize, "rope_interleave": m.rope_interleaved, "num_mtp_layers": 0});
-                d.as_object_mut().unwrap().extend(v3.as_object().unwrap().clone());
-            }
+            let groups = match (family, t.groups) {
+                (Family::DeepseekV3, Some((g, kg))) => json!({"topk_method": "noaux_tc", "scoring_func": "sigmoid",
+                    "n_group": g, "topk_group": kg, "norm_topk_prob": normalize, "rope_interleave": m.rope_interleaved,
+                    "num_mtp_layers": 0}),
+                (_, Some((g, kg))) => json!({"topk_method": GREEDY[1], "n_group": g, "topk_group": kg}),
+                (_, None) => json!({}),
+            };
+            d.as_object_mut().unwrap().extend(groups.as_object().unwrap().clone());
             d
         }
     };
@@ -648,6 +662,27 @@ mod tests {
         let n = crate::model::Model::counts(&cfg.model, 6, (cfg.shared_ffn(), cfg.dense_ffn()));
         let all = n.total + cfg.model.vocab * cfg.model.hidden; // + the embedding lookup
         assert!((15.6e9..15.8e9).contains(&(all as f64)), "{all} parameters (15.7B published)");
+    }
+
+    /// DeepSeek-V2's group_limited_greedy routing imports as the group-topk router (softmax
+    /// scores, groups by their best expert, no renormalisation).
+    #[test]
+    fn deepseek_v2_group_limited_routing_is_group_topk() {
+        let mut c = base("DeepseekV2ForCausalLM");
+        let v2 = json!({"n_routed_experts": 8, "kv_lora_rank": 4, "qk_rope_head_dim": 2, "qk_nope_head_dim": 2,
+                        "v_head_dim": 2, "num_key_value_heads": 4, "topk_method": "group_limited_greedy",
+                        "n_group": 4, "topk_group": 2, "routed_scaling_factor": 16.0});
+        c.as_object_mut().unwrap().extend(v2.as_object().unwrap().clone());
+        let m = parse_config(&c, None).unwrap();
+        assert_eq!((m.groups, m.normalize, m.scale), (Some((4, 2)), false, 16.0));
+        let cfg = m.config(Path::new("v2"), Path::new("runs/v2")).unwrap();
+        let r = &cfg.router;
+        assert_eq!(r.get("plugin").and_then(|v| v.as_str()), Some("group-topk"));
+        let keys = ["n_group", "topk_group", "routed_scaling_factor", "score", "group_score", "normalize"];
+        let got: Vec<String> = keys.iter().map(|k| r[*k].to_string()).collect();
+        assert_eq!(got, ["4", "2", "16.0", "\"softmax\"", "\"max\"", "false"]);
+        c["topk_method"] = json!("noaux_tc");
+        assert!(parse_config(&c, None).unwrap_err().contains("`topk_method` = \"noaux_tc\""));
     }
 
     #[test]

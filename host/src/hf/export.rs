@@ -93,11 +93,11 @@ pub(super) struct Target {
 pub(super) fn target(cfg: &Config) -> Result<Target, String> {
     let plugin = |t: &toml::Table| t.get("plugin").and_then(|v| v.as_str()).unwrap_or("").to_string();
     let (router, experts) = (plugin(&cfg.router), plugin(&cfg.experts));
-    let sigmoid = router == "sigmoid-bias";
-    if !(router == "topk-softmax" || sigmoid) || experts != "swiglu" {
+    let (sigmoid, grouped) = (router == "sigmoid-bias", router == "group-topk");
+    if !(router == "topk-softmax" || sigmoid || grouped) || experts != "swiglu" {
         return Err(format!(
             "router `{router}` and experts `{experts}`: Hugging Face export covers the std `topk-softmax` router \
-             (DeepSeek-V3: `sigmoid-bias`) and `swiglu` experts only"
+             (DeepSeek-V2: `group-topk`, V3: `sigmoid-bias`) and `swiglu` experts only"
         ));
     }
     let shared = match &cfg.shared {
@@ -115,11 +115,22 @@ pub(super) fn target(cfg: &Config) -> Result<Target, String> {
     let top_k = r.get("top_k").and_then(|v| v.as_integer()).unwrap_or(2) as usize;
     let normalize = r.get("normalize").and_then(|v| v.as_bool()).unwrap_or(true);
     let float = |k: &str| r.get(k).and_then(|v| v.as_float().or(v.as_integer().map(|i| i as f64)));
-    let int = |k: &str| r.get(k).and_then(|v| v.as_integer()).unwrap_or(1) as usize;
-    let scale = float(if sigmoid { "routed_scaling_factor" } else { "scale" }).unwrap_or(1.0);
-    let groups = sigmoid.then(|| (int("n_group"), int("topk_group")));
-    if sigmoid && m.mla.is_none() {
-        return Err("router `sigmoid-bias`: Hugging Face export has it as DeepSeek-V3's, with [model.mla]".into());
+    let int = |k: &str, default: i64| r.get(k).and_then(|v| v.as_integer()).unwrap_or(default) as usize;
+    let text = |k: &str, default: &str| r.get(k).and_then(|v| v.as_str()).unwrap_or(default).to_string();
+    let scale = float(if sigmoid || grouped { "routed_scaling_factor" } else { "scale" }).unwrap_or(1.0);
+    // The plugins' own defaults: sigmoid-bias has no groups, group-topk 4 keeping 2.
+    let groups = match (sigmoid, grouped) {
+        (true, _) => Some((int("n_group", 1), int("topk_group", 1))),
+        (_, true) => Some((int("n_group", 4), int("topk_group", 2))),
+        _ => None,
+    };
+    if (sigmoid || grouped) && m.mla.is_none() {
+        return Err(format!("router `{router}`: Hugging Face export has it as DeepSeek's, with [model.mla]"));
+    }
+    if grouped && (text("score", "softmax") != "softmax" || text("group_score", "max") != "max") {
+        return Err("router `group-topk`: DeepSeek-V2's group_limited_greedy scores softmax and groups by their max \
+                    (score = \"softmax\", group_score = \"max\")"
+            .into());
     }
     let family = Family::of(m, sigmoid, normalize, shared.map(|s| s.0))?;
     if matches!(family, Family::Olmoe | Family::Qwen2Moe) && m.heads * m.head_dim != m.hidden {
