@@ -83,7 +83,12 @@ fn parse_st<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>, String>
 
 /// The model of `cfg` with its components, weights still at their random init, without grads.
 fn build(cfg: &Config, reg: &Registry) -> Result<(Model, Params, (String, OptimizerBox)), String> {
-    let (moe, opt) = crate::train::components(cfg, reg, Shard::WHOLE)?;
+    // DeepSeek's routers are plugin crates of this workspace, loaded from beside `pith`.
+    let hint = |e: String| match ["group-topk", "sigmoid-bias"].into_iter().find(|p| e.contains(&format!("`{p}`"))) {
+        Some(p) => format!("{e} (the `{p}` plugin: `cargo build --release -p {p}` puts it beside pith)"),
+        None => e,
+    };
+    let (moe, opt) = crate::train::components(cfg, reg, Shard::WHOLE).map_err(hint)?;
     let mut params = Params::default();
     let model = Model::new(&cfg.model, &mut params, cfg.train.seed, moe, Shard::WHOLE)?;
     params.list.iter_mut().for_each(|p| p.g = Vec::new());
