@@ -2,25 +2,30 @@
 // out, fp32 math, tensor cores through inline PTX (mma.sync.m16n8k16 bf16 -> fp32, ldmatrix,
 // cp.async). Compiled at run time by NVRTC for sm_90; static shared memory only (< 48 KiB).
 //
-// Layouts (row-major, contiguous): q, o, dout: [B, S, Hq, D]; k, v: [B, S, Hkv, D];
-// lse, delta: float [B, Hq, S]; dq_acc: float [B, S, Hq, D]; dk, dv: bf16 [B, S, Hkv, D].
-// Query head h reads kv head h / (Hq / Hkv). Query i attends keys j <= i. D is 32, 64 or 128.
+// Layouts (row-major, contiguous): q: [B, S, Hq, DK]; o, dout: [B, S, Hq, DV]; k: [B, S, Hkv, DK];
+// v: [B, S, Hkv, DV]; lse, delta: float [B, Hq, S]; dq_acc: float [B, S, Hq, DK]; dk, dv: bf16 as k, v.
+// Query head h reads kv head h / (Hq / Hkv). Query i attends keys j <= i. The q·k head size DK and
+// the value head size DV are (32, 32), (64, 64), (128, 128) (kernels _d32, _d64, _d128) or
+// (192, 128) (_d192_128: DeepSeek's multi-head latent attention, 128 + 64 rotated dims); D below
+// is DK = DV. The host pads other sizes with zero columns to the next of these.
 //
 // Launch configurations (cdiv(a, b) = (a + b - 1) / b; dynamic shared bytes are 0 for all):
 //   flash_attn_fwd_d32   grid (Hq, B, cdiv(S, 128))    block (256, 1, 1)  shared 0
 //   flash_attn_fwd_d64   grid (Hq, B, cdiv(S, 128))    block (256, 1, 1)  shared 0
 //   flash_attn_fwd_d128  grid (Hq, B, cdiv(S, 64))     block (128, 1, 1)  shared 0
+//   flash_attn_fwd_d192_128  as flash_attn_fwd_d128
 //   flash_attn_bwd_prep  grid (cdiv(B*S*Hq, 8), 1, 1)  block (256, 1, 1)  shared 0
 //   flash_attn_bwd_d32   grid (Hkv, B, cdiv(S, 64))    block (128, 1, 1)  shared 0
 //   flash_attn_bwd_d64   grid (Hkv, B, cdiv(S, 64))    block (128, 1, 1)  shared 0
 //   flash_attn_bwd_d128  grid (Hkv, B, cdiv(S, 64))    block (128, 1, 1)  shared 0
+//   flash_attn_bwd_d192_128  as flash_attn_bwd_d128 (16-query tiles: 45 KiB of static shared memory)
 //   flash_attn_dq_cast   grid (min(cdiv(n, 256), 65535), 1, 1)  block (256, 1, 1)  shared 0
 // D = 32 uses the D = 64 tiling (fwd BM = 128 with 8 warps; bwd 64 keys x 64-query tiles, 4 warps).
 // flash_attn_bwd_prep takes D as an argument and serves every D here (any even D; D = 32 leaves
 // half of each warp idle).
 // Host duties: zero dq_acc (float [B, S, Hq, D]) before flash_attn_bwd_*; run flash_attn_bwd_prep
-// (delta) before flash_attn_bwd_*; cast dq_acc to bf16 with flash_attn_dq_cast afterwards
-// (n = B*S*Hq*D). Pointers must be 16-byte aligned (any cudaMalloc'd base is).
+// (delta, its D = DV) before flash_attn_bwd_*; cast dq_acc to bf16 with flash_attn_dq_cast
+// afterwards (n = B*S*Hq*DK). Pointers must be 16-byte aligned (any cudaMalloc'd base is).
 // dk and dv are fully written (no zeroing needed). No function attributes need raising.
 // Measured on H200 (B=4, S=4096, Hq=16, Hkv=4, D=64; causal FLOPs): fwd 249 TFLOP/s, bwd kernel
 // 203 TFLOP/s (190 with prep + zeroing + cast; torch SDPA on the same card: fwd 257-260, bwd 204-212).
@@ -120,53 +125,53 @@ __device__ __forceinline__ void load_tile(bf16* s, const bf16* g, size_t rs, int
 // ------------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------------
-template <int D, int BM>
+template <int DK, int DV, int BM>
 __device__ __forceinline__ void fwd_impl(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                          const bf16* __restrict__ v, bf16* __restrict__ o, float* __restrict__ lse,
                                          int B, int S, int Hq, int Hkv, float scale) {
-    constexpr int BN = 64, NW = BM / 16, NT = NW * 32, LD = D + 8, KV = BN * LD;
-    constexpr int SMEM = (2 * KV > BM * LD) ? 2 * KV : BM * LD;
+    constexpr int BN = 64, NW = BM / 16, NT = NW * 32, LDK = DK + 8, LDV = DV + 8, KT = BN * LDK;
+    constexpr int SMEM = (KT + BN * LDV > BM * LDK) ? KT + BN * LDV : BM * LDK;
     __shared__ __align__(16) bf16 smem[SMEM];  // [K tile | V tile]; the Q tile aliases it at the start
     bf16* sK = smem;
-    bf16* sV = smem + KV;
+    bf16* sV = smem + KT;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int h = blockIdx.x, b = blockIdx.y, hk = h / (Hq / Hkv);
     const int m0 = (gridDim.z - 1 - blockIdx.z) * BM;  // heaviest (last) query tiles first
-    const size_t qrs = (size_t)Hq * D, kvrs = (size_t)Hkv * D;
-    const bf16* qb = q + (size_t)b * S * qrs + (size_t)h * D;
-    const bf16* kb = k + (size_t)b * S * kvrs + (size_t)hk * D;
-    const bf16* vb = v + (size_t)b * S * kvrs + (size_t)hk * D;
+    const size_t qrs = (size_t)Hq * DK, krs = (size_t)Hkv * DK, vrs = (size_t)Hkv * DV, ors = (size_t)Hq * DV;
+    const bf16* qb = q + (size_t)b * S * qrs + (size_t)h * DK;
+    const bf16* kb = k + (size_t)b * S * krs + (size_t)hk * DK;
+    const bf16* vb = v + (size_t)b * S * vrs + (size_t)hk * DV;
 
     // Q tile -> shared -> per-warp A fragments in registers.
-    load_tile<BM, D, NT>(smem, qb, qrs, m0, S, tid);
+    load_tile<BM, DK, NT>(smem, qb, qrs, m0, S, tid);
     cp_async_commit();
     cp_async_wait_all();
     __syncthreads();
-    unsigned qf[D / 16][4];
+    unsigned qf[DK / 16][4];
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
-        ldsm4(qf[kk], smem + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
+    for (int kk = 0; kk < DK / 16; ++kk)
+        ldsm4(qf[kk], smem + (warp * 16 + (lane & 15)) * LDK + kk * 16 + (lane >> 4) * 8);
     __syncthreads();
 
     const float sl2 = scale * ATTN_LOG2E;
     const int wr0 = m0 + warp * 16;          // first row of this warp
     const int row0 = wr0 + (lane >> 2);      // rows of accumulator elements 0,1 (and +8 for 2,3)
     float m_i[2] = {ATTN_NEG_INF, ATTN_NEG_INF}, l_i[2] = {0.f, 0.f};
-    float acc[D / 8][4];
+    float acc[DV / 8][4];
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    for (int i = 0; i < DV / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 
     const int kend = min(S, m0 + BM);  // keys needed by this block: [0, kend)
     const int n_tiles = (kend + BN - 1) / BN;
-    load_tile<BN, D, NT>(sK, kb, kvrs, 0, S, tid);
+    load_tile<BN, DK, NT>(sK, kb, krs, 0, S, tid);
     cp_async_commit();
 
     for (int nb = 0; nb < n_tiles; ++nb) {
         const int n0 = nb * BN;
         cp_async_wait_all();  // K[nb] has landed
         __syncthreads();      // ... for every thread; everyone is done with V[nb-1]
-        load_tile<BN, D, NT>(sV, vb, kvrs, n0, S, tid);
+        load_tile<BN, DV, NT>(sV, vb, vrs, n0, S, tid);
         cp_async_commit();
 
         const bool active = n0 <= wr0 + 15;  // warp-uniform: some key of the tile is visible
@@ -175,11 +180,11 @@ __device__ __forceinline__ void fwd_impl(const bf16* __restrict__ q, const bf16*
 #pragma unroll
             for (int i = 0; i < BN / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
 #pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
+            for (int kk = 0; kk < DK / 16; ++kk) {
 #pragma unroll
                 for (int np = 0; np < BN / 16; ++np) {
                     unsigned bk[4];
-                    ldsm4(bk, sK + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LD + kk * 16 + ((lane >> 3) & 1) * 8);
+                    ldsm4(bk, sK + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LDK + kk * 16 + ((lane >> 3) & 1) * 8);
                     mma16816(s[2 * np], qf[kk], bk[0], bk[1]);
                     mma16816(s[2 * np + 1], qf[kk], bk[2], bk[3]);
                 }
@@ -208,7 +213,7 @@ __device__ __forceinline__ void fwd_impl(const bf16* __restrict__ q, const bf16*
                 m_i[r] = mx[r];
                 l_i[r] *= corr;
 #pragma unroll
-                for (int dt = 0; dt < D / 8; ++dt) {
+                for (int dt = 0; dt < DV / 8; ++dt) {
                     acc[dt][2 * r] *= corr;
                     acc[dt][2 * r + 1] *= corr;
                 }
@@ -224,7 +229,7 @@ __device__ __forceinline__ void fwd_impl(const bf16* __restrict__ q, const bf16*
 
         cp_async_wait_all();  // V[nb] has landed
         __syncthreads();      // ... for every thread; everyone is done with K[nb]
-        if (nb + 1 < n_tiles) load_tile<BN, D, NT>(sK, kb, kvrs, n0 + BN, S, tid);
+        if (nb + 1 < n_tiles) load_tile<BN, DK, NT>(sK, kb, krs, n0 + BN, S, tid);
         cp_async_commit();
 
         if (active) {  // O += P V, P re-packed from the accumulator layout into A fragments
@@ -234,9 +239,9 @@ __device__ __forceinline__ void fwd_impl(const bf16* __restrict__ q, const bf16*
                                         pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
                                         pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
 #pragma unroll
-                for (int dp = 0; dp < D / 16; ++dp) {
+                for (int dp = 0; dp < DV / 16; ++dp) {
                     unsigned bv[4];
-                    ldsm4t(bv, sV + (kk * 16 + (lane & 15)) * LD + dp * 16 + (lane >> 4) * 8);
+                    ldsm4t(bv, sV + (kk * 16 + (lane & 15)) * LDV + dp * 16 + (lane >> 4) * 8);
                     mma16816(acc[2 * dp], pa, bv[0], bv[1]);
                     mma16816(acc[2 * dp + 1], pa, bv[2], bv[3]);
                 }
@@ -253,9 +258,9 @@ __device__ __forceinline__ void fwd_impl(const bf16* __restrict__ q, const bf16*
         const int row = row0 + r * 8;
         if (row < S) {
             const float inv = 1.f / l;
-            bf16* orow = o + ((size_t)b * S + row) * qrs + (size_t)h * D + 2 * (lane & 3);
+            bf16* orow = o + ((size_t)b * S + row) * ors + (size_t)h * DV + 2 * (lane & 3);
 #pragma unroll
-            for (int dt = 0; dt < D / 8; ++dt)
+            for (int dt = 0; dt < DV / 8; ++dt)
                 *reinterpret_cast<unsigned*>(orow + dt * 8) = pack_bf16(acc[dt][2 * r] * inv, acc[dt][2 * r + 1] * inv);
             if ((lane & 3) == 0) lse[((size_t)b * Hq + h) * S + row] = m_i[r] * scale + logf(l);
         }
@@ -265,19 +270,25 @@ __device__ __forceinline__ void fwd_impl(const bf16* __restrict__ q, const bf16*
 extern "C" __global__ void __launch_bounds__(256, 2)
     flash_attn_fwd_d32(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, int B, int S, int Hq,
                        int Hkv, float scale) {
-    fwd_impl<32, 128>(q, k, v, o, lse, B, S, Hq, Hkv, scale);
+    fwd_impl<32, 32, 128>(q, k, v, o, lse, B, S, Hq, Hkv, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
     flash_attn_fwd_d64(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, int B, int S, int Hq,
                        int Hkv, float scale) {
-    fwd_impl<64, 128>(q, k, v, o, lse, B, S, Hq, Hkv, scale);
+    fwd_impl<64, 64, 128>(q, k, v, o, lse, B, S, Hq, Hkv, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 2)
     flash_attn_fwd_d128(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, int B, int S, int Hq,
                         int Hkv, float scale) {
-    fwd_impl<128, 64>(q, k, v, o, lse, B, S, Hq, Hkv, scale);
+    fwd_impl<128, 128, 64>(q, k, v, o, lse, B, S, Hq, Hkv, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(128, 2)
+    flash_attn_fwd_d192_128(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, int B, int S, int Hq,
+                            int Hkv, float scale) {
+    fwd_impl<192, 128, 64>(q, k, v, o, lse, B, S, Hq, Hkv, scale);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -304,44 +315,49 @@ extern "C" __global__ void __launch_bounds__(256)
     }
 }
 
-template <int D, int BMQ>
+template <int DK, int DV, int BMQ>
 __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                          const bf16* __restrict__ v, const bf16* __restrict__ dout,
                                          const float* __restrict__ lse, const float* __restrict__ delta,
                                          float* __restrict__ dq_acc, bf16* __restrict__ dk, bf16* __restrict__ dv,
                                          int B, int S, int Hq, int Hkv, float scale) {
-    constexpr int BN = 64, NT = 128, LD = D + 8, LDS = BMQ + 8;
-    constexpr int RG = BMQ / 16, DC = 4 / RG, DW = D / DC;  // dQ split: RG row groups x DC dim chunks
-    static_assert(2 * BMQ >= BN, "V staging aliases the Q and dO tiles");
-    __shared__ __align__(16) bf16 sK[BN * LD];
-    __shared__ __align__(16) bf16 sQ[2 * BMQ * LD];  // [Q tile | dO tile]; V tile at the start
-    __shared__ __align__(16) bf16 sdS[BN * LDS];     // dS^T [key][query]
+    constexpr int BN = 64, NT = 128, LDK = DK + 8, LDV = DV + 8, LDS = BMQ + 8;
+    constexpr int RG = BMQ / 16, DC = 4 / RG, DW = DK / DC;  // dQ split: RG row groups x DC dim chunks
+    constexpr int QT = BMQ * LDK, QO = (QT + BMQ * LDV > BN * LDV) ? QT + BMQ * LDV : BN * LDV;
+    __shared__ __align__(16) bf16 sK[BN * LDK];
+    __shared__ __align__(16) bf16 sQ[QO];         // [Q tile | dO tile]; V tile at the start
+    __shared__ __align__(16) bf16 sdS[BN * LDS];  // dS^T [key][query]
     __shared__ float sLse[BMQ], sDelta[BMQ];
-    bf16* sdO = sQ + BMQ * LD;
+    bf16* sdO = sQ + QT;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int hk = blockIdx.x, b = blockIdx.y, n0 = blockIdx.z * BN;  // key tile 0 (most work) first
     const int G = Hq / Hkv;
-    const size_t qrs = (size_t)Hq * D, kvrs = (size_t)Hkv * D;
-    const bf16* kb = k + (size_t)b * S * kvrs + (size_t)hk * D;
-    const bf16* vb = v + (size_t)b * S * kvrs + (size_t)hk * D;
+    const size_t qrs = (size_t)Hq * DK, ors = (size_t)Hq * DV, krs = (size_t)Hkv * DK, vrs = (size_t)Hkv * DV;
+    const bf16* kb = k + (size_t)b * S * krs + (size_t)hk * DK;
+    const bf16* vb = v + (size_t)b * S * vrs + (size_t)hk * DV;
 
     // K stays in shared memory (A operand of S^T, B operand of dQ); V goes to registers.
-    load_tile<BN, D, NT>(sK, kb, kvrs, n0, S, tid);
-    load_tile<BN, D, NT>(sQ, vb, kvrs, n0, S, tid);
+    load_tile<BN, DK, NT>(sK, kb, krs, n0, S, tid);
+    load_tile<BN, DV, NT>(sQ, vb, vrs, n0, S, tid);
     cp_async_commit();
     cp_async_wait_all();
     __syncthreads();
-    unsigned vf[D / 16][4];
+    unsigned vf[DV / 16][4];
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) ldsm4(vf[kk], sQ + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
+    for (int kk = 0; kk < DV / 16; ++kk)
+        ldsm4(vf[kk], sQ + (warp * 16 + (lane & 15)) * LDV + kk * 16 + (lane >> 4) * 8);
     __syncthreads();
 
-    float dka[D / 8][4], dva[D / 8][4];
+    float dka[DK / 8][4], dva[DV / 8][4];
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i)
+    for (int i = 0; i < DK / 8; ++i)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dka[i][e] = dva[i][e] = 0.f;
+        for (int e = 0; e < 4; ++e) dka[i][e] = 0.f;
+#pragma unroll
+    for (int i = 0; i < DV / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dva[i][e] = 0.f;
 
     const float sl2 = scale * ATTN_LOG2E;
     const int kw0 = n0 + warp * 16;          // first key of this warp
@@ -351,9 +367,8 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
 
     auto issue = [&](int it) {  // async loads of Q, dO, lse, delta for iteration it
         const int h = hk * G + it / per_head, m0 = (m_begin + it % per_head) * BMQ;
-        const size_t off = (size_t)b * S * qrs + (size_t)h * D;
-        load_tile<BMQ, D, NT>(sQ, q + off, qrs, m0, S, tid);
-        load_tile<BMQ, D, NT>(sdO, dout + off, qrs, m0, S, tid);
+        load_tile<BMQ, DK, NT>(sQ, q + (size_t)b * S * qrs + (size_t)h * DK, qrs, m0, S, tid);
+        load_tile<BMQ, DV, NT>(sdO, dout + (size_t)b * S * ors + (size_t)h * DV, ors, m0, S, tid);
         const size_t loff = ((size_t)b * Hq + h) * S;
         for (int i = tid; i < BMQ; i += NT) {
             const bool ok = m0 + i < S;
@@ -377,20 +392,33 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
             for (int e = 0; e < 4; ++e) st[i][e] = dpt[i][e] = 0.f;
         if (active) {
 #pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
+            for (int kk = 0; kk < DK / 16; ++kk) {
                 unsigned ka[4];
-                ldsm4(ka, sK + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
+                ldsm4(ka, sK + (warp * 16 + (lane & 15)) * LDK + kk * 16 + (lane >> 4) * 8);
 #pragma unroll
                 for (int np = 0; np < BMQ / 16; ++np) {
-                    const int off = (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LD + kk * 16 + ((lane >> 3) & 1) * 8;
-                    unsigned bq[4], bd[4];
-                    ldsm4(bq, sQ + off);
-                    ldsm4(bd, sdO + off);
+                    unsigned bq[4];
+                    ldsm4(bq, sQ + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LDK + kk * 16 + ((lane >> 3) & 1) * 8);
                     mma16816(st[2 * np], ka, bq[0], bq[1]);
                     mma16816(st[2 * np + 1], ka, bq[2], bq[3]);
-                    mma16816(dpt[2 * np], vf[kk], bd[0], bd[1]);
-                    mma16816(dpt[2 * np + 1], vf[kk], bd[2], bd[3]);
+                    if (DK == DV) {  // one loop for both products (the square head sizes)
+                        unsigned bd[4];
+                        ldsm4(bd, sdO + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LDV + kk * 16 + ((lane >> 3) & 1) * 8);
+                        mma16816(dpt[2 * np], vf[kk % (DV / 16)], bd[0], bd[1]);
+                        mma16816(dpt[2 * np + 1], vf[kk % (DV / 16)], bd[2], bd[3]);
+                    }
                 }
+            }
+            if (DK != DV) {
+#pragma unroll
+                for (int kk = 0; kk < DV / 16; ++kk)
+#pragma unroll
+                    for (int np = 0; np < BMQ / 16; ++np) {
+                        unsigned bd[4];
+                        ldsm4(bd, sdO + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LDV + kk * 16 + ((lane >> 3) & 1) * 8);
+                        mma16816(dpt[2 * np], vf[kk], bd[0], bd[1]);
+                        mma16816(dpt[2 * np + 1], vf[kk], bd[2], bd[3]);
+                    }
             }
             const bool need_mask = (kw0 + 15 > m0) || (m0 + BMQ > S);
 #pragma unroll
@@ -415,13 +443,16 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
                                         pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
                                         pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
 #pragma unroll
-                for (int dp = 0; dp < D / 16; ++dp) {
-                    const int off = (kk * 16 + (lane & 15)) * LD + dp * 16 + (lane >> 4) * 8;
-                    unsigned bd[4], bq[4];
-                    ldsm4t(bd, sdO + off);
-                    ldsm4t(bq, sQ + off);
+                for (int dp = 0; dp < DV / 16; ++dp) {
+                    unsigned bd[4];
+                    ldsm4t(bd, sdO + (kk * 16 + (lane & 15)) * LDV + dp * 16 + (lane >> 4) * 8);
                     mma16816(dva[2 * dp], pa, bd[0], bd[1]);
                     mma16816(dva[2 * dp + 1], pa, bd[2], bd[3]);
+                }
+#pragma unroll
+                for (int dp = 0; dp < DK / 16; ++dp) {
+                    unsigned bq[4];
+                    ldsm4t(bq, sQ + (kk * 16 + (lane & 15)) * LDK + dp * 16 + (lane >> 4) * 8);
                     mma16816(dka[2 * dp], da, bq[0], bq[1]);
                     mma16816(dka[2 * dp + 1], da, bq[2], bq[3]);
                 }
@@ -452,7 +483,7 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
 #pragma unroll
             for (int dp = 0; dp < DW / 16; ++dp) {
                 unsigned bk[4];
-                ldsm4t(bk, sK + (kk * 16 + (lane & 15)) * LD + dc0 + dp * 16 + (lane >> 4) * 8);
+                ldsm4t(bk, sK + (kk * 16 + (lane & 15)) * LDK + dc0 + dp * 16 + (lane >> 4) * 8);
                 mma16816(dqa[2 * dp], a, bk[0], bk[1]);
                 mma16816(dqa[2 * dp + 1], a, bk[2], bk[3]);
             }
@@ -461,7 +492,7 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
         for (int r = 0; r < 2; ++r) {
             const int row = m0 + qr + (lane >> 2) + r * 8;
             if (row < S) {
-                float* dst = dq_acc + (((size_t)b * S + row) * Hq + h) * D + dc0 + 2 * (lane & 3);
+                float* dst = dq_acc + (((size_t)b * S + row) * Hq + h) * DK + dc0 + 2 * (lane & 3);
 #pragma unroll
                 for (int dt = 0; dt < DW / 8; ++dt)
                     red_add_f32x2(dst + dt * 8, dqa[dt][2 * r] * scale, dqa[dt][2 * r + 1] * scale);
@@ -474,13 +505,15 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
     for (int r = 0; r < 2; ++r) {
         const int key = key0 + r * 8;
         if (key < S) {
-            const size_t off = ((size_t)b * S + key) * kvrs + (size_t)hk * D + 2 * (lane & 3);
+            const size_t ko = ((size_t)b * S + key) * krs + (size_t)hk * DK + 2 * (lane & 3);
+            const size_t vo = ((size_t)b * S + key) * vrs + (size_t)hk * DV + 2 * (lane & 3);
 #pragma unroll
-            for (int dt = 0; dt < D / 8; ++dt) {
-                *reinterpret_cast<unsigned*>(dk + off + dt * 8) =
+            for (int dt = 0; dt < DK / 8; ++dt)
+                *reinterpret_cast<unsigned*>(dk + ko + dt * 8) =
                     pack_bf16(dka[dt][2 * r] * scale, dka[dt][2 * r + 1] * scale);
-                *reinterpret_cast<unsigned*>(dv + off + dt * 8) = pack_bf16(dva[dt][2 * r], dva[dt][2 * r + 1]);
-            }
+#pragma unroll
+            for (int dt = 0; dt < DV / 8; ++dt)
+                *reinterpret_cast<unsigned*>(dv + vo + dt * 8) = pack_bf16(dva[dt][2 * r], dva[dt][2 * r + 1]);
         }
     }
 }
@@ -690,7 +723,7 @@ extern "C" __global__ void __launch_bounds__(128, 2)
     flash_attn_bwd_d32(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
                        const float* delta, float* dq_acc, bf16* dk, bf16* dv, int B, int S, int Hq, int Hkv,
                        float scale) {
-    bwd_impl<32, 64>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, S, Hq, Hkv, scale);
+    bwd_impl<32, 32, 64>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, S, Hq, Hkv, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 2)
@@ -704,7 +737,14 @@ extern "C" __global__ void __launch_bounds__(128, 2)
     flash_attn_bwd_d128(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
                         const float* delta, float* dq_acc, bf16* dk, bf16* dv, int B, int S, int Hq, int Hkv,
                         float scale) {
-    bwd_impl<128, 32>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, S, Hq, Hkv, scale);
+    bwd_impl<128, 128, 32>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, S, Hq, Hkv, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(128, 2)
+    flash_attn_bwd_d192_128(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
+                            const float* delta, float* dq_acc, bf16* dk, bf16* dv, int B, int S, int Hq, int Hkv,
+                            float scale) {
+    bwd_impl<192, 128, 16>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, S, Hq, Hkv, scale);
 }
 
 // dq[i] = bf16(dq_acc[i]), grid-stride.

@@ -109,6 +109,29 @@ extern "C" __global__ void bias_grad_bf16(const bf16* dy, float* g, long long ro
     atomicAdd(g + c, s);
 }
 
+// Column slices (multi-head latent attention's splits and joins), bf16, grid-stride over outputs:
+// out [rows, w] row o = the sum over s < sum of x [rows·sum, width] row o·sum + s, columns
+// start .. start + w (fp32 sum, rounded once).
+extern "C" __global__ void cols_bf16(const bf16* x, bf16* out, long long rows, int width, int start, int w, int sum) {
+    const long long n = rows * w, stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const long long o = i / w;
+        const bf16* p = x + o * sum * width + start + i % w;
+        float s = 0.f;
+        for (int r = 0; r < sum; r++) s += __bfloat162float(p[(long long)r * width]);
+        out[i] = __float2bfloat16(s);
+    }
+}
+// dst [rows·repeat, width] row o·repeat + r, columns at .. at + w = src [rows, w] row o, for r < repeat.
+extern "C" __global__ void set_cols_bf16(bf16* dst, const bf16* src, long long rows, int width, int at, int w,
+                                         int repeat) {
+    const long long n = rows * repeat * w, stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const long long row = i / w;  // dst row
+        dst[row * width + at + i % w] = src[(row / repeat) * w + i % w];
+    }
+}
+
 // x *= s.
 extern "C" __global__ void scale_f32(float* x, long long n, float s) {
     packs(n, al4(x), [&](long long i, bool v) {

@@ -23,6 +23,8 @@ pack)
   done
   # The corpus for scripts/components.sh (../shared does not travel to the GPU machine).
   [ -f ../shared/data/tinyshakespeare.txt ] && cp ../shared/data/tinyshakespeare.txt .device/
+  # The device tool carries at most 64 MiB: drop the debug line tables.
+  if command -v strip >/dev/null; then strip .device/pith .device/*-tests .device/lib*.so; fi
   ls -la .device ;;
 run)
   # Every suite runs even when one fails; the exit status says whether any did.

@@ -572,8 +572,12 @@ mod tests {
         let gpu = gpu();
         let m = pith_std::pith_root_module();
         for info in (m.components())().iter() {
-            // The gated shared expert too (Qwen2-MoE).
-            let configs: &[&str] = if info.name.as_str() == "shared-swiglu" { &["", "gate = true"] } else { &[""] };
+            // The gated shared expert too (Qwen2-MoE), and scaled gates (DeepSeek-V2).
+            let configs: &[&str] = match info.name.as_str() {
+                "shared-swiglu" => &["", "gate = true"],
+                "topk-softmax" => &["", "scale = 2.5\nnormalize = false", "scale = 16.0"],
+                _ => &[""],
+            };
             for &config in configs {
                 let label = format!("{} {} {config}", info.kind.as_str(), info.name);
                 let dims = DIMS.for_kind(info.kind);

@@ -176,6 +176,14 @@ pub struct AttnDims {
     pub scale: f32,
 }
 
+impl AttnDims {
+    /// The model's attention over `b` sequences.
+    pub fn of(c: &ModelConfig, b: usize) -> AttnDims {
+        let (hq, hkv, d, dv) = (c.heads, c.kv_heads, c.head_dim, c.rope_v_dims().1);
+        AttnDims { b, t: c.seq_len, hq, hkv, d, dv, scale: c.softmax_scale() }
+    }
+}
+
 /// Head `h` of batch row `b` of x [B,T,H,D] as a contiguous [T,D].
 fn gather(x: &[f32], b: usize, h: usize, heads: usize, (t, d): (usize, usize)) -> Vec<f32> {
     let mut out = Vec::with_capacity(t * d);

@@ -378,11 +378,6 @@ impl<'a> CpuPass<'a> {
     fn w(&self, i: usize) -> &'a [f32] {
         &self.p.list[i].w
     }
-    fn attn_dims(&self) -> AttnDims {
-        let c = &self.m.cfg;
-        let (hq, hkv, d, dv) = (c.heads, c.kv_heads, c.head_dim, c.rope_v_dims().1);
-        AttnDims { b: self.batch, t: c.seq_len, hq, hkv, d, dv, scale: c.softmax_scale() }
-    }
     /// (n, k, m) of x [n,k] · wᵀ for the matrix parameter `i` (w [m,k]).
     fn nkm(&self, i: usize, x: &[f32]) -> (usize, usize, usize) {
         let s = &self.p.list[i].spec.shape;
@@ -517,10 +512,10 @@ impl Backend for CpuPass<'_> {
         Ok(())
     }
     fn attention(&self, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>) -> Result<(Vec<f32>, Vec<f32>), String> {
-        Ok(ly::attention_fwd(q, k, v, self.attn_dims()))
+        Ok(ly::attention_fwd(q, k, v, AttnDims::of(&self.m.cfg, self.batch)))
     }
     fn attention_bwd(&self, s: &Attn<'_, Vec<f32>>, dout: &Vec<f32>) -> Result<Qkv<Vec<f32>>, String> {
-        Ok(ly::attention_bwd((s.q, s.k, s.v), s.out, s.lse, dout, self.attn_dims()))
+        Ok(ly::attention_bwd((s.q, s.k, s.v), s.out, s.lse, dout, AttnDims::of(&self.m.cfg, self.batch)))
     }
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Vec<f32>, String> {
         Ok(a.f32s().iter().zip(b.f32s()).map(|(a, b)| a + b).collect())

@@ -1152,6 +1152,28 @@ mod tests {
                     "shared.ffn=64",
                 ],
             ),
+            (
+                "DeepSeek-V2-Lite MLA: 48 = 32 + 16 rotated (interleaved) q·k dims, values 32 (padded), scaled gates",
+                vec![
+                    "model.head_dim=48",
+                    "model.kv_heads=4",
+                    "model.qk_norm=\"none\"",
+                    "model.rope_interleaved=true",
+                    "model.mla={ kv_rank = 32, rope_dim = 16, v_dim = 32 }",
+                    "router.scale=2.5",
+                    "router.normalize=false",
+                ],
+            ),
+            (
+                "DeepSeek-V3 MLA: compressed q (rank 48), heads of 192 = 128 + 64 rotated, values 128",
+                vec![
+                    "model.head_dim=192",
+                    "model.kv_heads=4",
+                    "model.qk_norm=\"none\"",
+                    "model.mla={ kv_rank = 64, q_rank = 48, rope_dim = 64, v_dim = 128 }",
+                    "model.seq_len=80",
+                ],
+            ),
         ] {
             let mut sets = sets.clone();
             sets.push("train.micro_batch=2");

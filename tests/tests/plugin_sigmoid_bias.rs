@@ -168,12 +168,14 @@ fn resumed_run_reproduces_the_uninterrupted_one_exactly() {
     assert!(wa == wb, "final weights differ");
 }
 
-/// The CUDA path against the CPU path (two configs), then the quickstart on the GPU: the loss
+/// The CUDA path against the CPU path (three configs: group-limited too), then the quickstart on the GPU: the loss
 /// falls and the bias moves.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn cuda_matches_the_cpu_and_trains() {
-    for config in ["", "top_k = 3\nnormalize = false\nrouted_scaling_factor = 2.5"] {
+    for config in
+        ["", "top_k = 3\nnormalize = false\nrouted_scaling_factor = 2.5", "top_k = 2\nn_group = 2\ntopk_group = 1"]
+    {
         let (code, o, e) = run(&["plugins", "check", "sigmoid-bias", "--device", "cuda", "--config", config]);
         assert_eq!(code, 0, "--config '{config}':\n{o}{e}");
     }

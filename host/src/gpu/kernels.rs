@@ -147,9 +147,11 @@ impl Gpu {
         self.launch(src::NORM, name, shape(grid, 32 * warps as u32, warps * dim * 4), &args)
     }
 
-    /// RoPE in place on x bf16 [rows = B·seq, heads, D] (the position of row r is r % seq),
-    /// rotate-half convention as layers.rs `Rope::rotate`: sign +1 forward, −1 when `inverse`
-    /// (Rope::backward). cos, sin f32 tables [≥ seq, D/2] on the device (`Rope`'s `cos`, `sin`).
+    /// RoPE in place on x bf16 [rows = B·seq, heads, W] (the position of row r is r % seq) as
+    /// layers.rs `Rope::rotate`: the last D = 2·half dims of each head (half = the tables' last
+    /// dim), pairs (i, i + half) or (2i, 2i + 1) when `interleaved`; sign +1 forward, −1 when
+    /// `inverse` (Rope::backward). cos, sin f32 tables [≥ seq, half] on the device.
+    #[allow(clippy::too_many_arguments)]
     pub fn rope(
         &self,
         x: &Tensor,
@@ -157,32 +159,33 @@ impl Gpu {
         sin: &Tensor,
         seq: usize,
         heads: usize,
+        interleaved: bool,
         inverse: bool,
     ) -> Result<(), String> {
         let op = "rope";
         on_device(op, &[x, cos, sin])?;
-        let d = if x.rank >= 2 { x.dim(-1) } else { 0 };
-        let half = d / 2;
+        let w = if x.rank >= 2 { x.dim(-1) } else { 0 };
+        let half = if cos.rank == 2 { cos.dim(1) } else { 0 };
         let ok = x.dtype == DType::BF16
-            && d > 0
-            && d % 2 == 0
+            && w % 2 == 0
+            && half > 0
+            && 2 * half <= w
             && heads > 0
             && x.dim(-2) == heads
             && seq > 0
             && cos.dtype == DType::F32
             && sin.dtype == DType::F32
-            && cos.numel() == sin.numel()
-            && cos.numel().is_multiple_of(half)
-            && cos.numel() >= seq * half;
+            && cos.dims() == sin.dims()
+            && cos.dim(0) >= seq;
         if !ok {
             return Err(format!(
-                "rope: x {}, cos {}, sin {}, seq {seq}, heads {heads}: expected x bf16 [rows, {heads}, D] (D even) and f32 cos, sin [≥ {seq}, D/2]",
+                "rope: x {}, cos {}, sin {}, seq {seq}, heads {heads}: expected x bf16 [rows, {heads}, W] (W even) and f32 cos, sin [≥ {seq}, half] with 2·half ≤ W",
                 desc(x),
                 desc(cos),
                 desc(sin)
             ));
         }
-        let rows = x.numel() / (heads * d);
+        let rows = x.numel() / (heads * w);
         if rows == 0 {
             return Ok(());
         }
@@ -194,8 +197,10 @@ impl Gpu {
             Arg::I64(rows as i64),
             Arg::I32(int(op, "seq", seq)?),
             Arg::I32(int(op, "heads", heads)?),
-            Arg::I32(int(op, "D/2", half)?),
+            Arg::I32(int(op, "W", w)?),
+            Arg::I32(int(op, "half", half)?),
             Arg::F32(sign),
+            Arg::I32(interleaved as i32),
         ];
         let grid = blocks((rows * heads * half).div_ceil(2), BLOCK) as usize;
         self.launch(src::ROPE, "rope", shape(grid, BLOCK, 0), &args)
@@ -340,6 +345,63 @@ impl Gpu {
         }
         let n = x.numel();
         self.launch(src::ELEMENTWISE, name, shape(pack_grid(n), BLOCK, 0), &[acc.arg(), x.arg(), Arg::I64(n as i64)])
+    }
+
+    /// Columns `r` of x (bf16, rows of `width`) as out (bf16 [rows / sum, r.len()]): output row o
+    /// is the sum of rows o·sum .. o·sum + sum − 1 (fp32, rounded once); sum 1 is a copy.
+    pub fn cols(
+        &self,
+        x: &Tensor,
+        width: usize,
+        r: std::ops::Range<usize>,
+        sum: usize,
+        out: &Tensor,
+    ) -> Result<(), String> {
+        on_device("cols", &[x, out])?;
+        let (w, rows) = (r.len(), out.numel() / r.len().max(1));
+        if x.dtype != DType::BF16
+            || out.dtype != DType::BF16
+            || w == 0
+            || r.end > width
+            || sum == 0
+            || x.numel() != rows * sum * width
+            || out.numel() != rows * w
+        {
+            return Err(format!(
+                "cols: x {} columns {r:?} of {width}, summing {sum} rows, into {}: expected bf16 x [rows·{sum}, {width}] and out [rows, {w}]",
+                desc(x),
+                desc(out)
+            ));
+        }
+        let args = [x.arg(), out.arg(), Arg::I64(rows as i64), Arg::I32(width as i32), Arg::I32(r.start as i32)];
+        let args = [&args[..], &[Arg::I32(w as i32), Arg::I32(sum as i32)]].concat();
+        self.launch(src::ELEMENTWISE, "cols_bf16", shape(blocks(out.numel(), BLOCK) as usize, BLOCK, 0), &args)
+    }
+
+    /// Columns at .. at + w of dst (bf16, rows of `width`) = src (bf16 [rows, w]), each src row
+    /// into `repeat` consecutive dst rows.
+    pub fn set_cols(&self, dst: &Tensor, width: usize, at: usize, src: &Tensor, repeat: usize) -> Result<(), String> {
+        on_device("set_cols", &[dst, src])?;
+        let rows = dst.numel() / (width * repeat).max(1);
+        let w = src.numel() / rows.max(1);
+        if dst.dtype != DType::BF16
+            || src.dtype != DType::BF16
+            || rows == 0
+            || w == 0
+            || at + w > width
+            || dst.numel() != rows * repeat * width
+            || src.numel() != rows * w
+        {
+            return Err(format!(
+                "set_cols: src {} into dst {} (rows of {width}) at column {at}, each row {repeat} times: expected bf16 src [rows, w] and dst [rows·{repeat}, {width}] with {at} + w ≤ {width}",
+                desc(src),
+                desc(dst)
+            ));
+        }
+        let args = [dst.arg(), src.arg(), Arg::I64(rows as i64), Arg::I32(width as i32), Arg::I32(at as i32)];
+        let args = [&args[..], &[Arg::I32(w as i32), Arg::I32(repeat as i32)]].concat();
+        let n = rows * repeat * w;
+        self.launch(src::ELEMENTWISE, "set_cols_bf16", shape(blocks(n, BLOCK) as usize, BLOCK, 0), &args)
     }
 
     /// y (bf16 [rows, cols]) += b (bf16 [cols]) on every row.
@@ -535,30 +597,33 @@ mod tests {
     /// GPU's forward output (each one bf16 rounding of an fp32 rotation: 2⁻⁷), and forward then
     /// inverse giving back x within 2⁻⁵: two roundings, each off by up to 2⁻⁹ of the pair's norm
     /// (≈ 4 at most for unit normals), in a component that may be near zero. D = 64 takes the
-    /// two-pair path, D = 6 (D/2 odd) one pair a thread; tables longer than seq.
+    /// two-pair path, D = 6 (D/2 odd) one pair a thread; tables longer than seq. MLA's layout:
+    /// the last 16 of 48 dims rotated, interleaved pairs (DeepSeek), and one head of 8 rotate-half.
     /// H200: forward 3.9e-3, inverse 3.8e-3, round trip 7.8e-3.
     #[test]
     #[ignore = "needs a CUDA GPU"]
     fn rope_matches_cpu_and_inverts() {
         let g = gpu();
         let mut rng = Rng::new(12);
-        for (b, seq, heads, d) in [(2, 11, 3, 64), (3, 5, 2, 6)] {
-            let rope = layers::Rope::new(16, d, 10_000.0, false);
+        for (b, seq, heads, w, d, inter) in
+            [(2, 11, 3, 64, 64, false), (3, 5, 2, 6, 6, false), (2, 9, 4, 48, 16, true), (2, 7, 1, 24, 8, false)]
+        {
+            let rope = layers::Rope::new(16, d, 10_000.0, inter);
             let cos = g.upload(&rope.cos, &[16, d / 2], DType::F32).unwrap();
             let sin = g.upload(&rope.sin, &[16, d / 2], DType::F32).unwrap();
-            let (x, dx) = rand_bf16(&g, &mut rng, &[b * seq, heads, d], 1.0);
-            g.rope(&dx, &cos, &sin, seq, heads, false).unwrap();
+            let (x, dx) = rand_bf16(&g, &mut rng, &[b * seq, heads, w], 1.0);
+            g.rope(&dx, &cos, &sin, seq, heads, inter, false).unwrap();
             let fwd = g.to_f32(&dx).unwrap();
             let mut want = x.clone();
-            rope.forward(&mut want, seq, heads, d);
-            g.rope(&dx, &cos, &sin, seq, heads, true).unwrap();
+            rope.forward(&mut want, seq, heads, w);
+            g.rope(&dx, &cos, &sin, seq, heads, inter, true).unwrap();
             let back = g.to_f32(&dx).unwrap();
             let mut want_back = fwd.clone();
-            rope.backward(&mut want_back, seq, heads, d);
+            rope.backward(&mut want_back, seq, heads, w);
             let (e1, e2, e3) = (rel_err(&fwd, &want), rel_err(&back, &want_back), rel_err(&back, &x));
-            println!("rope D={d}: forward {e1:.2e}, inverse {e2:.2e}, round trip {e3:.2e}");
-            assert!(e1 < 1.0 / 128.0 && e2 < 1.0 / 128.0 && e3 < 1.0 / 32.0, "D={d}: {e1} {e2} {e3}");
-            assert!(rel_err(&fwd, &x) > 0.1, "D={d}: the forward rotation changed nothing");
+            println!("rope W={w} D={d} interleaved={inter}: forward {e1:.2e}, inverse {e2:.2e}, round trip {e3:.2e}");
+            assert!(e1 < 1.0 / 128.0 && e2 < 1.0 / 128.0 && e3 < 1.0 / 32.0, "W={w} D={d}: {e1} {e2} {e3}");
+            assert!(rel_err(&fwd, &x) > 0.02, "W={w} D={d}: the forward rotation changed nothing");
         }
     }
 

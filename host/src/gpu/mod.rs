@@ -12,6 +12,7 @@
 //! - GEMMs: gemm.rs (cuBLAS `cublasGemmEx`, `cublasGemmStridedBatchedEx` and the experts'
 //!   `cublasGemmGroupedBatchedEx`).
 
+pub mod attention;
 pub mod gemm;
 pub mod kernels;
 pub mod model;

@@ -5,14 +5,15 @@
 
 use super::nccl::Nccl;
 use super::ops::GpuOps;
-use super::{src, DTensor, Gpu};
+use super::{DTensor, Gpu};
 use crate::cpu::Calls;
 use crate::decoder::{self, Attn, Backend, Qkv};
+use crate::layers::AttnDims;
 use crate::model::{Model, StepOut};
 use crate::parallel::Parallel;
 use crate::params::Params;
 use pith_plugin_api::abi::OpsRef;
-use pith_plugin_api::{Arg, DType, Device, Tensor};
+use pith_plugin_api::{DType, Device, Tensor};
 use std::ops::Range;
 
 /// One declared tensor on the device. `Role::Param`: fp32 master `w`, bf16 working copy `w16`,
@@ -140,9 +141,6 @@ impl GpuParams {
     }
 }
 
-const MLA_ON_CUDA: &str = "[model.mla]: multi-head latent attention trains on train.device = \"cpu\" only so far \
-                           (the CUDA attention takes one head size for q, k and v)";
-
 /// RoPE's cos/sin tables on the device.
 pub struct RopeTables {
     cos: DTensor,
@@ -151,12 +149,6 @@ pub struct RopeTables {
 
 impl RopeTables {
     pub fn new(gpu: &Gpu, model: &Model) -> Result<RopeTables, String> {
-        if model.cfg.mla.is_some() {
-            return Err(MLA_ON_CUDA.into());
-        }
-        if model.cfg.rope_interleaved {
-            return Err("model.rope_interleaved = true: the CUDA RoPE rotates (i, i + D/2) pairs only so far".into());
-        }
         let (s, half) = (model.cfg.seq_len, model.rope.half);
         let cos = gpu.upload(&model.rope.cos, &[s, half], DType::F32)?;
         let sin = gpu.upload(&model.rope.sin, &[s, half], DType::F32)?;
@@ -293,55 +285,23 @@ impl Backend for GpuPass<'_> {
     }
     fn rope(&self, x: &mut DTensor, heads: usize, inverse: bool) -> R<()> {
         let (c, r) = (&self.m.cfg, self.rope);
-        let view = Tensor::new(x.addr, x.dtype, x.device, &[self.t(), heads, c.head_dim]);
-        self.gpu.rope(&view, &r.cos, &r.sin, c.seq_len, heads, inverse)
+        let view = Tensor::new(x.addr, x.dtype, x.device, &[self.t(), heads, x.numel() / (self.t() * heads)]);
+        self.gpu.rope(&view, &r.cos, &r.sin, c.seq_len, heads, c.rope_interleaved, inverse)
     }
-    fn cols(&self, _: &DTensor, _: usize, _: std::ops::Range<usize>, _: usize) -> R<DTensor> {
-        Err(MLA_ON_CUDA.into())
+    fn cols(&self, x: &DTensor, width: usize, r: std::ops::Range<usize>, sum: usize) -> R<DTensor> {
+        let out = self.gpu.tensor(&[x.numel() / width / sum, r.len()], DType::BF16)?;
+        self.gpu.cols(x, width, r, sum, &out)?;
+        Ok(out)
     }
-    fn set_cols(&self, _: &mut DTensor, _: usize, _: usize, _: &DTensor, _: usize) -> R<()> {
-        Err(MLA_ON_CUDA.into())
+    fn set_cols(&self, dst: &mut DTensor, width: usize, at: usize, src: &DTensor, repeat: usize) -> R<()> {
+        self.gpu.set_cols(dst, width, at, src, repeat)
     }
-    /// Causal GQA flash attention (kernels/attention.cu): (out [T, heads·D] bf16, lse [B,heads,S]).
+    /// Causal GQA flash attention (gpu/attention.rs): (out [T, heads·dv] bf16, lse [B,heads,S]).
     fn attention(&self, q: &DTensor, k: &DTensor, v: &DTensor) -> R<(DTensor, DTensor)> {
-        let c = &self.m.cfg;
-        let (b, s, hq, hkv, d) = (self.batch, c.seq_len, c.heads, c.kv_heads, c.head_dim);
-        let name = match d {
-            32 => "flash_attn_fwd_d32",
-            64 => "flash_attn_fwd_d64",
-            128 => "flash_attn_fwd_d128",
-            _ => return Err(format!("model.head_dim = {d}: the CUDA attention supports 32, 64 and 128")),
-        };
-        let out = self.gpu.tensor(&q.dims(), DType::BF16)?;
-        let lse = self.gpu.tensor(&[b, hq, s], DType::F32)?;
-        let sizes = [Arg::I32(b as i32), Arg::I32(s as i32), Arg::I32(hq as i32), Arg::I32(hkv as i32)];
-        let mut args = vec![q.arg(), k.arg(), v.arg(), out.arg(), lse.arg()];
-        args.extend(sizes);
-        args.push(Arg::F32(self.m.cfg.softmax_scale()));
-        self.gpu.launch(src::ATTENTION, name, attn_dims::fwd(b, s, hq, hkv, d), &args)?;
-        Ok((out, lse))
+        self.gpu.attention(q, k, v, AttnDims::of(&self.m.cfg, self.batch))
     }
     fn attention_bwd(&self, sv: &Attn<'_, DTensor>, dout: &DTensor) -> R<Qkv<DTensor>> {
-        let c = &self.m.cfg;
-        let (b, s, hq, hkv, d) = (self.batch, c.seq_len, c.heads, c.kv_heads, c.head_dim);
-        let g = self.gpu;
-        let delta = g.tensor(&[b, hq, s], DType::F32)?;
-        let prep = [sv.out.arg(), dout.arg(), delta.arg(), Arg::I32(b as i32), Arg::I32(s as i32)];
-        let prep = [&prep[..], &[Arg::I32(hq as i32), Arg::I32(d as i32)]].concat();
-        g.launch(src::ATTENTION, "flash_attn_bwd_prep", attn_dims::prep(b, s, hq, d), &prep)?;
-        let dq_acc = g.zeros(&sv.q.dims(), DType::F32)?;
-        let (dk, dv) = (g.tensor(&sv.k.dims(), DType::BF16)?, g.tensor(&sv.v.dims(), DType::BF16)?);
-        let name = format!("flash_attn_bwd_d{d}");
-        let mut args = vec![sv.q.arg(), sv.k.arg(), sv.v.arg(), dout.arg(), sv.lse.arg(), delta.arg()];
-        args.extend([dq_acc.arg(), dk.arg(), dv.arg()]);
-        args.extend([Arg::I32(b as i32), Arg::I32(s as i32), Arg::I32(hq as i32), Arg::I32(hkv as i32)]);
-        args.push(Arg::F32(self.m.cfg.softmax_scale()));
-        g.launch(src::ATTENTION, &name, attn_dims::bwd(b, s, hq, hkv, d), &args)?;
-        let dq = g.tensor(&sv.q.dims(), DType::BF16)?;
-        let n = dq.numel();
-        let cast = [dq_acc.arg(), dq.arg(), Arg::I64(n as i64)];
-        g.launch(src::ATTENTION, "flash_attn_dq_cast", attn_dims::cast(n), &cast)?;
-        Ok((dq, dk, dv))
+        self.gpu.attention_bwd((sv.q, sv.k, sv.v), sv.out, sv.lse, dout, AttnDims::of(&self.m.cfg, self.batch))
     }
     fn add(&self, a: &Tensor, b: &Tensor) -> R<DTensor> {
         let out = self.gpu.tensor(&a.dims(), DType::F32)?;
@@ -384,23 +344,6 @@ impl Backend for GpuPass<'_> {
 }
 
 /// Launch shapes of kernels/attention.cu (the table at the top of that file).
-mod attn_dims {
-    type Dims = ([u32; 3], [u32; 3], u32);
-    pub fn fwd(b: usize, s: usize, hq: usize, _hkv: usize, d: usize) -> Dims {
-        let (rows, threads) = if d == 128 { (64, 128) } else { (128, 256) };
-        ([hq as u32, b as u32, s.div_ceil(rows) as u32], [threads, 1, 1], 0)
-    }
-    pub fn prep(b: usize, s: usize, hq: usize, _d: usize) -> Dims {
-        ([(b * s * hq).div_ceil(8) as u32, 1, 1], [256, 1, 1], 0)
-    }
-    pub fn bwd(b: usize, s: usize, _hq: usize, hkv: usize, _d: usize) -> Dims {
-        ([hkv as u32, b as u32, s.div_ceil(64) as u32], [128, 1, 1], 0)
-    }
-    pub fn cast(n: usize) -> Dims {
-        ([n.div_ceil(256).min(65_535) as u32, 1, 1], [256, 1, 1], 0)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

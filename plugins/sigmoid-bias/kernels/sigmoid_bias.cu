@@ -9,10 +9,12 @@ __device__ __forceinline__ float sigmoid_of(float l) { return 1.f / (1.f + expf(
 // logits [T,E] and bias [E] -> probs [T,E] = s / Σ_e s with s = σ(logits), ids [T,k] = the top k
 // of s + bias (ties: the lower id; NaN ranks below everything), weights [T,k] = the chosen s
 // (not s + bias), divided by their sum when `normalize`, times `scale`. When `counts` is not null
-// (training), counts[id] += 1 for every chosen id: integer atomics, exact in any order.
+// (training), counts[id] += 1 for every chosen id: integer atomics, exact in any order. With
+// n_group > 1 (≤ 32, groups of E/n_group consecutive experts) only the experts of the topk_group
+// groups whose two best s + bias sum highest (ties: the lower group) are candidates.
 extern "C" __global__ void sigmoid_bias_fwd(const float* logits, const float* bias, float* probs, int* ids,
                                             float* weights, int* counts, int T, int E, int k, int normalize,
-                                            float scale) {
+                                            float scale, int n_group, int topk_group) {
     int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     for (int r = blockIdx.x * warps + (threadIdx.x >> 5); r < T; r += gridDim.x * warps) {
         const float* l = logits + (long long)r * E;
@@ -25,8 +27,42 @@ extern "C" __global__ void sigmoid_bias_fwd(const float* logits, const float* bi
             q += s;
         }
         q = warp_sum(q);
-        // k rounds of a warp argmax of s + bias over the experts not taken yet, carrying s.
         unsigned taken = 0;
+        if (n_group > 1) {  // mark the experts outside the kept groups as taken
+            const int m = E / n_group;
+            float gscore = NEG_INF;  // lane g: group g's two best s + bias
+            for (int g = 0; g < n_group; g++) {
+                float a = NEG_INF, b = NEG_INF;
+                for (int j = lane; j < E; j += 32) {
+                    if (j / m != g) continue;
+                    float v = p[j] + bias[j];
+                    if (v != v) v = NEG_INF;
+                    if (v > a) b = a, a = v;
+                    else b = fmaxf(b, v);
+                }
+                for (int o = 16; o > 0; o >>= 1) {
+                    float oa = __shfl_xor_sync(FULL, a, o), ob = __shfl_xor_sync(FULL, b, o);
+                    float hi = fmaxf(a, oa), lo = fmaxf(fminf(a, oa), fmaxf(b, ob));
+                    a = hi, b = lo;
+                }
+                if (lane == g) gscore = a + b;
+            }
+            unsigned keep = 0;
+            for (int round = 0; round < topk_group; round++) {
+                float bv = (lane < n_group && !(keep >> lane & 1u)) ? gscore : NEG_INF;
+                int bi = lane < n_group && !(keep >> lane & 1u) ? lane : 0x7fffffff;
+                if (bv != bv) bv = NEG_INF;
+                for (int o = 16; o > 0; o >>= 1) {
+                    float ov = __shfl_xor_sync(FULL, bv, o);
+                    int oi = __shfl_xor_sync(FULL, bi, o);
+                    if (ov > bv || (ov == bv && oi < bi)) bv = ov, bi = oi;
+                }
+                keep |= 1u << bi;
+            }
+            for (int j = lane, b = 0; j < E; j += 32, b++)
+                if (!(keep >> (j / m) & 1u)) taken |= 1u << b;
+        }
+        // k rounds of a warp argmax of s + bias over the experts not taken yet, carrying s.
         int my_id = 0;
         float my_s = 0.f;
         for (int slot = 0; slot < k; slot++) {

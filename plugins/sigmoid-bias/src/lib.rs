@@ -5,7 +5,7 @@
 //! Forward, for x [T,H], W [E,H] (trained), b [E] (a buffer: checkpointed, never trained):
 //!   logits = x·Wᵀ;  s = σ(logits) [T,E];  S_t = the top_k ids of s_t + b (ties: lower id first),
 //!   with `n_group` > 1 among the experts of the `topk_group` groups (of E/n_group consecutive
-//!   ids) whose two largest s + b sum highest (DeepSeek-V3's node-limited routing; CPU only);
+//!   ids) whose two largest s + b sum highest (DeepSeek-V3's node-limited routing);
 //!   weights_tj = c · s_tj / Σ_{i∈S_t} s_ti when `normalize`, else c · s_tj  (j ∈ S_t, c =
 //!   `routed_scaling_factor`): the bias picks the experts, the gates ignore it;
 //!   probs_t = s_t / Σ_e s_te (the normalised affinities of DeepSeek-V3's sequence-wise balance
@@ -27,7 +27,7 @@
 //! the gates and counts assignments with integer atomics into a scratch [E] i32, which
 //! `sigmoid_bias_load_add` adds to `load` (exact in any order: deterministic); `sigmoid_bias_bwd`
 //! writes dlogits as bf16 for the two GEMMs; `sigmoid_bias_end_step` (one block) updates b and
-//! computes |b|'s max. Supports E ≤ 1024 and top_k ≤ 32 there.
+//! computes |b|'s max. Supports E ≤ 1024, top_k ≤ 32 and n_group ≤ 32 there.
 
 use pith_plugin_api::{
     kernel_source, kit, parse_config, register, Arg, DType, Device, Host, Init, ModelDims, ParamSpec, Result, Router,
@@ -182,8 +182,8 @@ fn expect(t: &Tensor, dtype: DType, device: Device, want: &[usize], what: &str) 
 impl SigmoidBias {
     /// What the CUDA kernels support: a warp per token, 32 experts and 1 slot per lane.
     fn cuda_limits(&self) -> Result<()> {
-        if self.n_group > 1 {
-            return Err(format!("{WHO}: `n_group` = {} runs on the CPU only for now (1 on CUDA)", self.n_group));
+        if self.n_group > 32 {
+            return Err(format!("{WHO}: on CUDA `n_group` <= 32; got {}", self.n_group));
         }
         if self.experts > 1024 || self.top_k > 32 {
             return Err(format!(
@@ -294,7 +294,8 @@ impl SigmoidBias {
         let ptrs = [logits.arg(), bias.arg(), probs.arg(), ids.arg(), weights.arg()];
         let count_arg = counts.map_or(Arg::Ptr(0), |c| c.arg());
         let sizes = ints([t, e, self.top_k, self.normalize as usize]);
-        let args = [&ptrs[..], &[count_arg], &sizes, &[Arg::F32(self.scale)]].concat();
+        let groups = ints([self.n_group, self.topk_group]);
+        let args = [&ptrs[..], &[count_arg], &sizes, &[Arg::F32(self.scale)], &groups].concat();
         // A warp per row, 8 rows a block.
         h.launch(src(), "sigmoid_bias_fwd", kit::grid(t, 8), BLOCK, 0, &args)?;
         if let (Some(counts), Some(load)) = (counts, load) {

@@ -3,9 +3,9 @@
 // j = lane + 32·b, b < 32, one bit each in `taken`; top_k <= 32: lane s holds slot s.
 
 // logits [T,E] -> probs [T,E] (saved), ids [T,k], weights [T,k] and ent [T], the entropy of each
-// row's probabilities. Ties go to the lower id; NaN ranks below every probability.
+// row's probabilities. Ties go to the lower id; NaN ranks below every probability. Gates × scale.
 extern "C" __global__ void topk_softmax_fwd(const float* logits, float* probs, int* ids, float* weights, float* ent,
-                                            int T, int E, int k, int normalize) {
+                                            int T, int E, int k, int normalize, float scale) {
     int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     for (int r = blockIdx.x * warps + (threadIdx.x >> 5); r < T; r += gridDim.x * warps) {
         const float* l = logits + (long long)r * E;
@@ -44,17 +44,17 @@ extern "C" __global__ void topk_softmax_fwd(const float* logits, float* probs, i
         float sum = normalize ? warp_sum(lane < k ? my_p : 0.f) : 1.f;
         if (lane < k) {
             ids[(long long)r * k + lane] = my_id;
-            weights[(long long)r * k + lane] = my_p / sum;
+            weights[(long long)r * k + lane] = scale * my_p / sum;
         }
     }
 }
 
 // dl [T,E] (bf16, for the GEMMs) = d_logits + p ⊙ (dp − ⟨dp, p⟩) with dp = d_probs plus, on the
 // chosen ids, d_weights (through the renormalisation when `normalize`); EMPTY slots (id < 0)
-// add nothing. Same launch as the forward.
+// add nothing; weights are the scaled gates. Same launch as the forward.
 extern "C" __global__ void topk_softmax_bwd(const float* probs, const int* ids, const float* weights,
                                             const float* d_weights, const float* d_probs, const float* d_logits,
-                                            __nv_bfloat16* dl, int T, int E, int k, int normalize) {
+                                            __nv_bfloat16* dl, int T, int E, int k, int normalize, float scale) {
     __shared__ float dp_rows[8][1024];
     int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     float* dp = dp_rows[threadIdx.x >> 5];
@@ -64,10 +64,10 @@ extern "C" __global__ void topk_softmax_bwd(const float* probs, const int* ids, 
         int id = lane < k ? ids[i] : -1;
         bool on = id >= 0;
         float pj = on ? p[id] : 0.f, w = on ? weights[i] : 0.f, dw = on ? d_weights[i] : 0.f;
-        float d = dw;
+        float d = scale * dw;
         if (normalize) {
             float s = warp_sum(pj), dot = warp_sum(dw * w);
-            d = s > 0.f ? (dw - dot) / s : 0.f;
+            d = s > 0.f ? (scale * dw - dot) / s : 0.f;
         }
         for (int j = lane; j < E; j += 32) dp[j] = d_probs[row + j];
         __syncwarp();

@@ -14,7 +14,7 @@
 //! CUDA (kernels/router.cu; x and W bf16, logits, p, gates and their grads f32): the GEMMs go
 //! through the host; `topk_softmax_fwd` does softmax, entropy and top-k with one warp per token,
 //! `router_sum` sums the entropies, `topk_softmax_bwd` writes dlogits as bf16 for the two GEMMs.
-//! Supports E ≤ 1024, top_k ≤ 32 and scale 1 there.
+//! Supports E ≤ 1024 and top_k ≤ 32 there.
 
 use crate::{act, expect, grid, ints, softmax, BLOCK};
 use pith_plugin_api::{
@@ -77,12 +77,8 @@ const WHO: &str = "topk-softmax";
 const SRC: &str = kernel_source!("router.cu");
 
 impl TopKSoftmax {
-    /// What the CUDA kernels support: a warp per token, 32 probabilities and 1 slot per lane;
-    /// unscaled gates.
+    /// What the CUDA kernels support: a warp per token, 32 probabilities and 1 slot per lane.
     fn cuda_limits(&self) -> Result<()> {
-        if self.scale != 1.0 {
-            return Err(format!("{WHO}: `scale` = {} runs on the CPU only for now (1 on CUDA)", self.scale));
-        }
         if self.experts > 1024 || self.top_k > 32 {
             return Err(format!(
                 "{WHO}: on CUDA the router supports model.experts <= 1024 and `top_k` <= 32; got {} and {}",
@@ -92,9 +88,11 @@ impl TopKSoftmax {
         Ok(())
     }
 
-    /// The trailing (T, E, k, normalize) arguments of both router kernels.
-    fn sizes(&self, t: usize) -> [Arg; 4] {
-        ints([t, self.experts, self.top_k, self.normalize as usize])
+    /// The trailing (T, E, k, normalize, scale) arguments of both router kernels.
+    fn sizes(&self, t: usize) -> Vec<Arg> {
+        let mut a = ints([t, self.experts, self.top_k, self.normalize as usize]).to_vec();
+        a.push(Arg::F32(self.scale));
+        a
     }
 
     /// Softmax, entropy and top-k of every row on the CPU; returns the summed entropy.
