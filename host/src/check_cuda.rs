@@ -575,7 +575,7 @@ mod tests {
             // The gated shared expert too (Qwen2-MoE), and scaled gates (DeepSeek-V2).
             let configs: &[&str] = match info.name.as_str() {
                 "shared-swiglu" => &["", "gate = true"],
-                "topk-softmax" => &["", "scale = 2.5\nnormalize = false", "scale = 16.0"],
+                "topk-softmax" => &["", "scale = 2.5\nnormalize = false", "scale = 16.0", "bias = true\ntop_k = 3"],
                 _ => &[""],
             };
             for &config in configs {

@@ -61,6 +61,20 @@ pub struct ModelConfig {
     /// mscale(factor, mscale_all_dim)²).
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub attn_scale: f32,
+    /// o_proj adds a trained bias (GPT-OSS).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub o_bias: bool,
+    /// A learned logit per query head joins every row's softmax, taking a share of the mass
+    /// without a value (GPT-OSS's attention sinks): `layers.{l}.attn.sinks` [heads].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub attn_sinks: bool,
+    /// Sliding-window attention: in `window_layers`, a query sees its `sliding_window` most recent
+    /// keys, itself included (0: none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub sliding_window: usize,
+    /// The layers with the window (GPT-OSS: the even ones); absent: every layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_layers: Option<Vec<usize>>,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -178,6 +192,14 @@ impl ModelConfig {
     /// The attention scores' scale: `attn_scale`/sqrt(head_dim) (head_dim: the q·k head).
     pub fn softmax_scale(&self) -> f32 {
         self.attn_scale / (self.head_dim as f32).sqrt()
+    }
+
+    /// Layer `l`'s sliding window (0: it attends to every earlier key).
+    pub fn window(&self, l: usize) -> usize {
+        match &self.window_layers {
+            Some(ls) if !ls.contains(&l) => 0,
+            _ => self.sliding_window,
+        }
     }
 
     /// (dims RoPE rotates per head, a value head's size): (head_dim, head_dim) outside MLA.
@@ -541,6 +563,14 @@ impl Config {
         }
         if let Some(y) = m.yarn {
             self.validate_yarn(y)?;
+        }
+        if let Some(&l) = m.window_layers.iter().flatten().find(|&&l| l >= m.layers) {
+            let at = self.at("model", 0, "window_layers");
+            return Err(format!("{at}: model.window_layers names layer {l}: must be layers of 0..{}", m.layers));
+        }
+        if m.window_layers.is_some() && m.sliding_window == 0 {
+            let at = self.at("model", 0, "window_layers");
+            return Err(format!("{at}: model.window_layers is set but model.sliding_window = 0: set the window's size (in keys)"));
         }
         self.validate_dense()
     }

@@ -9,7 +9,9 @@
 //!   or, with `[model.mla]` (DeepSeek-V2/V3's multi-head latent attention):
 //!   q = rope(q_proj a) (or q_b_proj q_a_norm q_a_proj a);  [c, kr] = kv_a_proj a;
 //!   [k_nope, v] = kv_b_proj kv_a_norm c (per head);  k = [k_nope, rope(kr)] (kr on every head)
-//!   h = x + o_proj(causal_gqa_attention(q, k, v))
+//!   h = x + o_proj(causal_gqa_attention(q, k, v))  (`model.o_bias`: o_proj adds a bias;
+//!   `model.sliding_window`: a query sees its window of recent keys in `window_layers`;
+//!   `model.attn_sinks`: a learned logit per head joins each softmax — GPT-OSS)
 //!   m = moe_norm(h);   route = (logits, probs, ids, weights) = router(m)
 //!   out = h + combine(experts(dispatch(m, route)), route) [+ shared(m): the `[shared]` plugin]
 //!   or, in the first `model.dense_layers` (DeepSeek's first_k_dense_replace):
@@ -86,10 +88,11 @@ pub(crate) trait Backend {
     /// Writes `src` (ACT, rows of w) into columns at..at+w of `dst` (rows of `width`), each src
     /// row into `repeat` consecutive dst rows.
     fn set_cols(&self, dst: &mut Self::T, width: usize, at: usize, src: &Self::T, repeat: usize) -> Result<(), String>;
-    /// Causal GQA attention: (out [T, heads·head_dim] in ACT, log-sum-exp f32), and its backward
-    /// (dq, dk, dv).
-    fn attention(&self, q: &Self::T, k: &Self::T, v: &Self::T) -> Result<(Self::T, Self::T), String>;
-    fn attention_bwd(&self, s: &Attn<'_, Self::T>, dout: &Self::T) -> Result<Qkv<Self::T>, String>;
+    /// Layer `l`'s causal GQA attention (its sliding window and sinks: `model.sliding_window`,
+    /// `model.attn_sinks`): (out [T, heads·head_dim] in ACT, log-sum-exp f32), and its backward
+    /// (dq, dk, dv; the sinks' gradient accumulates).
+    fn attention(&self, l: usize, q: &Self::T, k: &Self::T, v: &Self::T) -> Result<(Self::T, Self::T), String>;
+    fn attention_bwd(&self, l: usize, s: &Attn<'_, Self::T>, dout: &Self::T) -> Result<Qkv<Self::T>, String>;
     /// f32 a + b (each f32 or ACT).
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Self::T, String>;
     /// acc (f32) += x (f32 or ACT).
@@ -335,9 +338,12 @@ fn layer_forward<B: Backend>(b: &B, l: usize, x: B::T, aux: &Tensor) -> Result<(
     b.finite(&q, &at("q projection"))?;
     b.finite(&k, &at("k projection"))?;
     b.finite(&v, &at("v projection"))?;
-    let (att, lse) = b.attention(&q, &k, &v)?;
+    let (att, lse) = b.attention(l, &q, &k, &v)?;
     b.finite(&att, &at("attention"))?;
-    let o_out = b.linear(hi + O, &att)?;
+    let mut o_out = b.linear(hi + O, &att)?;
+    if let Some(i) = lay.o_bias {
+        b.bias(i, &mut o_out)?;
+    }
     b.finite(&o_out, &at("o_proj"))?;
     let h = b.add(&b.view(&x, &[n, hd]), &b.view(&o_out, &[n, hd]))?;
     drop(o_out);
@@ -513,8 +519,11 @@ fn layer_backward<B: Backend>(b: &B, l: usize, s: &Saved<B::T>, dy: &mut B::T, s
     let dya = b.to_act(dy, &[n, hd])?;
     let mut datt = b.empty(&[n, c.heads * c.rope_v_dims().1], act)?;
     b.linear_bwd(hi + O, &s.att, &dya, &mut datt, false)?;
+    if let Some(i) = lay.o_bias {
+        b.bias_bwd(i, &dya)?;
+    }
     drop(dya);
-    let (dq, dk, dv) = b.attention_bwd(&Attn { q: &s.q, k: &s.k, v: &s.v, out: &s.att, lse: &s.lse }, &datt)?;
+    let (dq, dk, dv) = b.attention_bwd(l, &Attn { q: &s.q, k: &s.k, v: &s.v, out: &s.att, lse: &s.lse }, &datt)?;
     drop(datt);
     let mut da = b.empty(&[n, hd], DType::F32)?;
     match (&s.proj, lay.mla) {

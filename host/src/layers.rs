@@ -164,7 +164,8 @@ impl Rope {
 }
 
 /// Attention sizes: batch, sequence, query heads, key/value heads (divides hq), q·k head dim,
-/// value head dim (d but under MLA), and the scale of the scores (1/√d).
+/// value head dim (d but under MLA), the scale of the scores (1/√d), and the sliding window
+/// (a query sees its `window` most recent keys, itself included; 0: every earlier key).
 #[derive(Clone, Copy, Debug)]
 pub struct AttnDims {
     pub b: usize,
@@ -174,13 +175,22 @@ pub struct AttnDims {
     pub d: usize,
     pub dv: usize,
     pub scale: f32,
+    pub window: usize,
 }
 
 impl AttnDims {
-    /// The model's attention over `b` sequences.
-    pub fn of(c: &ModelConfig, b: usize) -> AttnDims {
+    /// Layer `l`'s attention over `b` sequences.
+    pub fn of(c: &ModelConfig, b: usize, l: usize) -> AttnDims {
         let (hq, hkv, d, dv) = (c.heads, c.kv_heads, c.head_dim, c.rope_v_dims().1);
-        AttnDims { b, t: c.seq_len, hq, hkv, d, dv, scale: c.softmax_scale() }
+        AttnDims { b, t: c.seq_len, hq, hkv, d, dv, scale: c.softmax_scale(), window: c.window(l) }
+    }
+    /// The first key query `i` sees.
+    fn first_key(&self, i: usize) -> usize {
+        if self.window == 0 {
+            0
+        } else {
+            (i + 1).saturating_sub(self.window)
+        }
     }
 }
 
@@ -199,36 +209,37 @@ fn scatter(x: &mut [f32], src: &[f32], b: usize, h: usize, heads: usize, (t, d):
     }
 }
 
-/// Causal probabilities p [T,T] of one head: softmax over j ≤ i of scale·q_i·k_j, zero above the
-/// diagonal. With `lse` = None, computes each row's logsumexp into `lse_out`; otherwise reuses it.
-fn probs(
-    q: &[f32],
-    k: &[f32],
-    (t, d, scale): (usize, usize, f32),
-    lse: Option<&[f32]>,
-    lse_out: &mut [f32],
-) -> Vec<f32> {
+/// Causal probabilities p [T,T] of one head: softmax over the keys query i sees (j ≤ i, and
+/// within the window) of scale·q_i·k_j, zero elsewhere; with a `sink` logit, it joins each
+/// row's softmax (and takes its share of the mass) without a value. With `lse` = None, computes
+/// each row's logsumexp (the sink's term included) into `lse_out`; otherwise reuses it.
+fn probs(q: &[f32], k: &[f32], a: &AttnDims, sink: Option<f32>, lse: Option<&[f32]>, lse_out: &mut [f32]) -> Vec<f32> {
+    let (t, d) = (a.t, a.d);
     let mut p = vec![0.0; t * t];
-    sgemm(t, d, t, scale, q, false, k, true, 0.0, &mut p);
+    sgemm(t, d, t, a.scale, q, false, k, true, 0.0, &mut p);
     for (i, row) in p.chunks_mut(t).enumerate() {
+        let seen = a.first_key(i)..i + 1;
         let l = match lse {
             Some(l) => l[i],
             None => {
-                let m = row[..=i].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                m + row[..=i].iter().map(|v| (v - m).exp()).sum::<f32>().ln()
+                let s = sink.unwrap_or(f32::NEG_INFINITY);
+                let m = row[seen.clone()].iter().fold(s, |a, &b| a.max(b));
+                let e = row[seen.clone()].iter().map(|v| (v - m).exp()).sum::<f32>() + (s - m).exp();
+                m + e.ln()
             }
         };
         lse_out[i] = l;
-        row.iter_mut().enumerate().for_each(|(j, v)| *v = if j <= i { (*v - l).exp() } else { 0.0 });
+        row.iter_mut().enumerate().for_each(|(j, v)| *v = if seen.contains(&j) { (*v - l).exp() } else { 0.0 });
     }
     p
 }
 
 /// Causal grouped-query attention, softmax(scale·q·kᵀ)·v: q [B,T,Hq,D], k [B,T,Hkv,D], v
 /// [B,T,Hkv,Dv] (query head h reads kv head h/(Hq/Hkv)) → (out [B,T,Hq,Dv], lse [B,Hq,T]), lse being each row's
-/// logsumexp of the scaled scores, what backward needs to rebuild the probabilities.
+/// logsumexp of the scaled scores, what backward needs to rebuild the probabilities. `sinks`
+/// [Hq]: a logit per query head in every row's softmax (GPT-OSS), none when empty.
 /// Parallel over (b, h).
-pub fn attention_fwd(q: &[f32], k: &[f32], v: &[f32], a: AttnDims) -> (Vec<f32>, Vec<f32>) {
+pub fn attention_fwd(q: &[f32], k: &[f32], v: &[f32], sinks: &[f32], a: AttnDims) -> (Vec<f32>, Vec<f32>) {
     let (t, d, dv, g) = (a.t, a.d, a.dv, a.hq / a.hkv);
     let mut lse = vec![0.0; a.b * a.hq * t];
     let heads: Vec<Vec<f32>> = lse
@@ -237,7 +248,7 @@ pub fn attention_fwd(q: &[f32], k: &[f32], v: &[f32], a: AttnDims) -> (Vec<f32>,
         .map(|(bh, lse)| {
             let (b, h) = (bh / a.hq, bh % a.hq);
             let kh = gather(k, b, h / g, a.hkv, (t, d));
-            let p = probs(&gather(q, b, h, a.hq, (t, d)), &kh, (t, d, a.scale), None, lse);
+            let p = probs(&gather(q, b, h, a.hq, (t, d)), &kh, &a, sinks.get(h).copied(), None, lse);
             let mut o = vec![0.0; t * dv];
             let vh = gather(v, b, h / g, a.hkv, (t, dv));
             sgemm(t, t, dv, 1.0, &p, false, &vh, false, 0.0, &mut o);
@@ -251,16 +262,18 @@ pub fn attention_fwd(q: &[f32], k: &[f32], v: &[f32], a: AttnDims) -> (Vec<f32>,
     (out, lse)
 }
 
-/// Attention backward: (dq [B,T,Hq,D], dk [B,T,Hkv,D], dv [B,T,Hkv,Dv]) from dout [B,T,Hq,Dv]
-/// (q, k, v, out, lse as in forward). Parallel over (b, kv head); each task owns its group's
-/// query heads, so dk and dv need no reduction across tasks.
+/// Attention backward: (dq [B,T,Hq,D], dk [B,T,Hkv,D], dv [B,T,Hkv,Dv], dsinks [Hq]) from dout
+/// [B,T,Hq,Dv] (q, k, v, sinks, out, lse as in forward). A sink's share of row i is
+/// p_s = exp(sink − lse_i) and its gradient −p_s·δ_i (δ_i = ⟨out_i, dout_i⟩: it has no value).
+/// Parallel over (b, kv head); each task owns its group's query heads, so dk and dv need no
+/// reduction across tasks.
 pub fn attention_bwd(
-    (q, k, v): (&[f32], &[f32], &[f32]),
+    (q, k, v, sinks): (&[f32], &[f32], &[f32], &[f32]),
     out: &[f32],
     lse: &[f32],
     dout: &[f32],
     a: AttnDims,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
     let (t, d, dv, g, scale) = (a.t, a.d, a.dv, a.hq / a.hkv, a.scale);
     let groups: Vec<_> = (0..a.b * a.hkv)
         .into_par_iter()
@@ -272,32 +285,41 @@ pub fn attention_bwd(
                 let (qh, oh) = (gather(q, b, h, a.hq, (t, d)), gather(out, b, h, a.hq, (t, dv)));
                 let doh = gather(dout, b, h, a.hq, (t, dv));
                 let (lse, mut scratch) = (&lse[(b * a.hq + h) * t..][..t], vec![0.0; t]);
-                let p = probs(&qh, &kh, (t, d, scale), Some(lse), &mut scratch);
+                let sink = sinks.get(h).copied();
+                let p = probs(&qh, &kh, &a, sink, Some(lse), &mut scratch);
                 sgemm(t, t, dv, 1.0, &p, true, &doh, false, 1.0, &mut dvh);
                 let mut ds = vec![0.0; t * t];
                 sgemm(t, dv, t, 1.0, &doh, false, &vh, true, 0.0, &mut ds);
+                let mut dsink = 0.0f64;
                 for i in 0..t {
                     let delta: f32 = (0..dv).map(|c| doh[i * dv + c] * oh[i * dv + c]).sum();
                     (0..t).for_each(|j| ds[i * t + j] = p[i * t + j] * (ds[i * t + j] - delta));
+                    if let Some(s) = sink {
+                        dsink -= ((s - lse[i]).exp() * delta) as f64;
+                    }
                 }
                 let mut dqh = vec![0.0; t * d];
                 sgemm(t, t, d, scale, &ds, false, &kh, false, 0.0, &mut dqh);
                 sgemm(t, t, d, scale, &ds, true, &qh, false, 1.0, &mut dkh);
-                dqs.push(dqh);
+                dqs.push((dqh, dsink));
             }
             (dqs, dkh, dvh)
         })
         .collect();
     let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+    let mut dsinks = vec![0.0f64; sinks.len()];
     for (bk, (dqs, dkh, dvh)) in groups.iter().enumerate() {
         let (b, kvh) = (bk / a.hkv, bk % a.hkv);
         scatter(&mut dk, dkh, b, kvh, a.hkv, (t, d));
         scatter(&mut dv, dvh, b, kvh, a.hkv, (t, a.dv));
-        for (i, dqh) in dqs.iter().enumerate() {
+        for (i, (dqh, ds)) in dqs.iter().enumerate() {
             scatter(&mut dq, dqh, b, kvh * g + i, a.hq, (t, d));
+            if let Some(s) = dsinks.get_mut(kvh * g + i) {
+                *s += ds;
+            }
         }
     }
-    (dq, dk, dv)
+    (dq, dk, dv, dsinks.into_iter().map(|s| s as f32).collect())
 }
 
 /// Mean cross-entropy of logits [N,V] against targets [N] (max-subtracted, row losses summed in
@@ -510,32 +532,42 @@ mod tests {
         assert!((rope.cos[t * 4 + i] - want).abs() < 1e-6, "{} vs {want}", rope.cos[t * 4 + i]);
     }
 
+    /// Against a naive softmax and finite differences: value heads of 3 beside q·k heads of 4
+    /// (as MLA's), scale 0.6; plain causal, then a window of 3 keys with a sink logit per head
+    /// (GPT-OSS's sliding layers).
     #[test]
     fn attention_matches_naive_and_grads() {
-        // Value heads of 3 beside q·k heads of 4 (as MLA's), scale 0.6.
-        let a = AttnDims { b: 2, t: 5, hq: 4, hkv: 2, d: 4, dv: 3, scale: 0.6 };
-        let (nq, nk, nv, no) =
-            (a.b * a.t * a.hq * a.d, a.b * a.t * a.hkv * a.d, a.b * a.t * a.hkv * 3, a.b * a.t * a.hq * 3);
-        let (mut q, mut k, mut v, r) = (rand(nq, 1), rand(nk, 2), rand(nv, 3), rand(no, 4));
-        let run = |q: &[f32], k: &[f32], v: &[f32]| attention_fwd(q, k, v, a);
-        let (o, lse) = run(&q, &k, &v);
-        // naive: out[b,i,h] = Σ_{j≤i} softmax_j(0.6·q_i·k_j) v_j, kv head h/2
-        let at = |b: usize, i: usize, h: usize, heads: usize, d: usize| ((b * a.t + i) * heads + h) * d;
-        for (b, i, h) in (0..a.b).flat_map(|b| (0..a.t).flat_map(move |i| (0..a.hq).map(move |h| (b, i, h)))) {
-            let s: Vec<f32> = (0..=i)
-                .map(|j| dot(&q[at(b, i, h, 4, 4)..][..4], &k[at(b, j, h / 2, 2, 4)..][..4]) as f32 * 0.6)
-                .collect();
-            let z: f32 = s.iter().map(|s| s.exp()).sum();
-            for c in 0..a.dv {
-                let want: f32 = (0..=i).map(|j| s[j].exp() / z * v[at(b, j, h / 2, 2, 3) + c]).sum();
-                assert!((o[at(b, i, h, 4, 3) + c] - want).abs() < 1e-5, "attention out ({b},{i},{h},{c})");
+        for (window, with_sinks) in [(0, false), (3, true)] {
+            let a = AttnDims { b: 2, t: 5, hq: 4, hkv: 2, d: 4, dv: 3, scale: 0.6, window };
+            let (nq, nk, nv, no) =
+                (a.b * a.t * a.hq * a.d, a.b * a.t * a.hkv * a.d, a.b * a.t * a.hkv * 3, a.b * a.t * a.hq * 3);
+            let (mut q, mut k, mut v, r) = (rand(nq, 1), rand(nk, 2), rand(nv, 3), rand(no, 4));
+            let mut sinks = if with_sinks { rand(4, 5) } else { vec![] };
+            let run = |q: &[f32], k: &[f32], v: &[f32], s: &[f32]| attention_fwd(q, k, v, s, a);
+            let (o, lse) = run(&q, &k, &v, &sinks);
+            // naive: out[b,i,h] = Σ_{j seen} e^{s_j} v_j / (Σ_{j seen} e^{s_j} + e^{sink_h}),
+            // s_j = 0.6·q_i·k_j, kv head h/2
+            let at = |b: usize, i: usize, h: usize, heads: usize, d: usize| ((b * a.t + i) * heads + h) * d;
+            for (b, i, h) in (0..a.b).flat_map(|b| (0..a.t).flat_map(move |i| (0..a.hq).map(move |h| (b, i, h)))) {
+                let seen = if window == 0 { 0..=i } else { (i + 1).saturating_sub(window)..=i };
+                let s: Vec<(usize, f32)> = seen
+                    .map(|j| (j, dot(&q[at(b, i, h, 4, 4)..][..4], &k[at(b, j, h / 2, 2, 4)..][..4]) as f32 * 0.6))
+                    .collect();
+                let z: f32 = s.iter().map(|(_, s)| s.exp()).sum::<f32>() + sinks.get(h).map_or(0.0, |s| s.exp());
+                for c in 0..a.dv {
+                    let want: f32 = s.iter().map(|&(j, s)| s.exp() / z * v[at(b, j, h / 2, 2, 3) + c]).sum();
+                    assert!((o[at(b, i, h, 4, 3) + c] - want).abs() < 1e-5, "attention out ({b},{i},{h},{c})");
+                }
+            }
+            let (dq, dk, dv, ds) = attention_bwd((&q, &k, &v, &sinks), &o, &lse, &r, a);
+            let (q0, k0, v0, s0) = (q.clone(), k.clone(), v.clone(), sinks.clone());
+            fd_check("attention dq", &mut q, &dq, &|q| dot(&run(q, &k0, &v0, &s0).0, &r));
+            fd_check("attention dk", &mut k, &dk, &|k| dot(&run(&q0, k, &v0, &s0).0, &r));
+            fd_check("attention dv", &mut v, &dv, &|v| dot(&run(&q0, &k0, v, &s0).0, &r));
+            if with_sinks {
+                fd_check("attention dsinks", &mut sinks, &ds, &|s| dot(&run(&q0, &k0, &v0, s).0, &r));
             }
         }
-        let (dq, dk, dv) = attention_bwd((&q, &k, &v), &o, &lse, &r, a);
-        let (q0, k0, v0) = (q.clone(), k.clone(), v.clone());
-        fd_check("attention dq", &mut q, &dq, &|q| dot(&run(q, &k0, &v0).0, &r));
-        fd_check("attention dk", &mut k, &dk, &|k| dot(&run(&q0, k, &v0).0, &r));
-        fd_check("attention dv", &mut v, &dv, &|v| dot(&run(&q0, &k0, v).0, &r));
     }
 
     #[test]

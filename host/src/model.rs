@@ -79,6 +79,9 @@ pub(crate) struct Layer {
     pub(crate) qk_norm: Option<usize>,
     /// q_proj's bias index (k's and v's are the next two), with `model.qkv_bias`.
     pub(crate) bias: Option<usize>,
+    /// o_proj's bias (`model.o_bias`) and the attention sinks [heads] (`model.attn_sinks`).
+    pub(crate) o_bias: Option<usize>,
+    pub(crate) sinks: Option<usize>,
     pub(crate) mla: Option<MlaLayer>,
     /// The norm before the FFN block (MoE or dense).
     pub(crate) moe_norm: usize,
@@ -130,7 +133,9 @@ impl Model {
     /// `layers.{l}.attn_norm.weight`, `layers.{l}.attn.{q,k,v,o}_proj.weight`,
     /// `layers.{l}.attn.{q,k}_norm.weight` (of head_dim for `qk_norm = "head"`, of heads·head_dim
     /// and kv_heads·head_dim for `"full"`, absent for `"none"`), `layers.{l}.attn.{q,k,v}_proj.bias`
-    /// (with `qkv_bias`; zeros, no weight decay), `layers.{l}.moe_norm.weight`,
+    /// (with `qkv_bias`; zeros, no weight decay), `layers.{l}.attn.o_proj.bias` [hidden] (with
+    /// `o_bias`), `layers.{l}.attn.sinks` [heads] (with `attn_sinks`; both zeros, no weight
+    /// decay), `layers.{l}.moe_norm.weight`,
     /// `layers.{l}.moe.router.*`, `layers.{l}.moe.experts.*` and `layers.{l}.moe.balance_loss.{i}.*`
     /// (the components' own `params()`: parameters, buffers and accumulators),
     /// `layers.{l}.moe.shared.*` (the `[shared]` component's, when there is one) — or, for a
@@ -197,17 +202,24 @@ impl Model {
                     v
                 }
             };
-            if let Some((qn, kn)) = qk.filter(|_| c.mla.is_none()) {
-                host.extend([norm("attn.q_norm.weight", qn), norm("attn.k_norm.weight", kn)]);
-            }
-            let bias = |name: &str, n: usize| ParamSpec::new(name, &[n], Init::Zeros, false);
-            if c.qkv_bias {
-                host.extend([bias("attn.q_proj.bias", qd), bias("attn.k_proj.bias", kd), bias("attn.v_proj.bias", kd)]);
-            }
+            // Optional tensors after the fixed ones: each at its offset in `host`.
+            let mut extra = |on: bool, specs: Vec<ParamSpec>| {
+                let at = host.len();
+                on.then(|| host.extend(specs)).map(|_| at)
+            };
+            let zeros = |name: &str, n: usize| ParamSpec::new(name, &[n], Init::Zeros, false);
+            let qk_norm = extra(
+                qk.is_some() && c.mla.is_none(),
+                qk.map_or(vec![], |(qn, kn)| vec![norm("attn.q_norm.weight", qn), norm("attn.k_norm.weight", kn)]),
+            );
+            let qkv = [zeros("attn.q_proj.bias", qd), zeros("attn.k_proj.bias", kd), zeros("attn.v_proj.bias", kd)];
+            let bias = extra(c.qkv_bias, qkv.into());
+            let o_bias = extra(c.o_bias, vec![zeros("attn.o_proj.bias", h)]);
+            let sinks = extra(c.attn_sinks, vec![zeros("attn.sinks", c.heads)]);
             host.push(norm("moe_norm.weight", h));
             let host = add(&format!("layers.{l}"), host, None);
-            let (qk_norm, moe_norm) = (qk.map(|_| host.start + O + 1), host.end - 1);
-            let bias = c.qkv_bias.then_some(moe_norm - 3);
+            let moe_norm = host.end - 1;
+            let [qk_norm, bias, o_bias, sinks] = [qk_norm, bias, o_bias, sinks].map(|i| i.map(|i| host.start + i));
             let q_a = |a: Mla| (a.q_rank > 0).then_some(host.start + O + 2);
             let mla = c.mla.map(|a| MlaLayer { mla: a, kv_norm: host.start + O + 1, q_a: q_a(a) });
             let host = host.start;
@@ -216,7 +228,7 @@ impl Model {
                 FfnComponents::Dense(c) => {
                     let params = add(&format!("layers.{l}.dense"), c.1.params().into(), None);
                     let ffn = Ffn::Dense(DenseLayer { params, c });
-                    layers.push(Layer { host, qk_norm, bias, mla, moe_norm, ffn });
+                    layers.push(Layer { host, qk_norm, bias, o_bias, sinks, mla, moe_norm, ffn });
                     continue;
                 }
             };
@@ -238,7 +250,7 @@ impl Model {
             let specs = moe.shared.as_ref().map_or(Vec::new(), |s| s.1.params().into_vec());
             let shared = add(&format!("layers.{l}.moe.shared"), specs, None);
             let ffn = Ffn::Moe(Box::new(MoeLayer { shared, router, experts, losses, c: moe }));
-            layers.push(Layer { host, qk_norm, bias, mla, moe_norm, ffn });
+            layers.push(Layer { host, qk_norm, bias, o_bias, sinks, mla, moe_norm, ffn });
         }
         let final_norm = add("final_norm", vec![norm("weight", h)], None).start;
         let lm_head = add("lm_head", vec![mat("weight", &[c.vocab, h])], None).start;
@@ -511,11 +523,19 @@ impl Backend for CpuPass<'_> {
         }
         Ok(())
     }
-    fn attention(&self, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>) -> Result<(Vec<f32>, Vec<f32>), String> {
-        Ok(ly::attention_fwd(q, k, v, AttnDims::of(&self.m.cfg, self.batch)))
+    fn attention(&self, l: usize, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>) -> Result<(Vec<f32>, Vec<f32>), String> {
+        let sinks = self.m.layers[l].sinks.map_or(&[][..], |i| self.w(i));
+        Ok(ly::attention_fwd(q, k, v, sinks, AttnDims::of(&self.m.cfg, self.batch, l)))
     }
-    fn attention_bwd(&self, s: &Attn<'_, Vec<f32>>, dout: &Vec<f32>) -> Result<Qkv<Vec<f32>>, String> {
-        Ok(ly::attention_bwd((s.q, s.k, s.v), s.out, s.lse, dout, AttnDims::of(&self.m.cfg, self.batch)))
+    fn attention_bwd(&self, l: usize, s: &Attn<'_, Vec<f32>>, dout: &Vec<f32>) -> Result<Qkv<Vec<f32>>, String> {
+        let si = self.m.layers[l].sinks;
+        let sinks = si.map_or(&[][..], |i| self.w(i));
+        let a = AttnDims::of(&self.m.cfg, self.batch, l);
+        let (dq, dk, dv, ds) = ly::attention_bwd((s.q, s.k, s.v, sinks), s.out, s.lse, dout, a);
+        if let Some(i) = si {
+            add(&mut self.g.borrow_mut()[i], &ds);
+        }
+        Ok((dq, dk, dv))
     }
     fn add(&self, a: &Tensor, b: &Tensor) -> Result<Vec<f32>, String> {
         Ok(a.f32s().iter().zip(b.f32s()).map(|(a, b)| a + b).collect())
@@ -685,7 +705,8 @@ mod tests {
     /// at most 6 may be. Run for each family's attention and router: per-head
     /// qk-norm (Qwen3-MoE), full-projection qk-norm with un-renormalised gates (OLMoE), no
     /// qk-norm (Mixtral: 4 fewer tensors), q/k/v biases without qk-norm (Qwen2-MoE), and MLA
-    /// with q_proj (DeepSeek-V2-Lite) and with the compressed q (V2, V3), also after a dense layer.
+    /// with q_proj (DeepSeek-V2-Lite) and with the compressed q (V2, V3), also after a dense layer,
+    /// and GPT-OSS's attention (biases on q/k/v/o, sinks, a sliding window on one layer).
     #[test]
     fn whole_model_gradient_matches_finite_differences() {
         let gqa = |qk_norm, qkv_bias| ModelConfig { qk_norm, qkv_bias, ..cfg() };
@@ -697,6 +718,15 @@ mod tests {
         gradient_check(mla(3), "top_k = 2", 35);
         // DeepSeek's first layer dense: attention, norms and a dense FFN (3 tensors) in layer 0.
         gradient_check(ModelConfig { dense_layers: 1, ..cfg() }, "top_k = 2", 29);
+        // GPT-OSS's attention: q/k/v/o biases, sinks, a window of 3 keys in layer 0 only.
+        let gpt_oss = ModelConfig {
+            o_bias: true,
+            attn_sinks: true,
+            sliding_window: 3,
+            window_layers: Some(vec![0]),
+            ..gqa(QkNorm::None, true)
+        };
+        gradient_check(gpt_oss, "top_k = 2", 39);
     }
 
     /// [`cfg`] with MLA: 2 heads of q·k size 6 (4 rotated), values of 3, kv_rank 5, q_rank `q_rank`

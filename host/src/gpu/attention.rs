@@ -148,15 +148,15 @@ mod tests {
             (2, 33, 3, 3, 24, 16),
             (1, 80, 4, 2, 96, 96),
         ] {
-            let a = AttnDims { b, t, hq, hkv, d, dv, scale: 1.0 / (d as f32).sqrt() };
+            let a = AttnDims { b, t, hq, hkv, d, dv, scale: 1.0 / (d as f32).sqrt(), window: 0 };
             let (qh, q) = rand_bf16(&g, &mut rng, &[b * t, hq * d], 1.0);
             let (kh, k) = rand_bf16(&g, &mut rng, &[b * t, hkv * d], 1.0);
             let (vh, v) = rand_bf16(&g, &mut rng, &[b * t, hkv * dv], 1.0);
             let (dh, dout) = rand_bf16(&g, &mut rng, &[b * t, hq * dv], 1.0);
             let (out, lse) = g.attention(&q, &k, &v, a).unwrap();
-            let (want_out, want_lse) = layers::attention_fwd(&qh, &kh, &vh, a);
+            let (want_out, want_lse) = layers::attention_fwd(&qh, &kh, &vh, &[], a);
             let (dq, dk, dv_) = g.attention_bwd((&q, &k, &v), &out, &lse, &dout, a).unwrap();
-            let want = layers::attention_bwd((&qh, &kh, &vh), &want_out, &want_lse, &dh, a);
+            let want = layers::attention_bwd((&qh, &kh, &vh, &[]), &want_out, &want_lse, &dh, a);
             let errs = [
                 rel_l2(&g.to_f32(&out).unwrap(), &want_out),
                 rel_l2(&g.to_f32(&lse).unwrap(), &want_lse),

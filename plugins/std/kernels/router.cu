@@ -81,6 +81,27 @@ extern "C" __global__ void topk_softmax_bwd(const float* probs, const int* ids, 
     }
 }
 
+// With `bias`: logits [T,E] += b [E] on every row (grid-stride).
+extern "C" __global__ void router_bias_add(float* logits, const float* b, long long n, int E) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        logits[i] += b[i % E];
+}
+
+// g [E] += the column sums of dl [T,E] (bf16), in a fixed order: block e sums column e.
+extern "C" __global__ void router_bias_grad(const __nv_bfloat16* dl, float* g, int T, int E) {
+    __shared__ float part[256];
+    const int e = blockIdx.x;
+    float s = 0.f;
+    for (int r = threadIdx.x; r < T; r += blockDim.x) s += __bfloat162float(dl[(long long)r * E + e]);
+    part[threadIdx.x] = s;
+    __syncthreads();
+    for (int o = blockDim.x / 2; o > 0; o >>= 1) {
+        if (threadIdx.x < o) part[threadIdx.x] += part[threadIdx.x + o];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) g[e] += part[0];
+}
+
 // out[0] = Σ x[0..n), in a fixed order: one block of 256 threads.
 extern "C" __global__ void router_sum(const float* x, float* out, int n) {
     float s = block_sum<float>(x, n);

@@ -1,13 +1,15 @@
 //! `topk-softmax`: each token goes to the `top_k` experts with the largest softmax probability.
 //!
-//! Forward, for x [T,H] and W [E,H]:
-//!   logits = x·Wᵀ [T,E];  p = softmax(logits);  S_t = the top_k ids by p (ties: lower id first);
+//! Forward, for x [T,H] and W [E,H] (and, with `bias`, b [E]: GPT-OSS's router):
+//!   logits = x·Wᵀ (+ b) [T,E];  p = softmax(logits);  S_t = the top_k ids by p (ties: lower id first);
 //!   weights_tj = c·p_tj / Σ_{i∈S_t} p_ti when `normalize`, else c·p_tj   (j ∈ S_t), c = `scale`
 //!   (1; DeepSeek's routed_scaling_factor).
 //! Returns probs = p (what balance losses use); every slot is filled (no EMPTY ids).
 //! Backward, per token with s = Σ_{i∈S} p_i, gates w_j and d_probs from the balance losses:
 //!   dp = d_probs + (c·dw_j − Σ_{i∈S} dw_i·w_i) / s on j ∈ S when `normalize` (else + c·dw_j on S);
-//!   dlogits = d_logits + p ⊙ (dp − ⟨dp, p⟩);   dW += dlogitsᵀ·x;   dx = dlogits·W.
+//!   dlogits = d_logits + p ⊙ (dp − ⟨dp, p⟩);   dW += dlogitsᵀ·x;   dx = dlogits·W;
+//!   db += Σ_t dlogits_t.
+//! With normalize, the gates are the softmax of the chosen logits: GPT-OSS's top-k then softmax.
 //! Slots with id EMPTY (none from this forward) are skipped. Reports the mean entropy of p as the
 //! metric `router_entropy` (weighted by tokens).
 //!
@@ -31,6 +33,8 @@ struct Config {
     normalize: bool,
     #[serde(default = "default_scale")]
     scale: f32,
+    #[serde(default)]
+    bias: bool,
 }
 fn default_scale() -> f32 {
     1.0
@@ -48,6 +52,7 @@ struct TopKSoftmax {
     top_k: usize,
     normalize: bool,
     scale: f32,
+    bias: bool,
 }
 
 fn create(config: &str, dims: ModelDims) -> Result<TopKSoftmax> {
@@ -62,14 +67,15 @@ fn create(config: &str, dims: ModelDims) -> Result<TopKSoftmax> {
     if !(c.scale.is_finite() && c.scale > 0.0) {
         return Err(format!("`scale` = {}: must be finite and > 0 (1: the gates as they are)", c.scale));
     }
-    Ok(TopKSoftmax { hidden: dims.hidden as usize, experts, top_k: c.top_k, normalize: c.normalize, scale: c.scale })
+    let (hidden, top_k, normalize, scale, bias) = (dims.hidden as usize, c.top_k, c.normalize, c.scale, c.bias);
+    Ok(TopKSoftmax { hidden, experts, top_k, normalize, scale, bias })
 }
 
 register!(
     Router,
     "topk-softmax",
     "top-k experts of a softmax over router logits, gates optionally renormalised and scaled",
-    "[router]\nplugin = \"topk-softmax\"\ntop_k = 2\nnormalize = true\nscale = 1.0",
+    "[router]\nplugin = \"topk-softmax\"\ntop_k = 2\nnormalize = true\nscale = 1.0\nbias = false",
     create
 );
 
@@ -131,18 +137,24 @@ impl TopKSoftmax {
 
 impl Router for TopKSoftmax {
     fn settings(&self) -> String {
-        pith_plugin_api::settings!(top_k = self.top_k, normalize = self.normalize, scale = self.scale)
+        pith_plugin_api::settings!(top_k = self.top_k, normalize = self.normalize, scale = self.scale, bias = self.bias)
     }
 
     fn params(&self) -> Vec<ParamSpec> {
-        vec![ParamSpec::new("weight", &[self.experts, self.hidden], Init::Normal(0.02), true)]
+        let mut p = vec![ParamSpec::new("weight", &[self.experts, self.hidden], Init::Normal(0.02), true)];
+        if self.bias {
+            p.push(ParamSpec::new("bias", &[self.experts], Init::Zeros, false));
+        }
+        p
     }
 
     fn forward(&self, h: Host, p: &[Tensor], x: Tensor) -> Result<RouterOut> {
         let dev = h.device();
         expect(&x, act(dev), dev, &[0, self.hidden], "topk-softmax: x")?;
-        let [wt] = p else {
-            return Err(format!("{WHO}: expected 1 parameter, got {}", p.len()));
+        let (wt, b) = match p {
+            [wt] if !self.bias => (wt, None),
+            [wt, b] if self.bias => (wt, Some(*b)),
+            _ => return Err(format!("{WHO}: expected {} parameters, got {}", 1 + self.bias as usize, p.len())),
         };
         if dev == Device::Cuda {
             self.cuda_limits()?;
@@ -150,6 +162,20 @@ impl Router for TopKSoftmax {
         let (t, e, k) = (x.dim(0), self.experts, self.top_k);
         let logits = h.alloc_f32(&[t, e])?;
         h.gemm(x, *wt, logits, false, true, 1.0, 0.0)?;
+        if let Some(b) = b {
+            expect(&b, DType::F32, dev, &[e], "topk-softmax: bias")?;
+            match dev {
+                Device::Cpu => {
+                    // SAFETY: logits is this call's own allocation.
+                    let l = unsafe { logits.f32s_mut() };
+                    l.chunks_mut(e).for_each(|row| row.iter_mut().zip(b.f32s()).for_each(|(l, b)| *l += b));
+                }
+                Device::Cuda => {
+                    let args = [logits.arg(), b.arg(), Arg::I64((t * e) as i64), Arg::I32(e as i32)];
+                    h.launch(SRC, "router_bias_add", grid(t * e, 256), BLOCK, 0, &args)?;
+                }
+            }
+        }
         let probs = h.alloc_uninit(&[t, e], DType::F32)?;
         let ids = h.alloc_uninit(&[t, k], DType::I32)?;
         let weights = h.alloc_uninit(&[t, k], DType::F32)?;
@@ -176,8 +202,10 @@ impl Router for TopKSoftmax {
         dx: Tensor,
     ) -> Result<()> {
         let dev = h.device();
-        let ([wt], [gw]) = (p, g) else {
-            return Err(format!("{WHO}: expected 1 parameter and 1 grad"));
+        let (wt, gw, gb) = match (p, g) {
+            ([wt], [gw]) if !self.bias => (wt, gw, None),
+            ([wt, _], [gw, gb]) if self.bias => (wt, gw, Some(*gb)),
+            _ => return Err(format!("{WHO}: expected {} parameters and grads", 1 + self.bias as usize)),
         };
         let (t, e, k) = (x.dim(0), self.experts, self.top_k);
         expect(&d_weights, DType::F32, dev, &[t, k], "topk-softmax: d_weights")?;
@@ -212,6 +240,19 @@ impl Router for TopKSoftmax {
                 dl
             }
         };
+        if let Some(gb) = gb {
+            match dev {
+                Device::Cpu => {
+                    // SAFETY: the bias's gradient is this component's own, viewed nowhere else now.
+                    let g = unsafe { gb.f32s_mut() };
+                    dl.f32s().chunks(e).for_each(|row| g.iter_mut().zip(row).for_each(|(g, d)| *g += d));
+                }
+                Device::Cuda => {
+                    let args = [dl.arg(), gb.arg(), Arg::I32(t as i32), Arg::I32(e as i32)];
+                    h.launch(SRC, "router_bias_grad", [e as u32, 1, 1], BLOCK, 0, &args)?;
+                }
+            }
+        }
         h.gemm(dl, x, *gw, true, false, 1.0, 1.0)?;
         h.gemm(dl, *wt, dx, false, false, 1.0, 0.0)
     }
