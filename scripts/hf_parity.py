@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
 """Parity of Pith's Hugging Face interop with transformers itself (docs/interop.md).
 
-For each family (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE, DeepSeek-V2 with and without q_lora_rank, DeepSeek-V3):
-build a tiny random model with transformers (the group-topk and sigmoid-bias plugins must lie beside pith)
+For each family (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE, DeepSeek-V2 with and without q_lora_rank, DeepSeek-V3,
+GPT-OSS): build a tiny random model with transformers (the group-topk, sigmoid-bias and clamped-swiglu plugins
+must lie beside pith)
 (vocab 128, hidden 64, 2 layers, 4 heads, 2 kv heads, 8 experts, top-2), save_pretrained it
 sharded, `pith import hf` it (and, where transformers can, the fused-experts save too), compare
 `pith eval-logits` with transformers' logits and loss, train Pith a few steps from it
 (`train.init_from`), `pith export hf` the result, load that with from_pretrained (no missing or
 unexpected keys), compare logits again, and compare greedy generation. Then training itself:
 STEPS optimizer steps of Pith (adamw, clip 1.0) and of transformers' model with torch.optim.AdamW
-(same betas, eps, lr, weight decay on matrices only, clip_grad_norm_ 1.0) on the same token
+(same betas, eps, lr, weight decay on matrices but biases, clip_grad_norm_ 1.0) on the same token
 shard give the same loss at every step. One PASS/FAIL line per family; exit status 1 on any
 failure.
 
@@ -17,7 +18,7 @@ Tolerance (both sides compute in float32; only summation order differs): max |Δ
 and |Δloss| <= 1e-5; per-step training losses within TRAIN_TOL (Adam's normalised steps
 amplify summation-order noise a little each step).
 
-    python3 scripts/hf_parity.py target/release/pith [--work DIR] [--families qwen3_moe,mixtral,olmoe,qwen2_moe,deepseek_v2,deepseek_v2_q_lora,deepseek_v3]
+    python3 scripts/hf_parity.py target/release/pith [--work DIR] [--families qwen3_moe,mixtral,olmoe,qwen2_moe,deepseek_v2,deepseek_v2_q_lora,deepseek_v3,gpt_oss]
 """
 
 import argparse
@@ -68,6 +69,13 @@ FAMILIES["deepseek_v3"] = ("DeepseekV3Config", dict(num_key_value_heads=4, n_rou
                                                     v_head_dim=12, first_k_dense_replace=1, n_group=4, topk_group=2,
                                                     norm_topk_prob=True, routed_scaling_factor=2.5,
                                                     rope_interleave=True, rope_parameters=YARN))
+# q/k/v/o biases, sinks, a sliding window of 8 on layer 0 (transformers' default layer_types), a router
+# with a bias, the clamped SwiGLU (limit 1: the clamps cut), YaRN without truncation
+FAMILIES["gpt_oss"] = ("GptOssConfig", dict(head_dim=16, num_local_experts=8, intermediate_size=32, sliding_window=8,
+                                            swiglu_limit=1.0, attention_bias=True,
+                                            rope_parameters=dict(rope_type="yarn", rope_theta=1.5e5, factor=4.0,
+                                                                 original_max_position_embeddings=16, beta_fast=32,
+                                                                 beta_slow=1, truncate=False)))
 FAMILIES["deepseek_v2_q_lora"] = ("DeepseekV2Config", {**FAMILIES["deepseek_v2"][1], "q_lora_rank": 24,
                                                        "rope_parameters": {**YARN, "mscale": 1.0, "mscale_all_dim": 0.8},
                                                        "topk_method": "group_limited_greedy", "n_group": 4,
@@ -107,7 +115,7 @@ def randomise(model):
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.1 * torch.randn_like(p))
-            elif name.endswith(".gate.weight"):
+            elif name.endswith(".gate.weight") or name.endswith(".router.weight"):
                 p.normal_(0, 0.5)
             else:
                 p.normal_(0, 0.1)
@@ -170,6 +178,35 @@ def without_balance_losses(config_toml, out):
     return out
 
 
+def mxfp4_parity(binary, model, hf_dir, d, tokens):
+    """GPT-OSS ships its experts in MXFP4: random FP4 blocks and scales, dequantized by transformers
+    into a copy of the model, against Pith reading the blocks and scales themselves."""
+    import copy
+    from safetensors.torch import save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    g = torch.Generator().manual_seed(7)
+    model = copy.deepcopy(model)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    packed = {}
+    for name in [k for k in sd if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        e, fan_in, fan_out = sd[name].shape
+        blocks = torch.randint(0, 256, (e, fan_out, fan_in // 32, 16), dtype=torch.uint8, generator=g)
+        scales = torch.randint(120, 128, (e, fan_out, fan_in // 32), dtype=torch.uint8, generator=g)
+        sd[name] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+        packed.update({name + "_blocks": blocks, name + "_scales": scales})
+    model.load_state_dict(sd)
+    ref = hf_logits(model, tokens)
+    folder = os.path.join(d, "hf-mxfp4")
+    os.makedirs(folder, exist_ok=True)
+    plain = {k: v.contiguous() for k, v in sd.items() if not k.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+    save_file({**plain, **packed}, os.path.join(folder, "model.safetensors"))
+    cfg = json.load(open(os.path.join(hf_dir, "config.json")))
+    cfg["quantization_config"] = {"quant_method": "mxfp4"}
+    json.dump(cfg, open(os.path.join(folder, "config.json"), "w"))
+    dl, _ = compare("MXFP4 experts", ref, pith_logits(binary, folder, tokens))
+    return f"MXFP4 experts dequantized max|Δlogit| {dl:.2e}"
+
+
 def train_parity(binary, model, hf_dir, run0, d, seed):
     """Per-step losses of Pith's adamw and torch.optim.AdamW from the same weights on the same batches."""
     g = torch.Generator().manual_seed(seed + 100)
@@ -188,9 +225,11 @@ def train_parity(binary, model, hf_dir, run0, d, seed):
     pith_losses = [r["loss"] for r in rows if "loss" in r and "step" in r][:STEPS]
 
     model = model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": wd},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    decay = [p.dim() >= 2 and not n.endswith("bias") for n, p in named]
+    groups = [{"params": [p for p, d in zip(params, decay) if d], "weight_decay": wd},
+              {"params": [p for p, d in zip(params, decay) if not d], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
     torch_losses = []
     for step in range(STEPS):
@@ -236,6 +275,8 @@ def family(binary, name, work, seed):
     d1 = compare("imported checkpoint", ref, pith_logits(binary, run0, tokens))
     compare("HF folder read directly", ref, pith_logits(binary, hf_dir, tokens))
     note = f"saved {saved} in {shards} files"
+    if name == "gpt_oss":
+        note += "; " + mxfp4_parity(binary, model, hf_dir, d, tokens)
     if "save_original_format" in inspect.signature(model.save_pretrained).parameters:
         fused_dir = os.path.join(d, "hf-fused")
         model.save_pretrained(fused_dir, save_original_format=False)

@@ -570,7 +570,9 @@ impl Config {
         }
         if m.window_layers.is_some() && m.sliding_window == 0 {
             let at = self.at("model", 0, "window_layers");
-            return Err(format!("{at}: model.window_layers is set but model.sliding_window = 0: set the window's size (in keys)"));
+            return Err(format!(
+                "{at}: model.window_layers is set but model.sliding_window = 0: set the window's size (in keys)"
+            ));
         }
         self.validate_dense()
     }

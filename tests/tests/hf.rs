@@ -19,9 +19,11 @@ fn tmp(name: &str) -> pith_tests::Scratch {
     pith_tests::tmp(&format!("hf-{name}"))
 }
 
-/// (exit code, stdout, stderr), with the `sigmoid-bias` plugin (DeepSeek-V3's router) beside pith.
+/// (exit code, stdout, stderr), with the `sigmoid-bias` plugin (DeepSeek-V3's router) and
+/// `clamped-swiglu` (GPT-OSS's experts) beside pith.
 fn pith(args: &[&str]) -> (i32, String, String) {
     pith_tests::plugin("sigmoid-bias");
+    pith_tests::plugin("clamped-swiglu");
     pith_tests::split(pith_tests::command().args(args).env("PITH_LOG", "warn").output().unwrap())
 }
 
@@ -43,6 +45,7 @@ enum Arch {
     Qwen2,
     Deepseek,
     DeepseekV3,
+    GptOss,
 }
 
 impl Arch {
@@ -54,6 +57,7 @@ impl Arch {
             Arch::Qwen2 => "Qwen2MoeForCausalLM",
             Arch::Deepseek => "DeepseekV2ForCausalLM",
             Arch::DeepseekV3 => "DeepseekV3ForCausalLM",
+            Arch::GptOss => "GptOssForCausalLM",
         }
     }
     fn deepseek(self) -> bool {
@@ -61,12 +65,12 @@ impl Arch {
     }
     fn family(self) -> pith::hf::Family {
         use pith::hf::Family::*;
-        [Qwen3Moe, Mixtral, Olmoe, Qwen2Moe, DeepseekV2, DeepseekV3][self as usize]
+        [Qwen3Moe, Mixtral, Olmoe, Qwen2Moe, DeepseekV2, DeepseekV3, GptOss][self as usize]
     }
     fn qk(self) -> &'static str {
         match self {
             Arch::Qwen3 => "head",
-            Arch::Mixtral | Arch::Qwen2 | Arch::Deepseek | Arch::DeepseekV3 => "none",
+            Arch::Mixtral | Arch::Qwen2 | Arch::Deepseek | Arch::DeepseekV3 | Arch::GptOss => "none",
             Arch::Olmoe => "full",
         }
     }
@@ -81,7 +85,8 @@ impl Arch {
     }
 }
 
-const ARCHS: [Arch; 6] = [Arch::Qwen3, Arch::Mixtral, Arch::Olmoe, Arch::Qwen2, Arch::Deepseek, Arch::DeepseekV3];
+const ARCHS: [Arch; 7] =
+    [Arch::Qwen3, Arch::Mixtral, Arch::Olmoe, Arch::Qwen2, Arch::Deepseek, Arch::DeepseekV3, Arch::GptOss];
 const E: usize = 4;
 
 /// vocab 72, hidden 16, 2 layers, 4 heads of 4 (2 kv heads), 4 experts of ffn 8, top-2, 16 positions.
@@ -119,6 +124,13 @@ fn config_json(a: Arch) -> Value {
                                    "v_head_dim": 3, "head_dim": 2, "first_k_dense_replace": 1, "n_group": 2,
                                    "topk_group": 1, "norm_topk_prob": true, "routed_scaling_factor": 2.5,
                                    "rope_interleave": true, "rope_theta": 10000.0}),
+        // Biases on q/k/v/o, sinks, a window of 4 keys on layer 0, the clamped SwiGLU, YaRN untruncated.
+        Arch::GptOss => json!({"model_type": "gpt_oss", "head_dim": 4, "num_local_experts": E, "intermediate_size": 8,
+                               "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"],
+                               "attention_bias": true, "swiglu_alpha": 1.702, "swiglu_limit": 7.0,
+                               "rope_parameters": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0,
+                                                   "original_max_position_embeddings": 8, "beta_fast": 32.0,
+                                                   "beta_slow": 1.0, "truncate": false}}),
     };
     c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
     c
@@ -130,6 +142,7 @@ fn model_config(a: Arch) -> ModelConfig {
         Arch::DeepseekV3 => {
             "rope_interleaved = true\ndense_layers = 1\n[mla]\nkv_rank = 6\nq_rank = 5\nrope_dim = 2\nv_dim = 3"
         }
+        Arch::GptOss => "o_bias = true\nattn_sinks = true\nsliding_window = 4\nwindow_layers = [0]",
         _ => "",
     };
     let text = format!(
@@ -137,7 +150,7 @@ fn model_config(a: Arch) -> ModelConfig {
          expert_ffn = 8\nqk_norm = \"{}\"\nqkv_bias = {}\n{mla}",
         if a.deepseek() { 4 } else { 2 },
         a.qk(),
-        a == Arch::Qwen2
+        matches!(a, Arch::Qwen2 | Arch::GptOss)
     );
     toml::from_str(&text).unwrap()
 }
@@ -194,7 +207,30 @@ fn hf_tensors(a: Arch, w: &TensorMap, fused: bool) -> Vec<(String, Vec<usize>, V
                 put(format!("{hl}.self_attn.{x}.bias"), &format!("{pl}.attn.{x}.bias"));
             }
         }
+        if w.contains_key(&format!("{pl}.attn.sinks")) {
+            put(format!("{hl}.self_attn.sinks"), &format!("{pl}.attn.sinks"));
+        }
         put(format!("{hl}.post_attention_layernorm.weight"), &format!("{pl}.moe_norm.weight"));
+        if a == Arch::GptOss {
+            // The router with its bias; gate and up fused [.., 2F] with alternating columns.
+            put(format!("{hl}.mlp.router.weight"), &format!("{pl}.moe.router.weight"));
+            put(format!("{hl}.mlp.router.bias"), &format!("{pl}.moe.router.bias"));
+            let t = |n: &str| &w[&format!("{pl}.moe.experts.{n}")];
+            let alternate = |g: &[f32], u: &[f32]| g.iter().zip(u).flat_map(|(g, u)| [*g, *u]).collect::<Vec<f32>>();
+            out.push((
+                format!("{hl}.mlp.experts.gate_up_proj"),
+                vec![E, 16, 16],
+                alternate(&t("w_gate").1, &t("w_up").1),
+            ));
+            out.push((
+                format!("{hl}.mlp.experts.gate_up_proj_bias"),
+                vec![E, 16],
+                alternate(&t("b_gate").1, &t("b_up").1),
+            ));
+            put(format!("{hl}.mlp.experts.down_proj"), &format!("{pl}.moe.experts.w_down"));
+            put(format!("{hl}.mlp.experts.down_proj_bias"), &format!("{pl}.moe.experts.b_down"));
+            continue;
+        }
         if w.contains_key(&format!("{pl}.dense.w_gate")) {
             for (n, hn) in [("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")] {
                 let t = &w[&format!("{pl}.dense.{n}")];
@@ -629,10 +665,10 @@ fn bad_inputs_fail_in_one_line_and_leave_nothing() {
             "unknown architecture",
             Box::new(|d: &Path| {
                 let mut c = config_json(a);
-                c["architectures"] = json!(["GptOssForCausalLM"]);
+                c["architectures"] = json!(["JambaForCausalLM"]);
                 std::fs::write(d.join("config.json"), c.to_string()).unwrap()
             }),
-            vec!["config.json: unknown architecture `GptOssForCausalLM`; Pith imports Qwen3MoeForCausalLM, MixtralForCausalLM, OlmoeForCausalLM"],
+            vec!["config.json: unknown architecture `JambaForCausalLM`; Pith imports Qwen3MoeForCausalLM, MixtralForCausalLM, OlmoeForCausalLM"],
         ),
         (
             "sliding window",
@@ -704,6 +740,7 @@ fn transformers_parity() {
     let work = tmp("parity");
     pith_tests::plugin("sigmoid-bias"); // DeepSeek-V3's router
     pith_tests::plugin("group-topk"); // DeepSeek-V2's group-limited one
+    pith_tests::plugin("clamped-swiglu"); // GPT-OSS's experts
     let o = Command::new("python3")
         .arg(if Path::new(SCRIPT).is_file() { SCRIPT } else { "scripts/hf_parity.py" }) // another checkout
         .args([pith_tests::pith_bin().to_str().unwrap(), "--work", p(&work)])

@@ -150,9 +150,11 @@ pub struct RopeTables {
 impl RopeTables {
     pub fn new(gpu: &Gpu, model: &Model) -> Result<RopeTables, String> {
         if model.cfg.attn_sinks || model.cfg.sliding_window > 0 {
-            return Err("model.attn_sinks and model.sliding_window (GPT-OSS's attention) train on train.device = \"cpu\" \
+            return Err(
+                "model.attn_sinks and model.sliding_window (GPT-OSS's attention) train on train.device = \"cpu\" \
                         only so far: the CUDA flash attention has no sinks or window yet"
-                .into());
+                    .into(),
+            );
         }
         let (s, half) = (model.cfg.seq_len, model.rope.half);
         let cos = gpu.upload(&model.rope.cos, &[s, half], DType::F32)?;

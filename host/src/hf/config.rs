@@ -47,6 +47,10 @@ pub struct HfModel {
     pub init_std: f64,
     /// `tie_word_embeddings`: lm_head is read from the embedding.
     pub tied: bool,
+    /// GPT-OSS's `sliding_window` and the layers that have it (`layer_types`; empty: none).
+    pub window: (usize, Vec<usize>),
+    /// GPT-OSS's experts: (`swiglu_alpha`, `swiglu_limit`).
+    pub swiglu: Option<(f64, f64)>,
     pub aux_coef: f64,
     pub max_positions: usize,
     /// Pith's training sequence length (and RoPE table size).
@@ -138,10 +142,14 @@ fn parse_config(c: &Value, seq_len: Option<usize>) -> Result<HfModel, String> {
     if let Some(v) = get("hidden_act").filter(|v| v.as_str() != Some("silu")) {
         refuse("hidden_act", v, "experts are SwiGLU with silu");
     }
-    for k in ["attention_bias", "mlp_bias"] {
+    let gpt_oss = f == Family::GptOss;
+    for k in ["attention_bias", "mlp_bias"].into_iter().filter(|k| !gpt_oss || *k == "mlp_bias") {
         if flag(k) {
             refuse(k, &Value::Bool(true), "Pith's projections have no bias");
         }
+    }
+    if let Some(v) = get("attention_bias").filter(|v| gpt_oss && v.as_bool() != Some(true)) {
+        refuse("attention_bias", v, "GPT-OSS's q, k, v and o projections have biases");
     }
     let rope = get("rope_parameters").or_else(|| get("rope_scaling"));
     let rope_key = if get("rope_parameters").is_some() { "rope_parameters" } else { "rope_scaling" };
@@ -174,11 +182,22 @@ fn parse_config(c: &Value, seq_len: Option<usize>) -> Result<HfModel, String> {
             refuse("sliding_window", w, &format!("attention is full causal over the {seq_len}-token sequence"));
         }
     }
-    if let Some(t) = get("layer_types").and_then(Value::as_array) {
-        if let Some(v) = t.iter().find(|v| v.as_str() != Some("full_attention")) {
-            refuse("layer_types", v, "every layer is full-attention MoE");
-        }
+    // GPT-OSS: sliding-window layers (transformers' default: the even ones).
+    let layers = size("num_hidden_layers", None)?;
+    let types: Vec<String> = match get("layer_types").and_then(Value::as_array) {
+        Some(t) => t.iter().map(|v| v.as_str().unwrap_or("").to_string()).collect(),
+        None if gpt_oss => (0..layers).map(|l| ["sliding_attention", "full_attention"][l % 2].to_string()).collect(),
+        None => vec![],
+    };
+    let allowed: &[&str] = if gpt_oss { &["full_attention", "sliding_attention"] } else { &["full_attention"] };
+    if let Some(t) = types.iter().find(|t| !allowed.contains(&t.as_str())) {
+        refuse("layer_types", &json!(t), "every layer is full-attention MoE (GPT-OSS: or sliding-window)");
     }
+    let windowed: Vec<usize> = (0..types.len()).filter(|&l| types[l] == "sliding_attention").collect();
+    let window = match windowed.is_empty() {
+        true => (0, vec![]),
+        false => (size("sliding_window", None)?, windowed),
+    };
     if let Some(v) = get("decoder_sparse_step").filter(|v| v.as_u64() != Some(1)) {
         refuse("decoder_sparse_step", v, "every layer is MoE");
     }
@@ -232,8 +251,9 @@ fn parse_config(c: &Value, seq_len: Option<usize>) -> Result<HfModel, String> {
         let why = format!("{}'s head_dim is hidden_size / num_attention_heads", f.architecture());
         refuse("head_dim", &json!(head_dim), &why);
     }
-    if let Some(v) = get("quantization_config") {
-        refuse("quantization_config", v, "weights must be plain F32, BF16 or F16");
+    let mxfp4 = |v: &Value| gpt_oss && v.get("quant_method").and_then(Value::as_str) == Some("mxfp4");
+    if let Some(v) = get("quantization_config").filter(|v| !mxfp4(v)) {
+        refuse("quantization_config", v, "weights must be plain F32, BF16 or F16 (GPT-OSS: or MXFP4 experts)");
     }
     if !no.is_empty() {
         return Err(format!("Pith can't represent {}", no.join("; ")));
@@ -250,7 +270,7 @@ fn parse_config(c: &Value, seq_len: Option<usize>) -> Result<HfModel, String> {
         family,
         vocab: size("vocab_size", None)?,
         hidden,
-        layers: size("num_hidden_layers", None)?,
+        layers,
         heads,
         kv_heads,
         head_dim,
@@ -265,12 +285,17 @@ fn parse_config(c: &Value, seq_len: Option<usize>) -> Result<HfModel, String> {
         attn_scale,
         top_k,
         // DeepSeek-V2's router never renormalises, whatever `norm_topk_prob` says.
-        normalize: f == Family::Mixtral || (flag("norm_topk_prob") && f != Family::DeepseekV2),
+        normalize: f == Family::Mixtral || gpt_oss || (flag("norm_topk_prob") && f != Family::DeepseekV2),
         scale: if deepseek { num("routed_scaling_factor", 1.0)? } else { 1.0 },
         rope_theta,
         norm_eps: num("rms_norm_eps", if f.moe_ffn_key() { 1e-6 } else { 1e-5 })?,
         init_std: num("initializer_range", 0.02)?,
         tied: flag("tie_word_embeddings"),
+        window,
+        swiglu: match gpt_oss {
+            true => Some((num("swiglu_alpha", 1.702)?, num("swiglu_limit", 7.0)?)),
+            false => None,
+        },
         aux_coef: num("router_aux_loss_coef", 0.0)?,
         max_positions,
         seq_len,
@@ -333,7 +358,12 @@ impl HfModel {
             (0, _) => String::new(),
             (f, gate) => format!("\n[shared]\nplugin = \"shared-swiglu\"\nffn = {f}\ngate = {gate}\n"),
         };
+        let windows = match &self.window {
+            (0, _) => String::new(),
+            (w, ls) => format!("sliding_window = {w}\nwindow_layers = {ls:?}\n"),
+        };
         let bias = match (qwen2, self.mla) {
+            _ if self.swiglu.is_some() => format!("qkv_bias = true\no_bias = true\nattn_sinks = true\n{windows}"),
             (true, _) => "qkv_bias = true\n".to_string(),
             (false, Some(a)) => format!(
                 "rope_interleaved = {}\n\n[model.mla]\nkv_rank = {}\nq_rank = {}\nrope_dim = {}\nv_dim = {}\n",
@@ -354,6 +384,9 @@ impl HfModel {
                  topk_group = {kg}\nbias_update = 0.0\n",
                 self.top_k, self.normalize
             ),
+            (None, 1.0) if self.swiglu.is_some() => {
+                format!("plugin = \"topk-softmax\"\ntop_k = {}\nnormalize = true\nbias = true\n", self.top_k)
+            }
             (None, 1.0) => {
                 format!("plugin = \"topk-softmax\"\ntop_k = {}\nnormalize = {}\n", self.top_k, self.normalize)
             }
@@ -386,6 +419,14 @@ impl HfModel {
             }
             None => (String::new(), String::new()),
         };
+        let experts = match self.swiglu {
+            Some((alpha, limit)) => {
+                format!(
+                    "plugin = \"clamped-swiglu\"\nalpha = {alpha:?}\nlimit = {limit:?}\nup_shift = 1.0\nbias = true\n"
+                )
+            }
+            None => "plugin = \"swiglu\"\n".into(),
+        };
         let aux = match self.aux_coef > 0.0 {
             true => format!("\n[[balance_loss]]\nplugin = \"switch-aux\"\ncoef = {:?}\n", self.aux_coef),
             false => String::new(),
@@ -395,7 +436,7 @@ impl HfModel {
              kv_heads = {}\nhead_dim = {}\nseq_len = {}\nrope_theta = {:?}\nexperts = {}\nexpert_ffn = {}\n\
              norm_eps = {:?}\ninit_std = {:?}\nqk_norm = \"{qk}\"\n{dense_layers}{attn_scale}{bias}{yarn}\n[train]\nsteps = 100\nmicro_batch = 4\n\
              lr = 1e-4\nwarmup = 10\nout = {}\n\n[router]\n{router}\n\
-             [experts]\nplugin = \"swiglu\"\n{shared}{dense}{aux}\n[optimizer]\nplugin = \"adamw\"\n",
+             [experts]\n{experts}{shared}{dense}{aux}\n[optimizer]\nplugin = \"adamw\"\n",
             self.vocab,
             self.hidden,
             self.layers,
@@ -442,7 +483,8 @@ impl HfModel {
             "model.heads" => "num_attention_heads",
             "model.kv_heads" => "num_key_value_heads",
             "model.head_dim" => "head_dim",
-            "model.experts" if mixtral => "num_local_experts",
+            "model.experts" if mixtral || self.family == Family::GptOss => "num_local_experts",
+            "model.sliding_window" => "sliding_window",
             "model.experts" => "num_experts",
             "model.expert_ffn" if qwen => "moe_intermediate_size",
             "model.expert_ffn" => "intermediate_size",
@@ -534,6 +576,19 @@ pub(super) fn hf_config(cfg: &Config, t: &Target, opts: &ExportOptions, tok: &Op
             "decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": false, "sliding_window": null,
             "max_window_layers": m.layers, "qkv_bias": true,
         }),
+        Family::GptOss => {
+            let e = &cfg.experts;
+            let float =
+                |k: &str, d: f64| e.get(k).and_then(|v| v.as_float().or(v.as_integer().map(|i| i as f64))).unwrap_or(d);
+            let types: Vec<&str> =
+                (0..m.layers).map(|l| if m.window(l) > 0 { "sliding_attention" } else { "full_attention" }).collect();
+            json!({
+                "head_dim": m.head_dim, "intermediate_size": m.expert_ffn, "num_local_experts": m.experts,
+                "attention_bias": true, "layer_types": types,
+                "sliding_window": if m.sliding_window > 0 { json!(m.sliding_window) } else { Value::Null },
+                "swiglu_alpha": float("alpha", 1.702), "swiglu_limit": float("limit", 7.0),
+            })
+        }
         Family::DeepseekV2 | Family::DeepseekV3 => {
             let a = m.mla.expect("DeepSeek is exported from an MLA model");
             let mut d = json!({
@@ -626,6 +681,32 @@ mod tests {
             (shared["plugin"].as_str(), shared["ffn"].as_integer(), shared["gate"].as_bool()),
             (Some("shared-swiglu"), Some(12), Some(true))
         );
+    }
+
+    /// GPT-OSS: transformers' default layer_types (even layers windowed), MXFP4 allowed, its
+    /// attention, router and experts in the Pith config; other quantizations refused.
+    #[test]
+    fn gpt_oss_maps_its_attention_router_and_experts() {
+        let mut c = base("GptOssForCausalLM");
+        c.as_object_mut().unwrap().remove("num_experts");
+        c["num_hidden_layers"] = json!(3);
+        c["sliding_window"] = json!(8);
+        c["swiglu_limit"] = json!(5.5);
+        c["quantization_config"] = json!({"quant_method": "mxfp4"});
+        let g = parse_config(&c, None).unwrap();
+        assert_eq!(
+            (g.family, g.window.clone(), g.swiglu, g.normalize),
+            (Family::GptOss, (8, vec![0, 2]), Some((1.702, 5.5)), true)
+        );
+        let cfg = g.config(Path::new("src"), Path::new("runs/g")).unwrap();
+        let m = &cfg.model;
+        assert!(m.qkv_bias && m.o_bias && m.attn_sinks && (m.window(0), m.window(1), m.window(2)) == (8, 0, 8));
+        assert_eq!(cfg.experts["plugin"].as_str(), Some("clamped-swiglu"));
+        assert_eq!((cfg.router["bias"].as_bool(), cfg.router["normalize"].as_bool()), (Some(true), Some(true)));
+        c["quantization_config"] = json!({"quant_method": "fp8"});
+        c["attention_bias"] = json!(false);
+        let e = parse_config(&c, None).unwrap_err();
+        assert!(e.contains("`quantization_config`") && e.contains("`attention_bias` = false"), "{e}");
     }
 
     /// The released DeepSeek-V2-Lite config.json (deepseek-ai/DeepSeek-V2-Lite, as published)

@@ -63,12 +63,14 @@ pub struct Exported {
     pub tokenizer: Option<PathBuf>,
 }
 
-/// One tensor of the export: HF name and shape, the Pith tensor and expert it comes from.
+/// One tensor of the export: HF name and shape, the Pith tensor and expert it comes from, and
+/// the Pith tensor whose values alternate with its by column (GPT-OSS's fused gate_up_proj).
 struct Planned {
     name: String,
     shape: Vec<usize>,
     pith: String,
     expert: Option<usize>,
+    pair: Option<String>,
 }
 
 /// What a Pith config exports as: the family and the router and shared-expert settings its
@@ -93,6 +95,9 @@ pub(super) struct Target {
 pub(super) fn target(cfg: &Config) -> Result<Target, String> {
     let plugin = |t: &toml::Table| t.get("plugin").and_then(|v| v.as_str()).unwrap_or("").to_string();
     let (router, experts) = (plugin(&cfg.router), plugin(&cfg.experts));
+    if experts == "clamped-swiglu" {
+        return gpt_oss_target(cfg, &router);
+    }
     let (sigmoid, grouped) = (router == "sigmoid-bias", router == "group-topk");
     if !(router == "topk-softmax" || sigmoid || grouped) || experts != "swiglu" {
         return Err(format!(
@@ -177,6 +182,34 @@ pub(super) fn target(cfg: &Config) -> Result<Target, String> {
     Ok(Target { family, top_k, normalize, shared_ffn: ffn, dense_ffn, scale, groups })
 }
 
+/// GPT-OSS: the clamped-swiglu experts with their biases (up_shift 1), the topk-softmax router
+/// with a bias and renormalised gates, biases on q/k/v/o, sinks, no qk-norm, MLA, shared expert
+/// or dense layers.
+fn gpt_oss_target(cfg: &Config, router: &str) -> Result<Target, String> {
+    let (m, r, e) = (&cfg.model, &cfg.router, &cfg.experts);
+    let get = |t: &toml::Table, k: &str| t.get(k).cloned();
+    let on = |t: &toml::Table, k: &str, default: bool| get(t, k).and_then(|v| v.as_bool()).unwrap_or(default);
+    let float = |t: &toml::Table, k: &str, d: f64| {
+        get(t, k).and_then(|v| v.as_float().or(v.as_integer().map(|i| i as f64))).unwrap_or(d)
+    };
+    let checks = [
+        (router == "topk-softmax", "the `topk-softmax` router"),
+        (
+            on(r, "bias", false) && on(r, "normalize", true) && float(r, "scale", 1.0) == 1.0,
+            "router.bias = true, normalize = true, scale = 1",
+        ),
+        (on(e, "bias", true) && float(e, "up_shift", 1.0) == 1.0, "experts.bias = true and up_shift = 1"),
+        (m.qkv_bias && m.o_bias && m.attn_sinks, "model.qkv_bias, o_bias and attn_sinks = true"),
+        (m.qk_norm == crate::config::QkNorm::None && m.mla.is_none(), "model.qk_norm = \"none\" and no [model.mla]"),
+        (cfg.shared.is_none() && cfg.dense.is_none(), "no [shared] or [dense]"),
+    ];
+    if let Some((_, want)) = checks.iter().find(|c| !c.0) {
+        return Err(format!("experts `clamped-swiglu` exports as GptOssForCausalLM, which needs {want}"));
+    }
+    let top_k = r.get("top_k").and_then(|v| v.as_integer()).unwrap_or(2) as usize;
+    Ok(Target { family: Family::GptOss, top_k, normalize: true, shared_ffn: 0, dense_ffn: 0, scale: 1.0, groups: None })
+}
+
 /// The Hugging Face architecture `cfg` exports as (`pith plan`), or why it has none.
 pub fn export_family(cfg: &Config) -> Result<String, String> {
     target(cfg).map(|t| t.family.architecture().to_string())
@@ -205,14 +238,23 @@ pub fn export(src: &Path, out: &Path, opts: &ExportOptions) -> Result<Exported, 
             let got = format!("{:?} {:?}", t.dtype(), t.shape());
             return Err(format!("{}: tensor `{name}` is {got}, the model needs F32 {shape:?}", weights.display()));
         }
-        match stack(&name, m.experts) {
+        let fused = family == Family::GptOss && name.contains(".moe.experts.");
+        match stack(family, &name, m.experts) {
             Some(n) => plan.extend((0..n).map(|e| Planned {
                 name: hf_name(family, &name, e),
                 shape: vec![shape[2], shape[1]],
                 pith: name.clone(),
                 expert: Some(e),
+                pair: None,
             })),
-            None => plan.push(Planned { name: hf_name(family, &name, 0), shape, pith: name, expert: None }),
+            // GPT-OSS's gate and up go out together, as the gate's tensor.
+            None if fused && name.ends_with("_up") => {}
+            None if fused && name.ends_with("_gate") => {
+                let shape = [&shape[..shape.len() - 1], &[2 * shape[shape.len() - 1]]].concat();
+                let pair = Some(name.replace("_gate", "_up"));
+                plan.push(Planned { name: hf_name(family, &name, 0), shape, pith: name, expert: None, pair });
+            }
+            None => plan.push(Planned { name: hf_name(family, &name, 0), shape, pith: name, expert: None, pair: None }),
         }
     }
     let esize = if opts.dtype == ExportDtype::F32 { 4 } else { 2 };
@@ -286,9 +328,14 @@ fn write_shard(path: &Path, tensors: &[&Planned], pith: &SafeTensors, dtype: Exp
     for t in tensors {
         let data = pith.tensor(&t.pith).expect("checked").data();
         let x = |k: usize| read_f32(&data[4 * k..]);
-        let vals: Vec<f32> = match t.expert {
-            None => (0..t.shape.iter().product()).map(x).collect(),
-            Some(e) => {
+        let vals: Vec<f32> = match (t.expert, &t.pair) {
+            (None, Some(pair)) => {
+                let other = pith.tensor(pair).expect("checked").data();
+                let y = |k: usize| read_f32(&other[4 * k..]);
+                (0..t.shape.iter().product::<usize>() / 2).flat_map(|k| [x(k), y(k)]).collect()
+            }
+            (None, None) => (0..t.shape.iter().product()).map(x).collect(),
+            (Some(e), _) => {
                 let (r, c) = (t.shape[0], t.shape[1]);
                 let mut v = vec![0.0; r * c];
                 transpose_into(&mut v, (c, r), e * r * c, x);

@@ -16,10 +16,21 @@ pub enum Family {
     /// DeepSeek-V3: V2's attention and experts with a sigmoid router, a correction bias that
     /// only chooses (`e_score_correction_bias`) and group-limited top-k: the `sigmoid-bias` router.
     DeepseekV3,
+    /// GPT-OSS: biases on q/k/v/o, attention sinks, sliding-window layers, a router with a bias
+    /// (softmax over the chosen logits) and the clamped SwiGLU experts (`clamped-swiglu`), whose
+    /// gate and up projections are stored fused and interleaved.
+    GptOss,
 }
 
-pub(super) const FAMILIES: [Family; 6] =
-    [Family::Qwen3Moe, Family::Mixtral, Family::Olmoe, Family::Qwen2Moe, Family::DeepseekV2, Family::DeepseekV3];
+pub(super) const FAMILIES: [Family; 7] = [
+    Family::Qwen3Moe,
+    Family::Mixtral,
+    Family::Olmoe,
+    Family::Qwen2Moe,
+    Family::DeepseekV2,
+    Family::DeepseekV3,
+    Family::GptOss,
+];
 
 impl Family {
     pub fn architecture(self) -> &'static str {
@@ -30,6 +41,7 @@ impl Family {
             Family::Qwen2Moe => "Qwen2MoeForCausalLM",
             Family::DeepseekV2 => "DeepseekV2ForCausalLM",
             Family::DeepseekV3 => "DeepseekV3ForCausalLM",
+            Family::GptOss => "GptOssForCausalLM",
         }
     }
     pub fn model_type(self) -> &'static str {
@@ -40,12 +52,15 @@ impl Family {
             Family::Qwen2Moe => "qwen2_moe",
             Family::DeepseekV2 => "deepseek_v2",
             Family::DeepseekV3 => "deepseek_v3",
+            Family::GptOss => "gpt_oss",
         }
     }
     pub(super) fn qk_norm(self) -> QkNorm {
         match self {
             Family::Qwen3Moe => QkNorm::Head,
-            Family::Mixtral | Family::Qwen2Moe | Family::DeepseekV2 | Family::DeepseekV3 => QkNorm::None,
+            Family::Mixtral | Family::Qwen2Moe | Family::DeepseekV2 | Family::DeepseekV3 | Family::GptOss => {
+                QkNorm::None
+            }
             Family::Olmoe => QkNorm::Full,
         }
     }
@@ -78,7 +93,8 @@ impl Family {
             _ => "shared_expert",
         }
     }
-    /// The family a Pith model exports as: DeepSeek-V3 or V2 with MLA (by the router: `sigmoid`,
+    /// The family a Pith model exports as (GPT-OSS is chosen by its experts, in export's `target`):
+    /// DeepSeek-V3 or V2 with MLA (by the router: `sigmoid`,
     /// the sigmoid-bias router), Qwen2-MoE when it has q/k/v biases or a shared expert (`shared`:
     /// that expert's `gate`), else chosen by `model.qk_norm`.
     pub(super) fn of(m: &ModelConfig, sigmoid: bool, normalize: bool, shared: Option<bool>) -> Result<Family, String> {

@@ -56,7 +56,7 @@ fn shards(dir: &Path) -> Result<Shards, String> {
 /// memory-mapped file at a time, each tensor converted in place.
 pub fn load_weights(dir: &Path, hf: &HfModel, params: &mut Params) -> Result<(), String> {
     let index: HashMap<String, usize> = params.list.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
-    let pieces = |i: usize| stack(&params.list[i].name, hf.experts).unwrap_or(1);
+    let pieces = |i: usize| stack(hf.family, &params.list[i].name, hf.experts).unwrap_or(1);
     let mut filled: Vec<Vec<bool>> = (0..params.list.len()).map(|i| vec![false; pieces(i)]).collect();
     let (files, named) = shards(dir)?;
     for (path, listed) in &files {
@@ -68,65 +68,24 @@ pub fn load_weights(dir: &Path, hf: &HfModel, params: &mut Params) -> Result<(),
         }
         for (name, t) in st.tensors() {
             let at = |e: String| format!("{}: tensor `{name}` {e}", path.display());
-            let nowhere =
-                || at(format!("has no place in a Pith model of this config.json ({})", hf.family.architecture()));
-            let (pith, slot) = translate(&name).ok_or_else(nowhere)?;
-            if slot == Slot::Skip {
+            // GPT-OSS's released experts: MXFP4 `X_blocks` with `X_scales`, dequantized as X.
+            if name.ends_with("_scales") && st.tensor(&name.replace("_scales", "_blocks")).is_ok() {
                 continue;
             }
-            let &i = index.get(&pith).ok_or_else(nowhere)?;
+            if let Some(base) = name.strip_suffix("_blocks") {
+                let scales = st.tensor(&format!("{base}_scales")).map_err(|_| {
+                    at(format!(
+                        "(MXFP4) has no `{base}_scales` beside it in this file; Pith reads the pair from one file"
+                    ))
+                })?;
+                let (shape, vals) = dequantize_mxfp4(&t, &scales).map_err(at)?;
+                place(params, &mut filled, (&index, hf), base, &shape, &|k| vals[k]).map_err(at)?;
+                continue;
+            }
             let (size, read) =
                 reader(t.dtype()).ok_or_else(|| at(format!("is {:?}; Pith reads F32, BF16 and F16", t.dtype())))?;
-            let ps = shape(&params.list[i]);
-            let want = match slot {
-                Slot::Whole | Slot::Skip => ps.clone(),
-                Slot::Expert(_) => vec![ps[2], ps[1]],
-                Slot::GateUp => vec![ps[0], 2 * ps[2], ps[1]],
-                Slot::Down => vec![ps[0], ps[2], ps[1]],
-            };
-            if t.shape() != want {
-                return Err(at(format!("has shape {:?}, the model needs {want:?}", t.shape())));
-            }
-            let mut targets = vec![i];
-            if slot == Slot::GateUp {
-                targets.push(index[&pith.replace("w_gate", "w_up")]);
-            }
-            let marks: Vec<usize> = match slot {
-                Slot::Expert(e) if e < filled[i].len() => vec![e],
-                Slot::Expert(_) => return Err(nowhere()),
-                Slot::GateUp | Slot::Down => (0..hf.experts).collect(),
-                _ => vec![0],
-            };
-            for &j in &targets {
-                if marks.iter().any(|&e| std::mem::replace(&mut filled[j][e], true)) {
-                    return Err(at(format!("sets `{}` a second time", params.list[j].name)));
-                }
-            }
             let data = t.data();
-            let x = |k: usize| read(&data[k * size..]);
-            let w = &mut params.list[i].w;
-            match slot {
-                Slot::Whole => w.iter_mut().enumerate().for_each(|(k, w)| *w = x(k)),
-                Slot::Expert(e) => transpose_into(&mut w[e * ps[1] * ps[2]..][..ps[1] * ps[2]], (ps[2], ps[1]), 0, x),
-                Slot::Down => {
-                    for e in 0..ps[0] {
-                        let n = ps[1] * ps[2];
-                        transpose_into(&mut w[e * n..][..n], (ps[2], ps[1]), e * n, x);
-                    }
-                }
-                Slot::GateUp => {
-                    let mut up = std::mem::take(&mut params.list[targets[1]].w);
-                    let (f, h) = (ps[2], ps[1]);
-                    let w = &mut params.list[i].w;
-                    for e in 0..ps[0] {
-                        let (g, u) = (&mut w[e * h * f..][..h * f], &mut up[e * h * f..][..h * f]);
-                        transpose_into(g, (f, h), e * 2 * f * h, x);
-                        transpose_into(u, (f, h), (e * 2 + 1) * f * h, x);
-                    }
-                    params.list[targets[1]].w = up;
-                }
-                Slot::Skip => {}
-            }
+            place(params, &mut filled, (&index, hf), &name, t.shape(), &|k| read(&data[k * size..])).map_err(at)?;
         }
     }
     if hf.tied && !filled[index["lm_head.weight"]][0] {
@@ -143,6 +102,116 @@ pub fn load_weights(dir: &Path, hf: &HfModel, params: &mut Params) -> Result<(),
         }
     }
     Ok(())
+}
+
+/// Put HF tensor `name` of `hf_shape` (elements read through `x`) into its place in `params`,
+/// marking what it filled; an error says why it has no place (the caller names the file).
+fn place(
+    params: &mut Params,
+    filled: &mut [Vec<bool>],
+    (index, hf): (&HashMap<String, usize>, &HfModel),
+    name: &str,
+    hf_shape: &[usize],
+    x: &dyn Fn(usize) -> f32,
+) -> Result<(), String> {
+    let nowhere = || format!("has no place in a Pith model of this config.json ({})", hf.family.architecture());
+    let (pith, slot) = translate(hf.family, name).ok_or_else(nowhere)?;
+    if slot == Slot::Skip {
+        return Ok(());
+    }
+    let &i = index.get(&pith).ok_or_else(nowhere)?;
+    let ps = shape(&params.list[i]);
+    let want = match slot {
+        Slot::Whole | Slot::Skip => ps.clone(),
+        Slot::Expert(_) => vec![ps[2], ps[1]],
+        Slot::GateUp => vec![ps[0], 2 * ps[2], ps[1]],
+        Slot::Down => vec![ps[0], ps[2], ps[1]],
+        Slot::GateUpCols => [&ps[..ps.len() - 1], &[2 * ps[ps.len() - 1]]].concat(),
+    };
+    if hf_shape != want {
+        return Err(format!("has shape {hf_shape:?}, the model needs {want:?}"));
+    }
+    let mut targets = vec![i];
+    if matches!(slot, Slot::GateUp | Slot::GateUpCols) {
+        targets.push(index[&pith.replace("_gate", "_up")]);
+    }
+    let marks: Vec<usize> = match slot {
+        Slot::Expert(e) if e < filled[i].len() => vec![e],
+        Slot::Expert(_) => return Err(nowhere()),
+        Slot::GateUp | Slot::Down => (0..hf.experts).collect(),
+        _ => vec![0],
+    };
+    for &j in &targets {
+        if marks.iter().any(|&e| std::mem::replace(&mut filled[j][e], true)) {
+            return Err(format!("sets `{}` a second time", params.list[j].name));
+        }
+    }
+    let w = &mut params.list[i].w;
+    match slot {
+        Slot::Whole => w.iter_mut().enumerate().for_each(|(k, w)| *w = x(k)),
+        Slot::Expert(e) => transpose_into(&mut w[e * ps[1] * ps[2]..][..ps[1] * ps[2]], (ps[2], ps[1]), 0, x),
+        Slot::Down => {
+            for e in 0..ps[0] {
+                let n = ps[1] * ps[2];
+                transpose_into(&mut w[e * n..][..n], (ps[2], ps[1]), e * n, x);
+            }
+        }
+        Slot::GateUp => {
+            let mut up = std::mem::take(&mut params.list[targets[1]].w);
+            let (f, h) = (ps[2], ps[1]);
+            let w = &mut params.list[i].w;
+            for e in 0..ps[0] {
+                let (g, u) = (&mut w[e * h * f..][..h * f], &mut up[e * h * f..][..h * f]);
+                transpose_into(g, (f, h), e * 2 * f * h, x);
+                transpose_into(u, (f, h), (e * 2 + 1) * f * h, x);
+            }
+            params.list[targets[1]].w = up;
+        }
+        Slot::GateUpCols => {
+            w.iter_mut().enumerate().for_each(|(k, w)| *w = x(2 * k));
+            let up = &mut params.list[targets[1]].w;
+            up.iter_mut().enumerate().for_each(|(k, w)| *w = x(2 * k + 1));
+        }
+        Slot::Skip => {}
+    }
+    Ok(())
+}
+
+/// FP4 (e2m1) codes → values.
+const FP4: [f32; 16] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0];
+
+/// An MXFP4 expert tensor (OCP microscaling, as GPT-OSS ships its experts): `blocks` U8
+/// [E, R, G, 16] (two FP4 codes a byte, the low nibble first), `scales` U8 [E, R, G] (a power
+/// of two, biased by 127, per block of 32) hold W [E, R, 32·G]; the result is Wᵀ per expert,
+/// [E, 32·G, R], the layout of the tensor the pair replaces (transformers' dequantization).
+fn dequantize_mxfp4(
+    blocks: &safetensors::tensor::TensorView,
+    scales: &safetensors::tensor::TensorView,
+) -> Result<(Vec<usize>, Vec<f32>), String> {
+    let (bs, ss) = (blocks.shape(), scales.shape());
+    let u8s = blocks.dtype() == safetensors::Dtype::U8 && scales.dtype() == safetensors::Dtype::U8;
+    if !u8s || bs.len() != 4 || bs[3] != 16 || ss != &bs[..3] {
+        return Err(format!(
+            "(MXFP4) is {:?} {bs:?} with scales {:?} {ss:?}: expected U8 blocks [E, R, G, 16] and U8 scales [E, R, G]",
+            blocks.dtype(),
+            scales.dtype()
+        ));
+    }
+    let (e, r, g) = (bs[0], bs[1], bs[2]);
+    let c = 32 * g;
+    let (b, s) = (blocks.data(), scales.data());
+    let mut out = vec![0.0f32; e * c * r];
+    for (ex, row, grp) in (0..e).flat_map(|ex| (0..r).flat_map(move |row| (0..g).map(move |grp| (ex, row, grp)))) {
+        let at = (ex * r + row) * g + grp;
+        let scale = (s[at] as f32 - 127.0).exp2();
+        for (j, &byte) in b[at * 16..][..16].iter().enumerate() {
+            for (half, code) in [(0, byte & 0xf), (1, byte >> 4)] {
+                let col = grp * 32 + 2 * j + half;
+                out[(ex * c + col) * r + row] = FP4[code as usize] * scale;
+            }
+        }
+    }
+    Ok((vec![e, c, r], out))
 }
 
 /// What [`import`] made.
@@ -174,4 +243,30 @@ pub fn import(src: &Path, out: &Path, seq_len: Option<usize>, reg: &Registry) ->
     })?;
     let checkpoint = checkpoint::step_dir(out, 0);
     Ok(Imported { family: hf.family, params: params.count(), checkpoint })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::{tensor::TensorView, Dtype};
+
+    /// One expert, two rows of one block of 32: row 0 at scale 2⁰, row 1 at 2¹; byte j of each
+    /// row holds codes (2j mod 16) low and (2j + 1 mod 16) high. Spot values by hand, and the
+    /// result laid out [E, 32, R].
+    #[test]
+    fn mxfp4_dequantizes_as_transformers_does() {
+        let row: Vec<u8> = (0..16u8).map(|j| ((2 * j) % 16) | (((2 * j + 1) % 16) << 4)).collect();
+        let blocks = [row.clone(), row].concat();
+        let scales = [127u8, 128];
+        let b = TensorView::new(Dtype::U8, vec![1, 2, 1, 16], &blocks).unwrap();
+        let s = TensorView::new(Dtype::U8, vec![1, 2, 1], &scales).unwrap();
+        let (shape, w) = dequantize_mxfp4(&b, &s).unwrap();
+        assert_eq!(shape, [1, 32, 2]);
+        let at = |c: usize, r: usize| w[c * 2 + r];
+        // column c has code c mod 16: 0 → 0, 3 → 1.5, 7 → 6, 9 → −0.5, 15 → −6; row 1 doubles.
+        assert_eq!([at(0, 0), at(3, 0), at(7, 0), at(9, 0), at(15, 0)], [0.0, 1.5, 6.0, -0.5, -6.0]);
+        assert_eq!([at(3, 1), at(19, 1), at(31, 1)], [3.0, 3.0, -12.0]);
+        let bad = TensorView::new(Dtype::U8, vec![1, 2, 16], &blocks).unwrap();
+        assert!(dequantize_mxfp4(&bad, &s).unwrap_err().contains("expected U8 blocks [E, R, G, 16]"));
+    }
 }

@@ -83,8 +83,9 @@ fn parse_st<'a>(path: &Path, bytes: &'a [u8]) -> Result<SafeTensors<'a>, String>
 
 /// The model of `cfg` with its components, weights still at their random init, without grads.
 fn build(cfg: &Config, reg: &Registry) -> Result<(Model, Params, (String, OptimizerBox)), String> {
-    // DeepSeek's routers are plugin crates of this workspace, loaded from beside `pith`.
-    let hint = |e: String| match ["group-topk", "sigmoid-bias"].into_iter().find(|p| e.contains(&format!("`{p}`"))) {
+    // DeepSeek's routers and GPT-OSS's experts are plugin crates of this workspace, loaded from beside `pith`.
+    let crates = ["group-topk", "sigmoid-bias", "clamped-swiglu"];
+    let hint = |e: String| match crates.into_iter().find(|p| e.contains(&format!("`{p}`"))) {
         Some(p) => format!("{e} (the `{p}` plugin: `cargo build --release -p {p}` puts it beside pith)"),
         None => e,
     };

@@ -8,7 +8,8 @@ use crate::config::{ModelConfig, QkNorm};
 /// topk-softmax router (DeepSeek-V3: sigmoid-bias, whose bias is a buffer) and swiglu experts,
 /// with `shared_ffn` > 0 the std shared-swiglu of that FFN size (Qwen2-MoE's with its sigmoid
 /// gate), and the first `m.dense_layers` with a std shared-swiglu of FFN `dense_ffn` as
-/// `[dense]`; in `Model::new`'s order.
+/// `[dense]`; GPT-OSS: the router's bias and the clamped-swiglu experts' three biases; in
+/// `Model::new`'s order.
 pub fn pith_params(m: &ModelConfig, family: Family, shared_ffn: usize, dense_ffn: usize) -> Vec<(String, Vec<usize>)> {
     let shared_gate = family == Family::Qwen2Moe;
     let (h, qd, kd, e, f) = (m.hidden, m.heads * m.head_dim, m.kv_heads * m.head_dim, m.experts, m.expert_ffn);
@@ -52,6 +53,12 @@ pub fn pith_params(m: &ModelConfig, family: Family, shared_ffn: usize, dense_ffn
             add("attn.k_proj.bias", vec![kd]);
             add("attn.v_proj.bias", vec![kd]);
         }
+        if m.o_bias {
+            add("attn.o_proj.bias", vec![h]);
+        }
+        if m.attn_sinks {
+            add("attn.sinks", vec![m.heads]);
+        }
         add("moe_norm.weight", vec![h]);
         if l < m.dense_layers {
             add("dense.w_gate", vec![1, h, dense_ffn]);
@@ -60,12 +67,17 @@ pub fn pith_params(m: &ModelConfig, family: Family, shared_ffn: usize, dense_ffn
             continue;
         }
         add("moe.router.weight", vec![e, h]);
-        if family == Family::DeepseekV3 {
+        if matches!(family, Family::DeepseekV3 | Family::GptOss) {
             add("moe.router.bias", vec![e]);
         }
         add("moe.experts.w_gate", vec![e, h, f]);
         add("moe.experts.w_up", vec![e, h, f]);
         add("moe.experts.w_down", vec![e, f, h]);
+        if family == Family::GptOss {
+            add("moe.experts.b_gate", vec![e, f]);
+            add("moe.experts.b_up", vec![e, f]);
+            add("moe.experts.b_down", vec![e, h]);
+        }
         if shared_ffn > 0 {
             add("moe.shared.w_gate", vec![1, h, shared_ffn]);
             add("moe.shared.w_up", vec![1, h, shared_ffn]);
@@ -82,10 +94,10 @@ pub fn pith_params(m: &ModelConfig, family: Family, shared_ffn: usize, dense_ffn
 
 /// How many HF [out, in] matrices a Pith expert stack [E, in, out] holds — `experts` for the
 /// routed experts, 1 for the shared expert and a dense layer's FFN — or None for a parameter
-/// HF stores whole.
-pub(super) fn stack(pith: &str, experts: usize) -> Option<usize> {
+/// HF stores whole (GPT-OSS's experts: fused tensors).
+pub(super) fn stack(f: Family, pith: &str, experts: usize) -> Option<usize> {
     match pith {
-        p if p.contains(".moe.experts.w_") => Some(experts),
+        p if p.contains(".moe.experts.w_") && f != Family::GptOss => Some(experts),
         p if p.contains(".moe.shared.w_") || p.contains(".dense.w_") => Some(1),
         _ => None,
     }
@@ -101,7 +113,13 @@ pub(super) fn hf_name(f: Family, pith: &str, e: usize) -> String {
     }
     let (l, rest) = pith.strip_prefix("layers.").and_then(|r| r.split_once('.')).expect("a layer parameter");
     let [gate, up, down] = f.expert_names();
+    let gpt_oss = f == Family::GptOss;
     let rest = match rest {
+        "moe.router.weight" | "moe.router.bias" if gpt_oss => format!("mlp.{}", rest.strip_prefix("moe.").unwrap()),
+        "moe.experts.w_gate" | "moe.experts.w_up" if gpt_oss => "mlp.experts.gate_up_proj".into(),
+        "moe.experts.b_gate" | "moe.experts.b_up" => "mlp.experts.gate_up_proj_bias".into(),
+        "moe.experts.w_down" if gpt_oss => "mlp.experts.down_proj".into(),
+        "moe.experts.b_down" => "mlp.experts.down_proj_bias".into(),
         "attn_norm.weight" => "input_layernorm.weight".into(),
         "moe_norm.weight" => "post_attention_layernorm.weight".into(),
         "moe.router.weight" => format!("{}.gate.weight", f.moe()),
@@ -135,12 +153,15 @@ pub(super) enum Slot {
     GateUp,
     /// A fused [E, H, F] down_proj into `w_down`.
     Down,
+    /// GPT-OSS's fused [.., 2F] gate_up_proj (or its bias) with gate and up interleaved by
+    /// column: even columns into `w_gate` (`b_gate`), odd into `w_up` (`b_up`).
+    GateUpCols,
     /// Not a weight (a saved RoPE table).
     Skip,
 }
 
-/// The Pith parameter an HF tensor name belongs to (any family's naming), or None.
-pub(super) fn translate(name: &str) -> Option<(String, Slot)> {
+/// The Pith parameter an HF tensor name of family `f` belongs to, or None.
+pub(super) fn translate(f: Family, name: &str) -> Option<(String, Slot)> {
     if name.ends_with("rotary_emb.inv_freq") {
         return Some((String::new(), Slot::Skip));
     }
@@ -168,15 +189,25 @@ pub(super) fn translate(name: &str) -> Option<(String, Slot)> {
         if let Some(w) = mla {
             return at(&format!("attn.{w}.weight"), Slot::Whole);
         }
+        if a == "sinks" {
+            return at("attn.sinks", Slot::Whole);
+        }
         let known = ["q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "q_a_proj", "q_b_proj", "kv_b_proj"];
-        if let Some(w) = a.strip_suffix(".bias").filter(|w| ["q_proj", "k_proj", "v_proj"].contains(w)) {
+        if let Some(w) = a.strip_suffix(".bias").filter(|w| ["q_proj", "k_proj", "v_proj", "o_proj"].contains(w)) {
             return at(&format!("attn.{w}.bias"), Slot::Whole);
         }
         let w = a.strip_suffix(".weight").filter(|w| known.contains(w))?;
         return at(&format!("attn.{w}.weight"), Slot::Whole);
     }
     let moe = rest.strip_prefix("mlp.").or_else(|| rest.strip_prefix("block_sparse_moe."))?;
+    let gpt_oss = f == Family::GptOss;
     match moe {
+        "router.weight" => return at("moe.router.weight", Slot::Whole),
+        "router.bias" => return at("moe.router.bias", Slot::Whole),
+        "experts.gate_up_proj" if gpt_oss => return at("moe.experts.w_gate", Slot::GateUpCols),
+        "experts.gate_up_proj_bias" => return at("moe.experts.b_gate", Slot::GateUpCols),
+        "experts.down_proj" if gpt_oss => return at("moe.experts.w_down", Slot::Whole),
+        "experts.down_proj_bias" => return at("moe.experts.b_down", Slot::Whole),
         "gate.weight" => return at("moe.router.weight", Slot::Whole),
         "gate.e_score_correction_bias" => return at("moe.router.bias", Slot::Whole),
         "experts.gate_up_proj" => return at("moe.experts.w_gate", Slot::GateUp),
@@ -225,22 +256,31 @@ mod tests {
             let (qkv_bias, shared) = match f {
                 Family::Qwen2Moe => (true, 6),
                 Family::DeepseekV2 | Family::DeepseekV3 => (false, 10),
+                Family::GptOss => (true, 0),
                 _ => (false, 0),
             };
             let mla = f.deepseek().then_some(crate::config::Mla { kv_rank: 4, q_rank, rope_dim: 2, v_dim: 2 });
-            let m = ModelConfig { qk_norm: f.qk_norm(), qkv_bias, mla, ..m.clone() };
+            let gpt_oss = f == Family::GptOss;
+            let m =
+                ModelConfig { qk_norm: f.qk_norm(), qkv_bias, mla, o_bias: gpt_oss, attn_sinks: gpt_oss, ..m.clone() };
             let m = ModelConfig { dense_layers: f.deepseek() as usize, ..m };
             for (name, _) in pith_params(&m, f, shared, 7) {
-                let e = stack(&name, 3).map_or(0, |n| n - 1);
-                let want = if stack(&name, 3).is_some() { Slot::Expert(e) } else { Slot::Whole };
-                assert_eq!(translate(&hf_name(f, &name, e)), Some((name.clone(), want)), "{f:?} {name}");
+                let e = stack(f, &name, 3).map_or(0, |n| n - 1);
+                let want = match stack(f, &name, 3) {
+                    Some(_) => (name.clone(), Slot::Expert(e)),
+                    // GPT-OSS's gate and up (weights, biases) share one fused tensor, named by gate.
+                    None if gpt_oss && name.contains("_up") => (name.replace("_up", "_gate"), Slot::GateUpCols),
+                    None if gpt_oss && name.contains("_gate") => (name.clone(), Slot::GateUpCols),
+                    None => (name.clone(), Slot::Whole),
+                };
+                assert_eq!(translate(f, &hf_name(f, &name, e)), Some(want), "{f:?} {name}");
             }
         }
-        let fused = translate("model.layers.1.mlp.experts.gate_up_proj");
+        let fused = translate(Family::Qwen3Moe, "model.layers.1.mlp.experts.gate_up_proj");
         assert_eq!(fused, Some(("layers.1.moe.experts.w_gate".into(), Slot::GateUp)));
-        assert_eq!(translate("model.layers.0.self_attn.rotary_emb.inv_freq").map(|t| t.1), Some(Slot::Skip));
-        assert_eq!(translate("model.layers.0.mlp.shared_expert.up_proj.bias"), None);
-        assert_eq!(translate("model.layers.0.self_attn.o_proj.bias"), None);
+        let skip = translate(Family::Mixtral, "model.layers.0.self_attn.rotary_emb.inv_freq");
+        assert_eq!(skip.map(|t| t.1), Some(Slot::Skip));
+        assert_eq!(translate(Family::Qwen2Moe, "model.layers.0.mlp.shared_expert.up_proj.bias"), None);
     }
 
     /// `pith_params` lists exactly what `Model::new` declares with the std router and experts

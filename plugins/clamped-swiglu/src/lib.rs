@@ -86,7 +86,10 @@ fn create(config: &str, dims: ModelDims) -> Result<ClampedSwiglu> {
     }
     let (first, all) = (dims.first_expert as usize, dims.experts as usize);
     if first + experts > all {
-        return Err(format!("{WHO}: local experts {first}..{} are not experts of the model (0..{all})", first + experts));
+        return Err(format!(
+            "{WHO}: local experts {first}..{} are not experts of the model (0..{all})",
+            first + experts
+        ));
     }
     let (alpha, limit, shift, bias) = (c.alpha, c.limit, c.up_shift, c.bias);
     Ok(ClampedSwiglu { hidden, experts, ffn, alpha, limit, shift, bias })
