@@ -8,6 +8,10 @@
 // the value head size DV are (32, 32), (64, 64), (128, 128) (kernels _d32, _d64, _d128) or
 // (192, 128) (_d192_128: DeepSeek's multi-head latent attention, 128 + 64 rotated dims); D below
 // is DK = DV. The host pads other sizes with zero columns to the next of these.
+// `window` > 0: query i sees keys i - window < j <= i only (sliding-window layers); `sinks` (bf16
+// [Hq], or null): a logit per query head that joins each row's softmax without a value (GPT-OSS),
+// folded into lse, so the backward's P = exp(s·scale − lse) needs nothing more; the sinks' own
+// gradient is flash_attn_sink_grad's (after flash_attn_bwd_prep).
 //
 // Launch configurations (cdiv(a, b) = (a + b - 1) / b; dynamic shared bytes are 0 for all):
 //   flash_attn_fwd_d32   grid (Hq, B, cdiv(S, 128))    block (256, 1, 1)  shared 0
@@ -20,6 +24,7 @@
 //   flash_attn_bwd_d128  grid (Hkv, B, cdiv(S, 64))    block (128, 1, 1)  shared 0
 //   flash_attn_bwd_d192_128  as flash_attn_bwd_d128 (16-query tiles: 45 KiB of static shared memory)
 //   flash_attn_dq_cast   grid (min(cdiv(n, 256), 65535), 1, 1)  block (256, 1, 1)  shared 0
+//   flash_attn_sink_grad grid (Hq, 1, 1)               block (256, 1, 1)  shared 0
 // D = 32 uses the D = 64 tiling (fwd BM = 128 with 8 warps; bwd 64 keys x 64-query tiles, 4 warps).
 // flash_attn_bwd_prep takes D as an argument and serves every D here (any even D; D = 32 leaves
 // half of each warp idle).
@@ -128,7 +133,8 @@ __device__ __forceinline__ void load_tile(bf16* s, const bf16* g, size_t rs, int
 template <int DK, int DV, int BM>
 __device__ __forceinline__ void fwd_impl(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                          const bf16* __restrict__ v, bf16* __restrict__ o, float* __restrict__ lse,
-                                         int B, int S, int Hq, int Hkv, float scale) {
+                                         const bf16* __restrict__ sinks, int window, int B, int S, int Hq, int Hkv,
+                                         float scale) {
     constexpr int BN = 64, NW = BM / 16, NT = NW * 32, LDK = DK + 8, LDV = DV + 8, KT = BN * LDK;
     constexpr int SMEM = (KT + BN * LDV > BM * LDK) ? KT + BN * LDV : BM * LDK;
     __shared__ __align__(16) bf16 smem[SMEM];  // [K tile | V tile]; the Q tile aliases it at the start
@@ -162,19 +168,21 @@ __device__ __forceinline__ void fwd_impl(const bf16* __restrict__ q, const bf16*
 #pragma unroll
     for (int i = 0; i < DV / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 
-    const int kend = min(S, m0 + BM);  // keys needed by this block: [0, kend)
-    const int n_tiles = (kend + BN - 1) / BN;
-    load_tile<BN, DK, NT>(sK, kb, krs, 0, S, tid);
+    const int kend = min(S, m0 + BM);  // keys needed by this block: [kbegin, kend)
+    const int kbegin = window > 0 ? max(0, m0 - window + 1) : 0;
+    const int n_tiles = (kend + BN - 1) / BN, first = kbegin / BN;
+    load_tile<BN, DK, NT>(sK, kb, krs, first * BN, S, tid);
     cp_async_commit();
 
-    for (int nb = 0; nb < n_tiles; ++nb) {
+    for (int nb = first; nb < n_tiles; ++nb) {
         const int n0 = nb * BN;
         cp_async_wait_all();  // K[nb] has landed
         __syncthreads();      // ... for every thread; everyone is done with V[nb-1]
         load_tile<BN, DV, NT>(sV, vb, vrs, n0, S, tid);
         cp_async_commit();
 
-        const bool active = n0 <= wr0 + 15;  // warp-uniform: some key of the tile is visible
+        // warp-uniform: some key of the tile is visible to some row of the warp
+        const bool active = n0 <= wr0 + 15 && (window == 0 || n0 + BN - 1 > wr0 - window);
         float s[BN / 8][4];
         if (active) {
 #pragma unroll
@@ -189,12 +197,16 @@ __device__ __forceinline__ void fwd_impl(const bf16* __restrict__ q, const bf16*
                     mma16816(s[2 * np + 1], qf[kk], bk[2], bk[3]);
                 }
             }
-            if (n0 + BN - 1 > wr0) {  // tile crosses this warp's diagonal: mask keys j > i
+            // The tile crosses this warp's diagonal or its window's lower edge: mask keys j > i
+            // and j <= i - window.
+            if (n0 + BN - 1 > wr0 || (window > 0 && n0 <= wr0 + 15 - window)) {
 #pragma unroll
                 for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
-                    for (int e = 0; e < 4; ++e)
-                        if (n0 + nt * 8 + 2 * (lane & 3) + (e & 1) > row0 + (e >> 1) * 8) s[nt][e] = ATTN_NEG_INF;
+                    for (int e = 0; e < 4; ++e) {
+                        const int j = n0 + nt * 8 + 2 * (lane & 3) + (e & 1), i = row0 + (e >> 1) * 8;
+                        if (j > i || (window > 0 && j <= i - window)) s[nt][e] = ATTN_NEG_INF;
+                    }
             }
             // Online softmax; each row lives in the 4 lanes of a quad.
             float mx[2] = {m_i[0], m_i[1]};
@@ -249,7 +261,7 @@ __device__ __forceinline__ void fwd_impl(const bf16* __restrict__ q, const bf16*
         }
     }
 
-    // Epilogue: normalise, write o (bf16) and lse (natural log).
+    // Epilogue: normalise, write o (bf16) and lse (natural log); a sink logit joins the sum.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         float l = l_i[r];
@@ -257,38 +269,44 @@ __device__ __forceinline__ void fwd_impl(const bf16* __restrict__ q, const bf16*
         l += __shfl_xor_sync(0xffffffffu, l, 2);
         const int row = row0 + r * 8;
         if (row < S) {
-            const float inv = 1.f / l;
+            float mx = m_i[r] * scale, inv = 1.f / l;
+            if (sinks) {
+                const float sk = __bfloat162float(sinks[h]), top = fmaxf(mx, sk), a = expf(mx - top);
+                l = l * a + expf(sk - top);
+                inv = a / l;
+                mx = top;
+            }
             bf16* orow = o + ((size_t)b * S + row) * ors + (size_t)h * DV + 2 * (lane & 3);
 #pragma unroll
             for (int dt = 0; dt < DV / 8; ++dt)
                 *reinterpret_cast<unsigned*>(orow + dt * 8) = pack_bf16(acc[dt][2 * r] * inv, acc[dt][2 * r + 1] * inv);
-            if ((lane & 3) == 0) lse[((size_t)b * Hq + h) * S + row] = m_i[r] * scale + logf(l);
+            if ((lane & 3) == 0) lse[((size_t)b * Hq + h) * S + row] = mx + logf(l);
         }
     }
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
-    flash_attn_fwd_d32(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, int B, int S, int Hq,
-                       int Hkv, float scale) {
-    fwd_impl<32, 32, 128>(q, k, v, o, lse, B, S, Hq, Hkv, scale);
+    flash_attn_fwd_d32(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, const bf16* sinks,
+                       int window, int B, int S, int Hq, int Hkv, float scale) {
+    fwd_impl<32, 32, 128>(q, k, v, o, lse, sinks, window, B, S, Hq, Hkv, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
-    flash_attn_fwd_d64(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, int B, int S, int Hq,
-                       int Hkv, float scale) {
-    fwd_impl<64, 64, 128>(q, k, v, o, lse, B, S, Hq, Hkv, scale);
+    flash_attn_fwd_d64(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, const bf16* sinks,
+                       int window, int B, int S, int Hq, int Hkv, float scale) {
+    fwd_impl<64, 64, 128>(q, k, v, o, lse, sinks, window, B, S, Hq, Hkv, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 2)
-    flash_attn_fwd_d128(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, int B, int S, int Hq,
-                        int Hkv, float scale) {
-    fwd_impl<128, 128, 64>(q, k, v, o, lse, B, S, Hq, Hkv, scale);
+    flash_attn_fwd_d128(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, const bf16* sinks,
+                       int window, int B, int S, int Hq, int Hkv, float scale) {
+    fwd_impl<128, 128, 64>(q, k, v, o, lse, sinks, window, B, S, Hq, Hkv, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 2)
-    flash_attn_fwd_d192_128(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, int B, int S, int Hq,
-                            int Hkv, float scale) {
-    fwd_impl<192, 128, 64>(q, k, v, o, lse, B, S, Hq, Hkv, scale);
+    flash_attn_fwd_d192_128(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, const bf16* sinks,
+                       int window, int B, int S, int Hq, int Hkv, float scale) {
+    fwd_impl<192, 128, 64>(q, k, v, o, lse, sinks, window, B, S, Hq, Hkv, scale);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -320,7 +338,7 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
                                          const bf16* __restrict__ v, const bf16* __restrict__ dout,
                                          const float* __restrict__ lse, const float* __restrict__ delta,
                                          float* __restrict__ dq_acc, bf16* __restrict__ dk, bf16* __restrict__ dv,
-                                         int B, int S, int Hq, int Hkv, float scale) {
+                                         int window, int B, int S, int Hq, int Hkv, float scale) {
     constexpr int BN = 64, NT = 128, LDK = DK + 8, LDV = DV + 8, LDS = BMQ + 8;
     constexpr int RG = BMQ / 16, DC = 4 / RG, DW = DK / DC;  // dQ split: RG row groups x DC dim chunks
     constexpr int QT = BMQ * LDK, QO = (QT + BMQ * LDV > BN * LDV) ? QT + BMQ * LDV : BN * LDV;
@@ -362,7 +380,8 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
     const float sl2 = scale * ATTN_LOG2E;
     const int kw0 = n0 + warp * 16;          // first key of this warp
     const int key0 = kw0 + (lane >> 2);      // keys of accumulator elements 0,1 (and +8 for 2,3)
-    const int m_begin = n0 / BMQ, m_count = (S + BMQ - 1) / BMQ, per_head = m_count - m_begin;
+    const int m_end = window > 0 ? min(S, n0 + BN - 1 + window) : S;  // queries that see these keys: < m_end
+    const int m_begin = n0 / BMQ, m_count = (m_end + BMQ - 1) / BMQ, per_head = m_count - m_begin;
     const int iters = G * per_head;
 
     auto issue = [&](int it) {  // async loads of Q, dO, lse, delta for iteration it
@@ -384,7 +403,8 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
         cp_async_wait_all();
         __syncthreads();
 
-        const bool active = kw0 <= m0 + BMQ - 1;  // warp-uniform: some (key, query) pair is visible
+        // warp-uniform: some (key, query) pair is visible
+        const bool active = kw0 <= m0 + BMQ - 1 && (window == 0 || m0 < kw0 + 15 + window);
         float st[BMQ / 8][4], dpt[BMQ / 8][4];    // S^T -> P^T, dP^T -> dS^T (16 keys x BMQ queries)
 #pragma unroll
         for (int i = 0; i < BMQ / 8; ++i)
@@ -420,14 +440,15 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
                         mma16816(dpt[2 * np + 1], vf[kk], bd[2], bd[3]);
                     }
             }
-            const bool need_mask = (kw0 + 15 > m0) || (m0 + BMQ > S);
+            const bool need_mask = (kw0 + 15 > m0) || (m0 + BMQ > S) || (window > 0 && m0 + BMQ - 1 - kw0 >= window);
 #pragma unroll
             for (int nt = 0; nt < BMQ / 8; ++nt) {
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int ql = nt * 8 + 2 * (lane & 3) + (e & 1);
                     float p = exp2f(fmaf(st[nt][e], sl2, -sLse[ql] * ATTN_LOG2E));
-                    if (need_mask && (key0 + (e >> 1) * 8 > m0 + ql || m0 + ql >= S)) p = 0.f;
+                    const int key = key0 + (e >> 1) * 8, q = m0 + ql;
+                    if (need_mask && (key > q || q >= S || (window > 0 && q - key >= window))) p = 0.f;
                     st[nt][e] = p;
                     dpt[nt][e] = p * (dpt[nt][e] - sDelta[ql]);
                 }
@@ -528,7 +549,7 @@ __device__ __forceinline__ void bwd64_impl(const bf16* __restrict__ q, const bf1
                                            const bf16* __restrict__ v, const bf16* __restrict__ dout,
                                            const float* __restrict__ lse, const float* __restrict__ delta,
                                            float* __restrict__ dq_acc, bf16* __restrict__ dk, bf16* __restrict__ dv,
-                                           int B, int S, int Hq, int Hkv, float scale) {
+                                           int window, int B, int S, int Hq, int Hkv, float scale) {
     constexpr int D = 64, BMQ = 64, BN = 64, NT = 128, LD = D + 8, LDS = BMQ + 8;
     __shared__ __align__(16) bf16 sK[BN * LD];
     __shared__ __align__(16) bf16 sQ[2 * BMQ * LD];  // [Q tile | dO tile]; V tile at the start
@@ -544,7 +565,8 @@ __device__ __forceinline__ void bwd64_impl(const bf16* __restrict__ q, const bf1
     const bf16* kb = k + (size_t)b * S * kvrs + (size_t)hk * D;
     const bf16* vb = v + (size_t)b * S * kvrs + (size_t)hk * D;
 
-    const int m_begin = n0 / BMQ, m_count = (S + BMQ - 1) / BMQ, per_head = m_count - m_begin;
+    const int m_end = window > 0 ? min(S, n0 + BN - 1 + window) : S;  // queries that see these keys: < m_end
+    const int m_begin = n0 / BMQ, m_count = (m_end + BMQ - 1) / BMQ, per_head = m_count - m_begin;
     const int iters = G * per_head;
     auto issue = [&](int it) {  // async loads of Q, dO, lse, delta for iteration it
         const int h = hk * G + it / per_head, m0 = (m_begin + it % per_head) * BMQ;
@@ -591,7 +613,8 @@ __device__ __forceinline__ void bwd64_impl(const bf16* __restrict__ q, const bf1
         cp_async_wait_all();
         __syncthreads();  // tile it has landed for every thread; everyone is done with sdS
 
-        const bool active = kw0 <= m0 + BMQ - 1;  // warp-uniform: some (key, query) pair is visible
+        // warp-uniform: some (key, query) pair is visible
+        const bool active = kw0 <= m0 + BMQ - 1 && (window == 0 || m0 < kw0 + 15 + window);
         float st[BMQ / 8][4], dpt[BMQ / 8][4];    // S^T -> P^T, dP^T -> dS^T (16 keys x BMQ queries)
 #pragma unroll
         for (int i = 0; i < BMQ / 8; ++i)
@@ -613,7 +636,7 @@ __device__ __forceinline__ void bwd64_impl(const bf16* __restrict__ q, const bf1
                     mma16816(dpt[2 * np + 1], vf[kk], bd[2], bd[3]);
                 }
             }
-            const bool need_mask = (kw0 + 15 > m0) || (m0 + BMQ > S);
+            const bool need_mask = (kw0 + 15 > m0) || (m0 + BMQ > S) || (window > 0 && m0 + BMQ - 1 - kw0 >= window);
 #pragma unroll
             for (int nt = 0; nt < BMQ / 8; ++nt) {
                 const int qc = nt * 8 + 2 * (lane & 3);
@@ -624,7 +647,8 @@ __device__ __forceinline__ void bwd64_impl(const bf16* __restrict__ q, const bf1
                 for (int e = 0; e < 4; ++e) {
                     const int ql = qc + (e & 1);
                     float p = exp2f(fmaf(st[nt][e], sl2, nl[e & 1]));
-                    if (need_mask && (key0 + (e >> 1) * 8 > m0 + ql || m0 + ql >= S)) p = 0.f;
+                    const int key = key0 + (e >> 1) * 8, q = m0 + ql;
+                    if (need_mask && (key > q || q >= S || (window > 0 && q - key >= window))) p = 0.f;
                     st[nt][e] = p;
                     dpt[nt][e] = p * (dpt[nt][e] - dl[e & 1]);
                 }
@@ -721,30 +745,51 @@ __device__ __forceinline__ void bwd64_impl(const bf16* __restrict__ q, const bf1
 
 extern "C" __global__ void __launch_bounds__(128, 2)
     flash_attn_bwd_d32(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
-                       const float* delta, float* dq_acc, bf16* dk, bf16* dv, int B, int S, int Hq, int Hkv,
-                       float scale) {
-    bwd_impl<32, 32, 64>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, S, Hq, Hkv, scale);
+                       const float* delta, float* dq_acc, bf16* dk, bf16* dv, int window, int B, int S, int Hq,
+                       int Hkv, float scale) {
+    bwd_impl<32, 32, 64>(q, k, v, dout, lse, delta, dq_acc, dk, dv, window, B, S, Hq, Hkv, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 2)
     flash_attn_bwd_d64(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
-                       const float* delta, float* dq_acc, bf16* dk, bf16* dv, int B, int S, int Hq, int Hkv,
-                       float scale) {
-    bwd64_impl(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, S, Hq, Hkv, scale);
+                       const float* delta, float* dq_acc, bf16* dk, bf16* dv, int window, int B, int S, int Hq,
+                       int Hkv, float scale) {
+    bwd64_impl(q, k, v, dout, lse, delta, dq_acc, dk, dv, window, B, S, Hq, Hkv, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 2)
     flash_attn_bwd_d128(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
-                        const float* delta, float* dq_acc, bf16* dk, bf16* dv, int B, int S, int Hq, int Hkv,
-                        float scale) {
-    bwd_impl<128, 128, 32>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, S, Hq, Hkv, scale);
+                        const float* delta, float* dq_acc, bf16* dk, bf16* dv, int window, int B, int S, int Hq,
+                        int Hkv, float scale) {
+    bwd_impl<128, 128, 32>(q, k, v, dout, lse, delta, dq_acc, dk, dv, window, B, S, Hq, Hkv, scale);
 }
 
 extern "C" __global__ void __launch_bounds__(128, 2)
     flash_attn_bwd_d192_128(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
-                            const float* delta, float* dq_acc, bf16* dk, bf16* dv, int B, int S, int Hq, int Hkv,
-                            float scale) {
-    bwd_impl<192, 128, 16>(q, k, v, dout, lse, delta, dq_acc, dk, dv, B, S, Hq, Hkv, scale);
+                            const float* delta, float* dq_acc, bf16* dk, bf16* dv, int window, int B, int S, int Hq,
+                            int Hkv, float scale) {
+    bwd_impl<192, 128, 16>(q, k, v, dout, lse, delta, dq_acc, dk, dv, window, B, S, Hq, Hkv, scale);
+}
+
+// dsinks[h] += −Σ_{b,i} exp(sink_h − lse[b,h,i])·delta[b,h,i] (a sink's share of row i times
+// −δ_i: it takes probability mass and gives no value); one block per head, a fixed order.
+extern "C" __global__ void __launch_bounds__(256)
+    flash_attn_sink_grad(const float* lse, const float* delta, const bf16* sinks, float* dsinks, int B, int S, int Hq) {
+    __shared__ float part[256];
+    const int h = blockIdx.x;
+    const float sk = __bfloat162float(sinks[h]);
+    float acc = 0.f;
+    for (int bi = threadIdx.x; bi < B * S; bi += blockDim.x) {
+        const size_t at = ((size_t)(bi / S) * Hq + h) * S + bi % S;
+        acc -= expf(sk - lse[at]) * delta[at];
+    }
+    part[threadIdx.x] = acc;
+    __syncthreads();
+    for (int o = blockDim.x / 2; o > 0; o >>= 1) {
+        if (threadIdx.x < o) part[threadIdx.x] += part[threadIdx.x + o];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) dsinks[h] += part[0];
 }
 
 // dq[i] = bf16(dq_acc[i]), grid-stride.

@@ -194,6 +194,19 @@ impl ModelConfig {
         self.attn_scale / (self.head_dim as f32).sqrt()
     }
 
+    /// Σ over layers of the keys a query sees, doubled (the attention FLOPs' length term):
+    /// seq_len per full causal layer (2·(S+1)/2, rounded to S), 2·mean(min(i+1, w)) per layer with
+    /// a window w < S.
+    pub fn attention_span(&self) -> f64 {
+        let s = self.seq_len as f64;
+        (0..self.layers)
+            .map(|l| match self.window(l) as f64 {
+                w if w == 0.0 || w >= s => s,
+                w => (w * (w + 1.0) + 2.0 * (s - w) * w) / s,
+            })
+            .sum()
+    }
+
     /// Layer `l`'s sliding window (0: it attends to every earlier key).
     pub fn window(&self, l: usize) -> usize {
         match &self.window_layers {

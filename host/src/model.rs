@@ -292,7 +292,8 @@ impl Model {
     /// 3·hidden·ffn each): total, and active per token with `top_k` experts. Training FLOPs per
     /// token = 6·active + 3·layers·heads·(head_dim + value head)·seq_len (causal attention: q·kᵀ
     /// and p·v are 2·2·T·Hq·D forward per token without the mask, half with it, ×3 with
-    /// backward), the formula of ../shared/bench.
+    /// backward), the formula of ../shared/bench; a sliding-window layer counts its window in
+    /// place of seq_len ([`ModelConfig::attention_span`]).
     pub fn counts(cfg: &ModelConfig, top_k: usize, (shared_ffn, dense_ffn): (usize, usize)) -> Counts {
         let (c, h, vd) = (cfg, cfg.hidden, cfg.rope_v_dims().1);
         let attention = c.attention_params() as usize;
@@ -302,8 +303,8 @@ impl Model {
         let total = c.layers * attention + always + moe * c.experts * expert + embedding;
         let active = c.layers * attention + always + moe * top_k * expert + embedding;
         // q·kᵀ over head_dim and p·v over the value head: 3·(d + dv) per head, layer, position.
-        let flops = 6 * active + 3 * c.layers * c.heads * (c.head_dim + vd) * c.seq_len;
-        Counts { total, active, embedding, flops_per_token: flops as f64 }
+        let attn = 3.0 * (c.heads * (c.head_dim + vd)) as f64 * c.attention_span();
+        Counts { total, active, embedding, flops_per_token: 6.0 * active as f64 + attn }
     }
 
     /// Forward + backward on one micro-batch of `batch` sequences of seq_len tokens (row-major

@@ -63,7 +63,12 @@ pub fn plan(cfg: &Config, reg: &Registry) -> Result<String, String> {
         QkNorm::Full => "RMSNorm over the projection",
         QkNorm::None => "none",
     };
-    let bias = if m.qkv_bias { ", q/k/v biases" } else { "" };
+    let bias = [(m.qkv_bias, ", q/k/v biases"), (m.o_bias, ", o bias"), (m.attn_sinks, ", a sink per head")];
+    let mut bias: String = bias.iter().filter(|b| b.0).map(|b| b.1).collect();
+    if m.sliding_window > 0 {
+        let n = (0..m.layers).filter(|&l| m.window(l) > 0).count();
+        bias += &format!(", a {}-key sliding window on {n} of {} layers", m.sliding_window, m.layers);
+    }
     let rope = if m.rope_interleaved { "interleaved RoPE" } else { "RoPE" };
     let _ = match m.mla {
         None => writeln!(
@@ -158,12 +163,12 @@ pub fn plan(cfg: &Config, reg: &Registry) -> Result<String, String> {
     let one_expert_layer = one_layer_experts.flops(RSlice::from_slice(&vec![per_expert; m.experts])) / 1e6;
     let experts_fwd = one_expert_layer * moe_layers as f64;
     let qk_v = m.head_dim + m.rope_v_dims().1;
-    let attn = 3.0 * [m.layers, m.heads, qk_v, m.seq_len].iter().map(|&x| x as f64).product::<f64>();
+    let attn = 3.0 * (m.heads * qk_v) as f64 * m.attention_span();
     let flops = 6.0 * matmul as f64 + 3.0 * experts_fwd + attn;
     let _ = writeln!(
         s,
         "\ntraining FLOPs/token: {:.4} GFLOP = 6 × {matmul} active dense matmul params + 3 × {experts_fwd:.0} experts \
-         forward (the plugin's count) + 3 × layers × heads × (q·k head + value head) × seq_len ({attn})",
+         forward (the plugin's count) + 3 × heads × (q·k head + value head) × Σ_layers seq_len (a window in its place: {attn})",
         flops / 1e9
     );
     // Bytes per parameter: f32 weight, grad and optimizer state, and on CUDA a bf16 working copy;

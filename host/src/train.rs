@@ -1165,6 +1165,19 @@ mod tests {
                 ],
             ),
             (
+                "GPT-OSS attention: q/k/v/o biases, sinks, a window of 40 keys on layer 0 (seq 100), router bias",
+                vec![
+                    "model.qk_norm=\"none\"",
+                    "model.seq_len=100",
+                    "model.qkv_bias=true",
+                    "model.o_bias=true",
+                    "model.attn_sinks=true",
+                    "model.sliding_window=40",
+                    "model.window_layers=[0]",
+                    "router.bias=true",
+                ],
+            ),
+            (
                 "DeepSeek-V3 MLA: compressed q (rank 48), heads of 192 = 128 + 64 rotated, values 128",
                 vec![
                     "model.head_dim=192",
@@ -1188,7 +1201,8 @@ mod tests {
                     p.w.iter_mut().for_each(|w| *w *= 50.0);
                 }
                 // Biases start at zero; give them values so the forward's bias add is tested too.
-                for p in run.params.list.iter_mut().filter(|p| p.name.ends_with(".bias")) {
+                for p in run.params.list.iter_mut().filter(|p| p.name.ends_with(".bias") || p.name.ends_with(".sinks"))
+                {
                     p.w.iter_mut().enumerate().for_each(|(i, w)| *w = 0.1 * (i as f32).sin());
                 }
             }

@@ -5,7 +5,7 @@
 
 use super::{src, DTensor, Gpu};
 use crate::layers::AttnDims;
-use pith_plugin_api::{Arg, DType};
+use pith_plugin_api::{Arg, DType, Tensor};
 
 /// (q·k, value) head sizes of the flash kernels: `flash_attn_{fwd,bwd}_d{dk}` (dk = dv) or
 /// `_d{dk}_{dv}` (MLA's 128 + 64 rotated q·k dims, 128 value dims).
@@ -14,15 +14,23 @@ const KERNELS: [(usize, usize); 4] = [(32, 32), (64, 64), (128, 128), (192, 128)
 type R<T> = Result<T, String>;
 
 impl Gpu {
-    /// Causal attention of q [B·S, hq·d], k [B·S, hkv·d], v [B·S, hkv·dv] (bf16): (out [B·S,
-    /// hq·dv] bf16, lse f32 [B, hq, S]) as layers::attention_fwd.
-    pub fn attention(&self, q: &DTensor, k: &DTensor, v: &DTensor, a: AttnDims) -> R<(DTensor, DTensor)> {
+    /// Causal attention of q [B·S, hq·d], k [B·S, hkv·d], v [B·S, hkv·dv] (bf16), within
+    /// `a.window`, with `sinks` (bf16 [hq]) when given: (out [B·S, hq·dv] bf16, lse f32 [B, hq,
+    /// S]) as layers::attention_fwd.
+    pub fn attention(
+        &self,
+        q: &DTensor,
+        k: &DTensor,
+        v: &DTensor,
+        sinks: Option<&Tensor>,
+        a: AttnDims,
+    ) -> R<(DTensor, DTensor)> {
         let (kd, kv) = kernel(a)?;
         let (qw, kw, vw) = (self.widen(q, a.d, kd)?, self.widen(k, a.d, kd)?, self.widen(v, a.dv, kv)?);
         let (q, k, v) = (qw.as_ref().unwrap_or(q), kw.as_ref().unwrap_or(k), vw.as_ref().unwrap_or(v));
         let out = self.tensor(&[a.b * a.t, a.hq * kv], DType::BF16)?;
         let lse = self.tensor(&[a.b, a.hq, a.t], DType::F32)?;
-        let mut args = vec![q.arg(), k.arg(), v.arg(), out.arg(), lse.arg()];
+        let mut args = vec![q.arg(), k.arg(), v.arg(), out.arg(), lse.arg(), sinks.map_or(Arg::Ptr(0), |s| s.arg())];
         args.extend(sizes(a));
         let (rows, threads) = if kd >= 128 { (64, 128) } else { (128, 256) };
         let grid = [a.hq as u32, a.b as u32, a.t.div_ceil(rows) as u32];
@@ -30,11 +38,13 @@ impl Gpu {
         Ok((self.narrow(out, a.dv, kv)?, lse))
     }
 
-    /// Its backward from the forward's inputs, out and lse: (dq, dk, dv) as layers::attention_bwd.
+    /// Its backward from the forward's inputs, out and lse: (dq, dk, dv) as layers::attention_bwd;
+    /// with `sinks` (values bf16, gradient f32 [hq]) the sinks' gradient accumulates.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_bwd(
         &self,
         (q, k, v): (&DTensor, &DTensor, &DTensor),
+        sinks: Option<(&Tensor, &Tensor)>,
         out: &DTensor,
         lse: &DTensor,
         dout: &DTensor,
@@ -47,6 +57,10 @@ impl Gpu {
         let prep = [out.arg(), dout.arg(), delta.arg(), Arg::I32(b), Arg::I32(s), Arg::I32(hq), Arg::I32(a.dv as i32)];
         let grid = [(a.b * a.t * a.hq).div_ceil(8) as u32, 1, 1];
         self.launch(src::ATTENTION, "flash_attn_bwd_prep", (grid, [256, 1, 1], 0), &prep)?;
+        if let Some((sk, ds)) = sinks {
+            let args = [lse.arg(), delta.arg(), sk.arg(), ds.arg(), Arg::I32(b), Arg::I32(s), Arg::I32(hq)];
+            self.launch(src::ATTENTION, "flash_attn_sink_grad", ([a.hq as u32, 1, 1], [256, 1, 1], 0), &args)?;
+        }
         let (qw, kw) = (self.widen(q, a.d, kd)?, self.widen(k, a.d, kd)?);
         let (vw, dw) = (self.widen(v, a.dv, kv)?, self.widen(dout, a.dv, kv)?);
         let (q, k) = (qw.as_ref().unwrap_or(q), kw.as_ref().unwrap_or(k));
@@ -111,10 +125,10 @@ fn suffix(dk: usize, dv: usize) -> String {
     }
 }
 
-/// The trailing (B, S, Hq, Hkv, scale) arguments of both kernels.
-fn sizes(a: AttnDims) -> [Arg; 5] {
+/// The trailing (window, B, S, Hq, Hkv, scale) arguments of both kernels.
+fn sizes(a: AttnDims) -> [Arg; 6] {
     let i = |n: usize| Arg::I32(n as i32);
-    [i(a.b), i(a.t), i(a.hq), i(a.hkv), Arg::F32(a.scale)]
+    [i(a.window), i(a.b), i(a.t), i(a.hq), i(a.hkv), Arg::F32(a.scale)]
 }
 
 #[cfg(test)]
@@ -131,32 +145,46 @@ mod tests {
     }
 
     /// Forward and backward against layers::attention_fwd/bwd (f32, on the same bf16 inputs) for
-    /// every kernel, GQA, sequences that end mid-tile, MLA's sizes (192 q·k, 128 value) and sizes
-    /// that are padded (MLA-shaped 48/32, 24/16; 96). Tolerance 2% relative L2: bf16 outputs and
-    /// P, dS rounded to bf16 inside the kernels (~0.4% each).
+    /// every kernel, GQA, sequences that end mid-tile, MLA's sizes (192 q·k, 128 value), sizes
+    /// that are padded (MLA-shaped 48/32, 24/16; 96), and GPT-OSS's sliding windows (shorter and
+    /// longer than a tile) with sinks. Tolerance 2% relative L2: bf16 outputs and P, dS rounded to
+    /// bf16 inside the kernels (~0.4% each); the sinks' gradient (f32 sums) 1%.
     #[test]
     #[ignore = "needs a CUDA GPU"]
     fn attention_matches_cpu() {
         let g = gpu();
         let mut rng = Rng::new(21);
-        for (b, t, hq, hkv, d, dv) in [
-            (2, 100, 4, 2, 32, 32),
-            (1, 130, 4, 1, 64, 64),
-            (2, 70, 2, 2, 128, 128),
-            (2, 150, 4, 4, 192, 128),
-            (1, 64, 2, 2, 48, 32),
-            (2, 33, 3, 3, 24, 16),
-            (1, 80, 4, 2, 96, 96),
+        for (b, t, hq, hkv, d, dv, window, sinks) in [
+            (2, 100, 4, 2, 32, 32, 0, false),
+            (1, 130, 4, 1, 64, 64, 0, false),
+            (2, 70, 2, 2, 128, 128, 0, false),
+            (2, 150, 4, 4, 192, 128, 0, false),
+            (1, 64, 2, 2, 48, 32, 0, false),
+            (2, 33, 3, 3, 24, 16, 0, false),
+            (1, 80, 4, 2, 96, 96, 0, false),
+            (2, 300, 4, 2, 64, 64, 40, true),
+            (1, 200, 4, 2, 64, 64, 128, true),
+            (1, 150, 2, 1, 128, 128, 70, true),
+            (2, 90, 4, 2, 32, 32, 0, true),
         ] {
-            let a = AttnDims { b, t, hq, hkv, d, dv, scale: 1.0 / (d as f32).sqrt(), window: 0 };
+            let a = AttnDims { b, t, hq, hkv, d, dv, scale: 1.0 / (d as f32).sqrt(), window };
             let (qh, q) = rand_bf16(&g, &mut rng, &[b * t, hq * d], 1.0);
             let (kh, k) = rand_bf16(&g, &mut rng, &[b * t, hkv * d], 1.0);
             let (vh, v) = rand_bf16(&g, &mut rng, &[b * t, hkv * dv], 1.0);
             let (dh, dout) = rand_bf16(&g, &mut rng, &[b * t, hq * dv], 1.0);
-            let (out, lse) = g.attention(&q, &k, &v, a).unwrap();
-            let (want_out, want_lse) = layers::attention_fwd(&qh, &kh, &vh, &[], a);
-            let (dq, dk, dv_) = g.attention_bwd((&q, &k, &v), &out, &lse, &dout, a).unwrap();
-            let want = layers::attention_bwd((&qh, &kh, &vh, &[]), &want_out, &want_lse, &dh, a);
+            let (sh, s) = rand_bf16(&g, &mut rng, &[hq], 1.0);
+            let sh = if sinks { sh } else { vec![] };
+            let ds = g.zeros(&[hq], DType::F32).unwrap();
+            let (out, lse) = g.attention(&q, &k, &v, sinks.then_some(&s.t), a).unwrap();
+            let (want_out, want_lse) = layers::attention_fwd(&qh, &kh, &vh, &sh, a);
+            let sg = sinks.then_some((&s.t, &ds.t));
+            let (dq, dk, dv_) = g.attention_bwd((&q, &k, &v), sg, &out, &lse, &dout, a).unwrap();
+            let want = layers::attention_bwd((&qh, &kh, &vh, &sh), &want_out, &want_lse, &dh, a);
+            if sinks {
+                let e = rel_l2(&g.to_f32(&ds).unwrap(), &want.3);
+                println!("attention {a:?}: sinks' gradient relative L2 {e:.2e}");
+                assert!(e < 1e-2, "{a:?}: sinks' gradient {e}");
+            }
             let errs = [
                 rel_l2(&g.to_f32(&out).unwrap(), &want_out),
                 rel_l2(&g.to_f32(&lse).unwrap(), &want_lse),

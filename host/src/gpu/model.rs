@@ -149,13 +149,6 @@ pub struct RopeTables {
 
 impl RopeTables {
     pub fn new(gpu: &Gpu, model: &Model) -> Result<RopeTables, String> {
-        if model.cfg.attn_sinks || model.cfg.sliding_window > 0 {
-            return Err(
-                "model.attn_sinks and model.sliding_window (GPT-OSS's attention) train on train.device = \"cpu\" \
-                        only so far: the CUDA flash attention has no sinks or window yet"
-                    .into(),
-            );
-        }
         let (s, half) = (model.cfg.seq_len, model.rope.half);
         let cos = gpu.upload(&model.rope.cos, &[s, half], DType::F32)?;
         let sin = gpu.upload(&model.rope.sin, &[s, half], DType::F32)?;
@@ -305,10 +298,13 @@ impl Backend for GpuPass<'_> {
     }
     /// Causal GQA flash attention (gpu/attention.rs): (out [T, heads·dv] bf16, lse [B,heads,S]).
     fn attention(&self, l: usize, q: &DTensor, k: &DTensor, v: &DTensor) -> R<(DTensor, DTensor)> {
-        self.gpu.attention(q, k, v, AttnDims::of(&self.m.cfg, self.batch, l))
+        let sinks = self.m.layers[l].sinks.map(|i| &self.p.list[i].w16.t);
+        self.gpu.attention(q, k, v, sinks, AttnDims::of(&self.m.cfg, self.batch, l))
     }
     fn attention_bwd(&self, l: usize, sv: &Attn<'_, DTensor>, dout: &DTensor) -> R<Qkv<DTensor>> {
-        self.gpu.attention_bwd((sv.q, sv.k, sv.v), sv.out, sv.lse, dout, AttnDims::of(&self.m.cfg, self.batch, l))
+        let sinks = self.m.layers[l].sinks.map(|i| (&self.p.list[i].w16.t, &self.p.list[i].g.t));
+        let a = AttnDims::of(&self.m.cfg, self.batch, l);
+        self.gpu.attention_bwd((sv.q, sv.k, sv.v), sinks, sv.out, sv.lse, dout, a)
     }
     fn add(&self, a: &Tensor, b: &Tensor) -> R<DTensor> {
         let out = self.gpu.tensor(&a.dims(), DType::F32)?;
