@@ -81,10 +81,10 @@ extern "C" __global__ void topk_softmax_bwd(const float* probs, const int* ids, 
     }
 }
 
-// With `bias`: logits [T,E] += b [E] on every row (grid-stride).
-extern "C" __global__ void router_bias_add(float* logits, const float* b, long long n, int E) {
+// With `bias`: logits [T,E] += b [E] (bf16, the parameter's working copy) on every row (grid-stride).
+extern "C" __global__ void router_bias_add(float* logits, const __nv_bfloat16* b, long long n, int E) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
-        logits[i] += b[i % E];
+        logits[i] += __bfloat162float(b[i % E]);
 }
 
 // g [E] += the column sums of dl [T,E] (bf16), in a fixed order: block e sums column e.

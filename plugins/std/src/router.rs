@@ -15,7 +15,8 @@
 //!
 //! CUDA (kernels/router.cu; x and W bf16, logits, p, gates and their grads f32): the GEMMs go
 //! through the host; `topk_softmax_fwd` does softmax, entropy and top-k with one warp per token,
-//! `router_sum` sums the entropies, `topk_softmax_bwd` writes dlogits as bf16 for the two GEMMs.
+//! `router_sum` sums the entropies, `topk_softmax_bwd` writes dlogits as bf16 for the two GEMMs;
+//! `router_bias_add` (bf16 bias) and `router_bias_grad` (column sums in a fixed order) serve the bias.
 //! Supports E ≤ 1024 and top_k ≤ 32 there.
 
 use crate::{act, expect, grid, ints, softmax, BLOCK};
@@ -163,7 +164,7 @@ impl Router for TopKSoftmax {
         let logits = h.alloc_f32(&[t, e])?;
         h.gemm(x, *wt, logits, false, true, 1.0, 0.0)?;
         if let Some(b) = b {
-            expect(&b, DType::F32, dev, &[e], "topk-softmax: bias")?;
+            expect(&b, act(dev), dev, &[e], "topk-softmax: bias")?;
             match dev {
                 Device::Cpu => {
                     // SAFETY: logits is this call's own allocation.
