@@ -17,23 +17,33 @@ __device__ __forceinline__ int cs_group(const int* offsets, int E, long long row
     return lo;
 }
 
-// y [N, cols] += b[g] [cols] for each row of group g (offsets [E + 1] on the device).
-extern "C" __global__ void cs_bias_add(bf16* y, const bf16* b, const int* offsets, int E, long long n, int cols) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
-        const long long row = i / cols;
-        const int g = cs_group(offsets, E, row);
-        y[i] = __float2bfloat16(__bfloat162float(y[i]) + __bfloat162float(b[(long long)g * cols + i % cols]));
+// y [rows, cols] += b[g] [cols] for each row of group g (offsets [E + 1] on the device): a block
+// per row (grid-stride), its group found once, the columns coalesced.
+extern "C" __global__ void cs_bias_add(bf16* y, const bf16* b, const int* offsets, int E, long long rows, int cols) {
+    for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
+        const bf16* bg = b + (long long)cs_group(offsets, E, row) * cols;
+        bf16* yr = y + row * cols;
+        for (int c = threadIdx.x; c < cols; c += blockDim.x)
+            yr[c] = __float2bfloat16(__bfloat162float(yr[c]) + __bfloat162float(bg[c]));
     }
 }
 
-// g [E, cols] += the column sums of d over each group's rows: thread (e = blockIdx.y, column c)
-// walks its rows in order (deterministic, no atomics).
+// g [E, cols] += the column sums of d over each group's rows. Block (column chunk of 32, expert
+// e = blockIdx.y): warp w sums rows w, w + 8, … of the group (lane = column: coalesced), then the
+// 8 partial sums add in warp order (deterministic, no atomics).
 extern "C" __global__ void cs_bias_grad(const bf16* d, float* g, const int* offsets, int cols) {
-    const int e = blockIdx.y, c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= cols) return;
+    __shared__ float part[8][32];
+    const int e = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, c = blockIdx.x * 32 + lane;
     float s = 0.f;
-    for (int r = offsets[e]; r < offsets[e + 1]; r++) s += __bfloat162float(d[(long long)r * cols + c]);
-    g[(long long)e * cols + c] += s;
+    if (c < cols)
+        for (int r = offsets[e] + warp; r < offsets[e + 1]; r += 8) s += __bfloat162float(d[(long long)r * cols + c]);
+    part[warp][lane] = s;
+    __syncthreads();
+    if (warp == 0 && c < cols) {
+        float t = 0.f;
+        for (int w = 0; w < 8; w++) t += part[w][lane];
+        g[(long long)e * cols + c] += t;
+    }
 }
 
 // u = (clamp(b, -limit, limit) + shift) · ac · σ(alpha · ac),  ac = min(a, limit).

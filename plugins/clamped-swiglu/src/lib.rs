@@ -17,7 +17,7 @@
 //!
 //! CUDA (kernels/clamped_swiglu.cu): the same host grouped GEMMs on bf16 x, a, b, u, y (f32
 //! weight gradients); `cs_fwd`/`cs_bwd` do the elementwise steps; `cs_bias_add`/`cs_bias_grad`
-//! the per-expert biases (the offsets copied to the device; column sums in row order, no atomics).
+//! the per-expert biases (the offsets copied to the device; column sums in a fixed order, no atomics).
 
 use pith_plugin_api::{
     kernel_source, kit, parse_config, register, Arg, DType, Device, Experts, ExpertsOut, Host, Init, ModelDims,
@@ -144,10 +144,10 @@ impl ClampedSwiglu {
             }
             Device::Cuda => {
                 let dev_off = self.offsets_on_device(h, offsets)?;
-                let n = y.numel();
-                let args = [y.arg(), b.arg(), dev_off.arg(), Arg::I32(self.experts as i32), Arg::I64(n as i64)];
+                let rows = y.numel() / cols;
+                let args = [y.arg(), b.arg(), dev_off.arg(), Arg::I32(self.experts as i32), Arg::I64(rows as i64)];
                 let args = [&args[..], &[Arg::I32(cols as i32)]].concat();
-                h.launch(src(), "cs_bias_add", kit::grid(n, 256), BLOCK, 0, &args)
+                h.launch(src(), "cs_bias_add", kit::grid(rows, 1), BLOCK, 0, &args)
             }
         }
     }
@@ -168,7 +168,7 @@ impl ClampedSwiglu {
             }
             Device::Cuda => {
                 let dev_off = self.offsets_on_device(h, offsets)?;
-                let grid = [cols.div_ceil(256) as u32, self.experts as u32, 1];
+                let grid = [cols.div_ceil(32) as u32, self.experts as u32, 1];
                 let args = [d.arg(), g.arg(), dev_off.arg(), Arg::I32(cols as i32)];
                 h.launch(src(), "cs_bias_grad", grid, BLOCK, 0, &args)
             }
