@@ -125,6 +125,17 @@ def randomise(model):
                 b.normal_(0, 0.1)
 
 
+def honour_swiglu(model):
+    """transformers up to 5.17 hard-codes GPT-OSS's alpha 1.702 and limit 7 in its experts; later versions
+    read swiglu_alpha and swiglu_limit from the config, as Pith does. Set them from the config so that
+    every version computes the model the config describes."""
+    c = model.config
+    for m in model.modules():
+        if type(m).__name__ == "GptOssExperts":
+            m.alpha, m.limit = getattr(c, "swiglu_alpha", 1.702), getattr(c, "swiglu_limit", 7.0)
+    return model
+
+
 def layout(folder):
     from safetensors import safe_open
     names = []
@@ -145,7 +156,7 @@ def load(folder):
     bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if bad:
         raise AssertionError(f"from_pretrained({folder}): {bad}")
-    return model.eval()
+    return honour_swiglu(model).eval()
 
 
 def greedy_pith(binary, model, prompt, n):
@@ -259,7 +270,7 @@ def family(binary, name, work, seed):
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
     except TypeError:
         model = AutoModelForCausalLM.from_config(cfg)
-    model = model.float().eval()
+    model = honour_swiglu(model.float().eval())
     randomise(model)
     d = os.path.join(work, name)
     hf_dir, run0, trained, exported = (os.path.join(d, x) for x in ("hf", "imported", "trained", "exported"))
