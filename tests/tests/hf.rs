@@ -123,7 +123,7 @@ fn config_json(a: Arch) -> Value {
                                    "kv_lora_rank": 6, "q_lora_rank": 5, "qk_rope_head_dim": 2, "qk_nope_head_dim": 2,
                                    "v_head_dim": 3, "head_dim": 2, "first_k_dense_replace": 1, "n_group": 2,
                                    "topk_group": 1, "norm_topk_prob": true, "routed_scaling_factor": 2.5,
-                                   "rope_interleave": true, "rope_theta": 10000.0}),
+                                   "rope_interleave": true, "rope_theta": 10000.0, "num_nextn_predict_layers": 1}),
         // Biases on q/k/v/o, sinks, a window of 4 keys on layer 0, the clamped SwiGLU, YaRN untruncated.
         Arch::GptOss => json!({"model_type": "gpt_oss", "head_dim": 4, "num_local_experts": E, "intermediate_size": 8,
                                "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"],
@@ -369,7 +369,12 @@ fn import_reads_each_family_layout_and_dtype_exactly() {
         for fused in [false, true] {
             let (src, run) = (root.join(format!("{a:?}-{fused}-hf")), root.join(format!("{a:?}-{fused}-run")));
             let (shards, dtype): (usize, fn(usize) -> Dtype) = if fused { (1, |_| Dtype::F32) } else { (3, cycle) };
-            write_hf(&src, &config_json(a), &hf_tensors(a, &w, fused), shards, dtype);
+            let mut tensors = hf_tensors(a, &w, fused);
+            if a == Arch::DeepseekV3 {
+                // Its multi-token-prediction layer (num_nextn_predict_layers = 1) is skipped.
+                tensors.push(("model.layers.2.eh_proj.weight".into(), vec![2, 2], vec![0.5; 4]));
+            }
+            write_hf(&src, &config_json(a), &tensors, shards, dtype);
             let out = ok(&["import", "hf", p(&src), "--out", p(&run)]);
             assert!(out.contains(&format!("imported {}", a.name())), "{out}");
             assert_eq!(checkpoint_weights(&run), w, "{a:?} fused={fused}");

@@ -51,6 +51,10 @@ pub struct HfModel {
     pub window: (usize, Vec<usize>),
     /// GPT-OSS's experts: (`swiglu_alpha`, `swiglu_limit`).
     pub swiglu: Option<(f64, f64)>,
+    /// DeepSeek-V3's multi-token-prediction layers (`num_nextn_predict_layers`/`num_mtp_layers`),
+    /// stored after the decoder's as `model.layers.{layers}…`: skipped on import (transformers
+    /// trains without them too).
+    pub mtp: usize,
     pub aux_coef: f64,
     pub max_positions: usize,
     /// Pith's training sequence length (and RoPE table size).
@@ -292,6 +296,10 @@ fn parse_config(c: &Value, seq_len: Option<usize>) -> Result<HfModel, String> {
         init_std: num("initializer_range", 0.02)?,
         tied: flag("tie_word_embeddings"),
         window,
+        mtp: match v3 {
+            true => int("num_nextn_predict_layers")?.or(int("num_mtp_layers")?).unwrap_or(0),
+            false => 0,
+        },
         swiglu: match gpt_oss {
             true => Some((num("swiglu_alpha", 1.702)?, num("swiglu_limit", 7.0)?)),
             false => None,

@@ -115,6 +115,10 @@ fn place(
     x: &dyn Fn(usize) -> f32,
 ) -> Result<(), String> {
     let nowhere = || format!("has no place in a Pith model of this config.json ({})", hf.family.architecture());
+    let layer = name.strip_prefix("model.layers.").and_then(|r| r.split('.').next()?.parse::<usize>().ok());
+    if layer.is_some_and(|l| (hf.layers..hf.layers + hf.mtp).contains(&l)) {
+        return Ok(()); // a multi-token-prediction layer (HfModel::mtp)
+    }
     let (pith, slot) = translate(hf.family, name).ok_or_else(nowhere)?;
     if slot == Slot::Skip {
         return Ok(());
