@@ -25,6 +25,8 @@
 //   flash_attn_bwd_d192_128  as flash_attn_bwd_d128 (16-query tiles: 45 KiB of static shared memory)
 //   flash_attn_dq_cast   grid (min(cdiv(n, 256), 65535), 1, 1)  block (256, 1, 1)  shared 0
 //   flash_attn_sink_grad grid (Hq, 1, 1)               block (256, 1, 1)  shared 0
+// Each fwd/bwd kernel has a `_w` twin (same arguments and launch) for window > 0; the plain one
+// ignores `window`, so the window's tests cost the common case nothing.
 // D = 32 uses the D = 64 tiling (fwd BM = 128 with 8 warps; bwd 64 keys x 64-query tiles, 4 warps).
 // flash_attn_bwd_prep takes D as an argument and serves every D here (any even D; D = 32 leaves
 // half of each warp idle).
@@ -130,11 +132,12 @@ __device__ __forceinline__ void load_tile(bf16* s, const bf16* g, size_t rs, int
 // ------------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------------
-template <int DK, int DV, int BM>
+template <int DK, int DV, int BM, bool W>
 __device__ __forceinline__ void fwd_impl(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                          const bf16* __restrict__ v, bf16* __restrict__ o, float* __restrict__ lse,
-                                         const bf16* __restrict__ sinks, int window, int B, int S, int Hq, int Hkv,
+                                         const bf16* __restrict__ sinks, int window_arg, int B, int S, int Hq, int Hkv,
                                          float scale) {
+    const int window = W ? window_arg : 0;  // the _w kernels only: no cost elsewhere
     constexpr int BN = 64, NW = BM / 16, NT = NW * 32, LDK = DK + 8, LDV = DV + 8, KT = BN * LDK;
     constexpr int SMEM = (KT + BN * LDV > BM * LDK) ? KT + BN * LDV : BM * LDK;
     __shared__ __align__(16) bf16 smem[SMEM];  // [K tile | V tile]; the Q tile aliases it at the start
@@ -285,29 +288,22 @@ __device__ __forceinline__ void fwd_impl(const bf16* __restrict__ q, const bf16*
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256, 2)
-    flash_attn_fwd_d32(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, const bf16* sinks,
-                       int window, int B, int S, int Hq, int Hkv, float scale) {
-    fwd_impl<32, 32, 128>(q, k, v, o, lse, sinks, window, B, S, Hq, Hkv, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 2)
-    flash_attn_fwd_d64(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, const bf16* sinks,
-                       int window, int B, int S, int Hq, int Hkv, float scale) {
-    fwd_impl<64, 64, 128>(q, k, v, o, lse, sinks, window, B, S, Hq, Hkv, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(128, 2)
-    flash_attn_fwd_d128(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, const bf16* sinks,
-                       int window, int B, int S, int Hq, int Hkv, float scale) {
-    fwd_impl<128, 128, 64>(q, k, v, o, lse, sinks, window, B, S, Hq, Hkv, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(128, 2)
-    flash_attn_fwd_d192_128(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, const bf16* sinks,
-                       int window, int B, int S, int Hq, int Hkv, float scale) {
-    fwd_impl<192, 128, 64>(q, k, v, o, lse, sinks, window, B, S, Hq, Hkv, scale);
-}
+// Each kernel twice: NAME (no window: the window code compiles away) and NAME_w (window > 0).
+#define ATTN_FWD(NAME, DK, DV, BM, NT)                                                                          \
+    extern "C" __global__ void __launch_bounds__(NT, 2)                                                        \
+        NAME(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, const bf16* sinks, int window,   \
+             int B, int S, int Hq, int Hkv, float scale) {                                                      \
+        fwd_impl<DK, DV, BM, false>(q, k, v, o, lse, sinks, window, B, S, Hq, Hkv, scale);                     \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(NT, 2)                                                        \
+        NAME##_w(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, const bf16* sinks,           \
+                 int window, int B, int S, int Hq, int Hkv, float scale) {                                      \
+        fwd_impl<DK, DV, BM, true>(q, k, v, o, lse, sinks, window, B, S, Hq, Hkv, scale);                      \
+    }
+ATTN_FWD(flash_attn_fwd_d32, 32, 32, 128, 256)
+ATTN_FWD(flash_attn_fwd_d64, 64, 64, 128, 256)
+ATTN_FWD(flash_attn_fwd_d128, 128, 128, 64, 128)
+ATTN_FWD(flash_attn_fwd_d192_128, 192, 128, 64, 128)
 
 // ------------------------------------------------------------------------------------------------
 // Backward
@@ -333,12 +329,13 @@ extern "C" __global__ void __launch_bounds__(256)
     }
 }
 
-template <int DK, int DV, int BMQ>
+template <int DK, int DV, int BMQ, bool W>
 __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                          const bf16* __restrict__ v, const bf16* __restrict__ dout,
                                          const float* __restrict__ lse, const float* __restrict__ delta,
                                          float* __restrict__ dq_acc, bf16* __restrict__ dk, bf16* __restrict__ dv,
-                                         int window, int B, int S, int Hq, int Hkv, float scale) {
+                                         int window_arg, int B, int S, int Hq, int Hkv, float scale) {
+    const int window = W ? window_arg : 0;
     constexpr int BN = 64, NT = 128, LDK = DK + 8, LDV = DV + 8, LDS = BMQ + 8;
     constexpr int RG = BMQ / 16, DC = 4 / RG, DW = DK / DC;  // dQ split: RG row groups x DC dim chunks
     constexpr int QT = BMQ * LDK, QO = (QT + BMQ * LDV > BN * LDV) ? QT + BMQ * LDV : BN * LDV;
@@ -545,11 +542,13 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
 // delta are read as float2 pairs; dQ = dS K is split 2 x 2 over the warps (32 queries x 32 dims
 // each: 16 ldmatrix per warp and tile instead of 20). Measured: 195 -> 203 TFLOP/s. (Tried and
 // dropped: double-buffering Q/dO with dS^T aliasing the spent Q slot -- the extra barrier ate the gain.)
+template <bool W>
 __device__ __forceinline__ void bwd64_impl(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                            const bf16* __restrict__ v, const bf16* __restrict__ dout,
                                            const float* __restrict__ lse, const float* __restrict__ delta,
                                            float* __restrict__ dq_acc, bf16* __restrict__ dk, bf16* __restrict__ dv,
-                                           int window, int B, int S, int Hq, int Hkv, float scale) {
+                                           int window_arg, int B, int S, int Hq, int Hkv, float scale) {
+    const int window = W ? window_arg : 0;
     constexpr int D = 64, BMQ = 64, BN = 64, NT = 128, LD = D + 8, LDS = BMQ + 8;
     __shared__ __align__(16) bf16 sK[BN * LD];
     __shared__ __align__(16) bf16 sQ[2 * BMQ * LD];  // [Q tile | dO tile]; V tile at the start
@@ -743,33 +742,22 @@ __device__ __forceinline__ void bwd64_impl(const bf16* __restrict__ q, const bf1
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128, 2)
-    flash_attn_bwd_d32(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
-                       const float* delta, float* dq_acc, bf16* dk, bf16* dv, int window, int B, int S, int Hq,
-                       int Hkv, float scale) {
-    bwd_impl<32, 32, 64>(q, k, v, dout, lse, delta, dq_acc, dk, dv, window, B, S, Hq, Hkv, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(128, 2)
-    flash_attn_bwd_d64(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
-                       const float* delta, float* dq_acc, bf16* dk, bf16* dv, int window, int B, int S, int Hq,
-                       int Hkv, float scale) {
-    bwd64_impl(q, k, v, dout, lse, delta, dq_acc, dk, dv, window, B, S, Hq, Hkv, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(128, 2)
-    flash_attn_bwd_d128(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
-                        const float* delta, float* dq_acc, bf16* dk, bf16* dv, int window, int B, int S, int Hq,
-                        int Hkv, float scale) {
-    bwd_impl<128, 128, 32>(q, k, v, dout, lse, delta, dq_acc, dk, dv, window, B, S, Hq, Hkv, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(128, 2)
-    flash_attn_bwd_d192_128(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
-                            const float* delta, float* dq_acc, bf16* dk, bf16* dv, int window, int B, int S, int Hq,
-                            int Hkv, float scale) {
-    bwd_impl<192, 128, 16>(q, k, v, dout, lse, delta, dq_acc, dk, dv, window, B, S, Hq, Hkv, scale);
-}
+#define ATTN_BWD(NAME, IMPL, IMPL_W)                                                                            \
+    extern "C" __global__ void __launch_bounds__(128, 2)                                                       \
+        NAME(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse, const float* delta, \
+             float* dq_acc, bf16* dk, bf16* dv, int window, int B, int S, int Hq, int Hkv, float scale) {        \
+        IMPL(q, k, v, dout, lse, delta, dq_acc, dk, dv, window, B, S, Hq, Hkv, scale);                          \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(128, 2)                                                       \
+        NAME##_w(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,               \
+                 const float* delta, float* dq_acc, bf16* dk, bf16* dv, int window, int B, int S, int Hq,       \
+                 int Hkv, float scale) {                                                                        \
+        IMPL_W(q, k, v, dout, lse, delta, dq_acc, dk, dv, window, B, S, Hq, Hkv, scale);                        \
+    }
+ATTN_BWD(flash_attn_bwd_d32, (bwd_impl<32, 32, 64, false>), (bwd_impl<32, 32, 64, true>))
+ATTN_BWD(flash_attn_bwd_d64, bwd64_impl<false>, bwd64_impl<true>)
+ATTN_BWD(flash_attn_bwd_d128, (bwd_impl<128, 128, 32, false>), (bwd_impl<128, 128, 32, true>))
+ATTN_BWD(flash_attn_bwd_d192_128, (bwd_impl<192, 128, 16, false>), (bwd_impl<192, 128, 16, true>))
 
 // dsinks[h] += −Σ_{b,i} exp(sink_h − lse[b,h,i])·delta[b,h,i] (a sink's share of row i times
 // −δ_i: it takes probability mass and gives no value); one block per head, a fixed order.

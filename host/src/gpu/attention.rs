@@ -34,7 +34,12 @@ impl Gpu {
         args.extend(sizes(a));
         let (rows, threads) = if kd >= 128 { (64, 128) } else { (128, 256) };
         let grid = [a.hq as u32, a.b as u32, a.t.div_ceil(rows) as u32];
-        self.launch(src::ATTENTION, &format!("flash_attn_fwd_{}", suffix(kd, kv)), (grid, [threads, 1, 1], 0), &args)?;
+        self.launch(
+            src::ATTENTION,
+            &format!("flash_attn_fwd_{}", suffix(kd, kv, a)),
+            (grid, [threads, 1, 1], 0),
+            &args,
+        )?;
         Ok((self.narrow(out, a.dv, kv)?, lse))
     }
 
@@ -71,7 +76,7 @@ impl Gpu {
         args.extend([dq_acc.arg(), dk.arg(), dv.arg()]);
         args.extend(sizes(a));
         let grid = [a.hkv as u32, a.b as u32, a.t.div_ceil(64) as u32];
-        self.launch(src::ATTENTION, &format!("flash_attn_bwd_{}", suffix(kd, kv)), (grid, [128, 1, 1], 0), &args)?;
+        self.launch(src::ATTENTION, &format!("flash_attn_bwd_{}", suffix(kd, kv, a)), (grid, [128, 1, 1], 0), &args)?;
         let dq = self.tensor(&q.dims(), DType::BF16)?;
         let n = dq.numel();
         let grid = [n.div_ceil(256).min(65_535) as u32, 1, 1];
@@ -117,11 +122,13 @@ fn kernel(a: AttnDims) -> R<(usize, usize)> {
     })
 }
 
-fn suffix(dk: usize, dv: usize) -> String {
+/// The kernels' name suffix: the head sizes, and `_w` (the windowed twin) when a window cuts.
+fn suffix(dk: usize, dv: usize, a: AttnDims) -> String {
+    let w = if a.window > 0 && a.window < a.t { "_w" } else { "" };
     if dk == dv {
-        format!("d{dk}")
+        format!("d{dk}{w}")
     } else {
-        format!("d{dk}_{dv}")
+        format!("d{dk}_{dv}{w}")
     }
 }
 
