@@ -128,11 +128,11 @@ impl ClampedSwiglu {
         kit::expect(offsets, DType::I32, Device::Cpu, &[e + 1], &format!("{WHO}: offsets"))
     }
 
-    /// y [N, cols] += bias[g] on each row of group g.
+    /// y [N, cols] += bias[g] on each row of group g; `offsets` from [`Self::groups`].
     fn bias_add(&self, h: &Host, y: Tensor, b: Tensor, offsets: Tensor, cols: usize) -> Result<()> {
-        let off = offsets.i32s();
         match h.device() {
             Device::Cpu => {
+                let off = offsets.i32s();
                 // SAFETY: y is the caller's fresh allocation, viewed nowhere else.
                 let yv = unsafe { y.f32s_mut() };
                 for (g, w) in off.windows(2).enumerate() {
@@ -143,16 +143,15 @@ impl ClampedSwiglu {
                 Ok(())
             }
             Device::Cuda => {
-                let dev_off = self.offsets_on_device(h, offsets)?;
                 let rows = y.numel() / cols;
-                let args = [y.arg(), b.arg(), dev_off.arg(), Arg::I32(self.experts as i32), Arg::I64(rows as i64)];
+                let args = [y.arg(), b.arg(), offsets.arg(), Arg::I32(self.experts as i32), Arg::I64(rows as i64)];
                 let args = [&args[..], &[Arg::I32(cols as i32)]].concat();
                 h.launch(src(), "cs_bias_add", kit::grid(rows, 1), BLOCK, 0, &args)
             }
         }
     }
 
-    /// g [E, cols] += each group's column sums of d.
+    /// g [E, cols] += each group's column sums of d; `offsets` from [`Self::groups`].
     fn bias_grad(&self, h: &Host, d: Tensor, g: Tensor, offsets: Tensor, cols: usize) -> Result<()> {
         match h.device() {
             Device::Cpu => {
@@ -167,15 +166,19 @@ impl ClampedSwiglu {
                 Ok(())
             }
             Device::Cuda => {
-                let dev_off = self.offsets_on_device(h, offsets)?;
                 let grid = [cols.div_ceil(32) as u32, self.experts as u32, 1];
-                let args = [d.arg(), g.arg(), dev_off.arg(), Arg::I32(cols as i32)];
+                let args = [d.arg(), g.arg(), offsets.arg(), Arg::I32(cols as i32)];
                 h.launch(src(), "cs_bias_grad", grid, BLOCK, 0, &args)
             }
         }
     }
 
-    fn offsets_on_device(&self, h: &Host, offsets: Tensor) -> Result<Tensor> {
+    /// The group offsets where the bias kernels read them: the host tensor on the CPU, a device
+    /// copy (made once per forward or backward) on CUDA.
+    fn groups(&self, h: &Host, offsets: Tensor) -> Result<Tensor> {
+        if h.device() == Device::Cpu {
+            return Ok(offsets);
+        }
         let t = h.alloc_uninit(&[self.experts + 1], DType::I32)?;
         h.copy(offsets, t)?;
         Ok(t)
@@ -228,9 +231,10 @@ impl Experts for ClampedSwiglu {
         let (a, b, u) = (new()?, new()?, new()?);
         h.grouped_gemm(x, p[0], a, offsets, false, false)?;
         h.grouped_gemm(x, p[1], b, offsets, false, false)?;
-        if self.bias {
-            self.bias_add(&h, a, p[3], offsets, f)?;
-            self.bias_add(&h, b, p[4], offsets, f)?;
+        let groups = if self.bias { Some(self.groups(&h, offsets)?) } else { None };
+        if let Some(o) = groups {
+            self.bias_add(&h, a, p[3], o, f)?;
+            self.bias_add(&h, b, p[4], o, f)?;
         }
         match dev {
             Device::Cpu => {
@@ -248,8 +252,8 @@ impl Experts for ClampedSwiglu {
         }
         let y = h.alloc_uninit(&[n, self.hidden], act)?;
         h.grouped_gemm(u, p[2], y, offsets, false, false)?;
-        if self.bias {
-            self.bias_add(&h, y, p[5], offsets, self.hidden)?;
+        if let Some(o) = groups {
+            self.bias_add(&h, y, p[5], o, self.hidden)?;
         }
         Ok(ExpertsOut { y, saved: vec![a, b, u].into() })
     }
@@ -297,9 +301,10 @@ impl Experts for ClampedSwiglu {
             }
         }
         if self.bias {
-            self.bias_grad(&h, dy, g[5], offsets, self.hidden)?;
-            self.bias_grad(&h, da, g[3], offsets, f)?;
-            self.bias_grad(&h, db, g[4], offsets, f)?;
+            let o = self.groups(&h, offsets)?;
+            self.bias_grad(&h, dy, g[5], o, self.hidden)?;
+            self.bias_grad(&h, da, g[3], o, f)?;
+            self.bias_grad(&h, db, g[4], o, f)?;
         }
         h.grouped_gemm_wgrad(x, da, g[0], offsets)?;
         h.grouped_gemm_wgrad(x, db, g[1], offsets)?;
