@@ -75,8 +75,15 @@ impl Gpu {
         let mut args = vec![q.arg(), k.arg(), v.arg(), dout.arg(), lse.arg(), delta.arg()];
         args.extend([dq_acc.arg(), dk.arg(), dv.arg()]);
         args.extend(sizes(a));
-        let grid = [a.hkv as u32, a.b as u32, a.t.div_ceil(64) as u32];
-        self.launch(src::ATTENTION, &format!("flash_attn_bwd_{}", suffix(kd, kv, a)), (grid, [128, 1, 1], 0), &args)?;
+        if let Some(shared) = self.hopper_bwd(kd, kv, a) {
+            let grid = [a.hkv as u32, a.b as u32, a.t.div_ceil(128) as u32];
+            let name = format!("flash_attn_bwd_wg_d{kd}");
+            self.launch(src::ATTENTION_HOPPER, &name, (grid, [256, 1, 1], shared), &args)?;
+        } else {
+            let grid = [a.hkv as u32, a.b as u32, a.t.div_ceil(64) as u32];
+            let name = format!("flash_attn_bwd_{}", suffix(kd, kv, a));
+            self.launch(src::ATTENTION, &name, (grid, [128, 1, 1], 0), &args)?;
+        }
         let dq = self.tensor(&q.dims(), DType::BF16)?;
         let n = dq.numel();
         let grid = [n.div_ceil(256).min(65_535) as u32, 1, 1];
@@ -87,6 +94,20 @@ impl Gpu {
             &[dq_acc.arg(), dq.arg(), Arg::I64(n as i64)],
         )?;
         Ok((self.narrow(dq, a.d, kd)?, self.narrow(dk, a.d, kd)?, self.narrow(dv, a.dv, kv)?))
+    }
+
+    /// The dynamic shared bytes of kernels/attention_hopper.cu's backward when it serves `a`
+    /// (Hopper, head sizes 64/64 or 128/128, no window that cuts); `PITH_ATTENTION=fa2` keeps
+    /// kernels/attention.cu's everywhere (to compare the two).
+    fn hopper_bwd(&self, kd: usize, kv: usize, a: AttnDims) -> Option<u32> {
+        static FA2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let fa2 = *FA2.get_or_init(|| std::env::var("PITH_ATTENTION").is_ok_and(|v| v == "fa2"));
+        let uncut = a.window == 0 || a.window >= a.t;
+        let ok = self.arch == "sm_90a" && kd == kv && (kd == 64 || kd == 128) && uncut && !fa2;
+        // K and V (128 keys), two buffers of Q and dO (BM queries), dS^T, two of lse and delta,
+        // and 1 KiB to align the tiles to the 1024-byte swizzle atoms.
+        let bm = if kd == 64 { 128 } else { 64 };
+        ok.then(|| (2 * 128 * kd * 2 + 4 * bm * kd * 2 + 128 * bm * 2 + 4 * bm * 4 + 1024) as u32)
     }
 
     /// x (rows of heads of w) with each head widened to `to` by zero columns; None when w = to.
@@ -173,6 +194,11 @@ mod tests {
             (1, 200, 4, 2, 64, 64, 128, true),
             (1, 150, 2, 1, 128, 128, 70, true),
             (2, 90, 4, 2, 32, 32, 0, true),
+            // Hopper's backward (kernels/attention_hopper.cu): several 128-key blocks and query
+            // tiles per head, GQA, sequences ending mid-tile.
+            (2, 300, 8, 2, 64, 64, 0, false),
+            (1, 330, 4, 2, 128, 128, 0, true),
+            (1, 256, 2, 2, 64, 64, 0, false),
         ] {
             let a = AttnDims { b, t, hq, hkv, d, dv, scale: 1.0 / (d as f32).sqrt(), window };
             let (qh, q) = rand_bf16(&g, &mut rng, &[b * t, hq * d], 1.0);

@@ -116,6 +116,7 @@ pub mod src {
     pub const NORM: Src = Src::new(include_str!("../../../kernels/norm.cu"));
     pub const ROPE: Src = Src::new(include_str!("../../../kernels/rope.cu"));
     pub const ATTENTION: Src = Src::new(include_str!("../../../kernels/attention.cu"));
+    pub const ATTENTION_HOPPER: Src = Src::new(include_str!("../../../kernels/attention_hopper.cu"));
     pub const LOSS: Src = Src::new(include_str!("../../../kernels/cross_entropy.cu"));
     pub const ELEMENTWISE: Src = Src::new(include_str!("../../../kernels/elementwise.cu"));
     pub const GROUPED_GEMM: Src = Src::new(include_str!("../../../kernels/grouped_gemm.cu"));
@@ -582,7 +583,7 @@ pub(crate) mod tests {
     /// hash, equal texts at two addresses share it, texts of one length that differ do not.
     #[test]
     fn kernel_sources_are_keyed_by_content() {
-        for s in [src::NORM, src::ROPE, src::ATTENTION, src::LOSS, src::ELEMENTWISE] {
+        for s in [src::NORM, src::ROPE, src::ATTENTION, src::ATTENTION_HOPPER, src::LOSS, src::ELEMENTWISE] {
             assert_eq!(s.hash, Src::from(String::from(s.text).as_str()).hash);
         }
         let (a, b) = ("x[0] = 1.0f;".to_string(), "x[0] = 1.0f;".to_string());
