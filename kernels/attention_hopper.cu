@@ -1,12 +1,19 @@
-// Causal flash attention backward on Hopper's warpgroup MMA (sm_90a), FlashAttention-3 style, for
-// head sizes (64, 64) and (128, 128) without a window: same arguments, layouts, host duties and
-// results as flash_attn_bwd_d64 / _d128 of kernels/attention.cu (read its header first), which
-// the host uses for every other case and GPU.
+// Causal flash attention forward and backward on Hopper's warpgroup MMA (sm_90a), FlashAttention-3
+// style, for head sizes (64, 64) and (128, 128) without a window: same arguments, layouts, host
+// duties and results as flash_attn_{fwd,bwd}_d64 / _d128 of kernels/attention.cu (read its header
+// first), which the host uses for every other case and GPU.
 //
-// Launch: flash_attn_bwd_wg_d64 and flash_attn_bwd_wg_d128, grid (Hkv, B, cdiv(S, 128)), block
-// (256, 1, 1), dynamic shared SMEM_BYTES(D) + 1024 (the host raises the kernel's limit).
+// Launch (the host raises each kernel's dynamic shared memory limit):
+//   flash_attn_fwd_wg_d{64,128}  grid (Hq, B, cdiv(S, 128))   block (256, 1, 1)  shared FWD_SMEM(D) + 1024
+//   flash_attn_bwd_wg_d{64,128}  grid (Hkv, B, cdiv(S, 128))  block (256, 1, 1)  shared BWD_SMEM(D) + 1024
 //
-// A block owns 128 keys of one (batch, kv head); warpgroup w (128 threads) owns keys 64w..64w+63
+// Forward: a block owns 128 query rows of one (batch, query head), warpgroup w rows 64w..64w+63, Q
+// in shared memory; it streams 128-key tiles of K and V (double-buffered: tile j+1 loads while j
+// is computed) through S = Q K^T (wgmma m64n128k16, both operands in shared memory), the online
+// softmax on the accumulators in registers, and O += P V (wgmma m64nDk16, P from registers, V
+// MN-major). Only the diagonal tile is masked. Blocks run heaviest first.
+//
+// Backward: a block owns 128 keys of one (batch, kv head); warpgroup w (128 threads) owns keys 64w..64w+63
 // and works in the transposed frame (keys as MMA rows), looping over every query head of the group
 // and every query tile of BM rows (BM = 128 for D = 64, 64 for D = 128) at or below the diagonal:
 //   S^T = K Q^T, dP^T = V dO^T             wgmma m64nBMk16, both operands in shared memory
@@ -28,6 +35,7 @@
 
 typedef __nv_bfloat16 bf16;
 #define LOG2E 1.4426950408889634f
+#define NEG_INF __int_as_float(0xff800000)
 
 __device__ __forceinline__ unsigned smem_u32(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ void cp_async16(unsigned dst, const void* src, bool pred) {
@@ -112,7 +120,127 @@ __device__ __forceinline__ void load_tile(unsigned dst, const bf16* g, size_t rs
 // Shared bytes: K and V tiles (128 keys), two buffers of Q and dO tiles, dS^T, two buffers of lse
 // and delta.
 #define BM_OF(D) ((D) == 64 ? 128 : 64)
-#define SMEM_BYTES(D) (2 * 128 * (D) * 2 + 4 * BM_OF(D) * (D) * 2 + 128 * BM_OF(D) * 2 + 4 * BM_OF(D) * 4)
+#define BWD_SMEM(D) (2 * 128 * (D) * 2 + 4 * BM_OF(D) * (D) * 2 + 128 * BM_OF(D) * 2 + 4 * BM_OF(D) * 4)
+// Forward: the Q tile and two buffers of K and V tiles (128 rows each).
+#define FWD_SMEM(D) (5 * 128 * (D) * 2)
+
+template <int D>
+__device__ __forceinline__ void fwd_wg(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                       const bf16* __restrict__ v, bf16* __restrict__ o, float* __restrict__ lse,
+                                       const bf16* __restrict__ sinks, int B, int S, int Hq, int Hkv, float scale) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int BM = 128, BN = 128, T = 128 * D * 2;
+    extern __shared__ unsigned char smem_raw[];
+    const unsigned sQ = (smem_u32(smem_raw) + 1023) & ~1023u, sK0 = sQ + T, sV0 = sK0 + 2 * T;
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, g8 = lane >> 2, t4 = lane & 3;
+    const int h = blockIdx.x, b = blockIdx.y, hk = h / (Hq / Hkv);
+    const int m0 = (gridDim.z - 1 - blockIdx.z) * BM;  // heaviest (last) query tiles first
+    const size_t qrs = (size_t)Hq * D, krs = (size_t)Hkv * D;
+    const bf16* kb = k + (size_t)b * S * krs + (size_t)hk * D;
+    const bf16* vb = v + (size_t)b * S * krs + (size_t)hk * D;
+    const int n_tiles = (min(S, m0 + BM) + BN - 1) / BN;
+
+    load_tile<BM, D>(sQ, q + (size_t)b * S * qrs + (size_t)h * D, qrs, m0, S, tid);
+    load_tile<BN, D>(sK0, kb, krs, 0, S, tid);
+    load_tile<BN, D>(sV0, vb, krs, 0, S, tid);
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+
+    const float sl2 = scale * LOG2E;
+    const int row0 = m0 + wg * 64 + warp * 16 + g8;  // query of accumulator rows (and +8)
+    float m_i[2] = {NEG_INF, NEG_INF}, l_i[2] = {0.f, 0.f}, acc[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) acc[i] = 0.f;
+
+    for (int j = 0; j < n_tiles; ++j) {
+        const int n0 = j * BN, buf = j & 1;
+        asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        __syncthreads();  // tile j landed everywhere; every warpgroup is done with tile j - 1
+        if (j + 1 < n_tiles) {
+            load_tile<BN, D>(sK0 + (buf ^ 1) * T, kb, krs, n0 + BN, S, tid);
+            load_tile<BN, D>(sV0 + (buf ^ 1) * T, vb, krs, n0 + BN, S, tid);
+            asm volatile("cp.async.commit_group;\n" ::: "memory");
+        }
+        const unsigned sK = sK0 + buf * T, sV = sV0 + buf * T;
+        float s[BN / 2];
+#pragma unroll
+        for (int i = 0; i < BN / 2; ++i) s[i] = 0.f;
+        WG_FENCE();
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks) {
+            const unsigned half = (ks >> 2) * (128 * 128) + (ks & 3) * 32;
+            mma_ss<BN, 0, 0>(s, desc(sQ + half + wg * 8192, 16, 1024), desc(sK + half, 16, 1024));
+        }
+        WG_COMMIT();
+        WG_WAIT0();
+        if (n0 + BN - 1 > m0 + wg * 64) {  // the diagonal tile: keys j > i are masked
+#pragma unroll
+            for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    if (n0 + i * 8 + 2 * t4 + (e & 1) > row0 + (e >> 1) * 8) s[i * 4 + e] = NEG_INF;
+        }
+        // Online softmax; each row lives in the 4 lanes of a quad. Every row sees key 0, so the
+        // running max is finite from the first tile on.
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float mx = m_i[r];
+#pragma unroll
+            for (int i = 0; i < BN / 8; ++i) mx = fmaxf(mx, fmaxf(s[i * 4 + 2 * r], s[i * 4 + 2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float msc = mx * sl2, corr = exp2f(m_i[r] * sl2 - msc);
+            m_i[r] = mx;
+            float l = l_i[r] * corr;
+#pragma unroll
+            for (int i = 0; i < BN / 8; ++i) {
+                s[i * 4 + 2 * r] = exp2f(fmaf(s[i * 4 + 2 * r], sl2, -msc));
+                s[i * 4 + 2 * r + 1] = exp2f(fmaf(s[i * 4 + 2 * r + 1], sl2, -msc));
+                l += s[i * 4 + 2 * r] + s[i * 4 + 2 * r + 1];
+            }
+            l_i[r] = l;
+#pragma unroll
+            for (int i = 0; i < D / 8; ++i) {
+                acc[i * 4 + 2 * r] *= corr;
+                acc[i * 4 + 2 * r + 1] *= corr;
+            }
+        }
+        // O += P V: P re-packed from the accumulator layout into A fragments.
+        WG_FENCE();
+#pragma unroll
+        for (int ks = 0; ks < BN / 16; ++ks) {
+            const unsigned pa[4] = {pack_bf16(s[8 * ks], s[8 * ks + 1]), pack_bf16(s[8 * ks + 2], s[8 * ks + 3]),
+                                    pack_bf16(s[8 * ks + 4], s[8 * ks + 5]), pack_bf16(s[8 * ks + 6], s[8 * ks + 7])};
+            mma_rs<D>(acc, pa, desc(sV + ks * 2048, BN * 128, 1024));
+        }
+        WG_COMMIT();
+        WG_WAIT0();
+    }
+
+    // Epilogue: normalise, write o (bf16) and lse (natural log); a sink logit joins the sum.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float l = l_i[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const int row = row0 + r * 8;
+        if (row < S) {
+            float mx = m_i[r] * scale, inv = 1.f / l;
+            if (sinks) {
+                const float sk = __bfloat162float(sinks[h]), top = fmaxf(mx, sk), a = expf(mx - top);
+                l = l * a + expf(sk - top);
+                inv = a / l;
+                mx = top;
+            }
+            bf16* orow = o + ((size_t)b * S + row) * qrs + (size_t)h * D + 2 * t4;
+#pragma unroll
+            for (int i = 0; i < D / 8; ++i)
+                *reinterpret_cast<unsigned*>(orow + i * 8) = pack_bf16(acc[i * 4 + 2 * r] * inv, acc[i * 4 + 2 * r + 1] * inv);
+            if (t4 == 0) lse[((size_t)b * Hq + h) * S + row] = mx + logf(l);
+        }
+    }
+#endif
+}
 
 template <int D>
 __device__ __forceinline__ void bwd_wg(const bf16* __restrict__ q, const bf16* __restrict__ k,
@@ -272,6 +400,15 @@ __device__ __forceinline__ void bwd_wg(const bf16* __restrict__ q, const bf16* _
     }
 #endif
 }
+
+#define ATTN_FWD_WG(NAME, D, MIN_BLOCKS)                                                                               \
+    extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS)                                                     \
+        NAME(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, const bf16* sinks, int window, int B,  \
+             int S, int Hq, int Hkv, float scale) {                                                                   \
+        fwd_wg<D>(q, k, v, o, lse, sinks, B, S, Hq, Hkv, scale);                                                      \
+    }
+ATTN_FWD_WG(flash_attn_fwd_wg_d64, 64, 2)
+ATTN_FWD_WG(flash_attn_fwd_wg_d128, 128, 1)
 
 #define ATTN_BWD_WG(NAME, D)                                                                                           \
     extern "C" __global__ void __launch_bounds__(256, 1)                                                              \

@@ -32,14 +32,22 @@ impl Gpu {
         let lse = self.tensor(&[a.b, a.hq, a.t], DType::F32)?;
         let mut args = vec![q.arg(), k.arg(), v.arg(), out.arg(), lse.arg(), sinks.map_or(Arg::Ptr(0), |s| s.arg())];
         args.extend(sizes(a));
-        let (rows, threads) = if kd >= 128 { (64, 128) } else { (128, 256) };
-        let grid = [a.hq as u32, a.b as u32, a.t.div_ceil(rows) as u32];
-        self.launch(
-            src::ATTENTION,
-            &format!("flash_attn_fwd_{}", suffix(kd, kv, a)),
-            (grid, [threads, 1, 1], 0),
-            &args,
-        )?;
+        if self.hopper(kd, kv, a) {
+            // The Q tile and two buffers of K and V tiles, 128 rows each; 1 KiB of alignment.
+            let shared = (5 * 128 * kd * 2 + 1024) as u32;
+            let grid = [a.hq as u32, a.b as u32, a.t.div_ceil(128) as u32];
+            self.launch(
+                src::ATTENTION_HOPPER,
+                &format!("flash_attn_fwd_wg_d{kd}"),
+                (grid, [256, 1, 1], shared),
+                &args,
+            )?;
+        } else {
+            let (rows, threads) = if kd >= 128 { (64, 128) } else { (128, 256) };
+            let grid = [a.hq as u32, a.b as u32, a.t.div_ceil(rows) as u32];
+            let name = format!("flash_attn_fwd_{}", suffix(kd, kv, a));
+            self.launch(src::ATTENTION, &name, (grid, [threads, 1, 1], 0), &args)?;
+        }
         Ok((self.narrow(out, a.dv, kv)?, lse))
     }
 
@@ -75,7 +83,11 @@ impl Gpu {
         let mut args = vec![q.arg(), k.arg(), v.arg(), dout.arg(), lse.arg(), delta.arg()];
         args.extend([dq_acc.arg(), dk.arg(), dv.arg()]);
         args.extend(sizes(a));
-        if let Some(shared) = self.hopper_bwd(kd, kv, a) {
+        if self.hopper(kd, kv, a) {
+            // K and V (128 keys), two buffers of Q and dO (bm queries), dS^T, two of lse and
+            // delta, and 1 KiB to align the tiles to the 1024-byte swizzle atoms.
+            let bm = if kd == 64 { 128 } else { 64 };
+            let shared = (2 * 128 * kd * 2 + 4 * bm * kd * 2 + 128 * bm * 2 + 4 * bm * 4 + 1024) as u32;
             let grid = [a.hkv as u32, a.b as u32, a.t.div_ceil(128) as u32];
             let name = format!("flash_attn_bwd_wg_d{kd}");
             self.launch(src::ATTENTION_HOPPER, &name, (grid, [256, 1, 1], shared), &args)?;
@@ -96,18 +108,13 @@ impl Gpu {
         Ok((self.narrow(dq, a.d, kd)?, self.narrow(dk, a.d, kd)?, self.narrow(dv, a.dv, kv)?))
     }
 
-    /// The dynamic shared bytes of kernels/attention_hopper.cu's backward when it serves `a`
-    /// (Hopper, head sizes 64/64 or 128/128, no window that cuts); `PITH_ATTENTION=fa2` keeps
-    /// kernels/attention.cu's everywhere (to compare the two).
-    fn hopper_bwd(&self, kd: usize, kv: usize, a: AttnDims) -> Option<u32> {
+    /// Whether kernels/attention_hopper.cu serves `a`: Hopper, head sizes 64/64 or 128/128, no
+    /// window that cuts; `PITH_ATTENTION=fa2` keeps kernels/attention.cu's everywhere (to compare).
+    fn hopper(&self, kd: usize, kv: usize, a: AttnDims) -> bool {
         static FA2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         let fa2 = *FA2.get_or_init(|| std::env::var("PITH_ATTENTION").is_ok_and(|v| v == "fa2"));
         let uncut = a.window == 0 || a.window >= a.t;
-        let ok = self.arch == "sm_90a" && kd == kv && (kd == 64 || kd == 128) && uncut && !fa2;
-        // K and V (128 keys), two buffers of Q and dO (BM queries), dS^T, two of lse and delta,
-        // and 1 KiB to align the tiles to the 1024-byte swizzle atoms.
-        let bm = if kd == 64 { 128 } else { 64 };
-        ok.then(|| (2 * 128 * kd * 2 + 4 * bm * kd * 2 + 128 * bm * 2 + 4 * bm * 4 + 1024) as u32)
+        self.arch == "sm_90a" && kd == kv && (kd == 64 || kd == 128) && uncut && !fa2
     }
 
     /// x (rows of heads of w) with each head widened to `to` by zero columns; None when w = to.
