@@ -1,6 +1,8 @@
 // Causal flash attention with grouped-query attention (GQA): forward and backward, bf16 in and
 // out, fp32 math, tensor cores through inline PTX (mma.sync.m16n8k16 bf16 -> fp32, ldmatrix,
 // cp.async). Compiled at run time by NVRTC for sm_90; static shared memory only (< 48 KiB).
+// On Hopper, head sizes 64 and 128 without a window run kernels/attention_hopper.cu instead (the
+// same arguments and host duties, on warpgroup MMA); these kernels serve every other case.
 //
 // Layouts (row-major, contiguous): q: [B, S, Hq, DK]; o, dout: [B, S, Hq, DV]; k: [B, S, Hkv, DK];
 // v: [B, S, Hkv, DV]; lse, delta: float [B, Hq, S]; dq_acc: float [B, S, Hq, DK]; dk, dv: bf16 as k, v.
