@@ -43,12 +43,14 @@ fn gemm_peak(gpu: &Gpu) -> Result<f64, String> {
     Ok(10.0 * 2.0 * (n as f64).powi(3) / (ms / 1e3))
 }
 
-/// One optimizer step (all micro-batches, every rank); returns the loss and this rank's
-/// experts' forward FLOPs by their own count (`Experts::flops`) over the rows they computed.
-fn step(run: &mut Run, data: &mut Dataset, step: u64) -> Result<(f32, f64), String> {
+/// One optimizer step (all micro-batches, every rank); returns the loss, this rank's experts'
+/// forward FLOPs by their own count (`Experts::flops`) over the rows they computed, and the rows
+/// per expert-parallel rank, max over mean (`train::ep_load`; 1 with one rank).
+fn step(run: &mut Run, data: &mut Dataset, step: u64) -> Result<(f32, f64, f64), String> {
     let lr = lr_at(&run.cfg.train, step);
     let (st, _) = run.train_step(data, step, lr, None)?;
-    Ok((st.loss, st.experts_flops))
+    let ep = run.par.ep.len().max(1);
+    Ok((st.loss, st.experts_flops, if ep > 1 { crate::train::ep_load(&st.counts, ep) } else { 1.0 }))
 }
 
 pub fn bench(cfg: Config, reg: &Registry, o: BenchOpts) -> Result<(), String> {
@@ -80,7 +82,7 @@ pub fn bench(cfg: Config, reg: &Registry, o: BenchOpts) -> Result<(), String> {
         }
         None => None,
     };
-    let (mut times, mut experts_flops) = (Vec::new(), 0.0);
+    let (mut times, mut experts_flops, mut ep_imbalance) = (Vec::new(), 0.0, 0.0);
     let mut loss = f32::NAN;
     let mut mallocs = 0;
     for i in 0..o.warmup + o.steps {
@@ -88,7 +90,7 @@ pub fn bench(cfg: Config, reg: &Registry, o: BenchOpts) -> Result<(), String> {
             mallocs = run.gpu().map_or(0, |g| g.pool.stats().mallocs);
         }
         let s = Instant::now();
-        let (l, experts_fwd) = step(&mut run, &mut data, i as u64 + 1)?;
+        let (l, experts_fwd, ep_load) = step(&mut run, &mut data, i as u64 + 1)?;
         loss = l;
         let dt = s.elapsed().as_secs_f64();
         eprintln!(
@@ -100,6 +102,7 @@ pub fn bench(cfg: Config, reg: &Registry, o: BenchOpts) -> Result<(), String> {
         if i >= o.warmup {
             times.push(dt);
             experts_flops += 3.0 * experts_fwd / o.steps as f64; // forward + backward
+            ep_imbalance += ep_load / o.steps as f64;
         }
     }
     times.sort_by(f64::total_cmp);
@@ -117,6 +120,13 @@ pub fn bench(cfg: Config, reg: &Registry, o: BenchOpts) -> Result<(), String> {
         tps / 1e3,
         achieved / 1e12
     );
+    if run.par.ep.len() > 1 {
+        println!(
+            "expert parallel over {} ranks: rows per rank, max over mean {ep_imbalance:.3} (mean of the timed steps)",
+            run.par.ep.len()
+        );
+        line["ep_load_max_over_mean"] = ep_imbalance.into();
+    }
     if let (Some(peak), Some(g)) = (peak, run.gpu()) {
         let mem = g.pool.stats();
         line["timed_step_mallocs"] = (mem.mallocs - mallocs).into();

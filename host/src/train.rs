@@ -184,6 +184,18 @@ fn load_stats(counts: &[u32]) -> (f64, f64) {
     (max / mean, ent / (counts.len() as f64).ln().max(1e-12))
 }
 
+/// Rows per expert-parallel rank (rank p holds the E/ep consecutive experts from p·E/ep), max
+/// over mean, averaged over the MoE layers: how evenly the all-to-all loads the `ep` ranks (1 is
+/// even). `counts` are the whole batch's per-expert rows of each layer.
+pub fn ep_load(counts: &[Vec<u32>], ep: usize) -> f64 {
+    let per_layer: Vec<f64> = counts
+        .iter()
+        .filter(|c| !c.is_empty() && c.len() % ep == 0)
+        .map(|c| load_stats(&c.chunks(c.len() / ep).map(|r| r.iter().sum()).collect::<Vec<u32>>()).0)
+        .collect();
+    per_layer.iter().sum::<f64>() / per_layer.len().max(1) as f64
+}
+
 pub struct Summary {
     pub steps: u64,
     pub final_loss: f32,
@@ -925,6 +937,7 @@ pub fn train(
         let (load_max, load_ent) =
             (loads.iter().map(|l| l.0).sum::<f64>() / n, loads.iter().map(|l| l.1).sum::<f64>() / n);
         let tps = tokens_per_step as f64 / dt;
+        let ep_imbalance = (par.ep.len() > 1).then(|| ep_load(&counts, par.ep.len()));
         let now = unix();
         let mut line = serde_json::json!({
             "step": step, "time": now, "elapsed_s": t_run.elapsed().as_secs_f64(),
@@ -932,6 +945,9 @@ pub fn train(
             "load_max_over_mean": load_max, "load_entropy": load_ent,
             "load_per_layer": counts,
         });
+        if let Some(x) = ep_imbalance {
+            line["ep_load_max_over_mean"] = x.into();
+        }
         for (n, v) in &aux {
             line[format!("aux.{n}")] = (*v).into();
         }

@@ -106,6 +106,39 @@ fn expert_parallel_trains_the_same_run_as_one_and_resumes_at_any_layout() {
     assert!(code != 0 && se.contains("use [comm] plugin = \"alltoall\""), "{se}");
 }
 
+/// A node's layouts on 8 CPU ranks (issue #17's configs, before its GPUs): ep=8 (one expert of
+/// the quickstart's 8 per rank) and dp=2 × ep=4 train the same run as one rank, and the metrics
+/// say how evenly the experts' rows spread over the expert-parallel ranks.
+#[test]
+fn eight_ranks_at_ep_8_and_dp_2_by_ep_4_train_the_same_run_as_one() {
+    let dir = tmp("ep8");
+    let short = ["--set", "train.steps=3", "--set", "comm.plugin=alltoall", "--set"];
+    let run = |args: &[&str]| {
+        let (code, so, se) = pith(args);
+        assert_eq!(code, 0, "{args:?}\n{so}{se}");
+    };
+    let (one, ep8, ep4) = (dir.join("1"), dir.join("8"), dir.join("4"));
+    run(&[&["train"], &RUN[..], &short, &[&out(&one)]].concat());
+    run(&[&["launch", "--gpus", "8"], &RUN[..], &short, &[&out(&ep8), "--set", "parallel.ep=8"]].concat());
+    run(&[&["launch", "--gpus", "8"], &RUN[..], &short, &[&out(&ep4), "--set", "parallel.ep=4"]].concat());
+    same_run(&losses(&one), &losses(&ep8), "ep=8 vs 1 rank");
+    same_run(&losses(&one), &losses(&ep4), "dp=2 × ep=4 vs 1 rank");
+    for (run, ep) in [(&ep8, 8usize), (&ep4, 4)] {
+        for m in metrics(run) {
+            let layers = m["load_per_layer"].as_array().unwrap().iter();
+            let per_rank = layers.filter(|l| !l.as_array().unwrap().is_empty()).map(|l| {
+                let c: Vec<f64> = l.as_array().unwrap().iter().map(|c| c.as_f64().unwrap()).collect();
+                let ranks: Vec<f64> = c.chunks(c.len() / ep).map(|r| r.iter().sum()).collect();
+                ranks.iter().cloned().fold(0.0, f64::max) * ep as f64 / ranks.iter().sum::<f64>()
+            });
+            let want = per_rank.clone().sum::<f64>() / per_rank.count() as f64;
+            let got = m["ep_load_max_over_mean"].as_f64().expect("ep_load_max_over_mean with ep > 1");
+            assert!((got - want).abs() < 1e-9 && got >= 1.0, "ep={ep}: {got} vs {want}");
+        }
+    }
+    assert!(metrics(&one)[0].get("ep_load_max_over_mean").is_none(), "one rank has no expert-parallel load");
+}
+
 #[test]
 fn a_batch_that_does_not_split_over_the_ranks_is_refused_before_training() {
     let dir = tmp("dp-bad");

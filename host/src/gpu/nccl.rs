@@ -157,8 +157,13 @@ impl Nccl {
         gpu.stream.wait(&done).map_err(|e| format!("stream wait: {e:?}"))
     }
 
-    /// In place: `t` summed (or max, min) over `g`.
+    /// In place: `t` summed (or max, min) over `g`. The calls on the compute stream are timed
+    /// under `nccl <op>` in `pith bench --profile`: that time is exposed (no kernel runs beside it).
     pub fn all_reduce(&self, gpu: &Gpu, t: &Tensor, op: ReduceOp, g: Group) -> Result<(), String> {
+        gpu.timed("nccl all_reduce", || self.reduce(gpu, t, op, g))
+    }
+
+    fn reduce(&self, gpu: &Gpu, t: &Tensor, op: ReduceOp, g: Group) -> Result<(), String> {
         let Some(c) = self.comm(g) else { return Ok(()) };
         let op = match op {
             ReduceOp::Sum => sys::ncclRedOp_t::ncclSum,
@@ -173,25 +178,29 @@ impl Nccl {
     /// Each `(t, g, root)`: `t` of the rank of index `root` in `g` onto every rank of `g`, in
     /// place on the compute stream, as one group of calls.
     pub fn broadcast_all(&self, gpu: &Gpu, ts: &[(Tensor, Group, usize)]) -> Result<(), String> {
-        check("group start", unsafe { sys::ncclGroupStart() })?;
-        let r = ts.iter().filter(|(t, ..)| t.numel() > 0).try_for_each(|(t, g, root)| {
-            let Some(c) = self.comm(*g) else { return Ok(()) };
-            let p = t.addr as *mut c_void;
-            // SAFETY: a device tensor alive for the run, the same size on every rank of `g`.
-            check("broadcast", unsafe {
-                sys::ncclBroadcast(p, p, t.numel(), dtype(t.dtype), *root as i32, c.c, Self::stream(gpu))
-            })
-        });
-        check("group end", unsafe { sys::ncclGroupEnd() })?;
-        r
+        gpu.timed("nccl broadcast", || {
+            check("group start", unsafe { sys::ncclGroupStart() })?;
+            let r = ts.iter().filter(|(t, ..)| t.numel() > 0).try_for_each(|(t, g, root)| {
+                let Some(c) = self.comm(*g) else { return Ok(()) };
+                let p = t.addr as *mut c_void;
+                // SAFETY: a device tensor alive for the run, the same size on every rank of `g`.
+                check("broadcast", unsafe {
+                    sys::ncclBroadcast(p, p, t.numel(), dtype(t.dtype), *root as i32, c.c, Self::stream(gpu))
+                })
+            });
+            check("group end", unsafe { sys::ncclGroupEnd() })?;
+            r
+        })
     }
 
     /// Sum each of `ts` in place over `g`, as one group of calls.
     pub fn sum_all(&self, gpu: &Gpu, ts: &[Tensor], g: Group) -> Result<(), String> {
-        check("group start", unsafe { sys::ncclGroupStart() })?;
-        let r = ts.iter().filter(|t| t.numel() > 0).try_for_each(|t| self.all_reduce(gpu, t, ReduceOp::Sum, g));
-        check("group end", unsafe { sys::ncclGroupEnd() })?;
-        r
+        gpu.timed("nccl all_reduce", || {
+            check("group start", unsafe { sys::ncclGroupStart() })?;
+            let r = ts.iter().filter(|t| t.numel() > 0).try_for_each(|t| self.reduce(gpu, t, ReduceOp::Sum, g));
+            check("group end", unsafe { sys::ncclGroupEnd() })?;
+            r
+        })
     }
 
     /// dst = every rank of `g`'s `src` in rank order (dst has size × src's elements).
@@ -199,7 +208,9 @@ impl Nccl {
         let c = self.comm(g).ok_or("all_gather over one rank")?;
         let (s, d, n) = (src.addr as *const c_void, dst.addr as *mut c_void, src.numel());
         // SAFETY: device tensors of the sizes the caller checked.
-        check("all_gather", unsafe { sys::ncclAllGather(s, d, n, dtype(src.dtype), c.c, Self::stream(gpu)) })
+        gpu.timed("nccl all_gather", || {
+            check("all_gather", unsafe { sys::ncclAllGather(s, d, n, dtype(src.dtype), c.c, Self::stream(gpu)) })
+        })
     }
 
     /// dst = this rank's part of the sum of `g`'s `src` (src has size × dst's elements).
@@ -208,8 +219,10 @@ impl Nccl {
         let (s, d, n, sum) =
             (src.addr as *const c_void, dst.addr as *mut c_void, dst.numel(), sys::ncclRedOp_t::ncclSum);
         // SAFETY: as above.
-        check("reduce_scatter", unsafe {
-            sys::ncclReduceScatter(s, d, n, dtype(src.dtype), sum, c.c, Self::stream(gpu))
+        gpu.timed("nccl reduce_scatter", || {
+            check("reduce_scatter", unsafe {
+                sys::ncclReduceScatter(s, d, n, dtype(src.dtype), sum, c.c, Self::stream(gpu))
+            })
         })
     }
 
@@ -223,19 +236,22 @@ impl Nccl {
     ) -> Result<(), String> {
         let c = self.comm(g).ok_or("all_to_all over one rank")?;
         let (es, dt, st) = (src.dtype.size(), dtype(src.dtype), Self::stream(gpu));
-        check("group start", unsafe { sys::ncclGroupStart() })?;
-        let (mut so, mut ro) = (0usize, 0usize);
-        let mut r = Ok(());
-        for peer in 0..c.size {
-            let (s, d) = ((src.addr as usize + so * es) as *const c_void, (dst.addr as usize + ro * es) as *mut c_void);
-            // SAFETY: the counts add up to the tensors' sizes (checked by the caller).
-            r = r
-                .and_then(|_| check("send", unsafe { sys::ncclSend(s, send[peer], dt, peer as i32, c.c, st) }))
-                .and_then(|_| check("recv", unsafe { sys::ncclRecv(d, recv[peer], dt, peer as i32, c.c, st) }));
-            (so, ro) = (so + send[peer], ro + recv[peer]);
-        }
-        check("group end", unsafe { sys::ncclGroupEnd() })?;
-        r
+        gpu.timed("nccl all_to_all", || {
+            check("group start", unsafe { sys::ncclGroupStart() })?;
+            let (mut so, mut ro) = (0usize, 0usize);
+            let mut r = Ok(());
+            for peer in 0..c.size {
+                let s = (src.addr as usize + so * es) as *const c_void;
+                let d = (dst.addr as usize + ro * es) as *mut c_void;
+                // SAFETY: the counts add up to the tensors' sizes (checked by the caller).
+                r = r
+                    .and_then(|_| check("send", unsafe { sys::ncclSend(s, send[peer], dt, peer as i32, c.c, st) }))
+                    .and_then(|_| check("recv", unsafe { sys::ncclRecv(d, recv[peer], dt, peer as i32, c.c, st) }));
+                (so, ro) = (so + send[peer], ro + recv[peer]);
+            }
+            check("group end", unsafe { sys::ncclGroupEnd() })?;
+            r
+        })
     }
 }
 
