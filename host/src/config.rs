@@ -948,6 +948,18 @@ fn sum(xs: &[u128]) -> u128 {
 }
 
 impl MemEstimate {
+    /// [`MemEstimate::of`] for one rank of a training job: with `parallel.ep` > 1 a rank holds
+    /// (and initialises) 1/ep of the experts.
+    pub fn per_rank(cfg: &Config, per_param: u128, step: bool) -> MemEstimate {
+        let mut est = MemEstimate::of(cfg, per_param, step);
+        let ep = cfg.parallel.ep.max(1) as u128;
+        for t in est.terms.iter_mut().filter(|t| ep > 1 && t.name == "experts") {
+            t.bytes /= ep;
+            t.formula = format!("{} / parallel.ep", t.formula);
+        }
+        est
+    }
+
     /// The memory of `cfg`: its parameters at `per_param` bytes each (16: f32 weights, grads and
     /// two optimizer states, as AdamW; 18 on CUDA with the bf16 weight copy; 8 for inference:
     /// weights and the grads the init allocates) and the RoPE table; with `step`, also the
@@ -1120,7 +1132,7 @@ pub fn check_memory(cfg: &Config) -> Result<(), String> {
     let cpu = cfg.train.device == "cpu";
     let doing = if cpu { "a CPU training step" } else { "initialising the parameters on the host" };
     let available = mem_available().unwrap_or(u64::MAX as u128);
-    refuse_over(cfg, |c| MemEstimate::of(c, 16, cpu), available, doing, |k| cfg.key_at(k))
+    refuse_over(cfg, |c| MemEstimate::per_rank(c, 16, cpu), available, doing, |k| cfg.key_at(k))
 }
 
 #[cfg(test)]
@@ -1140,6 +1152,21 @@ mod tests {
     fn shipped_configs_load() {
         parse(&[]).unwrap();
         Config::parse("bench-1b.toml", include_str!("../../configs/bench-1b.toml"), &[]).unwrap();
+    }
+
+    /// A rank of an expert-parallel job holds 1/ep of the experts: bench-node (~10B, ep = 8)
+    /// needs ~160 GB on the host as one rank and a fraction of it per rank.
+    #[test]
+    fn the_host_memory_check_counts_one_ranks_experts() {
+        let node = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            let cfg = Config::parse("bench-node.toml", include_str!("../../configs/bench-node.toml"), &sets).unwrap();
+            let est = MemEstimate::per_rank(&cfg, 16, false);
+            (est.terms.iter().find(|t| t.name == "experts").unwrap().bytes, est.total())
+        };
+        let ((e8, all8), (e1, all1)) = (node(&[]), node(&["parallel.ep=1"]));
+        assert_eq!(e8 * 8, e1, "experts per rank at ep = 8");
+        assert!(all1 > 150_000_000_000 && all8 < 30_000_000_000, "{all1} B as one rank, {all8} B per rank at ep = 8");
     }
 
     #[test]

@@ -193,7 +193,7 @@ pub fn plan(cfg: &Config, reg: &Registry) -> Result<String, String> {
             mib(bytes(true))
         );
     }
-    let est = MemEstimate::of(cfg, 16, true);
+    let est = MemEstimate::per_rank(cfg, 16, true);
     let avail = mem_available();
     let fits = match avail {
         Some(a) if est.total() > a => "; does not fit here",

@@ -52,7 +52,7 @@ pub fn header(cfg: &Config, reg: &Registry, params: &Params, ranks: usize, out: 
         count(per_step * t.steps as usize)
     );
     let cpu = t.device == "cpu";
-    let mem = MemEstimate::of(cfg, if cpu { 16 } else { 18 }, cpu);
+    let mem = MemEstimate::per_rank(cfg, if cpu { 16 } else { 18 }, cpu);
     let _ = writeln!(
         s,
         "  memory      {} ({})",
