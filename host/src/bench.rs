@@ -49,8 +49,7 @@ fn gemm_peak(gpu: &Gpu) -> Result<f64, String> {
 fn step(run: &mut Run, data: &mut Dataset, step: u64) -> Result<(f32, f64, f64), String> {
     let lr = lr_at(&run.cfg.train, step);
     let (st, _) = run.train_step(data, step, lr, None)?;
-    let ep = run.par.ep.len().max(1);
-    Ok((st.loss, st.experts_flops, if ep > 1 { crate::train::ep_load(&st.counts, ep) } else { 1.0 }))
+    Ok((st.loss, st.experts_flops, crate::train::ep_load(&st.counts, run.par.ep.len().max(1))))
 }
 
 pub fn bench(cfg: Config, reg: &Registry, o: BenchOpts) -> Result<(), String> {

@@ -36,12 +36,8 @@ impl Gpu {
             // The Q tile and two buffers of K and V tiles, 128 rows each; 1 KiB of alignment.
             let shared = (5 * 128 * kd * 2 + 1024) as u32;
             let grid = [a.hq as u32, a.b as u32, a.t.div_ceil(128) as u32];
-            self.launch(
-                src::ATTENTION_HOPPER,
-                &format!("flash_attn_fwd_wg_d{kd}"),
-                (grid, [256, 1, 1], shared),
-                &args,
-            )?;
+            let name = format!("flash_attn_fwd_wg_d{kd}");
+            self.launch(src::ATTENTION_HOPPER, &name, (grid, [256, 1, 1], shared), &args)?;
         } else {
             let (rows, threads) = if kd >= 128 { (64, 128) } else { (128, 256) };
             let grid = [a.hq as u32, a.b as u32, a.t.div_ceil(rows) as u32];
