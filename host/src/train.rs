@@ -271,9 +271,10 @@ impl Run {
     }
 
     /// `train.init_from`: the weights of an HF folder or a Pith checkpoint. An expert-parallel
-    /// rank reads them into the whole model and keeps its slice of the experts.
+    /// rank reads a checkpoint's slices of the experts it holds; an HF folder (experts stored
+    /// one by one) into the whole model, keeping its slice.
     fn init_from(&mut self, src: &Path, reg: &Registry) -> Result<(), String> {
-        if self.par.ep.len() == 1 {
+        if self.par.ep.len() == 1 || !src.join("config.json").is_file() {
             return crate::hf::init_weights(src, &self.cfg, &mut self.params);
         }
         let (moe, _) = components(&self.cfg, reg, Shard::WHOLE)?;
@@ -609,7 +610,7 @@ impl Run {
                 ops.reset(); // the optimizer's scratch, on the error path too
                 done.into_result().map_err(fail)?;
                 self.params.zero_grads(); // the optimizer may have zeroed its own; not the rest
-                from_owners(&self.par, &mut self.params, Share::Everyone, |p| vec![&mut p.w])?;
+                from_owners(&self.par, &mut self.params)?;
             }
             Backend::Gpu(g) => {
                 let GpuBackend { gpu, ops, params, nccl, .. } = &**g;
@@ -691,92 +692,21 @@ impl Run {
             Backend::Gpu(g) => g.params.download(&g.gpu, &mut self.params),
         }
     }
-
-    /// `shard_optimizer` at a checkpoint (every rank, after `sync_to_host`): with `bring`, the
-    /// first rank of each group gets its owners' masters and optimizer state (room for the state
-    /// is made where another rank steps it; rank 0's expert-parallel group then holds every
-    /// slice's); without, that room is freed again.
-    fn gather_owned(&mut self, bring: bool) -> Result<(), String> {
-        let (rank, opt) = (self.par.rank, &self.opt.1);
-        for p in self.params.list.iter_mut().filter(|p| !p.steps_on(rank)) {
-            p.state = match bring {
-                true => opt
-                    .state(p.name.as_str().into(), &p.spec)
-                    .iter()
-                    .map(|n| (n.to_string(), vec![0.0; p.w.len()]))
-                    .collect(),
-                false => Vec::new(),
-            };
-        }
-        if bring {
-            from_owners(&self.par, &mut self.params, Share::ToFirst, |p| {
-                std::iter::once(&mut p.w).chain(p.state.iter_mut().map(|s| &mut s.1)).collect()
-            })?;
-        }
-        Ok(())
-    }
-
-    /// With expert parallelism, every rank calls this at a checkpoint (after `sync_to_host`):
-    /// rank 0 gets what it saves — the parameters with the experts' slices gathered over the
-    /// expert-parallel group into whole tensors, so the checkpoint is the same at every layout.
-    /// None on the other ranks, and with one expert-parallel rank (`params` is whole).
-    fn gather_experts(&self) -> Result<Option<Params>, String> {
-        // Other expert-parallel groups hold the same slices as rank 0's: only its group sends.
-        if self.par.ep.len() == 1 || !self.par.ep.contains(&0) {
-            return Ok(None);
-        }
-        let mut list = Vec::new();
-        for p in self.params.list.iter().filter(|p| p.spec.role != Role::Accumulator) {
-            let whole = |v: &[f32]| -> Result<Vec<f32>, String> {
-                match p.shard {
-                    Some(_) => self.par.gather_to_first_f32(Group::ExpertParallel, v),
-                    None => Ok(v.to_vec()),
-                }
-            };
-            let mut spec = p.spec.clone();
-            spec.shape = p.full_shape().iter().map(|&d| d as u64).collect();
-            let state = p.state.iter().map(|(n, v)| Ok((n.clone(), whole(v)?))).collect::<Result<_, String>>()?;
-            let (name, w) = (p.name.clone(), whole(&p.w)?);
-            list.push(crate::params::Param { name, spec, w, g: Vec::new(), state, shard: None, owner: None });
-        }
-        Ok(self.par.is_first().then(|| Params { list, ..Default::default() }))
-    }
 }
 
-/// Where [`from_owners`] sends the owners' values.
-#[derive(Clone, Copy, PartialEq)]
-enum Share {
-    /// Every rank of the tensor's group (the weights after an optimizer step on CPU ranks).
-    Everyone,
-    /// The group's first rank only (a checkpoint: what rank 0 writes).
-    ToFirst,
-}
-
-/// `[parallel] shard_optimizer`: `bufs(p)` of each owned tensor, from its owner to `to`, one
-/// collective per owner and group (the loopback collective; NCCL sends the bf16 working copies
-/// on CUDA). Receivers' buffers must already have the owner's sizes.
-fn from_owners(
-    par: &Parallel,
-    params: &mut Params,
-    to: Share,
-    bufs: impl Fn(&mut crate::params::Param) -> Vec<&mut Vec<f32>>,
-) -> Result<(), String> {
+/// `[parallel] shard_optimizer` on CPU ranks: each owned tensor's new weights, from its owner
+/// to every rank of its group, one broadcast per owner and group (on CUDA the owners send the
+/// bf16 working copies over NCCL).
+fn from_owners(par: &Parallel, params: &mut Params) -> Result<(), String> {
     for g in [Group::World, Group::DataParallel] {
         for owner in par.members(g) {
             let theirs = params.list.iter_mut().filter(|p| p.owner == Some(owner) && p.group() == g);
-            let mut mine: Vec<&mut Vec<f32>> = theirs.flat_map(&bufs).collect();
+            let mut mine: Vec<&mut Vec<f32>> = theirs.map(|p| &mut p.w).collect();
             if mine.is_empty() {
                 continue; // the same on every rank of the group: owners are computed alike
             }
             let mut flat: Vec<f32> = mine.iter().flat_map(|b| b.iter().copied()).collect();
-            match to {
-                Share::Everyone => par.broadcast_f32(g, owner, &mut flat)?,
-                // Only the owner sends anything, so the first rank gets exactly its values.
-                Share::ToFirst => flat = par.gather_to_first_f32(g, if par.rank == owner { &flat } else { &[] })?,
-            }
-            if flat.is_empty() {
-                continue; // not a receiver
-            }
+            par.broadcast_f32(g, owner, &mut flat)?;
             let mut rest = &flat[..];
             for b in mine.iter_mut() {
                 let (head, tail) = rest.split_at(b.len());
@@ -963,20 +893,13 @@ pub fn train(
         // The checkpoint comes before the eval, so a failing eval never costs the trained steps.
         if (t.checkpoint_every > 0 && step % t.checkpoint_every == 0) || is_last || signal.is_some() {
             beat(format!("the checkpoint at step {step}"));
-            let sharded = run.cfg.parallel.shard_optimizer;
-            if first || par.ep.len() > 1 || sharded {
+            // Each rank writes the tensors it alone holds; complete when every rank's are in.
+            if checkpoint::writes_any(&run.params, &par) {
                 run.sync_to_host()?;
             }
-            run.gather_owned(true)?;
-            let whole = run.gather_experts()?;
-            if first {
-                let st =
-                    TrainerState { step, data_position: data.position(), plugin_api: pith_plugin_api::VERSION.into() };
-                let dir = checkpoint::save(&out, &run.cfg, whole.as_ref().unwrap_or(&run.params), &st)?;
-                tracing::debug!("checkpoint {}", dir.display());
-            }
-            run.gather_owned(false)?;
-            par.barrier()?; // complete when every rank is past it
+            let st = TrainerState { step, data_position: data.position(), plugin_api: pith_plugin_api::VERSION.into() };
+            let dir = checkpoint::save(&out, &run.cfg, &run.params, &st, &par)?;
+            tracing::debug!("checkpoint {}", dir.display());
         }
         if (t.eval_every > 0 && step % t.eval_every == 0) || is_last {
             beat(format!("the eval at step {step}"));

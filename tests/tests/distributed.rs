@@ -2,6 +2,7 @@
 //! over NCCL): two ranks train the same run as one on the same global batch, a run resumes at
 //! another layout, and a rank that dies or never comes ends the others with a line naming it.
 
+use pith::checkpoint::{read_tensors, Saved};
 use pith_tests::{command, metrics, out, pith, split, tmp};
 use std::net::TcpListener;
 use std::process::{Child, Stdio};
@@ -18,6 +19,21 @@ const RUN: [&str; 8] = [
     "--set",
     "train.log_every=1",
 ];
+
+/// The tensor files of a checkpoint, without `.safetensors`.
+fn files(step: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(step).unwrap().filter_map(|e| e.unwrap().file_name().into_string().ok()).collect();
+    names.retain(|n| n.ends_with(".safetensors"));
+    names.sort();
+    names.iter().map(|n| n.trim_end_matches(".safetensors").to_string()).collect()
+}
+
+/// Every tensor of a checkpoint's `kind` files (model or optimizer), whole, however it was split.
+fn tensors(step: &std::path::Path, kind: &str) -> Vec<(String, Vec<f32>)> {
+    let saved = Saved::open(step, kind).unwrap();
+    saved.names().map(|n| (n.to_string(), saved.whole(n).unwrap())).collect()
+}
 
 fn losses(run: &std::path::Path) -> Vec<f64> {
     metrics(run).iter().map(|m| m["loss"].as_f64().unwrap()).collect()
@@ -47,15 +63,23 @@ fn two_ranks_train_the_same_run_as_one_and_resume_at_another_layout() {
     same_run(&losses(&one), &losses(&two), "dp=2 vs 1 rank");
     let counts = |run: &std::path::Path| metrics(run)[0]["load_per_layer"].clone();
     assert_eq!(counts(&one), counts(&two), "step 1's expert loads are summed over the ranks");
-    assert!(!two.join("checkpoints/step_00000006").join("rank1").exists());
+    // Rank 0 writes what every rank holds alike; rank 1 holds nothing of its own.
+    assert_eq!(files(&two.join("checkpoints/step_00000006")), ["model-rank00000", "optimizer-rank00000"]);
     // shard_optimizer: each tensor stepped by one rank, the others sent its new weights; the
-    // same run, and the same checkpoint to the bit (the owners' state gathered at the save).
+    // same run, and the same checkpoint to the bit, each owner writing its tensors and state.
     let sharded = dir.join("sharded");
     let shard = ["--set", "parallel.shard_optimizer=true", "--set", &out(&sharded)];
     train(&[&["launch", "--gpus", "2"], &RUN[..], &shard[..]].concat());
-    for f in ["model.safetensors", "optimizer.safetensors"] {
-        let read = |run: &std::path::Path| std::fs::read(run.join("checkpoints/step_00000006").join(f)).unwrap();
-        assert!(read(&two) == read(&sharded), "{f}: dp=2 with and without shard_optimizer");
+    let step6 = |run: &std::path::Path| run.join("checkpoints/step_00000006");
+    assert_eq!(
+        files(&step6(&sharded)),
+        ["model-rank00000", "model-rank00001", "optimizer-rank00000", "optimizer-rank00001"]
+    );
+    for kind in ["model", "optimizer"] {
+        assert!(
+            tensors(&step6(&two), kind) == tensors(&step6(&sharded), kind),
+            "{kind}: dp=2 with and without shard_optimizer"
+        );
     }
     // The dp=2 run's step-3 checkpoint, continued on one rank, is the one-rank run's steps 4..6.
     let ckpt = two.join("checkpoints/step_00000003");
@@ -87,9 +111,40 @@ fn expert_parallel_trains_the_same_run_as_one_and_resumes_at_any_layout() {
     assert_eq!(counts(&one), counts(&two), "step 1's expert loads, gathered over the expert-parallel ranks");
     assert_eq!(counts(&one), counts(&four));
     let ckpt = |run: &std::path::Path| run.join("checkpoints/step_00000003").to_str().unwrap().to_string();
+    // Each expert-parallel rank writes its half of the experts; with dp=2 × ep=2 and
+    // shard_optimizer, every rank writes the tensors it owns.
+    let halves = ["model-rank00000", "model-rank00001", "optimizer-rank00000", "optimizer-rank00001"];
+    assert_eq!(files(std::path::Path::new(&ckpt(&two))), halves);
+    assert_eq!(files(std::path::Path::new(&ckpt(&four))).len(), 8);
+    let halves = Saved::open(std::path::Path::new(&ckpt(&two)), "model").unwrap();
+    assert_eq!(halves.shape("layers.0.moe.experts.w_up").map(|s| s[0]), Some(8), "two halves of 4 experts make 8");
     let resume = ["--set", "parallel.ep=1", "--set", &out(&fork), "--resume", &ckpt(&two)];
     train(&[&["train"], &RUN[..], &["--set", "comm.plugin=alltoall"], &resume[..]].concat());
     same_run(&losses(&one)[3..], &losses(&fork), "saved at ep=2, resumed on one rank");
+    let (fork4, fork4b) = (dir.join("f4"), dir.join("f4b"));
+    let resume4 = ["--set", "parallel.ep=1", "--set", &out(&fork4), "--resume", &ckpt(&four)];
+    train(&[&["train"], &RUN[..], &["--set", "comm.plugin=alltoall"], &resume4[..]].concat());
+    same_run(&losses(&one)[3..], &losses(&fork4), "saved at dp=2 × ep=2 by owners, resumed on one rank");
+    ep("2", "parallel.ep=2", &fork4b, &["--set", "parallel.shard_optimizer=true", "--resume", &ckpt(&four)]);
+    same_run(&losses(&one)[3..], &losses(&fork4b), "saved at dp=2 × ep=2 by owners, resumed at ep=2");
+    // `pith export hf` reads the slices: the 4-rank run's model is the one-rank run's. Within
+    // 1e-3: Adam's normalised step turns the summation-order gaps of near-zero gradients into
+    // weight gaps of ~1e-4 by step 6 (measured 1.1e-4); experts put in the wrong place would
+    // differ by their init scale, 0.02.
+    let export = |run: &std::path::Path, to: &std::path::Path| {
+        train(&["export", "hf", run.to_str().unwrap(), to.to_str().unwrap()])
+    };
+    let (hf1, hf4) = (dir.join("hf1"), dir.join("hf4"));
+    export(&one, &hf1);
+    export(&four, &hf4);
+    let (a, b) =
+        (read_tensors(&hf1.join("model.safetensors")).unwrap(), read_tensors(&hf4.join("model.safetensors")).unwrap());
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (name, (shape, x)) in &a {
+        assert_eq!(shape, &b[name].0, "{name}");
+        let gap = x.iter().zip(&b[name].1).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+        assert!(gap <= 1e-3, "{name}: exported from 4 ranks differs from 1 rank by {gap}");
+    }
     ep("2", "parallel.ep=2", &back, &["--resume", &ckpt(&one)]);
     same_run(&losses(&one)[3..], &losses(&back), "saved on one rank, resumed at ep=2");
     // train.init_from (weights only) at ep=2: each rank keeps its slice of the whole experts.
@@ -198,6 +253,35 @@ fn a_rank_that_never_comes_or_dies_ends_the_others_naming_it() {
     let (code, se, _) =
         ends_within(rank(0, 2, busy.local_addr().unwrap().port(), &dir.join("busy")), Duration::from_secs(60));
     assert!(code != 0 && se.contains("in use"), "{code}: {se}");
+}
+
+/// A rank that cannot write its part of a checkpoint (a full disk; here rank 1 runs under a
+/// 1 KiB file-size limit) fails the save on every rank: both exit non-zero, rank 0 naming rank
+/// 1, and no half checkpoint (`.tmp`) is left behind.
+#[test]
+fn a_rank_that_cannot_write_its_part_fails_the_save_on_every_rank() {
+    let dir = tmp("dp-full");
+    let run = dir.join("run");
+    let port = free_port().to_string();
+    let o = out(&run);
+    let args = [&RUN[..], &["--set", "comm.plugin=alltoall", "--set", "parallel.ep=2", "--set", &o]].concat();
+    let start = |rank: &str, limit: &str| {
+        let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+        let script =
+            format!("ulimit -f {limit}; exec '{}' train {}", pith_tests::pith_bin().display(), quoted.join(" "));
+        let mut c = std::process::Command::new("bash");
+        c.args(["-c", &script]).env("PITH_PLUGIN_PATH", "");
+        c.envs([("RANK", rank), ("WORLD_SIZE", "2"), ("MASTER_PORT", &port), ("MASTER_ADDR", "127.0.0.1")]);
+        c.envs([("PITH_DIST_TIMEOUT", "20"), ("PITH_JOB_ID", "dist-full")]);
+        c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    };
+    let (r0, r1) = (start("0", "unlimited"), start("1", "1"));
+    let (c0, e0, _) = ends_within(r0, Duration::from_secs(60));
+    let (c1, e1, _) = ends_within(r1, Duration::from_secs(60));
+    assert!(c1 != 0 && e1.contains("model-rank00001.safetensors: File too large"), "{c1}: {e1}");
+    assert!(c0 != 0 && e0.contains("rank 1 could not write its part of the checkpoint"), "{c0}: {e0}");
+    let left: Vec<_> = std::fs::read_dir(run.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "no checkpoint, complete or half: {left:?}");
 }
 
 fn metrics_lines(run: &std::path::Path) -> usize {

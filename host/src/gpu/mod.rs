@@ -7,8 +7,11 @@
 //!   or `~/.cache/pith/kernels`, and in memory by (hash of the source, kernel name): see [`Src`].
 //!   Each launch's arguments are checked against the kernel's parameters, read from its PTX.
 //! - Memory: every buffer comes from [`Pool`], which keeps freed blocks by size and hands them out
-//!   again, so the steady-state step calls no cudaMalloc. All work runs on one stream, so reusing a
-//!   block freed by an earlier op is ordered after that op (PyTorch's caching allocator rule).
+//!   again, so the steady-state step calls no cudaMalloc. Work runs on the compute stream (a
+//!   stream of its own, not the legacy default one, which would serialise with NCCL's side
+//!   stream), so reusing a block freed by an earlier op is ordered after that op; a block also
+//!   used on another stream ([`DTensor::used_on`]) is reused only once that stream has passed
+//!   its free (PyTorch's caching allocator rule, `record_stream`).
 //! - GEMMs: gemm.rs (cuBLAS `cublasGemmEx`, `cublasGemmStridedBatchedEx` and the experts'
 //!   `cublasGemmGroupedBatchedEx`).
 
@@ -24,7 +27,7 @@ use cudarc::driver::{result as drv, sys, CudaContext, CudaEvent, CudaFunction, C
 use pith_plugin_api::{Arg, DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
@@ -190,6 +193,9 @@ pub struct Pool {
 #[derive(Default)]
 struct PoolState {
     free: HashMap<usize, Vec<u64>>,
+    /// Blocks freed while another stream may still use them: (size, address, an event on each
+    /// such stream recorded at the free).
+    pending: Vec<(usize, u64, Vec<CudaEvent>)>,
     reserved: usize,
     in_use: usize,
     peak_reserved: usize,
@@ -217,6 +223,7 @@ impl Pool {
     fn take(self: &Arc<Self>, bytes: usize) -> Result<Buf, String> {
         let size = round(bytes);
         let mut s = self.state.lock().unwrap();
+        s.reclaim();
         let ptr = match s.free.get_mut(&size).and_then(|v| v.pop()) {
             Some(p) => p,
             None => {
@@ -245,7 +252,7 @@ impl Pool {
         };
         s.in_use += size;
         s.peak_in_use = s.peak_in_use.max(s.in_use);
-        Ok(Buf { ptr, size, pool: self.clone() })
+        Ok(Buf { ptr, size, pool: self.clone(), streams: Mutex::default() })
     }
     pub fn stats(&self) -> MemStats {
         let s = self.state.lock().unwrap();
@@ -261,6 +268,12 @@ impl Pool {
     /// block that could not be freed stays counted as reserved).
     pub fn release_cached(&self) -> Result<(), String> {
         let mut s = self.state.lock().unwrap();
+        for (size, ptr, events) in std::mem::take(&mut s.pending) {
+            for e in events {
+                e.synchronize().map_err(|e| format!("waiting for a stream to pass a freed block: {e:?}"))?;
+            }
+            s.free.entry(size).or_default().push(ptr);
+        }
         let cached: Vec<(usize, Vec<u64>)> = s.free.drain().collect();
         let mut first = None;
         for (sz, list) in cached {
@@ -279,29 +292,66 @@ impl Pool {
     }
 }
 
+impl PoolState {
+    /// Pending blocks whose streams have all passed their free become free.
+    fn reclaim(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let (done, waiting) =
+            std::mem::take(&mut self.pending).into_iter().partition(|b| b.2.iter().all(|e| e.is_complete()));
+        self.pending = waiting;
+        for (size, ptr, _) in done {
+            self.free.entry(size).or_default().push(ptr);
+        }
+    }
+}
+
 pub fn gib(bytes: usize) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
 }
 
-/// A device block from the pool; returned to it on drop.
+/// A device block from the pool; returned to it on drop (to be reused after the compute
+/// stream's work queued so far, and after the work queued on each of `streams` at the drop).
 pub struct Buf {
     pub ptr: u64,
     size: usize,
     pool: Arc<Pool>,
+    streams: Mutex<Vec<Arc<CudaStream>>>,
 }
 
 impl Drop for Buf {
     fn drop(&mut self) {
+        let streams = std::mem::take(self.streams.get_mut().unwrap_or_else(PoisonError::into_inner));
+        let mut events = Vec::new();
+        for st in streams {
+            match st.record_event(None) {
+                Ok(e) => events.push(e),
+                // Without an event, wait here: never hand out a block a stream may still touch.
+                Err(_) => _ = st.synchronize(),
+            }
+        }
         let mut s = self.pool.state.lock().unwrap();
         s.in_use -= self.size;
-        s.free.entry(self.size).or_default().push(self.ptr);
+        match events.is_empty() {
+            true => s.free.entry(self.size).or_default().push(self.ptr),
+            false => s.pending.push((self.size, self.ptr, events)),
+        }
     }
 }
 
 /// A device tensor that owns its memory: the view `t` plus the block behind it.
 pub struct DTensor {
     pub t: Tensor,
-    _buf: Buf,
+    buf: Buf,
+}
+
+impl DTensor {
+    /// Mark the block as used on `stream` too (besides the compute stream): once freed, it is
+    /// reused only after `stream` has done the work it had queued by then.
+    pub fn used_on(&self, stream: &Arc<CudaStream>) {
+        self.buf.streams.lock().unwrap_or_else(PoisonError::into_inner).push(stream.clone());
+    }
 }
 
 impl std::ops::Deref for DTensor {
@@ -330,7 +380,7 @@ impl Gpu {
         })?;
         let ctx =
             CudaContext::new(ordinal).map_err(|e| format!("device = \"cuda\": no usable GPU {ordinal}: {e:?}"))?;
-        let stream = ctx.default_stream();
+        let stream = ctx.new_stream().map_err(|e| format!("GPU {ordinal}: a stream: {e:?}"))?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| format!("cuBLAS: {e:?}"))?;
         let (major, minor) = ctx.compute_capability().map_err(|e| format!("GPU {ordinal}: {e:?}"))?;
         // Hopper compiles for sm_90a: its warpgroup MMA (kernels/grouped_gemm.cu) exists only there.
@@ -496,7 +546,7 @@ impl Gpu {
     pub fn tensor(&self, shape: &[usize], dtype: DType) -> Result<DTensor, String> {
         let n: usize = shape.iter().product();
         let buf = self.pool.take(n * dtype.size())?;
-        Ok(DTensor { t: Tensor::new(buf.ptr, dtype, Device::Cuda, shape), _buf: buf })
+        Ok(DTensor { t: Tensor::new(buf.ptr, dtype, Device::Cuda, shape), buf })
     }
     /// A zero-filled device tensor.
     pub fn zeros(&self, shape: &[usize], dtype: DType) -> Result<DTensor, String> {
@@ -577,6 +627,32 @@ pub(crate) mod tests {
     /// them with `--ignored` on the GPU machine, docs/performance.md).
     pub fn gpu() -> Gpu {
         Gpu::open(0).unwrap_or_else(|e| panic!("this test needs a CUDA GPU: {e}"))
+    }
+
+    /// A block freed while another stream still has work queued comes back only once that
+    /// stream has passed the free; a block of the compute stream alone comes back at once.
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn a_block_used_on_another_stream_is_reused_only_after_it() {
+        let gpu = gpu();
+        let spin =
+            "extern \"C\" __global__ void spin(long long n) { long long t = clock64(); while (clock64() - t < n) {} }";
+        let side = gpu.ctx.new_stream().unwrap();
+        // The side stream waits behind ~0.2 s of compute-stream work.
+        gpu.launch(spin, "spin", dims(1, 1), &[Arg::I64(400_000_000)]).unwrap();
+        side.wait(&gpu.stream.record_event(None).unwrap()).unwrap();
+        let a = gpu.tensor(&[1 << 20], DType::F32).unwrap();
+        let addr = a.addr;
+        a.used_on(&side);
+        drop(a);
+        let b = gpu.tensor(&[1 << 20], DType::F32).unwrap();
+        assert_ne!(b.addr, addr, "handed out again while the side stream was behind its free");
+        side.synchronize().unwrap();
+        let c = gpu.tensor(&[1 << 20], DType::F32).unwrap();
+        assert_eq!(c.addr, addr, "the side stream passed the free");
+        let b_addr = b.addr;
+        drop(b);
+        assert_eq!(gpu.tensor(&[1 << 20], DType::F32).unwrap().addr, b_addr, "compute stream only: at once");
     }
 
     /// The cache key is the content: the compile-time hash of a host source is its run-time

@@ -3,14 +3,13 @@
 //! from the memory-mapped checkpoint one tensor at a time.
 
 use super::config::{generation_config, hf_config};
-use super::convert::{f32_to_bf16, read_f32, transpose_into};
+use super::convert::{f32_to_bf16, transpose_into};
 use super::family::Family;
 use super::names::{hf_name, pith_params, stack};
 use super::tokenizer::{copy_tokenizer, find_tokenizer};
-use super::{atomically, mmap, parse_st, read_run_config};
-use crate::checkpoint;
+use super::{atomically, read_run_config};
+use crate::checkpoint::{self, Saved};
 use crate::config::Config;
-use safetensors::{Dtype, SafeTensors};
 use serde_json::{json, Value};
 use std::fs;
 use std::io::Write;
@@ -228,16 +227,10 @@ pub fn export(src: &Path, out: &Path, opts: &ExportOptions) -> Result<Exported, 
     let tokenizer = find_tokenizer(&cfg, opts.tokenizer.as_deref())?;
 
     // Check the checkpoint against the model its config describes.
-    let weights = dir.join("model.safetensors");
-    let map = mmap(&weights)?;
-    let st = parse_st(&weights, &map)?;
+    let st = Saved::open(&dir, "model")?;
     let mut plan = Vec::new();
     for (name, shape) in pith_params(m, family, shared_ffn, dense_ffn) {
-        let t = st.tensor(&name).map_err(|_| format!("{}: tensor `{name}` is missing", weights.display()))?;
-        if t.dtype() != Dtype::F32 || t.shape() != shape {
-            let got = format!("{:?} {:?}", t.dtype(), t.shape());
-            return Err(format!("{}: tensor `{name}` is {got}, the model needs F32 {shape:?}", weights.display()));
-        }
+        st.check(&name, &shape)?;
         let fused = family == Family::GptOss && name.contains(".moe.experts.");
         match stack(family, &name, m.experts) {
             Some(n) => plan.extend((0..n).map(|e| Planned {
@@ -306,7 +299,7 @@ pub fn export(src: &Path, out: &Path, opts: &ExportOptions) -> Result<Exported, 
 
 /// Write one safetensors file, streaming: the header, then each tensor converted from the
 /// memory-mapped Pith checkpoint (expert slots transposed back to [out, in]).
-fn write_shard(path: &Path, tensors: &[&Planned], pith: &SafeTensors, dtype: ExportDtype) -> Result<(), String> {
+fn write_shard(path: &Path, tensors: &[&Planned], pith: &Saved, dtype: ExportDtype) -> Result<(), String> {
     let io = |e: std::io::Error| format!("{}: {e}", path.display());
     let (dname, esize) = match dtype {
         ExportDtype::F32 => ("F32", 4),
@@ -326,19 +319,17 @@ fn write_shard(path: &Path, tensors: &[&Planned], pith: &SafeTensors, dtype: Exp
     w.write_all(&(text.len() as u64).to_le_bytes()).map_err(io)?;
     w.write_all(text.as_bytes()).map_err(io)?;
     for t in tensors {
-        let data = pith.tensor(&t.pith).expect("checked").data();
-        let x = |k: usize| read_f32(&data[4 * k..]);
         let vals: Vec<f32> = match (t.expert, &t.pair) {
             (None, Some(pair)) => {
-                let other = pith.tensor(pair).expect("checked").data();
-                let y = |k: usize| read_f32(&other[4 * k..]);
-                (0..t.shape.iter().product::<usize>() / 2).flat_map(|k| [x(k), y(k)]).collect()
+                let (x, y) = (pith.whole(&t.pith)?, pith.whole(pair)?);
+                x.iter().zip(&y).flat_map(|(&a, &b)| [a, b]).collect()
             }
-            (None, None) => (0..t.shape.iter().product()).map(x).collect(),
+            (None, None) => pith.whole(&t.pith)?,
             (Some(e), _) => {
                 let (r, c) = (t.shape[0], t.shape[1]);
+                let x = pith.rows(&t.pith, e..e + 1)?;
                 let mut v = vec![0.0; r * c];
-                transpose_into(&mut v, (c, r), e * r * c, x);
+                transpose_into(&mut v, (c, r), 0, |k| x[k]);
                 v
             }
         };

@@ -242,7 +242,7 @@ pub fn import(src: &Path, out: &Path, seq_len: Option<usize>, reg: &Registry) ->
     }
     let state = TrainerState { step: 0, data_position: 0, plugin_api: pith_plugin_api::VERSION.into() };
     atomically(out, |tmp| {
-        checkpoint::save(tmp, &cfg, &params, &state)?;
+        checkpoint::save(tmp, &cfg, &params, &state, &crate::parallel::Parallel::single())?;
         fs::write(tmp.join("config.toml"), cfg.to_toml()).map_err(|e| format!("{}: {e}", tmp.display()))
     })?;
     let checkpoint = checkpoint::step_dir(out, 0);

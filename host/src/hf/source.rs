@@ -4,7 +4,7 @@
 use super::config::read_config;
 use super::import::load_weights;
 use super::tokenizer::find_tokenizer;
-use super::{build, read_run_config, shape};
+use super::{build, read_run_config};
 use crate::checkpoint;
 use crate::config::{mem_available, refuse_over, Config, MemEstimate};
 use crate::cpu::CpuOps;
@@ -15,18 +15,12 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
 /// Copy the weights of a Pith checkpoint directory into `params` (names and shapes must match;
-/// accumulators are not checkpointed).
+/// accumulators are not checkpointed; an expert-parallel rank's parameters take their slices).
 fn copy_checkpoint_weights(dir: &Path, params: &mut Params) -> Result<(), String> {
-    let file = dir.join("model.safetensors");
-    let weights = checkpoint::read_tensors(&file)?;
+    let weights = checkpoint::Saved::open(dir, "model")?;
     for p in params.list.iter_mut().filter(|p| p.spec.role != pith_plugin_api::Role::Accumulator) {
-        let shape = shape(p);
-        let (s, w) =
-            weights.get(&p.name).ok_or_else(|| format!("{}: tensor `{}` is missing", file.display(), p.name))?;
-        if *s != shape {
-            return Err(format!("{}: tensor `{}` has shape {s:?}, the model needs {shape:?}", file.display(), p.name));
-        }
-        p.w.copy_from_slice(w);
+        let w = weights.values_for(&p.name, p)?;
+        p.w.copy_from_slice(&w);
     }
     Ok(())
 }
