@@ -270,22 +270,10 @@ impl Run {
         Ok(Run { cfg, model, params, opt, backend, opened, par })
     }
 
-    /// `train.init_from`: the weights of an HF folder or a Pith checkpoint. An expert-parallel
-    /// rank reads a checkpoint's slices of the experts it holds; an HF folder (experts stored
-    /// one by one) into the whole model, keeping its slice.
-    fn init_from(&mut self, src: &Path, reg: &Registry) -> Result<(), String> {
-        if self.par.ep.len() == 1 || !src.join("config.json").is_file() {
-            return crate::hf::init_weights(src, &self.cfg, &mut self.params);
-        }
-        let (moe, _) = components(&self.cfg, reg, Shard::WHOLE)?;
-        let mut whole = Params::default();
-        Model::new(&self.cfg.model, &mut whole, self.cfg.train.seed, moe, Shard::WHOLE)?;
-        crate::hf::init_weights(src, &self.cfg, &mut whole)?;
-        for (p, w) in self.params.list.iter_mut().zip(&whole.list) {
-            let mine = p.slice_of(&w.w).to_vec();
-            p.w.copy_from_slice(&mine);
-        }
-        Ok(())
+    /// `train.init_from`: the weights of an HF folder or a Pith checkpoint; an expert-parallel
+    /// rank reads only its experts.
+    fn init_from(&mut self, src: &Path) -> Result<(), String> {
+        crate::hf::init_weights(src, &self.cfg, &mut self.params)
     }
 
     /// Move to the GPU when the config says so (after any weights were loaded on the host).
@@ -775,7 +763,7 @@ pub fn train(
     let stop = Interrupt::install()?;
     let mut run = Run::new(cfg, reg, par.clone())?;
     if let (None, Some(src)) = (resume, &t.init_from) {
-        run.init_from(Path::new(src), reg)
+        run.init_from(Path::new(src))
             .map_err(|e| format!("{}: train.init_from: {e}", run.cfg.at("train", 0, "init_from")))?;
         tracing::info!("initialised the weights from {src}");
     }

@@ -4,7 +4,7 @@
 //! files, and every bad input failing in one line without leaving output behind. The parity run
 //! against transformers itself (scripts/hf_parity.py) runs when python3 can import it.
 
-use pith::checkpoint::{read_tensors, TensorMap};
+use pith::checkpoint::{read_tensors, Saved, TensorMap};
 use pith::config::ModelConfig;
 use pith::rng::Rng;
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
@@ -489,6 +489,46 @@ fn eval_logits_agrees_between_folder_and_checkpoint() {
     let (code, _, err) = pith(&["eval-logits", p(&src), "--tokens", "5,72"]);
     assert_eq!(code, 1);
     assert!(err.contains("token id 72 at position 1 is out of range for vocab 72"), "{err}");
+}
+
+/// `train.init_from` an HF folder at ep = 2 (two CPU ranks, 2 of the 4 experts each): each rank
+/// reads only its experts — from per-expert tensors, from transformers 5's packed gate_up/down,
+/// and from GPT-OSS's interleaved columns and per-expert biases — and with lr 0 the checkpoint,
+/// written in halves, holds exactly the HF weights.
+#[test]
+fn init_from_an_hf_folder_at_expert_parallel_reads_each_ranks_experts() {
+    let root = tmp("init-ep");
+    for (a, fused) in [(Arch::Qwen3, false), (Arch::Qwen3, true), (Arch::GptOss, false)] {
+        let w = pith_weights(a, 9);
+        let (src, run, out) = (root.join(format!("{a:?}-{fused}")), root.join("imported"), root.join("ep2"));
+        write_hf(&src, &config_json(a), &hf_tensors(a, &w, fused), 1, |_| Dtype::F32);
+        let _ = std::fs::remove_dir_all(&run);
+        ok(&["import", "hf", p(&src), "--out", p(&run)]);
+        let sets = [
+            "parallel.ep=2".to_string(),
+            "comm.plugin=\"alltoall\"".into(),
+            "train.lr=0.0".into(),
+            "train.steps=1".into(),
+            "train.micro_batch=2".into(),
+            "train.eval_batches=1".into(),
+            format!("train.init_from=\"{}\"", src.display()),
+            format!("train.out=\"{}\"", out.display()),
+        ];
+        let cfg = run.join("config.toml");
+        let mut args = vec!["launch", "--gpus", "2", p(&cfg)];
+        args.extend(sets.iter().flat_map(|s| ["--set", s.as_str()]));
+        let (code, so, se) = pith(&args);
+        assert_eq!(code, 0, "{a:?} fused={fused}: {so}{se}");
+        let step = out.join("checkpoints/step_00000001");
+        assert!(step.join("model-rank00001.safetensors").is_file(), "rank 1 wrote its experts");
+        let saved = Saved::open(&step, "model").unwrap();
+        let got: TensorMap = saved
+            .names()
+            .map(|n| (n.to_string(), (saved.shape(n).unwrap().to_vec(), saved.whole(n).unwrap())))
+            .collect();
+        assert_eq!(got, w, "{a:?} fused={fused}");
+        std::fs::remove_dir_all(&out).unwrap();
+    }
 }
 
 /// `train.init_from` an HF folder starts from its weights (lr 0: the checkpoint after one step

@@ -9,7 +9,7 @@ use super::family::Family;
 use super::names::{hf_name, stack, translate, Slot};
 use super::{atomically, build, mmap, parse_st, shape};
 use crate::checkpoint::{self, TrainerState};
-use crate::params::Params;
+use crate::params::{Param, Params};
 use crate::registry::Registry;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
@@ -53,7 +53,8 @@ fn shards(dir: &Path) -> Result<Shards, String> {
 }
 
 /// Fill `params` (a Pith model built from `hf`'s config) from the safetensors of `dir`, one
-/// memory-mapped file at a time, each tensor converted in place.
+/// memory-mapped file at a time, each tensor converted in place. An expert-parallel rank's
+/// parameters (`Param::shard`) take only their experts; the others are skipped.
 pub fn load_weights(dir: &Path, hf: &HfModel, params: &mut Params) -> Result<(), String> {
     let index: HashMap<String, usize> = params.list.iter().enumerate().map(|(i, p)| (p.name.clone(), i)).collect();
     let pieces = |i: usize| stack(hf.family, &params.list[i].name, hf.experts).unwrap_or(1);
@@ -96,7 +97,8 @@ pub fn load_weights(dir: &Path, hf: &HfModel, params: &mut Params) -> Result<(),
     // Accumulators (a step's counts) are no weights: nothing in an HF folder fills them.
     let weight = |i: &usize| params.list[*i].spec.role != pith_plugin_api::Role::Accumulator;
     for (i, f) in filled.iter().enumerate().filter(|(i, _)| weight(i)) {
-        if let Some(e) = f.iter().position(|f| !f) {
+        let mine = if f.len() > 1 { local_experts(&params.list[i]) } else { 0..1 };
+        if let Some(e) = mine.into_iter().find(|&e| !f[e]) {
             let name = hf_name(hf.family, &params.list[i].name, e);
             return Err(format!("{}: tensor `{name}` is missing", named.display()));
         }
@@ -124,14 +126,17 @@ fn place(
         return Ok(());
     }
     let &i = index.get(&pith).ok_or_else(nowhere)?;
-    let ps = shape(&params.list[i]);
+    // `ps` is this rank's slice (experts `mine` of the whole `full`); HF holds every expert.
+    let (ps, full, mine) = (shape(&params.list[i]), params.list[i].full_shape(), local_experts(&params.list[i]));
     let want = match slot {
-        Slot::Whole | Slot::Skip => ps.clone(),
+        Slot::Whole | Slot::Skip => full.clone(),
         Slot::Expert(_) => vec![ps[2], ps[1]],
-        Slot::GateUp => vec![ps[0], 2 * ps[2], ps[1]],
-        Slot::Down => vec![ps[0], ps[2], ps[1]],
-        Slot::GateUpCols => [&ps[..ps.len() - 1], &[2 * ps[ps.len() - 1]]].concat(),
+        Slot::GateUp => vec![full[0], 2 * ps[2], ps[1]],
+        Slot::Down => vec![full[0], ps[2], ps[1]],
+        Slot::GateUpCols => [&full[..ps.len() - 1], &[2 * ps[ps.len() - 1]]].concat(),
     };
+    // Where this rank's slice starts in a whole (unsplit) HF tensor.
+    let off = mine.start * ps.iter().skip(1).product::<usize>();
     if hf_shape != want {
         return Err(format!("has shape {hf_shape:?}, the model needs {want:?}"));
     }
@@ -140,9 +145,10 @@ fn place(
         targets.push(index[&pith.replace("_gate", "_up")]);
     }
     let marks: Vec<usize> = match slot {
+        Slot::Expert(e) if !mine.contains(&e) && e < filled[i].len() => return Ok(()), // another rank's
         Slot::Expert(e) if e < filled[i].len() => vec![e],
         Slot::Expert(_) => return Err(nowhere()),
-        Slot::GateUp | Slot::Down => (0..hf.experts).collect(),
+        Slot::GateUp | Slot::Down => mine.clone().collect(),
         _ => vec![0],
     };
     for &j in &targets {
@@ -152,33 +158,43 @@ fn place(
     }
     let w = &mut params.list[i].w;
     match slot {
-        Slot::Whole => w.iter_mut().enumerate().for_each(|(k, w)| *w = x(k)),
-        Slot::Expert(e) => transpose_into(&mut w[e * ps[1] * ps[2]..][..ps[1] * ps[2]], (ps[2], ps[1]), 0, x),
+        Slot::Whole => w.iter_mut().enumerate().for_each(|(k, w)| *w = x(off + k)),
+        Slot::Expert(e) => {
+            let at = (e - mine.start) * ps[1] * ps[2];
+            transpose_into(&mut w[at..][..ps[1] * ps[2]], (ps[2], ps[1]), 0, x)
+        }
         Slot::Down => {
-            for e in 0..ps[0] {
-                let n = ps[1] * ps[2];
-                transpose_into(&mut w[e * n..][..n], (ps[2], ps[1]), e * n, x);
+            let n = ps[1] * ps[2];
+            for (l, e) in mine.enumerate() {
+                transpose_into(&mut w[l * n..][..n], (ps[2], ps[1]), e * n, x);
             }
         }
         Slot::GateUp => {
             let mut up = std::mem::take(&mut params.list[targets[1]].w);
             let (f, h) = (ps[2], ps[1]);
             let w = &mut params.list[i].w;
-            for e in 0..ps[0] {
-                let (g, u) = (&mut w[e * h * f..][..h * f], &mut up[e * h * f..][..h * f]);
+            for (l, e) in mine.enumerate() {
+                let (g, u) = (&mut w[l * h * f..][..h * f], &mut up[l * h * f..][..h * f]);
                 transpose_into(g, (f, h), e * 2 * f * h, x);
                 transpose_into(u, (f, h), (e * 2 + 1) * f * h, x);
             }
             params.list[targets[1]].w = up;
         }
         Slot::GateUpCols => {
-            w.iter_mut().enumerate().for_each(|(k, w)| *w = x(2 * k));
+            w.iter_mut().enumerate().for_each(|(k, w)| *w = x(2 * (off + k)));
             let up = &mut params.list[targets[1]].w;
-            up.iter_mut().enumerate().for_each(|(k, w)| *w = x(2 * k + 1));
+            up.iter_mut().enumerate().for_each(|(k, w)| *w = x(2 * (off + k) + 1));
         }
         Slot::Skip => {}
     }
     Ok(())
+}
+
+/// The experts a parameter stacked by expert holds here (all of them without a shard).
+fn local_experts(p: &Param) -> std::ops::Range<usize> {
+    let n = p.shape().first().copied().unwrap_or(1);
+    let first = p.shard.map_or(0, |s| s.part * n);
+    first..first + n
 }
 
 /// FP4 (e2m1) codes → values.
