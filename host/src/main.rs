@@ -439,7 +439,11 @@ fn main() {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
     let start = std::time::SystemTime::now();
-    let code = match run(Cli::parse()) {
+    let result = run(Cli::parse());
+    if !matches!(result, Err(Failure::Error(_))) {
+        pith::dist::peers::goodbye(); // to the other ranks: this one ends on purpose (done, or a signal)
+    }
+    let code = match result {
         Ok(()) => 0,
         Err(Failure::Exit(code)) => code,
         Err(Failure::Error(e)) => {

@@ -1,10 +1,12 @@
 //! Multi-process training: who this process is (world.rs: torchrun/Slurm environment), how the
 //! ranks meet (rendezvous.rs: a small TCP store, then a mesh of connections), the CPU collective
 //! over those connections (loopback.rs: tests and laptops; multi-GPU uses NCCL, gpu/nccl.rs),
-//! `pith launch` (launch.rs) and a watchdog for stuck NCCL collectives (watchdog.rs). The trainer calls `ProcessGroup::init()` once.
+//! `pith launch` (launch.rs), a watchdog for stuck NCCL collectives (watchdog.rs) and a watch
+//! that ends every rank at once when one dies (peers.rs). The trainer calls `ProcessGroup::init()` once.
 
 pub mod launch;
 pub mod loopback;
+pub mod peers;
 pub mod rendezvous;
 pub mod watchdog;
 pub mod world;
@@ -33,7 +35,11 @@ impl ProcessGroup {
         if world.size == 1 {
             return Ok(None);
         }
-        let rv = Rendezvous::join(&world, timeout(env)?)?;
+        let mut rv = Rendezvous::join(&world, timeout(env)?)?;
+        peers::install(peers::Watch::start(&mut rv, |m| {
+            eprintln!("error: {m}");
+            std::process::exit(1)
+        })?);
         Ok(Some(ProcessGroup { world, comm: Loopback::new(rv) }))
     }
 

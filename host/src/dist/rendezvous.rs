@@ -142,7 +142,7 @@ fn read_hello(s: &mut TcpStream, wait: Duration) -> Option<(usize, u32, u16, Str
     Some((u32_at(5) as usize, u32_at(9), port, String::from_utf8_lossy(&b[15..]).into_owned()))
 }
 
-fn accept_until(l: &TcpListener, deadline: Instant) -> io::Result<Option<(TcpStream, SocketAddr)>> {
+pub(super) fn accept_until(l: &TcpListener, deadline: Instant) -> io::Result<Option<(TcpStream, SocketAddr)>> {
     l.set_nonblocking(true)?;
     loop {
         match l.accept() {
@@ -156,7 +156,7 @@ fn accept_until(l: &TcpListener, deadline: Instant) -> io::Result<Option<(TcpStr
     }
 }
 
-fn connect_until(target: &str, deadline: Instant) -> Option<TcpStream> {
+pub(super) fn connect_until(target: &str, deadline: Instant) -> Option<TcpStream> {
     loop {
         for addr in target.to_socket_addrs().into_iter().flatten() {
             let wait = deadline
