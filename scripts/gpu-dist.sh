@@ -3,10 +3,12 @@
 # nvidia-h200-x2, carry [".device"] after `scripts/gpu-tests.sh pack`):
 #   bash scripts/gpu-dist.sh parity   50 steps of the quickstart on CUDA: 1 GPU, then dp=2
 #   bash scripts/gpu-dist.sh bench    bench-1b on 1 GPU, then dp=2 under torchrun (same work per GPU)
-#   bash scripts/gpu-dist.sh faults   a rank killed with -9: how long the other takes to exit
+#   bash scripts/gpu-dist.sh faults   a rank killed with -9: how long the other takes to exit, under
+#                                     `pith launch` and as two bare ranks (srun-style: no launcher ends it)
 #   bash scripts/gpu-dist.sh nodes    two one-GPU "nodes" (torchrun --nnodes 2), NCCL over its network transport
 #   bash scripts/gpu-dist.sh ep       expert parallel: 50 steps of the quickstart (comm alltoall) on 1 GPU and
-#                                     at ep=2, then bench-1b at ep=2 beside 1 GPU (same work per GPU)
+#                                     at ep=2, its per-rank checkpoint resumed on 1 GPU and exported,
+#                                     then bench-1b at ep=2 beside 1 GPU (same work per GPU)
 #   bash scripts/gpu-dist.sh zero     [parallel] shard_optimizer: quickstart parity at dp=2, bench-1b at dp=2 (peak memory)
 # Results go to $OUT (or /tmp/dist).
 set -uo pipefail
@@ -41,7 +43,17 @@ faults)
   sleep 25
   victim=$(pgrep -f "pith train" | sort -n | tail -1)
   t0=$(date +%s%N); kill -9 "$victim"; wait $!; rc=$?
-  echo "killed rank pid $victim; launch exited $rc after $(( ($(date +%s%N) - t0) / 1000000 )) ms"; tail -4 "$O/kill.log" ;;
+  echo "killed rank pid $victim; launch exited $rc after $(( ($(date +%s%N) - t0) / 1000000 )) ms"; tail -4 "$O/kill.log"
+  # srun-style: two bare ranks, nothing above them; rank 0 must see rank 1 go (peers.rs).
+  port=$((29500 + RANDOM % 1000))
+  for r in 0 1; do
+    RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
+      $P train "${small[@]}" --set train.steps=100000 --set "train.out=\"$O/bare\"" > "$O/bare$r.log" 2>&1 &
+    pids[$r]=$!
+  done
+  sleep 25
+  t0=$(date +%s%N); kill -9 "${pids[1]}"; wait "${pids[0]}"; rc=$?
+  echo "bare rank 1 killed; rank 0 exited $rc after $(( ($(date +%s%N) - t0) / 1000000 )) ms"; tail -2 "$O/bare0.log" ;;
 nodes)
   export NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1
   port=$((29500 + RANDOM % 1000))
@@ -57,6 +69,8 @@ ep)
   $P train "${small[@]}" "${a2a[@]}" --set "train.out=\"$O/e1\"" 2>&1 | tail -2
   $P launch --gpus 2 "${small[@]}" "${a2a[@]}" --set parallel.ep=2 --set "train.out=\"$O/e2\"" 2>&1 | tail -2
   compare e1 e2
+  $P train "${small[@]}" "${a2a[@]}" --set parallel.ep=1 --set train.steps=55 --set "train.out=\"$O/e2to1\"" --resume "$O/e2" 2>&1 | tail -1
+  ls "$O/e2/checkpoints/step_00000050"; $P export hf "$O/e2" "$O/e2-hf" 2>&1 | tail -1
   $P bench configs/bench-1b.toml --warmup 4 --steps 15 2>&1 | tail -2
   torchrun --nproc-per-node 2 --no-python $P bench configs/bench-1b.toml "${a2a[@]}" --set parallel.ep=2 \
     --set train.micro_batch=8 --warmup 4 --steps 15 2>&1 | grep -v "bench: step" | tail -8 ;;
