@@ -105,11 +105,6 @@ impl Parallel {
     pub fn broadcast_f32(&self, g: Group, root: u32, buf: &mut [f32]) -> Result<(), String> {
         self.with(g, (), |pg, m| pg.comm.broadcast(m, root, buf))
     }
-    /// Every member of `g`'s `src`, in member order, concatenated on its first member; the
-    /// others get an empty vector.
-    pub fn gather_to_first_f32(&self, g: Group, src: &[f32]) -> Result<Vec<f32>, String> {
-        self.with(g, src.to_vec(), |pg, m| pg.comm.gather_to_first(m, src))
-    }
     /// Rank 0's `buf` everywhere (the NCCL unique id).
     pub fn broadcast_i32(&self, buf: &mut [i32]) -> Result<(), String> {
         self.with(Group::World, (), |pg, m| pg.comm.broadcast(m, 0, buf))

@@ -73,11 +73,6 @@ impl Param {
     pub fn steps_on(&self, rank: u32) -> bool {
         self.owner.is_none_or(|o| o == rank)
     }
-    /// This rank's part of the whole tensor's values `whole` (all of it without a shard).
-    pub fn slice_of<'a>(&self, whole: &'a [f32]) -> &'a [f32] {
-        let n = self.spec.numel();
-        &whole[self.shard.map_or(0, |s| s.part * n)..][..n]
-    }
     /// The group its gradient (and accumulator) is summed over.
     pub fn group(&self) -> Group {
         if self.shard.is_some() {

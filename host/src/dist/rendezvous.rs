@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 /// Frame tags: a tag's code is its index here, its name is what errors say (the loopback function's).
 const OPS: &str = "? hello welcome refuse abort rendezvous_broadcast barrier all_reduce_sum all_reduce_max broadcast \
-                   all_gather reduce_scatter_sum all_to_all_v gather";
+                   all_gather reduce_scatter_sum all_to_all_v";
 const HELLO: u8 = 1;
 const WELCOME: u8 = 2;
 const REFUSE: u8 = 3;
