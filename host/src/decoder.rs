@@ -55,9 +55,10 @@ pub(crate) trait Backend {
     fn empty(&self, dims: &[usize], dtype: DType) -> Result<Self::T, String>;
     fn zeros(&self, dims: &[usize], dtype: DType) -> Result<Self::T, String>;
     /// What components get for parameters `r` (working copies; buffers as they are), and their
-    /// gradients (zero-numel for buffers and accumulators).
+    /// gradients (zero-numel for buffers and accumulators; on CUDA allocated by the first call
+    /// of a step).
     fn weights(&self, r: Range<usize>) -> Vec<Tensor>;
-    fn grads(&self, r: Range<usize>) -> Vec<Tensor>;
+    fn grads(&self, r: Range<usize>) -> Result<Vec<Tensor>, String>;
     /// Host copies of a component's tensor (router ids and gates, for traces; loss values).
     fn host_i32(&self, t: &Tensor) -> Result<Vec<i32>, String>;
     fn host_f32(&self, t: &Tensor) -> Result<Vec<f32>, String>;
@@ -558,7 +559,7 @@ fn moe_backward<B: Backend>(
     let res = comm.combine_backward(o(), dyv, e.y, r, d, dysv, dwv);
     named(res, &at(&format!("comm `{}` combine", c.comm.0)))?;
     let dxs = b.empty(&[rows, hd], act)?;
-    let (ew, eg) = (b.weights(moe.experts.clone()), b.grads(moe.experts.clone()));
+    let (ew, eg) = (b.weights(moe.experts.clone()), b.grads(moe.experts.clone())?);
     let res = experts.backward(o(), rs(&ew), rs(&eg), d.x, d.offsets, e, dysv, b.view(&dxs, &[rows, hd]));
     named(res, &at(&format!("experts `{}`", c.experts.0)))?;
     drop(dys);
@@ -573,7 +574,7 @@ fn moe_backward<B: Backend>(
         named(res, &at(&format!("balance_loss `{name}`")))?;
     }
     let dxr = b.empty(&[n, hd], act)?;
-    let (rw, rg, mv) = (b.weights(moe.router.clone()), b.grads(moe.router.clone()), b.view(mn, &[n, hd]));
+    let (rw, rg, mv) = (b.weights(moe.router.clone()), b.grads(moe.router.clone())?, b.view(mn, &[n, hd]));
     let res = router.backward(o(), rs(&rw), rs(&rg), mv, r, dwv, dpv, dlv, b.view(&dxr, &[n, hd]));
     named(res, &at(&format!("router `{}`", c.router.0)))?;
     b.add(&b.view(&dxd, &[n, hd]), &b.view(&dxr, &[n, hd]))
@@ -591,7 +592,7 @@ fn always_on_bwd<B: Backend>(
 ) -> Result<B::T, String> {
     let (n, hd) = (b.batch() * b.model().cfg.seq_len, b.model().cfg.hidden);
     let dx = b.empty(&[n, hd], B::ACT)?;
-    let (w, g, mv, dyv) = (b.weights(params.clone()), b.grads(params), b.view(mn, &[n, hd]), b.view(dya, &[n, hd]));
+    let (w, g, mv, dyv) = (b.weights(params.clone()), b.grads(params)?, b.view(mn, &[n, hd]), b.view(dya, &[n, hd]));
     let res = c.backward(b.ops(), rs(&w), rs(&g), mv, view_i32(off, &[2]), so, dyv, b.view(&dx, &[n, hd]));
     named(res, who)?;
     Ok(dx)

@@ -432,13 +432,13 @@ impl Backend for CpuPass<'_> {
     fn weights(&self, r: Range<usize>) -> Vec<Tensor> {
         self.p.weights(r)
     }
-    fn grads(&self, r: Range<usize>) -> Vec<Tensor> {
+    fn grads(&self, r: Range<usize>) -> Result<Vec<Tensor>, String> {
         let shape = |i: usize| match self.p.list[i].trained() {
             true => self.p.weights(i..i + 1)[0].dims(),
             false => vec![0],
         };
         let mut g = self.g.borrow_mut();
-        r.map(|i| view_mut(&mut g[i], &shape(i))).collect()
+        Ok(r.map(|i| view_mut(&mut g[i], &shape(i))).collect())
     }
     fn host_i32(&self, t: &Tensor) -> Result<Vec<i32>, String> {
         Ok(t.i32s().to_vec())

@@ -448,7 +448,8 @@ impl Run {
                 Backend::Gpu(g) => {
                     let nccl = g.nccl.as_ref().ok_or("several ranks on CUDA without NCCL")?;
                     let list = g.params.list.iter().filter(|p| p.role == role && p.group == group);
-                    let ts: Vec<Tensor> = list.map(|p| if role == Role::Param { p.g.t } else { p.w.t }).collect();
+                    let ts = list.map(|p| if role == Role::Param { p.grad(&g.gpu) } else { Ok(p.w.t) });
+                    let ts = ts.collect::<Result<Vec<Tensor>, String>>()?;
                     nccl.sum_all(&g.gpu, &ts, group)?;
                 }
             }
@@ -462,15 +463,16 @@ impl Run {
     pub(crate) fn time_grad_sum(&self) -> Result<Option<f64>, String> {
         let Backend::Gpu(g) = &self.backend else { return Ok(None) };
         let Some(nccl) = g.nccl.as_ref() else { return Ok(None) };
-        let grads = |group| -> Vec<Tensor> {
-            g.params.list.iter().filter(|p| p.is_param() && p.group == group).map(|p| p.g.t).collect()
+        let grads = |group| -> Result<Vec<Tensor>, String> {
+            let list = g.params.list.iter().filter(|p| p.is_param() && p.group == group);
+            list.map(|p| p.grad(&g.gpu)).collect::<Result<Vec<Tensor>, String>>()
         };
         let ev = || g.gpu.stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT));
         let mut ms = Vec::new();
         for _ in 0..5 {
             let start = ev().map_err(|e| format!("{e:?}"))?;
-            nccl.sum_all(&g.gpu, &grads(Group::World), Group::World)?;
-            nccl.sum_all(&g.gpu, &grads(Group::DataParallel), Group::DataParallel)?;
+            nccl.sum_all(&g.gpu, &grads(Group::World)?, Group::World)?;
+            nccl.sum_all(&g.gpu, &grads(Group::DataParallel)?, Group::DataParallel)?;
             let end = ev().map_err(|e| format!("{e:?}"))?;
             g.gpu.sync()?;
             ms.push(start.elapsed_ms(&end).map_err(|e| format!("{e:?}"))? as f64);
@@ -602,17 +604,14 @@ impl Run {
             }
             Backend::Gpu(g) => {
                 let GpuBackend { gpu, ops, params, nccl, .. } = &**g;
-                let slots = params.slots(&self.params, rank);
+                let slots = params.slots(gpu, &self.params, rank)?;
                 let done = opt.step(ops.ops(), RSlice::from_slice(&slots), lr, step, grad_scale);
                 ops.reset();
                 let done = done.into_result().map_err(fail)?;
                 if !done.wrote_lowp {
                     params.refresh_bf16(gpu)?;
                 }
-                let owned = |p: &&crate::params::Param| p.owner.is_some();
-                if !done.zeroed_grads || self.params.list.iter().any(|p| owned(&p)) {
-                    params.zero_grads(gpu)?;
-                }
+                params.release_grads(); // the next backward starts from zero
                 if let Some(n) = nccl {
                     let from = |(d, p): (&GpuParam, &crate::params::Param)| {
                         p.owner.map(|o| {
@@ -1149,7 +1148,7 @@ mod tests {
                 let (x, y) = data.next_batch(2, c.model.seq_len).unwrap();
                 cpu.params.zero_grads();
                 if let Backend::Gpu(gb) = &gpu.backend {
-                    gb.params.zero_grads(&gb.gpu).unwrap();
+                    gb.params.release_grads();
                 }
                 let a = cpu.micro_step(&x, &y, (1, 0), 1.0, true).unwrap();
                 let b = gpu.micro_step(&x, &y, (1, 0), 1.0, true).unwrap();
@@ -1170,7 +1169,7 @@ mod tests {
             let (g, params) = (&gb.gpu, &gb.params);
             let mut worst = (0.0, String::new());
             for (p, d) in cpu.params.list.iter().zip(&params.list) {
-                let got = g.to_f32(&d.g).unwrap();
+                let got = g.to_f32(&d.grad(g).unwrap()).unwrap();
                 let e = rel_l2(&got, &p.g);
                 if e > worst.0 {
                     worst = (e, p.name.clone());

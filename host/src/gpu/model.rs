@@ -12,18 +12,24 @@ use crate::layers::AttnDims;
 use crate::model::{Model, StepOut};
 use crate::parallel::Parallel;
 use crate::params::Params;
+use cudarc::driver::CudaStream;
 use pith_plugin_api::abi::OpsRef;
 use pith_plugin_api::{DType, Device, Tensor};
 use std::ops::Range;
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// One declared tensor on the device. `Role::Param`: fp32 master `w`, bf16 working copy `w16`,
-/// fp32 gradient `g`, optimizer state. `Role::Buffer` / `Role::Accumulator`: `w` only, fp32,
-/// passed to components in place of the working copy; `w16` and `g` are zero-numel, no state.
+/// fp32 gradient ([`GpuParam::grad`]), optimizer state. `Role::Buffer` / `Role::Accumulator`:
+/// `w` only, fp32, passed to components in place of the working copy; `w16` and the gradient
+/// are zero-numel, no state.
 pub struct GpuParam {
     pub role: pith_plugin_api::Role,
     pub w: DTensor,
     pub w16: DTensor,
-    pub g: DTensor,
+    /// The gradient exists from the backward's first write in a step until it has been used:
+    /// after the optimizer step, or (ZeRO-2) on a rank that does not step the tensor, once its
+    /// sum onto the owner is queued. So no gradient takes memory during the forward.
+    g: Mutex<Option<DTensor>>,
     pub state: Vec<DTensor>,
     /// The ranks its gradient is summed over (`Param::group`).
     pub group: pith_plugin_api::Group,
@@ -35,6 +41,29 @@ pub struct GpuParam {
 impl GpuParam {
     pub fn is_param(&self) -> bool {
         self.role == pith_plugin_api::Role::Param
+    }
+    /// Another rank steps it (`shard_optimizer`): no f32 master here.
+    fn stepped_elsewhere(&self) -> bool {
+        self.is_param() && self.w.numel() == 0
+    }
+    /// The gradient, allocated (zeroed) by the first call of a step.
+    pub fn grad(&self, gpu: &Gpu) -> Result<Tensor, String> {
+        let mut g = self.g.lock().unwrap_or_else(PoisonError::into_inner);
+        if g.is_none() {
+            let dims = if self.is_param() { self.w16.dims() } else { vec![0] };
+            *g = Some(gpu.zeros(&dims, DType::F32)?);
+        }
+        Ok(g.as_ref().unwrap().t)
+    }
+    /// The gradient if the step has one.
+    fn grad_if_any(&self) -> Option<Tensor> {
+        self.g.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(|g| g.t)
+    }
+    /// Give the gradient back to the pool; with `side`, the stream a sum of it is queued on.
+    fn release_grad(&self, side: Option<&Arc<CudaStream>>) {
+        if let Some(g) = self.g.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            side.inspect(|s| g.used_on(s));
+        }
     }
     /// What components get for this tensor: the bf16 copy of a parameter, a buffer's f32 self.
     pub fn working(&self) -> Tensor {
@@ -61,15 +90,15 @@ impl GpuParams {
             let (role, group) = (p.spec.role, p.group());
             let root = p.owner.map(|o| par.members(group).iter().position(|&r| r == o).unwrap_or(0));
             let w = gpu.upload(&p.w, &shape, DType::F32)?;
+            let g = Mutex::new(None);
             if role != pith_plugin_api::Role::Param {
-                let (w16, g) = (gpu.tensor(&[0], DType::BF16)?, gpu.tensor(&[0], DType::F32)?);
+                let w16 = gpu.tensor(&[0], DType::BF16)?;
                 list.push(GpuParam { role, w, w16, g, state: Vec::new(), group, root });
                 continue;
             }
             let w16 = gpu.tensor(&shape, DType::BF16)?;
             gpu.cast(&w, &w16)?;
             let w = if p.steps_on(par.rank) { w } else { gpu.tensor(&[0], DType::F32)? };
-            let g = gpu.zeros(&shape, DType::F32)?;
             let state = p.state.iter().map(|(_, s)| gpu.upload(s, &shape, DType::F32)).collect::<Result<_, _>>()?;
             list.push(GpuParam { role, w, w16, g, state, group, root });
         }
@@ -99,8 +128,10 @@ impl GpuParams {
     pub fn refresh_bf16(&self, gpu: &Gpu) -> Result<(), String> {
         self.params().filter(|p| p.w.numel() > 0).try_for_each(|p| gpu.cast(&p.w, &p.w16))
     }
-    pub fn zero_grads(&self, gpu: &Gpu) -> Result<(), String> {
-        self.params().try_for_each(|p| gpu.zero(&p.g))
+    /// After the optimizer step: every gradient back to the pool (the next backward starts
+    /// from zero).
+    pub fn release_grads(&self) {
+        self.list.iter().for_each(|p| p.release_grad(None));
     }
     /// Zero every `Role::Accumulator` (before each optimizer step's first micro-batch).
     pub fn zero_accumulators(&self, gpu: &Gpu) -> Result<(), String> {
@@ -112,25 +143,29 @@ impl GpuParams {
     pub fn grad_sumsq(&self, gpu: &Gpu) -> Result<Vec<f32>, String> {
         let out = gpu.zeros(&[self.list.len()], DType::F32)?;
         for (i, p) in self.list.iter().enumerate().filter(|(_, p)| p.is_param()) {
-            gpu.sum_squares(&p.g, &out, i)?;
+            if let Some(g) = p.grad_if_any() {
+                gpu.sum_squares(&g, &out, i)?;
+            }
         }
         gpu.to_f32(&out)
     }
     pub fn scale_grads(&self, gpu: &Gpu, s: f32) -> Result<(), String> {
-        self.params().try_for_each(|p| gpu.scale(&p.g, s))
+        self.params().filter_map(GpuParam::grad_if_any).try_for_each(|g| gpu.scale(&g, s))
     }
     /// The optimizer's slots: every `Role::Param` rank `rank` steps (`params` is the host list
     /// this was uploaded from: names and specs), with its f32 master and grad, state and bf16
     /// working copy.
-    pub fn slots(&self, params: &Params, rank: u32) -> Vec<pith_plugin_api::Slot> {
+    pub fn slots(&self, gpu: &Gpu, params: &Params, rank: u32) -> Result<Vec<pith_plugin_api::Slot>, String> {
         let both = self.list.iter().zip(&params.list).filter(|(d, p)| d.is_param() && p.steps_on(rank));
-        both.map(|(d, p)| pith_plugin_api::Slot {
-            name: p.name.as_str().into(),
-            spec: p.spec.clone(),
-            w: d.w.t,
-            g: d.g.t,
-            state: d.state.iter().map(|s| s.t).collect(),
-            w_lowp: d.w16.t,
+        both.map(|(d, p)| {
+            Ok(pith_plugin_api::Slot {
+                name: p.name.as_str().into(),
+                spec: p.spec.clone(),
+                w: d.w.t,
+                g: d.grad(gpu)?,
+                state: d.state.iter().map(|s| s.t).collect(),
+                w_lowp: d.w16.t,
+            })
         })
         .collect()
     }
@@ -233,8 +268,8 @@ impl Backend for GpuPass<'_> {
     fn weights(&self, r: Range<usize>) -> Vec<Tensor> {
         self.p.weights(r)
     }
-    fn grads(&self, r: Range<usize>) -> Vec<Tensor> {
-        self.p.list[r].iter().map(|p| p.g.t).collect()
+    fn grads(&self, r: Range<usize>) -> R<Vec<Tensor>> {
+        self.p.list[r].iter().map(|p| p.grad(self.gpu)).collect()
     }
     fn host_i32(&self, t: &Tensor) -> R<Vec<i32>> {
         let mut v = vec![0i32; t.numel()];
@@ -253,7 +288,7 @@ impl Backend for GpuPass<'_> {
         Ok(x)
     }
     fn embed_bwd(&self, tokens: &Tensor, dx: &DTensor) -> R<()> {
-        self.gpu.embed_bwd(tokens, dx, &self.p.list[self.m.embed].g)
+        self.gpu.embed_bwd(tokens, dx, &self.p.list[self.m.embed].grad(self.gpu)?)
     }
     fn norm(&self, i: usize, x: &DTensor) -> R<(DTensor, DTensor)> {
         let w = &self.p.list[i].w16;
@@ -264,7 +299,7 @@ impl Backend for GpuPass<'_> {
     }
     fn norm_bwd(&self, i: usize, x: &DTensor, rstd: &DTensor, dy: &DTensor, dx: &mut DTensor) -> R<()> {
         let p = &self.p.list[i];
-        self.gpu.rmsnorm_bwd(x, &p.w16, rstd, dy, dx, &p.g)
+        self.gpu.rmsnorm_bwd(x, &p.w16, rstd, dy, dx, &p.grad(self.gpu)?)
     }
     fn linear(&self, i: usize, x: &DTensor) -> R<DTensor> {
         let w = &self.p.list[i].w16;
@@ -275,13 +310,13 @@ impl Backend for GpuPass<'_> {
     fn linear_bwd(&self, i: usize, x: &DTensor, dy: &DTensor, dx: &mut DTensor, acc: bool) -> R<()> {
         let (p, x, dy, dx) = (&self.p.list[i], self.rows(x), self.rows(dy), self.rows(dx));
         self.gpu.gemm(&dy, &p.w16, &dx, false, false, 1.0, if acc { 1.0 } else { 0.0 })?;
-        self.gpu.gemm(&dy, &x, &p.g, true, false, 1.0, 1.0)
+        self.gpu.gemm(&dy, &x, &p.grad(self.gpu)?, true, false, 1.0, 1.0)
     }
     fn bias(&self, i: usize, y: &mut DTensor) -> R<()> {
         self.gpu.bias_add(y, &self.p.list[i].w16)
     }
     fn bias_bwd(&self, i: usize, dy: &DTensor) -> R<()> {
-        self.gpu.bias_grad(dy, &self.p.list[i].g)
+        self.gpu.bias_grad(dy, &self.p.list[i].grad(self.gpu)?)
     }
     fn rope(&self, x: &mut DTensor, heads: usize, inverse: bool) -> R<()> {
         let (c, r) = (&self.m.cfg, self.rope);
@@ -302,9 +337,12 @@ impl Backend for GpuPass<'_> {
         self.gpu.attention(q, k, v, sinks, AttnDims::of(&self.m.cfg, self.batch, l))
     }
     fn attention_bwd(&self, l: usize, sv: &Attn<'_, DTensor>, dout: &DTensor) -> R<Qkv<DTensor>> {
-        let sinks = self.m.layers[l].sinks.map(|i| (&self.p.list[i].w16.t, &self.p.list[i].g.t));
+        let sinks = match self.m.layers[l].sinks {
+            Some(i) => Some((self.p.list[i].w16.t, self.p.list[i].grad(self.gpu)?)),
+            None => None,
+        };
         let a = AttnDims::of(&self.m.cfg, self.batch, l);
-        self.gpu.attention_bwd((sv.q, sv.k, sv.v), sinks, sv.out, sv.lse, dout, a)
+        self.gpu.attention_bwd((sv.q, sv.k, sv.v), sinks.as_ref().map(|(w, g)| (w, g)), sv.out, sv.lse, dout, a)
     }
     fn add(&self, a: &Tensor, b: &Tensor) -> R<DTensor> {
         let out = self.gpu.tensor(&a.dims(), DType::F32)?;
@@ -338,8 +376,13 @@ impl Backend for GpuPass<'_> {
     }
     fn written(&self, ids: &[usize]) -> R<()> {
         let Some(n) = self.reduce else { return Ok(()) };
-        let params = ids.iter().map(|&i| &self.p.list[i]).filter(|p| p.is_param());
-        n.reduce_when_written(self.gpu, &params.map(|p| (p.g.t, p.group, p.root)).collect::<Vec<_>>())
+        let params: Vec<&GpuParam> = ids.iter().map(|&i| &self.p.list[i]).filter(|p| p.is_param()).collect();
+        let grads = params.iter().map(|p| Ok((p.grad(self.gpu)?, p.group, p.root))).collect::<R<Vec<_>>>()?;
+        n.reduce_when_written(self.gpu, &grads)?;
+        // ZeRO-2: a gradient summed onto another rank is not needed here any more; its memory
+        // is reused once the side stream has sent it.
+        params.iter().filter(|p| p.stepped_elsewhere()).for_each(|p| p.release_grad(Some(n.side())));
+        Ok(())
     }
     fn finish(&self) -> R<()> {
         self.reduce.map_or(Ok(()), |n| n.reduced(self.gpu))

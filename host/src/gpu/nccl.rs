@@ -114,6 +114,11 @@ impl Nccl {
         .or_else(|| (self.sizes[g as usize] == self.world.size).then_some(&self.world))
     }
 
+    /// The stream the gradient sums run on.
+    pub fn side(&self) -> &Arc<CudaStream> {
+        &self.side
+    }
+
     /// The number of ranks in `g`.
     pub fn size_of(&self, g: Group) -> usize {
         self.sizes[g as usize]

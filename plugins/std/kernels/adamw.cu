@@ -35,7 +35,6 @@ extern "C" __global__ void adamw_step(const AdamSlot* slots, int nslots, long lo
             s.m[i] = mi;
             s.v[i] = vi;
             s.w[i] = wi;
-            s.g[i] = 0.f;
             if (s.lowp) s.lowp[i] = __float2bfloat16(wi);
         }
     }

@@ -6,8 +6,9 @@
 //! Every slot in one call; slots whose spec.role is not Param are left alone.
 //!
 //! CUDA (kernels/adamw.cu): `adamw_step`, one fused launch over every slot (a table of the slots'
-//! pointers, chunks of 4096 elements a block) that also writes the bf16 working copy `w_lowp`
-//! and zeroes the gradient, so the host skips both (StepDone).
+//! pointers, chunks of 4096 elements a block) that also writes the bf16 working copy `w_lowp`,
+//! so the host skips that (StepDone). It leaves the gradients: the host frees them after the
+//! step (the next backward allocates them zeroed), so zeroing them would be wasted bandwidth.
 
 use crate::{expect, grid, BLOCK};
 use pith_plugin_api::{
@@ -155,7 +156,7 @@ impl Optimizer for AdamW {
                     h.launch(SRC, "adamw_step", grid(chunks, 1), BLOCK, 0, &[&args[..], &hyper].concat())?;
                 }
                 let all = live.len() == slots.len();
-                Ok(StepDone { wrote_lowp: all, zeroed_grads: all })
+                Ok(StepDone { wrote_lowp: all, zeroed_grads: false })
             }
         }
     }
