@@ -172,19 +172,37 @@ pub fn plan(cfg: &Config, reg: &Registry) -> Result<String, String> {
         flops / 1e9
     );
     // Bytes per parameter: f32 weight, grad and optimizer state, and on CUDA a bf16 working copy;
-    // with expert parallelism a rank holds 1/ep of the experts' share.
-    let per_rank = |p: &Param| if group(&p.name) == "moe.experts" { cfg.parallel.ep.max(1) as u128 } else { 1 };
+    // with expert parallelism a rank holds 1/ep of the experts' share. With `shard_optimizer`
+    // at parallel.dp = n, the state (and on CUDA the f32 master) of a tensor is on one of the
+    // n·ep ranks that sum its gradient (n for an experts slice); the embedding stays everywhere.
+    let (ep, dp) = (cfg.parallel.ep.max(1) as u128, cfg.parallel.dp as u128);
+    let sharded = cfg.parallel.shard_optimizer && dp > 1;
+    let experts = |p: &Param| group(&p.name) == "moe.experts";
+    let owners = |p: &Param| match (sharded && !p.name.starts_with("embed"), experts(p)) {
+        (false, _) => 1,
+        (true, true) => dp,
+        (true, false) => dp * ep,
+    };
     let bytes = |gpu: bool| {
         params.list.iter().fold(0u128, |a, p| {
-            let per = 4 * (2 + opt.1.state(p.name.as_str().into(), &p.spec).len() as u128) + if gpu { 2 } else { 0 };
-            a.saturating_add(numel(p).saturating_mul(per) / per_rank(p))
+            // Bytes per element, times the owners `o` (to divide once): the grad (4) and, on
+            // CUDA, the bf16 copy (2) on every rank; the master (4, on the CPU the weight on
+            // every rank) and the state on one of `o`.
+            let (state, o) = (4 * opt.1.state(p.name.as_str().into(), &p.spec).len() as u128, owners(p));
+            let per_o = if gpu { 6 * o + 4 + state } else { 8 * o + state };
+            let n = numel(p).saturating_mul(per_o) / o;
+            a.saturating_add(n / if experts(p) { ep } else { 1 })
         })
     };
     let mib = |b: u128| b as f64 / (1 << 20) as f64;
-    let ep = match cfg.parallel.ep {
-        0 | 1 => String::new(),
-        n => format!(" per rank at parallel.ep = {n}"),
-    };
+    let mut at = Vec::new();
+    if ep > 1 {
+        at.push(format!("parallel.ep = {ep}"));
+    }
+    if sharded {
+        at.push(format!("parallel.dp = {dp} with shard_optimizer"));
+    }
+    let ep = if at.is_empty() { String::new() } else { format!(" per rank at {}", at.join(", ")) };
     let _ = writeln!(s, "parameter memory{ep} (f32 weights, grads, `{}` state): {:.1} MiB", opt.0, mib(bytes(false)));
     if cfg.train.device == "cuda" {
         let _ = writeln!(

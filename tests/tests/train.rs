@@ -274,6 +274,14 @@ fn plan_of_the_benchmark_model_matches_the_reference_flops() {
     let half = (64 * 12 * 3 * 1024 * 512 / 2) as f64 * 18.0 / (1 << 20) as f64;
     assert!((on_cuda(&text) - on_cuda(&ep2) - half).abs() < 0.1, "{ep2}");
     assert!(ep2.contains("per rank at parallel.ep = 2"), "{ep2}");
+    // shard_optimizer at dp = 2: every tensor but the embedding (32768 × 1024) keeps its master
+    // and two AdamW states (12 B) on one rank of two: 6 B a parameter less per rank.
+    let zero = ["--set", "parallel.dp=2", "--set", "parallel.shard_optimizer=true"];
+    let (code, z) = pith(&[&["plan", &format!("{WORKSPACE}/configs/bench-1b.toml")], &zero[..]].concat());
+    assert_eq!(code, 0, "{z}");
+    let saved = (all - 32768.0 * 1024.0) * 6.0 / (1 << 20) as f64;
+    assert!((on_cuda(&text) - on_cuda(&z) - saved).abs() < 0.1, "{z}");
+    assert!(z.contains("per rank at parallel.dp = 2 with shard_optimizer"), "{z}");
 }
 
 /// `pith bench` on the CPU: its last line is JSON with a positive step time and throughput for
